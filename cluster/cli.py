@@ -1,0 +1,100 @@
+"""``raylight`` command line: train, bench, prepare-model."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+logger = logging.getLogger("raylight")
+
+
+def _train(args: argparse.Namespace) -> int:
+    from cluster.config import load_config
+    from cluster.driver import Trainer
+    from cluster.rundir import RunDir
+
+    overrides = list(args.overrides)
+    if args.steps is not None:
+        overrides.append(f"run.steps={args.steps}")
+    if args.seed is not None:
+        overrides.append(f"run.seed={args.seed}")
+    if args.run_dir is not None:
+        overrides.append(f"run.run_dir={args.run_dir}")
+    config = load_config(args.config, overrides)
+    run_dir = RunDir(config.run.run_dir)
+    trainer = Trainer(config, run_dir)
+    try:
+        summary = trainer.train(config.run.steps)
+    finally:
+        trainer.shutdown()
+    start, end = summary["eval_accuracy_start"], summary["eval_accuracy_end"]
+    print(f"run directory: {summary['run_dir']}")
+    if start is not None and end is not None:
+        print(f"held-out accuracy (greedy, n={summary['eval_n']}): {start:.3f} at step 0 -> {end:.3f} at the end ({100 * (end - start):+.1f} points)")
+    print(json.dumps(summary))
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from cluster.bench import bench_generation
+
+    result = bench_generation(args.model, args.prompts, args.n, args.max_tokens, args.dtype)
+    print(json.dumps(result))
+    return 0
+
+
+def _prepare(args: argparse.Namespace) -> int:
+    from rollout.models import resolve_model
+
+    print(resolve_model(args.model))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="raylight", description="Actor-learner RL post-training for LLMs on Ray.")
+    parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    train = commands.add_parser("train", help="run a configured experiment", description="Run a training config.")
+    train.add_argument("config", help="YAML config file (see configs/)")
+    train.add_argument("--run-dir", help="where the run is written (overrides run.run_dir)")
+    train.add_argument("--steps", type=int, help="number of training steps (overrides run.steps)")
+    train.add_argument("--seed", type=int, help="random seed (overrides run.seed)")
+    train.add_argument("overrides", nargs="*", help="dotted.key=value config overrides, e.g. rollout.group_size=4")
+    train.set_defaults(func=_train)
+
+    bench = commands.add_parser("bench", help="benchmarks", description="Benchmarks printing a JSON line.")
+    which = bench.add_subparsers(dest="bench", required=True)
+    gen = which.add_parser("generation", help="generator actor (vLLM) vs plain HF generate, same prompts")
+    gen.add_argument("--model", default="smollm2", help="'smollm2', 'tiny' or a model folder")
+    gen.add_argument("--prompts", type=int, default=8)
+    gen.add_argument("--n", type=int, default=8, help="samples per prompt")
+    gen.add_argument("--max-tokens", type=int, default=64)
+    gen.add_argument("--dtype", default="float32")
+    gen.set_defaults(func=_bench)
+
+    prep = commands.add_parser("prepare-model", help="convert/cache a model folder and print its path")
+    prep.add_argument("model", nargs="?", default="smollm2", help="'smollm2' or 'tiny'")
+    prep.set_defaults(func=_prepare)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from cluster.config import ConfigError
+
+    try:
+        return args.func(args)
+    except ConfigError as exc:
+        print(f"raylight: config error: {exc}", file=sys.stderr)
+        return 2
+    except FileNotFoundError as exc:
+        print(f"raylight: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,272 @@
+"""The driver: the synchronous training loop over generator, verifier and learner actors.
+
+One step reads top to bottom: prompts -> generate -> verify -> advantages -> learn ->
+broadcast. Every sample carries its policy version and ``filter_stale`` checks it against the
+learner's, so an asynchronous mode (generators ahead by a bounded number of versions) changes
+the scheduling, not the contracts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from itertools import islice
+
+import ray
+from tqdm import tqdm
+
+from actors.generator import generator_actor
+from actors.learner import learner_actor
+from actors.verifier import VerifierPool
+from cluster.config import Config
+from cluster.rundir import RunDir
+from learners.batch import build_train_batch
+from learners.learner import LearnerSettings
+from learners.policy import LoraSettings
+from rewards.scoring import RewardSettings, build_scorer
+from rollout.arithmetic import ArithmeticTask
+from rollout.contracts import Prompt, Sample, SamplingSettings, Verdict
+from rollout.engines import EngineSettings, write_adapter
+from rollout.models import resolve_model
+from rollout.prompts import render_prompts
+from rollout.staleness import filter_stale
+
+logger = logging.getLogger(__name__)
+
+
+# a step whose batch is empty (every group filtered) still reports the learner's keys
+EMPTY_LEARN_METRICS = {"train/loss": float("nan"), "train/kl": float("nan"), "train/entropy": float("nan")}
+
+
+class WeightSyncError(RuntimeError):
+    """A generator did not confirm the new policy version in time; the run stops at once."""
+
+
+@dataclass
+class PhaseTimer:
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @contextlib.contextmanager
+    def __call__(self, phase: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[f"perf/{phase}_seconds"] = time.perf_counter() - start
+
+
+def init_ray(config: Config) -> None:
+    """Join the cluster named by RAY_ADDRESS (``ray job submit`` sets it), else start a local one."""
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(address="auto", log_to_driver=True)
+    else:
+        ray.init(num_cpus=config.run.num_cpus, include_dashboard=False, log_to_driver=True)
+
+
+def vllm_env(config: Config) -> dict[str, str]:
+    """Environment for generator actors: the in-process vLLM engine (faster start, less memory)."""
+    env = {
+        "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+        "VLLM_CPU_KVCACHE_SPACE": str(config.generator.kv_cache_gib),
+        "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING"),
+    }
+    for name in ("VLLM_CACHE_ROOT", "VLLM_RPC_BASE_PATH", "TORCHINDUCTOR_CACHE_DIR", "TMPDIR", "RAYLIGHT_CACHE"):
+        if name in os.environ:
+            env[name] = os.environ[name]
+    return env
+
+
+class Trainer:
+    """Owns the actors of one run and drives its steps."""
+
+    def __init__(self, config: Config, run_dir: RunDir):
+        self.config = config
+        self.run_dir = run_dir
+        c = config
+        self.model_path = str(resolve_model(c.model.path))
+        from transformers import AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
+        self.task = ArithmeticTask(c.task.difficulty, c.run.seed, c.task.eval_percent)
+        self.train_problems = self.task.train_stream()
+        self.eval_prompts = render_prompts(self.tokenizer, self.task.eval_set(c.eval.n), c.task.system_prompt)
+        init_ray(c)
+        self.learner = learner_actor().remote(self.model_path, self._lora_settings(), self._learner_settings())
+        engine = EngineSettings(
+            model_path=self.model_path,
+            kind=c.generator.engine,
+            adapter_mode=c.generator.adapter_mode,
+            dtype=c.generator.dtype,
+            max_lora_rank=c.lora.rank,
+            max_model_len=c.generator.max_model_len,
+            seed=c.run.seed,
+            kv_cache_gib=c.generator.kv_cache_gib,
+            threads=c.generator.threads,
+        )
+        actor = generator_actor(num_cpus=c.generator.num_cpus).options(runtime_env={"env_vars": vllm_env(c)})
+        self.generators = [actor.remote(engine, rank=i) for i in range(c.generator.num_generators)]
+        reward = RewardSettings(scorer=c.reward.scorer, weights=c.reward.weights, extraction=c.reward.extraction)
+        v = c.verifier
+        self.verifiers = VerifierPool(build_scorer(reward), v.num_verifiers, v.timeout_s, v.max_retries, v.num_cpus)
+        self.policy_version = 0
+        self.broadcast()
+
+    def _lora_settings(self) -> LoraSettings:
+        lora = self.config.lora
+        return LoraSettings(rank=lora.rank, alpha=lora.alpha, dropout=lora.dropout, target_modules=tuple(lora.target_modules))
+
+    def _learner_settings(self) -> LearnerSettings:
+        a, c = self.config.algorithm, self.config
+        return LearnerSettings(
+            lr=a.lr,
+            weight_decay=a.weight_decay,
+            warmup_steps=a.warmup_steps,
+            max_grad_norm=a.max_grad_norm,
+            micro_batch_size=a.micro_batch_size,
+            clip_eps_low=a.clip_eps_low,
+            clip_eps_high=a.clip_eps_high,
+            loss_agg=a.loss_agg,
+            kl_coef=a.kl_coef,
+            kl_estimator=a.kl_estimator,
+            temperature=c.rollout.temperature,
+            dtype=c.model.dtype,
+            autocast_dtype=a.autocast_dtype,
+            seed=c.run.seed,
+            threads=c.run.learner_threads,
+        )
+
+    @property
+    def sampling(self) -> SamplingSettings:
+        r = self.config.rollout
+        return SamplingSettings(n=r.group_size, temperature=r.temperature, top_p=r.top_p, max_tokens=r.max_tokens)
+
+    # -- phases ---------------------------------------------------------------------------
+
+    def next_prompts(self) -> list[Prompt]:
+        problems = list(islice(self.train_problems, self.config.rollout.prompts_per_step))
+        return render_prompts(self.tokenizer, problems, self.config.task.system_prompt)
+
+    def generate(self, prompts: list[Prompt], sampling: SamplingSettings) -> list[Sample]:
+        """Split prompts over the generators (contiguous chunks), keep the prompt order."""
+        n = len(self.generators)
+        size = -(-len(prompts) // n)
+        chunks = [prompts[i * size : (i + 1) * size] for i in range(n)]
+        refs = [g.generate.remote(chunk, sampling) for g, chunk in zip(self.generators, chunks) if chunk]
+        return [sample for part in ray.get(refs) for sample in part]
+
+    def verify(self, samples: list[Sample]) -> list[Verdict]:
+        return self.verifiers.score(samples)
+
+    def broadcast(self) -> None:
+        """Send the learner's adapter through the object store to every generator; fail fast."""
+        update = self.learner.adapter_update.remote()
+        refs = [g.load_adapter.remote(update) for g in self.generators]
+        ready, not_ready = ray.wait(refs, num_returns=len(refs), timeout=self.config.run.broadcast_timeout_s)
+        if not_ready:
+            raise WeightSyncError(
+                f"{len(not_ready)} of {len(refs)} generators did not load policy version {self.policy_version} "
+                f"within run.broadcast_timeout_s={self.config.run.broadcast_timeout_s}s"
+            )
+        versions = ray.get(ready)
+        if set(versions) != {self.policy_version}:
+            raise WeightSyncError(f"generators report versions {versions}, learner is at {self.policy_version}")
+
+    # -- the step -------------------------------------------------------------------------
+
+    def step(self, step: int) -> dict:
+        timer = PhaseTimer()
+        with timer("step"):
+            prompts = self.next_prompts()
+            with timer("generate"):
+                samples = self.generate(prompts, self.sampling)
+            samples, stale_metrics = filter_stale(samples, self.policy_version, self.config.rollout.max_staleness)
+            with timer("verify"):
+                verdicts = self.verify(samples)
+            with timer("advantages"):
+                batch, advantages, batch_metrics = build_train_batch(
+                    samples, verdicts, self.config.algorithm.advantage, self.config.algorithm.drop_zero_variance_groups
+                )
+            with timer("learn"):
+                learn_metrics = ray.get(self.learner.step.remote(batch)) if len(batch) else EMPTY_LEARN_METRICS
+            self.policy_version = ray.get(self.learner.get_policy_version.remote())
+            with timer("weight_sync"):
+                self.broadcast()
+            if self.config.run.save_rollouts:
+                self.run_dir.write_rollouts(step, samples, verdicts, advantages)
+        tokens = sum(len(s.completion.token_ids) for s in samples)
+        return {
+            "step": step,
+            "policy_version": self.policy_version,
+            **sample_metrics(samples, verdicts, prefix="train"),
+            **learn_metrics,
+            **batch_metrics,
+            **stale_metrics,
+            **timer.seconds,
+            "perf/generated_tokens_per_second": tokens / max(1e-9, timer.seconds["perf/generate_seconds"]),
+            **{k: float(v) for k, v in self.verifiers.stats.items()},
+        }
+
+    def evaluate(self) -> dict:
+        """Greedy accuracy on the held-out problems (never seen in training)."""
+        sampling = SamplingSettings(n=1, temperature=0.0, max_tokens=self.config.eval.max_tokens)
+        samples = self.generate(self.eval_prompts, sampling)
+        verdicts = self.verify(samples)
+        metrics = sample_metrics(samples, verdicts, prefix="eval")
+        return {"eval/accuracy": metrics["eval/accuracy"], "eval/reward_mean": metrics["eval/reward_mean"], "eval/n": len(samples), **metrics}
+
+    def train(self, steps: int) -> dict:
+        """Run ``steps`` steps with held-out evaluation at the start, every ``eval.every``, and the end."""
+        self.run_dir.write_config(self.config)
+        first_eval = self.evaluate() if self.config.eval.at_start else {}
+        if first_eval:
+            logger.info("step 0 held-out accuracy %.3f (n=%d)", first_eval["eval/accuracy"], first_eval["eval/n"])
+            self.run_dir.append_metrics({"step": 0, "policy_version": self.policy_version, **first_eval})
+        last_eval = first_eval
+        with tqdm(range(1, steps + 1), desc="train", unit="step", dynamic_ncols=True) as bar:
+            for step in bar:
+                metrics = self.step(step)
+                every = self.config.eval.every
+                if step == steps or (every and step % every == 0):
+                    last_eval = self.evaluate()
+                    metrics |= last_eval
+                self.run_dir.append_metrics(metrics)
+                bar.set_postfix(
+                    v=metrics["policy_version"],
+                    reward=f"{metrics['train/reward_mean']:.3f}",
+                    acc=f"{metrics['train/accuracy']:.3f}",
+                    s_step=f"{metrics['perf/step_seconds']:.1f}",
+                    refresh=False,
+                )
+        update = ray.get(self.learner.adapter_update.remote())
+        write_adapter(update, self.run_dir.final_adapter)
+        return {
+            "run_dir": str(self.run_dir.path),
+            "policy_version": self.policy_version,
+            "eval_accuracy_start": first_eval.get("eval/accuracy"),
+            "eval_accuracy_end": last_eval.get("eval/accuracy"),
+            "eval_n": last_eval.get("eval/n"),
+        }
+
+    def shutdown(self) -> None:
+        for handle in [self.learner, *self.generators, *self.verifiers.actors]:
+            ray.kill(handle)
+
+
+def sample_metrics(samples: list[Sample], verdicts: list[Verdict], prefix: str) -> dict[str, float]:
+    """Reward, accuracy, each reward component and completion length over valid verdicts."""
+    valid = [(s, v) for s, v in zip(samples, verdicts) if v.status == "ok"]
+    n = max(1, len(valid))
+    metrics = {
+        f"{prefix}/reward_mean": sum(v.reward for _, v in valid) / n,
+        f"{prefix}/accuracy": sum(v.correct for _, v in valid) / n,
+        f"{prefix}/completion_length": sum(len(s.completion.token_ids) for s, _ in valid) / n,
+        f"{prefix}/truncated_fraction": sum(s.completion.finish_reason == "length" for s, _ in valid) / n,
+    }
+    for name in sorted({k for _, v in valid for k in v.components}):
+        metrics[f"{prefix}/reward/{name}"] = sum(v.components.get(name, 0.0) for _, v in valid) / n
+    return metrics

@@ -1,0 +1,76 @@
+"""The run directory: resolved config, per-step metrics, rollouts, and the final adapter.
+
+runs/NAME/
+  config.yaml         the fully resolved config
+  metrics.jsonl       one JSON object per step
+  rollouts/step_000001.parquet
+  final_adapter/      PEFT format (PeftModel.from_pretrained, vLLM LoRARequest)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import yaml
+
+from cluster.config import Config, config_to_dict
+from rollout.contracts import Sample, Verdict
+
+
+class RunDir:
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.mkdir(parents=True, exist_ok=True)
+        (self.path / "rollouts").mkdir(exist_ok=True)
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.path / "metrics.jsonl"
+
+    @property
+    def final_adapter(self) -> Path:
+        return self.path / "final_adapter"
+
+    def write_config(self, config: Config) -> None:
+        (self.path / "config.yaml").write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))
+
+    def append_metrics(self, metrics: dict) -> None:
+        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in metrics.items()}
+        with self.metrics_path.open("a") as handle:
+            handle.write(json.dumps(clean) + "\n")
+
+    def read_metrics(self) -> list[dict]:
+        if not self.metrics_path.exists():
+            return []
+        return [json.loads(line) for line in self.metrics_path.read_text().splitlines() if line.strip()]
+
+    def write_rollouts(self, step: int, samples: list[Sample], verdicts: list[Verdict], advantages: list[float | None]) -> Path:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        table = pa.table(
+            {
+                "step": [step] * len(samples),
+                "prompt_uid": [s.prompt.problem.uid for s in samples],
+                "prompt": [s.prompt.text for s in samples],
+                "answer": [s.prompt.problem.answer for s in samples],
+                "completion": [s.completion.text for s in samples],
+                "prompt_token_ids": [list(s.prompt.token_ids) for s in samples],
+                "completion_token_ids": [list(s.completion.token_ids) for s in samples],
+                "generator_logprobs": [list(s.completion.logprobs) for s in samples],
+                "finish_reason": [s.completion.finish_reason for s in samples],
+                "policy_version": [s.policy_version for s in samples],
+                "group_index": [s.group_index for s in samples],
+                "reward": [v.reward for v in verdicts],
+                "correct": [v.correct for v in verdicts],
+                "verdict": [v.status for v in verdicts],
+                "extracted": [v.extracted for v in verdicts],
+                "reward_components": [json.dumps(v.components) for v in verdicts],
+                "advantage": advantages,
+            }
+        )
+        path = self.path / "rollouts" / f"step_{step:06d}.parquet"
+        pq.write_table(table, path)
+        return path

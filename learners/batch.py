@@ -1,0 +1,66 @@
+"""Turn verified samples into the learner's TrainBatch: group advantages, with masking.
+
+Samples whose verdict is an infrastructure error are masked (left out), never scored 0. A group
+with fewer than two valid samples has no baseline and is dropped. Groups whose rewards are all
+equal carry zero advantage; with ``drop_zero_variance`` they are left out of the batch too
+(DAPO's dynamic-sampling filter without the re-sampling), which saves learner compute.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from learners.algorithms import ADVANTAGES, AdvantageEstimator
+from rollout.contracts import Sample, TrainBatch, Verdict
+
+
+def group_indices(samples: list[Sample]) -> list[list[int]]:
+    """Indices of samples grouped by prompt: groups are contiguous, each starting at group_index 0."""
+    groups: list[list[int]] = []
+    for i, sample in enumerate(samples):
+        if sample.group_index == 0 or not groups:
+            groups.append([])
+        groups[-1].append(i)
+    return groups
+
+
+def build_train_batch(
+    samples: list[Sample],
+    verdicts: list[Verdict],
+    estimator: AdvantageEstimator = "grpo",
+    drop_zero_variance: bool = False,
+) -> tuple[TrainBatch, list[float | None], dict[str, float]]:
+    """Returns the batch, each sample's advantage (None where left out), and metrics."""
+    advantages: list[float | None] = [None] * len(samples)
+    masked = dropped_groups = zero_variance = 0
+    groups = group_indices(samples)
+    for group in groups:
+        valid = [i for i in group if verdicts[i].status == "ok"]
+        masked += len(group) - len(valid)
+        if len(valid) < 2:
+            dropped_groups += 1
+            continue
+        rewards = torch.tensor([verdicts[i].reward for i in valid])
+        group_adv, metrics = ADVANTAGES[estimator](rewards, len(valid))
+        if metrics["train/zero_variance_groups"]:
+            zero_variance += 1
+            if drop_zero_variance:
+                continue
+        for i, a in zip(valid, group_adv.tolist()):
+            advantages[i] = a
+    keep = [i for i, a in enumerate(advantages) if a is not None]
+    batch = TrainBatch(
+        prompt_token_ids=tuple(samples[i].prompt.token_ids for i in keep),
+        completion_token_ids=tuple(samples[i].completion.token_ids for i in keep),
+        old_logprobs=tuple(samples[i].completion.logprobs for i in keep),
+        advantages=tuple(advantages[i] for i in keep),
+        policy_versions=tuple(samples[i].policy_version for i in keep),
+    )
+    metrics = {
+        "train/zero_variance_groups": float(zero_variance),
+        "train/zero_variance_fraction": zero_variance / max(1, len(groups)),
+        "train/masked_samples": float(masked),
+        "train/dropped_groups": float(dropped_groups),
+        "train/batch_size": float(len(keep)),
+    }
+    return batch, advantages, metrics

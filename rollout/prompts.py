@@ -1,0 +1,28 @@
+"""Render problems through the model's chat template and tokenise them once."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from rollout.contracts import Problem, Prompt
+
+DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant. Answer briefly."
+
+
+def render_prompts(tokenizer, problems: Sequence[Problem], system_prompt: str | None = DEFAULT_SYSTEM_PROMPT) -> list[Prompt]:
+    """Chat-template each question (one user turn, optional system turn) and tokenise it.
+
+    Tokenising here, not in the engine, guarantees the generator and the learner see the same ids.
+    """
+    prompts = []
+    for problem in problems:
+        messages = [{"role": "user", "content": problem.question}]
+        if system_prompt:
+            messages.insert(0, {"role": "system", "content": system_prompt})
+        if getattr(tokenizer, "chat_template", None):
+            text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        else:
+            text = problem.question + "\n"
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        prompts.append(Prompt(problem=problem, text=text, token_ids=tuple(ids)))
+    return prompts

@@ -1,0 +1,61 @@
+"""Building the learner's batch: group advantages, masking of verifier failures, staleness."""
+
+import pytest
+
+from learners.batch import build_train_batch, group_indices
+from rollout.contracts import Completion, Problem, Prompt, Sample, Verdict
+from rollout.staleness import filter_stale
+
+
+def make_samples(rewards_per_group, version=0):
+    samples, verdicts = [], []
+    for g, rewards in enumerate(rewards_per_group):
+        prompt = Prompt(Problem(uid=f"p{g}", question="q", answer="1"), text="q", token_ids=(1, 2))
+        for i, r in enumerate(rewards):
+            completion = Completion(token_ids=(3, 4 + i), text=str(r), logprobs=(-0.1, -0.2), finish_reason="stop")
+            samples.append(Sample(prompt, completion, policy_version=version, group_index=i))
+            verdicts.append(Verdict.infra_error("boom") if r is None else Verdict(reward=r, correct=r > 0))
+    return samples, verdicts
+
+
+def test_groups_are_contiguous_runs():
+    samples, _ = make_samples([[1, 0], [1, 1, 0]])
+    assert group_indices(samples) == [[0, 1], [2, 3, 4]]
+
+
+def test_advantages_per_group():
+    samples, verdicts = make_samples([[1.0, 0.0], [2.0, 2.0]])
+    batch, advantages, metrics = build_train_batch(samples, verdicts)
+    # mean 0.5, unbiased std sqrt(0.5): A = +-0.5 / sqrt(0.5) (eps = 1e-6)
+    assert advantages[:2] == pytest.approx([2**-0.5, -(2**-0.5)], rel=1e-5)
+    assert advantages[2:] == [0.0, 0.0]
+    assert len(batch) == 4 and metrics["train/zero_variance_groups"] == 1.0
+
+
+def test_zero_variance_groups_can_be_dropped():
+    samples, verdicts = make_samples([[1.0, 0.0], [2.0, 2.0]])
+    batch, advantages, _ = build_train_batch(samples, verdicts, drop_zero_variance=True)
+    assert len(batch) == 2 and advantages[2:] == [None, None]
+
+
+def test_infra_errors_are_masked_not_scored_zero():
+    # group 0: one verifier failure among three -> advantages from the two valid rewards only
+    samples, verdicts = make_samples([[1.0, None, 0.0], [None, 1.0]])
+    batch, advantages, metrics = build_train_batch(samples, verdicts)
+    assert advantages[1] is None
+    assert advantages[0] > 0 > advantages[2]
+    # group 1 has one valid sample left: no baseline, dropped
+    assert advantages[3:] == [None, None]
+    assert metrics["train/masked_samples"] == 2.0 and metrics["train/dropped_groups"] == 1.0
+    assert len(batch) == 2
+    assert batch.old_logprobs[0] == (-0.1, -0.2)
+
+
+def test_filter_stale():
+    old, _ = make_samples([[1, 0]], version=3)
+    new, _ = make_samples([[1, 0]], version=5)
+    kept, metrics = filter_stale(old + new, learner_version=5, max_staleness=1)
+    assert kept == new
+    assert metrics["train/stale_dropped"] == 2.0 and metrics["train/staleness_max"] == 2.0
+    kept, metrics = filter_stale(new, learner_version=5, max_staleness=0)
+    assert kept == new and metrics["train/staleness_mean"] == 0.0

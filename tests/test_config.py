@@ -1,0 +1,59 @@
+"""The typed config: unknown and ill-typed keys are errors naming the key."""
+
+from pathlib import Path
+
+import pytest
+
+from cluster.config import ConfigError, load_config
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+@pytest.mark.parametrize("name", ["demo.yaml", "tiny.yaml"])
+def test_shipped_configs_load(name):
+    config = load_config(CONFIGS / name)
+    assert config.run.steps > 0
+
+
+def test_defaults_and_overrides():
+    config = load_config(None, ["rollout.group_size=4", "algorithm.lr=3e-4", "task.system_prompt=null", "lora.target_modules=[q_proj]"])
+    assert config.rollout.group_size == 4
+    assert config.algorithm.lr == 3e-4
+    assert config.task.system_prompt is None
+    assert config.lora.target_modules == ["q_proj"]
+    assert config.rollout.temperature == 1.0
+
+
+def test_int_is_accepted_for_float():
+    assert load_config(None, ["algorithm.lr=1"]).algorithm.lr == 1.0
+
+
+def test_unknown_key_names_it_and_suggests(tmp_path):
+    with pytest.raises(ConfigError, match=r"unknown config key 'rollout.grup_size' \(did you mean 'rollout.group_size'\?\)"):
+        load_config(None, ["rollout.grup_size=4"])
+    path = tmp_path / "c.yaml"
+    path.write_text("rolout:\n  group_size: 4\n")
+    with pytest.raises(ConfigError, match="'rolout'.*did you mean 'rollout'"):
+        load_config(path)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("rollout.group_size=four", r"rollout.group_size: expected int, got str"),
+        ("rollout.group_size=2.5", r"rollout.group_size: expected int, got float"),
+        ("generator.engine=tensorrt", r"generator.engine: 'tensorrt' is not one of \['vllm', 'hf'\]"),
+        ("reward.weights=3", r"reward.weights: expected a mapping"),
+        ("run.save_rollouts=1", r"run.save_rollouts: expected bool"),
+        ("rollout=5", r"rollout: expected a mapping"),
+        ("nokey", r"not of the form"),
+    ],
+)
+def test_ill_typed_values_name_the_key(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [override])
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")

@@ -1,0 +1,49 @@
+"""Learning on a tiny model, in-process (local mode: the plain Generator and Learner objects).
+
+A random tiny Llama with a wide initialisation (peaky next-token distributions) is rewarded
+for the fraction of completion tokens equal to one target token; GRPO must raise the mean
+reward by a clear margin within a few dozen steps.
+"""
+
+import collections
+
+from learners.batch import build_train_batch
+from learners.learner import Learner, LearnerSettings
+from learners.policy import LoraSettings
+from rollout.contracts import Problem, SamplingSettings, Verdict
+from rollout.engines import EngineSettings
+from rollout.generator import Generator
+from rollout.models import build_tiny_model
+from rollout.prompts import render_prompts
+
+STEPS = 40
+
+
+def test_grpo_raises_reward_for_target_token():
+    path = str(build_tiny_model(initializer_range=0.5))
+    learner = Learner(path, LoraSettings(rank=8, alpha=16), LearnerSettings(lr=1.5e-2))
+    generator = Generator(EngineSettings(model_path=path, kind="hf"))
+    generator.load_adapter(learner.adapter_update())
+    topics = ["cats", "dogs", "the sea", "numbers"]
+    problems = [Problem(uid=f"p{i}", question=f"Say something about {t}.", answer="") for i, t in enumerate(topics)]
+    prompts = render_prompts(learner.policy.tokenizer, problems, system_prompt=None)
+    sampling = SamplingSettings(n=8, temperature=1.0, max_tokens=8)
+
+    # a token the untrained model emits now and then (third most frequent)
+    counts = collections.Counter(t for s in generator.generate(prompts, sampling) for t in s.completion.token_ids)
+    target = counts.most_common(3)[-1][0]
+
+    rewards = []
+    for _ in range(STEPS):
+        samples = generator.generate(prompts, sampling)
+        verdicts = [
+            Verdict(reward=sum(t == target for t in s.completion.token_ids) / len(s.completion.token_ids), correct=False)
+            for s in samples
+        ]
+        batch, _, _ = build_train_batch(samples, verdicts)
+        learner.step(batch)
+        assert generator.load_adapter(learner.adapter_update()) == learner.policy_version
+        rewards.append(sum(v.reward for v in verdicts) / len(verdicts))
+    first, last = sum(rewards[:5]) / 5, sum(rewards[-5:]) / 5
+    print(f"\nmean reward: first 5 steps {first:.3f}, last 5 steps {last:.3f}")
+    assert last > first + 0.25, rewards
