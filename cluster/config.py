@@ -42,6 +42,7 @@ class TaskConfig:
     name: Literal["arithmetic"] = "arithmetic"
     difficulty: int = 1
     eval_percent: int = 20
+    prompt_template: str = "What is {expression}? Give the final answer as 'Answer: <number>'."
     system_prompt: str | None = "You are a helpful assistant. Answer briefly."
 
 
@@ -59,6 +60,7 @@ class RolloutConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     max_tokens: int = 64
+    stop: list[str] = field(default_factory=list)  # stop strings (sampling and evaluation)
     max_staleness: int = 0  # policy versions a sample may lag the learner; 0 = synchronous
 
 
@@ -71,7 +73,7 @@ class GeneratorConfig:
     kv_cache_gib: int = 2
     max_model_len: int = 1024
     num_cpus: float = 0.5
-    threads: int = 0
+    threads: int = 0  # cores a generator computes on (OMP_NUM_THREADS); 0 = all
 
 
 @dataclass
@@ -93,6 +95,7 @@ class AlgorithmConfig:
     clip_eps_low: float = 0.2
     clip_eps_high: float = 0.2
     loss_agg: Literal["token-mean", "seq-mean-token-mean", "token-sum-norm"] = "seq-mean-token-mean"
+    loss_norm_constant: float | None = None  # token-sum-norm divisor; None = longest completion in the batch
     kl_coef: float = 0.04
     kl_estimator: Literal["k1", "k2", "k3"] = "k3"
     drop_zero_variance_groups: bool = False  # leave all-equal-reward groups out of the batch

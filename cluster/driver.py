@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from actors.generator import generator_actor
 from actors.learner import learner_actor
-from actors.verifier import VerifierPool
+from actors.verifier import Scorer, VerifierPool
 from cluster.config import Config
 from cluster.rundir import RunDir
 from learners.batch import build_train_batch
@@ -68,9 +68,12 @@ def init_ray(config: Config) -> None:
         ray.init(num_cpus=config.run.num_cpus, include_dashboard=False, log_to_driver=True)
 
 
-def vllm_env(config: Config) -> dict[str, str]:
-    """Environment for generator actors: the in-process vLLM engine (faster start, less memory)."""
+def generator_env(config: Config) -> dict[str, str]:
+    """Environment for generator actors: the in-process vLLM engine (faster start, less memory),
+    computing on ``generator.threads`` cores (all by default). Ray would otherwise start a
+    fractional-CPU actor with OMP_NUM_THREADS=1, which halves generation on 2 cores."""
     env = {
+        "OMP_NUM_THREADS": str(config.generator.threads or os.cpu_count() or 1),
         "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
         "VLLM_CPU_KVCACHE_SPACE": str(config.generator.kv_cache_gib),
         "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING"),
@@ -84,7 +87,8 @@ def vllm_env(config: Config) -> dict[str, str]:
 class Trainer:
     """Owns the actors of one run and drives its steps."""
 
-    def __init__(self, config: Config, run_dir: RunDir):
+    def __init__(self, config: Config, run_dir: RunDir, scorer: Scorer | None = None):
+        """``scorer`` replaces the configured reward (text, answer) -> Verdict, e.g. in tests."""
         self.config = config
         self.run_dir = run_dir
         c = config
@@ -92,29 +96,33 @@ class Trainer:
         from transformers import AutoTokenizer
 
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
-        self.task = ArithmeticTask(c.task.difficulty, c.run.seed, c.task.eval_percent)
+        self.task = ArithmeticTask(c.task.difficulty, c.run.seed, c.task.eval_percent, c.task.prompt_template)
         self.train_problems = self.task.train_stream()
         self.eval_prompts = render_prompts(self.tokenizer, self.task.eval_set(c.eval.n), c.task.system_prompt)
         init_ray(c)
         self.learner = learner_actor().remote(self.model_path, self._lora_settings(), self._learner_settings())
-        engine = EngineSettings(
-            model_path=self.model_path,
-            kind=c.generator.engine,
-            adapter_mode=c.generator.adapter_mode,
-            dtype=c.generator.dtype,
-            max_lora_rank=c.lora.rank,
-            max_model_len=c.generator.max_model_len,
-            seed=c.run.seed,
-            kv_cache_gib=c.generator.kv_cache_gib,
-            threads=c.generator.threads,
-        )
-        actor = generator_actor(num_cpus=c.generator.num_cpus).options(runtime_env={"env_vars": vllm_env(c)})
-        self.generators = [actor.remote(engine, rank=i) for i in range(c.generator.num_generators)]
+        actor = generator_actor(num_cpus=c.generator.num_cpus).options(runtime_env={"env_vars": generator_env(c)})
+        self.generators = [actor.remote(self._engine_settings(), rank=i) for i in range(c.generator.num_generators)]
         reward = RewardSettings(scorer=c.reward.scorer, weights=c.reward.weights, extraction=c.reward.extraction)
         v = c.verifier
-        self.verifiers = VerifierPool(build_scorer(reward), v.num_verifiers, v.timeout_s, v.max_retries, v.num_cpus)
+        scorer = scorer or build_scorer(reward)
+        self.verifiers = VerifierPool(scorer, v.num_verifiers, v.timeout_s, v.max_retries, v.num_cpus)
         self.policy_version = 0
         self.broadcast()
+
+    def _engine_settings(self) -> EngineSettings:
+        g, c = self.config.generator, self.config
+        return EngineSettings(
+            model_path=self.model_path,
+            kind=g.engine,
+            adapter_mode=g.adapter_mode,
+            dtype=g.dtype,
+            max_lora_rank=c.lora.rank,
+            max_model_len=g.max_model_len,
+            seed=c.run.seed,
+            kv_cache_gib=g.kv_cache_gib,
+            threads=g.threads,
+        )
 
     def _lora_settings(self) -> LoraSettings:
         lora = self.config.lora
@@ -131,6 +139,7 @@ class Trainer:
             clip_eps_low=a.clip_eps_low,
             clip_eps_high=a.clip_eps_high,
             loss_agg=a.loss_agg,
+            loss_norm_constant=a.loss_norm_constant,
             kl_coef=a.kl_coef,
             kl_estimator=a.kl_estimator,
             temperature=c.rollout.temperature,
@@ -143,7 +152,7 @@ class Trainer:
     @property
     def sampling(self) -> SamplingSettings:
         r = self.config.rollout
-        return SamplingSettings(n=r.group_size, temperature=r.temperature, top_p=r.top_p, max_tokens=r.max_tokens)
+        return SamplingSettings(n=r.group_size, temperature=r.temperature, top_p=r.top_p, max_tokens=r.max_tokens, stop=tuple(r.stop))
 
     # -- phases ---------------------------------------------------------------------------
 
@@ -213,7 +222,7 @@ class Trainer:
 
     def evaluate(self) -> dict:
         """Greedy accuracy on the held-out problems (never seen in training)."""
-        sampling = SamplingSettings(n=1, temperature=0.0, max_tokens=self.config.eval.max_tokens)
+        sampling = SamplingSettings(n=1, temperature=0.0, max_tokens=self.config.eval.max_tokens, stop=tuple(self.config.rollout.stop))
         samples = self.generate(self.eval_prompts, sampling)
         verdicts = self.verify(samples)
         metrics = sample_metrics(samples, verdicts, prefix="eval")

@@ -31,6 +31,8 @@ class LearnerSettings:
     clip_eps_low: float = 0.2
     clip_eps_high: float = 0.2
     loss_agg: LossAggregation = "token-mean"
+    # token-sum-norm's constant (Dr. GRPO: the generation budget); None = the batch's longest completion
+    loss_norm_constant: float | None = None
     kl_coef: float = 0.0
     kl_estimator: KLEstimator = "k3"
     temperature: float = 1.0
@@ -68,7 +70,7 @@ class Learner:
             return tokens(micro) / max(1, tokens(batch))
         return len(micro) / len(batch)
 
-    def _micro_loss(self, micro: TrainBatch) -> tuple[torch.Tensor, dict[str, float]]:
+    def _micro_loss(self, micro: TrainBatch, norm_constant: float) -> tuple[torch.Tensor, dict[str, float]]:
         s = self.settings
         packed = pack(micro.prompt_token_ids, micro.completion_token_ids, self.policy.pad_id)
         old_logprobs = torch.zeros_like(packed.response_mask)
@@ -78,9 +80,10 @@ class Learner:
         logprobs, entropy = self.policy.forward(packed, s.temperature, with_entropy=True)
         mask = packed.response_mask
         loss, metrics = policy_loss(
-            logprobs, old_logprobs, advantages, mask, s.clip_eps_low, s.clip_eps_high, s.loss_agg
+            logprobs, old_logprobs, advantages, mask, s.clip_eps_low, s.clip_eps_high, s.loss_agg, norm_constant
         )
-        kl = torch.zeros(())
+        metrics["train/pg_loss"] = loss.item()
+        kl = torch.tensor(float("nan"))  # not computed: no reference pass when kl_coef == 0
         if s.kl_coef > 0:
             ref_logprobs = self.policy.reference_forward(packed, s.temperature)
             kl = masked_mean(kl_penalty(logprobs, ref_logprobs, s.kl_estimator), mask)
@@ -88,7 +91,7 @@ class Learner:
         with torch.no_grad():
             mismatch = masked_mean((logprobs.detach() - old_logprobs).abs(), mask)
         metrics |= {
-            "train/pg_loss": loss.item(),
+            "train/loss": loss.item(),
             "train/kl": kl.item(),
             "train/entropy": masked_mean(entropy, mask).item(),
             "train/logprob_mismatch": mismatch.item(),
@@ -104,9 +107,11 @@ class Learner:
         self.optimizer.zero_grad(set_to_none=True)
         totals: dict[str, float] = {}
         finite = True
+        # one constant for the whole batch, so micro-batching does not change the loss
+        norm_constant = self.settings.loss_norm_constant or max(len(c) for c in batch.completion_token_ids)
         for micro in self._micro_batches(batch):
             weight = self._micro_weight(micro, batch)
-            loss, metrics = self._micro_loss(micro)
+            loss, metrics = self._micro_loss(micro, norm_constant)
             if not torch.isfinite(loss):
                 finite = False
                 break
@@ -123,7 +128,8 @@ class Learner:
             self.optimizer.step()
             self.scheduler.step()
             self.policy_version += 1
-        totals["train/loss"] = totals.pop("train/pg_loss", float("nan"))
+        for key in ("train/loss", "train/kl", "train/entropy"):
+            totals.setdefault(key, float("nan"))  # a skipped first micro-batch still reports them
         totals |= {
             "train/grad_norm": grad_norm.item(),
             "train/lr": self.scheduler.get_last_lr()[0],

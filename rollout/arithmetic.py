@@ -14,7 +14,7 @@ from typing import Iterator
 
 from rollout.contracts import Problem
 
-INSTRUCTION = "Give the final answer as 'Answer: <number>'."
+DEFAULT_TEMPLATE = "What is {expression}? Give the final answer as 'Answer: <number>'."
 
 
 @dataclass(frozen=True)
@@ -66,9 +66,12 @@ class ArithmeticTask:
 
     name = "arithmetic"
 
-    def __init__(self, difficulty: int = 1, seed: int = 0, eval_percent: int = 20):
+    def __init__(self, difficulty: int = 1, seed: int = 0, eval_percent: int = 20, template: str = DEFAULT_TEMPLATE):
         if difficulty not in LEVELS:
             raise ValueError(f"arithmetic difficulty must be one of {sorted(LEVELS)}, got {difficulty}")
+        if "{expression}" not in template:
+            raise ValueError(f"arithmetic prompt template must contain '{{expression}}': {template!r}")
+        self.template = template
         self.level = LEVELS[difficulty]
         self.seed = seed
         self.eval_percent = eval_percent
@@ -81,7 +84,7 @@ class ArithmeticTask:
                 continue
             yield Problem(
                 uid=f"{split}:{expression}",
-                question=f"What is {expression}? {INSTRUCTION}",
+                question=self.template.format(expression=expression),
                 answer=str(evaluate(expression)),
                 split=split,
                 meta={"expression": expression},

@@ -66,7 +66,7 @@ class EngineSettings:
     max_model_len: int = 1024
     seed: int = 0
     kv_cache_gib: int = 2
-    threads: int = 0  # CPU threads for generation; 0 = every CPU this process may use
+    threads: int = 0  # HF engine: torch threads, 0 = every core (vLLM: OMP_NUM_THREADS)
 
 
 class GenerationEngine(Protocol):
@@ -104,10 +104,8 @@ class VLLMEngine:
         # In-process engine: 10-15 s start-up and ~1.4 GiB less memory than a separate process.
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(settings.kv_cache_gib))
-        # vLLM's "auto" binding keeps a core for a separate scheduler process, which the
-        # in-process engine does not have: on a 2-core machine that halves generation speed.
-        cpus = sorted(os.sched_getaffinity(0))[: settings.threads or None]
-        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", ",".join(map(str, cpus)))
+        # The in-process engine computes with the OpenMP threads the process started with:
+        # a Ray actor must be launched with OMP_NUM_THREADS set (see cluster.driver.generator_env).
         from vllm import LLM
 
         _quiet_partial_reload_warning()
@@ -198,8 +196,7 @@ class HFEngine:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        if settings.threads:
-            torch.set_num_threads(settings.threads)
+        torch.set_num_threads(settings.threads or os.cpu_count() or 1)
         self.settings = settings
         self.tokenizer = AutoTokenizer.from_pretrained(settings.model_path)
         self.base = AutoModelForCausalLM.from_pretrained(settings.model_path, dtype=getattr(torch, settings.dtype))

@@ -43,6 +43,8 @@ def test_difficulty_knob_changes_shape():
 def test_bad_difficulty_and_bad_expression():
     with pytest.raises(ValueError, match="difficulty"):
         ArithmeticTask(99)
+    with pytest.raises(ValueError, match="must contain"):
+        ArithmeticTask(1, template="What is it?")
     with pytest.raises(ValueError, match="not an arithmetic expression"):
         evaluate("__import__('os')")
 

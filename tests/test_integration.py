@@ -7,6 +7,8 @@ object store. One Trainer (one vLLM engine) serves every test in this module.
 from __future__ import annotations
 
 import json
+import sys
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
@@ -16,9 +18,10 @@ import torch
 from cluster.config import load_config
 from cluster.driver import Trainer
 from cluster.rundir import RunDir
-from rollout.contracts import SamplingSettings, TrainBatch
+from rollout.contracts import SamplingSettings, TrainBatch, Verdict
 
 pytestmark = pytest.mark.slow
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 STEPS = 3
 REQUIRED_KEYS = {
@@ -28,15 +31,27 @@ REQUIRED_KEYS = {
 }
 
 
+# Ray workers cannot import this test module: ship its functions (the scorer) by value
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+
+def spread_reward(completion: str, answer: str) -> Verdict:
+    """A random tiny model never solves arithmetic, so the numeric reward would be 0 for every
+    sample and the gradient exactly 0. This reward varies with the text (the share of ASCII
+    letters), so every group carries signal and the weights must move."""
+    letters = sum(c.isascii() and c.isalpha() for c in completion)
+    return Verdict(reward=letters / max(1, len(completion)), correct=False)
+
+
 @pytest.fixture(scope="module")
 def trained(ray_cluster, tiny_model_path, tmp_path_factory):
     """Three steps of the tiny config; records greedy output and adapter before training."""
     run_dir = RunDir(tmp_path_factory.mktemp("run"))
     config = load_config(
-        "configs/tiny.yaml",
+        CONFIGS / "tiny.yaml",
         [f"model.path={tiny_model_path}", f"run.run_dir={run_dir.path}", "algorithm.lr=0.05", "algorithm.kl_coef=0.05"],
     )
-    trainer = Trainer(config, run_dir)
+    trainer = Trainer(config, run_dir, scorer=spread_reward)
     greedy = SamplingSettings(n=1, temperature=0.0, max_tokens=8)
     probe = trainer.eval_prompts[:4]
     before = {
@@ -127,7 +142,7 @@ def test_final_adapter_loads_in_peft_and_vllm_lora(trained, tiny_model_path):
     assert any("lora_B" in name for name, _ in model.named_parameters())
 
     from actors.generator import generator_actor
-    from cluster.driver import vllm_env
+    from cluster.driver import generator_env
     from rollout.contracts import AdapterUpdate
     from rollout.engines import EngineSettings
 
@@ -138,7 +153,7 @@ def test_final_adapter_loads_in_peft_and_vllm_lora(trained, tiny_model_path):
         load_file(str(run_dir.final_adapter / "adapter_model.safetensors")),
         json.loads((run_dir.final_adapter / "adapter_config.json").read_text()),
     )
-    actor = generator_actor(num_cpus=0.5).options(runtime_env={"env_vars": vllm_env(trainer.config)})
+    actor = generator_actor(num_cpus=0.5).options(runtime_env={"env_vars": generator_env(trainer.config)})
     lora_generator = actor.remote(EngineSettings(model_path=tiny_model_path, adapter_mode="lora", max_lora_rank=8, max_model_len=256, kv_cache_gib=1))
     try:
         assert ray.get(lora_generator.load_adapter.remote(update)) == STEPS
