@@ -21,7 +21,7 @@ from rollout.contracts import Sample, Verdict
 
 class RunDir:
     def __init__(self, path: str | Path):
-        self.path = Path(path)
+        self.path = Path(path).expanduser().resolve()
         self.path.mkdir(parents=True, exist_ok=True)
         (self.path / "rollouts").mkdir(exist_ok=True)
 
