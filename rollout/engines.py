@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -135,8 +136,6 @@ class VLLMEngine:
         self._loaded = True
 
     def _load_lora(self, update: AdapterUpdate) -> None:
-        import shutil
-
         from vllm.lora.request import LoRARequest
 
         previous = self._lora
