@@ -1,0 +1,42 @@
+"""The command line: argument order, help, and config errors that name the culprit."""
+
+import subprocess
+import sys
+
+import pytest
+
+from cluster.cli import main, parse_args
+
+
+def test_overrides_before_and_after_options():
+    args = parse_args(["train", "c.yaml", "a.b=1", "--run-dir", "runs/x", "--steps", "2", "c.d=[1, 2]", "--seed", "3"])
+    assert args.config == "c.yaml" and args.run_dir == "runs/x" and args.steps == 2 and args.seed == 3
+    assert args.overrides == ["a.b=1", "c.d=[1, 2]"]
+
+
+def test_stray_arguments_are_rejected():
+    with pytest.raises(SystemExit):
+        parse_args(["train", "c.yaml", "--bogus"])
+    with pytest.raises(SystemExit):
+        parse_args(["prepare-model", "tiny", "x=1"])
+
+
+def test_help_lists_the_commands():
+    out = subprocess.run([sys.executable, "-m", "cluster.cli", "--help"], capture_output=True, text=True, check=True).stdout
+    for command in ("train", "bench", "prepare-model"):
+        assert command in out
+
+
+def test_config_error_names_the_key(capsys, tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text("rollout:\n  grup_size: 4\n")
+    assert main(["train", str(config), "--run-dir", str(tmp_path / "run")]) == 2
+    assert "rollout.grup_size" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_missing_model_path_is_a_clear_error(capsys, tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text(f"model:\n  path: {tmp_path / 'nowhere'}\n")
+    assert main(["train", str(config), "--run-dir", str(tmp_path / "run")]) == 2
+    assert "model.path=" in capsys.readouterr().err
