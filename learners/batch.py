@@ -49,13 +49,7 @@ def build_train_batch(
         for i, a in zip(valid, group_adv.tolist()):
             advantages[i] = a
     keep = [i for i, a in enumerate(advantages) if a is not None]
-    batch = TrainBatch(
-        prompt_token_ids=tuple(samples[i].prompt.token_ids for i in keep),
-        completion_token_ids=tuple(samples[i].completion.token_ids for i in keep),
-        old_logprobs=tuple(samples[i].completion.logprobs for i in keep),
-        advantages=tuple(advantages[i] for i in keep),
-        policy_versions=tuple(samples[i].policy_version for i in keep),
-    )
+    batch = TrainBatch.from_samples([samples[i] for i in keep], [advantages[i] for i in keep])
     metrics = {
         "train/zero_variance_groups": float(zero_variance),
         "train/zero_variance_fraction": zero_variance / max(1, len(groups)),

@@ -103,6 +103,17 @@ class TrainBatch:
     advantages: tuple[float, ...]
     policy_versions: tuple[int, ...]
 
+    @classmethod
+    def from_samples(cls, samples: "list[Sample]", advantages: "list[float]") -> "TrainBatch":
+        """One row per sample, with the generator's log-probs as ``old_logprobs``."""
+        return cls(
+            prompt_token_ids=tuple(s.prompt.token_ids for s in samples),
+            completion_token_ids=tuple(s.completion.token_ids for s in samples),
+            old_logprobs=tuple(s.completion.logprobs for s in samples),
+            advantages=tuple(advantages),
+            policy_versions=tuple(s.policy_version for s in samples),
+        )
+
     def __len__(self) -> int:
         return len(self.advantages)
 

@@ -99,13 +99,7 @@ def test_learner_logprobs_match_generator(trained):
     """vLLM's sampled-token log-probs vs the learner's under the same weights (both fp32)."""
     trainer, _, _, _, _, _ = trained
     samples = trainer.generate(trainer.eval_prompts[:8], SamplingSettings(n=4, temperature=1.0, max_tokens=16))
-    batch = TrainBatch(
-        prompt_token_ids=tuple(s.prompt.token_ids for s in samples),
-        completion_token_ids=tuple(s.completion.token_ids for s in samples),
-        old_logprobs=tuple(s.completion.logprobs for s in samples),
-        advantages=(0.0,) * len(samples),
-        policy_versions=tuple(s.policy_version for s in samples),
-    )
+    batch = TrainBatch.from_samples(samples, [0.0] * len(samples))
     learner_logprobs = ray.get(trainer.learner.logprobs.remote(batch))
     diffs = [abs(a - b) for s, row in zip(samples, learner_logprobs) for a, b in zip(s.completion.logprobs, row)]
     assert len(diffs) == sum(len(s.completion.token_ids) for s in samples) > 100
