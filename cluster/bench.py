@@ -11,9 +11,8 @@ import time
 
 import ray
 
-from actors.generator import generator_actor
 from cluster.config import Config
-from cluster.driver import init_ray, generator_env
+from cluster.driver import init_ray, start_generator
 from learners.policy import LoraPolicy, LoraSettings
 from rollout.arithmetic import ArithmeticTask
 from rollout.contracts import AdapterUpdate, SamplingSettings
@@ -41,8 +40,7 @@ def bench_generation(model: str, n_prompts: int, n: int, max_tokens: int, dtype:
 
     config = Config()
     init_ray(config)
-    actor = generator_actor(num_cpus=0.5).options(runtime_env={"env_vars": generator_env(config)})
-    generator = actor.remote(EngineSettings(model_path=path, dtype=dtype), rank=0)
+    generator = start_generator(config, EngineSettings(model_path=path, dtype=dtype))
     ray.get(generator.load_adapter.remote(update))
     ray.get(generator.generate.remote(prompts[:2], sampling))  # warm-up
     actor_seconds, actor_tokens = _timed(lambda p, s: ray.get(generator.generate.remote(p, s)), prompts, sampling)

@@ -9,6 +9,7 @@ the scheduling, not the contracts.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import time
@@ -24,7 +25,7 @@ from actors.verifier import Scorer, VerifierPool
 from cluster.config import Config
 from cluster.rundir import RunDir
 from learners.batch import build_train_batch
-from learners.learner import LearnerSettings
+from learners.learner import REQUIRED_METRICS, LearnerSettings
 from learners.policy import LoraSettings
 from rewards.scoring import RewardSettings, build_scorer
 from rollout.arithmetic import ArithmeticTask
@@ -38,7 +39,7 @@ logger = logging.getLogger(__name__)
 
 
 # a step whose batch is empty (every group filtered) still reports the learner's keys
-EMPTY_LEARN_METRICS = {"train/loss": float("nan"), "train/kl": float("nan"), "train/entropy": float("nan")}
+EMPTY_LEARN_METRICS = dict.fromkeys(REQUIRED_METRICS, float("nan"))
 
 
 class WeightSyncError(RuntimeError):
@@ -84,6 +85,12 @@ def generator_env(config: Config) -> dict[str, str]:
     return env
 
 
+def start_generator(config: Config, settings: EngineSettings, rank: int = 0):
+    """A generator actor with the resources and environment ``config`` asks for."""
+    actor = generator_actor(num_cpus=config.generator.num_cpus).options(runtime_env={"env_vars": generator_env(config)})
+    return actor.remote(settings, rank=rank)
+
+
 class Trainer:
     """Owns the actors of one run and drives its steps."""
 
@@ -101,8 +108,7 @@ class Trainer:
         self.eval_prompts = render_prompts(self.tokenizer, self.task.eval_set(c.eval.n), c.task.system_prompt)
         init_ray(c)
         self.learner = learner_actor().remote(self.model_path, self._lora_settings(), self._learner_settings())
-        actor = generator_actor(num_cpus=c.generator.num_cpus).options(runtime_env={"env_vars": generator_env(c)})
-        self.generators = [actor.remote(self._engine_settings(), rank=i) for i in range(c.generator.num_generators)]
+        self.generators = [start_generator(c, self._engine_settings(), rank=i) for i in range(c.generator.num_generators)]
         reward = RewardSettings(scorer=c.reward.scorer, weights=c.reward.weights, extraction=c.reward.extraction)
         v = c.verifier
         scorer = scorer or build_scorer(reward)
@@ -222,7 +228,7 @@ class Trainer:
 
     def evaluate(self) -> dict:
         """Greedy accuracy on the held-out problems (never seen in training)."""
-        sampling = SamplingSettings(n=1, temperature=0.0, max_tokens=self.config.eval.max_tokens, stop=tuple(self.config.rollout.stop))
+        sampling = dataclasses.replace(self.sampling, n=1, temperature=0.0, max_tokens=self.config.eval.max_tokens)
         samples = self.generate(self.eval_prompts, sampling)
         verdicts = self.verify(samples)
         metrics = sample_metrics(samples, verdicts, prefix="eval")

@@ -19,6 +19,9 @@ from rollout.contracts import AdapterUpdate, TrainBatch
 
 logger = logging.getLogger(__name__)
 
+# reported by every step, NaN (JSON null) when not computed
+REQUIRED_METRICS = ("train/loss", "train/kl", "train/entropy")
+
 
 @dataclass(frozen=True)
 class LearnerSettings:
@@ -128,7 +131,7 @@ class Learner:
             self.optimizer.step()
             self.scheduler.step()
             self.policy_version += 1
-        for key in ("train/loss", "train/kl", "train/entropy"):
+        for key in REQUIRED_METRICS:
             totals.setdefault(key, float("nan"))  # a skipped first micro-batch still reports them
         totals |= {
             "train/grad_norm": grad_norm.item(),

@@ -135,8 +135,7 @@ def test_final_adapter_loads_in_peft_and_vllm_lora(trained, tiny_model_path):
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_path), run_dir.final_adapter)
     assert any("lora_B" in name for name, _ in model.named_parameters())
 
-    from actors.generator import generator_actor
-    from cluster.driver import generator_env
+    from cluster.driver import start_generator
     from rollout.contracts import AdapterUpdate
     from rollout.engines import EngineSettings
 
@@ -147,8 +146,7 @@ def test_final_adapter_loads_in_peft_and_vllm_lora(trained, tiny_model_path):
         load_file(str(run_dir.final_adapter / "adapter_model.safetensors")),
         json.loads((run_dir.final_adapter / "adapter_config.json").read_text()),
     )
-    actor = generator_actor(num_cpus=0.5).options(runtime_env={"env_vars": generator_env(trainer.config)})
-    lora_generator = actor.remote(EngineSettings(model_path=tiny_model_path, adapter_mode="lora", max_lora_rank=8, max_model_len=256, kv_cache_gib=1))
+    lora_generator = start_generator(trainer.config, EngineSettings(model_path=tiny_model_path, adapter_mode="lora", max_lora_rank=8, max_model_len=256, kv_cache_gib=1))
     try:
         assert ray.get(lora_generator.load_adapter.remote(update)) == STEPS
         via_lora = ray.get(lora_generator.generate.remote(probe, greedy))
