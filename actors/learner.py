@@ -1,16 +1,80 @@
-"""Learner actor shell: the plain ``learners.learner.Learner`` is the actor's class.
+"""Learner actors: one ``learners.learner.Learner`` per Ray actor, and the data-parallel group.
 
-``ray.remote(Learner)`` exposes ``step``, ``logprobs``, ``adapter_update`` and
-``save_adapter`` unchanged; this module only fixes the resources it asks Ray for.
+``LearnerGroup`` starts N learner actors, joins them in one ``torch.distributed`` process
+group (gloo on CPU, nccl when the actors hold GPUs), hands each its contiguous shard of the
+rollout batch and returns rank 0's (globally reduced) metrics. All ranks hold the same
+parameters after every step, so the weight broadcast to the generators is taken from rank 0
+only: one ``ObjectRef``, sent once.
 """
 
 from __future__ import annotations
 
+import socket
+from pathlib import Path
+
 import ray
 
-from learners.learner import Learner
+from learners.learner import Learner, LearnerSettings
+from learners.policy import LoraSettings
+from rollout.contracts import TrainBatch
 
 
-def learner_actor(num_cpus: float = 1.0):
+class _LearnerActor(Learner):
+    """The Learner plus what a rank needs to find its peers."""
+
+    def rendezvous(self) -> tuple[str, int]:
+        """This node's address and a free TCP port, for rank 0 to host the process group."""
+        with socket.socket() as sock:
+            sock.bind(("", 0))
+            port = sock.getsockname()[1]
+        return ray.util.get_node_ip_address(), port
+
+
+def learner_actor(num_cpus: float = 1.0, num_gpus: float = 0.0):
     """The Ray actor class for a learner, with its resource request."""
-    return ray.remote(num_cpus=num_cpus)(Learner)
+    return ray.remote(num_cpus=num_cpus, num_gpus=num_gpus)(_LearnerActor)
+
+
+class LearnerGroup:
+    """N data-parallel learner actors driven as one learner."""
+
+    def __init__(
+        self,
+        model_path: str,
+        lora: LoraSettings | None,
+        settings: LearnerSettings,
+        num_learners: int = 1,
+        num_cpus: float = 1.0,
+        num_gpus: float = 0.0,
+    ):
+        actor = learner_actor(num_cpus=num_cpus, num_gpus=num_gpus)
+        self.actors = [actor.remote(model_path, lora, settings) for _ in range(num_learners)]
+        if num_learners > 1:
+            address, port = ray.get(self.actors[0].rendezvous.remote())
+            backend = "nccl" if num_gpus > 0 else "gloo"
+            ray.get([a.init_distributed.remote(address, port, rank, num_learners, backend) for rank, a in enumerate(self.actors)])
+
+    def __len__(self) -> int:
+        return len(self.actors)
+
+    def step(self, batch: TrainBatch) -> dict[str, float]:
+        shards = batch.shards(len(self.actors))
+        return ray.get([a.step.remote(shard) for a, shard in zip(self.actors, shards)])[0]
+
+    def weight_update_ref(self) -> ray.ObjectRef:
+        """Rank 0's weights as one object-store reference (all ranks are identical)."""
+        return self.actors[0].weight_update.remote()
+
+    def call(self, method: str, *args):
+        """Rank 0's answer to a query (``logprobs``, ``parameter_digest``, ``weight_update``...)."""
+        return ray.get(getattr(self.actors[0], method).remote(*args))
+
+    def call_all(self, method: str, *args) -> list:
+        return ray.get([getattr(a, method).remote(*args) for a in self.actors])
+
+    def save(self, folder: str | Path) -> Path:
+        return self.call("save", str(folder))
+
+    def kill(self) -> None:
+        for actor in self.actors:
+            ray.kill(actor)

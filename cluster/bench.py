@@ -13,9 +13,9 @@ import ray
 
 from cluster.config import Config
 from cluster.driver import init_ray, start_generator
-from learners.policy import LoraPolicy, LoraSettings
+from learners.policy import Policy, LoraSettings
 from rollout.arithmetic import ArithmeticTask
-from rollout.contracts import AdapterUpdate, SamplingSettings
+from rollout.contracts import WeightUpdate, SamplingSettings
 from rollout.engines import EngineSettings
 from rollout.generator import Generator
 from rollout.models import resolve_model
@@ -32,8 +32,8 @@ def _timed(generate, prompts, sampling) -> tuple[float, int]:
 
 def bench_generation(model: str, n_prompts: int, n: int, max_tokens: int, dtype: str = "float32") -> dict:
     path = str(resolve_model(model))
-    policy = LoraPolicy(path, LoraSettings())
-    update = AdapterUpdate(0, policy.adapter_state(), policy.adapter_config())
+    policy = Policy(path, LoraSettings())
+    update = WeightUpdate(0, policy.weight_state(), policy.adapter_config())
     prompts = render_prompts(policy.tokenizer, ArithmeticTask(2).eval_set(n_prompts))
     sampling = SamplingSettings(n=n, temperature=1.0, max_tokens=max_tokens)
     del policy
@@ -41,14 +41,14 @@ def bench_generation(model: str, n_prompts: int, n: int, max_tokens: int, dtype:
     config = Config()
     init_ray(config)
     generator = start_generator(config, EngineSettings(model_path=path, dtype=dtype))
-    ray.get(generator.load_adapter.remote(update))
+    ray.get(generator.load_weights.remote(update))
     ray.get(generator.generate.remote(prompts[:2], sampling))  # warm-up
     actor_seconds, actor_tokens = _timed(lambda p, s: ray.get(generator.generate.remote(p, s)), prompts, sampling)
     ray.kill(generator)
     logger.info("generator actor: %d tokens in %.1f s", actor_tokens, actor_seconds)
 
     hf = Generator(EngineSettings(model_path=path, kind="hf", dtype=dtype))  # same plain object, HF inside
-    hf.load_adapter(update)
+    hf.load_weights(update)
     hf.generate(prompts[:2], SamplingSettings(n=2, max_tokens=4))  # warm-up
     hf_seconds, hf_tokens = _timed(hf.generate, prompts, sampling)
     logger.info("HF generate: %d tokens in %.1f s", hf_tokens, hf_seconds)

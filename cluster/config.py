@@ -25,6 +25,7 @@ class ConfigError(ValueError):
 class ModelConfig:
     path: str = "smollm2"  # "smollm2", "tiny", or a HF model folder
     dtype: str = "float32"  # the learner's parameter dtype
+    train: Literal["lora", "full"] = "lora"  # train a LoRA adapter, or every weight
 
 
 @dataclass
@@ -86,20 +87,47 @@ class VerifierConfig:
 
 @dataclass
 class AlgorithmConfig:
-    advantage: Literal["grpo", "dr-grpo"] = "grpo"
+    """The policy-optimisation method and its knobs (README: "Algorithm knobs")."""
+
+    advantage: Literal["grpo", "dr-grpo", "rloo", "reinforce++", "reinforce++-baseline", "batch-std", "gae"] = "grpo"
+    policy_loss: Literal["ppo", "gspo", "pg"] = "ppo"
     lr: float = 1e-5
     weight_decay: float = 0.0
     warmup_steps: int = 0
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    min_lr_ratio: float = 0.0  # cosine decays to min_lr_ratio * lr at run.steps
     max_grad_norm: float = 1.0
-    micro_batch_size: int = 16
+    ppo_epochs: int = 1  # passes over each rollout batch
+    mini_batch_size: int = 0  # sequences per optimizer update; 0 = the whole rollout batch
+    micro_batch_size: int = 16  # sequences per forward/backward (gradient accumulation)
     clip_eps_low: float = 0.2
     clip_eps_high: float = 0.2
+    dual_clip_c: float | None = None  # e.g. 3.0: bound the loss of negative-advantage tokens
     loss_agg: Literal["token-mean", "seq-mean-token-mean", "token-sum-norm"] = "seq-mean-token-mean"
     loss_norm_constant: float | None = None  # token-sum-norm divisor; None = longest completion in the batch
+    entropy_coef: float = 0.0
+    whiten_advantages: bool | None = None  # None: as the estimator defines (reinforce++, gae: yes)
+    gamma: float = 1.0
+    lam: float = 0.95  # GAE lambda
     kl_coef: float = 0.04
     kl_estimator: Literal["k1", "k2", "k3"] = "k3"
+    kl_mode: Literal["loss", "reward"] = "loss"
+    kl_target: float | None = None  # adaptive KL coefficient toward this KL; None = fixed
+    kl_horizon: float = 10000.0
+    tis_cap: float | None = None  # truncated importance sampling cap (e.g. 2.0); None = off
+    critic_lr: float | None = None  # GAE's critic; None = lr
+    value_clip: float | None = 0.2
+    value_coef: float = 1.0
     drop_zero_variance_groups: bool = False  # leave all-equal-reward groups out of the batch
     autocast_dtype: str | None = None  # "bfloat16": learner matmuls in bf16 (~1.5x on AVX512-BF16 CPUs)
+
+
+@dataclass
+class LearnerConfig:
+    num_learners: int = 1  # data-parallel learner actors (gradients all-reduced)
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0  # per learner; > 0 selects the nccl backend
+    threads: int = 0  # torch threads per learner (0: every core, divided among the learners)
 
 
 @dataclass
@@ -117,7 +145,6 @@ class RunConfig:
     run_dir: str = "runs/default"
     save_rollouts: bool = True
     num_cpus: int | None = None  # CPUs of the embedded local Ray cluster (None: all)
-    learner_threads: int = 0  # torch threads in the learner (0: library default)
     broadcast_timeout_s: float = 120.0
 
 
@@ -131,6 +158,7 @@ class Config:
     generator: GeneratorConfig = field(default_factory=GeneratorConfig)
     verifier: VerifierConfig = field(default_factory=VerifierConfig)
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    learner: LearnerConfig = field(default_factory=LearnerConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
@@ -217,7 +245,32 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
         data = yaml.safe_load(path.read_text()) or {}
     for override in overrides:
         apply_override(data, override)
-    return _build(Config, data)
+    config = _build(Config, data)
+    check_config(config)
+    return config
+
+
+def check_config(config: Config) -> None:
+    """Combinations of keys that cannot run together, named in a ConfigError."""
+    a = config.algorithm
+    problems = []
+    if a.advantage == "gae" and config.model.train == "full":
+        problems.append("algorithm.advantage=gae needs a LoRA critic: set model.train=lora")
+    if config.model.train == "full" and config.generator.adapter_mode == "lora":
+        problems.append("model.train=full sends whole weights: set generator.adapter_mode=merged")
+    if a.policy_loss == "pg" and a.ppo_epochs > 1:
+        problems.append("algorithm.policy_loss=pg has no ratio, so it is on-policy only: set algorithm.ppo_epochs=1")
+    if a.kl_target is not None and a.kl_coef <= 0:
+        problems.append("algorithm.kl_target adapts algorithm.kl_coef, which must start above 0")
+    if a.advantage not in ("gae", "reinforce++", "batch-std") and config.rollout.group_size < 2:
+        problems.append(f"algorithm.advantage={a.advantage} needs rollout.group_size >= 2")
+    for key in ("ppo_epochs", "micro_batch_size"):
+        if getattr(a, key) < 1:
+            problems.append(f"algorithm.{key} must be at least 1")
+    if config.learner.num_learners < 1:
+        problems.append("learner.num_learners must be at least 1")
+    if problems:
+        raise ConfigError("; ".join(problems))
 
 
 def config_to_dict(config: Config) -> dict:

@@ -20,7 +20,7 @@ import ray
 from tqdm import tqdm
 
 from actors.generator import generator_actor
-from actors.learner import learner_actor
+from actors.learner import LearnerGroup
 from actors.verifier import Scorer, VerifierPool
 from cluster.config import Config
 from cluster.rundir import RunDir
@@ -107,7 +107,10 @@ class Trainer:
         self.train_problems = self.task.train_stream()
         self.eval_prompts = render_prompts(self.tokenizer, self.task.eval_set(c.eval.n), c.task.system_prompt)
         init_ray(c)
-        self.learner = learner_actor().remote(self.model_path, self._lora_settings(), self._learner_settings())
+        lc = c.learner
+        self.learners = LearnerGroup(
+            self.model_path, self._lora_settings(), self._learner_settings(), lc.num_learners, lc.num_cpus, lc.num_gpus
+        )
         self.generators = [start_generator(c, self._engine_settings(), rank=i) for i in range(c.generator.num_generators)]
         reward = RewardSettings(scorer=c.reward.scorer, weights=c.reward.weights, extraction=c.reward.extraction)
         v = c.verifier
@@ -136,23 +139,16 @@ class Trainer:
 
     def _learner_settings(self) -> LearnerSettings:
         a, c = self.config.algorithm, self.config
+        same = {f.name for f in dataclasses.fields(LearnerSettings)} & {f.name for f in dataclasses.fields(a)}
+        threads = c.learner.threads or max(1, (os.cpu_count() or 1) // c.learner.num_learners)
         return LearnerSettings(
-            lr=a.lr,
-            weight_decay=a.weight_decay,
-            warmup_steps=a.warmup_steps,
-            max_grad_norm=a.max_grad_norm,
-            micro_batch_size=a.micro_batch_size,
-            clip_eps_low=a.clip_eps_low,
-            clip_eps_high=a.clip_eps_high,
-            loss_agg=a.loss_agg,
-            loss_norm_constant=a.loss_norm_constant,
-            kl_coef=a.kl_coef,
-            kl_estimator=a.kl_estimator,
+            **{name: getattr(a, name) for name in same},
+            total_steps=c.run.steps,
+            full_weights=c.model.train == "full",
             temperature=c.rollout.temperature,
             dtype=c.model.dtype,
-            autocast_dtype=a.autocast_dtype,
             seed=c.run.seed,
-            threads=c.run.learner_threads,
+            threads=threads,
         )
 
     @property
@@ -178,9 +174,9 @@ class Trainer:
         return self.verifiers.score(samples)
 
     def broadcast(self) -> None:
-        """Send the learner's adapter through the object store to every generator; fail fast."""
-        update = self.learner.adapter_update.remote()
-        refs = [g.load_adapter.remote(update) for g in self.generators]
+        """Send the learner's weights through the object store to every generator; fail fast."""
+        update = self.learners.weight_update_ref()
+        refs = [g.load_weights.remote(update) for g in self.generators]
         ready, not_ready = ray.wait(refs, num_returns=len(refs), timeout=self.config.run.broadcast_timeout_s)
         if not_ready:
             raise WeightSyncError(
@@ -207,8 +203,8 @@ class Trainer:
                     samples, verdicts, self.config.algorithm.advantage, self.config.algorithm.drop_zero_variance_groups
                 )
             with timer("learn"):
-                learn_metrics = ray.get(self.learner.step.remote(batch)) if len(batch) else EMPTY_LEARN_METRICS
-            self.policy_version = ray.get(self.learner.get_policy_version.remote())
+                learn_metrics = self.learners.step(batch) if len(batch) else EMPTY_LEARN_METRICS
+            self.policy_version = self.learners.call("get_policy_version")
             with timer("weight_sync"):
                 self.broadcast()
             if self.config.run.save_rollouts:
@@ -257,8 +253,7 @@ class Trainer:
                     s_step=f"{metrics['perf/step_seconds']:.1f}",
                     refresh=False,
                 )
-        update = ray.get(self.learner.adapter_update.remote())
-        write_adapter(update, self.run_dir.final_adapter)
+        self.save_final()
         return {
             "run_dir": str(self.run_dir.path),
             "policy_version": self.policy_version,
@@ -267,8 +262,17 @@ class Trainer:
             "eval_n": last_eval.get("eval/n"),
         }
 
+    def save_final(self) -> None:
+        """The trained policy: a PEFT adapter folder, or a HF model folder (full weights)."""
+        update = ray.get(self.learners.weight_update_ref())
+        if update.kind == "lora":
+            write_adapter(update, self.run_dir.final_adapter)
+        else:
+            self.learners.save(self.run_dir.final_adapter)
+
     def shutdown(self) -> None:
-        for handle in [self.learner, *self.generators, *self.verifiers.actors]:
+        self.learners.kill()
+        for handle in [*self.generators, *self.verifiers.actors]:
             ray.kill(handle)
 
 

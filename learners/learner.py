@@ -1,10 +1,24 @@
-"""The learner: one optimisation step of GRPO (clipped ratio, optional KL) on a LoRA policy.
+"""The learner: one training step on one rollout batch, on one or several data-parallel ranks.
 
-A plain object (no Ray): the learner actor wraps it, tests drive it in-process.
+A step reads top to bottom:
+1. guard: a non-finite reward, advantage or generator log-prob skips the whole step;
+2. prepare (no gradients): the learner's own log-probs (for truncated importance sampling),
+   the reference log-probs (KL), the critic's values (GAE);
+3. advantages per token (outcome advantages from the batch, plus the KL reward penalty, or
+   REINFORCE++ returns, or GAE), whitened over the global batch where the estimator says so;
+4. ``ppo_epochs`` passes over shuffled mini-batches, each one optimizer update, each split
+   into micro-batches whose gradients accumulate exactly to the mini-batch's.
+
+Data parallelism: every rank holds its shard of the rollout batch; losses are normalised by
+global token / sequence counts, gradients are summed with ``torch.distributed`` (gloo on CPU,
+nccl on GPU), so after each update all ranks hold identical parameters and equal one learner
+that saw the whole batch. A plain object (no Ray): the learner actor wraps it, tests drive it
+in-process.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import os
@@ -13,9 +27,29 @@ from pathlib import Path
 
 import torch
 
-from learners.algorithms import LossAggregation, KLEstimator, kl_penalty, masked_mean, policy_loss
-from learners.policy import LoraPolicy, LoraSettings, pack
-from rollout.contracts import AdapterUpdate, TrainBatch
+from learners.algorithms import (
+    OUTCOME_ESTIMATORS,
+    WHITENED_BY_DEFINITION,
+    AdaptiveKLController,
+    AdvantageEstimator,
+    KLEstimator,
+    LossAggregation,
+    PolicyLossType,
+    aggregate_loss,
+    cosine_schedule,
+    discounted_returns,
+    gae_advantages,
+    kl_penalty,
+    masked_mean,
+    masked_moments,
+    masked_whiten,
+    outcome_token_rewards,
+    policy_loss,
+    truncated_is_weights,
+    value_loss,
+)
+from learners.policy import LoraSettings, Policy, pack
+from rollout.contracts import TrainBatch, WeightUpdate
 
 logger = logging.getLogger(__name__)
 
@@ -25,146 +59,387 @@ REQUIRED_METRICS = ("train/loss", "train/kl", "train/entropy")
 
 @dataclass(frozen=True)
 class LearnerSettings:
+    # optimisation
     lr: float = 1e-4
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.99)
     warmup_steps: int = 0
+    lr_schedule: str = "constant"  # "constant" or "cosine" (after warm-up, to min_lr_ratio * lr)
+    min_lr_ratio: float = 0.0
+    total_steps: int = 0  # the cosine schedule's length in learner steps
     max_grad_norm: float = 1.0
+    ppo_epochs: int = 1
+    mini_batch_size: int = 0  # sequences per optimizer update (global); 0 = the whole batch
     micro_batch_size: int = 16
+    # policy loss
+    policy_loss: PolicyLossType = "ppo"
     clip_eps_low: float = 0.2
     clip_eps_high: float = 0.2
+    dual_clip_c: float | None = None
     loss_agg: LossAggregation = "token-mean"
     # token-sum-norm's constant (Dr. GRPO: the generation budget); None = the batch's longest completion
     loss_norm_constant: float | None = None
+    entropy_coef: float = 0.0
+    # advantages
+    advantage: AdvantageEstimator = "grpo"
+    whiten_advantages: bool | None = None  # None: as the estimator is defined (REINFORCE++, GAE: yes)
+    gamma: float = 1.0
+    lam: float = 0.95
+    # KL to the reference policy
     kl_coef: float = 0.0
     kl_estimator: KLEstimator = "k3"
+    kl_mode: str = "loss"  # "loss": a loss term; "reward": a per-token reward penalty
+    kl_target: float | None = None  # adaptive coefficient toward this KL (Ziegler et al.)
+    kl_horizon: float = 10000.0
+    # rollout/trainer mismatch: cap of the truncated importance weights; None = off
+    tis_cap: float | None = None
+    # critic (GAE)
+    critic_lr: float | None = None  # None = lr
+    value_clip: float | None = 0.2
+    value_coef: float = 1.0
+    # model
+    full_weights: bool = False  # train every weight instead of a LoRA adapter
     temperature: float = 1.0
     dtype: str = "float32"
     autocast_dtype: str | None = None  # e.g. "bfloat16": matmuls in bf16, params and LM head fp32
     seed: int = 0
     threads: int = 0  # torch threads; 0 = every core (Ray sets OMP_NUM_THREADS=1 in actors)
 
+    @property
+    def uses_critic(self) -> bool:
+        return self.advantage == "gae"
+
+    @property
+    def uses_reference(self) -> bool:
+        return self.kl_coef > 0
+
+
+def _padded(rows: list[torch.Tensor], width: int) -> torch.Tensor:
+    out = torch.zeros(len(rows), width)
+    for i, row in enumerate(rows):
+        out[i, : len(row)] = row
+    return out
+
 
 class Learner:
     """Owns the policy and its optimizer; ``step`` consumes a TrainBatch and bumps the version."""
 
-    def __init__(self, model_path: str | Path, lora: LoraSettings, settings: LearnerSettings):
-        torch.manual_seed(settings.seed)
-        torch.set_num_threads(settings.threads or os.cpu_count() or 1)
-        self.settings = settings
-        self.policy = LoraPolicy(model_path, lora, dtype=settings.dtype, autocast_dtype=settings.autocast_dtype)
-        self.optimizer = torch.optim.AdamW(
-            self.policy.trainable_parameters(), lr=settings.lr, betas=settings.betas, weight_decay=settings.weight_decay
+    def __init__(self, model_path: str | Path, lora: LoraSettings | None, settings: LearnerSettings):
+        s = settings
+        torch.manual_seed(s.seed)
+        torch.set_num_threads(s.threads or os.cpu_count() or 1)
+        self.settings = s
+        self.policy = Policy(
+            model_path,
+            None if s.full_weights else lora,
+            dtype=s.dtype,
+            autocast_dtype=s.autocast_dtype,
+            critic=s.uses_critic,
+            reference=s.uses_reference,
         )
-        warmup = max(1, settings.warmup_steps)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: min(1.0, (s + 1) / warmup))
+        groups = [{"params": self.policy.policy_parameters(), "lr": s.lr}]
+        if s.uses_critic:
+            groups.append({"params": self.policy.critic_parameters(), "lr": s.critic_lr or s.lr})
+        self.optimizer = torch.optim.AdamW(groups, lr=s.lr, betas=s.betas, weight_decay=s.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
+        self.kl = AdaptiveKLController(s.kl_coef, s.kl_target, s.kl_horizon) if s.kl_target else None
         self.policy_version = 0
+        self.steps_done = 0
         self.skipped_steps = 0
+        self.skipped_updates = 0
+        self.rank, self.world_size = 0, 1
 
-    def _micro_batches(self, batch: TrainBatch):
-        size = self.settings.micro_batch_size
-        for start in range(0, len(batch), size):
-            yield batch.select(list(range(start, min(start + size, len(batch)))))
-
-    def _micro_weight(self, micro: TrainBatch, batch: TrainBatch) -> float:
-        """Share of the whole batch's loss that one micro-batch carries (exact accumulation)."""
-        if self.settings.loss_agg == "token-mean":
-            tokens = lambda b: sum(len(c) for c in b.completion_token_ids)  # noqa: E731
-            return tokens(micro) / max(1, tokens(batch))
-        return len(micro) / len(batch)
-
-    def _micro_loss(self, micro: TrainBatch, norm_constant: float) -> tuple[torch.Tensor, dict[str, float]]:
+    def _lr_factor(self, step: int) -> float:
         s = self.settings
-        packed = pack(micro.prompt_token_ids, micro.completion_token_ids, self.policy.pad_id)
-        old_logprobs = torch.zeros_like(packed.response_mask)
-        for i, row in enumerate(micro.old_logprobs):
-            old_logprobs[i, : len(row)] = torch.tensor(row)
-        advantages = torch.tensor(micro.advantages, dtype=torch.float32)
-        logprobs, entropy = self.policy.forward(packed, s.temperature, with_entropy=True)
+        if s.lr_schedule == "cosine":
+            return cosine_schedule(step, s.total_steps, s.warmup_steps, s.min_lr_ratio)
+        return min(1.0, (step + 1) / max(1, s.warmup_steps))
+
+    @property
+    def kl_coef(self) -> float:
+        return self.kl.coef if self.kl else self.settings.kl_coef
+
+    # -- data parallelism ----------------------------------------------------------------------
+
+    def init_distributed(self, address: str, port: int, rank: int, world_size: int, backend: str = "gloo") -> None:
+        """Join the learners' process group and start from rank 0's parameters."""
+        import torch.distributed as dist
+
+        dist.init_process_group(backend, init_method=f"tcp://{address}:{port}", rank=rank, world_size=world_size)
+        self.rank, self.world_size = rank, world_size
+        with torch.no_grad():
+            for p in self.policy.trainable_parameters():
+                dist.broadcast(p.data, src=0)
+
+    def _all_reduce(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
+        if self.world_size > 1:
+            import torch.distributed as dist
+
+            dist.all_reduce(tensor, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}[op])
+        return tensor
+
+    def _global(self, *values: float) -> list[float]:
+        return self._all_reduce(torch.tensor(values, dtype=torch.float64)).tolist()
+
+    # -- the step ------------------------------------------------------------------------------
+
+    def _micro_batches(self, indices: list[int]):
+        size = self.settings.micro_batch_size
+        for start in range(0, len(indices), size):
+            yield indices[start : start + size]
+
+    def _prepare(self, batch: TrainBatch) -> dict[str, list[torch.Tensor]]:
+        """Per-row tensors fixed for the whole step, computed without gradients."""
+        s = self.settings
+        prep: dict[str, list[torch.Tensor]] = {"generator": [torch.tensor(r, dtype=torch.float32) for r in batch.old_logprobs]}
+        need = {
+            "learner": s.tis_cap is not None,
+            "reference": s.uses_reference,
+            "values": s.uses_critic,
+        }
+        for key in (k for k, wanted in need.items() if wanted):
+            prep[key] = []
+        if len(prep) == 1:
+            return prep
+        self.policy.model.eval()
+        with torch.no_grad():
+            for micro in self._micro_batches(list(range(len(batch)))):
+                part = batch.select(micro)
+                packed = pack(part.prompt_token_ids, part.completion_token_ids, self.policy.pad_id)
+                lengths = [len(c) for c in part.completion_token_ids]
+                outputs = {}
+                if need["learner"]:
+                    outputs["learner"] = self.policy.forward(packed, s.temperature)[0]
+                if need["reference"]:
+                    outputs["reference"] = self.policy.reference_forward(packed, s.temperature)
+                if need["values"]:
+                    outputs["values"] = self.policy.values(packed)
+                for key, tensor in outputs.items():
+                    prep[key] += [tensor[i, :n].clone() for i, n in enumerate(lengths)]
+        return prep
+
+    def _advantages(self, batch: TrainBatch, prep: dict) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, float]]:
+        """Per-token advantages [B, T] (and GAE returns) for this rank's rows."""
+        s = self.settings
+        lengths = [len(c) for c in batch.completion_token_ids]
+        width = max(1, max(lengths))
+        mask = _padded([torch.ones(n) for n in lengths], width)
+        old = _padded(prep.get("learner", prep["generator"]), width)
+        metrics: dict[str, float] = {}
+        kl_reward = torch.zeros_like(mask)
+        if s.uses_reference:
+            kl_tokens = kl_penalty(old, _padded(prep["reference"], width), s.kl_estimator) * mask
+            if s.kl_mode == "reward":
+                kl_reward = self.kl_coef * kl_tokens
+            metrics["train/kl_old"] = masked_mean(kl_tokens, mask).item()
+        returns = None
+        if s.advantage in OUTCOME_ESTIMATORS:
+            # the KL penalty's REINFORCE return (gamma = 1) on top of the outcome advantage
+            advantages = torch.tensor(batch.advantages).unsqueeze(-1) * mask - discounted_returns(kl_reward, mask)
+        else:
+            token_rewards = outcome_token_rewards(torch.tensor(batch.rewards), mask) - kl_reward
+            if s.advantage == "reinforce++":
+                advantages = discounted_returns(token_rewards, mask, s.gamma)
+            elif s.advantage == "gae":
+                advantages, returns = gae_advantages(token_rewards, _padded(prep["values"], width), mask, s.gamma, s.lam)
+            else:
+                raise ValueError(f"unknown advantage estimator {s.advantage!r}")
+        whiten = s.whiten_advantages if s.whiten_advantages is not None else s.advantage in WHITENED_BY_DEFINITION
+        if whiten:
+            advantages = masked_whiten(advantages, mask, self._all_reduce(masked_moments(advantages, mask)))
+        metrics["train/advantage_abs_mean"] = masked_mean(advantages.abs(), mask).item()
+        if returns is not None:
+            metrics["train/return_mean"] = masked_mean(returns, mask).item()
+        return advantages, returns, metrics
+
+    def _micro_loss(self, batch, rows, prep, advantages, returns, num_tokens, num_sequences, norm_constant):
+        s = self.settings
+        part = batch.select(rows)
+        packed = pack(part.prompt_token_ids, part.completion_token_ids, self.policy.pad_id)
         mask = packed.response_mask
+        width = mask.shape[1]
+        generator = _padded([prep["generator"][i] for i in rows], width)
+        old = _padded([prep["learner"][i] for i in rows], width) if "learner" in prep else generator
+        adv = advantages[rows, :width]
+        logprobs, entropy = self.policy.forward(packed, s.temperature, with_entropy=True, entropy_grad=s.entropy_coef > 0)
+        is_weights = truncated_is_weights(old, generator, s.tis_cap) * mask if s.tis_cap is not None else None
+        totals = dict(num_tokens=num_tokens, num_sequences=num_sequences)
         loss, metrics = policy_loss(
-            logprobs, old_logprobs, advantages, mask, s.clip_eps_low, s.clip_eps_high, s.loss_agg, norm_constant
+            logprobs, old, adv, mask, s.policy_loss, s.clip_eps_low, s.clip_eps_high, s.dual_clip_c,
+            s.loss_agg, norm_constant, is_weights, **totals,
         )
         metrics["train/pg_loss"] = loss.item()
         kl = torch.tensor(float("nan"))  # not computed: no reference pass when kl_coef == 0
-        if s.kl_coef > 0:
-            ref_logprobs = self.policy.reference_forward(packed, s.temperature)
-            kl = masked_mean(kl_penalty(logprobs, ref_logprobs, s.kl_estimator), mask)
-            loss = loss + s.kl_coef * kl
+        if s.uses_reference:
+            kl_tokens = kl_penalty(logprobs, _padded([prep["reference"][i] for i in rows], width), s.kl_estimator)
+            kl = masked_mean(kl_tokens.detach(), mask)
+            if s.kl_mode == "loss":
+                loss = loss + self.kl_coef * aggregate_loss(kl_tokens, mask, s.loss_agg, norm_constant, **totals)
+        if s.entropy_coef > 0:
+            loss = loss - s.entropy_coef * aggregate_loss(entropy, mask, s.loss_agg, norm_constant, **totals)
+        if returns is not None:
+            values = self.policy.values(packed)
+            old_values = _padded([prep["values"][i] for i in rows], width)
+            v_loss, value_metrics = value_loss(values, old_values, returns[rows, :width], mask, s.value_clip, num_tokens)
+            loss = loss + s.value_coef * v_loss
+            metrics |= value_metrics
         with torch.no_grad():
-            mismatch = masked_mean((logprobs.detach() - old_logprobs).abs(), mask)
-        metrics |= {
-            "train/loss": loss.item(),
-            "train/kl": kl.item(),
-            "train/entropy": masked_mean(entropy, mask).item(),
-            "train/logprob_mismatch": mismatch.item(),
-        }
+            metrics |= {
+                "train/kl": kl.item(),
+                "train/entropy": masked_mean(entropy.detach(), mask).item(),
+                "train/logprob_mismatch": masked_mean((old - generator).abs() if "learner" in prep else (logprobs.detach() - generator).abs(), mask).item(),
+            }
+            if is_weights is not None:
+                metrics["train/tis_weight_mean"] = masked_mean(is_weights, mask).item()
         return loss, metrics
 
-    def step(self, batch: TrainBatch) -> dict[str, float]:
-        """One optimizer step over the whole batch (micro-batched, gradients accumulated).
-
-        A non-finite loss or gradient skips the update (weights unchanged) and is counted.
-        """
-        self.policy.model.train()
-        self.optimizer.zero_grad(set_to_none=True)
-        totals: dict[str, float] = {}
+    def _update(self, batch, rows, prep, advantages, returns, norm_constant) -> tuple[bool, dict[str, float]]:
+        """One optimizer update over ``rows`` of this rank (all ranks call it in lockstep)."""
+        s = self.settings
+        local_tokens = sum(len(batch.completion_token_ids[i]) for i in rows)
+        num_tokens, num_sequences = self._global(local_tokens, len(rows))
+        num_tokens = max(1.0, num_tokens)
+        self.optimizer.zero_grad(set_to_none=False)
+        sums: dict[str, float] = {}
         finite = True
-        # one constant for the whole batch, so micro-batching does not change the loss
-        norm_constant = self.settings.loss_norm_constant or max(len(c) for c in batch.completion_token_ids)
-        for micro in self._micro_batches(batch):
-            weight = self._micro_weight(micro, batch)
-            loss, metrics = self._micro_loss(micro, norm_constant)
-            if not torch.isfinite(loss):
-                finite = False
-                break
-            (loss * weight).backward()
+        for micro in self._micro_batches(rows):
+            loss, metrics = self._micro_loss(batch, micro, prep, advantages, returns, num_tokens, num_sequences, norm_constant)
+            finite = finite and bool(torch.isfinite(loss))
+            if finite:
+                loss.backward()
+            share = sum(len(batch.completion_token_ids[i]) for i in micro) / num_tokens
             for key, value in metrics.items():
                 reduce = max if key.endswith("_max") else min if key.endswith("_min") else None
-                totals[key] = reduce(totals.get(key, value), value) if reduce else totals.get(key, 0.0) + weight * value
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.trainable_parameters(), self.settings.max_grad_norm)
-        if not finite or not math.isfinite(grad_norm.item()):
-            self.optimizer.zero_grad(set_to_none=True)
-            self.skipped_steps += 1
-            logger.warning("non-finite loss or gradient at policy version %d: update skipped", self.policy_version)
-        else:
+                if reduce:
+                    sums[key] = reduce(sums.get(key, value), value)
+                else:  # losses are already normalised globally: they add up
+                    sums[key] = sums.get(key, 0.0) + (value if key.endswith("loss") else share * value)
+            sums["train/loss"] = sums.get("train/loss", 0.0) + loss.item()
+        finite = self._global(float(not finite))[0] == 0
+        if self.world_size > 1:
+            for p in self.policy.trainable_parameters():
+                if p.grad is None:  # a rank whose share of this mini-batch was empty
+                    p.grad = torch.zeros_like(p)
+                self._all_reduce(p.grad)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.policy_parameters(), s.max_grad_norm)
+        if s.uses_critic:
+            sums["train/critic_grad_norm"] = torch.nn.utils.clip_grad_norm_(self.policy.critic_parameters(), s.max_grad_norm).item()
+        sums["train/grad_norm"] = grad_norm.item()
+        applied = finite and math.isfinite(grad_norm.item()) and math.isfinite(sums.get("train/critic_grad_norm", 0.0))
+        if applied:
             self.optimizer.step()
-            self.scheduler.step()
-            self.policy_version += 1
-        for key in REQUIRED_METRICS:
-            totals.setdefault(key, float("nan"))  # a skipped first micro-batch still reports them
-        totals |= {
-            "train/grad_norm": grad_norm.item(),
+        return applied, self._reduce_metrics(sums)
+
+    def _reduce_metrics(self, metrics: dict[str, float]) -> dict[str, float]:
+        """Every rank's metrics combined: sums for shares and losses, max / min for extremes."""
+        if self.world_size == 1:
+            return metrics
+        keys = sorted(metrics)
+        out = {}
+        for op, pick in (("max", lambda k: k.endswith("_max")), ("min", lambda k: k.endswith("_min")), ("sum", None)):
+            chosen = [k for k in keys if (pick(k) if pick else not (k.endswith("_max") or k.endswith("_min")))]
+            if not chosen:
+                continue
+            values = self._all_reduce(torch.tensor([metrics[k] for k in chosen], dtype=torch.float64), op).tolist()
+            out |= dict(zip(chosen, values))
+        for key in ("train/grad_norm", "train/critic_grad_norm"):  # identical on every rank
+            if key in out:
+                out[key] = metrics[key]
+        return out
+
+    def _skip(self, reason: str) -> dict[str, float]:
+        self.skipped_steps += 1
+        logger.warning("%s at policy version %d: update skipped", reason, self.policy_version)
+        return {
+            **dict.fromkeys(REQUIRED_METRICS, float("nan")),
+            "train/grad_norm": float("nan"),
             "train/lr": self.scheduler.get_last_lr()[0],
             "train/skipped_steps": float(self.skipped_steps),
+            "train/skipped_updates": float(self.skipped_updates),
         }
-        return totals
+
+    def step(self, batch: TrainBatch) -> dict[str, float]:
+        """One learner step on a rollout batch (this rank's shard of it).
+
+        A non-finite input skips the step; a non-finite loss or gradient skips that update.
+        Either way the weights stay as they were and the counters rise.
+        """
+        s = self.settings
+        numbers = [*batch.advantages, *batch.rewards, *(x for row in batch.old_logprobs for x in row)]
+        bad_input = not all(math.isfinite(x) for x in numbers)
+        if self._global(float(bad_input))[0] > 0:
+            return self._skip("non-finite reward, advantage or log-prob in the batch")
+        prep = self._prepare(batch)
+        advantages, returns, adv_metrics = self._advantages(batch, prep)
+        adv_metrics = self._reduce_metrics({k: v / self.world_size for k, v in adv_metrics.items()})
+        longest = max((len(c) for c in batch.completion_token_ids), default=1)
+        # one constant for the whole batch, so micro-batching and sharding do not change the loss
+        norm_constant = s.loss_norm_constant or self._all_reduce(torch.tensor(float(longest)), "max").item()
+        global_rows = int(self._global(len(batch))[0])
+        updates = -(-global_rows // s.mini_batch_size) if s.mini_batch_size else 1
+        shuffle = torch.Generator().manual_seed(s.seed * 1_000_003 + self.steps_done)
+        self.policy.model.train()
+        sums: dict[str, float] = {}
+        applied = 0
+        for _ in range(s.ppo_epochs):
+            order = torch.randperm(len(batch), generator=shuffle) if updates > 1 else torch.arange(len(batch))
+            for rows in torch.tensor_split(order, updates):
+                ok, metrics = self._update(batch, rows.tolist(), prep, advantages, returns, norm_constant)
+                applied += ok
+                if not ok:
+                    self.skipped_updates += 1
+                    logger.warning("non-finite loss or gradient at policy version %d: update skipped", self.policy_version)
+                for key, value in metrics.items():
+                    sums[key] = sums.get(key, 0.0) + value
+        total = s.ppo_epochs * updates
+        out = {k: v / total for k, v in sums.items()} | adv_metrics
+        self.steps_done += 1
+        if applied:
+            self.policy_version += 1
+            self.scheduler.step()
+        else:
+            self.skipped_steps += 1
+        if self.kl:
+            self.kl.update(out.get("train/kl", float("nan")), n_steps=global_rows)
+        for key in REQUIRED_METRICS:
+            out.setdefault(key, float("nan"))
+        return out | {
+            "train/lr": self.scheduler.get_last_lr()[0],
+            "train/kl_coef": self.kl_coef,
+            "train/updates": float(applied),
+            "train/skipped_steps": float(self.skipped_steps),
+            "train/skipped_updates": float(self.skipped_updates),
+        }
+
+    # -- queries ---------------------------------------------------------------------------
 
     @torch.no_grad()
     def logprobs(self, batch: TrainBatch) -> list[list[float]]:
         """The current policy's log-probs of each completion token (for rollout/trainer checks)."""
         self.policy.model.eval()
         out = []
-        for micro in self._micro_batches(batch):
-            packed = pack(micro.prompt_token_ids, micro.completion_token_ids, self.policy.pad_id)
+        for micro in self._micro_batches(list(range(len(batch)))):
+            part = batch.select(micro)
+            packed = pack(part.prompt_token_ids, part.completion_token_ids, self.policy.pad_id)
             logprobs, _ = self.policy.forward(packed, self.settings.temperature)
-            out += [logprobs[i, : len(c)].tolist() for i, c in enumerate(micro.completion_token_ids)]
+            out += [logprobs[i, : len(c)].tolist() for i, c in enumerate(part.completion_token_ids)]
         return out
 
     def parameter_digest(self) -> dict[str, str]:
         """SHA-256 of the trainable and of the frozen parameters (cheap equality checks)."""
-        import hashlib
-
         digests = {"trainable": hashlib.sha256(), "frozen": hashlib.sha256()}
-        for name, p in sorted(self.policy.model.named_parameters()):
-            digests["trainable" if p.requires_grad else "frozen"].update(p.detach().float().numpy().tobytes())
+        trainable = {id(p) for p in self.policy.trainable_parameters()}
+        named = sorted(self.policy.model.named_parameters()) + [(n, p) for n, p in self.policy.named_trainable() if n.startswith("value_head")]
+        for name, p in named:
+            digests["trainable" if id(p) in trainable else "frozen"].update(p.detach().float().numpy().tobytes())
         return {k: v.hexdigest() for k, v in digests.items()}
 
     def get_policy_version(self) -> int:
         return self.policy_version
 
-    def adapter_update(self) -> AdapterUpdate:
-        return AdapterUpdate(self.policy_version, self.policy.adapter_state(), self.policy.adapter_config())
+    def weight_update(self) -> WeightUpdate:
+        kind = "full" if self.policy.lora is None else "lora"
+        return WeightUpdate(self.policy_version, self.policy.weight_state(), self.policy.adapter_config(), kind)
 
-    def save_adapter(self, folder: str | Path) -> Path:
-        return self.policy.save_adapter(folder)
+    def save(self, folder: str | Path) -> Path:
+        return self.policy.save(folder)

@@ -1,7 +1,6 @@
-"""The trainable policy: a causal LM with a PEFT LoRA adapter.
+"""The trainable policy: a causal LM with a PEFT LoRA adapter, or all its weights.
 
-The reference policy is the same model with the adapter disabled, so KL to the reference costs
-no extra memory. Log-probs are computed only at completion positions: the LM head (a third of
+Log-probs are computed only at completion positions: the LM head (a third of
 SmolLM2's parameters) never runs on prompt tokens.
 """
 
@@ -59,59 +58,161 @@ def pack(prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]],
     return PackedBatch(input_ids, attention_mask, positions, targets, response_mask)
 
 
-class LoraPolicy:
-    """A HF causal LM wrapped with a LoRA adapter; base weights frozen."""
+class Policy:
+    """A HF causal LM trained with a LoRA adapter (base frozen) or in full (``lora=None``).
 
-    def __init__(self, model_path: str | Path, lora: LoraSettings, dtype: str = "float32", autocast_dtype: str | None = None):
-        from peft import LoraConfig, get_peft_model
+    The reference policy is the base with the adapter disabled (LoRA: no extra memory) or a
+    frozen copy made at start (full weights, only when KL needs it).
+
+    The critic (``critic=True``, LoRA only) is a second LoRA adapter on the same frozen base plus
+    a linear value head. A separate adapter rather than a head on the policy's trunk keeps the
+    value loss from pulling on the policy's features (the reason verl and OpenRLHF train a
+    separate critic model), while sharing the base weights costs no memory; the price is one
+    more forward and backward pass per micro-batch.
+    """
+
+    def __init__(
+        self,
+        model_path: str | Path,
+        lora: LoraSettings | None,
+        dtype: str = "float32",
+        autocast_dtype: str | None = None,
+        critic: bool = False,
+        reference: bool = False,
+    ):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
         base = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype))
-        config = LoraConfig(
+        self.lora = lora
+        self.reference_model = None
+        self.value_head = None
+        if lora is None:
+            if critic:
+                raise ValueError("a critic needs LoRA training (lora.enabled: true); full-weight PPO with a critic is not supported")
+            self.model = base
+            if reference:
+                import copy
+
+                self.reference_model = copy.deepcopy(base).requires_grad_(False).eval()
+        else:
+            from peft import get_peft_model
+
+            self.model = get_peft_model(base, self._peft_config(lora))
+            if critic:
+                self.model.add_adapter("critic", self._peft_config(lora))
+                self.model.set_adapter("default")
+                hidden = base.config.hidden_size
+                self.value_head = torch.nn.Linear(hidden, 1, dtype=torch.float32)
+                torch.nn.init.zeros_(self.value_head.weight)
+                torch.nn.init.zeros_(self.value_head.bias)
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        self.autocast_dtype = getattr(torch, autocast_dtype) if autocast_dtype else None
+
+    @staticmethod
+    def _peft_config(lora: LoraSettings):
+        from peft import LoraConfig
+
+        return LoraConfig(
             r=lora.rank,
             lora_alpha=lora.alpha,
             lora_dropout=lora.dropout,
             target_modules=list(lora.target_modules),
             task_type="CAUSAL_LM",
         )
-        self.model = get_peft_model(base, config)
-        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        self.autocast_dtype = getattr(torch, autocast_dtype) if autocast_dtype else None
+
+    @property
+    def causal_lm(self):
+        return self.model if self.lora is None else self.model.get_base_model()
+
+    def policy_parameters(self) -> list[torch.nn.Parameter]:
+        if self.lora is None:
+            return list(self.model.parameters())
+        return [p for n, p in self.model.named_parameters() if "lora_" in n and ".default." in n]
+
+    def critic_parameters(self) -> list[torch.nn.Parameter]:
+        if self.value_head is None:
+            return []
+        lora = [p for n, p in self.model.named_parameters() if "lora_" in n and ".critic." in n]
+        return lora + list(self.value_head.parameters())
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
-        return [p for p in self.model.parameters() if p.requires_grad]
+        return self.policy_parameters() + self.critic_parameters()
 
-    def forward(self, batch: PackedBatch, temperature: float = 1.0, with_entropy: bool = False):
-        """Log-probs [B, T] of the completion tokens (and entropy [B, T] if asked)."""
-        causal_lm = self.model.get_base_model()
+    def named_trainable(self) -> list[tuple[str, torch.nn.Parameter]]:
+        ids = {id(p) for p in self.trainable_parameters()}
+        named = [(n, p) for n, p in self.model.named_parameters() if id(p) in ids]
+        if self.value_head is not None:
+            named += [(f"value_head.{n}", p) for n, p in self.value_head.named_parameters()]
+        return named
+
+    def _hidden(self, batch: PackedBatch) -> torch.Tensor:
+        """Final hidden states at the positions that predict each completion token: [B, T, H]."""
         with torch.autocast("cpu", dtype=self.autocast_dtype or torch.bfloat16, enabled=self.autocast_dtype is not None):
-            hidden = causal_lm.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
+            hidden = self.causal_lm.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
         index = batch.positions.unsqueeze(-1).expand(-1, -1, hidden.shape[-1])
-        head = causal_lm.lm_head
-        logits = head(hidden.gather(1, index).to(head.weight.dtype)) / temperature  # fp32 head
+        return hidden.gather(1, index)
+
+    def forward(self, batch: PackedBatch, temperature: float = 1.0, with_entropy: bool = False, entropy_grad: bool = False):
+        """Log-probs [B, T] of the completion tokens (and entropy [B, T] if asked)."""
+        head = self.causal_lm.lm_head
+        logits = head(self._hidden(batch).to(head.weight.dtype)) / temperature  # fp32 head
         logprobs = token_logprobs(logits, batch.targets)
         entropy = None
         if with_entropy:
-            with torch.no_grad():
+            with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
                 entropy = entropy_from_logits(logits)
         return logprobs, entropy
 
     def reference_forward(self, batch: PackedBatch, temperature: float = 1.0) -> torch.Tensor:
-        """Log-probs under the base model (adapter disabled), without gradients."""
-        with torch.no_grad(), self.model.disable_adapter():
-            return self.forward(batch, temperature)[0]
+        """Log-probs under the reference (the base model), without gradients."""
+        with torch.no_grad():
+            if self.lora is None:
+                if self.reference_model is None:
+                    raise RuntimeError("no reference model: build the Policy with reference=True")
+                head = self.reference_model.lm_head
+                hidden = self.reference_model.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
+                index = batch.positions.unsqueeze(-1).expand(-1, -1, hidden.shape[-1])
+                logits = head(hidden.gather(1, index).to(head.weight.dtype)) / temperature
+                return token_logprobs(logits, batch.targets)
+            with self.model.disable_adapter():
+                return self.forward(batch, temperature)[0]
 
-    def adapter_state(self) -> dict[str, torch.Tensor]:
-        """The adapter's tensors with PEFT's saved-file keys, detached CPU copies."""
+    def values(self, batch: PackedBatch) -> torch.Tensor:
+        """The critic's V(s_t) before each completion token: [B, T] (fp32)."""
+        if self.value_head is None:
+            raise RuntimeError("no critic: build the Policy with critic=True")
+        self.model.set_adapter("critic")
+        try:
+            hidden = self._hidden(batch)
+        finally:
+            # set_adapter also flips requires_grad to the active adapter; restore the policy's
+            self.model.set_adapter("default")
+            for p in self.critic_parameters():
+                p.requires_grad_(True)
+        return self.value_head(hidden.float()).squeeze(-1)
+
+    def weight_state(self) -> dict[str, torch.Tensor]:
+        """What the generators need, as detached CPU copies: the policy adapter's tensors with
+        PEFT's saved-file keys, or every parameter under its HF name (tied ones once)."""
+        if self.lora is None:
+            return {n: p.detach().to("cpu", copy=True).contiguous() for n, p in self.model.named_parameters()}
         from peft import get_peft_model_state_dict
 
-        return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in get_peft_model_state_dict(self.model).items()}
+        state = get_peft_model_state_dict(self.model, adapter_name="default")
+        return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in state.items()}
 
     def adapter_config(self) -> dict:
+        if self.lora is None:
+            return {}
         config = self.model.peft_config["default"].to_dict()
         return {k: (sorted(v) if isinstance(v, set) else v) for k, v in config.items()}
 
-    def save_adapter(self, folder: str | Path) -> Path:
-        self.model.save_pretrained(folder)
+    def save(self, folder: str | Path) -> Path:
+        """The policy as a PEFT adapter folder (LoRA) or a HF model folder (full weights)."""
+        if self.lora is None:
+            self.model.save_pretrained(folder)
+            self.tokenizer.save_pretrained(folder)
+        else:
+            self.model.save_pretrained(folder, selected_adapters=["default"])
         return Path(folder)

@@ -6,7 +6,7 @@ problem (task) -> Prompt (tokenised) -> Completion (engine) -> Sample (+ policy_
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Literal
 
 
@@ -93,8 +93,9 @@ class Verdict:
 class TrainBatch:
     """What the learner consumes: one row per sample, token lists unpadded.
 
-    ``old_logprobs`` are the generator's log-probs of the completion tokens; ``advantages`` are
-    per sequence; rows with ``loss_weight == 0`` (masked samples) contribute nothing.
+    ``old_logprobs`` are the generator's log-probs of the completion tokens. ``rewards`` are the
+    verifier's scalar rewards; ``advantages`` are the outcome estimator's per-sequence
+    advantages (0 where the estimator is token-level and runs in the learner).
     """
 
     prompt_token_ids: tuple[tuple[int, ...], ...]
@@ -102,9 +103,17 @@ class TrainBatch:
     old_logprobs: tuple[tuple[float, ...], ...]
     advantages: tuple[float, ...]
     policy_versions: tuple[int, ...]
+    rewards: tuple[float, ...] = ()
+
+    def __post_init__(self):
+        if not self.rewards:
+            object.__setattr__(self, "rewards", (0.0,) * len(self.advantages))
+        lengths = {len(getattr(self, f.name)) for f in fields(self)}
+        if len(lengths) != 1:
+            raise ValueError(f"TrainBatch columns have different lengths: {sorted(lengths)}")
 
     @classmethod
-    def from_samples(cls, samples: "list[Sample]", advantages: "list[float]") -> "TrainBatch":
+    def from_samples(cls, samples: "list[Sample]", advantages: "list[float]", rewards: "list[float] | None" = None) -> "TrainBatch":
         """One row per sample, with the generator's log-probs as ``old_logprobs``."""
         return cls(
             prompt_token_ids=tuple(s.prompt.token_ids for s in samples),
@@ -112,27 +121,31 @@ class TrainBatch:
             old_logprobs=tuple(s.completion.logprobs for s in samples),
             advantages=tuple(advantages),
             policy_versions=tuple(s.policy_version for s in samples),
+            rewards=tuple(rewards) if rewards is not None else (),
         )
 
     def __len__(self) -> int:
         return len(self.advantages)
 
-    def select(self, indices: list[int]) -> "TrainBatch":
-        pick = lambda rows: tuple(rows[i] for i in indices)  # noqa: E731
-        return TrainBatch(
-            prompt_token_ids=pick(self.prompt_token_ids),
-            completion_token_ids=pick(self.completion_token_ids),
-            old_logprobs=pick(self.old_logprobs),
-            advantages=pick(self.advantages),
-            policy_versions=pick(self.policy_versions),
-        )
+    def select(self, indices: "list[int] | range") -> "TrainBatch":
+        return TrainBatch(**{f.name: tuple(getattr(self, f.name)[i] for i in indices) for f in fields(self)})
+
+    def shards(self, n: int) -> "list[TrainBatch]":
+        """``n`` contiguous shards whose sizes differ by at most one (data-parallel learners)."""
+        bounds = [len(self) * k // n for k in range(n + 1)]
+        return [self.select(range(bounds[k], bounds[k + 1])) for k in range(n)]
 
 
 @dataclass(frozen=True)
-class AdapterUpdate:
-    """What the weight broadcast carries: one policy version's adapter tensors (PEFT keys)
-    and its PEFT config, so a receiver can serve it without touching the learner's disk."""
+class WeightUpdate:
+    """What the weight broadcast carries: one policy version's trainable weights.
+
+    ``kind == "lora"``: adapter tensors with PEFT's keys plus the PEFT config, so a receiver can
+    serve it without touching the learner's disk. ``kind == "full"``: every parameter of the
+    model under its Hugging Face name (full-weight training); ``config`` is empty.
+    """
 
     version: int
     tensors: dict = field(hash=False, compare=False)
     config: dict = field(hash=False, compare=False)
+    kind: Literal["lora", "full"] = "lora"

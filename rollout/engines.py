@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Protocol, Sequence
 
-from rollout.contracts import AdapterUpdate, Completion, SamplingSettings
+from rollout.contracts import WeightUpdate, Completion, SamplingSettings
 
 logger = logging.getLogger(__name__)
 
@@ -31,7 +31,7 @@ EngineKind = Literal["vllm", "hf"]
 AdapterMode = Literal["merged", "lora"]
 
 
-def write_adapter(update: AdapterUpdate, folder: Path) -> Path:
+def write_adapter(update: WeightUpdate, folder: Path) -> Path:
     """Write an adapter update as a PEFT folder (what vLLM's LoRARequest and PeftModel read)."""
     from safetensors.torch import save_file
 
@@ -75,7 +75,7 @@ class GenerationEngine(Protocol):
         """``n`` completions for each prompt, in prompt order."""
         ...
 
-    def load_adapter(self, update: AdapterUpdate) -> None:
+    def load_weights(self, update: WeightUpdate) -> None:
         """Serve ``update`` from now on."""
         ...
 
@@ -128,14 +128,16 @@ class VLLMEngine:
         self._base: dict | None = None
         self._adapter_root = Path(tempfile.mkdtemp(prefix="raylight-adapters-"))
 
-    def load_adapter(self, update: AdapterUpdate) -> None:
-        if self.settings.adapter_mode == "lora":
+    def load_weights(self, update: WeightUpdate) -> None:
+        if update.kind == "full":
+            self._load_full(update)
+        elif self.settings.adapter_mode == "lora":
             self._load_lora(update)
         else:
             self._load_merged(update)
         self._loaded = True
 
-    def _load_lora(self, update: AdapterUpdate) -> None:
+    def _load_lora(self, update: WeightUpdate) -> None:
         from vllm.lora.request import LoRARequest
 
         previous = self._lora
@@ -147,28 +149,38 @@ class VLLMEngine:
             self.llm.llm_engine.remove_lora(previous.lora_int_id)
             shutil.rmtree(previous.lora_path, ignore_errors=True)
 
-    def _load_merged(self, update: AdapterUpdate) -> None:
+    def _load_full(self, update: WeightUpdate) -> None:
+        """Full-weight training: every parameter, loaded in place under its HF name."""
         import torch
 
-        from rollout.lora_merge import lora_pairs, merge_lora
+        if self.settings.adapter_mode == "lora":
+            raise ValueError("full-weight updates cannot be served as a LoRA: set generator.adapter_mode to 'merged'")
+        dtype = getattr(torch, self.settings.dtype)
+        self._reload({name: tensor.to(dtype) for name, tensor in update.tensors.items()})
 
-        if self._base is None:
-            self._base = load_base_weights(self.settings.model_path, set(lora_pairs(update.tensors)))
-        merged = merge_lora(self._base, update.tensors, update.config, getattr(torch, self.settings.dtype))
-
-        def reload(worker, weights=merged):
+    def _reload(self, weights: dict) -> None:
+        def reload(worker, weights=weights):
             worker.model_runner.reload_weights(weights_iterator=iter(weights.items()))
 
         self.llm.collective_rpc(reload)
         # cached prefixes were computed with the old weights
         self.llm.reset_prefix_cache()
 
+    def _load_merged(self, update: WeightUpdate) -> None:
+        import torch
+
+        from rollout.lora_merge import lora_pairs, merge_lora
+
+        if self._base is None:
+            self._base = load_base_weights(self.settings.model_path, set(lora_pairs(update.tensors)))
+        self._reload(merge_lora(self._base, update.tensors, update.config, getattr(torch, self.settings.dtype)))
+
     def generate(self, prompt_token_ids: Sequence[Sequence[int]], sampling: SamplingSettings) -> list[list[Completion]]:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
         if not self._loaded:
-            raise RuntimeError("no adapter loaded: call load_adapter(version 0) before generate")
+            raise RuntimeError("no adapter loaded: call load_weights(version 0) before generate")
         params = SamplingParams(
             n=sampling.n,
             temperature=sampling.temperature,
@@ -204,10 +216,15 @@ class HFEngine:
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self._generator = torch.Generator().manual_seed(settings.seed)
 
-    def load_adapter(self, update: AdapterUpdate) -> None:
+    def load_weights(self, update: WeightUpdate) -> None:
         from peft import PeftModel, set_peft_model_state_dict
 
-        if self.model is None:
+        if update.kind == "full":
+            missing, unexpected = self.base.load_state_dict(update.tensors, strict=False)
+            if unexpected:
+                raise ValueError(f"full-weight update has names the model lacks: {unexpected[:5]}")
+            self.model = self.base
+        elif self.model is None:
             with tempfile.TemporaryDirectory() as folder:
                 self.model = PeftModel.from_pretrained(self.base, str(write_adapter(update, Path(folder))))
         else:
@@ -218,7 +235,7 @@ class HFEngine:
         import torch
 
         if self.model is None:
-            raise RuntimeError("no adapter loaded: call load_adapter(version 0) before generate")
+            raise RuntimeError("no adapter loaded: call load_weights(version 0) before generate")
         rows = [list(ids) for ids in prompt_token_ids for _ in range(sampling.n)]
         width = max(len(r) for r in rows)
         # left-pad so every prompt ends where generation starts

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 
-from rollout.contracts import AdapterUpdate, Prompt, Sample, SamplingSettings
+from rollout.contracts import WeightUpdate, Prompt, Sample, SamplingSettings
 from rollout.engines import EngineSettings, build_engine
 
 logger = logging.getLogger(__name__)
@@ -21,9 +21,9 @@ class Generator:
         self.engine = build_engine(settings)
         self.policy_version = -1
 
-    def load_adapter(self, update: AdapterUpdate) -> int:
+    def load_weights(self, update: WeightUpdate) -> int:
         """Serve ``update`` from now on; returns the version now live."""
-        self.engine.load_adapter(update)
+        self.engine.load_weights(update)
         self.policy_version = update.version
         return self.policy_version
 

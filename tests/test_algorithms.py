@@ -1,4 +1,4 @@
-"""Hand-computed values for the GRPO math."""
+"""Hand-computed values for the policy-optimisation math; vectorised code against plain loops."""
 
 import math
 
@@ -6,7 +6,18 @@ import pytest
 import torch
 
 from learners.algorithms import (
+    AdaptiveKLController,
     aggregate_loss,
+    batch_standardized_advantages,
+    cosine_schedule,
+    discounted_returns,
+    gae_advantages,
+    group_centered_advantages,
+    masked_whiten,
+    outcome_token_rewards,
+    rloo_advantages,
+    truncated_is_weights,
+    value_loss,
     entropy_from_logits,
     grpo_advantages,
     kl_penalty,
@@ -14,6 +25,10 @@ from learners.algorithms import (
     policy_loss,
     token_logprobs,
 )
+
+
+def close(actual: torch.Tensor, expected: list) -> None:
+    torch.testing.assert_close(actual.float(), torch.tensor(expected), rtol=1e-5, atol=1e-6)
 
 
 def test_grpo_advantages_hand_computed():
@@ -65,14 +80,14 @@ def test_policy_loss_clips_high_and_low():
     old = torch.zeros(1, 2)
     mask = torch.ones(1, 2)
     # positive advantage: ratio 1.5 clipped to 1.2; ratio 0.5 is not clipped (min picks 0.5)
-    loss, m = policy_loss(logprobs, old, torch.tensor([1.0]), mask, 0.2, 0.2)
+    loss, m = policy_loss(logprobs, old, torch.tensor([1.0]), mask, clip_eps_low=0.2, clip_eps_high=0.2)
     assert loss.item() == pytest.approx(-(1.2 + 0.5) / 2)
     assert m["train/clip_fraction"] == 0.5
     # negative advantage: ratio 0.5 clipped to 0.8 (-min(-0.5, -0.8) = 0.8); 1.5 kept
-    loss, _ = policy_loss(logprobs, old, torch.tensor([-1.0]), mask, 0.2, 0.2)
+    loss, _ = policy_loss(logprobs, old, torch.tensor([-1.0]), mask, clip_eps_low=0.2, clip_eps_high=0.2)
     assert loss.item() == pytest.approx((1.5 + 0.8) / 2)
     # asymmetric (DAPO clip-higher): eps_high 0.6 lets 1.5 through
-    loss, _ = policy_loss(logprobs, old, torch.tensor([1.0]), mask, 0.2, 0.6)
+    loss, _ = policy_loss(logprobs, old, torch.tensor([1.0]), mask, clip_eps_low=0.2, clip_eps_high=0.6)
     assert loss.item() == pytest.approx(-(1.5 + 0.5) / 2)
 
 
@@ -111,3 +126,167 @@ def test_masked_mean_and_entropy_and_token_logprobs():
     assert entropy_from_logits(uniform).item() == pytest.approx(math.log(4))
     logits = torch.log(torch.tensor([[[0.1, 0.2, 0.7]]]))
     assert token_logprobs(logits, torch.tensor([[2]])).item() == pytest.approx(math.log(0.7))
+
+
+def test_rloo_hand_computed_and_loop():
+    adv, metrics = rloo_advantages(torch.tensor([1.0, 0.0, 0.0, 1.0, 3.0, 3.0]), group_size=3)
+    # group (1, 0, 0): baselines 0, 0.5, 0.5; group (1, 3, 3): 3, 2, 2
+    assert adv.tolist() == pytest.approx([1.0, -0.5, -0.5, -2.0, 1.0, 1.0])
+    assert metrics["train/zero_variance_groups"] == 0.0
+    torch.manual_seed(1)
+    rewards = torch.rand(20)
+    adv, _ = rloo_advantages(rewards, group_size=5)
+    for i in range(20):
+        group = rewards[(i // 5) * 5 : (i // 5) * 5 + 5].tolist()
+        others = [r for j, r in enumerate(group) if j != i % 5]
+        assert adv[i].item() == pytest.approx(rewards[i].item() - sum(others) / 4, abs=1e-6)
+    with pytest.raises(ValueError, match="two samples"):
+        rloo_advantages(torch.zeros(3), group_size=1)
+
+
+def test_group_centered_and_batch_standardized():
+    adv, _ = group_centered_advantages(torch.tensor([1.0, 3.0, 5.0, 5.0]), group_size=2)
+    assert adv.tolist() == [-1.0, 1.0, 0.0, 0.0]
+    adv, metrics = batch_standardized_advantages(torch.tensor([0.0, 0.0, 1.0, 3.0]), group_size=2, eps=0.0)
+    # mean 1, unbiased std sqrt((1 + 1 + 0 + 4) / 3) = sqrt(2)
+    assert adv.tolist() == pytest.approx([-1 / math.sqrt(2), -1 / math.sqrt(2), 0.0, 2 / math.sqrt(2)])
+    assert metrics["train/zero_variance_groups"] == 1.0
+    assert batch_standardized_advantages(torch.ones(4), group_size=2)[0].tolist() == [0.0] * 4
+
+
+def test_masked_whiten_ignores_padding_and_uses_given_moments():
+    values = torch.tensor([[1.0, 3.0, 99.0], [5.0, 99.0, 99.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
+    out = masked_whiten(values, mask, eps=0.0)
+    # mean 3, unbiased std 2
+    close(out, [[-1.0, 0.0, 0.0], [1.0, 0.0, 0.0]])
+    # statistics from another (e.g. the global) batch: sum 30, sum sq 500, count 3 -> mean 10, var 100
+    out = masked_whiten(values, mask, torch.tensor([30.0, 500.0, 3.0]), eps=0.0)
+    close(out, [[-0.9, -0.7, 0.0], [-0.5, 0.0, 0.0]])
+
+
+def test_outcome_rewards_sit_on_the_last_token_and_returns_accumulate():
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
+    rewards = outcome_token_rewards(torch.tensor([2.0, -1.0]), mask)
+    assert rewards.tolist() == [[0.0, 0.0, 2.0], [-1.0, 0.0, 0.0]]
+    rewards[0, 0] = -0.5  # e.g. a KL penalty on the first token
+    assert discounted_returns(rewards, mask, gamma=1.0).tolist() == [[1.5, 2.0, 2.0], [-1.0, 0.0, 0.0]]
+    close(discounted_returns(rewards, mask, gamma=0.5), [[0.0, 1.0, 2.0], [-1.0, 0.0, 0.0]])
+
+
+def gae_loop(rewards, values, length, gamma, lam):
+    advantages, running = [0.0] * length, 0.0
+    for t in reversed(range(length)):
+        next_value = values[t + 1] if t + 1 < length else 0.0
+        delta = rewards[t] + gamma * next_value - values[t]
+        running = delta + gamma * lam * running
+        advantages[t] = running
+    return advantages
+
+
+def test_gae_hand_computed_and_loop():
+    rewards = torch.tensor([[0.0, 1.0]])
+    values = torch.tensor([[0.5, 0.25]])
+    adv, ret = gae_advantages(rewards, values, torch.ones(1, 2), gamma=1.0, lam=0.5)
+    # delta_1 = 1 - 0.25 = 0.75; delta_0 = 0 + 0.25 - 0.5 = -0.25; A_0 = -0.25 + 0.5 * 0.75
+    close(adv, [[0.125, 0.75]])
+    close(ret, [[0.625, 1.0]])
+    torch.manual_seed(2)
+    lengths = [5, 3, 1, 4]
+    mask = torch.tensor([[1.0] * n + [0.0] * (5 - n) for n in lengths])
+    rewards, values = torch.randn(4, 5) * mask, torch.randn(4, 5)
+    adv, _ = gae_advantages(rewards, values, mask, gamma=0.9, lam=0.8)
+    for i, n in enumerate(lengths):
+        expected = gae_loop(rewards[i].tolist(), values[i].tolist(), n, 0.9, 0.8)
+        assert adv[i, :n].tolist() == pytest.approx(expected, abs=1e-5)
+        assert adv[i, n:].abs().sum() == 0
+
+
+def test_plain_policy_gradient_has_no_ratio():
+    logprobs = torch.tensor([[-1.0, -2.0]], requires_grad=True)
+    loss, m = policy_loss(logprobs, torch.full((1, 2), -5.0), torch.tensor([2.0]), torch.ones(1, 2), loss_type="pg")
+    # -A * mean(log pi) = -2 * -1.5; the (far off-policy) old log-probs play no part
+    assert loss.item() == pytest.approx(3.0)
+    loss.backward()
+    assert logprobs.grad.tolist() == [[-1.0, -1.0]]
+    assert m["train/clip_fraction"] == 0.0
+
+
+def test_dual_clip_bounds_negative_advantage_loss():
+    logprobs = torch.log(torch.tensor([[5.0, 0.5]]))
+    mask = torch.ones(1, 2)
+    # A = -1: ratio 5 gives loss 5 (the clipped 1.2 loses the max); dual-clip c = 3 caps it at 3
+    loss, _ = policy_loss(logprobs, torch.zeros(1, 2), torch.tensor([-1.0]), mask)
+    assert loss.item() == pytest.approx((5.0 + 0.8) / 2)
+    loss, m = policy_loss(logprobs, torch.zeros(1, 2), torch.tensor([-1.0]), mask, dual_clip_c=3.0)
+    assert loss.item() == pytest.approx((3.0 + 0.8) / 2)
+    assert m["train/clip_fraction"] == 1.0
+    # positive advantages are untouched by dual-clip
+    assert policy_loss(logprobs, torch.zeros(1, 2), torch.tensor([1.0]), mask, dual_clip_c=3.0)[0].item() == pytest.approx(-(1.2 + 0.5) / 2)
+
+
+def test_gspo_uses_one_ratio_per_sequence():
+    # token log-ratios (log 4, 0) -> sequence ratio exp(mean) = 2, for every token of the sequence
+    logprobs = torch.tensor([[math.log(4.0), 0.0], [0.0, 0.0]], requires_grad=True)
+    mask = torch.tensor([[1.0, 1.0], [1.0, 0.0]])
+    loss, m = policy_loss(logprobs, torch.zeros(2, 2), torch.tensor([1.0, 1.0]), mask, loss_type="gspo",
+                          clip_eps_low=10.0, clip_eps_high=10.0, loss_agg="seq-mean-token-mean")
+    assert m["train/ratio_max"] == pytest.approx(2.0) and m["train/ratio_min"] == pytest.approx(1.0)
+    assert loss.item() == pytest.approx(-(2.0 + 1.0) / 2)
+    loss.backward()
+    # d/dlogp_t of -s_i A / 2 (sequence mean of token means): -s_i * A / (2 * n_i) per token
+    close(logprobs.grad, [[-0.5, -0.5], [-0.5, 0.0]])
+    # clipped: s = 2 beyond 1 + 0.2 for A > 0 -> no gradient from sequence 0
+    logprobs.grad = None
+    policy_loss(logprobs, torch.zeros(2, 2), torch.tensor([1.0, 1.0]), mask, loss_type="gspo", loss_agg="seq-mean-token-mean")[0].backward()
+    assert logprobs.grad[0].tolist() == [0.0, 0.0]
+
+
+def test_per_token_advantages_and_importance_weights():
+    logprobs = torch.zeros(1, 2)
+    adv = torch.tensor([[1.0, -3.0]])
+    weights = truncated_is_weights(torch.log(torch.tensor([[0.5, 0.9]])), torch.log(torch.tensor([[0.1, 0.9]])), cap=2.0)
+    close(weights, [[2.0, 1.0]])  # 5 truncated to 2
+    loss, _ = policy_loss(logprobs, logprobs, adv, torch.ones(1, 2), is_weights=weights)
+    assert loss.item() == pytest.approx((-1.0 * 2.0 + 3.0 * 1.0) / 2)
+
+
+def test_global_counts_make_shards_add_up():
+    per_token = torch.tensor([[1.0, 2.0], [3.0, 0.0], [5.0, 6.0]])
+    mask = torch.tensor([[1.0, 1.0], [1.0, 0.0], [1.0, 1.0]])
+    for agg in ("token-mean", "seq-mean-token-mean", "token-sum-norm"):
+        whole = aggregate_loss(per_token, mask, agg, 2.0)
+        parts = sum(aggregate_loss(per_token[i : i + 1], mask[i : i + 1], agg, 2.0, num_tokens=5.0, num_sequences=3) for i in range(3))
+        assert parts.item() == pytest.approx(whole.item()), agg
+
+
+def test_value_loss_clipped():
+    values = torch.tensor([[1.0, 0.0]])
+    old = torch.tensor([[0.0, 0.0]])
+    returns = torch.tensor([[0.0, 2.0]])
+    loss, m = value_loss(values, old, returns, torch.ones(1, 2), clip_eps=0.5)
+    # token 0: max((1-0)^2, (0.5-0)^2) = 1; token 1: max(4, 4) = 4 -> 0.5 * mean = 1.25
+    assert loss.item() == pytest.approx(1.25)
+    assert m["train/value_clip_fraction"] == 0.0
+    values = torch.tensor([[0.0, 1.0]])
+    loss, m = value_loss(values, old, returns, torch.ones(1, 2), clip_eps=0.5)
+    # token 1: unclipped (1-2)^2 = 1, clipped (0.5-2)^2 = 2.25 -> pessimistic 2.25
+    assert loss.item() == pytest.approx(0.5 * (0.0 + 2.25) / 2)
+    assert m["train/value_clip_fraction"] == 0.5
+    assert value_loss(values, old, returns, torch.ones(1, 2), clip_eps=None)[0].item() == pytest.approx(0.5 * 1.0 / 2)
+
+
+def test_adaptive_kl_controller():
+    kl = AdaptiveKLController(coef=0.1, target=0.01, horizon=100)
+    # KL 5x the target: error clipped to +0.2, times n_steps / horizon = 0.5
+    assert kl.update(0.05, n_steps=50) == pytest.approx(0.1 * 1.1)
+    assert kl.update(0.0, n_steps=50) == pytest.approx(0.1 * 1.1 * 0.9)
+    assert kl.update(float("nan")) == pytest.approx(0.1 * 1.1 * 0.9)  # no measurement: unchanged
+
+
+def test_cosine_schedule():
+    assert cosine_schedule(0, 10, warmup_steps=2) == 0.5
+    assert cosine_schedule(1, 10, warmup_steps=2) == 1.0
+    assert cosine_schedule(2, 10, warmup_steps=2) == 1.0
+    assert cosine_schedule(6, 10, warmup_steps=2) == pytest.approx(0.5)
+    assert cosine_schedule(10, 10, warmup_steps=2, min_ratio=0.1) == pytest.approx(0.1)

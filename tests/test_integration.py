@@ -57,8 +57,8 @@ def trained(ray_cluster, tiny_model_path, tmp_path_factory):
     before = {
         "version": ray.get(trainer.generators[0].ping.remote()),
         "samples": trainer.generate(probe, greedy),
-        "adapter": ray.get(trainer.learner.adapter_update.remote()).tensors,
-        "digest": ray.get(trainer.learner.parameter_digest.remote()),
+        "adapter": trainer.learners.call("weight_update").tensors,
+        "digest": trainer.learners.call("parameter_digest"),
     }
     summary = trainer.train(STEPS)
     yield trainer, run_dir, summary, before, probe, greedy
@@ -87,10 +87,10 @@ def test_generators_serve_the_new_weights(trained):
 
 def test_lora_changed_and_base_did_not(trained):
     trainer, _, _, before, _, _ = trained
-    after = ray.get(trainer.learner.adapter_update.remote()).tensors
+    after = trainer.learners.call("weight_update").tensors
     lora_b = [k for k in after if "lora_B" in k]
     assert lora_b and all(not torch.equal(after[k], before["adapter"][k]) for k in lora_b)
-    digest = ray.get(trainer.learner.parameter_digest.remote())
+    digest = trainer.learners.call("parameter_digest")
     assert digest["frozen"] == before["digest"]["frozen"]
     assert digest["trainable"] != before["digest"]["trainable"]
 
@@ -100,7 +100,7 @@ def test_learner_logprobs_match_generator(trained):
     trainer, _, _, _, _, _ = trained
     samples = trainer.generate(trainer.eval_prompts[:8], SamplingSettings(n=4, temperature=1.0, max_tokens=16))
     batch = TrainBatch.from_samples(samples, [0.0] * len(samples))
-    learner_logprobs = ray.get(trainer.learner.logprobs.remote(batch))
+    learner_logprobs = trainer.learners.call("logprobs", batch)
     diffs = [abs(a - b) for s, row in zip(samples, learner_logprobs) for a, b in zip(s.completion.logprobs, row)]
     assert len(diffs) == sum(len(s.completion.token_ids) for s in samples) > 100
     max_diff, mean_diff = max(diffs), sum(diffs) / len(diffs)
@@ -136,19 +136,19 @@ def test_final_adapter_loads_in_peft_and_vllm_lora(trained, tiny_model_path):
     assert any("lora_B" in name for name, _ in model.named_parameters())
 
     from cluster.driver import start_generator
-    from rollout.contracts import AdapterUpdate
+    from rollout.contracts import WeightUpdate
     from rollout.engines import EngineSettings
 
     from safetensors.torch import load_file
 
-    update = AdapterUpdate(
+    update = WeightUpdate(
         STEPS,
         load_file(str(run_dir.final_adapter / "adapter_model.safetensors")),
         json.loads((run_dir.final_adapter / "adapter_config.json").read_text()),
     )
     lora_generator = start_generator(trainer.config, EngineSettings(model_path=tiny_model_path, adapter_mode="lora", max_lora_rank=8, max_model_len=256, kv_cache_gib=1))
     try:
-        assert ray.get(lora_generator.load_adapter.remote(update)) == STEPS
+        assert ray.get(lora_generator.load_weights.remote(update)) == STEPS
         via_lora = ray.get(lora_generator.generate.remote(probe, greedy))
     finally:
         ray.kill(lora_generator)

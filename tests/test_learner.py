@@ -1,5 +1,7 @@
-"""The learner in-process (local mode): accumulation invariance, NaN guard, frozen base, learning."""
+"""The learner in-process (local mode): accumulation invariance for every loss family, the NaN
+guard, PPO epochs and mini-batches, the LR schedule, KL, the critic, full-weight training."""
 
+import dataclasses
 import math
 import random
 
@@ -23,11 +25,12 @@ def random_batch(rows: int, seed: int = 0) -> TrainBatch:
         old_logprobs=tuple(tuple(-10.8 for _ in c) for c in completions),
         advantages=tuple(rng.gauss(0, 1) for _ in range(rows)),
         policy_versions=(0,) * rows,
+        rewards=tuple(float(rng.random() < 0.5) for _ in range(rows)),
     )
 
 
 def adapter_tensors(learner: Learner) -> dict[str, torch.Tensor]:
-    return {k: v.clone() for k, v in learner.policy.adapter_state().items()}
+    return {k: v.clone() for k, v in learner.policy.weight_state().items()}
 
 
 def nonzero_adapter(learner: Learner) -> None:
@@ -38,26 +41,41 @@ def nonzero_adapter(learner: Learner) -> None:
                 p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(1)) * 0.01)
 
 
-@pytest.mark.parametrize("loss_agg", ["token-mean", "seq-mean-token-mean", "token-sum-norm"])
-def test_batch_of_8_equals_8_micro_batches_of_1(tiny_model_path, loss_agg):
+VARIANTS = {
+    "token-mean": {"loss_agg": "token-mean"},
+    "seq-mean-token-mean": {"loss_agg": "seq-mean-token-mean"},
+    "token-sum-norm": {"loss_agg": "token-sum-norm"},
+    "pg": {"policy_loss": "pg"},
+    "gspo": {"policy_loss": "gspo", "loss_agg": "seq-mean-token-mean"},
+    "dual-clip+tis": {"dual_clip_c": 3.0, "tis_cap": 2.0},
+    "kl-loss+entropy": {"kl_coef": 0.1, "kl_estimator": "k2", "entropy_coef": 0.01},
+    "reinforce++-kl-reward": {"advantage": "reinforce++", "kl_coef": 0.1, "kl_mode": "reward", "kl_estimator": "k1"},
+    "gae-critic": {"advantage": "gae", "lam": 0.9},
+}
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_batch_of_8_equals_8_micro_batches_of_1(tiny_model_path, variant):
     """The accumulated gradient is the same; so, up to float noise, is the Adam step."""
     batch = random_batch(8)
     results = []
     for micro in (8, 1):
-        learner = Learner(tiny_model_path, LORA, LearnerSettings(lr=1e-2, micro_batch_size=micro, loss_agg=loss_agg, max_grad_norm=1e9))
+        settings = LearnerSettings(lr=1e-2, micro_batch_size=micro, max_grad_norm=1e9, **VARIANTS[variant])
+        learner = Learner(tiny_model_path, LORA, settings)
         nonzero_adapter(learner)
         metrics = learner.step(batch)
         # step() leaves the accumulated (unclipped: max_grad_norm is huge) gradient in .grad
-        grads = {n: p.grad.clone() for n, p in learner.policy.model.named_parameters() if p.requires_grad}
+        grads = {n: p.grad.clone() for n, p in learner.policy.named_trainable()}
         results.append((grads, adapter_tensors(learner), metrics))
     (ga, a, ma), (gb, b, mb) = results
+    assert any(g.norm() > 0 for g in ga.values())
     for name in ga:
         # float32 sums in another order: compare relative to the gradient's size
-        assert (ga[name] - gb[name]).norm() <= 1e-4 * ga[name].norm(), name
-    # Adam's first step is ~lr * sign(g): near-zero gradients amplify float noise, so compare
-    # the parameters at a tolerance well below one step (lr = 1e-2)
+        assert (ga[name] - gb[name]).norm() <= 1e-4 * ga[name].norm() + 1e-9, name
+    # Adam's first step is ~lr * g / (|g| + eps): gradients near eps amplify float noise, so
+    # compare the parameters at a tolerance of a tenth of one step (lr = 1e-2)
     for key in a:
-        torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-4)
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-3)
     assert ma["train/grad_norm"] == pytest.approx(mb["train/grad_norm"], rel=1e-5)
     assert ma["train/loss"] == pytest.approx(mb["train/loss"], rel=1e-5)
 
@@ -78,20 +96,60 @@ def test_step_changes_lora_only_and_bumps_version(tiny_model_path):
     assert all(not torch.equal(lora_before[k], after[k]) for k in after)
 
 
-def test_nan_guard_skips_update(tiny_model_path):
-    learner = Learner(tiny_model_path, LORA, LearnerSettings(lr=1e-2))
+def trainable_copy(learner: Learner) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in learner.policy.named_trainable()}
+
+
+@pytest.mark.parametrize("poison", ["advantage", "reward"])
+def test_nan_guard_skips_step_on_nan_input(tiny_model_path, poison):
+    settings = LearnerSettings(lr=1e-2) if poison == "advantage" else LearnerSettings(lr=1e-2, advantage="gae")
+    learner = Learner(tiny_model_path, LORA, settings)
     nonzero_adapter(learner)
-    before = adapter_tensors(learner)
+    before = trainable_copy(learner)
     batch = random_batch(4)
-    poisoned = TrainBatch(batch.prompt_token_ids, batch.completion_token_ids, batch.old_logprobs, (float("nan"), 1.0, 1.0, 1.0), batch.policy_versions)
+    column = "advantages" if poison == "advantage" else "rewards"
+    poisoned = dataclasses.replace(batch, **{column: (float("nan"), *getattr(batch, column)[1:])})
     metrics = learner.step(poisoned)
     assert metrics["train/skipped_steps"] == 1.0 and learner.skipped_steps == 1
     assert math.isnan(metrics["train/loss"])
     assert learner.policy_version == 0
-    for key, value in adapter_tensors(learner).items():
-        assert torch.equal(value, before[key])
+    for key, value in trainable_copy(learner).items():
+        assert torch.equal(value, before[key]), key
     learner.step(batch)  # the next healthy batch trains again
     assert learner.policy_version == 1
+
+
+def test_nan_guard_skips_update_on_nan_loss(tiny_model_path, monkeypatch):
+    """A NaN appearing inside the model (injected into the log-probs of one micro-batch)."""
+    learner = Learner(tiny_model_path, LORA, LearnerSettings(lr=1e-2, micro_batch_size=2))
+    nonzero_adapter(learner)
+    before = trainable_copy(learner)
+    forward, calls = learner.policy.forward, []
+
+    def poisoned_forward(*args, **kwargs):
+        calls.append(1)
+        logprobs, entropy = forward(*args, **kwargs)
+        return (logprobs * float("nan") if len(calls) == 2 else logprobs), entropy
+
+    monkeypatch.setattr(learner.policy, "forward", poisoned_forward)
+    metrics = learner.step(random_batch(4))
+    assert metrics["train/skipped_updates"] == 1.0 and metrics["train/skipped_steps"] == 1.0
+    assert learner.policy_version == 0
+    for key, value in trainable_copy(learner).items():
+        assert torch.equal(value, before[key]), key
+
+
+def test_epochs_and_mini_batches(tiny_model_path):
+    """2 epochs x 3 mini-batches = 6 optimizer updates for one policy version; cosine LR decays."""
+    settings = LearnerSettings(lr=1e-2, ppo_epochs=2, mini_batch_size=3, micro_batch_size=2, lr_schedule="cosine", total_steps=4)
+    learner = Learner(tiny_model_path, LORA, settings)
+    nonzero_adapter(learner)
+    metrics = learner.step(random_batch(8))
+    assert metrics["train/updates"] == 6.0 and learner.policy_version == 1
+    # after the first update the policy moved: ratios leave 1 in later mini-batches
+    assert metrics["train/ratio_max"] > metrics["train/ratio_min"]
+    lrs = [metrics["train/lr"]] + [learner.step(random_batch(8, seed=i))["train/lr"] for i in range(1, 4)]
+    assert lrs == pytest.approx([1e-2 * 0.5 * (1 + math.cos(math.pi * k / 4)) for k in range(1, 5)])
 
 
 def test_kl_is_zero_at_start_and_positive_after_training(tiny_model_path):
@@ -100,3 +158,35 @@ def test_kl_is_zero_at_start_and_positive_after_training(tiny_model_path):
     assert learner.step(batch)["train/kl"] == pytest.approx(0.0, abs=1e-7)  # adapter B = 0: policy == reference
     learner.step(batch)
     assert learner.step(batch)["train/kl"] > 0
+
+
+def test_gae_trains_the_critic_toward_the_returns(tiny_model_path):
+    """lam = 1: the returns are the Monte-Carlo returns, a fixed target the value loss must fit."""
+    settings = LearnerSettings(lr=1e-2, critic_lr=3e-3, advantage="gae", lam=1.0, value_clip=None)
+    learner = Learner(tiny_model_path, LORA, settings)
+    batch = random_batch(8)
+    losses = [learner.step(batch)["train/value_loss"] for _ in range(10)]
+    assert losses[-1] < 0.25 * losses[0], losses
+    # the policy adapter is what generators get; the critic never leaves the learner
+    assert all("critic" not in key for key in learner.weight_update().tensors)
+
+
+def test_full_weight_training_updates_every_weight_and_serves_through_hf(tiny_model_path):
+    from rollout.contracts import SamplingSettings
+    from rollout.engines import EngineSettings, HFEngine
+
+    learner = Learner(tiny_model_path, None, LearnerSettings(lr=1e-3, full_weights=True, kl_coef=0.1))
+    before = {n: p.detach().clone() for n, p in learner.policy.model.named_parameters()}
+    metrics = learner.step(random_batch(6))
+    assert metrics["train/kl"] == pytest.approx(0.0, abs=1e-6)  # the frozen reference copy equals the start
+    changed = [n for n, p in learner.policy.model.named_parameters() if not torch.equal(p, before[n])]
+    assert "model.layers.0.self_attn.q_proj.weight" in changed and len(changed) > len(before) // 2
+    update = learner.weight_update()
+    assert update.kind == "full" and update.version == 1
+    assert learner.step(random_batch(6, seed=1))["train/kl"] > 0
+    engine = HFEngine(EngineSettings(model_path=tiny_model_path, kind="hf"))
+    engine.load_weights(learner.weight_update())
+    batch = random_batch(1)
+    completion = engine.generate(batch.prompt_token_ids, SamplingSettings(n=1, temperature=1.0, max_tokens=6))[0][0]
+    replay = TrainBatch(batch.prompt_token_ids, (completion.token_ids,), (completion.logprobs,), (0.0,), (0,))
+    torch.testing.assert_close(torch.tensor(learner.logprobs(replay)[0]), torch.tensor(completion.logprobs), atol=1e-4, rtol=0)

@@ -23,7 +23,7 @@ def test_grpo_raises_reward_for_target_token():
     path = str(build_tiny_model(initializer_range=0.5))
     learner = Learner(path, LoraSettings(rank=8, alpha=16), LearnerSettings(lr=1.5e-2))
     generator = Generator(EngineSettings(model_path=path, kind="hf"))
-    generator.load_adapter(learner.adapter_update())
+    generator.load_weights(learner.weight_update())
     topics = ["cats", "dogs", "the sea", "numbers"]
     problems = [Problem(uid=f"p{i}", question=f"Say something about {t}.", answer="") for i, t in enumerate(topics)]
     prompts = render_prompts(learner.policy.tokenizer, problems, system_prompt=None)
@@ -42,7 +42,7 @@ def test_grpo_raises_reward_for_target_token():
         ]
         batch, _, _ = build_train_batch(samples, verdicts)
         learner.step(batch)
-        assert generator.load_adapter(learner.adapter_update()) == learner.policy_version
+        assert generator.load_weights(learner.weight_update()) == learner.policy_version
         rewards.append(sum(v.reward for v in verdicts) / len(verdicts))
     first, last = sum(rewards[:5]) / 5, sum(rewards[-5:]) / 5
     print(f"\nmean reward: first 5 steps {first:.3f}, last 5 steps {last:.3f}")

@@ -3,18 +3,18 @@
 import pytest
 import torch
 
-from learners.policy import LoraPolicy, LoraSettings
+from learners.policy import Policy, LoraSettings
 from rollout.lora_merge import lora_pairs, lora_scaling, merge_lora
 
 
 def test_merge_matches_peft_merge_and_unload(tiny_model_path):
-    policy = LoraPolicy(tiny_model_path, LoraSettings(rank=4, alpha=8))
+    policy = Policy(tiny_model_path, LoraSettings(rank=4, alpha=8))
     torch.manual_seed(0)
     with torch.no_grad():
         for name, p in policy.model.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.1)
-    adapter, config = policy.adapter_state(), policy.adapter_config()
+    adapter, config = policy.weight_state(), policy.adapter_config()
     base = {k: v.detach().clone() for k, v in policy.model.get_base_model().state_dict().items() if "lora" not in k}
     base = {k.replace(".base_layer", ""): v for k, v in base.items()}
     merged = merge_lora(base, adapter, config, torch.float32)
