@@ -161,6 +161,8 @@ class VLLMEngine:
     def _reload(self, weights: dict) -> None:
         def reload(worker, weights=weights):
             worker.model_runner.reload_weights(weights_iterator=iter(weights.items()))
+            if "model.embed_tokens.weight" in weights:
+                _refresh_tied_head(worker.model_runner.model)
 
         self.llm.collective_rpc(reload)
         # cached prefixes were computed with the old weights
@@ -275,6 +277,19 @@ class HFEngine:
         ids = ids[:length]
         text = self.tokenizer.decode(ids, skip_special_tokens=True)
         return Completion(tuple(ids), text, tuple(logprobs[:length].tolist()), finish)
+
+
+def _refresh_tied_head(model) -> None:
+    """A tied LM head shares the embedding's tensor, but on CPU vLLM packs the head's GEMM
+    weights once after loading; reloading the embedding does not repack them (the head gets
+    no weights of its own), so the head would keep computing with the old embedding."""
+    head = getattr(model, "lm_head", None)
+    embed = getattr(getattr(model, "model", None), "embed_tokens", None)
+    if head is None or embed is None or head.weight.data_ptr() != embed.weight.data_ptr():
+        return
+    method = getattr(head, "quant_method", None)
+    if method is not None and hasattr(method, "process_weights_after_loading"):
+        method.process_weights_after_loading(head)
 
 
 class _DropPartialReloadWarning(logging.Filter):
