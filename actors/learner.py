@@ -1,7 +1,7 @@
 """Learner actors: one ``learners.learner.Learner`` per Ray actor, and the data-parallel group.
 
 ``LearnerGroup`` starts N learner actors, joins them in one ``torch.distributed`` process
-group (gloo on CPU, nccl when the actors hold GPUs), hands each its contiguous shard of the
+group (gloo: the learner computes on CPU so far), hands each its contiguous shard of the
 rollout batch and returns rank 0's (globally reduced) metrics. All ranks hold the same
 parameters after every step, so the weight broadcast to the generators is taken from rank 0
 only: one ``ObjectRef``, sent once.
@@ -51,8 +51,7 @@ class LearnerGroup:
         self.actors = [actor.remote(model_path, lora, settings) for _ in range(num_learners)]
         if num_learners > 1:
             address, port = ray.get(self.actors[0].rendezvous.remote())
-            backend = "nccl" if num_gpus > 0 else "gloo"
-            ray.get([a.init_distributed.remote(address, port, rank, num_learners, backend) for rank, a in enumerate(self.actors)])
+            ray.get([a.init_distributed.remote(address, port, rank, num_learners, "gloo") for rank, a in enumerate(self.actors)])
 
     def __len__(self) -> int:
         return len(self.actors)

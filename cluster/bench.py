@@ -1,12 +1,19 @@
-"""``raylight bench generation``: the generator actor (vLLM) against plain HF ``generate``.
+"""Benchmarks printing one JSON line each.
 
-Same model, adapter (version 0), prompts and sampling settings, in one run; each side is warmed
-up once before it is timed. Tokens per second count the tokens each side actually generated.
+``raylight bench generation``: the generator actor (vLLM) against plain HF ``generate``. Same
+model, adapter (version 0), prompts and sampling settings, in one run; each side is warmed up
+once before it is timed. Tokens per second count the tokens each side actually generated.
+
+``raylight bench learner``: the cost of one learner step for each algorithm variant against
+plain GRPO, in the same process, on the same synthetic batch (what a critic, a reference pass,
+importance-sampling recomputation or extra PPO epochs cost).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import random
 import time
 
 import ray
@@ -63,4 +70,69 @@ def bench_generation(model: str, n_prompts: int, n: int, max_tokens: int, dtype:
         "generator_actor_tokens_per_second": round(actor_tps, 1),
         "hf_generate_tokens_per_second": round(hf_tps, 1),
         "throughput_ratio": round(actor_tps / hf_tps, 2),
+    }
+
+
+# variant -> LearnerSettings overrides; "grpo" is the baseline every ratio is taken against
+LEARNER_VARIANTS = {
+    "grpo": {},
+    "grpo+kl-loss": {"kl_coef": 0.04},
+    "grpo+tis": {"tis_cap": 2.0},
+    "gspo": {"policy_loss": "gspo", "loss_agg": "seq-mean-token-mean"},
+    "reinforce++(kl-reward)": {"advantage": "reinforce++", "kl_coef": 0.04, "kl_mode": "reward"},
+    "ppo-gae-critic": {"advantage": "gae"},
+    "grpo-2-epochs-x-2-minibatches": {"ppo_epochs": 2, "mini_batch_size": 0},
+    "full-weights": {"full_weights": True},
+}
+
+
+def synthetic_batch(rows: int, prompt_tokens: int, completion_tokens: int, vocab: int, seed: int = 0):
+    from rollout.contracts import TrainBatch
+
+    rng = random.Random(seed)
+    ids = lambda n: tuple(rng.randrange(100, vocab) for _ in range(n))  # noqa: E731
+    return TrainBatch(
+        prompt_token_ids=tuple(ids(prompt_tokens) for _ in range(rows)),
+        completion_token_ids=tuple(ids(completion_tokens) for _ in range(rows)),
+        old_logprobs=tuple((-8.0,) * completion_tokens for _ in range(rows)),
+        advantages=tuple(rng.gauss(0, 1) for _ in range(rows)),
+        policy_versions=(0,) * rows,
+        rewards=tuple(float(rng.random() < 0.5) for _ in range(rows)),
+    )
+
+
+def bench_learner(
+    model: str, rows: int, prompt_tokens: int, completion_tokens: int, steps: int, variants: list[str] | None = None
+) -> dict:
+    from cluster.config import ConfigError
+    from learners.learner import Learner, LearnerSettings
+
+    variants = variants or list(LEARNER_VARIANTS)
+    unknown = sorted(set(variants) - set(LEARNER_VARIANTS))
+    if unknown:
+        raise ConfigError(f"unknown learner variants {unknown}; known: {list(LEARNER_VARIANTS)}")
+    path = str(resolve_model(model))
+    base = LearnerSettings(lr=1e-5, micro_batch_size=16)
+    seconds = {}
+    for name in ["grpo", *[v for v in variants if v != "grpo"]]:
+        overrides = dict(LEARNER_VARIANTS[name])
+        if "mini_batch_size" in overrides:
+            overrides["mini_batch_size"] = rows // 2
+        learner = Learner(path, LoraSettings(), dataclasses.replace(base, **overrides))
+        batch = synthetic_batch(rows, prompt_tokens, completion_tokens, learner.policy.tokenizer.vocab_size)
+        learner.step(batch)  # warm-up
+        start = time.perf_counter()
+        for _ in range(steps):
+            learner.step(batch)
+        seconds[name] = (time.perf_counter() - start) / steps
+        logger.info("learner %s: %.2f s per step", name, seconds[name])
+        del learner
+    return {
+        "benchmark": "learner",
+        "model": model,
+        "rows": rows,
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "seconds_per_step": {k: round(v, 3) for k, v in seconds.items()},
+        "ratio_to_grpo": {k: round(v / seconds["grpo"], 2) for k, v in seconds.items()},
     }

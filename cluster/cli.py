@@ -38,9 +38,12 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from cluster.bench import bench_generation
+    from cluster.bench import bench_generation, bench_learner
 
-    result = bench_generation(args.model, args.prompts, args.n, args.max_tokens, args.dtype)
+    if args.bench == "learner":
+        result = bench_learner(args.model, args.rows, args.prompt_tokens, args.completion_tokens, args.steps, args.variants)
+    else:
+        result = bench_generation(args.model, args.prompts, args.n, args.max_tokens, args.dtype)
     print(json.dumps(result))
     return 0
 
@@ -74,6 +77,14 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--max-tokens", type=int, default=64)
     gen.add_argument("--dtype", default="float32")
     gen.set_defaults(func=_bench)
+    learn = which.add_parser("learner", help="one learner step per algorithm variant vs plain GRPO, same batch")
+    learn.add_argument("--model", default="smollm2", help="'smollm2', 'tiny' or a model folder")
+    learn.add_argument("--rows", type=int, default=32, help="sequences in the batch")
+    learn.add_argument("--prompt-tokens", type=int, default=64)
+    learn.add_argument("--completion-tokens", type=int, default=48)
+    learn.add_argument("--steps", type=int, default=2, help="timed steps per variant (after one warm-up)")
+    learn.add_argument("--variants", nargs="+", help="variants to time (default: all; see cluster/bench.py)")
+    learn.set_defaults(func=_bench)
 
     prep = commands.add_parser("prepare-model", help="convert/cache a model folder and print its path")
     prep.add_argument("model", nargs="?", default="smollm2", help="'smollm2' or 'tiny'")

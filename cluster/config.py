@@ -126,7 +126,7 @@ class AlgorithmConfig:
 class LearnerConfig:
     num_learners: int = 1  # data-parallel learner actors (gradients all-reduced)
     num_cpus: float = 1.0
-    num_gpus: float = 0.0  # per learner; > 0 selects the nccl backend
+    num_gpus: float = 0.0  # per learner; GPU learners are not supported yet (must be 0)
     threads: int = 0  # torch threads per learner (0: every core, divided among the learners)
 
 
@@ -267,6 +267,8 @@ def check_config(config: Config) -> None:
     for key in ("ppo_epochs", "micro_batch_size"):
         if getattr(a, key) < 1:
             problems.append(f"algorithm.{key} must be at least 1")
+    if config.learner.num_gpus > 0:
+        problems.append("learner.num_gpus > 0: the learner runs on CPU only so far (no device placement, no nccl); set it to 0")
     if config.learner.num_learners < 1:
         problems.append("learner.num_learners must be at least 1")
     if problems:

@@ -10,8 +10,8 @@ A step reads top to bottom:
    into micro-batches whose gradients accumulate exactly to the mini-batch's.
 
 Data parallelism: every rank holds its shard of the rollout batch; losses are normalised by
-global token / sequence counts, gradients are summed with ``torch.distributed`` (gloo on CPU,
-nccl on GPU), so after each update all ranks hold identical parameters and equal one learner
+global token / sequence counts, gradients are summed with ``torch.distributed`` (gloo; the
+learner computes on CPU so far), so after each update all ranks hold identical parameters and equal one learner
 that saw the whole batch. A plain object (no Ray): the learner actor wraps it, tests drive it
 in-process.
 """
@@ -114,6 +114,11 @@ class LearnerSettings:
         return self.kl_coef > 0
 
 
+def _extreme(key: str):
+    """How a metric combines across micro-batches, updates and ranks: max, min, or None (sum)."""
+    return max if key.endswith("_max") else min if key.endswith("_min") else None
+
+
 def _padded(rows: list[torch.Tensor], width: int) -> torch.Tensor:
     out = torch.zeros(len(rows), width)
     for i, row in enumerate(rows):
@@ -126,9 +131,10 @@ class Learner:
 
     def __init__(self, model_path: str | Path, lora: LoraSettings | None, settings: LearnerSettings):
         s = settings
+        self.settings = s
+        self._check()
         torch.manual_seed(s.seed)
         torch.set_num_threads(s.threads or os.cpu_count() or 1)
-        self.settings = s
         self.policy = Policy(
             model_path,
             None if s.full_weights else lora,
@@ -148,6 +154,15 @@ class Learner:
         self.skipped_steps = 0
         self.skipped_updates = 0
         self.rank, self.world_size = 0, 1
+
+    def _check(self) -> None:
+        s = self.settings
+        if s.lr_schedule not in ("constant", "cosine"):
+            raise ValueError(f"unknown lr_schedule {s.lr_schedule!r}")
+        if s.lr_schedule == "cosine" and s.total_steps <= s.warmup_steps:
+            raise ValueError(f"cosine schedule needs total_steps ({s.total_steps}) > warmup_steps ({s.warmup_steps})")
+        if s.kl_mode not in ("loss", "reward"):
+            raise ValueError(f"unknown kl_mode {s.kl_mode!r}")
 
     def _lr_factor(self, step: int) -> float:
         s = self.settings
@@ -284,10 +299,13 @@ class Learner:
             loss = loss + s.value_coef * v_loss
             metrics |= value_metrics
         with torch.no_grad():
+            # generator vs learner under the same weights: the recomputed old log-probs, else
+            # this pass's (exact in a step's first update, before the weights move)
+            learner_logprobs = old if "learner" in prep else logprobs.detach()
             metrics |= {
                 "train/kl": kl.item(),
                 "train/entropy": masked_mean(entropy.detach(), mask).item(),
-                "train/logprob_mismatch": masked_mean((old - generator).abs() if "learner" in prep else (logprobs.detach() - generator).abs(), mask).item(),
+                "train/logprob_mismatch": masked_mean((learner_logprobs - generator).abs(), mask).item(),
             }
             if is_weights is not None:
                 metrics["train/tis_weight_mean"] = masked_mean(is_weights, mask).item()
@@ -309,9 +327,8 @@ class Learner:
                 loss.backward()
             share = sum(len(batch.completion_token_ids[i]) for i in micro) / num_tokens
             for key, value in metrics.items():
-                reduce = max if key.endswith("_max") else min if key.endswith("_min") else None
-                if reduce:
-                    sums[key] = reduce(sums.get(key, value), value)
+                if _extreme(key):
+                    sums[key] = _extreme(key)(sums.get(key, value), value)
                 else:  # losses are already normalised globally: they add up
                     sums[key] = sums.get(key, 0.0) + (value if key.endswith("loss") else share * value)
             sums["train/loss"] = sums.get("train/loss", 0.0) + loss.item()
@@ -334,14 +351,12 @@ class Learner:
         """Every rank's metrics combined: sums for shares and losses, max / min for extremes."""
         if self.world_size == 1:
             return metrics
-        keys = sorted(metrics)
         out = {}
-        for op, pick in (("max", lambda k: k.endswith("_max")), ("min", lambda k: k.endswith("_min")), ("sum", None)):
-            chosen = [k for k in keys if (pick(k) if pick else not (k.endswith("_max") or k.endswith("_min")))]
-            if not chosen:
-                continue
-            values = self._all_reduce(torch.tensor([metrics[k] for k in chosen], dtype=torch.float64), op).tolist()
-            out |= dict(zip(chosen, values))
+        for op, extreme in (("max", max), ("min", min), ("sum", None)):
+            chosen = [k for k in sorted(metrics) if _extreme(k) is extreme]
+            if chosen:
+                values = self._all_reduce(torch.tensor([metrics[k] for k in chosen], dtype=torch.float64), op).tolist()
+                out |= dict(zip(chosen, values))
         for key in ("train/grad_norm", "train/critic_grad_norm"):  # identical on every rank
             if key in out:
                 out[key] = metrics[key]
@@ -381,18 +396,23 @@ class Learner:
         self.policy.model.train()
         sums: dict[str, float] = {}
         applied = 0
+        mismatch = None
         for _ in range(s.ppo_epochs):
             order = torch.randperm(len(batch), generator=shuffle) if updates > 1 else torch.arange(len(batch))
             for rows in torch.tensor_split(order, updates):
                 ok, metrics = self._update(batch, rows.tolist(), prep, advantages, returns, norm_constant)
+                if mismatch is None:  # measured before any update of this step moved the weights
+                    mismatch = metrics.get("train/logprob_mismatch")
                 applied += ok
                 if not ok:
                     self.skipped_updates += 1
                     logger.warning("non-finite loss or gradient at policy version %d: update skipped", self.policy_version)
                 for key, value in metrics.items():
-                    sums[key] = sums.get(key, 0.0) + value
+                    sums[key] = _extreme(key)(sums.get(key, value), value) if _extreme(key) else sums.get(key, 0.0) + value
         total = s.ppo_epochs * updates
-        out = {k: v / total for k, v in sums.items()} | adv_metrics
+        out = {k: v if _extreme(k) else v / total for k, v in sums.items()} | adv_metrics
+        if mismatch is not None:
+            out["train/logprob_mismatch"] = mismatch
         self.steps_done += 1
         if applied:
             self.policy_version += 1

@@ -40,3 +40,20 @@ def test_missing_model_path_is_a_clear_error(capsys, tmp_path):
     config.write_text(f"model:\n  path: {tmp_path / 'nowhere'}\n")
     assert main(["train", str(config), "--run-dir", str(tmp_path / "run")]) == 2
     assert "model.path=" in capsys.readouterr().err
+
+
+def test_bench_learner_times_variants_against_grpo(capsys):
+    """The learner benchmark on the tiny model: one JSON line, GRPO as the 1.0 baseline."""
+    import json
+
+    assert main(["bench", "learner", "--model", "tiny", "--rows", "4", "--prompt-tokens", "8", "--completion-tokens", "4",
+                 "--steps", "1", "--variants", "grpo", "ppo-gae-critic"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["benchmark"] == "learner" and result["ratio_to_grpo"]["grpo"] == 1.0
+    assert set(result["seconds_per_step"]) == {"grpo", "ppo-gae-critic"}
+    assert all(v > 0 for v in result["seconds_per_step"].values())
+
+
+def test_bench_learner_rejects_unknown_variant(capsys):
+    assert main(["bench", "learner", "--model", "tiny", "--variants", "sac"]) == 2
+    assert "sac" in capsys.readouterr().err

@@ -1,5 +1,6 @@
 """The typed config: unknown and ill-typed keys are errors naming the key."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -57,3 +58,33 @@ def test_ill_typed_values_name_the_key(override, message):
 def test_missing_file(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "nope.yaml")
+
+
+@pytest.mark.parametrize(
+    "overrides, culprit",
+    [
+        (["algorithm.advantage=gae", "model.train=full"], "algorithm.advantage=gae"),
+        (["model.train=full", "generator.adapter_mode=lora"], "generator.adapter_mode=merged"),
+        (["algorithm.policy_loss=pg", "algorithm.ppo_epochs=2"], "algorithm.ppo_epochs=1"),
+        (["algorithm.kl_target=0.01", "algorithm.kl_coef=0"], "algorithm.kl_target"),
+        (["algorithm.advantage=rloo", "rollout.group_size=1"], "rollout.group_size"),
+        (["learner.num_gpus=1"], "learner.num_gpus"),
+        (["algorithm.advantage=ppo"], "algorithm.advantage"),
+    ],
+)
+def test_impossible_combinations_name_the_keys(overrides, culprit):
+    with pytest.raises(ConfigError, match=re.escape(culprit)):
+        load_config(None, overrides)
+
+
+def test_every_algorithm_knob_is_a_config_key():
+    """Each learner setting the run can change is reachable from the config (the driver copies
+    the fields the two share by name, so a renamed one would silently fall back to its default)."""
+    import dataclasses
+
+    from cluster.config import AlgorithmConfig
+    from learners.learner import LearnerSettings
+
+    set_elsewhere = {"betas", "total_steps", "full_weights", "temperature", "dtype", "seed", "threads"}
+    learner_fields = {f.name for f in dataclasses.fields(LearnerSettings)} - set_elsewhere
+    assert learner_fields <= {f.name for f in dataclasses.fields(AlgorithmConfig)}
