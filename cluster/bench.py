@@ -113,8 +113,9 @@ def bench_learner(
         raise ConfigError(f"unknown learner variants {unknown}; known: {list(LEARNER_VARIANTS)}")
     path = str(resolve_model(model))
     base = LearnerSettings(lr=1e-5, micro_batch_size=16)
-    seconds = {}
-    for name in ["grpo", *[v for v in variants if v != "grpo"]]:
+    seconds: dict[str, float] = {}
+    # the baseline runs first and again last: its drift says how far to trust small ratios
+    for name in ["grpo", *[v for v in variants if v != "grpo"], "grpo"]:
         overrides = dict(LEARNER_VARIANTS[name])
         if "mini_batch_size" in overrides:
             overrides["mini_batch_size"] = rows // 2
@@ -124,8 +125,13 @@ def bench_learner(
         start = time.perf_counter()
         for _ in range(steps):
             learner.step(batch)
-        seconds[name] = (time.perf_counter() - start) / steps
-        logger.info("learner %s: %.2f s per step", name, seconds[name])
+        elapsed = (time.perf_counter() - start) / steps
+        logger.info("learner %s: %.2f s per step", name, elapsed)
+        if name in seconds:
+            drift = elapsed / seconds[name]
+            seconds[name] = (seconds[name] + elapsed) / 2
+        else:
+            seconds[name] = elapsed
         del learner
     return {
         "benchmark": "learner",
@@ -135,4 +141,5 @@ def bench_learner(
         "completion_tokens": completion_tokens,
         "seconds_per_step": {k: round(v, 3) for k, v in seconds.items()},
         "ratio_to_grpo": {k: round(v / seconds["grpo"], 2) for k, v in seconds.items()},
+        "baseline_drift": round(drift, 3),  # the last GRPO timing over the first
     }
