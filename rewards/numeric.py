@@ -13,6 +13,7 @@ import re
 from fractions import Fraction
 from typing import Literal, Mapping
 
+from rewards.text import repetition_stats
 from rollout.contracts import Verdict
 
 ExtractionMethod = Literal["anchor", "last", "first"]
@@ -69,10 +70,15 @@ def numeric_reward(
     weights: Mapping[str, float] = DEFAULT_WEIGHTS,
     method: ExtractionMethod = "anchor",
 ) -> Verdict:
-    """Reward = sum of named weighted components (``correct``, ``format``), each reported."""
+    """Reward = sum of named weighted components (``correct``, ``format``, ``repetition``), each
+    reported; components without a weight pay nothing."""
     extracted = extract_number(completion, method)
     correct = numbers_equal(extracted, answer)
-    components = {"correct": float(correct), "format": float(has_answer_label(completion))}
+    components = {
+        "correct": float(correct),
+        "format": float(has_answer_label(completion)),
+        "repetition": float(repetition_stats(completion)["repetitive"]),
+    }
     unknown = set(weights) - set(components)
     if unknown:
         raise ValueError(f"unknown reward components {sorted(unknown)}; known: {sorted(components)}")

@@ -40,7 +40,7 @@ def test_answer_label():
 def test_numeric_reward_components_are_weighted_and_reported():
     v = numeric_reward("7 - 2 = 5\nAnswer: 5", "5", {"correct": 1.0, "format": 0.25})
     assert v.correct and v.reward == 1.25
-    assert v.components == {"correct": 1.0, "format": 1.0}
+    assert v.components == {"correct": 1.0, "format": 1.0, "repetition": 0.0}
     v = numeric_reward("7 - 2 = 4", "5", {"correct": 1.0, "format": 0.25})
     assert not v.correct and v.reward == 0.0 and v.extracted == "4"
     v = numeric_reward("Answer: 4", "5", {"correct": 1.0, "format": 0.25})
@@ -57,3 +57,99 @@ def test_build_scorer_by_name():
     assert scorer("3 then 4", "3").correct
     with pytest.raises(ValueError, match="unknown scorer"):
         build_scorer(RewardSettings(scorer="nope"))
+
+
+# -- multiple choice -------------------------------------------------------------------------
+
+from rewards.choice import choice_reward, extract_choice  # noqa: E402
+from rewards.grid import grid_reward, parse_grid  # noqa: E402
+from rewards.text import format_score, longest_char_run, repeated_ngram_fraction, repetition_stats  # noqa: E402
+
+
+@pytest.mark.parametrize(
+    ("text", "legacy", "word_boundary"),
+    [
+        ("C", "C", "C"),
+        ("Because the gas expands, the answer is (D).", "B", "D"),  # legacy reads "Because"
+        ("An apple falls. Answer: C", "A", "C"),
+        ("(B) is right", "B", "B"),
+        ("I pick E. Actually, the answer is A", "E", "A"),  # the last label wins
+        ("the answer is a matter of taste", None, None),  # a lowercase "a" is English, not choice A
+        ("Definitely B.", "D", "B"),
+        ("no letter here", None, None),
+    ],
+)
+def test_choice_extraction_methods(text, legacy, word_boundary):
+    assert extract_choice(text, "legacy") == legacy
+    assert extract_choice(text, "word-boundary") == word_boundary
+
+
+def test_choice_reward_reports_both_methods():
+    v = choice_reward("Because of friction, B is wrong; the answer is C.", "C")
+    assert v.correct and v.extracted == "C"
+    assert v.components == {"correct": 1.0, "correct_legacy": 0.0, "correct_word_boundary": 1.0, "repetition": 0.0}
+    assert choice_reward("Because of friction", "B", method="legacy").reward == 1.0
+    with pytest.raises(ValueError, match="unknown reward components"):
+        choice_reward("A", "A", weights={"bogus": 1.0})
+
+
+# -- repetition and format ---------------------------------------------------------------------
+
+
+def test_repetition_detector_flags_the_4444_collapse():
+    collapsed = "The answer is 4444444444444444444444444444"
+    assert longest_char_run(collapsed) == 28
+    assert repetition_stats(collapsed)["repetitive"]
+    looping = "so we add them so we add them so we add them so we add them so we add them"
+    # 20 words, 17 word 4-grams, 4 distinct (the loop has period 4)
+    assert repeated_ngram_fraction(looping, n=4) == pytest.approx(1 - 4 / 17)
+    assert repetition_stats(looping)["repetitive"]
+    varied = "First add 3 and 4 to get 7, then multiply by 2 to get 14. Answer: 14"
+    assert not repetition_stats(varied)["repetitive"]
+    assert longest_char_run("") == 0 and repeated_ngram_fraction("too short") == 0.0
+    assert longest_char_run("a    b") == 1  # spaces do not count as a run
+
+
+def test_numeric_reward_reports_repetition():
+    from rewards.numeric import numeric_reward
+
+    v = numeric_reward("4" * 40, "44")
+    assert v.components["repetition"] == 1.0 and v.reward == 0.0  # reported, weight 0 by default
+
+
+def test_format_score():
+    assert format_score("<think>x</think> Answer: 3", [r"<think>.*</think>", r"Answer:"]) == 1.0
+    assert format_score("Answer: 3", [r"<think>", r"Answer:"]) == 0.5
+    assert format_score("anything", []) == 1.0
+
+
+# -- ARC grids ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("Output:\n[[1, 2], [3, 4]]", [[1, 2], [3, 4]]),
+        ("The grid is\n0 1 2\n3 4 5\nDone.", [[0, 1, 2], [3, 4, 5]]),
+        ("012\n345", [[0, 1, 2], [3, 4, 5]]),
+        ("first [[1]] then\n7,8\n9,0", [[7, 8], [9, 0]]),  # the last grid wins
+        ("[[1, 2], [3]]", None),  # ragged
+        ("no grid at all", None),
+        ("12\n345", None),  # ragged block
+    ],
+)
+def test_parse_grid(text, expected):
+    assert parse_grid(text) == expected
+
+
+def test_grid_reward_exact_match():
+    v = grid_reward("Here it is:\n1 0\n0 1", "[[1, 0], [0, 1]]")
+    assert v.correct and v.components["parsed"] == 1.0 and v.reward == 1.0
+    v = grid_reward("Here it is:\n1 0\n0 0", "[[1, 0], [0, 1]]")
+    assert not v.correct and v.components["parsed"] == 1.0 and v.reward == 0.0
+    assert grid_reward("nothing", "[[1]]").components["parsed"] == 0.0
+
+
+def test_scorers_by_name():
+    assert build_scorer(RewardSettings(scorer="choice", weights={"correct": 1.0}))("Answer: B", "B").reward == 1.0
+    assert build_scorer(RewardSettings(scorer="grid", weights={"correct": 1.0}))("[[3]]", "[[3]]").reward == 1.0
