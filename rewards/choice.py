@@ -13,6 +13,7 @@ import re
 from typing import Literal, Mapping
 
 from rewards.text import repetition_stats
+from rewards.weights import weigh
 from rollout.contracts import Verdict
 
 ChoiceMethod = Literal["legacy", "word-boundary"]
@@ -63,8 +64,5 @@ def choice_reward(
         "correct_word_boundary": float(by_method["word-boundary"] == expected),
         "repetition": float(repetition_stats(completion)["repetitive"]),
     }
-    unknown = set(weights) - set(components)
-    if unknown:
-        raise ValueError(f"unknown reward components {sorted(unknown)}; known: {sorted(components)}")
-    reward = sum(weights.get(name, 0.0) * value for name, value in components.items())
+    reward = weigh(components, weights)
     return Verdict(reward=reward, correct=extracted == expected, components=components, extracted=extracted)

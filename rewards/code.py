@@ -20,6 +20,7 @@ from typing import Any, Literal, Mapping, Sequence
 
 from rewards.sandbox import Execution, Sandbox
 from rewards.text import repetition_stats
+from rewards.weights import weigh
 from rollout.contracts import Verdict
 
 CodeStatus = Literal["passed", "failed", "error", "timeout", "memory", "output_limit", "sandbox_error"]
@@ -150,8 +151,5 @@ def code_reward(
         "compiles": float(result.compiles),
         "repetition": float(repetition_stats(completion)["repetitive"]),
     }
-    unknown = set(weights) - set(components)
-    if unknown:
-        raise ValueError(f"unknown reward components {sorted(unknown)}; known: {sorted(components)}")
-    reward = sum(weights.get(name, 0.0) * value for name, value in components.items())
+    reward = weigh(components, weights)
     return Verdict(reward=reward, correct=result.status == "passed", components=components, extracted=result.status)

@@ -12,6 +12,7 @@ import re
 from typing import Mapping
 
 from rewards.text import repetition_stats
+from rewards.weights import weigh
 from rollout.contracts import Verdict
 
 Grid = list[list[int]]
@@ -70,8 +71,5 @@ def grid_reward(completion: str, answer: str, weights: Mapping[str, float] | Non
         "parsed": float(grid is not None),
         "repetition": float(repetition_stats(completion)["repetitive"]),
     }
-    unknown = set(weights) - set(components)
-    if unknown:
-        raise ValueError(f"unknown reward components {sorted(unknown)}; known: {sorted(components)}")
-    reward = sum(weights.get(name, 0.0) * value for name, value in components.items())
+    reward = weigh(components, weights)
     return Verdict(reward=reward, correct=grid == expected, components=components, extracted=json.dumps(grid) if grid else None)

@@ -14,6 +14,7 @@ from fractions import Fraction
 from typing import Literal, Mapping
 
 from rewards.text import repetition_stats
+from rewards.weights import weigh
 from rollout.contracts import Verdict
 
 ExtractionMethod = Literal["anchor", "last", "first"]
@@ -79,8 +80,5 @@ def numeric_reward(
         "format": float(has_answer_label(completion)),
         "repetition": float(repetition_stats(completion)["repetitive"]),
     }
-    unknown = set(weights) - set(components)
-    if unknown:
-        raise ValueError(f"unknown reward components {sorted(unknown)}; known: {sorted(components)}")
-    reward = sum(weights.get(name, 0.0) * value for name, value in components.items())
+    reward = weigh(components, weights)
     return Verdict(reward=reward, correct=correct, components=components, extracted=extracted)
