@@ -53,9 +53,6 @@ class LearnerGroup:
             address, port = ray.get(self.actors[0].rendezvous.remote())
             ray.get([a.init_distributed.remote(address, port, rank, num_learners, "gloo") for rank, a in enumerate(self.actors)])
 
-    def __len__(self) -> int:
-        return len(self.actors)
-
     def step(self, batch: TrainBatch) -> dict[str, float]:
         shards = batch.shards(len(self.actors))
         return ray.get([a.step.remote(shard) for a, shard in zip(self.actors, shards)])[0]

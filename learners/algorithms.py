@@ -107,8 +107,8 @@ def rloo_advantages(rewards: torch.Tensor, group_size: int) -> tuple[torch.Tenso
 
 
 def group_centered_advantages(rewards: torch.Tensor, group_size: int) -> tuple[torch.Tensor, dict[str, float]]:
-    """REINFORCE++-baseline (Hu et al. 2025): subtract the group mean; the learner then whitens
-    over the whole batch (``masked_whiten``) instead of dividing by each group's std."""
+    """Subtract the group mean only: Dr. GRPO's advantage (Liu et al. 2025), and REINFORCE++-baseline's
+    (Hu et al. 2025), for which the learner then whitens over the whole batch (``masked_whiten``)."""
     return grpo_advantages(rewards, group_size, scale_by_std=False)
 
 
@@ -123,7 +123,7 @@ def batch_standardized_advantages(rewards: torch.Tensor, group_size: int, eps: f
 
 OUTCOME_ESTIMATORS = {
     "grpo": lambda rewards, group_size: grpo_advantages(rewards, group_size, scale_by_std=True),
-    "dr-grpo": lambda rewards, group_size: grpo_advantages(rewards, group_size, scale_by_std=False),
+    "dr-grpo": group_centered_advantages,
     "rloo": rloo_advantages,
     "reinforce++-baseline": group_centered_advantages,
     "batch-std": batch_standardized_advantages,

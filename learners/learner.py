@@ -203,6 +203,13 @@ class Learner:
         for start in range(0, len(indices), size):
             yield indices[start : start + size]
 
+    def _packed_micro_batches(self, batch: TrainBatch):
+        """(completion lengths, packed tensors) for each micro-batch of the whole batch, in order."""
+        for micro in self._micro_batches(list(range(len(batch)))):
+            part = batch.select(micro)
+            packed = pack(part.prompt_token_ids, part.completion_token_ids, self.policy.pad_id)
+            yield [len(c) for c in part.completion_token_ids], packed
+
     def _prepare(self, batch: TrainBatch) -> dict[str, list[torch.Tensor]]:
         """Per-row tensors fixed for the whole step, computed without gradients."""
         s = self.settings
@@ -218,10 +225,7 @@ class Learner:
             return prep
         self.policy.model.eval()
         with torch.no_grad():
-            for micro in self._micro_batches(list(range(len(batch)))):
-                part = batch.select(micro)
-                packed = pack(part.prompt_token_ids, part.completion_token_ids, self.policy.pad_id)
-                lengths = [len(c) for c in part.completion_token_ids]
+            for lengths, packed in self._packed_micro_batches(batch):
                 outputs = {}
                 if need["learner"]:
                     outputs["learner"] = self.policy.forward(packed, s.temperature)[0]
@@ -438,11 +442,9 @@ class Learner:
         """The current policy's log-probs of each completion token (for rollout/trainer checks)."""
         self.policy.model.eval()
         out = []
-        for micro in self._micro_batches(list(range(len(batch)))):
-            part = batch.select(micro)
-            packed = pack(part.prompt_token_ids, part.completion_token_ids, self.policy.pad_id)
+        for lengths, packed in self._packed_micro_batches(batch):
             logprobs, _ = self.policy.forward(packed, self.settings.temperature)
-            out += [logprobs[i, : len(c)].tolist() for i, c in enumerate(part.completion_token_ids)]
+            out += [logprobs[i, :n].tolist() for i, n in enumerate(lengths)]
         return out
 
     def parameter_digest(self) -> dict[str, str]:

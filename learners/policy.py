@@ -89,7 +89,7 @@ class Policy:
         self.value_head = None
         if lora is None:
             if critic:
-                raise ValueError("a critic needs LoRA training (lora.enabled: true); full-weight PPO with a critic is not supported")
+                raise ValueError("a critic needs LoRA training (model.train: lora); full-weight PPO with a critic is not supported")
             self.model = base
             if reference:
                 import copy
@@ -146,17 +146,22 @@ class Policy:
             named += [(f"value_head.{n}", p) for n, p in self.value_head.named_parameters()]
         return named
 
-    def _hidden(self, batch: PackedBatch) -> torch.Tensor:
+    def _hidden(self, batch: PackedBatch, causal_lm=None) -> torch.Tensor:
         """Final hidden states at the positions that predict each completion token: [B, T, H]."""
+        causal_lm = causal_lm or self.causal_lm
         with torch.autocast("cpu", dtype=self.autocast_dtype or torch.bfloat16, enabled=self.autocast_dtype is not None):
-            hidden = self.causal_lm.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
+            hidden = causal_lm.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
         index = batch.positions.unsqueeze(-1).expand(-1, -1, hidden.shape[-1])
         return hidden.gather(1, index)
 
-    def forward(self, batch: PackedBatch, temperature: float = 1.0, with_entropy: bool = False, entropy_grad: bool = False):
-        """Log-probs [B, T] of the completion tokens (and entropy [B, T] if asked)."""
-        head = self.causal_lm.lm_head
-        logits = head(self._hidden(batch).to(head.weight.dtype)) / temperature  # fp32 head
+    def forward(
+        self, batch: PackedBatch, temperature: float = 1.0, with_entropy: bool = False, entropy_grad: bool = False, causal_lm=None
+    ):
+        """Log-probs [B, T] of the completion tokens (and entropy [B, T] if asked), under the
+        policy or under ``causal_lm`` (the full-weight reference copy)."""
+        causal_lm = causal_lm or self.causal_lm
+        head = causal_lm.lm_head
+        logits = head(self._hidden(batch, causal_lm).to(head.weight.dtype)) / temperature  # fp32 head
         logprobs = token_logprobs(logits, batch.targets)
         entropy = None
         if with_entropy:
@@ -170,11 +175,7 @@ class Policy:
             if self.lora is None:
                 if self.reference_model is None:
                     raise RuntimeError("no reference model: build the Policy with reference=True")
-                head = self.reference_model.lm_head
-                hidden = self.reference_model.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
-                index = batch.positions.unsqueeze(-1).expand(-1, -1, hidden.shape[-1])
-                logits = head(hidden.gather(1, index).to(head.weight.dtype)) / temperature
-                return token_logprobs(logits, batch.targets)
+                return self.forward(batch, temperature, causal_lm=self.reference_model)[0]
             with self.model.disable_adapter():
                 return self.forward(batch, temperature)[0]
 

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 from typing import Literal, Mapping
 
@@ -20,6 +21,7 @@ ChoiceMethod = Literal["legacy", "word-boundary"]
 CHOICES = "ABCDE"
 
 
+@functools.lru_cache(maxsize=None)
 def _patterns(letters: str) -> tuple[re.Pattern, re.Pattern]:
     letter = f"[{letters}]"
     labelled = re.compile(rf"answer\s*(?:is)?\s*[:=]?\s*\**\s*\(?({letter})\)?(?![A-Za-z])", re.IGNORECASE)
