@@ -1,76 +1,224 @@
-"""The verifier pool: N Ray actors scoring samples in parallel.
+"""The verifier pool: Ray actors scoring samples, sized by the queue, never losing a sample.
 
-A verifier that dies or hangs is killed, replaced and its chunk retried; if the chunk still
-fails, its samples get ``Verdict.infra_error`` (masked out of the advantages), never reward 0.
+Each verifier actor builds its scorer (and, for code, its own sandbox) from a picklable
+factory. The pool hands out small jobs of ``samples_per_call`` samples, one job per actor at a
+time, and grows between ``min_size`` and ``max_size`` actors with the number of samples waiting.
+
+Failures, and what the sample gets:
+- the actor dies, or a job runs past ``timeout_s`` per sample: the actor is killed and replaced,
+  and the job's samples are retried one per job (so one hanging sample cannot take others down);
+- the scorer reports an infrastructure error (``sandbox_error``): the sample is retried;
+- after ``max_retries`` retries the sample keeps ``Verdict.infra_error``: it is masked out of the
+  advantages, never scored 0.
+
+``stats`` holds the pool's metrics: queue depth, executions per second and verdict counts of
+the last call, and running totals of restarts, retries and infrastructure errors.
 """
 
 from __future__ import annotations
 
+import collections
 import logging
+import math
 import time
+from dataclasses import dataclass
 from typing import Callable
 
 import ray
-from ray.exceptions import GetTimeoutError, RayActorError
+from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
-from rollout.contracts import Sample, Verdict
+from rewards.scoring import Scorer
+from rollout.contracts import Problem, Sample, Verdict
 
 logger = logging.getLogger(__name__)
 
-Scorer = Callable[[str, str], Verdict]
+ScorerFactory = Callable[[], Scorer]
+
+
+class VerifierStartError(RuntimeError):
+    """The verifier actors could not build their scorer; the message carries the scorer's error."""
 
 
 class Verifier:
-    """Plain scorer object; ``ray.remote(Verifier)`` is the verifier actor."""
+    """Plain scorer host; ``ray.remote(Verifier)`` is the verifier actor."""
 
-    def __init__(self, scorer: Scorer):
-        self.scorer = scorer
+    def __init__(self, factory: ScorerFactory):
+        self.scorer = factory()
 
-    def score(self, items: list[tuple[str, str]]) -> list[Verdict]:
-        """Score (completion text, expected answer) pairs."""
-        return [self.scorer(completion, answer) for completion, answer in items]
+    def ready(self) -> bool:
+        return True
+
+    def score(self, items: list[tuple[str, Problem]]) -> list[Verdict]:
+        """Score (completion text, problem) pairs; a scorer exception is this sample's infra error."""
+        verdicts = []
+        for completion, problem in items:
+            try:
+                verdicts.append(self.scorer(completion, problem))
+            except Exception as exc:  # noqa: BLE001 - one bad sample must not sink its job
+                logger.exception("scorer failed on problem %s", problem.uid)
+                verdicts.append(Verdict.infra_error(f"scorer raised {type(exc).__name__}: {exc}"[:500]))
+        return verdicts
+
+
+@dataclass
+class _Job:
+    actor: int
+    indices: list[int]
+    started: float
+    deadline: float
 
 
 class VerifierPool:
-    """Fans scoring out over ``size`` verifier actors, with per-chunk timeout and retries."""
+    """Scores samples over ``min_size``..``max_size`` verifier actors; see the module docstring."""
 
-    def __init__(self, scorer: Scorer, size: int = 2, timeout_s: float = 60.0, max_retries: int = 2, num_cpus: float = 0.1):
-        self.scorer = scorer
+    def __init__(
+        self,
+        factory: ScorerFactory,
+        min_size: int = 1,
+        max_size: int = 2,
+        timeout_s: float = 60.0,
+        max_retries: int = 2,
+        num_cpus: float = 0.1,
+        samples_per_call: int = 4,
+        samples_per_verifier: int = 16,
+        startup_s: float = 60.0,
+        scale_down_after: int = 3,
+    ):
+        if not 1 <= min_size <= max_size:
+            raise ValueError(f"verifier pool size needs 1 <= min_size ({min_size}) <= max_size ({max_size})")
+        self.factory = factory
+        self.min_size, self.max_size = min_size, max_size
         self.timeout_s = timeout_s
         self.max_retries = max_retries
+        self.samples_per_call = samples_per_call
+        self.samples_per_verifier = samples_per_verifier
+        self.startup_s = startup_s
+        self.scale_down_after = scale_down_after
         self._actor_class = ray.remote(num_cpus=num_cpus)(Verifier)
-        self.actors = [self._actor_class.remote(scorer) for _ in range(size)]
-        self.stats = {"verifier/restarts": 0, "verifier/infra_errors": 0, "verifier/executions": 0}
+        self.actors: list = []
+        self._fresh: set[int] = set()  # actors that have not finished a job yet (still starting)
+        self._oversized_calls = 0
+        self.stats: dict[str, float] = {"verifier/restarts": 0, "verifier/retries": 0, "verifier/infra_errors": 0}
+        self._resize(min_size)
+        self._wait_ready(startup_s)
+
+    def _wait_ready(self, timeout_s: float) -> None:
+        """Fail at once, with the scorer's own error, if the verifiers cannot start (no sandbox
+        on this machine, a bad reward setting): better than masking every sample later."""
+        refs = [actor.ready.remote() for actor in self.actors]
+        try:
+            ray.get(refs, timeout=timeout_s)
+        except GetTimeoutError:
+            self.kill()
+            raise VerifierStartError(f"verifier actors did not start within {timeout_s:.0f}s (is the cluster out of CPUs?)") from None
+        except RayActorError as exc:
+            self.kill()
+            cause = str(exc).strip().splitlines()[-1]  # the scorer's own error, below Ray's traceback
+            raise VerifierStartError(f"verifier actors could not start: {cause}") from exc
+        self._fresh.clear()
+
+    # -- size -----------------------------------------------------------------------------
+
+    def _start(self):
+        self._fresh.add(len(self.actors))
+        return self._actor_class.remote(self.factory)
+
+    def _resize(self, size: int) -> None:
+        while len(self.actors) < size:
+            self.actors.append(self._start())
+        while len(self.actors) > size:
+            ray.kill(self.actors.pop(), no_restart=True)
+            self._fresh.discard(len(self.actors))
+
+    def _desired(self, waiting: int) -> int:
+        return max(self.min_size, min(self.max_size, math.ceil(waiting / self.samples_per_verifier)))
 
     def _replace(self, index: int) -> None:
         ray.kill(self.actors[index], no_restart=True)
-        self.actors[index] = self._actor_class.remote(self.scorer)
+        self.actors[index] = self._start()
+        self._fresh.add(index)
         self.stats["verifier/restarts"] += 1
 
+    # -- scoring --------------------------------------------------------------------------
+
     def score(self, samples: list[Sample]) -> list[Verdict]:
-        items = [(s.completion.text, s.prompt.problem.answer) for s in samples]
-        n = len(self.actors)
-        chunks = [list(range(i, len(items), n)) for i in range(n)]
-        pending = {i: self.actors[i].score.remote([items[j] for j in chunk]) for i, chunk in enumerate(chunks) if chunk}
+        return self.score_items([(s.completion.text, s.prompt.problem) for s in samples])
+
+    def score_items(self, items: list[tuple[str, Problem]]) -> list[Verdict]:
+        """Verdicts for (completion, problem) pairs, in their order."""
+        start = time.perf_counter()
+        desired = self._desired(len(items))
+        if desired > len(self.actors):
+            logger.info("verifier pool: %d samples waiting, growing from %d to %d actors", len(items), len(self.actors), desired)
+            self._resize(desired)
+        self._oversized_calls = self._oversized_calls + 1 if desired < len(self.actors) else 0
+
         verdicts: list[Verdict | None] = [None] * len(items)
-        for i, ref in pending.items():
-            for j, verdict in zip(chunks[i], self._collect(i, ref, [items[j] for j in chunks[i]])):
-                verdicts[j] = verdict
-        self.stats["verifier/executions"] += len(items)
-        self.stats["verifier/queue_depth"] = len(pending)
+        attempts = [0] * len(items)
+        queue = collections.deque([list(range(i, min(i + self.samples_per_call, len(items)))) for i in range(0, len(items), self.samples_per_call)])
+        running: dict[ray.ObjectRef, _Job] = {}
+
+        def retry(indices: list[int], error: str, outcome: str = "infra_error") -> None:
+            for i in indices:
+                attempts[i] += 1
+                if attempts[i] <= self.max_retries:
+                    self.stats["verifier/retries"] += 1
+                    queue.append([i])
+                else:
+                    self.stats["verifier/infra_errors"] += 1
+                    verdicts[i] = Verdict.infra_error(f"{error} (after {self.max_retries} retries)", outcome)
+
+        while queue or running:
+            busy = {job.actor for job in running.values()}
+            for actor in range(len(self.actors)):
+                if queue and actor not in busy:
+                    indices = queue.popleft()
+                    now = time.monotonic()
+                    budget = self.timeout_s * len(indices) + (self.startup_s if actor in self._fresh else 0.0)
+                    ref = self.actors[actor].score.remote([items[i] for i in indices])
+                    running[ref] = _Job(actor, indices, now, now + budget)
+            ready, _ = ray.wait(list(running), num_returns=1, timeout=0.2)
+            for ref in ready:
+                job = running.pop(ref)
+                try:
+                    results = ray.get(ref)
+                except (RayActorError, RayTaskError) as exc:
+                    logger.warning("verifier %d failed (%s): replacing it, retrying %d samples", job.actor, type(exc).__name__, len(job.indices))
+                    self._replace(job.actor)
+                    retry(job.indices, f"verifier died: {type(exc).__name__}")
+                    continue
+                self._fresh.discard(job.actor)
+                for i, verdict in zip(job.indices, results):
+                    if verdict.status == "infra_error":
+                        retry([i], verdict.error or "infrastructure error", verdict.outcome)
+                    else:
+                        verdicts[i] = verdict
+            now = time.monotonic()
+            for ref, job in list(running.items()):
+                if now > job.deadline:
+                    running.pop(ref)
+                    logger.warning("verifier %d ran past %.0fs on %d samples: replacing it", job.actor, job.deadline - job.started, len(job.indices))
+                    self._replace(job.actor)
+                    retry(job.indices, f"verifier timed out after {job.deadline - job.started:.0f}s")
+
+        if self._oversized_calls >= self.scale_down_after:
+            logger.info("verifier pool: shrinking from %d to %d actors", len(self.actors), desired)
+            self._resize(desired)
+            self._oversized_calls = 0
+        self._record(verdicts, len(items), time.perf_counter() - start)  # type: ignore[arg-type]
         return verdicts  # type: ignore[return-value]
 
-    def _collect(self, index: int, ref, chunk: list[tuple[str, str]]) -> list[Verdict]:
-        error = ""
-        for attempt in range(self.max_retries + 1):
-            start = time.monotonic()
-            try:
-                return ray.get(ref, timeout=self.timeout_s)
-            except (GetTimeoutError, RayActorError) as exc:
-                error = f"{type(exc).__name__} after {time.monotonic() - start:.1f}s"
-                logger.warning("verifier %d failed (%s), attempt %d: replacing it", index, error, attempt + 1)
-                self._replace(index)
-                if attempt < self.max_retries:
-                    ref = self.actors[index].score.remote(chunk)
-        self.stats["verifier/infra_errors"] += len(chunk)
-        return [Verdict.infra_error(f"verifier {index}: {error}") for _ in chunk]
+    def _record(self, verdicts: list[Verdict], queued: int, seconds: float) -> None:
+        counts = collections.Counter(v.outcome for v in verdicts)
+        self.stats = {
+            **{k: v for k, v in self.stats.items() if not k.startswith("verifier/verdict/")},
+            "verifier/queue_depth": float(queued),
+            "verifier/size": float(len(self.actors)),
+            "verifier/executions_per_second": queued / max(seconds, 1e-9),
+            **{f"verifier/verdict/{outcome}": float(n) for outcome, n in sorted(counts.items())},
+        }
+
+    def kill(self) -> None:
+        for actor in self.actors:
+            ray.kill(actor, no_restart=True)
+        self.actors = []

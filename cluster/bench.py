@@ -4,6 +4,9 @@
 model, adapter (version 0), prompts and sampling settings, in one run; each side is warmed up
 once before it is timed. Tokens per second count the tokens each side actually generated.
 
+``raylight bench verifier``: sandboxed program runs against plain subprocess runs of the same
+programs (HumanEval solutions with their test calls), in one run.
+
 ``raylight bench learner``: the cost of one learner step for each algorithm variant against
 plain GRPO, in the same process, on the same synthetic batch (what a critic, a reference pass,
 importance-sampling recomputation or extra PPO epochs cost).
@@ -14,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import random
+import subprocess
 import time
 
 import ray
@@ -142,4 +146,56 @@ def bench_learner(
         "seconds_per_step": {k: round(v, 3) for k, v in seconds.items()},
         "ratio_to_grpo": {k: round(v / seconds["grpo"], 2) for k, v in seconds.items()},
         "baseline_drift": round(drift, 3),  # the last GRPO timing over the first
+    }
+
+
+def _plain_run(python: str, source: str, wall_s: float) -> bool:
+    """The baseline: the same interpreter and launcher as the sandbox, as a plain subprocess."""
+    from rewards.sandbox import launcher_command
+
+    try:
+        done = subprocess.run(launcher_command(python), input=source.encode(), capture_output=True, timeout=wall_s)
+    except subprocess.TimeoutExpired:
+        return False
+    return done.returncode == 0
+
+
+def bench_verifier(n_programs: int = 164, slots: int = 2) -> dict:
+    """HumanEval canonical solutions with their recorded test calls, each run as a program
+    twice in the same process: in the bwrap sandbox (its own uid, namespaces, rlimits, capped
+    output) and as a plain subprocess of the same interpreter; ``slots`` programs at a time."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from rewards.code import harness, new_marker
+    from rewards.humaneval import judge_for, load_problems, program_for
+    from rewards.sandbox import Sandbox, SandboxLimits
+
+    problems = list(load_problems().values())[:n_programs]
+    sources = []
+    for problem in problems:
+        judge = judge_for(problem.task_id)
+        sources.append(harness(program_for(problem, problem.canonical_solution), problem.entry_point, judge.calls, new_marker()))
+    limits = SandboxLimits(wall_s=10.0, cpu_s=10)
+    sandbox = Sandbox(limits, slots=slots)
+
+    def timed(run) -> tuple[float, int]:
+        with ThreadPoolExecutor(slots) as pool:
+            start = time.perf_counter()
+            ok = sum(pool.map(run, sources))
+        return time.perf_counter() - start, ok
+
+    timed(lambda s: sandbox.run(s).status == "ok")  # warm-up: page cache, bwrap copy
+    sandbox_s, sandbox_ok = timed(lambda s: sandbox.run(s).status == "ok")
+    plain_s, plain_ok = timed(lambda s: _plain_run(sandbox.python, s, limits.wall_s))
+    sandbox.close()
+    logger.info("sandbox: %d programs in %.1f s; plain subprocess: %.1f s", len(sources), sandbox_s, plain_s)
+    return {
+        "benchmark": "verifier",
+        "programs": len(sources),
+        "slots": slots,
+        "sandbox_mode": sandbox.mode,
+        "sandboxed_executions_per_second": round(len(sources) / sandbox_s, 1),
+        "plain_subprocess_executions_per_second": round(len(sources) / plain_s, 1),
+        "throughput_ratio": round(plain_s / sandbox_s, 2),  # sandboxed / plain executions per second
+        "ok": {"sandbox": sandbox_ok, "plain": plain_ok},
     }

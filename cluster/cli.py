@@ -1,4 +1,4 @@
-"""``raylight`` command line: train, bench, prepare-model."""
+"""``raylight`` command line: train, score, bench, prepare-model."""
 
 from __future__ import annotations
 
@@ -37,11 +37,35 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _score(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from cluster.config import ConfigError, load_config
+    from cluster.driver import init_ray, start_verifiers
+    from cluster.score import SCORE_TASKS, score_file
+
+    if args.task not in SCORE_TASKS:
+        raise ConfigError(f"unknown task {args.task!r} for raylight score; known: {sorted(SCORE_TASKS)}")
+    if not Path(args.samples).is_file():
+        raise FileNotFoundError(f"samples file {args.samples} does not exist")
+    config = load_config(args.config, args.overrides)
+    config.reward.scorer = SCORE_TASKS[args.task].scorer
+    init_ray(config)
+    pool = start_verifiers(config)
+    try:
+        score_file(args.task, Path(args.samples), pool)
+    finally:
+        pool.kill()
+    return 0
+
+
 def _bench(args: argparse.Namespace) -> int:
-    from cluster.bench import bench_generation, bench_learner
+    from cluster.bench import bench_generation, bench_learner, bench_verifier
 
     if args.bench == "learner":
         result = bench_learner(args.model, args.rows, args.prompt_tokens, args.completion_tokens, args.steps, args.variants)
+    elif args.bench == "verifier":
+        result = bench_verifier(args.programs, args.slots)
     else:
         result = bench_generation(args.model, args.prompts, args.n, args.max_tokens, args.dtype)
     print(json.dumps(result))
@@ -68,6 +92,18 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("overrides", nargs="*", help="dotted.key=value config overrides, e.g. rollout.group_size=4")
     train.set_defaults(func=_train)
 
+    score = commands.add_parser(
+        "score",
+        help="score a JSONL file of completions offline",
+        description="Score completions (one JSON object per line: task_id, completion) through the verifier pool; "
+        "prints one JSON line per sample and a summary line with the count of each verdict.",
+    )
+    score.add_argument("task", help="task the completions answer, e.g. humaneval")
+    score.add_argument("samples", help="JSONL file of {task_id, completion}")
+    score.add_argument("--config", help="YAML config whose verifier section to use (default: built-in defaults)")
+    score.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. verifier.max_verifiers=4")
+    score.set_defaults(func=_score)
+
     bench = commands.add_parser("bench", help="benchmarks", description="Benchmarks printing a JSON line.")
     which = bench.add_subparsers(dest="bench", required=True)
     gen = which.add_parser("generation", help="generator actor (vLLM) vs plain HF generate, same prompts")
@@ -86,6 +122,11 @@ def build_parser() -> argparse.ArgumentParser:
     learn.add_argument("--variants", nargs="+", help="variants to time (default: all; see cluster/bench.py)")
     learn.set_defaults(func=_bench)
 
+    ver = which.add_parser("verifier", help="sandboxed program runs vs plain subprocess runs of the same programs")
+    ver.add_argument("--programs", type=int, default=164, help="HumanEval test programs to run each way")
+    ver.add_argument("--slots", type=int, default=2, help="programs run at once")
+    ver.set_defaults(func=_bench)
+
     prep = commands.add_parser("prepare-model", help="convert/cache a model folder and print its path")
     prep.add_argument("model", nargs="?", default="smollm2", help="'smollm2' or 'tiny'")
     prep.set_defaults(func=_prepare)
@@ -97,7 +138,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra:
-        if args.command != "train" or any(e.startswith("-") or "=" not in e for e in extra):
+        if args.command not in ("train", "score") or any(e.startswith("-") or "=" not in e for e in extra):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides = [*args.overrides, *extra]
     return args
@@ -106,6 +147,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from actors.verifier import VerifierStartError
     from cluster.config import ConfigError
 
     try:
@@ -114,6 +156,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"raylight: config error: {exc}", file=sys.stderr)
         return 2
     except FileNotFoundError as exc:
+        print(f"raylight: {exc}", file=sys.stderr)
+        return 2
+    except VerifierStartError as exc:  # e.g. no sandbox on this machine
         print(f"raylight: {exc}", file=sys.stderr)
         return 2
 

@@ -49,9 +49,13 @@ class TaskConfig:
 
 @dataclass
 class RewardConfig:
-    scorer: Literal["numeric"] = "numeric"
-    weights: dict[str, float] = field(default_factory=lambda: {"correct": 1.0, "format": 0.1})
-    extraction: Literal["anchor", "last", "first"] = "anchor"
+    """Which scorer judges a sample and how its named components are weighted (README: "Rewards")."""
+
+    scorer: Literal["numeric", "choice", "grid", "code", "humaneval"] = "numeric"
+    # None: the scorer's own (numeric: correct 1.0 + format 0.1; code: all_passed 1.0; others: correct 1.0)
+    weights: dict[str, float] | None = None
+    extraction: Literal["anchor", "last", "first"] = "anchor"  # numeric answers
+    choice_extraction: Literal["word-boundary", "legacy"] = "word-boundary"  # multiple choice
 
 
 @dataclass
@@ -78,11 +82,30 @@ class GeneratorConfig:
 
 
 @dataclass
+class SandboxConfig:
+    """Where model-written code runs (README: "Sandbox"); limits apply per program run."""
+
+    mode: Literal["bwrap", "rlimits"] = "bwrap"  # rlimits: no isolation, warns on every run
+    python: str = "/usr/bin/python3"  # a system interpreter the unprivileged uid can read
+    wall_s: float = 10.0
+    cpu_s: int = 10
+    memory_mb: int = 1024
+    output_bytes: int = 1_000_000
+    tmpfs_mb: int = 32
+    open_files: int = 64
+    processes: int = 32
+
+
+@dataclass
 class VerifierConfig:
-    num_verifiers: int = 2
-    timeout_s: float = 60.0
-    max_retries: int = 2
+    min_verifiers: int = 1
+    max_verifiers: int = 2  # the pool grows toward this with the number of samples waiting
+    samples_per_verifier: int = 16  # queue depth per actor before the pool grows
+    samples_per_call: int = 4  # samples sent to an actor in one call
+    timeout_s: float = 60.0  # per sample; a verifier past it is replaced and the sample retried
+    max_retries: int = 2  # then the sample is masked (infra_error), never scored 0
     num_cpus: float = 0.1
+    sandbox: SandboxConfig = field(default_factory=SandboxConfig)
 
 
 @dataclass
@@ -271,6 +294,11 @@ def check_config(config: Config) -> None:
         problems.append("learner.num_gpus > 0: the learner runs on CPU only so far (no device placement, no nccl); set it to 0")
     if config.learner.num_learners < 1:
         problems.append("learner.num_learners must be at least 1")
+    v = config.verifier
+    if not 1 <= v.min_verifiers <= v.max_verifiers:
+        problems.append(f"verifier pool size needs 1 <= verifier.min_verifiers ({v.min_verifiers}) <= verifier.max_verifiers ({v.max_verifiers})")
+    if config.task.name == "arithmetic" and config.reward.scorer != "numeric":
+        problems.append(f"task.name=arithmetic has numeric answers: reward.scorer={config.reward.scorer} cannot judge them; set reward.scorer=numeric")
     if problems:
         raise ConfigError("; ".join(problems))
 

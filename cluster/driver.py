@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
 import os
 import time
@@ -21,13 +22,14 @@ from tqdm import tqdm
 
 from actors.generator import generator_actor
 from actors.learner import LearnerGroup
-from actors.verifier import Scorer, VerifierPool
+from actors.verifier import Scorer, ScorerFactory, VerifierPool
 from cluster.config import Config
 from cluster.rundir import RunDir
 from learners.batch import build_train_batch
 from learners.learner import REQUIRED_METRICS, LearnerSettings
 from learners.policy import LoraSettings
-from rewards.scoring import RewardSettings, build_scorer
+from rewards.sandbox import SandboxLimits
+from rewards.scoring import RewardSettings, SandboxSettings, build_scorer
 from rollout.arithmetic import ArithmeticTask
 from rollout.contracts import Prompt, Sample, SamplingSettings, Verdict
 from rollout.engines import EngineSettings, write_adapter
@@ -91,11 +93,41 @@ def start_generator(config: Config, settings: EngineSettings, rank: int = 0):
     return actor.remote(settings, rank=rank)
 
 
+def reward_settings(config: Config) -> RewardSettings:
+    r, sb = config.reward, config.verifier.sandbox
+    limits = SandboxLimits(
+        wall_s=sb.wall_s, cpu_s=sb.cpu_s, memory_mb=sb.memory_mb, output_bytes=sb.output_bytes,
+        tmpfs_mb=sb.tmpfs_mb, open_files=sb.open_files, processes=sb.processes,
+    )  # fmt: skip
+    return RewardSettings(
+        scorer=r.scorer,
+        weights=r.weights,
+        extraction=r.extraction,
+        choice_extraction=r.choice_extraction,
+        sandbox=SandboxSettings(mode=sb.mode, limits=limits, python=sb.python),
+    )
+
+
+def start_verifiers(config: Config, factory: ScorerFactory | None = None) -> VerifierPool:
+    """The verifier pool ``config`` asks for; each actor builds the configured scorer."""
+    v = config.verifier
+    return VerifierPool(
+        factory or functools.partial(build_scorer, reward_settings(config)),
+        min_size=v.min_verifiers,
+        max_size=v.max_verifiers,
+        timeout_s=v.timeout_s,
+        max_retries=v.max_retries,
+        num_cpus=v.num_cpus,
+        samples_per_call=v.samples_per_call,
+        samples_per_verifier=v.samples_per_verifier,
+    )
+
+
 class Trainer:
     """Owns the actors of one run and drives its steps."""
 
     def __init__(self, config: Config, run_dir: RunDir, scorer: Scorer | None = None):
-        """``scorer`` replaces the configured reward (text, answer) -> Verdict, e.g. in tests."""
+        """``scorer`` replaces the configured reward (text, problem) -> Verdict, e.g. in tests."""
         self.config = config
         self.run_dir = run_dir
         c = config
@@ -112,10 +144,7 @@ class Trainer:
             self.model_path, self._lora_settings(), self._learner_settings(), lc.num_learners, lc.num_cpus, lc.num_gpus
         )
         self.generators = [start_generator(c, self._engine_settings(), rank=i) for i in range(c.generator.num_generators)]
-        reward = RewardSettings(scorer=c.reward.scorer, weights=c.reward.weights, extraction=c.reward.extraction)
-        v = c.verifier
-        scorer = scorer or build_scorer(reward)
-        self.verifiers = VerifierPool(scorer, v.num_verifiers, v.timeout_s, v.max_retries, v.num_cpus)
+        self.verifiers = start_verifiers(c, (lambda: scorer) if scorer else None)
         self.policy_version = 0
         self.broadcast()
 
@@ -272,8 +301,9 @@ class Trainer:
 
     def shutdown(self) -> None:
         self.learners.kill()
-        for handle in [*self.generators, *self.verifiers.actors]:
+        for handle in self.generators:
             ray.kill(handle)
+        self.verifiers.kill()
 
 
 def sample_metrics(samples: list[Sample], verdicts: list[Verdict], prefix: str) -> dict[str, float]:

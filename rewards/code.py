@@ -1,12 +1,13 @@
 """Code rewards: run a model-written function against test cases in the sandbox, judge outside.
 
 The sandbox runs the program followed by a harness that calls the entry point on each test
-input and prints the return values as JSON (exceptions as their type name). The expected
-values never enter the sandbox: the parent parses the JSON and compares plain Python values.
-So a program that exits early (``sys.exit(0)``, ``os._exit(0)``) prints no results and fails;
-an object whose ``__eq__`` always returns True is serialised by its real content (JSON uses
-``int.__repr__`` and friends, not the subclass's methods) or by ``repr`` and compares unequal;
-patching ``unittest`` or reading its own source gains nothing, because the judge is not there.
+input and prints each return value in ``rewards.wire``'s typed JSON (an exception as its type
+name). The expected values never enter the sandbox: the parent decodes plain Python values and
+compares them. So a program that exits early (``sys.exit(0)``, ``os._exit(0)``) reports no
+results and fails; an object whose ``__eq__`` always returns True, or a subclass of ``int``,
+arrives as an opaque value that equals nothing; patching ``unittest`` or ``json``, reading its
+own source, or forging result lines gains nothing, because the judge and the answers are not
+there.
 """
 
 from __future__ import annotations
@@ -15,9 +16,11 @@ import ast
 import json
 import re
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal, Mapping, Sequence
 
+from rewards import wire
 from rewards.sandbox import Execution, Sandbox
 from rewards.text import repetition_stats
 from rewards.weights import weigh
@@ -61,71 +64,99 @@ def static_checks(program: str) -> tuple[bool, bool]:
     return True, True
 
 
-def harness(program: str, entry_point: str, inputs: Sequence[Sequence[Any]], marker: str) -> str:
-    """The program, then calls of ``entry_point`` on each input; results as one marked JSON line."""
+@dataclass(frozen=True)
+class Call:
+    """One call of the program's entry point: its outcome is ``("ok", value)`` or
+    ``("raised", exception type name)``."""
+
+    args: tuple = ()
+    kwargs: dict = field(default_factory=dict, hash=False)
+
+
+_WIRE_SOURCE = Path(wire.__file__).read_text()
+
+
+def harness(program: str, entry_point: str, calls: Sequence[Call], marker: str) -> str:
+    """The program, then each call of ``entry_point``; each outcome is printed as soon as it is
+    known, as one marked line ``<marker><index> <encoded outcome>``, so a run cut short by a
+    time or memory limit still reports the calls it finished."""
+    payload = json.dumps([[wire.encode(c.args), wire.encode(c.kwargs)] for c in calls])
     return f"""{program}
 
 def __raylight_run():
     import json as _json, sys as _sys
-    _out = []
-    for _args in _json.loads({json.dumps(json.dumps([list(a) for a in inputs]))}):
+    _wire = {{}}
+    exec({_WIRE_SOURCE!r}, _wire)
+    _write = _sys.stdout.write
+    for _i, (_args, _kwargs) in enumerate(_json.loads({payload!r})):
         try:
-            _value = {entry_point}(*_args)
-            try:
-                _out.append(["ok", _json.loads(_json.dumps(_value))])
-            except (TypeError, ValueError):
-                _out.append(["ok", ["__repr__", repr(_value)]])
+            _value = {entry_point}(*_wire["decode"](_args), **_wire["decode"](_kwargs))
+            _out = ["ok", _wire["encode"](_value)]
         except BaseException as _exc:
-            _out.append(["raised", type(_exc).__name__])
-    _sys.stdout.write("\\n" + {marker!r} + _json.dumps(_out) + "\\n")
-    _sys.stdout.flush()
+            _out = ["raised", type(_exc).__name__]
+        _write("\\n" + {marker!r} + str(_i) + " " + _json.dumps(_out) + "\\n")
+        _sys.stdout.flush()
 
 __raylight_run()
 """
 
 
-def _results(stdout: str, marker: str) -> list | None:
-    lines = [line for line in stdout.splitlines() if line.startswith(marker)]
-    if not lines:
-        return None
-    try:
-        results = json.loads(lines[-1][len(marker) :])
-    except json.JSONDecodeError:
-        return None
-    return results if isinstance(results, list) else None
+Outcome = tuple[str, Any]
 
 
-def _same(actual: Any, expected: Any) -> bool:
-    """Plain-value equality that does not let 1 == True or 1 == 1.0 blur types of containers."""
-    if isinstance(expected, float) or isinstance(actual, float):
-        return isinstance(actual, (int, float)) and not isinstance(actual, bool) and abs(actual - expected) <= 1e-9 * max(1.0, abs(expected))
-    if type(actual) is not type(expected):
-        return False
-    if isinstance(expected, list):
-        return len(actual) == len(expected) and all(_same(a, e) for a, e in zip(actual, expected))
-    if isinstance(expected, dict):
-        return actual.keys() == expected.keys() and all(_same(actual[k], expected[k]) for k in expected)
-    return actual == expected
+def new_marker() -> str:
+    """A fresh random prefix for result lines (a program cannot guess it in advance)."""
+    return f"@@raylight-results-{secrets.token_hex(8)}@@"
 
 
-def run_tests(
-    sandbox: Sandbox, program: str, entry_point: str, cases: Sequence[tuple[Sequence[Any], Any]]
-) -> CodeResult:
-    """Run ``program`` against ``cases`` of (arguments, expected return value) in one sandbox run."""
+def _outcomes(stdout: str, marker: str, total: int) -> list[Outcome | None]:
+    """Decoded outcomes by call index; None where a call reported nothing (or garbage)."""
+    found: list[Outcome | None] = [None] * total
+    for line in stdout.splitlines():
+        if not line.startswith(marker):
+            continue
+        index, _, data = line[len(marker) :].partition(" ")
+        try:
+            kind, value = json.loads(data)
+            i = int(index)
+            found[i] = ("ok", wire.decode(value)) if kind == "ok" else ("raised", str(value))
+        except (ValueError, TypeError, IndexError, RecursionError):
+            continue
+    return found
+
+
+@dataclass(frozen=True)
+class CallsRun:
+    """What a sandbox run of a program's calls produced."""
+
+    status: CodeStatus | None  # None: the run finished; judge the outcomes
+    outcomes: list[Outcome | None]
+    syntax_valid: bool
+    compiles: bool
+    execution: Execution | None = None
+
+
+def run_calls(sandbox: Sandbox, program: str, entry_point: str, calls: Sequence[Call]) -> CallsRun:
+    """All ``calls`` of ``program``'s ``entry_point`` in one sandbox run; nothing is judged here."""
     syntax_valid, compiles = static_checks(program)
-    total = len(cases)
-    if not compiles:
-        return CodeResult("error", 0, total, syntax_valid, compiles)
-    marker = f"@@raylight-results-{secrets.token_hex(8)}@@"
-    execution = sandbox.run(harness(program, entry_point, [args for args, _ in cases], marker))
-    if execution.status in ("timeout", "memory", "output_limit", "sandbox_error"):
-        return CodeResult(execution.status, 0, total, syntax_valid, compiles, execution)
-    results = _results(execution.stdout, marker)
-    if results is None or len(results) != total:
-        return CodeResult("error", 0, total, syntax_valid, compiles, execution)
-    expected = [json.loads(json.dumps(value)) for _, value in cases]  # the same JSON round trip
-    passed = sum(kind == "ok" and _same(value, want) for (kind, value), want in zip(results, expected))
-    return CodeResult("passed" if passed == total else "failed", passed, total, syntax_valid, compiles, execution)
+    if not compiles or not entry_point.isidentifier():
+        return CallsRun("error", [None] * len(calls), syntax_valid, compiles)
+    marker = new_marker()
+    execution = sandbox.run(harness(program, entry_point, calls, marker))
+    outcomes = _outcomes(execution.stdout, marker, len(calls))
+    limited = execution.status if execution.status in ("timeout", "memory", "output_limit", "sandbox_error") else None
+    if limited is None and any(o is None for o in outcomes):
+        limited = "error"  # exited early or raised at import: calls without outcome are failures
+    return CallsRun(limited, outcomes, syntax_valid, compiles, execution)
+
+
+def run_tests(sandbox: Sandbox, program: str, entry_point: str, cases: Sequence[tuple[Sequence[Any], Any]]) -> CodeResult:
+    """Run ``program`` against ``cases`` of (arguments, expected return value) in one sandbox
+    run; the expected values stay here."""
+    run = run_calls(sandbox, program, entry_point, [Call(tuple(args)) for args, _ in cases])
+    passed = sum(o is not None and o[0] == "ok" and wire.same(o[1], want) for o, (_, want) in zip(run.outcomes, cases))
+    status = run.status or ("passed" if passed == len(cases) else "failed")
+    return CodeResult(status, passed, len(cases), run.syntax_valid, run.compiles, run.execution)
 
 
 DEFAULT_WEIGHTS = {"all_passed": 1.0}
@@ -140,10 +171,14 @@ def code_reward(
 ) -> Verdict:
     """Components: ``passed_fraction`` (tiered), ``all_passed``, ``syntax_valid``, ``compiles``,
     ``repetition``. A sandbox failure is an infrastructure error (masked, never scored 0)."""
-    result = run_tests(sandbox, extract_code(completion), entry_point, cases)
+    return code_verdict(run_tests(sandbox, extract_code(completion), entry_point, cases), completion, weights)
+
+
+def code_verdict(result: CodeResult, completion: str, weights: Mapping[str, float] = DEFAULT_WEIGHTS) -> Verdict:
+    """The reward of a judged program; a sandbox failure is an infrastructure error."""
     if result.status == "sandbox_error":
         detail = result.execution.detail if result.execution else "sandbox error"
-        return Verdict.infra_error(f"sandbox_error: {detail}")
+        return Verdict.infra_error(f"sandbox_error: {detail}", outcome="sandbox_error")
     components = {
         "passed_fraction": result.passed_fraction,
         "all_passed": float(result.status == "passed"),
@@ -152,4 +187,4 @@ def code_reward(
         "repetition": float(repetition_stats(completion)["repetitive"]),
     }
     reward = weigh(components, weights)
-    return Verdict(reward=reward, correct=result.status == "passed", components=components, extracted=result.status)
+    return Verdict(reward=reward, correct=result.status == "passed", components=components, outcome=result.status)

@@ -61,9 +61,11 @@ def parse_grid(text: str) -> Grid | None:
     return max(candidates, key=lambda c: c[0])[1] if candidates else None
 
 
-def grid_reward(completion: str, answer: str, weights: Mapping[str, float] | None = None) -> Verdict:
+DEFAULT_WEIGHTS = {"correct": 1.0}
+
+
+def grid_reward(completion: str, answer: str, weights: Mapping[str, float] = DEFAULT_WEIGHTS) -> Verdict:
     """``correct``: the parsed grid equals the expected one (``answer`` is the grid as JSON)."""
-    weights = weights if weights is not None else {"correct": 1.0}
     expected = json.loads(answer)
     grid = parse_grid(completion)
     components = {

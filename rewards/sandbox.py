@@ -5,7 +5,9 @@ What it protects against (each has a test in ``tests/test_sandbox.py``):
   killed), CPU-time, address-space, file-size, open-file and process-count rlimits;
 - fork bombs and daemons: a PID namespace (when its init exits every process in it dies),
   ``--die-with-parent``, one unprivileged uid per concurrent slot so ``kill(-1, 9)`` and the
-  process limit never reach a sibling sandbox;
+  process limit never reach a sibling sandbox; the uids are leased with ``flock`` on files
+  under ``/tmp/raylight-sandbox-uids``, so sandboxes in different processes of one machine
+  (several verifier actors, several runs) never share one;
 - the host: no network (``--unshare-all``), no ``/etc`` or home directories, the interpreter
   and system libraries read-only, the only writable place a size-limited tmpfs; stdout and
   stderr are files capped by the file-size limit, so 1 GB of output cannot fill the disk;
@@ -24,10 +26,12 @@ unless ``mode="rlimits"`` is chosen explicitly; that weaker mode warns on every 
 from __future__ import annotations
 
 import atexit
+import fcntl
 import logging
 import os
 import queue
 import resource
+import select
 import shutil
 import signal
 import stat
@@ -47,6 +51,12 @@ SandboxMode = Literal["bwrap", "rlimits"]
 # sandbox itself failed (bwrap could not start, the interpreter is missing)
 _STARTED = "\x00raylight-sandbox-started\x00"
 _LAUNCH = f"import sys; sys.stderr.write({_STARTED!r}); sys.stderr.flush(); exec(compile(sys.stdin.read(), '<sample>', 'exec'), {{'__name__': '__main__'}})"
+
+
+def launcher_command(python: str) -> list[str]:
+    """The interpreter line every program runs under: isolated mode, no site packages, the
+    program read from stdin."""
+    return [python, "-I", "-S", "-c", _LAUNCH]
 
 
 class SandboxUnavailable(RuntimeError):
@@ -97,15 +107,18 @@ class Sandbox:
         mode: SandboxMode = "bwrap",
         python: str = "/usr/bin/python3",
         uid_base: int = 61000,
+        uid_count: int = 1000,
     ):
         self.limits = limits
         self.mode = mode
         self.python = python
-        self.uid_base = uid_base
         self.root = os.geteuid() == 0
-        self._slots: queue.Queue[int] = queue.Queue()
-        for slot in range(slots if self.root else 1):  # without root there is one uid: one slot
-            self._slots.put(slot)
+        self._slots: queue.Queue[int] = queue.Queue()  # of uids (of 0 without root: one slot)
+        self._leases = _lease_uids(slots, uid_base, uid_count) if self.root else {0: None}
+        if self.root:
+            _become_subreaper()
+        for uid in self._leases:
+            self._slots.put(uid)
         if not Path(python).is_file():
             raise SandboxUnavailable(f"sandbox interpreter {python} does not exist; set the sandbox python to a system Python 3")
         if mode == "bwrap":
@@ -123,7 +136,7 @@ class Sandbox:
             raise ValueError(f"unknown sandbox mode {mode!r}")
 
     def _command(self) -> list[str]:
-        launch = [self.python, "-I", "-S", "-c", _LAUNCH]
+        launch = launcher_command(self.python)
         if self.mode == "rlimits":
             return launch
         binds = []
@@ -137,9 +150,20 @@ class Sandbox:
             *launch,
         ]  # fmt: skip
 
-    def _preexec(self, slot: int):
+    @property
+    def uids(self) -> list[int]:
+        """The unprivileged uids this sandbox runs programs as (leased for its lifetime)."""
+        return sorted(self._leases) if self.root else []
+
+    def close(self) -> None:
+        """Give the leased uids back (also done when the process exits)."""
+        for handle in self._leases.values():
+            if handle is not None:
+                handle.close()
+        self._leases = {}
+
+    def _preexec(self, uid: int):
         limits = self.limits
-        uid = self.uid_base + slot
 
         def apply() -> None:
             for name, value in (
@@ -162,13 +186,13 @@ class Sandbox:
         """Run ``source`` as a program; stdout/stderr come back truncated to the output cap."""
         if self.mode == "rlimits":
             logger.warning("sandbox in rlimits-only mode: no namespaces, no filesystem or network isolation")
-        slot = self._slots.get()
+        uid = self._slots.get()
         try:
-            return self._run(source, slot)
+            return self._run(source, uid)
         finally:
-            self._slots.put(slot)
+            self._slots.put(uid)
 
-    def _run(self, source: str, slot: int) -> Execution:
+    def _run(self, source: str, uid: int) -> Execution:
         limits = self.limits
         with tempfile.TemporaryDirectory(prefix="raylight-sandbox-") as folder:
             paths = {name: Path(folder) / name for name in ("stdin", "stdout", "stderr")}
@@ -179,20 +203,17 @@ class Sandbox:
                     process = subprocess.Popen(
                         self._command(), stdin=stdin, stdout=stdout, stderr=stderr, cwd=folder,
                         env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"},
-                        preexec_fn=self._preexec(slot), start_new_session=True, close_fds=True,
+                        preexec_fn=self._preexec(uid), start_new_session=True, close_fds=True,
                     )  # fmt: skip
                 except OSError as exc:
                     return Execution("sandbox_error", None, "", "", 0.0, f"could not start the sandbox: {exc}")
-                timed_out = False
                 try:
-                    process.wait(timeout=limits.wall_s)
-                except subprocess.TimeoutExpired:
-                    timed_out = True
+                    timed_out = not _wait_exit(process, limits.wall_s)
                 finally:
                     _kill_group(process.pid)
                     process.wait()
                     if self.root:
-                        _kill_uid(self.uid_base + slot)
+                        _kill_uid(uid)
             wall = time.perf_counter() - start
             out = _read_capped(paths["stdout"], limits.output_bytes)
             err = _read_capped(paths["stderr"], limits.output_bytes)
@@ -202,6 +223,31 @@ class Sandbox:
         code = process.returncode
         status, detail = _classify(code, timed_out, started, err, sizes, limits)
         return Execution(status, code, out, err, wall, detail)
+
+
+UID_LOCKS = Path("/tmp/raylight-sandbox-uids")
+
+
+def _lease_uids(count: int, base: int, span: int) -> dict[int, object]:
+    """``count`` uids from ``base`` .. ``base + span`` that no other live sandbox on this machine
+    holds: each is an exclusive ``flock`` on its own file, released when the holder exits."""
+    UID_LOCKS.mkdir(mode=0o700, exist_ok=True)
+    leases: dict[int, object] = {}
+    for uid in range(base, base + span):
+        if len(leases) == count:
+            break
+        handle = open(UID_LOCKS / str(uid), "a")  # noqa: SIM115 - held open for the lease
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.close()
+            continue
+        leases[uid] = handle
+    if len(leases) < count:
+        for handle in leases.values():
+            handle.close()
+        raise SandboxUnavailable(f"all {span} sandbox uids from {base} are in use on this machine; raise uid_count")
+    return leases
 
 
 def _executable_by_others(path: Path) -> bool:
@@ -232,6 +278,23 @@ def _reachable_by_others(bwrap: str) -> str:
     return str(copy)
 
 
+def _wait_exit(process: subprocess.Popen, timeout_s: float) -> bool:
+    """Whether ``process`` exited within ``timeout_s``. A pidfd wakes up the moment it exits
+    (``Popen.wait(timeout)`` polls with sleeps that grow to 50 ms, a third of a short run)."""
+    try:
+        fd = os.pidfd_open(process.pid)
+    except (AttributeError, OSError):  # an old kernel: fall back to polling
+        try:
+            process.wait(timeout=timeout_s)
+            return True
+        except subprocess.TimeoutExpired:
+            return False
+    try:
+        return bool(select.select([fd], [], [], timeout_s)[0])
+    finally:
+        os.close(fd)
+
+
 def _kill_group(pid: int) -> None:
     try:
         os.killpg(pid, signal.SIGKILL)
@@ -239,35 +302,71 @@ def _kill_group(pid: int) -> None:
         pass
 
 
-def live_processes(uid: int) -> list[int]:
-    """Pids of running (not zombie) processes owned by ``uid``."""
+def live_processes(uid: int, zombies: bool = False) -> list[int]:
+    """Pids of running processes owned by ``uid`` (with ``zombies``, also exited ones that
+    their new parent has not reaped yet). Reads each ``status`` file: the owner of a
+    ``/proc/<pid>`` folder is not enough, a non-dumpable process shows as root there."""
     pids = []
-    for entry in Path("/proc").iterdir():
+    wanted = f"\nUid:\t{uid}\t"
+    for entry in os.scandir("/proc"):
         if not entry.name.isdigit():
             continue
         try:
-            status = (entry / "status").read_text()
+            with open(f"/proc/{entry.name}/status") as handle:
+                status = handle.read()
         except OSError:
             continue
-        fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
-        if int(fields["Uid"].split()[0]) == uid and not fields["State"].strip().startswith(("Z", "X")):
+        if wanted not in status:
+            continue
+        state = status[status.find("\nState:") + 8 :].lstrip()[:1]
+        if zombies or state not in ("Z", "X"):
             pids.append(int(entry.name))
     return pids
 
 
 def _kill_uid(uid: int, patience_s: float = 2.0) -> None:
     """Kill whatever still runs under a slot uid (only sandboxes of this slot use it): a
-    process that left the namespace's process group must not outlive its run."""
+    process that left the namespace's process group must not outlive its run. Its zombies are
+    reaped here too (this process is their subreaper): they would count against the uid's
+    process limit, and a fork bomb's leftovers would stop the next run from starting."""
+    me = os.getpid()
     deadline = time.monotonic() + patience_s
-    while (pids := live_processes(uid)) and time.monotonic() < deadline:
+    while (pids := live_processes(uid, zombies=True)) and time.monotonic() < deadline:
+        waited = False
         for pid in pids:
             try:
                 os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
+                if _parent(pid) == me:  # ours since its parent died: SIGKILLed, so this returns soon
+                    os.waitpid(pid, 0)
+                    waited = True
+            except (ProcessLookupError, ChildProcessError):
                 pass
-        time.sleep(0.01)
-    if pids:
-        logger.error("sandbox slot uid %d still has processes %s after the run", uid, pids)
+        if not waited:  # still someone else's child: give its parent a moment to die
+            time.sleep(0.002)
+    if not pids:
+        return
+    if live := live_processes(uid):
+        logger.error("sandbox slot uid %d still has processes %s after the run", uid, live)
+    else:
+        logger.warning("sandbox slot uid %d: %d exited processes not reaped after %.0fs", uid, len(pids), patience_s)
+
+
+def _parent(pid: int) -> int | None:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _become_subreaper() -> None:
+    """Orphans of the sandboxes (bwrap's inner process when the outer one is killed) become
+    children of this process instead of the host's init, so ``_kill_uid`` can reap them at
+    once; some inits reap only every few seconds."""
+    import ctypes
+
+    PR_SET_CHILD_SUBREAPER = 36
+    if ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+        logger.warning("could not become a child subreaper: sandbox zombies wait for the host's init")
 
 
 def _read_capped(path: Path, cap: int) -> str:

@@ -74,7 +74,10 @@ class Verdict:
     """A verifier's judgement of one sample.
 
     ``status == "infra_error"`` means the verifier itself failed: the sample is masked out of
-    the advantage computation and never scored as reward 0.
+    the advantage computation and never scored as reward 0. ``outcome`` names the verdict for
+    counting: ``correct``/``wrong`` by default, the program's fate for code (``passed``,
+    ``failed``, ``error``, ``timeout``, ``memory``, ``output_limit``), ``sandbox_error`` or
+    ``infra_error`` when the verifier failed.
     """
 
     reward: float
@@ -83,10 +86,16 @@ class Verdict:
     extracted: str | None = None
     status: Literal["ok", "infra_error"] = "ok"
     error: str | None = None
+    outcome: str = ""
+
+    def __post_init__(self):
+        if not self.outcome:
+            default = "infra_error" if self.status == "infra_error" else "correct" if self.correct else "wrong"
+            object.__setattr__(self, "outcome", default)
 
     @classmethod
-    def infra_error(cls, error: str) -> "Verdict":
-        return cls(reward=0.0, correct=False, status="infra_error", error=error)
+    def infra_error(cls, error: str, outcome: str = "infra_error") -> "Verdict":
+        return cls(reward=0.0, correct=False, status="infra_error", error=error, outcome=outcome)
 
 
 @dataclass(frozen=True)

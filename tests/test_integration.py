@@ -35,7 +35,7 @@ REQUIRED_KEYS = {
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 
-def spread_reward(completion: str, answer: str) -> Verdict:
+def spread_reward(completion: str, problem) -> Verdict:
     """A random tiny model never solves arithmetic, so the numeric reward would be 0 for every
     sample and the gradient exactly 0. This reward varies with the text (the share of ASCII
     letters), so every group carries signal and the weights must move."""

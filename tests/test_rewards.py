@@ -2,8 +2,13 @@
 
 import pytest
 
-from rewards.numeric import extract_number, has_answer_label, numbers_equal, numeric_reward
+from rewards.numeric import answers_equal, extract_number, has_answer_label, numbers_equal, numeric_reward
 from rewards.scoring import RewardSettings, build_scorer
+from rollout.contracts import Problem
+
+
+def problem(answer: str) -> Problem:
+    return Problem(uid="p", question="q", answer=answer)
 
 
 @pytest.mark.parametrize(
@@ -18,6 +23,16 @@ from rewards.scoring import RewardSettings, build_scorer
         ("first 5 then 6", "last", "6"),
         ("no digits here", "anchor", None),
         ("Answer: 3.50", "anchor", "3.50"),
+        # from a past run's analysis: the label wins over the arithmetic before it
+        ("So the steps are 250 + 250 = 500, then 500 - 2 = 498. Answer: 623", "anchor", "623"),
+        ("So the steps are 250 + 250 = 500, then 500 - 2 = 498. Answer: 623", "first", "250"),
+        ("So the steps are 250 + 250 = 500, then 500 - 2 = 498. Answer: 623", "last", "623"),
+        ("So the steps are 250 + 250 = 500, then 500 - 2 = 498.", "anchor", "498"),
+        ("#### 5 and later #### 6", "anchor", "6"),
+        ("the answer is 41 (not 42)", "anchor", "41"),
+        ("so $\\boxed{\\frac{3}{4}}$ in the end, not 7", "anchor", "\\frac{3}{4}"),
+        ("so $\\boxed{\\frac{3}{4}}$ in the end, not 7", "last", "7"),
+        ("-12 degrees", "first", "-12"),
     ],
 )
 def test_extract_number(text, method, expected):
@@ -32,6 +47,42 @@ def test_numbers_equal_is_exact_rational():
     assert not numbers_equal("1.2.3", "1")
 
 
+def test_unknown_extraction_method_is_named():
+    with pytest.raises(ValueError, match="'middle'"):
+        extract_number("1 2 3", "middle")
+
+
+@pytest.mark.parametrize(
+    ("predicted", "expected", "equal"),
+    [
+        ("12.0", "12", True),  # plain numbers: exact rationals, no math-verify
+        ("\\frac{1}{2}", "0.5", True),
+        ("\\frac{2}{4}", "\\frac{1}{2}", True),
+        ("(x+1)^2", "x^2+2x+1", True),
+        ("\\{2, 1\\}", "\\{1, 2\\}", True),
+        ("\\sqrt{4}", "2", True),
+        ("\\frac{1}{3}", "0.5", False),
+        ("x^2", "x^3", False),
+        (None, "1", False),
+    ],
+)
+def test_answer_equivalence_through_math_verify(predicted, expected, equal):
+    assert answers_equal(predicted, expected) is equal
+
+
+def test_every_extraction_method_is_reported():
+    text = "First 3, then 10 - 2 = 8. Answer: 9"
+    v = numeric_reward(text, "9", {"correct": 1.0}, method="first")
+    assert v.extracted == "3" and not v.correct and v.reward == 0.0
+    assert {k: v.components[k] for k in ("correct_anchor", "correct_last", "correct_first")} == {
+        "correct_anchor": 1.0,
+        "correct_last": 1.0,
+        "correct_first": 0.0,
+    }
+    v = numeric_reward("the half is $\\boxed{\\frac{1}{2}}$", "0.5")
+    assert v.correct and v.components["correct_anchor"] == 1.0 and v.components["correct_last"] == 0.0
+
+
 def test_answer_label():
     assert has_answer_label("so Answer: 42")
     assert not has_answer_label("the answer is forty-two")
@@ -40,7 +91,9 @@ def test_answer_label():
 def test_numeric_reward_components_are_weighted_and_reported():
     v = numeric_reward("7 - 2 = 5\nAnswer: 5", "5", {"correct": 1.0, "format": 0.25})
     assert v.correct and v.reward == 1.25
-    assert v.components == {"correct": 1.0, "format": 1.0, "repetition": 0.0}
+    assert v.components == {
+        "correct": 1.0, "correct_anchor": 1.0, "correct_last": 1.0, "correct_first": 0.0, "format": 1.0, "repetition": 0.0,
+    }  # fmt: skip
     v = numeric_reward("7 - 2 = 4", "5", {"correct": 1.0, "format": 0.25})
     assert not v.correct and v.reward == 0.0 and v.extracted == "4"
     v = numeric_reward("Answer: 4", "5", {"correct": 1.0, "format": 0.25})
@@ -54,7 +107,7 @@ def test_unknown_reward_component_is_named():
 
 def test_build_scorer_by_name():
     scorer = build_scorer(RewardSettings(weights={"correct": 1.0}, extraction="first"))
-    assert scorer("3 then 4", "3").correct
+    assert scorer("3 then 4", problem("3")).correct
     with pytest.raises(ValueError, match="unknown scorer"):
         build_scorer(RewardSettings(scorer="nope"))
 
@@ -151,5 +204,19 @@ def test_grid_reward_exact_match():
 
 
 def test_scorers_by_name():
-    assert build_scorer(RewardSettings(scorer="choice", weights={"correct": 1.0}))("Answer: B", "B").reward == 1.0
-    assert build_scorer(RewardSettings(scorer="grid", weights={"correct": 1.0}))("[[3]]", "[[3]]").reward == 1.0
+    assert build_scorer(RewardSettings(scorer="choice"))("Answer: B", problem("B")).reward == 1.0
+    assert build_scorer(RewardSettings(scorer="grid"))("[[3]]", problem("[[3]]")).reward == 1.0
+    assert build_scorer(RewardSettings())("Answer: 5", problem("5")).reward == 1.1  # numeric defaults
+
+
+def test_code_scorers_by_name():
+    """The code scorers open a real sandbox; a code problem without tests is a named error."""
+    add = Problem("add-1", "q", "", meta={"entry_point": "add", "tests": [[[1, 2], 3], [[2, 2], 4]]})
+    code_scorer = build_scorer(RewardSettings(scorer="code"))
+    assert code_scorer("```python\ndef add(a, b):\n    return a + b\n```", add).correct
+    assert code_scorer("def add(a, b):\n    return 3\n", add).components["passed_fraction"] == 0.5
+    with pytest.raises(ValueError, match="'broken'.*entry_point"):
+        code_scorer("def f(): pass", Problem("broken", "q", ""))
+    humaneval = build_scorer(RewardSettings(scorer="humaneval"))
+    verdict = humaneval("    return False\n", Problem("HumanEval/0", "q", ""))
+    assert verdict.outcome == "failed" and 0 < verdict.components["passed_fraction"] < 1

@@ -19,11 +19,11 @@ def sandbox():
 
 
 def slot_processes(sandbox) -> list[int]:
-    """Running processes still owned by a slot uid (none may survive a run; exited ones
-    waiting for the host's init to reap them do not run)."""
+    """Processes still owned by a slot uid, zombies included: none may survive a run (a
+    zombie still counts against the uid's process limit and would stop the next run)."""
     if not sandbox.root:
         return []
-    return [pid for slot in range(2) for pid in live_processes(sandbox.uid_base + slot)]
+    return [pid for uid in sandbox.uids for pid in live_processes(uid, zombies=True)]
 
 
 def run(sandbox, source):
@@ -111,8 +111,25 @@ def test_killing_the_parent_leaves_the_host_alive(sandbox):
     assert run(sandbox, "print('next run')").stdout == "next run\n"
 
 
-def test_kill_minus_one_spares_sibling_sandboxes(sandbox):
+@pytest.fixture(scope="module")
+def other_sandbox(sandbox):
+    """A second sandbox, as another verifier actor on the same machine would hold."""
+    other = Sandbox(LIMITS, slots=1)
+    yield other
+    other.close()
+
+
+def test_sandboxes_lease_distinct_uids(sandbox, other_sandbox):
+    if not sandbox.root:
+        pytest.skip("one uid per sandbox needs root")
+    assert len(sandbox.uids) == 2 and len(other_sandbox.uids) == 1
+    assert not set(sandbox.uids) & set(other_sandbox.uids)
+
+
+@pytest.mark.parametrize("attacker_in", ["same", "other"], ids=["same-sandbox", "other-sandbox"])
+def test_kill_minus_one_spares_sibling_sandboxes(sandbox, other_sandbox, attacker_in):
     results = {}
+    attacking = sandbox if attacker_in == "same" else other_sandbox
 
     def sibling():
         results["sibling"] = sandbox.run("import time\ntime.sleep(1.5)\nprint('survived')")
@@ -121,10 +138,10 @@ def test_kill_minus_one_spares_sibling_sandboxes(sandbox):
     thread.start()
     time.sleep(0.5)
     try:
-        attacker = sandbox.run("import os, signal\nos.kill(-1, signal.SIGKILL)\nprint('after')")
+        attacker = attacking.run("import os, signal\nos.kill(-1, signal.SIGKILL)\nprint('after')")
     finally:
         thread.join()
-    assert slot_processes(sandbox) == []
+    assert slot_processes(sandbox) == [] and slot_processes(other_sandbox) == []
     assert attacker.status in ("ok", "error")
     assert results["sibling"].status == "ok" and results["sibling"].stdout == "survived\n"
     assert os.getpid() > 0  # this process was not signalled

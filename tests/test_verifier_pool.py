@@ -1,8 +1,11 @@
-"""Fault injection on the verifier pool (real Ray actors): a verifier that dies or hangs is
-replaced and its chunk retried; one that keeps failing yields masked samples, never reward 0."""
+"""The verifier pool on real Ray actors (and, for code, the real sandbox): a verifier that dies
+or hangs is replaced and its samples retried; a hanging sample is isolated from the others;
+sandbox errors are retried, then masked, never scored 0; the pool grows with the queue and
+shrinks back; its metrics count what happened."""
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 import time
@@ -12,61 +15,141 @@ import pytest
 import ray
 
 from actors.verifier import VerifierPool
-from rollout.contracts import Completion, Problem, Prompt, Sample, Verdict
+from rewards.scoring import RewardSettings, SandboxSettings, build_scorer
+from rollout.contracts import Problem, Verdict
 
 pytestmark = pytest.mark.slow
 # Ray workers cannot import this test module: ship its functions (the scorers) by value
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
-
-def samples(n: int) -> list[Sample]:
-    prompt = Prompt(Problem(uid="p", question="q", answer="7"), text="q", token_ids=(1,))
-    return [Sample(prompt, Completion((2,), "Answer: 7" if i % 2 else "8", (-0.1,), "stop"), 0, i) for i in range(n)]
+PROBLEM = Problem(uid="p", question="q", answer="7")
 
 
-def exact(completion: str, answer: str) -> Verdict:
-    correct = completion.endswith(answer)
+def items(n: int) -> list[tuple[str, Problem]]:
+    return [("Answer: 7" if i % 2 else "8", PROBLEM) for i in range(n)]
+
+
+def exact(completion: str, problem: Problem) -> Verdict:
+    correct = completion.endswith(problem.answer)
     return Verdict(reward=float(correct), correct=correct)
 
 
 def fail_once(marker: Path, how: str):
-    """A scorer whose first call (over all actors) kills its process or hangs."""
+    """A scorer factory whose first call (over all actors) kills its process or hangs."""
 
-    def scorer(completion: str, answer: str) -> Verdict:
+    def scorer(completion: str, problem: Problem) -> Verdict:
         try:
             marker.touch(exist_ok=False)
         except FileExistsError:
-            return exact(completion, answer)
+            return exact(completion, problem)
         if how == "die":
             os._exit(1)
         time.sleep(60)
-        return exact(completion, answer)
+        return exact(completion, problem)
 
-    return scorer
+    return lambda: scorer
 
 
-def always_die(completion: str, answer: str) -> Verdict:
+def always_die(completion: str, problem: Problem) -> Verdict:
     os._exit(1)
+
+
+def hang_on(text: str):
+    def scorer(completion: str, problem: Problem) -> Verdict:
+        if completion == text:
+            time.sleep(60)
+        return exact(completion, problem)
+
+    return lambda: scorer
+
+
+def flaky_sandbox(marker: Path, failures: int):
+    """Reports a sandbox error for the first ``failures`` calls (counted in a file across actors)."""
+
+    def scorer(completion: str, problem: Problem) -> Verdict:
+        count = int(marker.read_text()) if marker.exists() else 0
+        marker.write_text(str(count + 1))
+        if count < failures:
+            return Verdict.infra_error("sandbox_error: bwrap: creating new namespace failed", outcome="sandbox_error")
+        return exact(completion, problem)
+
+    return lambda: scorer
 
 
 @pytest.mark.parametrize("how", ["die", "hang"])
 def test_dead_or_hung_verifier_is_replaced_and_retried(ray_cluster, tmp_path, how):
-    pool = VerifierPool(fail_once(tmp_path / "failed", how), size=1, timeout_s=5.0, max_retries=2)
-    verdicts = pool.score(samples(4))
+    pool = VerifierPool(fail_once(tmp_path / "failed", how), min_size=1, max_size=1, timeout_s=3.0, max_retries=2)
+    verdicts = pool.score_items(items(4))
     assert [v.reward for v in verdicts] == [0.0, 1.0, 0.0, 1.0]
     assert all(v.status == "ok" for v in verdicts)
     assert pool.stats["verifier/restarts"] == 1 and pool.stats["verifier/infra_errors"] == 0
+    assert pool.stats["verifier/retries"] == 4  # the whole first job, one sample at a time
+    pool.kill()
 
 
 def test_persistent_failure_masks_instead_of_scoring_zero(ray_cluster):
-    pool = VerifierPool(always_die, size=2, timeout_s=5.0, max_retries=1)
-    verdicts = pool.score(samples(4))
-    assert all(v.status == "infra_error" for v in verdicts)
-    assert all("verifier" in v.error for v in verdicts)
-    assert pool.stats["verifier/infra_errors"] == 4 and pool.stats["verifier/restarts"] == 4
+    pool = VerifierPool(lambda: always_die, min_size=2, max_size=2, timeout_s=5.0, max_retries=1)
+    verdicts = pool.score_items(items(4))
+    assert all(v.status == "infra_error" and "verifier died" in v.error for v in verdicts)
+    assert pool.stats["verifier/infra_errors"] == 4 and pool.stats["verifier/verdict/infra_error"] == 4
+    pool.kill()
 
 
-def test_pool_keeps_sample_order_across_actors(ray_cluster):
-    pool = VerifierPool(exact, size=3)
-    verdicts = pool.score(samples(7))
-    assert [v.correct for v in verdicts] == [i % 2 == 1 for i in range(7)]
+def test_a_hanging_sample_does_not_take_its_job_down(ray_cluster):
+    batch = [(f"Answer: {i}", Problem(uid=str(i), question="q", answer=str(i))) for i in range(6)]
+    batch[2] = ("hang", batch[2][1])
+    pool = VerifierPool(hang_on("hang"), min_size=2, max_size=2, timeout_s=1.5, max_retries=1, samples_per_call=3)
+    verdicts = pool.score_items(batch)
+    assert [v.status for v in verdicts] == ["ok", "ok", "infra_error", "ok", "ok", "ok"]
+    assert all(v.correct for i, v in enumerate(verdicts) if i != 2)
+    assert "timed out" in verdicts[2].error
+    pool.kill()
+
+
+def test_sandbox_errors_are_retried_then_masked(ray_cluster, tmp_path):
+    pool = VerifierPool(flaky_sandbox(tmp_path / "calls", failures=2), min_size=1, max_size=1, max_retries=2, samples_per_call=1)
+    verdicts = pool.score_items(items(1))
+    assert verdicts[0].status == "ok" and pool.stats["verifier/retries"] == 2
+    pool = VerifierPool(flaky_sandbox(tmp_path / "calls2", failures=99), min_size=1, max_size=1, max_retries=2)
+    verdicts = pool.score_items(items(2))
+    assert all(v.status == "infra_error" and v.outcome == "sandbox_error" for v in verdicts)
+    assert pool.stats["verifier/verdict/sandbox_error"] == 2
+    pool.kill()
+
+
+def test_pool_keeps_sample_order_and_scales_with_the_queue(ray_cluster):
+    pool = VerifierPool(lambda: exact, min_size=1, max_size=3, samples_per_verifier=4, samples_per_call=2, scale_down_after=2)
+    assert len(pool.actors) == 1
+    verdicts = pool.score_items(items(11))  # 11 waiting at 4 per actor: 3 actors
+    assert [v.correct for v in verdicts] == [i % 2 == 1 for i in range(11)]
+    assert len(pool.actors) == 3 and pool.stats["verifier/size"] == 3
+    assert pool.stats["verifier/queue_depth"] == 11 and pool.stats["verifier/executions_per_second"] > 0
+    assert pool.stats["verifier/verdict/correct"] == 5 and pool.stats["verifier/verdict/wrong"] == 6
+    pool.score_items(items(2))
+    assert len(pool.actors) == 3  # one quiet call is not enough to shrink
+    pool.score_items(items(2))
+    assert len(pool.actors) == 1
+    pool.kill()
+
+
+def test_scorer_that_cannot_start_fails_the_pool_at_once(ray_cluster):
+    settings = RewardSettings(scorer="code", sandbox=SandboxSettings(python="/nowhere/python3"))
+    with pytest.raises(RuntimeError, match="verifier actors could not start.*does not exist"):
+        VerifierPool(functools.partial(build_scorer, settings), min_size=1, max_size=1)
+
+
+def test_code_is_scored_in_the_sandbox_through_the_pool(ray_cluster):
+    """Two actors, each with its own sandbox uid; a fork bomb next to correct code."""
+    add = Problem("add", "q", "", meta={"entry_point": "add", "tests": [[[1, 2], 3], [[5, 5], 10]]})
+    batch = [
+        ("def add(a, b):\n    return a + b\n", add),
+        ("import os\nwhile True:\n    os.fork()\n", add),
+        ("def add(a, b):\n    return a - b\n", add),
+        ("def add(a, b):\n    while True: pass\n", add),
+    ]
+    pool = VerifierPool(functools.partial(build_scorer, RewardSettings(scorer="code")), min_size=2, max_size=2, samples_per_call=1)
+    verdicts = pool.score_items(batch)
+    assert [v.outcome for v in verdicts][::2] == ["passed", "failed"]
+    assert verdicts[1].outcome in ("error", "timeout") and verdicts[3].outcome == "timeout"
+    assert all(v.status == "ok" for v in verdicts)
+    pool.kill()
