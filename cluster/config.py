@@ -56,6 +56,8 @@ class RewardConfig:
     weights: dict[str, float] | None = None
     extraction: Literal["anchor", "last", "first"] = "anchor"  # numeric answers
     choice_extraction: Literal["word-boundary", "legacy"] = "word-boundary"  # multiple choice
+    # regexes the completion must contain; their share is the format_tags component (give it a weight to pay)
+    required_format: list[str] = field(default_factory=list)
 
 
 @dataclass

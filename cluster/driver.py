@@ -104,6 +104,7 @@ def reward_settings(config: Config) -> RewardSettings:
         weights=r.weights,
         extraction=r.extraction,
         choice_extraction=r.choice_extraction,
+        required_format=tuple(r.required_format),
         sandbox=SandboxSettings(mode=sb.mode, limits=limits, python=sb.python),
     )
 

@@ -1,5 +1,7 @@
 """Answer extraction and the numeric reward."""
 
+import re
+
 import pytest
 
 from rewards.numeric import answers_equal, extract_number, has_answer_label, numbers_equal, numeric_reward
@@ -207,6 +209,19 @@ def test_scorers_by_name():
     assert build_scorer(RewardSettings(scorer="choice"))("Answer: B", problem("B")).reward == 1.0
     assert build_scorer(RewardSettings(scorer="grid"))("[[3]]", problem("[[3]]")).reward == 1.0
     assert build_scorer(RewardSettings())("Answer: 5", problem("5")).reward == 1.1  # numeric defaults
+
+
+def test_required_format_is_a_weighted_component_of_any_scorer():
+    settings = RewardSettings(weights={"correct": 1.0, "format_tags": 0.5}, required_format=(r"<think>.*</think>", r"Answer:"))
+    scorer = build_scorer(settings)
+    v = scorer("<think>7</think> Answer: 7", problem("7"))
+    assert v.components["format_tags"] == 1.0 and v.reward == 1.5
+    v = scorer("Answer: 7", problem("7"))
+    assert v.components["format_tags"] == 0.5 and v.reward == 1.25
+    reported_only = build_scorer(RewardSettings(required_format=("<think>",)))("Answer: 7", problem("7"))
+    assert reported_only.components["format_tags"] == 0.0 and reported_only.reward == 1.1
+    with pytest.raises(re.error):
+        build_scorer(RewardSettings(required_format=("(",)))
 
 
 def test_code_scorers_by_name():
