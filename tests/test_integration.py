@@ -117,6 +117,9 @@ def test_run_directory_contents(trained):
     assert [r["step"] for r in steps] == list(range(1, STEPS + 1))
     for row in steps:
         assert REQUIRED_KEYS <= set(row), REQUIRED_KEYS - set(row)
+        # the verifier pool's metrics: 4 prompts x 4 samples judged (spread_reward: never correct)
+        assert row["verifier/queue_depth"] == 16 and row["verifier/verdict/wrong"] == 16
+        assert row["verifier/executions_per_second"] > 0 and row["verifier/size"] >= 1
     assert {"eval/accuracy", "eval/reward_mean", "eval/n"} <= set(rows[0]) and rows[0]["step"] == 0
     assert {"eval/accuracy", "eval/n"} <= set(steps[-1])
     table = pq.read_table(path / "rollouts" / "step_000001.parquet")

@@ -43,6 +43,22 @@ def test_infinite_loop_times_out(sandbox):
     assert run(sandbox, "while True: pass").status == "timeout"
 
 
+@pytest.mark.parametrize(
+    "source",
+    ["while True: pass", "import signal\nsignal.signal(signal.SIGXCPU, signal.SIG_IGN)\nwhile True: pass"],
+    ids=["plain", "ignores-SIGXCPU"],
+)
+def test_cpu_time_limit_is_a_timeout(source):
+    """The CPU limit strikes before the wall clock here: SIGXCPU, or SIGKILL a second later
+    for a program that ignores it (bwrap relays either as exit status 128 + signal)."""
+    cpu_bound = Sandbox(SandboxLimits(wall_s=20.0, cpu_s=1), slots=1)
+    start = time.perf_counter()
+    result = cpu_bound.run(source)
+    assert result.status == "timeout" and result.detail == "CPU-time limit", result
+    assert time.perf_counter() - start < 5.0
+    cpu_bound.close()
+
+
 def test_fork_bomb_is_contained(sandbox):
     result = run(sandbox, "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass")
     assert result.status == "timeout"
@@ -174,3 +190,20 @@ def test_rlimits_mode_warns_on_every_run(caplog):
 def _free_bytes() -> int:
     stat = os.statvfs("/tmp")
     return stat.f_bavail * stat.f_frsize
+
+
+def test_refuses_to_start_where_bwrap_cannot_run(monkeypatch, tmp_path):
+    """A platform that forbids user namespaces cannot be had here: a stand-in bwrap fails the
+    way bwrap does there. The sandbox refuses with the reason and the way out."""
+    import rewards.sandbox as sandbox_module
+
+    fake = tmp_path / "bwrap"
+    fake.write_text("#!/bin/sh\necho 'bwrap: setting up uid map: Permission denied' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    tmp_path.chmod(0o755)
+    monkeypatch.setattr(sandbox_module, "find_bwrap", lambda: str(fake))
+    with pytest.raises(SandboxUnavailable, match="uid map: Permission denied.*rlimits-only mode"):
+        Sandbox(LIMITS, slots=1)
+    monkeypatch.setattr(sandbox_module, "find_bwrap", lambda: None)
+    with pytest.raises(SandboxUnavailable, match="bwrap not found"):
+        Sandbox(LIMITS, slots=1)
