@@ -1,4 +1,4 @@
-"""``raylight`` command line: train, score, bench, prepare-model."""
+"""``raylight`` command line: train, score, data check, bench, prepare-model."""
 
 from __future__ import annotations
 
@@ -41,7 +41,10 @@ def _score(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from cluster.config import ConfigError, load_config
-    from cluster.driver import init_ray, start_verifiers
+    import functools
+
+    from cluster.driver import init_ray, sandbox_settings, start_verifiers
+    from rewards.scoring import RewardSettings, build_scorer
     from cluster.score import SCORE_TASKS, score_file
 
     if args.task not in SCORE_TASKS:
@@ -49,14 +52,21 @@ def _score(args: argparse.Namespace) -> int:
     if not Path(args.samples).is_file():
         raise FileNotFoundError(f"samples file {args.samples} does not exist")
     config = load_config(args.config, args.overrides)
-    config.reward.scorer = SCORE_TASKS[args.task].scorer
+    settings = RewardSettings(scorer=SCORE_TASKS[args.task].scorer, sandbox=sandbox_settings(config))
     init_ray(config)
-    pool = start_verifiers(config)
+    pool = start_verifiers(config, factory=functools.partial(build_scorer, settings))
     try:
         score_file(args.task, Path(args.samples), pool)
     finally:
         pool.kill()
     return 0
+
+
+def _data(args: argparse.Namespace) -> int:
+    from cluster.config import load_config
+    from cluster.datacheck import data_check
+
+    return data_check(load_config(args.config, args.overrides))
 
 
 def _bench(args: argparse.Namespace) -> int:
@@ -104,6 +114,18 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. verifier.max_verifiers=4")
     score.set_defaults(func=_score)
 
+    data = commands.add_parser("data", help="data tools", description="Data tools.")
+    data_which = data.add_subparsers(dest="data", required=True)
+    check = data_which.add_parser(
+        "check",
+        help="load every task of a config: usable/skipped rows, example prompts, prompt lengths",
+        description="Load every task of a config (no model, only its tokenizer); exit 1 if a task has no usable "
+        "train or validation rows.",
+    )
+    check.add_argument("config", help="YAML config file")
+    check.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
+    check.set_defaults(func=_data)
+
     bench = commands.add_parser("bench", help="benchmarks", description="Benchmarks printing a JSON line.")
     which = bench.add_subparsers(dest="bench", required=True)
     gen = which.add_parser("generation", help="generator actor (vLLM) vs plain HF generate, same prompts")
@@ -138,7 +160,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra:
-        if args.command not in ("train", "score") or any(e.startswith("-") or "=" not in e for e in extra):
+        if args.command not in ("train", "score", "data") or any(e.startswith("-") or "=" not in e for e in extra):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides = [*args.overrides, *extra]
     return args
@@ -148,6 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from actors.verifier import VerifierStartError
+    from rollout.tasks import NoUsableRows
     from cluster.config import ConfigError
 
     try:
@@ -158,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     except FileNotFoundError as exc:
         print(f"raylight: {exc}", file=sys.stderr)
         return 2
-    except VerifierStartError as exc:  # e.g. no sandbox on this machine
+    except (VerifierStartError, NoUsableRows) as exc:  # no sandbox on this machine; a task without data
         print(f"raylight: {exc}", file=sys.stderr)
         return 2
 

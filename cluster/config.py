@@ -16,6 +16,8 @@ from typing import Any, Literal
 
 import yaml
 
+from rollout.tasks import TASK_NAMES
+
 
 class ConfigError(ValueError):
     """A config key or value the run cannot use; the message names the dotted key."""
@@ -39,19 +41,58 @@ class LoraConfig:
 
 
 @dataclass
+class CurriculumConfig:
+    """Procedural tasks: difficulty follows the task's recent training accuracy."""
+
+    enabled: bool = False
+    raise_at: float = 0.8  # mean accuracy over `window` steps that raises the difficulty one level
+    lower_at: float = 0.2  # ... and that lowers it
+    window: int = 4
+    min_difficulty: int = 1
+    max_difficulty: int = 10
+
+
+@dataclass
 class TaskConfig:
-    name: Literal["arithmetic"] = "arithmetic"
-    difficulty: int = 1
-    eval_percent: int = 20
-    prompt_template: str = "What is {expression}? Give the final answer as 'Answer: <number>'."
+    """One task of the mixture (README: "Tasks"). Settings left null take the task's default;
+    a setting the task does not take is an error naming it."""
+
+    name: Literal[TASK_NAMES] = "arithmetic"  # type: ignore[valid-type]
+    id: str | None = None  # unique name in the mixture and in metrics (default: name)
+    weight: float = 1.0  # share of each step's prompts
     system_prompt: str | None = "You are a helpful assistant. Answer briefly."
+    weights: dict[str, float] | None = None  # reward weights for this task (default: reward.weights)
+    curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
+    difficulty: int | None = None  # arithmetic 1-5, infix / rpn / brackets 1-10
+    mode: Literal["text", "code"] | None = None  # infix / rpn / brackets: answer in text or as code
+    source: str | None = None  # datasets: a Hub name, a local JSONL/Parquet file, or a folder of split files
+    fields: dict[str, str] | None = None  # datasets: our field name -> the file's field name
+    template: str | None = None  # the prompt template ({question}, or {expression} for arithmetic)
+    dataset: str | None = None  # reasoning_gym: the dataset name
+    size: int | None = None  # reasoning_gym: entries generated
+    gym_config: dict[str, int | float | str | bool] | None = None  # reasoning_gym: the dataset's settings
+    eval_percent: int | None = None  # arithmetic: share of expressions held out
+    validation_percent: int | None = None
+    test_percent: int | None = None
+    eval_size: int | None = None  # held-out problems evaluated (default: eval.n)
+    max_rows: int | None = None  # datasets: rows read per split
+    code_tests: int | None = None  # code mode: held-out inputs per problem
+
+    def settings(self, seed: int, eval_size: int) -> dict:
+        """The task constructor's keyword arguments: what is set, plus the run's seed."""
+        names = ("difficulty", "mode", "source", "fields", "template", "dataset", "size", "eval_percent",
+                 "validation_percent", "test_percent", "max_rows", "code_tests")  # fmt: skip
+        chosen = {n: getattr(self, n) for n in names if getattr(self, n) is not None}
+        if self.gym_config is not None:
+            chosen["config"] = self.gym_config
+        return {"id": self.id or self.name, "seed": seed, "eval_size": self.eval_size or eval_size,
+                "system_prompt": self.system_prompt, **chosen}  # fmt: skip
 
 
 @dataclass
 class RewardConfig:
-    """Which scorer judges a sample and how its named components are weighted (README: "Rewards")."""
+    """How rewards are weighted and extracted (README: "Rewards"); each task names its scorer."""
 
-    scorer: Literal["numeric", "choice", "grid", "code", "humaneval"] = "numeric"
     # None: the scorer's own (numeric: correct 1.0 + format 0.1; code: all_passed 1.0; others: correct 1.0)
     weights: dict[str, float] | None = None
     extraction: Literal["anchor", "last", "first"] = "anchor"  # numeric answers
@@ -177,7 +218,7 @@ class RunConfig:
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
-    task: TaskConfig = field(default_factory=TaskConfig)
+    tasks: list[TaskConfig] = field(default_factory=lambda: [TaskConfig()])
     reward: RewardConfig = field(default_factory=RewardConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     generator: GeneratorConfig = field(default_factory=GeneratorConfig)
@@ -248,17 +289,34 @@ def _build(cls, data: Any, prefix: str = ""):
 
 
 def apply_override(data: dict, override: str) -> None:
-    """Apply ``a.b.c=value`` (value parsed as YAML) to a nested dict in place."""
+    """Apply ``a.b.c=value`` (value parsed as YAML) to nested dicts in place; a number indexes
+    a list (``tasks.0.difficulty=3``; a missing list or item is started empty)."""
     if "=" not in override:
         raise ConfigError(f"override {override!r} is not of the form dotted.key=value")
     dotted, raw = override.split("=", 1)
     keys = dotted.strip().split(".")
-    node = data
-    for key in keys[:-1]:
-        node = node.setdefault(key, {})
-        if not isinstance(node, dict):
+    node: Any = data
+    for key, following in zip(keys, keys[1:]):
+        empty: Any = [] if following.isdigit() else {}
+        if isinstance(node, list):
+            index = int(key)
+            if index > len(node):
+                raise ConfigError(f"override {override!r}: item {index} of a list of {len(node)}")
+            if index == len(node):
+                node.append(empty)
+            node = node[index]
+        elif isinstance(node, dict):
+            node = node.setdefault(key, empty)
+        else:
             raise ConfigError(f"override {override!r}: '{key}' is not a section")
-    node[keys[-1]] = yaml.safe_load(raw)
+    last = keys[-1]
+    value = yaml.safe_load(raw)
+    if isinstance(node, list) and last.isdigit() and int(last) <= len(node):
+        node[int(last):int(last) + 1] = [value]
+    elif isinstance(node, dict):
+        node[last] = value
+    else:
+        raise ConfigError(f"override {override!r}: '{last}' does not name a key or list item")
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
@@ -299,10 +357,39 @@ def check_config(config: Config) -> None:
     v = config.verifier
     if not 1 <= v.min_verifiers <= v.max_verifiers:
         problems.append(f"verifier pool size needs 1 <= verifier.min_verifiers ({v.min_verifiers}) <= verifier.max_verifiers ({v.max_verifiers})")
-    if config.task.name == "arithmetic" and config.reward.scorer != "numeric":
-        problems.append(f"task.name=arithmetic has numeric answers: reward.scorer={config.reward.scorer} cannot judge them; set reward.scorer=numeric")
+    problems += _task_problems(config)
     if problems:
         raise ConfigError("; ".join(problems))
+
+
+def _task_problems(config: Config) -> list[str]:
+    """Tasks: unique ids, positive weights, curricula only where there is a difficulty, and
+    reward weights that name components the task's scorer reports."""
+    from rewards.scoring import COMPONENTS
+    from rollout.tasks import build_task
+
+    problems, ids = [], [t.id or t.name for t in config.tasks]
+    if not config.tasks:
+        problems.append("tasks: at least one task is needed")
+    if len(set(ids)) != len(ids):
+        problems.append(f"tasks: ids must be unique, got {ids} (give each task an 'id')")
+    for i, t in enumerate(config.tasks):
+        key = f"tasks[{i}] ({ids[i]})"
+        if t.weight <= 0:
+            problems.append(f"{key}.weight must be above 0")
+        if t.curriculum.enabled and t.name not in ("arithmetic", "infix", "rpn", "brackets"):
+            problems.append(f"{key}.curriculum needs a task with a difficulty (arithmetic, infix, rpn, brackets)")
+        try:
+            task = build_task(t.name, **t.settings(config.run.seed, config.eval.n))
+        except (ValueError, TypeError) as exc:
+            problems.append(f"{key}: {exc}")
+            continue
+        weights = t.weights if t.weights is not None else config.reward.weights
+        known = set(COMPONENTS[task.reward.scorer]) | {"format_tags"}
+        if weights is not None and set(weights) - known:
+            source = f"{key}.weights" if t.weights is not None else "reward.weights"
+            problems.append(f"{source} names {sorted(set(weights) - known)}, which the {task.reward.scorer} scorer of {ids[i]} does not report; it reports {sorted(known)}")
+    return problems
 
 
 def config_to_dict(config: Config) -> dict:

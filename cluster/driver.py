@@ -15,7 +15,6 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
-from itertools import islice
 
 import ray
 from tqdm import tqdm
@@ -23,19 +22,19 @@ from tqdm import tqdm
 from actors.generator import generator_actor
 from actors.learner import LearnerGroup
 from actors.verifier import Scorer, ScorerFactory, VerifierPool
-from cluster.config import Config
+from cluster.config import Config, TaskConfig
 from cluster.rundir import RunDir
 from learners.batch import build_train_batch
 from learners.learner import REQUIRED_METRICS, LearnerSettings
 from learners.policy import LoraSettings
 from rewards.sandbox import SandboxLimits
-from rewards.scoring import RewardSettings, SandboxSettings, build_scorer
-from rollout.arithmetic import ArithmeticTask
-from rollout.contracts import Prompt, Sample, SamplingSettings, Verdict
+from rewards.scoring import RewardSettings, SandboxSettings, build_task_scorer
+from rollout.contracts import Problem, Prompt, Sample, SamplingSettings, Verdict
 from rollout.engines import EngineSettings, write_adapter
 from rollout.models import resolve_model
 from rollout.prompts import render_prompts
 from rollout.staleness import filter_stale
+from rollout.tasks import Curriculum, Task, TaskMixture, build_task
 
 logger = logging.getLogger(__name__)
 
@@ -93,27 +92,51 @@ def start_generator(config: Config, settings: EngineSettings, rank: int = 0):
     return actor.remote(settings, rank=rank)
 
 
-def reward_settings(config: Config) -> RewardSettings:
-    r, sb = config.reward, config.verifier.sandbox
+def sandbox_settings(config: Config) -> SandboxSettings:
+    sb = config.verifier.sandbox
     limits = SandboxLimits(
         wall_s=sb.wall_s, cpu_s=sb.cpu_s, memory_mb=sb.memory_mb, output_bytes=sb.output_bytes,
         tmpfs_mb=sb.tmpfs_mb, open_files=sb.open_files, processes=sb.processes,
     )  # fmt: skip
+    return SandboxSettings(mode=sb.mode, limits=limits, python=sb.python)
+
+
+def reward_settings(config: Config, task: Task, task_config: TaskConfig) -> RewardSettings:
+    """How ``task``'s samples are scored: its scorer, the run's reward knobs, its weights."""
+    r = config.reward
     return RewardSettings(
-        scorer=r.scorer,
-        weights=r.weights,
+        scorer=task.reward.scorer,
+        weights=task_config.weights if task_config.weights is not None else r.weights,
         extraction=r.extraction,
         choice_extraction=r.choice_extraction,
         required_format=tuple(r.required_format),
-        sandbox=SandboxSettings(mode=sb.mode, limits=limits, python=sb.python),
+        sandbox=sandbox_settings(config),
+        options=dict(task.reward.options),
     )
 
 
-def start_verifiers(config: Config, factory: ScorerFactory | None = None) -> VerifierPool:
-    """The verifier pool ``config`` asks for; each actor builds the configured scorer."""
+def build_tasks(config: Config) -> TaskMixture:
+    """The run's tasks, mixed by weight, with their curricula."""
+    tasks, curricula = [], {}
+    for t in config.tasks:
+        task = build_task(t.name, **t.settings(config.run.seed, config.eval.n))
+        tasks.append(task)
+        if t.curriculum.enabled:
+            c = t.curriculum
+            curricula[task.id] = Curriculum(c.raise_at, c.lower_at, c.window, c.min_difficulty, c.max_difficulty)
+    return TaskMixture(tasks, [t.weight for t in config.tasks], config.run.seed, curricula)
+
+
+def start_verifiers(config: Config, mixture: TaskMixture | None = None, factory: ScorerFactory | None = None) -> VerifierPool:
+    """The verifier pool ``config`` asks for; each actor builds the scorers of ``mixture``'s
+    tasks (or runs ``factory``'s scorer)."""
     v = config.verifier
+    if factory is None:
+        mixture = mixture or build_tasks(config)
+        settings = {t.id: reward_settings(config, t, tc) for t, tc in zip(mixture.tasks.values(), config.tasks)}
+        factory = functools.partial(build_task_scorer, settings)
     return VerifierPool(
-        factory or functools.partial(build_scorer, reward_settings(config)),
+        factory,
         min_size=v.min_verifiers,
         max_size=v.max_verifiers,
         timeout_s=v.timeout_s,
@@ -132,20 +155,23 @@ class Trainer:
         self.config = config
         self.run_dir = run_dir
         c = config
+        # the data first: a task without usable rows stops the run before any model is loaded
+        self.tasks = build_tasks(c)
+        self.tasks.check()
         self.model_path = str(resolve_model(c.model.path))
         from transformers import AutoTokenizer
 
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
-        self.task = ArithmeticTask(c.task.difficulty, c.run.seed, c.task.eval_percent, c.task.prompt_template)
-        self.train_problems = self.task.train_stream()
-        self.eval_prompts = render_prompts(self.tokenizer, self.task.eval_set(c.eval.n), c.task.system_prompt)
+        self.eval_prompts = {
+            task_id: self.render(problems) for task_id, problems in self.tasks.eval_sets("validation").items()
+        }
         init_ray(c)
         lc = c.learner
         self.learners = LearnerGroup(
             self.model_path, self._lora_settings(), self._learner_settings(), lc.num_learners, lc.num_cpus, lc.num_gpus
         )
         self.generators = [start_generator(c, self._engine_settings(), rank=i) for i in range(c.generator.num_generators)]
-        self.verifiers = start_verifiers(c, (lambda: scorer) if scorer else None)
+        self.verifiers = start_verifiers(c, self.tasks, (lambda: scorer) if scorer else None)
         self.policy_version = 0
         self.broadcast()
 
@@ -188,9 +214,20 @@ class Trainer:
 
     # -- phases ---------------------------------------------------------------------------
 
+    def render(self, problems: list[Problem]) -> list[Prompt]:
+        """Chat-template problems with their own task's system prompt, keeping their order."""
+        prompts: list[Prompt | None] = [None] * len(problems)
+        by_task: dict[str, list[int]] = {}
+        for i, problem in enumerate(problems):
+            by_task.setdefault(problem.meta.get("task", ""), []).append(i)
+        for task_id, indices in by_task.items():
+            system = self.tasks.tasks[task_id].system_prompt if task_id in self.tasks.tasks else None
+            for i, prompt in zip(indices, render_prompts(self.tokenizer, [problems[i] for i in indices], system)):
+                prompts[i] = prompt
+        return prompts  # type: ignore[return-value]
+
     def next_prompts(self) -> list[Prompt]:
-        problems = list(islice(self.train_problems, self.config.rollout.prompts_per_step))
-        return render_prompts(self.tokenizer, problems, self.config.task.system_prompt)
+        return self.render(self.tasks.sample(self.config.rollout.prompts_per_step))
 
     def generate(self, prompts: list[Prompt], sampling: SamplingSettings) -> list[Sample]:
         """Split prompts over the generators (contiguous chunks), keep the prompt order."""
@@ -240,10 +277,14 @@ class Trainer:
             if self.config.run.save_rollouts:
                 self.run_dir.write_rollouts(step, samples, verdicts, advantages)
         tokens = sum(len(s.completion.token_ids) for s in samples)
+        by_task = task_metrics(samples, verdicts, "train")
+        accuracy = {task: by_task[f"train/{task}/accuracy"] for task in self.tasks.tasks if f"train/{task}/accuracy" in by_task}
         return {
             "step": step,
             "policy_version": self.policy_version,
             **sample_metrics(samples, verdicts, prefix="train"),
+            **(by_task if len(self.tasks.tasks) > 1 else {}),
+            **self.tasks.update_curricula(accuracy),
             **learn_metrics,
             **batch_metrics,
             **stale_metrics,
@@ -253,12 +294,16 @@ class Trainer:
         }
 
     def evaluate(self) -> dict:
-        """Greedy accuracy on the held-out problems (never seen in training)."""
+        """Greedy accuracy on each task's validation problems (never seen in training): over all
+        of them, and per task when there are several. The sets are fixed at the start of the
+        run (a curriculum's later difficulty does not change them)."""
         sampling = dataclasses.replace(self.sampling, n=1, temperature=0.0, max_tokens=self.config.eval.max_tokens)
-        samples = self.generate(self.eval_prompts, sampling)
+        prompts = [prompt for task_prompts in self.eval_prompts.values() for prompt in task_prompts]
+        samples = self.generate(prompts, sampling)
         verdicts = self.verify(samples)
         metrics = sample_metrics(samples, verdicts, prefix="eval")
-        return {"eval/accuracy": metrics["eval/accuracy"], "eval/reward_mean": metrics["eval/reward_mean"], "eval/n": len(samples), **metrics}
+        per_task = task_metrics(samples, verdicts, "eval") if len(self.eval_prompts) > 1 else {}
+        return {"eval/accuracy": metrics["eval/accuracy"], "eval/reward_mean": metrics["eval/reward_mean"], "eval/n": len(samples), **metrics, **per_task}
 
     def train(self, steps: int) -> dict:
         """Run ``steps`` steps with held-out evaluation at the start, every ``eval.every``, and the end."""
@@ -305,6 +350,18 @@ class Trainer:
         for handle in self.generators:
             ray.kill(handle)
         self.verifiers.kill()
+
+
+def task_metrics(samples: list[Sample], verdicts: list[Verdict], prefix: str) -> dict[str, float]:
+    """``sample_metrics`` of each task's samples, as ``<prefix>/<task>/...``, plus ``n``."""
+    groups: dict[str, list[int]] = {}
+    for i, sample in enumerate(samples):
+        groups.setdefault(sample.prompt.problem.meta.get("task", "task"), []).append(i)
+    metrics = {}
+    for task, indices in groups.items():
+        metrics |= sample_metrics([samples[i] for i in indices], [verdicts[i] for i in indices], f"{prefix}/{task}")
+        metrics[f"{prefix}/{task}/n"] = float(len(indices))
+    return metrics
 
 
 def sample_metrics(samples: list[Sample], verdicts: list[Verdict], prefix: str) -> dict[str, float]:

@@ -37,7 +37,7 @@ def _humaneval_problem(task_id: str) -> Problem:
     problems = load_problems()
     if task_id not in problems:
         raise KeyError(f"unknown HumanEval task_id {task_id!r}")
-    return Problem(uid=task_id, question=problems[task_id].prompt, answer="", split="eval", meta={"task_id": task_id})
+    return Problem(uid=task_id, question=problems[task_id].prompt, answer="", split="test", meta={"task_id": task_id})
 
 
 SCORE_TASKS = {"humaneval": ScoreTask("humaneval", _humaneval_problem)}

@@ -62,45 +62,95 @@ def evaluate(expression: str) -> int:
 
 
 class ArithmeticTask:
-    """Seeded stream of arithmetic problems; ``difficulty`` picks a row of ``LEVELS``."""
+    """Seeded stream of arithmetic problems; ``difficulty`` picks a row of ``LEVELS``.
 
-    name = "arithmetic"
+    Splits: ``validation`` is the held-out set (``eval_size`` problems, the same for every run
+    of this difficulty); ``test`` is cut from the training side by a second hash when
+    ``test_percent`` > 0 (0 by default, which keeps the demo's problems as they were).
+    """
 
-    def __init__(self, difficulty: int = 1, seed: int = 0, eval_percent: int = 20, template: str = DEFAULT_TEMPLATE):
-        if difficulty not in LEVELS:
-            raise ValueError(f"arithmetic difficulty must be one of {sorted(LEVELS)}, got {difficulty}")
+    def __init__(
+        self,
+        difficulty: int = 1,
+        seed: int = 0,
+        eval_percent: int = 20,
+        template: str = DEFAULT_TEMPLATE,
+        id: str = "arithmetic",
+        eval_size: int = 200,
+        test_percent: int = 0,
+        system_prompt: str | None = None,
+    ):
         if "{expression}" not in template:
             raise ValueError(f"arithmetic prompt template must contain '{{expression}}': {template!r}")
+        self.id = id
         self.template = template
-        self.level = LEVELS[difficulty]
+        self.difficulty = difficulty
         self.seed = seed
         self.eval_percent = eval_percent
+        self.eval_size = eval_size
+        self.test_percent = test_percent
+        self.system_prompt = system_prompt
+        from rollout.tasks.base import TaskReward
+
+        self.reward = TaskReward("numeric")
+
+    @property
+    def difficulty(self) -> int:
+        return self._difficulty
+
+    @difficulty.setter
+    def difficulty(self, value: int) -> None:
+        if value not in LEVELS:
+            raise ValueError(f"arithmetic difficulty must be one of {sorted(LEVELS)}, got {value}")
+        self._difficulty = value
+        self.level = LEVELS[value]
+
+    def _split(self, expression: str) -> str:
+        split = split_of(expression, self.eval_percent)
+        if split == "train" and self.test_percent and split_of(f"test:{expression}", self.test_percent) == "eval":
+            return "test"
+        return split
 
     def _problems(self, split: str, seed: int) -> Iterator[Problem]:
         rng = random.Random(seed)
         while True:
             expression = random_expression(rng, self.level)
-            if split_of(expression, self.eval_percent) != split:
+            if self._split(expression) != split:
                 continue
             yield Problem(
                 uid=f"{split}:{expression}",
                 question=self.template.format(expression=expression),
                 answer=str(evaluate(expression)),
-                split=split,
-                meta={"expression": expression},
+                split="validation" if split == "eval" else split,
+                meta={"expression": expression, "task": self.id, "difficulty": self._difficulty},
             )
 
     def train_stream(self) -> Iterator[Problem]:
         """Endless training problems (repeats allowed, as in any sampled curriculum)."""
         return self._problems("train", self.seed)
 
-    def eval_set(self, n: int) -> list[Problem]:
+    def eval_set(self, n: int, split: str = "eval") -> list[Problem]:
         """``n`` distinct held-out problems, the same for every run of this difficulty."""
         problems: dict[str, Problem] = {}
-        stream = self._problems("eval", seed=10_007)
+        stream = self._problems(split, seed=10_007)
         for _ in range(200 * n):
             problem = next(stream)
             problems.setdefault(problem.uid, problem)
             if len(problems) == n:
                 return list(problems.values())
         raise ValueError(f"difficulty has fewer than {n} distinct held-out problems ({len(problems)} found)")
+
+    def problems(self, split: str) -> Iterator[Problem]:
+        """The task interface: ``train`` endless, ``validation`` the held-out set, ``test``
+        (only with ``test_percent``) cut from the training side."""
+        if split == "train":
+            return self.train_stream()
+        if split == "validation":
+            return iter(self.eval_set(self.eval_size))
+        if split == "test":
+            if not self.test_percent:
+                from rollout.tasks.base import NoUsableRows
+
+                raise NoUsableRows(f"task {self.id}: no test split (set test_percent above 0)")
+            return iter(self.eval_set(self.eval_size, "test"))
+        raise ValueError(f"unknown split {split!r}; known: train, validation, test")

@@ -17,7 +17,7 @@ class Problem:
     uid: str
     question: str
     answer: str
-    split: Literal["train", "eval"] = "train"
+    split: Literal["train", "validation", "test"] = "train"
     meta: dict = field(default_factory=dict, hash=False, compare=False)
 
 

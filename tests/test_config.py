@@ -17,10 +17,10 @@ def test_shipped_configs_load(name):
 
 
 def test_defaults_and_overrides():
-    config = load_config(None, ["rollout.group_size=4", "algorithm.lr=3e-4", "task.system_prompt=null", "lora.target_modules=[q_proj]"])
+    config = load_config(None, ["rollout.group_size=4", "algorithm.lr=3e-4", "tasks.0.system_prompt=null", "lora.target_modules=[q_proj]"])
     assert config.rollout.group_size == 4
     assert config.algorithm.lr == 3e-4
-    assert config.task.system_prompt is None
+    assert config.tasks[0].system_prompt is None and config.tasks[0].name == "arithmetic"
     assert config.lora.target_modules == ["q_proj"]
     assert config.rollout.temperature == 1.0
 
@@ -70,11 +70,26 @@ def test_missing_file(tmp_path):
         (["algorithm.advantage=rloo", "rollout.group_size=1"], "rollout.group_size"),
         (["learner.num_gpus=1"], "learner.num_gpus"),
         (["algorithm.advantage=ppo"], "algorithm.advantage"),
+        (["verifier.min_verifiers=3", "verifier.max_verifiers=2"], "verifier.min_verifiers (3)"),
+        # a task setting the task does not take, and reward weights its scorer does not report
+        (["tasks=[{name: gsm8k, difficulty: 3}]"], "tasks[0] (gsm8k): task gsm8k: unknown settings ['difficulty']"),
+        (["tasks=[{name: humaneval}]", "reward.weights={correct: 1.0}"], "reward.weights names ['correct'], which the humaneval scorer"),
+        (["tasks=[{name: infix, weights: {f1: 1.0}}]"], "tasks[0] (infix).weights names ['f1']"),
+        (["tasks=[{name: infix}, {name: infix}]"], "ids must be unique"),
+        (["tasks=[{name: gsm8k, curriculum: {enabled: true}}]"], "curriculum needs a task with a difficulty"),
+        (["tasks=[{name: infix, difficulty: 12}]"], "difficulty must be 1..10"),
     ],
 )
 def test_impossible_combinations_name_the_keys(overrides, culprit):
     with pytest.raises(ConfigError, match=re.escape(culprit)):
         load_config(None, overrides)
+
+
+def test_task_list_overrides_by_index():
+    config = load_config(None, ["tasks.0.name=infix", "tasks.0.difficulty=7", "tasks.1.name=brackets", "tasks.1.mode=code"])
+    assert [(t.name, t.difficulty, t.mode) for t in config.tasks] == [("infix", 7, None), ("brackets", None, "code")]
+    with pytest.raises(ConfigError, match="item 5 of a list of 0"):
+        load_config(None, ["tasks.5.name=infix"])
 
 
 def test_every_algorithm_knob_is_a_config_key():

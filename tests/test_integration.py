@@ -53,7 +53,7 @@ def trained(ray_cluster, tiny_model_path, tmp_path_factory):
     )
     trainer = Trainer(config, run_dir, scorer=spread_reward)
     greedy = SamplingSettings(n=1, temperature=0.0, max_tokens=8)
-    probe = trainer.eval_prompts[:4]
+    probe = trainer.eval_prompts["arithmetic"][:4]
     before = {
         "version": ray.get(trainer.generators[0].ping.remote()),
         "samples": trainer.generate(probe, greedy),
@@ -98,7 +98,7 @@ def test_lora_changed_and_base_did_not(trained):
 def test_learner_logprobs_match_generator(trained):
     """vLLM's sampled-token log-probs vs the learner's under the same weights (both fp32)."""
     trainer, _, _, _, _, _ = trained
-    samples = trainer.generate(trainer.eval_prompts[:8], SamplingSettings(n=4, temperature=1.0, max_tokens=16))
+    samples = trainer.generate(trainer.eval_prompts["arithmetic"][:8], SamplingSettings(n=4, temperature=1.0, max_tokens=16))
     batch = TrainBatch.from_samples(samples, [0.0] * len(samples))
     learner_logprobs = trainer.learners.call("logprobs", batch)
     diffs = [abs(a - b) for s, row in zip(samples, learner_logprobs) for a, b in zip(s.completion.logprobs, row)]

@@ -1,0 +1,130 @@
+"""Tasks behind one interface (``rollout.tasks.base.Task``), chosen and mixed by the run config.
+
+``build_task(name, **settings)`` makes any task by name; ``TaskMixture`` draws each step's
+prompts from several tasks by weight (seeded) and raises a procedural task's difficulty when
+its recent accuracy passes a threshold (``Curriculum``).
+"""
+
+from __future__ import annotations
+
+import collections
+import inspect
+import random
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+from rollout.arithmetic import ArithmeticTask
+from rollout.contracts import Problem
+from rollout.tasks.base import SPLITS, NoUsableRows, Split, Task, TaskReward, split_of
+from rollout.tasks.datasets import DATASETS, DatasetTask
+from rollout.tasks.packaged import ArcTask, HumanEvalTask, ReasoningGymTask
+from rollout.tasks.procedural import FAMILIES, ProceduralTask
+
+TASK_NAMES = ("arithmetic", *FAMILIES, *DATASETS, "humaneval", "arc_agi", "reasoning_gym")
+
+__all__ = ["SPLITS", "TASK_NAMES", "Curriculum", "NoUsableRows", "Split", "Task", "TaskMixture", "TaskReward", "build_task", "split_of"]
+
+
+def build_task(name: str, **settings: Any) -> Task:
+    """A task by name; ``settings`` are the constructor's keyword arguments (unknown ones are
+    an error naming them)."""
+    if name == "arithmetic":
+        return _construct(ArithmeticTask, name, **settings)
+    if name in FAMILIES:
+        return _construct(ProceduralTask, name, family=name, **settings)
+    if name in DATASETS:
+        return _construct(DatasetTask, name, dataset=name, **settings)
+    if name == "humaneval":
+        return _construct(HumanEvalTask, name, **settings)
+    if name == "arc_agi":
+        return _construct(ArcTask, name, **settings)
+    if name == "reasoning_gym":
+        return _construct(ReasoningGymTask, name, **settings)
+    raise ValueError(f"unknown task {name!r}; known: {list(TASK_NAMES)}")
+
+
+def _construct(cls, name: str, **settings: Any):
+    accepted = set(inspect.signature(cls).parameters)
+    unknown = sorted(set(settings) - accepted)
+    if unknown:
+        raise ValueError(f"task {name}: unknown settings {unknown}; it takes {sorted(accepted - {'family', 'dataset'})}")
+    return cls(**settings)
+
+
+@dataclass
+class Curriculum:
+    """Difficulty of a procedural task follows its recent training accuracy: up one level when
+    the mean over the last ``window`` steps reaches ``raise_at``, down one when it falls to
+    ``lower_at``; the window restarts after each change."""
+
+    raise_at: float = 0.8
+    lower_at: float = 0.2
+    window: int = 4
+    min_difficulty: int = 1
+    max_difficulty: int = 10
+
+    def __post_init__(self):
+        self.history: collections.deque[float] = collections.deque(maxlen=self.window)
+
+    def update(self, task: Task, accuracy: float) -> int:
+        """Record one step's accuracy and return the (possibly changed) difficulty."""
+        self.history.append(accuracy)
+        difficulty = task.difficulty
+        if len(self.history) == self.window:
+            mean = sum(self.history) / self.window
+            if mean >= self.raise_at and difficulty < self.max_difficulty:
+                difficulty += 1
+            elif mean <= self.lower_at and difficulty > self.min_difficulty:
+                difficulty -= 1
+            if difficulty != task.difficulty:
+                task.difficulty = difficulty
+                self.history.clear()
+        return task.difficulty
+
+
+class TaskMixture:
+    """Several tasks, drawn by weight; each problem carries its task's id in ``meta["task"]``."""
+
+    def __init__(self, tasks: list[Task], weights: list[float], seed: int = 0, curricula: dict[str, Curriculum] | None = None):
+        ids = [t.id for t in tasks]
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"task ids must be unique in a mixture: {ids} (give each an 'id')")
+        if not tasks or any(w <= 0 for w in weights) or len(weights) != len(tasks):
+            raise ValueError(f"a mixture needs at least one task and a positive weight for each: {dict(zip(ids, weights))}")
+        self.tasks = {t.id: t for t in tasks}
+        self.weights = dict(zip(ids, weights))
+        self.curricula = curricula or {}
+        for task_id in self.curricula:
+            if not hasattr(self.tasks[task_id], "difficulty"):
+                raise ValueError(f"task {task_id}: a curriculum needs a task with a difficulty (arithmetic or a procedural task)")
+        self._rng = random.Random(seed)
+        self._streams: dict[str, Iterator[Problem]] = {}
+
+    def check(self, splits: tuple[Split, ...] = ("train", "validation")) -> None:
+        """Load every task's splits now: a task without usable rows stops the run here,
+        before any model is loaded."""
+        for task in self.tasks.values():
+            for split in splits:
+                next(task.problems(split))  # raises NoUsableRows naming the task
+
+    def sample(self, n: int) -> list[Problem]:
+        """``n`` training problems, each from a task drawn by weight."""
+        ids = self._rng.choices(list(self.weights), weights=list(self.weights.values()), k=n)
+        problems = []
+        for task_id in ids:
+            if task_id not in self._streams:
+                self._streams[task_id] = self.tasks[task_id].problems("train")
+            problems.append(next(self._streams[task_id]))
+        return problems
+
+    def eval_sets(self, split: Split = "validation") -> dict[str, list[Problem]]:
+        return {task_id: list(task.problems(split)) for task_id, task in self.tasks.items()}
+
+    def update_curricula(self, accuracy_by_task: dict[str, float]) -> dict[str, float]:
+        """Feed each curriculum its task's accuracy this step; returns ``task/<id>/difficulty``."""
+        metrics = {}
+        for task_id, curriculum in self.curricula.items():
+            if task_id in accuracy_by_task:
+                curriculum.update(self.tasks[task_id], accuracy_by_task[task_id])
+            metrics[f"task/{task_id}/difficulty"] = float(self.tasks[task_id].difficulty)
+        return metrics

@@ -1,0 +1,208 @@
+"""The task interface: procedural puzzles (determinism, disjoint splits, difficulty that really
+changes the problems, answers checked by an independent evaluation), the mixture and the
+curriculum, and the packaged sets (HumanEval, ARC-AGI, reasoning-gym)."""
+
+import itertools
+import random
+import re
+import statistics
+
+import pytest
+
+from rewards.scoring import RewardSettings, build_scorer, build_task_scorer
+from rollout.tasks import Curriculum, TaskMixture, build_task
+from rollout.tasks.procedural import FAMILIES, LEVELS, ProceduralTask, balanced, nesting_depth
+
+FAMILY_NAMES = sorted(FAMILIES)
+
+
+def independent_value(family: str, x: str):
+    """Each family's answer computed another way than the generator's own evaluator."""
+    if family == "infix":
+        assert re.fullmatch(r"[\d+\-*() ]+", x)
+        return eval(x)  # noqa: S307 - digits and operators only (checked above)
+    if family == "rpn":  # rebuild a fully parenthesised infix string, let Python evaluate it
+        stack = []
+        for token in x.split():
+            if token in "+-*":
+                right, left = stack.pop(), stack.pop()
+                stack.append(f"({left} {token} {right})")
+            else:
+                stack.append(token)
+        (expression,) = stack
+        return eval(expression)  # noqa: S307 - built from digits and operators
+    previous = None
+    while previous != x:  # remove matched pairs until nothing changes
+        previous, x = x, x.replace("()", "").replace("[]", "").replace("{}", "")
+    return x == ""
+
+
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+@pytest.mark.parametrize("mode", ["text", "code"])
+def test_seeded_streams_repeat(family, mode):
+    take = lambda seed: [p.uid for p in itertools.islice(ProceduralTask(family, mode=mode, seed=seed).problems("train"), 30)]  # noqa: E731
+    assert take(3) == take(3) and take(3) != take(4)
+    held_out = lambda seed: [p.uid for p in ProceduralTask(family, mode=mode, seed=seed, eval_size=20).problems("validation")]  # noqa: E731
+    assert held_out(3) == held_out(4)  # the held-out sets do not depend on the run's seed
+
+
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+@pytest.mark.parametrize("difficulty", [1, 4, 10])
+def test_splits_never_share_a_problem(family, difficulty):
+    task = ProceduralTask(family, difficulty=difficulty, eval_size=50)
+    inputs = {split: {p.meta["input"] for p in (itertools.islice(task.problems(split), 2000) if split == "train" else task.problems(split))} for split in ("train", "validation", "test")}
+    assert inputs["validation"] and inputs["test"]
+    assert not inputs["train"] & inputs["validation"]
+    assert not inputs["train"] & inputs["test"]
+    assert not inputs["validation"] & inputs["test"]
+
+
+def test_code_mode_tests_come_from_the_problems_split():
+    task = ProceduralTask("infix", mode="code", difficulty=5, eval_size=10, code_tests=6)
+    train = {p.meta["input"] for p in itertools.islice(ProceduralTask("infix", difficulty=5).problems("train"), 3000)}
+    for problem in task.problems("test"):
+        inputs = [args[0] for args, _ in problem.meta["tests"]]
+        assert len(inputs) == 6 and problem.meta["entry_point"] == "solve"
+        assert not set(inputs) & train
+        assert [want for _, want in problem.meta["tests"]] == [independent_value("infix", i) for i in inputs]
+
+
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_answers_match_an_independent_evaluation(family):
+    for difficulty in (1, 5, 10):
+        for problem in itertools.islice(ProceduralTask(family, difficulty=difficulty).problems("train"), 150):
+            expected = independent_value(family, problem.meta["input"])
+            assert problem.answer == str(expected), problem
+
+
+def rpn_stack_depth(x: str) -> int:
+    depth = deepest = 0
+    for token in x.split():
+        depth += -1 if token in "+-*" else 1
+        deepest = max(deepest, depth)
+    return deepest
+
+
+@pytest.mark.parametrize(
+    ("family", "measure"),
+    [
+        ("infix", lambda x: len(x.split())),  # tokens: operands, operators, parentheses
+        ("infix", nesting_depth),
+        ("rpn", lambda x: len(x.split())),
+        ("rpn", rpn_stack_depth),
+        ("brackets", len),
+        ("brackets", nesting_depth),
+    ],
+    ids=["infix-tokens", "infix-nesting", "rpn-tokens", "rpn-stack", "brackets-length", "brackets-nesting"],
+)
+def test_difficulty_really_changes_the_problems(family, measure):
+    means = []
+    for difficulty in range(1, 11):
+        rng = random.Random(difficulty)
+        means.append(statistics.mean(measure(FAMILIES[family].generate(rng, LEVELS[family][difficulty])) for _ in range(300)))
+    # never easier (levels that only grow the operands keep the shape: sampling noise allowed)
+    assert all(b >= 0.95 * a for a, b in zip(means, means[1:])), means
+    assert means[-1] > 2 * means[0] or means[-1] >= means[0] + 2, means  # and much harder at 10
+
+
+def test_brackets_are_balanced_about_half_the_time():
+    answers = [p.answer for p in itertools.islice(ProceduralTask("brackets", difficulty=6).problems("train"), 400)]
+    assert 0.35 < answers.count("True") / len(answers) < 0.65
+
+
+def test_text_answers_are_scored_by_the_tasks_scorer():
+    for family in FAMILY_NAMES:
+        task = ProceduralTask(family, difficulty=3)
+        problem = next(task.problems("validation"))
+        scorer = build_scorer(RewardSettings(scorer=task.reward.scorer, options=dict(task.reward.options)))
+        assert scorer(f"Working... Answer: {problem.answer}", problem).correct
+        wrong = "False" if problem.answer == "True" else "True" if problem.answer == "False" else str(int(problem.answer) + 1)
+        assert not scorer(f"Answer: {wrong}", problem).correct
+
+
+def test_code_answers_run_in_the_sandbox():
+    task = ProceduralTask("brackets", mode="code", difficulty=4, eval_size=2)
+    problem = next(task.problems("validation"))
+    scorer = build_scorer(RewardSettings(scorer="code"))
+    good = (
+        "```python\ndef solve(s):\n    pairs = {')': '(', ']': '[', '}': '{'}\n    stack = []\n    for c in s:\n"
+        "        if c in '([{':\n            stack.append(c)\n        elif not stack or stack.pop() != pairs[c]:\n"
+        "            return False\n    return not stack\n```"
+    )
+    assert scorer(good, problem).outcome == "passed"
+    assert scorer("```python\ndef solve(s):\n    return s.count('(') == s.count(')')\n```", problem).outcome in ("passed", "failed")
+    assert scorer("```python\ndef solve(s):\n    return True\n```", problem).components["passed_fraction"] < 1.0 or all(
+        want is True for _, want in problem.meta["tests"]
+    )
+
+
+def test_mixture_draws_by_weight_and_scores_each_task_with_its_own_scorer():
+    mixture = TaskMixture([build_task("infix", difficulty=2), build_task("brackets", difficulty=2)], [3.0, 1.0], seed=0)
+    problems = mixture.sample(400)
+    share = sum(p.meta["task"] == "infix" for p in problems) / len(problems)
+    assert 0.68 < share < 0.82
+    again = TaskMixture([build_task("infix", difficulty=2), build_task("brackets", difficulty=2)], [3.0, 1.0], seed=0)
+    assert [p.uid for p in again.sample(50)] == [p.uid for p in problems[:50]]
+    scorer = build_task_scorer({t.id: RewardSettings(scorer=t.reward.scorer, options=dict(t.reward.options)) for t in mixture.tasks.values()})
+    for problem in problems[:20]:
+        assert scorer(f"Answer: {problem.answer}", problem).correct
+    with pytest.raises(ValueError, match="unique"):
+        TaskMixture([build_task("infix"), build_task("infix")], [1.0, 1.0])
+
+
+def test_curriculum_raises_and_lowers_difficulty():
+    task = build_task("rpn", difficulty=3)
+    mixture = TaskMixture([task], [1.0], curricula={"rpn": Curriculum(raise_at=0.8, lower_at=0.2, window=2)})
+    assert mixture.update_curricula({"rpn": 0.9}) == {"task/rpn/difficulty": 3.0}
+    assert mixture.update_curricula({"rpn": 0.9}) == {"task/rpn/difficulty": 4.0}
+    lengths = [len(p.meta["input"].split()) for p in itertools.islice(task.problems("train"), 50)]
+    assert statistics.mean(lengths) == pytest.approx(2 * LEVELS["rpn"][4].operators + 1)
+    for accuracy in (0.1, 0.1):
+        metrics = mixture.update_curricula({"rpn": accuracy})
+    assert metrics == {"task/rpn/difficulty": 3.0}
+    with pytest.raises(ValueError, match="difficulty"):
+        TaskMixture([build_task("humaneval")], [1.0], curricula={"humaneval": Curriculum()})
+
+
+def test_unknown_task_and_settings_are_named():
+    with pytest.raises(ValueError, match="unknown task 'sudoku'"):
+        build_task("sudoku")
+    with pytest.raises(ValueError, match=r"gsm8k: unknown settings \['difficulty'\]"):
+        build_task("gsm8k", difficulty=3)
+    with pytest.raises(ValueError, match="difficulty must be 1..10"):
+        build_task("infix", difficulty=11)
+
+
+def test_humaneval_task():
+    task = build_task("humaneval", validation_percent=20, test_percent=20)
+    splits = {s: task.load(s) for s in ("train", "validation", "test")}
+    ids = [{p.meta["task_id"] for p in problems} for problems in splits.values()]
+    assert sum(len(i) for i in ids) == 164 and not (ids[0] & ids[1] or ids[0] & ids[2] or ids[1] & ids[2])
+    problem = splits["validation"][0]
+    assert "```python" in problem.question and task.reward.scorer == "humaneval"
+
+
+def test_arc_task_renders_grids_and_is_scored_exactly():
+    task = build_task("arc_agi", eval_size=5)
+    problem = next(task.problems("test"))
+    assert "Test input:" in problem.question and problem.meta["arc_id"]
+    import json
+
+    grid = json.loads(problem.answer)
+    scorer = build_scorer(RewardSettings(scorer="grid"))
+    text = "Answer:\n" + "\n".join(" ".join(str(c) for c in row) for row in grid)
+    assert scorer(text, problem).correct
+    grid[0][0] = (grid[0][0] + 1) % 10
+    assert not scorer("Answer:\n" + "\n".join(" ".join(str(c) for c in row) for row in grid), problem).correct
+    train_ids = {p.meta["arc_id"] for p in task.load("train")}
+    assert not train_ids & {p.meta["arc_id"] for p in task.load("validation")}
+
+
+def test_reasoning_gym_task_uses_the_datasets_own_scorer():
+    task = build_task("reasoning_gym", dataset="leg_counting", size=40, seed=3)
+    problem = next(task.problems("train"))
+    scorer = build_scorer(RewardSettings(scorer="reasoning_gym", options=dict(task.reward.options)))
+    assert scorer(f"I count them. <answer>{problem.answer}</answer>", problem).correct
+    assert scorer(f"Answer: {int(problem.answer) + 1}", problem).components["score"] < 1.0
+    with pytest.raises(Exception, match="nonexistent"):
+        build_task("reasoning_gym", dataset="nonexistent_gym", size=5).load("train")
