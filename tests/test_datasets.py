@@ -138,3 +138,25 @@ def test_training_stops_on_unusable_data_before_loading_a_model(tmp_path, capsys
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert "task gsm8k: no usable rows in its train split" in err and "/nowhere/model" not in err
+
+
+def test_hub_names_configs_and_splits(monkeypatch):
+    """Nothing can be downloaded here: ``datasets.load_dataset`` is replaced by a stand-in that
+    records what it was asked for and returns rows in the dataset's format."""
+    import datasets
+
+    calls = []
+
+    def fake_load_dataset(path, name=None, split=None, revision=None):
+        calls.append((path, name, split, revision))
+        if path == "openai/gsm8k":
+            return [{"question": f"q{i}?", "answer": f"#### {i}"} for i in range(30)]
+        return [{"Problem": f"p{i}", "options": "a ) 1 , b ) 2", "correct": "b", "Rationale": ""} for i in range(5)]
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    gsm8k = build_task("gsm8k")
+    assert len(gsm8k.load("test")) == 30 and gsm8k.load("test")[0].meta["row"] == "openai/gsm8k[test]:1"
+    gsm8k.load("validation")  # GSM8K has no validation split: cut from train
+    assert calls[:2] == [("openai/gsm8k", "main", "test", None), ("openai/gsm8k", "main", "train", None)]
+    assert build_task("mathqa").load("test")[0].answer == "B"
+    assert calls[-1] == ("allenai/math_qa", None, "test", "refs/convert/parquet")

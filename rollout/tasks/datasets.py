@@ -129,6 +129,7 @@ class DatasetSpec:
     row: Callable[[dict], tuple[str, str, dict]]
     reward: TaskReward
     template: str = "{question}\n\n" + NUMERIC_INSTRUCTION
+    hf_revision: str | None = None  # e.g. the Hub's Parquet export of a dataset that still has a loading script
 
 
 DATASETS: dict[str, DatasetSpec] = {
@@ -149,6 +150,7 @@ DATASETS: dict[str, DatasetSpec] = {
     "mathqa": DatasetSpec(
         "allenai/math_qa", None, {"train": "train", "validation": "validation", "test": "test"}, mathqa_row,
         TaskReward("choice"), "{question}\n\n" + CHOICE_INSTRUCTION,
+        hf_revision="refs/convert/parquet",  # the repository's loading script no longer runs in datasets >= 4
     ),
     "wiki": DatasetSpec(
         "Salesforce/wikitext", "wikitext-103-raw-v1", {"train": "train", "validation": "validation", "test": "test"}, wiki_row,
@@ -271,7 +273,8 @@ class DatasetTask:
         from datasets import load_dataset  # for real users; tests use local files
 
         path = self.source or self.spec.hf_path
-        rows = load_dataset(path, self.spec.hf_config, split=name)
+        revision = None if self.source else self.spec.hf_revision
+        rows = load_dataset(path, self.spec.hf_config, split=name, revision=revision)
         return ((f"{path}[{name}]:{i}", row) for i, row in enumerate(rows, start=1))
 
     def load(self, split: Split) -> list[Problem]:
