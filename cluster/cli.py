@@ -31,6 +31,9 @@ def _train(args: argparse.Namespace) -> int:
         trainer.shutdown()
     start, end = summary["eval_accuracy_start"], summary["eval_accuracy_end"]
     print(f"run directory: {summary['run_dir']}")
+    if summary.get("stopped_by"):
+        stop = summary["stopped_by"]
+        print(f"stopped at step {stop['step']} by the health monitor ({stop['rule']}): {stop['message']}")
     if start is not None and end is not None:
         print(f"held-out accuracy (greedy, n={summary['eval_n']}): {start:.3f} at step 0 -> {end:.3f} at the end ({100 * (end - start):+.1f} points)")
     print(json.dumps(summary))

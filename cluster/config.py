@@ -205,6 +205,21 @@ class EvalConfig:
 
 
 @dataclass
+class RuleConfig:
+    """One health-monitor rule (README: "Health monitor"); null keeps the rule's default."""
+
+    action: Literal["warn", "stop", "off"] | None = None
+    threshold: float | None = None
+    window: int | None = None
+
+
+@dataclass
+class MonitorConfig:
+    enabled: bool = True
+    rules: dict[str, RuleConfig] = field(default_factory=dict)  # rule name -> overrides
+
+
+@dataclass
 class RunConfig:
     steps: int = 20
     seed: int = 0
@@ -226,6 +241,7 @@ class Config:
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
     learner: LearnerConfig = field(default_factory=LearnerConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
 
@@ -358,6 +374,11 @@ def check_config(config: Config) -> None:
     if not 1 <= v.min_verifiers <= v.max_verifiers:
         problems.append(f"verifier pool size needs 1 <= verifier.min_verifiers ({v.min_verifiers}) <= verifier.max_verifiers ({v.max_verifiers})")
     problems += _task_problems(config)
+    from cluster.monitor import DEFAULT_RULES
+
+    unknown_rules = sorted(set(config.monitor.rules) - set(DEFAULT_RULES))
+    if unknown_rules:
+        problems.append(f"monitor.rules: unknown rules {unknown_rules}; known: {sorted(DEFAULT_RULES)}")
     if problems:
         raise ConfigError("; ".join(problems))
 

@@ -23,6 +23,7 @@ from actors.generator import generator_actor
 from actors.learner import LearnerGroup
 from actors.verifier import Scorer, ScorerFactory, VerifierPool
 from cluster.config import Config, TaskConfig
+from cluster.monitor import Monitor, rules_from_config
 from cluster.rundir import RunDir
 from learners.batch import build_train_batch
 from learners.learner import REQUIRED_METRICS, LearnerSettings
@@ -172,6 +173,7 @@ class Trainer:
         )
         self.generators = [start_generator(c, self._engine_settings(), rank=i) for i in range(c.generator.num_generators)]
         self.verifiers = start_verifiers(c, self.tasks, (lambda: scorer) if scorer else None)
+        self.monitor = Monitor(rules_from_config(c.monitor.rules)) if c.monitor.enabled else None
         self.policy_version = 0
         self.broadcast()
 
@@ -313,6 +315,7 @@ class Trainer:
             logger.info("step 0 held-out accuracy %.3f (n=%d)", first_eval["eval/accuracy"], first_eval["eval/n"])
             self.run_dir.append_metrics({"step": 0, "policy_version": self.policy_version, **first_eval})
         last_eval = first_eval
+        stopped_by = None
         with tqdm(range(1, steps + 1), desc="train", unit="step", dynamic_ncols=True) as bar:
             for step in bar:
                 metrics = self.step(step)
@@ -320,7 +323,10 @@ class Trainer:
                 if step == steps or (every and step % every == 0):
                     last_eval = self.evaluate()
                     metrics |= last_eval
+                events = self.monitor.observe(metrics) if self.monitor else []
+                metrics |= {f"monitor/{e.rule}": 1.0 for e in events}
                 self.run_dir.append_metrics(metrics)
+                self.run_dir.append_events(events)
                 bar.set_postfix(
                     v=metrics["policy_version"],
                     reward=f"{metrics['train/reward_mean']:.3f}",
@@ -328,6 +334,13 @@ class Trainer:
                     s_step=f"{metrics['perf/step_seconds']:.1f}",
                     refresh=False,
                 )
+                stops = [e for e in events if e.action == "stop"]
+                if stops:
+                    stopped_by = stops[0]
+                    logger.error("stopping at step %d: monitor rule %s: %s", step, stopped_by.rule, stopped_by.message)
+                    if not last_eval or last_eval is first_eval:
+                        last_eval = self.evaluate()
+                    break
         self.save_final()
         return {
             "run_dir": str(self.run_dir.path),
@@ -335,6 +348,7 @@ class Trainer:
             "eval_accuracy_start": first_eval.get("eval/accuracy"),
             "eval_accuracy_end": last_eval.get("eval/accuracy"),
             "eval_n": last_eval.get("eval/n"),
+            "stopped_by": None if stopped_by is None else {"step": stopped_by.step, "rule": stopped_by.rule, "message": stopped_by.message},
         }
 
     def save_final(self) -> None:
@@ -373,6 +387,10 @@ def sample_metrics(samples: list[Sample], verdicts: list[Verdict], prefix: str) 
         f"{prefix}/accuracy": sum(v.correct for _, v in valid) / n,
         f"{prefix}/completion_length": sum(len(s.completion.token_ids) for s, _ in valid) / n,
         f"{prefix}/truncated_fraction": sum(s.completion.finish_reason == "length" for s, _ in valid) / n,
+        # mean log-prob of the sampled tokens (the monitor watches it crash)
+        f"{prefix}/logprob_mean": sum(sum(s.completion.logprobs) / max(1, len(s.completion.logprobs)) for s, _ in valid) / n,
+        # answers the scorer could not find (code verdicts name the program's fate instead)
+        f"{prefix}/extraction_failed": sum(v.extracted is None and v.outcome in ("correct", "wrong") for _, v in valid) / n,
     }
     for name in sorted({k for _, v in valid for k in v.components}):
         metrics[f"{prefix}/reward/{name}"] = sum(v.components.get(name, 0.0) for _, v in valid) / n

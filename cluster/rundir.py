@@ -9,6 +9,7 @@ runs/NAME/
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -40,6 +41,18 @@ class RunDir:
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in metrics.items()}
         with self.metrics_path.open("a") as handle:
             handle.write(json.dumps(clean) + "\n")
+
+    @property
+    def events_path(self) -> Path:
+        return self.path / "events.jsonl"
+
+    def append_events(self, events: list) -> None:
+        """The health monitor's events, one JSON object each (``cluster.monitor.Event``)."""
+        if not events:
+            return
+        with self.events_path.open("a") as handle:
+            for event in events:
+                handle.write(json.dumps(dataclasses.asdict(event), default=str) + "\n")
 
     def read_metrics(self) -> list[dict]:
         if not self.metrics_path.exists():

@@ -37,5 +37,7 @@ def word_f1(prediction: str, reference: str) -> float:
 def overlap_reward(completion: str, reference: str, weights: Mapping[str, float] = DEFAULT_WEIGHTS, threshold: float = 0.5) -> Verdict:
     """``f1`` (word overlap), ``correct`` (F1 at least ``threshold``), ``repetition``."""
     f1 = word_f1(completion, reference)
+    words = completion.split()[: 2 * max(1, len(reference.split()))]
     components = {"f1": f1, "correct": float(f1 >= threshold), "repetition": float(repetition_stats(completion)["repetitive"])}
-    return Verdict(reward=weigh(components, weights), correct=f1 >= threshold, components=components)
+    extracted = " ".join(words) or None
+    return Verdict(reward=weigh(components, weights), correct=f1 >= threshold, components=components, extracted=extracted)

@@ -78,6 +78,7 @@ def test_missing_file(tmp_path):
         (["tasks=[{name: infix}, {name: infix}]"], "ids must be unique"),
         (["tasks=[{name: gsm8k, curriculum: {enabled: true}}]"], "curriculum needs a task with a difficulty"),
         (["tasks=[{name: infix, difficulty: 12}]"], "difficulty must be 1..10"),
+        (["monitor.rules={vibes: {action: warn}}"], "monitor.rules: unknown rules ['vibes']"),
     ],
 )
 def test_impossible_combinations_name_the_keys(overrides, culprit):

@@ -58,3 +58,20 @@ def test_data_check_counts_broken_rows_and_fails_only_without_rows(tmp_path, cap
     captured = capsys.readouterr()
     assert "no usable rows for training in ['gsm8k']" in captured.err
     assert '"usable": 0' in captured.out
+
+
+def test_a_stop_rule_ends_the_run_with_its_event(ray_cluster, tiny_model_path, tmp_path, capsys):
+    """The monitor inside a real run: a rule set to stop (entropy below an impossible bar)
+    fires on step 1; the run ends there, saves its adapter and records the event."""
+    run_dir = tmp_path / "run"
+    argv = ["train", "configs/tiny.yaml", "--run-dir", str(run_dir), "--steps", "3", f"model.path={tiny_model_path}",
+            "monitor.rules={entropy_collapse: {action: stop, threshold: 1000.0}}", "eval.n=4"]  # fmt: skip
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "stopped at step 1 by the health monitor (entropy_collapse)" in out
+    events = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
+    assert [(e["step"], e["rule"], e["action"]) for e in events if e["rule"] == "entropy_collapse"] == [(1, "entropy_collapse", "stop")]
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["step"] == 1 and rows[-1]["monitor/entropy_collapse"] == 1.0
+    assert "train/logprob_mean" in rows[-1] and "train/extraction_failed" in rows[-1]
+    assert (run_dir / "final_adapter").is_dir()
