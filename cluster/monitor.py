@@ -129,11 +129,28 @@ class Monitor:
 Found = tuple[str, dict] | None
 
 
-def ratio_explosion(m: Monitor, rule: Rule, row: dict, previous: dict) -> Found:
-    value = row.get("train/ratio_max")
-    if _finite(value) and value > rule.threshold:
-        return f"importance ratio max {value:.3g} is far past the clip range: the policy moved too far from the sampler (lower the LR, check staleness)", {"train/ratio_max": value}
-    return None
+def _threshold(key: str, fires: Callable[[float, float], bool], message: Callable[[float], str]):
+    """A rule on one metric of the step: ``fires(value, threshold)``."""
+
+    def check(m: Monitor, rule: Rule, row: dict, previous: dict) -> Found:
+        value = row.get(key)
+        if _finite(value) and fires(value, rule.threshold):
+            return message(value), {key: value}
+        return None
+
+    return check
+
+
+ratio_explosion = _threshold(
+    "train/ratio_max", lambda v, t: v > t,
+    lambda v: f"importance ratio max {v:.3g} is far past the clip range: the policy moved too far from the sampler (lower the LR, check staleness)",
+)
+repetition_collapse = _threshold("train/reward/repetition", lambda v, t: v >= t, lambda v: f"{v:.0%} of samples repeat themselves (the '4444...' collapse)")
+entropy_collapse = _threshold("train/entropy", lambda v, t: v < t, lambda v: f"entropy {v:.3g} nats: the policy has stopped exploring")
+extraction_failures = _threshold(
+    "train/extraction_failed", lambda v, t: v >= t,
+    lambda v: f"no answer could be extracted from {v:.0%} of samples (check the prompt's answer format and the stop strings)",
+)  # fmt: skip
 
 
 def logprob_crash(m: Monitor, rule: Rule, row: dict, previous: dict) -> Found:
@@ -143,20 +160,6 @@ def logprob_crash(m: Monitor, rule: Rule, row: dict, previous: dict) -> Found:
     median = statistics.median(history[:-1])
     if history[-1] < median - rule.threshold:
         return f"mean sampled log-prob fell to {history[-1]:.2f} from a median of {median:.2f}", {"train/logprob_mean": history[-1], "median": median}
-    return None
-
-
-def repetition_collapse(m: Monitor, rule: Rule, row: dict, previous: dict) -> Found:
-    value = row.get("train/reward/repetition")
-    if _finite(value) and value >= rule.threshold:
-        return f"{value:.0%} of samples repeat themselves (the '4444...' collapse)", {"train/reward/repetition": value}
-    return None
-
-
-def entropy_collapse(m: Monitor, rule: Rule, row: dict, previous: dict) -> Found:
-    value = row.get("train/entropy")
-    if _finite(value) and value < rule.threshold:
-        return f"entropy {value:.3g} nats: the policy has stopped exploring", {"train/entropy": value}
     return None
 
 
@@ -183,13 +186,6 @@ def no_signal(m: Monitor, rule: Rule, row: dict, previous: dict) -> Found:
     history = m.window("train/zero_variance_fraction", rule.window)
     if history is not None and min(history) > rule.threshold:
         return f"{history[-1]:.0%} of groups have one reward for all samples: no learning signal (harder or easier problems, more samples per prompt)", {"train/zero_variance_fraction": history[-1]}
-    return None
-
-
-def extraction_failures(m: Monitor, rule: Rule, row: dict, previous: dict) -> Found:
-    value = row.get("train/extraction_failed")
-    if _finite(value) and value >= rule.threshold:
-        return f"no answer could be extracted from {value:.0%} of samples (check the prompt's answer format and the stop strings)", {"train/extraction_failed": value}
     return None
 
 
