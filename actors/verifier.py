@@ -119,13 +119,14 @@ class VerifierPool:
 
     # -- size -----------------------------------------------------------------------------
 
-    def _start(self):
-        self._fresh.add(len(self.actors))
+    def _start(self, index: int):
+        """A new actor for slot ``index``; it counts as starting until its first job returns."""
+        self._fresh.add(index)
         return self._actor_class.remote(self.factory)
 
     def _resize(self, size: int) -> None:
         while len(self.actors) < size:
-            self.actors.append(self._start())
+            self.actors.append(self._start(len(self.actors)))
         while len(self.actors) > size:
             ray.kill(self.actors.pop(), no_restart=True)
             self._fresh.discard(len(self.actors))
@@ -135,8 +136,7 @@ class VerifierPool:
 
     def _replace(self, index: int) -> None:
         ray.kill(self.actors[index], no_restart=True)
-        self.actors[index] = self._start()
-        self._fresh.add(index)
+        self.actors[index] = self._start(index)
         self.stats["verifier/restarts"] += 1
 
     # -- scoring --------------------------------------------------------------------------

@@ -41,14 +41,13 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _score(args: argparse.Namespace) -> int:
+    import functools
     from pathlib import Path
 
     from cluster.config import ConfigError, load_config
-    import functools
-
     from cluster.driver import init_ray, sandbox_settings, start_verifiers
-    from rewards.scoring import RewardSettings, build_scorer
     from cluster.score import SCORE_TASKS, score_file
+    from rewards.scoring import RewardSettings, build_scorer
 
     if args.task not in SCORE_TASKS:
         raise ConfigError(f"unknown task {args.task!r} for raylight score; known: {sorted(SCORE_TASKS)}")

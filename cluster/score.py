@@ -64,11 +64,7 @@ def read_samples(path: Path, task: ScoreTask, errors: TextIO) -> Iterator[tuple[
 
 def score_file(task_name: str, path: Path, pool, out: TextIO = sys.stdout, errors: TextIO = sys.stderr, batch: int = 64) -> dict:
     """Score every sample of ``path`` with ``pool``, printing as it goes; returns the summary."""
-    if task_name not in SCORE_TASKS:
-        raise KeyError(f"unknown task {task_name!r}; known: {sorted(SCORE_TASKS)}")
-    if not path.is_file():
-        raise FileNotFoundError(f"samples file {path} does not exist")
-    task = SCORE_TASKS[task_name]
+    task = SCORE_TASKS[task_name]  # the CLI has checked the task name and the file
     counts: collections.Counter[str] = collections.Counter()
     passed_sum, scored = 0.0, 0
     rows = list(read_samples(path, task, errors))

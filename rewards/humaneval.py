@@ -171,13 +171,12 @@ def run_humaneval(sandbox: Sandbox, task_id: str, completion: str) -> CodeResult
     """Score one completion: all the test's calls in one sandbox run, judged by replay here."""
     judge = judge_for(task_id)
     run = run_calls(sandbox, program_for(judge.problem, completion), judge.problem.entry_point, judge.calls)
-    if run.status == "sandbox_error" or not run.compiles:
-        return CodeResult(run.status or "error", 0, judge.asserts, run.syntax_valid, run.compiles, run.execution)
+    if run.status == "sandbox_error" or not run.compiles:  # run_calls calls code that does not compile "error"
+        return CodeResult(run.status, 0, judge.asserts, run.syntax_valid, run.compiles, run.execution)
     replay = judge.replay(run.outcomes)
     passed = replay.complete and replay.passed == replay.asserts
-    status = run.status or ("passed" if passed else "failed")
-    if run.status and passed:  # every call answered before the limit struck
-        status = "passed"
+    # every call answered and every assert held: passed, even if a limit struck afterwards
+    status = "passed" if passed else run.status or "failed"
     return CodeResult(status, replay.passed, replay.asserts, run.syntax_valid, run.compiles, run.execution)
 
 
