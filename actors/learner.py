@@ -9,6 +9,7 @@ only: one ``ObjectRef``, sent once.
 
 from __future__ import annotations
 
+import logging
 import socket
 from pathlib import Path
 
@@ -17,6 +18,8 @@ import ray
 from learners.learner import Learner, LearnerSettings
 from learners.policy import LoraSettings
 from rollout.contracts import TrainBatch
+
+logger = logging.getLogger(__name__)
 
 
 class _LearnerActor(Learner):
@@ -67,6 +70,18 @@ class LearnerGroup:
 
     def call_all(self, method: str, *args) -> list:
         return ray.get([getattr(a, method).remote(*args) for a in self.actors])
+
+    def state_dicts(self) -> list[dict]:
+        """Rank 0's whole state, then each further rank's RNG state (for a checkpoint)."""
+        return ray.get([a.state_dict.remote(weights=rank == 0) for rank, a in enumerate(self.actors)])
+
+    def load_state_dicts(self, states: list[dict], policy_version: int | None = None) -> int:
+        """Every rank continues from rank 0's state, with its own RNG state where saved."""
+        if len(states) != len(self.actors):
+            logger.warning("checkpoint has %d learner ranks, this run %d: ranks without a saved RNG state take rank 0's", len(states), len(self.actors))
+        ref = ray.put(states[0])
+        rngs = [states[r]["rng"] if r < len(states) else None for r in range(len(self.actors))]
+        return ray.get([a.load_state_dict.remote(ref, rng, policy_version) for a, rng in zip(self.actors, rngs)])[0]
 
     def save(self, folder: str | Path) -> Path:
         return self.call("save", str(folder))

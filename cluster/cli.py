@@ -1,4 +1,4 @@
-"""``raylight`` command line: train, score, data check, bench, prepare-model."""
+"""``raylight`` command line: train, resume, eval, report, score, data check, bench, prepare-model."""
 
 from __future__ import annotations
 
@@ -23,10 +23,19 @@ def _train(args: argparse.Namespace) -> int:
     if args.run_dir is not None:
         overrides.append(f"run.run_dir={args.run_dir}")
     config = load_config(args.config, overrides)
-    run_dir = RunDir(config.run.run_dir)
-    trainer = Trainer(config, run_dir)
+    return _run(Trainer(config, RunDir(config.run.run_dir)))
+
+
+def _resume(args: argparse.Namespace) -> int:
+    from cluster.driver import Trainer
+
+    return _run(Trainer.resume(args.run_dir, args.steps))
+
+
+def _run(trainer) -> int:
+    """Train to the configured number of steps, then print where the run is and how it went."""
     try:
-        summary = trainer.train(config.run.steps)
+        summary = trainer.train(trainer.config.run.steps)
     finally:
         trainer.shutdown()
     start, end = summary["eval_accuracy_start"], summary["eval_accuracy_end"]
@@ -104,6 +113,16 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("overrides", nargs="*", help="dotted.key=value config overrides, e.g. rollout.group_size=4")
     train.set_defaults(func=_train)
 
+    resume = commands.add_parser(
+        "resume",
+        help="continue a stopped or killed run from its last complete checkpoint",
+        description="Continue the run in RUN_DIR from its newest checkpoint that verifies (a corrupt or "
+        "half-written one is skipped with a warning), to its configured number of steps or to --steps.",
+    )
+    resume.add_argument("run_dir", help="the run directory (holds config.yaml and checkpoints/)")
+    resume.add_argument("--steps", type=int, help="train to this step instead of run.steps")
+    resume.set_defaults(func=_resume)
+
     score = commands.add_parser(
         "score",
         help="score a JSONL file of completions offline",
@@ -172,6 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from actors.verifier import VerifierStartError
+    from cluster.checkpoint import CheckpointError
     from rollout.tasks import NoUsableRows
     from cluster.config import ConfigError
 
@@ -183,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     except FileNotFoundError as exc:
         print(f"raylight: {exc}", file=sys.stderr)
         return 2
-    except (VerifierStartError, NoUsableRows) as exc:  # no sandbox on this machine; a task without data
+    except (VerifierStartError, NoUsableRows, CheckpointError) as exc:  # no sandbox here; a task without data; nothing to resume
         print(f"raylight: {exc}", file=sys.stderr)
         return 2
 

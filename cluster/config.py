@@ -202,13 +202,14 @@ class EvalConfig:
     n: int = 100
     max_tokens: int = 64
     at_start: bool = True
+    best_metric: str = "eval/accuracy"  # higher is better; picks the "best" checkpoint
 
 
 @dataclass
 class RuleConfig:
     """One health-monitor rule (README: "Health monitor"); null keeps the rule's default."""
 
-    action: Literal["warn", "stop", "off"] | None = None
+    action: Literal["warn", "stop", "rollback", "off"] | None = None
     threshold: float | None = None
     window: int | None = None
 
@@ -217,6 +218,9 @@ class RuleConfig:
 class MonitorConfig:
     enabled: bool = True
     rules: dict[str, RuleConfig] = field(default_factory=dict)  # rule name -> overrides
+    # a rule with action "rollback" restores the last good checkpoint and multiplies the learning rate by this
+    rollback_lr_factor: float = 0.5
+    max_rollbacks: int = 3  # then the run stops
 
 
 @dataclass
@@ -227,6 +231,10 @@ class RunConfig:
     save_rollouts: bool = True
     num_cpus: int | None = None  # CPUs of the embedded local Ray cluster (None: all)
     broadcast_timeout_s: float = 120.0
+    checkpoint_every: int = 10  # steps between checkpoints (and one at the end); 0 = only at the end
+    keep_checkpoints: int = 3  # the newest kept, plus the best by eval.best_metric
+    metrics_export: bool = True  # every metric as a Ray metric (the dashboard's Prometheus export)
+    tensorboard: bool = False  # also write RUN_DIR/tensorboard (tensorboardX event files)
 
 
 @dataclass
@@ -370,6 +378,11 @@ def check_config(config: Config) -> None:
         problems.append("learner.num_gpus > 0: the learner runs on CPU only so far (no device placement, no nccl); set it to 0")
     if config.learner.num_learners < 1:
         problems.append("learner.num_learners must be at least 1")
+    r = config.run
+    if r.checkpoint_every < 0 or r.keep_checkpoints < 1:
+        problems.append(f"run.checkpoint_every ({r.checkpoint_every}) must be >= 0 and run.keep_checkpoints ({r.keep_checkpoints}) >= 1")
+    if not 0 < config.monitor.rollback_lr_factor <= 1:
+        problems.append(f"monitor.rollback_lr_factor must be in (0, 1], got {config.monitor.rollback_lr_factor}")
     v = config.verifier
     if not 1 <= v.min_verifiers <= v.max_verifiers:
         problems.append(f"verifier pool size needs 1 <= verifier.min_verifiers ({v.min_verifiers}) <= verifier.max_verifiers ({v.max_verifiers})")

@@ -4,6 +4,10 @@ One step reads top to bottom: prompts -> generate -> verify -> advantages -> lea
 broadcast. Every sample carries its policy version and ``filter_stale`` checks it against the
 learner's, so an asynchronous mode (generators ahead by a bounded number of versions) changes
 the scheduling, not the contracts.
+
+A run is reproducible step by step: each step's sampling seed is a function of the run's seed
+and the step, so a run resumed from a checkpoint (``Trainer.resume``) continues exactly as the
+uninterrupted run would have.
 """
 
 from __future__ import annotations
@@ -11,19 +15,23 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import json
 import logging
 import os
 import time
 from dataclasses import dataclass, field
 
 import ray
+import torch
 from tqdm import tqdm
 
 from actors.generator import generator_actor
 from actors.learner import LearnerGroup
 from actors.verifier import Scorer, ScorerFactory, VerifierPool
-from cluster.config import Config, TaskConfig
-from cluster.monitor import Monitor, rules_from_config
+from cluster.checkpoint import Checkpoint, CheckpointError, CheckpointStore
+from cluster.config import Config, TaskConfig, load_config
+from cluster.metrics import MetricsExporter
+from cluster.monitor import Event, Monitor, rules_from_config
 from cluster.rundir import RunDir
 from learners.batch import build_train_batch
 from learners.learner import REQUIRED_METRICS, LearnerSettings
@@ -174,8 +182,31 @@ class Trainer:
         self.generators = [start_generator(c, self._engine_settings(), rank=i) for i in range(c.generator.num_generators)]
         self.verifiers = start_verifiers(c, self.tasks, (lambda: scorer) if scorer else None)
         self.monitor = Monitor(rules_from_config(c.monitor.rules)) if c.monitor.enabled else None
+        self.checkpoints = CheckpointStore(run_dir.checkpoints, c.run.keep_checkpoints)
+        self.exporter = MetricsExporter(run_dir, c.run.metrics_export, c.run.tensorboard)
         self.policy_version = 0
+        self.step_done = 0  # the last finished step (a resumed run starts after it)
+        self.saved_step = 0  # the step of the last checkpoint written or restored
+        self.lr_scale = 1.0  # product of the rollbacks' learning-rate factors
+        self.rollbacks = 0
+        self.first_eval: dict = {}
+        self.last_eval: dict = {}
         self.broadcast()
+
+    @classmethod
+    def resume(cls, path: str | os.PathLike, steps: int | None = None, scorer: Scorer | None = None) -> Trainer:
+        """A Trainer continuing the run in ``path`` from its newest checkpoint that verifies
+        (to ``steps``, else to the configured number)."""
+        run_dir = RunDir(path)
+        if not run_dir.config_path.is_file():
+            raise FileNotFoundError(f"{run_dir.path} is not a run directory: it has no config.yaml")
+        checkpoint = CheckpointStore(run_dir.checkpoints).latest()
+        if checkpoint is None:
+            raise CheckpointError(f"no usable checkpoint in {run_dir.checkpoints}: start the run again with raylight train")
+        overrides = [f"run.run_dir={run_dir.path}"] + ([f"run.steps={steps}"] if steps is not None else [])
+        trainer = cls(load_config(run_dir.config_path, overrides), run_dir, scorer)
+        trainer.restore(checkpoint)
+        return trainer
 
     def _engine_settings(self) -> EngineSettings:
         g, c = self.config.generator, self.config
@@ -231,12 +262,22 @@ class Trainer:
     def next_prompts(self) -> list[Prompt]:
         return self.render(self.tasks.sample(self.config.rollout.prompts_per_step))
 
+    def sampling_seed(self, step: int) -> int:
+        """The sampler's seed for ``step``: the same in every run of this seed, resumed or not."""
+        return (self.config.run.seed * 1_000_003 + step) % 2**31 * 1024
+
     def generate(self, prompts: list[Prompt], sampling: SamplingSettings) -> list[Sample]:
-        """Split prompts over the generators (contiguous chunks), keep the prompt order."""
+        """Split prompts over the generators (contiguous chunks), keep the prompt order; a
+        seeded call gives each generator its own seed."""
         n = len(self.generators)
         size = -(-len(prompts) // n)
         chunks = [prompts[i * size : (i + 1) * size] for i in range(n)]
-        refs = [g.generate.remote(chunk, sampling) for g, chunk in zip(self.generators, chunks) if chunk]
+        seeds = [None if sampling.seed is None else sampling.seed + rank for rank in range(n)]
+        refs = [
+            g.generate.remote(chunk, dataclasses.replace(sampling, seed=seed))
+            for g, chunk, seed in zip(self.generators, chunks, seeds)
+            if chunk
+        ]
         return [sample for part in ray.get(refs) for sample in part]
 
     def verify(self, samples: list[Sample]) -> list[Verdict]:
@@ -263,7 +304,7 @@ class Trainer:
         with timer("step"):
             prompts = self.next_prompts()
             with timer("generate"):
-                samples = self.generate(prompts, self.sampling)
+                samples = self.generate(prompts, dataclasses.replace(self.sampling, seed=self.sampling_seed(step)))
             samples, stale_metrics = filter_stale(samples, self.policy_version, self.config.rollout.max_staleness)
             with timer("verify"):
                 verdicts = self.verify(samples)
@@ -308,25 +349,34 @@ class Trainer:
         return {"eval/accuracy": metrics["eval/accuracy"], "eval/reward_mean": metrics["eval/reward_mean"], "eval/n": len(samples), **metrics, **per_task}
 
     def train(self, steps: int) -> dict:
-        """Run ``steps`` steps with held-out evaluation at the start, every ``eval.every``, and the end."""
-        self.run_dir.write_config(self.config)
-        first_eval = self.evaluate() if self.config.eval.at_start else {}
-        if first_eval:
-            logger.info("step 0 held-out accuracy %.3f (n=%d)", first_eval["eval/accuracy"], first_eval["eval/n"])
-            self.run_dir.append_metrics({"step": 0, "policy_version": self.policy_version, **first_eval})
-        last_eval = first_eval
+        """Run to step ``steps`` (from step 1, or after a restored checkpoint's step), with
+        held-out evaluation at the start, every ``eval.every`` and at the end, a checkpoint
+        every ``run.checkpoint_every`` steps and at the end."""
+        c = self.config
+        if self.step_done == 0:
+            self.run_dir.write_config(c)
+            self.first_eval = self.evaluate() if c.eval.at_start else {}
+            if self.first_eval:
+                logger.info("step 0 held-out accuracy %.3f (n=%d)", self.first_eval["eval/accuracy"], self.first_eval["eval/n"])
+                self.record({"step": 0, "policy_version": self.policy_version, **self.first_eval}, [])
+            self.last_eval = self.first_eval
         stopped_by = None
-        with tqdm(range(1, steps + 1), desc="train", unit="step", dynamic_ncols=True) as bar:
+        with tqdm(range(self.step_done + 1, steps + 1), desc="train", unit="step", dynamic_ncols=True, initial=self.step_done, total=steps) as bar:
             for step in bar:
                 metrics = self.step(step)
-                every = self.config.eval.every
-                if step == steps or (every and step % every == 0):
-                    last_eval = self.evaluate()
-                    metrics |= last_eval
+                evaluated = step == steps or bool(c.eval.every and step % c.eval.every == 0)
+                if evaluated:
+                    self.last_eval = self.evaluate()
+                    metrics |= self.last_eval
                 events = self.monitor.observe(metrics) if self.monitor else []
                 metrics |= {f"monitor/{e.rule}": 1.0 for e in events}
-                self.run_dir.append_metrics(metrics)
-                self.run_dir.append_events(events)
+                stops = [e for e in events if e.action == "stop"]
+                rollbacks = [e for e in events if e.action == "rollback"]
+                if rollbacks and not stops and not self.rollback(rollbacks[0]):
+                    stops = rollbacks[:1]
+                metrics["monitor/rollbacks"] = float(self.rollbacks)
+                self.record(metrics, events)
+                self.step_done = step
                 bar.set_postfix(
                     v=metrics["policy_version"],
                     reward=f"{metrics['train/reward_mean']:.3f}",
@@ -334,22 +384,109 @@ class Trainer:
                     s_step=f"{metrics['perf/step_seconds']:.1f}",
                     refresh=False,
                 )
-                stops = [e for e in events if e.action == "stop"]
                 if stops:
                     stopped_by = stops[0]
                     logger.error("stopping at step %d: monitor rule %s: %s", step, stopped_by.rule, stopped_by.message)
-                    if not last_eval or last_eval is first_eval:
-                        last_eval = self.evaluate()
+                    if not evaluated:
+                        self.last_eval = self.evaluate()
+                        evaluated = True
                     break
+                every = c.run.checkpoint_every
+                if every and step % every == 0 and step != steps:
+                    self.save_checkpoint(step, evaluated)
+        if self.step_done > self.saved_step:  # the end of the run (every last step is evaluated)
+            self.save_checkpoint(self.step_done, True)
         self.save_final()
+        self.exporter.close()
         return {
             "run_dir": str(self.run_dir.path),
             "policy_version": self.policy_version,
-            "eval_accuracy_start": first_eval.get("eval/accuracy"),
-            "eval_accuracy_end": last_eval.get("eval/accuracy"),
-            "eval_n": last_eval.get("eval/n"),
+            "eval_accuracy_start": self.first_eval.get("eval/accuracy"),
+            "eval_accuracy_end": self.last_eval.get("eval/accuracy"),
+            "eval_n": self.last_eval.get("eval/n"),
             "stopped_by": None if stopped_by is None else {"step": stopped_by.step, "rule": stopped_by.rule, "message": stopped_by.message},
         }
+
+    def record(self, metrics: dict, events: list[Event]) -> None:
+        """A step's metrics and events: to the run directory, the Ray metrics, TensorBoard."""
+        self.run_dir.append_metrics(metrics)
+        self.run_dir.append_events(events)
+        self.exporter.export(metrics)
+
+    # -- checkpoints ----------------------------------------------------------------------
+
+    def save_checkpoint(self, step: int, evaluated: bool) -> Checkpoint:
+        """Everything needed to continue after ``step`` exactly (see cluster.checkpoint)."""
+        states = self.learners.state_dicts()
+        files: dict = {"learner.pt": functools.partial(_torch_save, states[0])}
+        files |= {f"learner_rank{rank}.pt": functools.partial(_torch_save, state) for rank, state in enumerate(states[1:], 1)}
+        if self.config.model.train == "lora":
+            update = ray.get(self.learners.weight_update_ref())
+            files["adapter"] = functools.partial(write_adapter, update)
+        trainer_state = {
+            "step": step,
+            "policy_version": self.policy_version,
+            "seed": self.config.run.seed,
+            "lr_scale": self.lr_scale,
+            "rollbacks": self.rollbacks,
+            "data": self.tasks.state(),
+            "monitor": self.monitor.state() if self.monitor else None,
+            "verifier": {k: v for k, v in self.verifiers.stats.items() if k in ("verifier/restarts", "verifier/retries", "verifier/infra_errors")},
+            "first_eval": self.first_eval,
+            "last_eval": self.last_eval,
+        }
+        files["trainer.json"] = json.dumps(trainer_state, default=str).encode()
+        metric = self.last_eval.get(self.config.eval.best_metric) if evaluated else None
+        checkpoint = self.checkpoints.save(step, files, metric)
+        self.saved_step = step
+        return checkpoint
+
+    @staticmethod
+    def _learner_states(checkpoint: Checkpoint) -> list[dict]:
+        """Rank 0's state, then the further ranks' (our own checksummed files: tensors only)."""
+        ranks = sorted(checkpoint.path.glob("learner_rank*.pt"), key=lambda p: int(p.stem.removeprefix("learner_rank")))
+        return [torch.load(p, weights_only=True) for p in [checkpoint.file("learner.pt"), *ranks]]
+
+    def restore(self, checkpoint: Checkpoint) -> None:
+        """Continue from ``checkpoint``: learners, data position, monitor, counters; the
+        metrics of later steps (a killed run's) are dropped, those steps run again."""
+        state = json.loads(checkpoint.file("trainer.json").read_text())
+        self.policy_version = self.learners.load_state_dicts(self._learner_states(checkpoint))
+        self.tasks.load_state(state["data"])
+        if self.monitor and state["monitor"]:
+            self.monitor.load_state(state["monitor"])
+        self.verifiers.stats.update(state["verifier"])
+        self.step_done, self.lr_scale, self.rollbacks = state["step"], state["lr_scale"], state["rollbacks"]
+        self.saved_step = self.step_done
+        self.first_eval, self.last_eval = state["first_eval"], state["last_eval"]
+        dropped = self.run_dir.forget_after(self.step_done)
+        self.broadcast()
+        logger.info(
+            "resumed from %s: step %d, policy version %d%s", checkpoint.path, self.step_done, self.policy_version,
+            f" ({dropped} metric rows of later steps dropped; those steps run again)" if dropped else "",
+        )  # fmt: skip
+
+    def rollback(self, event: Event) -> bool:
+        """Restore the newest good checkpoint before ``event`` with a lower learning rate;
+        False (the run should stop) when there is none or the rollbacks are used up."""
+        m = self.config.monitor
+        checkpoint = self.checkpoints.latest(before_step=event.step)
+        if checkpoint is None or self.rollbacks >= m.max_rollbacks:
+            why = "no checkpoint before this step" if checkpoint is None else f"monitor.max_rollbacks={m.max_rollbacks} used up"
+            event.message += f"; cannot roll back ({why}): stopping"
+            return False
+        state = json.loads(checkpoint.file("trainer.json").read_text())
+        # old weights, served as a new version: versions only ever rise
+        self.policy_version = self.learners.load_state_dicts(self._learner_states(checkpoint), policy_version=self.policy_version + 1)
+        self.lr_scale *= m.rollback_lr_factor
+        lr = self.learners.call_all("scale_lr", self.lr_scale / state["lr_scale"])[0]
+        self.rollbacks += 1
+        self.broadcast()
+        if self.monitor:
+            self.monitor.active.discard(event.rule)  # a recurrence is a new event
+        event.evidence |= {"rolled_back_to_step": checkpoint.step, "lr": lr}
+        logger.error("monitor rule %s at step %d: rolled back to the checkpoint of step %d, learning rate now %.3g", event.rule, event.step, checkpoint.step, lr)
+        return True
 
     def save_final(self) -> None:
         """The trained policy: a PEFT adapter folder, or a HF model folder (full weights)."""
@@ -364,6 +501,10 @@ class Trainer:
         for handle in self.generators:
             ray.kill(handle)
         self.verifiers.kill()
+
+
+def _torch_save(obj, path) -> None:
+    torch.save(obj, path)
 
 
 def task_metrics(samples: list[Sample], verdicts: list[Verdict], prefix: str) -> dict[str, float]:

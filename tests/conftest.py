@@ -37,11 +37,25 @@ def tiny_model_path() -> str:
     return str(build_tiny_model())
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 @pytest.fixture(scope="session")
-def ray_cluster():
+def ray_metrics_port() -> int:
+    """The Prometheus export port of the session's Ray cluster."""
+    return _free_port()
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(ray_metrics_port):
     """One embedded local Ray cluster for every integration test of the session."""
     import ray
 
-    ray.init(num_cpus=4, include_dashboard=False, _temp_dir=os.environ["RAY_TMPDIR"])
+    ray.init(num_cpus=4, include_dashboard=False, _temp_dir=os.environ["RAY_TMPDIR"], _metrics_export_port=ray_metrics_port)
     yield ray
     ray.shutdown()

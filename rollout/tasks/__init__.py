@@ -99,6 +99,9 @@ class TaskMixture:
                 raise ValueError(f"task {task_id}: a curriculum needs a task with a difficulty (arithmetic or a procedural task)")
         self._rng = random.Random(seed)
         self._streams: dict[str, Iterator[Problem]] = {}
+        # the data position: problems drawn per task, and the draw count at each difficulty change
+        self._drawn: collections.Counter[str] = collections.Counter()
+        self._changes: dict[str, list[tuple[int, int]]] = {}
 
     def check(self, splits: tuple[Split, ...] = ("train", "validation")) -> None:
         """Load every task's splits now: a task without usable rows stops the run here,
@@ -115,6 +118,7 @@ class TaskMixture:
             if task_id not in self._streams:
                 self._streams[task_id] = self.tasks[task_id].problems("train")
             problems.append(next(self._streams[task_id]))
+            self._drawn[task_id] += 1
         return problems
 
     def eval_sets(self, split: Split = "validation") -> dict[str, list[Problem]]:
@@ -124,7 +128,50 @@ class TaskMixture:
         """Feed each curriculum its task's accuracy this step; returns ``task/<id>/difficulty``."""
         metrics = {}
         for task_id, curriculum in self.curricula.items():
+            task = self.tasks[task_id]
             if task_id in accuracy_by_task:
-                curriculum.update(self.tasks[task_id], accuracy_by_task[task_id])
-            metrics[f"task/{task_id}/difficulty"] = float(self.tasks[task_id].difficulty)
+                before = task.difficulty
+                if curriculum.update(task, accuracy_by_task[task_id]) != before:
+                    self._changes.setdefault(task_id, []).append((self._drawn[task_id], task.difficulty))
+            metrics[f"task/{task_id}/difficulty"] = float(task.difficulty)
         return metrics
+
+    # -- the data position (a checkpoint keeps it) -------------------------------------------
+
+    def state(self) -> dict:
+        """JSON-ready: the mixing RNG, problems drawn per task, difficulty changes, curricula."""
+        version, internal, gauss = self._rng.getstate()
+        return {
+            "rng": [version, list(internal), gauss],
+            "drawn": dict(self._drawn),
+            "difficulty_changes": {k: [list(c) for c in v] for k, v in self._changes.items()},
+            "curricula": {k: list(c.history) for k, c in self.curricula.items()},
+        }
+
+    def load_state(self, state: dict) -> None:
+        """Continue from ``state`` on a freshly built mixture (tasks at their configured
+        difficulty): each task's stream is replayed to its position, changing the difficulty
+        where it changed, so the next problems are exactly those the saved run would draw."""
+        unknown = sorted(set(state["drawn"]) - set(self.tasks))
+        if unknown:
+            raise ValueError(f"saved data position names tasks this config lacks: {unknown}")
+        version, internal, gauss = state["rng"]
+        self._rng.setstate((version, tuple(internal), gauss))
+        self._changes = {k: [(int(a), int(b)) for a, b in v] for k, v in state["difficulty_changes"].items()}
+        self._drawn = collections.Counter()
+        self._streams = {}
+        for task_id, task in self.tasks.items():
+            count, changes = state["drawn"].get(task_id, 0), list(self._changes.get(task_id, []))
+            for i in range(count):
+                while changes and changes[0][0] == i:
+                    task.difficulty = changes.pop(0)[1]
+                if task_id not in self._streams:  # made at the first draw, as in sample()
+                    self._streams[task_id] = task.problems("train")
+                next(self._streams[task_id])
+            self._drawn[task_id] = count
+            for _, difficulty in changes:  # changed after its last draw
+                task.difficulty = difficulty
+        for task_id, history in state["curricula"].items():
+            if task_id in self.curricula:
+                self.curricula[task_id].history.clear()
+                self.curricula[task_id].history.extend(history)

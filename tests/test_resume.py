@@ -1,0 +1,176 @@
+"""Checkpoint and resume through real runs (local Ray cluster, vLLM CPU engine, tiny model).
+
+The reference is one uninterrupted run of four steps. A run of two steps resumed to four, and a
+run killed (SIGKILL, a separate driver process) after its second checkpoint and resumed, must
+end with the same metrics and bit-identical adapter weights. Sampling is reproducible because
+each step reseeds the engine's sampler from (run seed, step). Also here: the Ray metrics of a
+run, scraped from the cluster's Prometheus endpoint, and a rollback rule in a real run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from cluster.cli import main
+from cluster.config import load_config
+from cluster.driver import Trainer
+from cluster.rundir import RunDir
+from test_integration import spread_reward
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[1]
+STEPS = 4
+
+
+def overrides(tiny_model_path: str, run_dir: Path, steps: int = STEPS) -> list[str]:
+    return [
+        f"model.path={tiny_model_path}", f"run.run_dir={run_dir}", f"run.steps={steps}", "run.checkpoint_every=1",
+        "algorithm.lr=0.05", "algorithm.kl_coef=0.05", "eval.every=2", "eval.n=8",
+    ]  # fmt: skip
+
+
+def train(tiny_model_path: str, run_dir: Path, steps: int) -> Trainer:
+    config = load_config(ROOT / "configs/tiny.yaml", overrides(tiny_model_path, run_dir, steps))
+    return Trainer(config, RunDir(run_dir), scorer=spread_reward)
+
+
+def learned(rows: list[dict]) -> list[dict]:
+    """What must match between runs: every value that is not a timing or a pool statistic."""
+    return [{k: v for k, v in row.items() if not k.startswith(("perf/", "verifier/"))} for row in rows]
+
+
+def adapter(run_dir: Path) -> dict:
+    return load_file(str(run_dir / "final_adapter" / "adapter_model.safetensors"))
+
+
+def assert_same_run(run_dir: Path, reference: Path) -> None:
+    rows, expected = RunDir(run_dir).read_metrics(), RunDir(reference).read_metrics()
+    assert [r["step"] for r in rows] == list(range(STEPS + 1))
+    assert learned(rows) == learned(expected)
+    got, want = adapter(run_dir), adapter(reference)
+    assert got.keys() == want.keys() and all((got[k] == want[k]).all() for k in want)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(ray_cluster, tiny_model_path, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("uninterrupted")
+    trainer = train(tiny_model_path, run_dir, STEPS)
+    try:
+        trainer.train(STEPS)
+    finally:
+        trainer.shutdown()
+    return run_dir
+
+
+def scrape(port: int, name: str, run: str, value: float | None = None, timeout_s: float = 40.0) -> list[float]:
+    """Values of ``name`` for ``run`` on the Prometheus endpoint, once there is one (equal to
+    ``value`` if given); Ray's agent exports every few seconds."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+        found = [float(line.rsplit(" ", 1)[1]) for line in body.splitlines() if line.startswith(name + "{") and f'run="{run}"' in line]
+        if found and (value is None or any(v == pytest.approx(value) for v in found)):
+            return found
+        time.sleep(1)
+    return []
+
+
+def test_run_resumed_after_two_steps_equals_the_uninterrupted_run(uninterrupted, ray_metrics_port, tiny_model_path, tmp_path):
+    run_dir = tmp_path / "resumed"
+    first = train(tiny_model_path, run_dir, 2)
+    try:
+        first.train(2)
+        # the run's metrics on the cluster's Prometheus endpoint, while the run's actors are up
+        last = RunDir(run_dir).read_metrics()[-1]["train/reward_mean"]
+        assert scrape(ray_metrics_port, "ray_raylight_train_reward_mean", run_dir.name, last), "step 2's train/reward_mean never reached the Ray metrics endpoint"
+        for name in ("train_loss", "train_kl", "train_entropy", "train_ratio_max", "perf_weight_sync_seconds",
+                     "perf_generated_tokens_per_second", "verifier_queue_depth", "eval_accuracy"):  # fmt: skip
+            assert scrape(ray_metrics_port, f"ray_raylight_{name}", run_dir.name, timeout_s=5), name
+    finally:
+        first.shutdown()
+    assert [c.step for c in first.checkpoints.complete()] == [1, 2]
+    second = Trainer.resume(run_dir, steps=STEPS, scorer=spread_reward)
+    try:
+        assert (second.step_done, second.policy_version) == (2, 2)
+        second.train(STEPS)
+    finally:
+        second.shutdown()
+    assert_same_run(run_dir, uninterrupted)
+    # the last K (3) and the best by eval accuracy are kept
+    assert [c.step for c in second.checkpoints.complete()][-3:] == [2, 3, 4]
+
+
+KILLED_DRIVER = """
+import sys
+sys.path.insert(0, {tests!r})
+from cluster.config import load_config
+from cluster.driver import Trainer
+from cluster.rundir import RunDir
+from test_integration import spread_reward
+
+config = load_config({config!r}, {overrides!r})
+trainer = Trainer(config, RunDir(config.run.run_dir), scorer=spread_reward)
+trainer.train(config.run.steps)
+"""
+
+
+def test_run_killed_after_a_checkpoint_resumes_to_the_same_result(uninterrupted, tiny_model_path, tmp_path):
+    """A separate driver process (joined to the test's Ray cluster) is SIGKILLed once its second
+    checkpoint is complete; ``Trainer.resume`` continues from its newest checkpoint."""
+    run_dir = tmp_path / "killed"
+    script = KILLED_DRIVER.format(tests=str(ROOT / "tests"), config=str(ROOT / "configs/tiny.yaml"), overrides=overrides(tiny_model_path, run_dir))
+    import ray
+
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    driver = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, env=env, start_new_session=True)
+    marker = run_dir / "checkpoints" / "step_000002" / "COMPLETE.json"
+    try:
+        deadline = time.monotonic() + 300
+        while not marker.exists() and driver.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert marker.exists(), f"the driver never wrote its second checkpoint (exit code {driver.poll()})"
+        os.killpg(driver.pid, signal.SIGKILL)
+        driver.wait(timeout=30)
+    finally:
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
+    assert not (run_dir / "final_adapter").exists()  # it really died mid-run
+    resumed = Trainer.resume(run_dir, scorer=spread_reward)
+    try:
+        assert resumed.step_done in (2, 3)
+        resumed.train(STEPS)
+    finally:
+        resumed.shutdown()
+    assert_same_run(run_dir, uninterrupted)
+
+
+def test_rollback_rule_restores_the_last_checkpoint_and_halves_the_lr(ray_cluster, tiny_model_path, tmp_path):
+    """``plateau`` with an impossible band fires at step 2 (its window): the run goes back to
+    step 1's checkpoint with half the learning rate; at step 3 it fires again, the one allowed
+    rollback is used up, and the run stops."""
+    run_dir = tmp_path / "rollback"
+    argv = ["train", "configs/tiny.yaml", "--run-dir", str(run_dir), "--steps", "5", f"model.path={tiny_model_path}", "eval.n=4",
+            "run.checkpoint_every=1", "monitor.max_rollbacks=1", "algorithm.lr=0.01",
+            "monitor.rules={plateau: {action: rollback, threshold: 1000.0, window: 2}}"]  # fmt: skip
+    assert main(argv) == 0
+    events = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
+    plateau = [e for e in events if e["rule"] == "plateau"]
+    assert [(e["step"], e["action"]) for e in plateau] == [(2, "rollback"), (3, "rollback")]
+    assert plateau[0]["evidence"]["rolled_back_to_step"] == 1 and plateau[0]["evidence"]["lr"] == pytest.approx(0.005)
+    assert "cannot roll back (monitor.max_rollbacks=1 used up): stopping" in plateau[1]["message"]
+    rows = {r["step"]: r for r in RunDir(run_dir).read_metrics()}
+    assert max(rows) == 3 and rows[2]["monitor/rollbacks"] == 1.0
+    assert rows[1]["train/lr"] == pytest.approx(0.01) and rows[3]["train/lr"] == pytest.approx(0.005)
+    # step 2's update was undone: the old weights came back as a new version (versions only rise)
+    assert [rows[s]["policy_version"] for s in (1, 2, 3)] == [1, 2, 4]
+
