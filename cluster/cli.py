@@ -49,6 +49,29 @@ def _run(trainer) -> int:
     return 0
 
 
+def _eval(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from cluster.config import load_config
+    from cluster.evaluate import evaluate_policy, summary_lines
+
+    config = load_config(args.config, args.overrides)
+    metrics = evaluate_policy(config, args.adapter, args.split)
+    for line in summary_lines(metrics):
+        print(line)
+    if args.output:
+        Path(args.output).write_text(json.dumps(metrics, indent=1))
+    print(json.dumps(metrics))
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from cluster.report import write_report
+
+    print(write_report(args.run_dir))
+    return 0
+
+
 def _score(args: argparse.Namespace) -> int:
     import functools
     from pathlib import Path
@@ -123,6 +146,29 @@ def build_parser() -> argparse.ArgumentParser:
     resume.add_argument("--steps", type=int, help="train to this step instead of run.steps")
     resume.set_defaults(func=_resume)
 
+    evaluate = commands.add_parser(
+        "eval",
+        help="held-out metrics of a saved adapter, or of the base model (--adapter none)",
+        description="Greedy decoding on every task's held-out split of CONFIG, scored as in training: accuracy, "
+        "reward and its components (extraction methods, code metrics), completion length; per task.",
+    )
+    evaluate.add_argument("config", help="YAML config (the run's RUN_DIR/config.yaml works)")
+    evaluate.add_argument("--adapter", required=True, help="a PEFT adapter folder (e.g. RUN_DIR/final_adapter or a "
+                          "checkpoint's adapter/), a full model folder, or 'none' for the base model")  # fmt: skip
+    evaluate.add_argument("--split", default="validation", choices=["validation", "test"])
+    evaluate.add_argument("--output", help="also write the metrics to this JSON file")
+    evaluate.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. eval.n=200")
+    evaluate.set_defaults(func=_eval)
+
+    report = commands.add_parser(
+        "report",
+        help="write RUN_DIR/report.md and plots: curves, phases, events, forecast, suggestions",
+        description="Write a report of the run in RUN_DIR (report.md and plots/*.png); works on a finished, "
+        "stopped or running run.",
+    )
+    report.add_argument("run_dir", help="the run directory")
+    report.set_defaults(func=_report)
+
     score = commands.add_parser(
         "score",
         help="score a JSONL file of completions offline",
@@ -181,7 +227,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra:
-        if args.command not in ("train", "score", "data") or any(e.startswith("-") or "=" not in e for e in extra):
+        if args.command not in ("train", "eval", "score", "data") or any(e.startswith("-") or "=" not in e for e in extra):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides = [*args.overrides, *extra]
     return args

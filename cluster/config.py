@@ -224,6 +224,14 @@ class MonitorConfig:
 
 
 @dataclass
+class ReportConfig:
+    """``raylight report``: the targets its forecast aims at, and the recent window it fits."""
+
+    targets: dict[str, float] = field(default_factory=dict)  # metric -> target, e.g. {eval/accuracy: 0.6}
+    forecast_window: int = 20  # recent steps (or evaluations, for eval/ metrics) the trend is fitted on
+
+
+@dataclass
 class RunConfig:
     steps: int = 20
     seed: int = 0
@@ -250,6 +258,7 @@ class Config:
     learner: LearnerConfig = field(default_factory=LearnerConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
 

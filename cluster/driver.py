@@ -101,6 +101,21 @@ def start_generator(config: Config, settings: EngineSettings, rank: int = 0):
     return actor.remote(settings, rank=rank)
 
 
+def engine_settings(config: Config, model_path: str) -> EngineSettings:
+    g = config.generator
+    return EngineSettings(
+        model_path=model_path,
+        kind=g.engine,
+        adapter_mode=g.adapter_mode,
+        dtype=g.dtype,
+        max_lora_rank=config.lora.rank,
+        max_model_len=g.max_model_len,
+        seed=config.run.seed,
+        kv_cache_gib=g.kv_cache_gib,
+        threads=g.threads,
+    )
+
+
 def sandbox_settings(config: Config) -> SandboxSettings:
     sb = config.verifier.sandbox
     limits = SandboxLimits(
@@ -179,7 +194,7 @@ class Trainer:
         self.learners = LearnerGroup(
             self.model_path, self._lora_settings(), self._learner_settings(), lc.num_learners, lc.num_cpus, lc.num_gpus
         )
-        self.generators = [start_generator(c, self._engine_settings(), rank=i) for i in range(c.generator.num_generators)]
+        self.generators = [start_generator(c, engine_settings(c, self.model_path), rank=i) for i in range(c.generator.num_generators)]
         self.verifiers = start_verifiers(c, self.tasks, (lambda: scorer) if scorer else None)
         self.monitor = Monitor(rules_from_config(c.monitor.rules)) if c.monitor.enabled else None
         self.checkpoints = CheckpointStore(run_dir.checkpoints, c.run.keep_checkpoints)
@@ -208,20 +223,6 @@ class Trainer:
         trainer.restore(checkpoint)
         return trainer
 
-    def _engine_settings(self) -> EngineSettings:
-        g, c = self.config.generator, self.config
-        return EngineSettings(
-            model_path=self.model_path,
-            kind=g.engine,
-            adapter_mode=g.adapter_mode,
-            dtype=g.dtype,
-            max_lora_rank=c.lora.rank,
-            max_model_len=g.max_model_len,
-            seed=c.run.seed,
-            kv_cache_gib=g.kv_cache_gib,
-            threads=g.threads,
-        )
-
     def _lora_settings(self) -> LoraSettings:
         lora = self.config.lora
         return LoraSettings(rank=lora.rank, alpha=lora.alpha, dropout=lora.dropout, target_modules=tuple(lora.target_modules))
@@ -248,16 +249,7 @@ class Trainer:
     # -- phases ---------------------------------------------------------------------------
 
     def render(self, problems: list[Problem]) -> list[Prompt]:
-        """Chat-template problems with their own task's system prompt, keeping their order."""
-        prompts: list[Prompt | None] = [None] * len(problems)
-        by_task: dict[str, list[int]] = {}
-        for i, problem in enumerate(problems):
-            by_task.setdefault(problem.meta.get("task", ""), []).append(i)
-        for task_id, indices in by_task.items():
-            system = self.tasks.tasks[task_id].system_prompt if task_id in self.tasks.tasks else None
-            for i, prompt in zip(indices, render_prompts(self.tokenizer, [problems[i] for i in indices], system)):
-                prompts[i] = prompt
-        return prompts  # type: ignore[return-value]
+        return render(self.tokenizer, self.tasks, problems)
 
     def next_prompts(self) -> list[Prompt]:
         return self.render(self.tasks.sample(self.config.rollout.prompts_per_step))
@@ -267,18 +259,7 @@ class Trainer:
         return (self.config.run.seed * 1_000_003 + step) % 2**31 * 1024
 
     def generate(self, prompts: list[Prompt], sampling: SamplingSettings) -> list[Sample]:
-        """Split prompts over the generators (contiguous chunks), keep the prompt order; a
-        seeded call gives each generator its own seed."""
-        n = len(self.generators)
-        size = -(-len(prompts) // n)
-        chunks = [prompts[i * size : (i + 1) * size] for i in range(n)]
-        seeds = [None if sampling.seed is None else sampling.seed + rank for rank in range(n)]
-        refs = [
-            g.generate.remote(chunk, dataclasses.replace(sampling, seed=seed))
-            for g, chunk, seed in zip(self.generators, chunks, seeds)
-            if chunk
-        ]
-        return [sample for part in ray.get(refs) for sample in part]
+        return generate(self.generators, prompts, sampling)
 
     def verify(self, samples: list[Sample]) -> list[Verdict]:
         return self.verifiers.score(samples)
@@ -337,16 +318,9 @@ class Trainer:
         }
 
     def evaluate(self) -> dict:
-        """Greedy accuracy on each task's validation problems (never seen in training): over all
-        of them, and per task when there are several. The sets are fixed at the start of the
-        run (a curriculum's later difficulty does not change them)."""
-        sampling = dataclasses.replace(self.sampling, n=1, temperature=0.0, max_tokens=self.config.eval.max_tokens)
-        prompts = [prompt for task_prompts in self.eval_prompts.values() for prompt in task_prompts]
-        samples = self.generate(prompts, sampling)
-        verdicts = self.verify(samples)
-        metrics = sample_metrics(samples, verdicts, prefix="eval")
-        per_task = task_metrics(samples, verdicts, "eval") if len(self.eval_prompts) > 1 else {}
-        return {"eval/accuracy": metrics["eval/accuracy"], "eval/reward_mean": metrics["eval/reward_mean"], "eval/n": len(samples), **metrics, **per_task}
+        """Greedy held-out metrics on each task's validation problems (never trained on; fixed
+        at the start of the run, a curriculum's later difficulty does not change them)."""
+        return evaluate(self.generators, self.verifiers, self.eval_prompts, eval_sampling(self.config))
 
     def train(self, steps: int) -> dict:
         """Run to step ``steps`` (from step 1, or after a restored checkpoint's step), with
@@ -354,7 +328,11 @@ class Trainer:
         every ``run.checkpoint_every`` steps and at the end."""
         c = self.config
         if self.step_done == 0:
-            self.run_dir.write_config(c)
+            previous = self.run_dir.set_aside_previous()
+            if previous:
+                logger.warning("%s held an earlier run: its files are now in %s (use raylight resume to continue a run)", self.run_dir.path, previous)
+        self.run_dir.write_config(c)  # a resume may have changed run.steps
+        if self.step_done == 0:
             self.first_eval = self.evaluate() if c.eval.at_start else {}
             if self.first_eval:
                 logger.info("step 0 held-out accuracy %.3f (n=%d)", self.first_eval["eval/accuracy"], self.first_eval["eval/n"])
@@ -501,6 +479,51 @@ class Trainer:
         for handle in self.generators:
             ray.kill(handle)
         self.verifiers.kill()
+
+
+def render(tokenizer, tasks: TaskMixture, problems: list[Problem]) -> list[Prompt]:
+    """Chat-template problems with their own task's system prompt, keeping their order."""
+    prompts: list[Prompt | None] = [None] * len(problems)
+    by_task: dict[str, list[int]] = {}
+    for i, problem in enumerate(problems):
+        by_task.setdefault(problem.meta.get("task", ""), []).append(i)
+    for task_id, indices in by_task.items():
+        system = tasks.tasks[task_id].system_prompt if task_id in tasks.tasks else None
+        for i, prompt in zip(indices, render_prompts(tokenizer, [problems[i] for i in indices], system)):
+            prompts[i] = prompt
+    return prompts  # type: ignore[return-value]
+
+
+def generate(generators: list, prompts: list[Prompt], sampling: SamplingSettings) -> list[Sample]:
+    """Split prompts over the generators (contiguous chunks), keep the prompt order; a seeded
+    call gives each generator its own seed."""
+    n = len(generators)
+    size = -(-len(prompts) // n)
+    chunks = [prompts[i * size : (i + 1) * size] for i in range(n)]
+    seeds = [None if sampling.seed is None else sampling.seed + rank for rank in range(n)]
+    refs = [
+        g.generate.remote(chunk, dataclasses.replace(sampling, seed=seed))
+        for g, chunk, seed in zip(generators, chunks, seeds)
+        if chunk
+    ]
+    return [sample for part in ray.get(refs) for sample in part]
+
+
+def eval_sampling(config: Config) -> SamplingSettings:
+    """Greedy decoding with the run's stop strings and the evaluation's token budget."""
+    r = config.rollout
+    return SamplingSettings(n=1, temperature=0.0, top_p=1.0, max_tokens=config.eval.max_tokens, stop=tuple(r.stop))
+
+
+def evaluate(generators: list, verifiers: VerifierPool, prompts_by_task: dict[str, list[Prompt]], sampling: SamplingSettings) -> dict:
+    """Held-out metrics: accuracy, reward and each reward component (the numeric extraction
+    methods, the code metrics), completion length; over all tasks and per task when several."""
+    prompts = [prompt for task_prompts in prompts_by_task.values() for prompt in task_prompts]
+    samples = generate(generators, prompts, sampling)
+    verdicts = verifiers.score(samples)
+    metrics = sample_metrics(samples, verdicts, prefix="eval")
+    per_task = task_metrics(samples, verdicts, "eval") if len(prompts_by_task) > 1 else {}
+    return {"eval/n": len(samples), **metrics, **per_task}
 
 
 def _torch_save(obj, path) -> None:

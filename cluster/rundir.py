@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import time
 from pathlib import Path
 
 import yaml
@@ -43,6 +44,21 @@ class RunDir:
     @property
     def config_path(self) -> Path:
         return self.path / "config.yaml"
+
+    def set_aside_previous(self) -> Path | None:
+        """A new run in a directory that holds an earlier one: move the earlier run's files
+        into ``previous-<time>/`` (nothing is deleted, and a later resume cannot pick up the
+        old checkpoints). Returns that folder, or None if there was nothing."""
+        names = ("config.yaml", "metrics.jsonl", "events.jsonl", "rollouts", "checkpoints", "final_adapter", "report.md", "plots", "tensorboard")
+        found = [self.path / n for n in names if (self.path / n).exists() and not (n == "rollouts" and not any((self.path / n).iterdir()))]
+        if not found:
+            return None
+        folder = self.path / time.strftime("previous-%Y%m%d-%H%M%S")
+        folder.mkdir()
+        for path in found:
+            path.rename(folder / path.name)
+        (self.path / "rollouts").mkdir(exist_ok=True)
+        return folder
 
     def forget_after(self, step: int) -> int:
         """Drop the metrics, events and rollouts of steps after ``step`` (a resumed run does

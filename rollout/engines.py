@@ -41,6 +41,19 @@ def write_adapter(update: WeightUpdate, folder: Path) -> Path:
     return folder
 
 
+def read_adapter(folder: str | Path, version: int = 0) -> WeightUpdate:
+    """A PEFT adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``, as
+    ``write_adapter`` and ``PeftModel.save_pretrained`` write it) as a weight update."""
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        if not (folder / name).is_file():
+            raise FileNotFoundError(f"{folder} is not a PEFT adapter folder: {name} is missing")
+    config = json.loads((folder / "adapter_config.json").read_text())
+    return WeightUpdate(version, load_file(str(folder / "adapter_model.safetensors")), config, "lora")
+
+
 def load_base_weights(model_path: str, names: set[str]) -> dict:
     """fp32 copies of the named tensors from a HF folder's safetensors files."""
     import torch
@@ -77,6 +90,10 @@ class GenerationEngine(Protocol):
 
     def load_weights(self, update: WeightUpdate) -> None:
         """Serve ``update`` from now on."""
+        ...
+
+    def serve_base(self) -> None:
+        """Serve the base model with no adapter (a freshly built engine only)."""
         ...
 
 
@@ -135,6 +152,11 @@ class VLLMEngine:
             self._load_lora(update)
         else:
             self._load_merged(update)
+        self._loaded = True
+
+    def serve_base(self) -> None:
+        if self._loaded:
+            raise RuntimeError("serve_base is for a fresh engine; this one has loaded weights")
         self._loaded = True
 
     def _load_lora(self, update: WeightUpdate) -> None:
@@ -236,6 +258,9 @@ class HFEngine:
         else:
             set_peft_model_state_dict(self.model, update.tensors)
         self.model.eval()
+
+    def serve_base(self) -> None:
+        self.model = self.base
 
     def generate(self, prompt_token_ids: Sequence[Sequence[int]], sampling: SamplingSettings) -> list[list[Completion]]:
         import torch

@@ -27,6 +27,12 @@ class Generator:
         self.policy_version = update.version
         return self.policy_version
 
+    def serve_base(self) -> int:
+        """Serve the base model alone (as version 0), e.g. to evaluate the untrained model."""
+        self.engine.serve_base()
+        self.policy_version = 0
+        return self.policy_version
+
     def generate(self, prompts: list[Prompt], sampling: SamplingSettings) -> list[Sample]:
         """``sampling.n`` samples per prompt, each group contiguous, tagged with the live version."""
         if self.policy_version < 0:

@@ -160,3 +160,16 @@ def test_resume_without_a_checkpoint_names_the_folder(tmp_path, capsys):
     (run_dir / "config.yaml").write_text("run: {steps: 2}\n")
     assert main(["resume", str(run_dir)]) == 2
     assert f"no usable checkpoint in {run_dir / 'checkpoints'}" in capsys.readouterr().err
+
+
+def test_a_new_run_sets_an_earlier_one_aside(tmp_path):
+    from cluster.rundir import RunDir
+
+    run_dir = RunDir(tmp_path / "run")
+    assert run_dir.set_aside_previous() is None  # nothing there yet
+    run_dir.append_metrics({"step": 1})
+    CheckpointStore(run_dir.checkpoints).save(1, files(1))
+    previous = run_dir.set_aside_previous()
+    assert sorted(p.name for p in previous.iterdir()) == ["checkpoints", "metrics.jsonl"]
+    assert not run_dir.metrics_path.exists() and CheckpointStore(run_dir.checkpoints).latest() is None
+    assert (run_dir.path / "rollouts").is_dir()

@@ -23,7 +23,7 @@ def test_stray_arguments_are_rejected():
 
 def test_help_lists_the_commands():
     out = subprocess.run([sys.executable, "-m", "cluster.cli", "--help"], capture_output=True, text=True, check=True).stdout
-    for command in ("train", "bench", "prepare-model"):
+    for command in ("train", "resume", "eval", "report", "bench", "prepare-model"):
         assert command in out
 
 
@@ -40,6 +40,12 @@ def test_missing_model_path_is_a_clear_error(capsys, tmp_path):
     config.write_text(f"model:\n  path: {tmp_path / 'nowhere'}\n")
     assert main(["train", str(config), "--run-dir", str(tmp_path / "run")]) == 2
     assert "model.path=" in capsys.readouterr().err
+
+
+def test_eval_names_an_adapter_folder_it_cannot_use(capsys, tmp_path):
+    (tmp_path / "adapter").mkdir()
+    assert main(["eval", "configs/tiny.yaml", "--adapter", str(tmp_path / "adapter")]) == 2
+    assert f"--adapter {tmp_path / 'adapter'}: not a PEFT adapter folder" in capsys.readouterr().err
 
 
 def test_bench_learner_times_variants_against_grpo(capsys):

@@ -174,3 +174,17 @@ def test_rollback_rule_restores_the_last_checkpoint_and_halves_the_lr(ray_cluste
     # step 2's update was undone: the old weights came back as a new version (versions only rise)
     assert [rows[s]["policy_version"] for s in (1, 2, 3)] == [1, 2, 4]
 
+
+
+def test_eval_command_reproduces_the_runs_first_and_last_evaluation(uninterrupted, tiny_model_path, capsys):
+    """``raylight eval`` with the run's final adapter, and with none (the base model), decodes
+    exactly what the run's evaluations at step 4 and step 0 decoded (same greedy outputs: the
+    same completion lengths; the run scored with a test reward, eval with the config's)."""
+    rows = RunDir(uninterrupted).read_metrics()
+    config = str(uninterrupted / "config.yaml")
+    for adapter, row in ((str(uninterrupted / "final_adapter"), rows[-1]), ("none", rows[0])):
+        assert main(["eval", config, "--adapter", adapter, f"model.path={tiny_model_path}"]) == 0
+        metrics = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        assert metrics["eval/n"] == row["eval/n"] == 8
+        assert metrics["eval/completion_length"] == pytest.approx(row["eval/completion_length"])
+        assert metrics["eval/truncated_fraction"] == pytest.approx(row["eval/truncated_fraction"])

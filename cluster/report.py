@@ -1,0 +1,280 @@
+"""``raylight report RUN_DIR``: a write-up of a run, from its config, metrics and events.
+
+It writes RUN_DIR/report.md and PNG plots in RUN_DIR/plots/: the configuration; the headline
+numbers; curves of reward, accuracy (train and held-out), loss, KL, entropy, the importance
+ratio, throughput and weight-sync latency, with the monitor's events marked; the run's phases
+(split where a curriculum changed a task's difficulty or a rollback restored a checkpoint; the
+config has no other notion of phase); the events with their evidence; a forecast per target
+metric (``report.targets``): a straight line fitted to the recent window, the step at which it
+reaches the target and a 95% interval from the slope's standard error; and suggestions drawn
+from the events and the forecasts.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from cluster.rundir import RunDir
+
+logger = logging.getLogger(__name__)
+
+# what to try when a rule fired: the levers a verl / OpenRLHF user would reach for
+SUGGESTIONS = {
+    "ratio_explosion": "The importance ratio exploded: lower `algorithm.lr`, cap the ratio (`algorithm.tis_cap: 2.0`, `algorithm.dual_clip_c: 3.0`), use fewer `algorithm.ppo_epochs`, or a smaller `rollout.max_staleness`.",
+    "logprob_crash": "Sampled log-probs crashed: the policy is drifting toward low-probability text; lower `algorithm.lr` or raise `algorithm.kl_coef`, and read the rollouts of the steps in the event.",
+    "repetition_collapse": "Completions collapsed into repetition: raise `algorithm.kl_coef`, add `algorithm.entropy_coef: 0.001`, lower `algorithm.lr`; a `rollback` action on this rule restores the last good checkpoint automatically.",
+    "entropy_collapse": "Entropy collapsed: the policy stopped exploring. Try `algorithm.clip_eps_high: 0.28` (clip-higher), `algorithm.entropy_coef`, or a higher `rollout.temperature`.",
+    "non_finite": "Non-finite values appeared: check the reward function for NaN/Inf, lower `algorithm.lr`, keep `algorithm.max_grad_norm` at 1.0.",
+    "plateau": "Training reward plateaued: the tasks may be too easy or too hard for the model; enable a curriculum (`tasks[].curriculum.enabled`), raise `rollout.group_size`, or revisit the learning rate.",
+    "no_signal": "Most groups had one reward for every sample (no learning signal): raise `rollout.group_size`, choose problems of the model's level (curriculum), or set `algorithm.drop_zero_variance_groups: true` to save compute.",
+    "extraction_failures": "Many answers could not be extracted: check the prompt template and system prompt, the stop strings (`rollout.stop`) and `rollout.max_tokens` (truncated answers), and `reward.extraction`.",
+    "reward_hacking": "Training reward rose while held-out accuracy fell: read the rollouts for a shortcut the reward pays for, tighten the reward (`reward.required_format`, weights), raise `algorithm.kl_coef`, and keep the best checkpoint (`checkpoints/best`).",
+    "frozen_parameters": "No update reached the weights: check `algorithm.lr` (and its schedule), skipped steps (non-finite values) and groups filtered for zero variance.",
+    "grokking": "Held-out accuracy jumped after a plateau: a late improvement, keep training past the plateau in similar runs.",
+}
+
+CURVES = [
+    # file, title, y label, [(metric, label)], second panel (title, y label, metrics) or None
+    ("reward.png", "Reward", "mean reward per sample", [("train/reward_mean", "train (sampled)"), ("eval/reward_mean", "held-out (greedy)")], None),
+    ("accuracy.png", "Accuracy", "accuracy (fraction correct)", [("train/accuracy", "train (sampled)"), ("eval/accuracy", "held-out (greedy)")], None),
+    ("loss.png", "Loss", "loss", [("train/loss", "total loss"), ("train/pg_loss", "policy-gradient loss")], None),
+    ("kl_entropy.png", "KL to the reference", "KL (nats per token)", [("train/kl", "KL"), ("train/kl_old", "KL of the sampler")],
+     ("Entropy", "entropy (nats per token)", [("train/entropy", "entropy")])),
+    ("ratio.png", "Importance ratio", "ratio new / old policy", [("train/ratio_max", "max"), ("train/ratio_mean", "mean"), ("train/ratio_min", "min")], None),
+    ("throughput.png", "Generation throughput", "tokens per second", [("perf/generated_tokens_per_second", "generated tokens/s")],
+     ("Weight-sync latency", "seconds per broadcast", [("perf/weight_sync_seconds", "weight sync")])),
+]  # fmt: skip
+
+
+NOT_RECORDED = {
+    "train/kl": "not computed: algorithm.kl_coef is 0 (no reference pass)",
+    "train/ratio_max": "no ratio recorded (policy_loss pg has none)",
+}
+
+
+@dataclass
+class Forecast:
+    metric: str
+    target: float
+    current: float | None
+    slope: float | None  # per step
+    steps: float | None  # steps from the last one until the line reaches the target (0: reached)
+    low: float | None  # 95% interval of ``steps``; None high = not reached at any plausible slope
+    high: float | None
+    points: int
+
+    def sentence(self) -> str:
+        if self.current is None:
+            return f"`{self.metric}`: fewer than 3 values, no trend to fit."
+        head = f"`{self.metric}` is {self.current:.3f} (trend {self.slope:+.4f}/step over the last {self.points} points), target {self.target:.3f}:"
+        if self.steps == 0:
+            return f"{head} reached."
+        if self.steps is None:
+            return f"{head} not reached at the current trend (flat or moving away)."
+        interval = f"{self.low:.0f} to {self.high:.0f}" if self.high is not None else f"at least {self.low:.0f}, possibly never"
+        return f"{head} reached in about {self.steps:.0f} more steps (95% interval: {interval})."
+
+
+def series(rows: list[dict], metric: str) -> tuple[list[int], list[float]]:
+    points = [(r["step"], r[metric]) for r in rows if isinstance(r.get(metric), (int, float)) and math.isfinite(r[metric])]
+    return [p[0] for p in points], [p[1] for p in points]
+
+
+def forecast(rows: list[dict], metric: str, target: float, window: int) -> Forecast:
+    """A least-squares line through the last ``window`` values of ``metric``; when it crosses
+    ``target``, with an interval from the slope's 95% confidence bounds."""
+    steps, values = series(rows, metric)
+    steps, values = steps[-window:], values[-window:]
+    if len(values) < 3:
+        return Forecast(metric, target, None, None, None, None, None, len(values))
+    n, mean_x, mean_y = len(steps), statistics.mean(steps), statistics.mean(values)
+    sxx = sum((x - mean_x) ** 2 for x in steps)
+    slope = sum((x - mean_x) * (y - mean_y) for x, y in zip(steps, values)) / sxx
+    intercept = mean_y - slope * mean_x
+    residual = sum((y - intercept - slope * x) ** 2 for x, y in zip(steps, values)) / max(1, n - 2)
+    se = math.sqrt(residual / sxx)
+    t95 = 1.96 if n > 30 else {3: 12.71, 4: 4.30, 5: 3.18, 6: 2.78, 7: 2.57, 8: 2.45, 9: 2.36, 10: 2.31}.get(n, 2.1)
+    now = intercept + slope * steps[-1]
+    gap = target - now
+    if gap <= 0:
+        return Forecast(metric, target, now, slope, 0.0, 0.0, 0.0, n)
+
+    def steps_at(rate: float) -> float | None:
+        return gap / rate if rate > 0 else None
+
+    best, worst = steps_at(slope + t95 * se), steps_at(slope - t95 * se)
+    return Forecast(metric, target, now, slope, steps_at(slope), best if best is not None else 0.0, worst, n)
+
+
+def phases(rows: list[dict], events: list[dict]) -> list[tuple[int, int, str]]:
+    """(first step, last step, what began it): a new phase where a curriculum moved a
+    task's difficulty or a rollback restored a checkpoint."""
+    steps = [r["step"] for r in rows if r["step"] > 0]
+    if not steps:
+        return []
+    starts = {steps[0]: "start"}
+    previous: dict[str, float] = {}
+    for row in rows:
+        for key, value in row.items():
+            if key.startswith("task/") and key.endswith("/difficulty"):
+                if key in previous and value != previous[key]:
+                    starts.setdefault(row["step"] + 1, f"{key.split('/')[1]} difficulty {previous[key]:g} -> {value:g}")
+                previous[key] = value
+    for event in events:
+        if "rolled_back_to_step" in event.get("evidence", {}):
+            starts.setdefault(event["step"] + 1, f"rollback to step {event['evidence']['rolled_back_to_step']} ({event['rule']})")
+    bounds = sorted(s for s in starts if s <= steps[-1])
+    return [(start, (bounds[i + 1] - 1) if i + 1 < len(bounds) else steps[-1], starts[start]) for i, start in enumerate(bounds)]
+
+
+def _mean(values: list[float]) -> str:
+    return f"{statistics.mean(values):.3f}" if values else "-"
+
+
+def plot(rows: list[dict], events: list[dict], folder: Path, targets: dict[str, float]) -> list[Path]:
+    """The PNGs of ``CURVES`` (those with data), events as dotted vertical lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    folder.mkdir(exist_ok=True)
+    last_step = max((r.get("step", 0) for r in rows), default=1)
+    written = []
+    for name, title, ylabel, metrics, second in CURVES:
+        panels = [(title, ylabel, metrics)] + ([second] if second else [])
+        if not any(series(rows, m)[0] for _, _, ms in panels for m, _ in ms):
+            continue
+        fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4), squeeze=False)
+        for ax, (panel_title, panel_ylabel, panel_metrics) in zip(axes[0], panels):
+            plotted = False
+            for metric, label in panel_metrics:
+                x, y = series(rows, metric)
+                if x:
+                    style = "o-" if metric.startswith("eval/") else "-"
+                    ax.plot(x, y, style, label=label, markersize=4)
+                    plotted = True
+                if metric in targets:
+                    ax.axhline(targets[metric], color="grey", linestyle="--", linewidth=1, label=f"target {targets[metric]:g}")
+            if not plotted:
+                ax.text(0.5, 0.5, NOT_RECORDED.get(panel_metrics[0][0], "no values recorded"), ha="center", va="center", transform=ax.transAxes)
+            for event in events:
+                ax.axvline(event["step"], color="red", linestyle=":", linewidth=1)
+            if events:
+                ax.plot([], [], color="red", linestyle=":", label="monitor event")
+            ax.set_title(panel_title)
+            ax.set_xlim(0, max(1, last_step))
+            ax.set_xlabel("training step")
+            ax.set_ylabel(panel_ylabel)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
+        fig.tight_layout()
+        path = folder / name
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def write_report(path: str | Path) -> Path:
+    """Write RUN_DIR/report.md and RUN_DIR/plots/*.png; returns the report's path."""
+    run_dir = RunDir(path)
+    if not run_dir.metrics_path.is_file():
+        raise FileNotFoundError(f"{run_dir.path} has no metrics.jsonl: is it a run directory?")
+    rows = sorted(run_dir.read_metrics(), key=lambda r: r.get("step", 0))
+    events = [json.loads(line) for line in run_dir.events_path.read_text().splitlines() if line.strip()] if run_dir.events_path.exists() else []
+    config = yaml.safe_load(run_dir.config_path.read_text()) if run_dir.config_path.exists() else {}
+    report = config.get("report") or {}
+    targets, window = report.get("targets") or {}, report.get("forecast_window", 20)
+    plots = plot(rows, events, run_dir.path / "plots", targets)
+    lines = [f"# Run report: {run_dir.path.name}", ""]
+    lines += _headline(rows, run_dir)
+    lines += ["", "## Configuration", "", *_config_summary(config)]
+    lines += ["", "## Curves", ""] + [f"![{p.stem}](plots/{p.name})" for p in plots]
+    lines += ["", "## Phases", "", *_phase_table(rows, events)]
+    lines += ["", "## Events", "", *_event_table(events)]
+    forecasts = [forecast(rows, metric, target, window) for metric, target in targets.items()]
+    lines += ["", "## Forecast", ""]
+    lines += [f"- {f.sentence()}" for f in forecasts] or ["No targets set (`report.targets` in the config, e.g. `{eval/accuracy: 0.6}`)."]
+    lines += ["", "## Suggestions", "", *_suggestions(events, forecasts)]
+    out = run_dir.path / "report.md"
+    out.write_text("\n".join(lines) + "\n")
+    logger.info("report written to %s with %d plots", out, len(plots))
+    return out
+
+
+def _headline(rows: list[dict], run_dir: RunDir) -> list[str]:
+    steps = [r for r in rows if r.get("step", 0) > 0]
+    eval_steps, evals = series(rows, "eval/accuracy")
+    lines = [f"- steps run: {steps[-1]['step'] if steps else 0}; final policy version {rows[-1].get('policy_version', '-') if rows else '-'}"]
+    if evals:
+        lines.append(f"- held-out accuracy: {evals[0]:.3f} at step {eval_steps[0]} -> {evals[-1]:.3f} at step {eval_steps[-1]} ({100 * (evals[-1] - evals[0]):+.1f} points); best {max(evals):.3f}")
+    _, reward = series(rows, "train/reward_mean")
+    if reward:
+        k = max(1, len(reward) // 4)
+        lines.append(f"- training reward: {_mean(reward[:k])} over the first {k} steps -> {_mean(reward[-k:])} over the last {k}")
+    _, seconds = series(rows, "perf/step_seconds")
+    _, tokens = series(rows, "perf/generated_tokens_per_second")
+    if seconds:
+        lines.append(f"- {statistics.mean(seconds):.1f} s per step" + (f"; {statistics.mean(tokens):.0f} generated tokens/s" if tokens else ""))
+    best = run_dir.checkpoints / "best"
+    if best.exists():
+        lines.append(f"- best checkpoint: `checkpoints/{best.resolve().name}`")
+    return lines
+
+
+def _config_summary(config: dict) -> list[str]:
+    if not config:
+        return ["(no config.yaml in the run directory)"]
+    model, algo, rollout, run = (config.get(k, {}) for k in ("model", "algorithm", "rollout", "run"))
+    tasks = ", ".join(f"{t.get('id') or t['name']}" + (f" (difficulty {t['difficulty']})" if t.get("difficulty") else "") + f" x{t.get('weight', 1)}" for t in config.get("tasks", []))
+    return [
+        "| setting | value |", "|---|---|",
+        f"| model | {model.get('path')} ({model.get('train')}, lora rank {config.get('lora', {}).get('rank')}) |",
+        f"| tasks | {tasks} |",
+        f"| algorithm | {algo.get('advantage')} advantages, {algo.get('policy_loss')} loss, lr {algo.get('lr')}, kl_coef {algo.get('kl_coef')}, clip {algo.get('clip_eps_low')}/{algo.get('clip_eps_high')} |",
+        f"| rollout | {rollout.get('prompts_per_step')} prompts x {rollout.get('group_size')} samples, temperature {rollout.get('temperature')}, max_tokens {rollout.get('max_tokens')} |",
+        f"| run | {run.get('steps')} steps, seed {run.get('seed')}, checkpoint every {run.get('checkpoint_every')} |",
+    ]  # fmt: skip
+
+
+def _phase_table(rows: list[dict], events: list[dict]) -> list[str]:
+    found = phases(rows, events)
+    if len(found) <= 1:
+        return ["One phase: no curriculum change and no rollback."] if found else ["No training steps."]
+    lines = ["| steps | began with | mean train reward | mean train accuracy | last held-out accuracy |", "|---|---|---|---|---|"]
+    for start, end, why in found:
+        inside = [r for r in rows if start <= r["step"] <= end]
+        _, reward = series(inside, "train/reward_mean")
+        _, accuracy = series(inside, "train/accuracy")
+        _, evals = series(inside, "eval/accuracy")
+        lines.append(f"| {start}-{end} | {why} | {_mean(reward)} | {_mean(accuracy)} | {f'{evals[-1]:.3f}' if evals else '-'} |")
+    return lines
+
+
+def _event_table(events: list[dict]) -> list[str]:
+    if not events:
+        return ["The health monitor raised no event."]
+    lines = ["| step | rule | action | what it saw | evidence |", "|---|---|---|---|---|"]
+    for e in events:
+        evidence = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in e.get("evidence", {}).items())
+        lines.append(f"| {e['step']} | {e['rule']} | {e['action']} | {e['message'].replace('|', '/')} | {evidence} |")
+    return lines
+
+
+def _suggestions(events: list[dict], forecasts: list[Forecast]) -> list[str]:
+    found = []
+    for rule in dict.fromkeys(e["rule"] for e in events):
+        steps = [e["step"] for e in events if e["rule"] == rule]
+        found.append(f"- **{rule}** (step{'s' if len(steps) > 1 else ''} {', '.join(map(str, steps))}): {SUGGESTIONS.get(rule, 'see the event message.')}")
+    for f in forecasts:
+        if f.current is not None and f.steps is None:
+            found.append(f"- **{f.metric}** is not heading for its target {f.target:g}: more steps alone will not get there; see the suggestions above, or revisit the learning rate and the task's difficulty.")
+    return found or ["- Nothing to fix: no monitor event, and every target is reached or on its way."]

@@ -1,0 +1,77 @@
+"""``raylight report`` on a run directory written by the test: a run whose held-out accuracy
+rises on a known line, whose curriculum moves once, and whose ratio explodes at the end."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from cluster.cli import main
+from cluster.report import forecast, phases
+
+
+def write_run(folder, steps: int = 30) -> None:
+    folder.mkdir()
+    config = {
+        "model": {"path": "smollm2", "train": "lora"}, "lora": {"rank": 16},
+        "tasks": [{"name": "infix", "difficulty": 2, "weight": 1.0}],
+        "algorithm": {"advantage": "grpo", "policy_loss": "ppo", "lr": 5e-5, "kl_coef": 0.0, "clip_eps_low": 0.2, "clip_eps_high": 0.28},
+        "rollout": {"prompts_per_step": 8, "group_size": 8, "temperature": 0.7, "max_tokens": 48},
+        "report": {"targets": {"eval/accuracy": 0.6, "train/reward_mean": 0.9}, "forecast_window": 10},
+        "run": {"steps": steps, "seed": 0, "checkpoint_every": 10},
+    }  # fmt: skip
+    (folder / "config.yaml").write_text(yaml.safe_dump(config))
+    rows = [{"step": 0, "policy_version": 0, "eval/accuracy": 0.1, "eval/reward_mean": 0.1}]
+    for step in range(1, steps + 1):
+        row = {
+            "step": step, "policy_version": step, "train/reward_mean": 0.4 + 0.001 * (step % 2), "train/accuracy": 0.4,
+            "train/loss": 0.1, "train/pg_loss": 0.1, "train/kl": None, "train/entropy": 0.8, "train/ratio_max": 1.3,
+            "train/ratio_mean": 1.0, "train/ratio_min": 0.8, "perf/step_seconds": 30.0, "perf/generated_tokens_per_second": 400.0,
+            "perf/weight_sync_seconds": 0.9, "task/infix/difficulty": 2.0 if step < 12 else 3.0,
+        }  # fmt: skip
+        if step % 5 == 0:
+            row |= {"eval/accuracy": 0.1 + 0.01 * step, "eval/reward_mean": 0.1 + 0.01 * step}
+        if step == 29:
+            row["train/ratio_max"] = 40.0
+        rows.append(row)
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    event = {"step": 29, "rule": "ratio_explosion", "action": "warn", "message": "importance ratio max 40 is far past the clip range", "evidence": {"train/ratio_max": 40.0}}
+    (folder / "events.jsonl").write_text(json.dumps(event) + "\n")
+
+
+def test_report_writes_markdown_and_readable_plots(tmp_path, capsys):
+    run = tmp_path / "run"
+    write_run(run)
+    assert main(["report", str(run)]) == 0
+    report = (run / "report.md").read_text()
+    for section in ("## Configuration", "## Curves", "## Phases", "## Events", "## Forecast", "## Suggestions"):
+        assert section in report
+    assert "held-out accuracy: 0.100 at step 0 -> 0.400 at step 30 (+30.0 points)" in report
+    # eval accuracy rises 0.05 per evaluation (every 5 steps): 0.2 to go is 20 steps
+    assert "`eval/accuracy` is 0.400 (trend +0.0100/step over the last 7 points), target 0.600: reached in about 20 more steps (95% interval: 20 to 20)" in report
+    assert "`train/reward_mean` is 0.400" in report and "not reached at the current trend" in report
+    assert "| 1-12 | start |" in report and "| 13-30 | infix difficulty 2 -> 3 |" in report  # the change applies from the next step
+    assert "| 29 | ratio_explosion | warn |" in report and "tis_cap" in report
+    pngs = sorted(p.name for p in (run / "plots").glob("*.png"))
+    assert pngs == ["accuracy.png", "kl_entropy.png", "loss.png", "ratio.png", "reward.png", "throughput.png"]
+    for png in pngs:
+        data = (run / "plots" / png).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+        assert f"![{png[:-4]}](plots/{png})" in report
+
+
+def test_forecast_interval_widens_with_noise_and_phases_split_at_rollbacks():
+    rows = [{"step": s, "m": 0.1 + 0.01 * s + (0.03 if s % 2 else -0.03)} for s in range(1, 21)]
+    f = forecast(rows, "m", 0.5, window=20)
+    assert f.steps == pytest.approx((0.5 - f.current) / f.slope)
+    assert f.low < f.steps < f.high
+    assert forecast(rows[:2], "m", 0.5, window=20).sentence() == "`m`: fewer than 3 values, no trend to fit."
+    events = [{"step": 7, "rule": "plateau", "evidence": {"rolled_back_to_step": 5}}]
+    assert phases(rows, events) == [(1, 7, "start"), (8, 20, "rollback to step 5 (plateau)")]
+
+
+def test_report_on_a_folder_without_metrics_names_it(tmp_path, capsys):
+    assert main(["report", str(tmp_path)]) == 2
+    assert f"{tmp_path} has no metrics.jsonl" in capsys.readouterr().err
