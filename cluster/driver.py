@@ -198,7 +198,7 @@ class Trainer:
         self.verifiers = start_verifiers(c, self.tasks, (lambda: scorer) if scorer else None)
         self.monitor = Monitor(rules_from_config(c.monitor.rules)) if c.monitor.enabled else None
         self.checkpoints = CheckpointStore(run_dir.checkpoints, c.run.keep_checkpoints)
-        self.exporter = MetricsExporter(run_dir, c.run.metrics_export, c.run.tensorboard)
+        self.exporter: MetricsExporter | None = None  # opened by train(), once the run directory is settled
         self.policy_version = 0
         self.step_done = 0  # the last finished step (a resumed run starts after it)
         self.saved_step = 0  # the step of the last checkpoint written or restored
@@ -332,6 +332,7 @@ class Trainer:
             if previous:
                 logger.warning("%s held an earlier run: its files are now in %s (use raylight resume to continue a run)", self.run_dir.path, previous)
         self.run_dir.write_config(c)  # a resume may have changed run.steps
+        self.exporter = MetricsExporter(self.run_dir, c.run.metrics_export, c.run.tensorboard)
         if self.step_done == 0:
             self.first_eval = self.evaluate() if c.eval.at_start else {}
             if self.first_eval:

@@ -171,6 +171,7 @@ def plot(rows: list[dict], events: list[dict], folder: Path, targets: dict[str, 
                 ax.plot([], [], color="red", linestyle=":", label="monitor event")
             ax.set_title(panel_title)
             ax.set_xlim(0, max(1, last_step))
+            ax.ticklabel_format(axis="y", useOffset=False)  # a ratio near 1 reads as 1.00005, not "+1"
             ax.set_xlabel("training step")
             ax.set_ylabel(panel_ylabel)
             ax.grid(alpha=0.3)

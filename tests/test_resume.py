@@ -160,7 +160,7 @@ def test_rollback_rule_restores_the_last_checkpoint_and_halves_the_lr(ray_cluste
     rollback is used up, and the run stops."""
     run_dir = tmp_path / "rollback"
     argv = ["train", "configs/tiny.yaml", "--run-dir", str(run_dir), "--steps", "5", f"model.path={tiny_model_path}", "eval.n=4",
-            "run.checkpoint_every=1", "monitor.max_rollbacks=1", "algorithm.lr=0.01",
+            "run.checkpoint_every=1", "monitor.max_rollbacks=1", "algorithm.lr=0.01", "run.tensorboard=true",
             "monitor.rules={plateau: {action: rollback, threshold: 1000.0, window: 2}}"]  # fmt: skip
     assert main(argv) == 0
     events = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
@@ -173,6 +173,7 @@ def test_rollback_rule_restores_the_last_checkpoint_and_halves_the_lr(ray_cluste
     assert rows[1]["train/lr"] == pytest.approx(0.01) and rows[3]["train/lr"] == pytest.approx(0.005)
     # step 2's update was undone: the old weights came back as a new version (versions only rise)
     assert [rows[s]["policy_version"] for s in (1, 2, 3)] == [1, 2, 4]
+    assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))  # run.tensorboard
 
 
 
