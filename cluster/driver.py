@@ -397,15 +397,14 @@ class Trainer:
     def save_checkpoint(self, step: int, evaluated: bool) -> Checkpoint:
         """Everything needed to continue after ``step`` exactly (see cluster.checkpoint)."""
         states = self.learners.state_dicts()
-        files: dict = {"learner.pt": functools.partial(_torch_save, states[0])}
-        files |= {f"learner_rank{rank}.pt": functools.partial(_torch_save, state) for rank, state in enumerate(states[1:], 1)}
+        files: dict = {"learner.pt": functools.partial(torch.save, states[0])}
+        files |= {f"learner_rank{rank}.pt": functools.partial(torch.save, state) for rank, state in enumerate(states[1:], 1)}
         if self.config.model.train == "lora":
             update = ray.get(self.learners.weight_update_ref())
             files["adapter"] = functools.partial(write_adapter, update)
         trainer_state = {
             "step": step,
             "policy_version": self.policy_version,
-            "seed": self.config.run.seed,
             "lr_scale": self.lr_scale,
             "rollbacks": self.rollbacks,
             "data": self.tasks.state(),
@@ -525,10 +524,6 @@ def evaluate(generators: list, verifiers: VerifierPool, prompts_by_task: dict[st
     metrics = sample_metrics(samples, verdicts, prefix="eval")
     per_task = task_metrics(samples, verdicts, "eval") if len(prompts_by_task) > 1 else {}
     return {"eval/n": len(samples), **metrics, **per_task}
-
-
-def _torch_save(obj, path) -> None:
-    torch.save(obj, path)
 
 
 def task_metrics(samples: list[Sample], verdicts: list[Verdict], prefix: str) -> dict[str, float]:
