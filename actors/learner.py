@@ -17,7 +17,7 @@ import ray
 
 from learners.learner import Learner, LearnerSettings
 from learners.policy import LoraSettings
-from rollout.contracts import TrainBatch
+from contracts import TrainBatch
 
 logger = logging.getLogger(__name__)
 

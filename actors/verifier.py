@@ -28,7 +28,7 @@ import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
 from rewards.scoring import Scorer
-from rollout.contracts import Problem, Sample, Verdict
+from contracts import Problem, Sample, Verdict
 
 logger = logging.getLogger(__name__)
 

@@ -25,8 +25,8 @@ import ray
 from cluster.config import Config
 from cluster.driver import init_ray, start_generator
 from learners.policy import Policy, LoraSettings
-from rollout.arithmetic import ArithmeticTask
-from rollout.contracts import WeightUpdate, SamplingSettings
+from rollout.tasks.arithmetic import ArithmeticTask
+from contracts import PolicyRef, SamplingSettings, WeightUpdate
 from rollout.engines import EngineSettings
 from rollout.generator import Generator
 from rollout.models import resolve_model
@@ -44,7 +44,7 @@ def _timed(generate, prompts, sampling) -> tuple[float, int]:
 def bench_generation(model: str, n_prompts: int, n: int, max_tokens: int, dtype: str = "float32") -> dict:
     path = str(resolve_model(model))
     policy = Policy(path, LoraSettings())
-    update = WeightUpdate(0, policy.weight_state(), policy.adapter_config())
+    update = WeightUpdate(PolicyRef(), policy.weight_state(), policy.adapter_config())
     prompts = render_prompts(policy.tokenizer, ArithmeticTask(2).eval_set(n_prompts))
     sampling = SamplingSettings(n=n, temperature=1.0, max_tokens=max_tokens)
     del policy
@@ -91,7 +91,7 @@ LEARNER_VARIANTS = {
 
 
 def synthetic_batch(rows: int, prompt_tokens: int, completion_tokens: int, vocab: int, seed: int = 0):
-    from rollout.contracts import TrainBatch
+    from contracts import TrainBatch
 
     rng = random.Random(seed)
     ids = lambda n: tuple(rng.randrange(100, vocab) for _ in range(n))  # noqa: E731

@@ -38,7 +38,7 @@ from learners.learner import REQUIRED_METRICS, LearnerSettings
 from learners.policy import LoraSettings
 from rewards.sandbox import SandboxLimits
 from rewards.scoring import RewardSettings, SandboxSettings, build_task_scorer
-from rollout.contracts import Problem, Prompt, Sample, SamplingSettings, Verdict
+from contracts import DEFAULT_ADAPTER, PolicyRef, Problem, Prompt, Sample, SamplingSettings, Verdict
 from rollout.engines import EngineSettings, write_adapter
 from rollout.models import resolve_model
 from rollout.prompts import render_prompts
@@ -199,7 +199,7 @@ class Trainer:
         self.monitor = Monitor(rules_from_config(c.monitor.rules)) if c.monitor.enabled else None
         self.checkpoints = CheckpointStore(run_dir.checkpoints, c.run.keep_checkpoints)
         self.exporter: MetricsExporter | None = None  # opened by train(), once the run directory is settled
-        self.policy_version = 0
+        self.policy = PolicyRef(DEFAULT_ADAPTER, 0)  # the learner's policy, served by every generator
         self.step_done = 0  # the last finished step (a resumed run starts after it)
         self.saved_step = 0  # the step of the last checkpoint written or restored
         self.lr_scale = 1.0  # product of the rollbacks' learning-rate factors
@@ -271,12 +271,12 @@ class Trainer:
         ready, not_ready = ray.wait(refs, num_returns=len(refs), timeout=self.config.run.broadcast_timeout_s)
         if not_ready:
             raise WeightSyncError(
-                f"{len(not_ready)} of {len(refs)} generators did not load policy version {self.policy_version} "
+                f"{len(not_ready)} of {len(refs)} generators did not load policy {self.policy} "
                 f"within run.broadcast_timeout_s={self.config.run.broadcast_timeout_s}s"
             )
-        versions = ray.get(ready)
-        if set(versions) != {self.policy_version}:
-            raise WeightSyncError(f"generators report versions {versions}, learner is at {self.policy_version}")
+        served = ray.get(ready)
+        if set(served) != {self.policy}:
+            raise WeightSyncError(f"generators report policies {[str(p) for p in served]}, the learner is at {self.policy}")
 
     # -- the step -------------------------------------------------------------------------
 
@@ -286,7 +286,7 @@ class Trainer:
             prompts = self.next_prompts()
             with timer("generate"):
                 samples = self.generate(prompts, dataclasses.replace(self.sampling, seed=self.sampling_seed(step)))
-            samples, stale_metrics = filter_stale(samples, self.policy_version, self.config.rollout.max_staleness)
+            samples, stale_metrics = filter_stale(samples, self.policy, self.config.rollout.max_staleness)
             with timer("verify"):
                 verdicts = self.verify(samples)
             with timer("advantages"):
@@ -295,7 +295,7 @@ class Trainer:
                 )
             with timer("learn"):
                 learn_metrics = self.learners.step(batch) if len(batch) else EMPTY_LEARN_METRICS
-            self.policy_version = self.learners.call("get_policy_version")
+            self.policy = PolicyRef(self.policy.adapter, self.learners.call("get_policy_version"))
             with timer("weight_sync"):
                 self.broadcast()
             if self.config.run.save_rollouts:
@@ -305,7 +305,7 @@ class Trainer:
         accuracy = {task: by_task[f"train/{task}/accuracy"] for task in self.tasks.tasks if f"train/{task}/accuracy" in by_task}
         return {
             "step": step,
-            "policy_version": self.policy_version,
+            "policy_version": self.policy.version,
             **sample_metrics(samples, verdicts, prefix="train"),
             **(by_task if len(self.tasks.tasks) > 1 else {}),
             **self.tasks.update_curricula(accuracy),
@@ -337,7 +337,7 @@ class Trainer:
             self.first_eval = self.evaluate() if c.eval.at_start else {}
             if self.first_eval:
                 logger.info("step 0 held-out accuracy %.3f (n=%d)", self.first_eval["eval/accuracy"], self.first_eval["eval/n"])
-                self.record({"step": 0, "policy_version": self.policy_version, **self.first_eval}, [])
+                self.record({"step": 0, "policy_version": self.policy.version, **self.first_eval}, [])
             self.last_eval = self.first_eval
         stopped_by = None
         with tqdm(range(self.step_done + 1, steps + 1), desc="train", unit="step", dynamic_ncols=True, initial=self.step_done, total=steps) as bar:
@@ -379,7 +379,7 @@ class Trainer:
         self.exporter.close()
         return {
             "run_dir": str(self.run_dir.path),
-            "policy_version": self.policy_version,
+            "policy_version": self.policy.version,
             "eval_accuracy_start": self.first_eval.get("eval/accuracy"),
             "eval_accuracy_end": self.last_eval.get("eval/accuracy"),
             "eval_n": self.last_eval.get("eval/n"),
@@ -404,7 +404,7 @@ class Trainer:
             files["adapter"] = functools.partial(write_adapter, update)
         trainer_state = {
             "step": step,
-            "policy_version": self.policy_version,
+            "policy_version": self.policy.version,
             "lr_scale": self.lr_scale,
             "rollbacks": self.rollbacks,
             "data": self.tasks.state(),
@@ -429,7 +429,7 @@ class Trainer:
         """Continue from ``checkpoint``: learners, data position, monitor, counters; the
         metrics of later steps (a killed run's) are dropped, those steps run again."""
         state = json.loads(checkpoint.file("trainer.json").read_text())
-        self.policy_version = self.learners.load_state_dicts(self._learner_states(checkpoint))
+        self.policy = PolicyRef(self.policy.adapter, self.learners.load_state_dicts(self._learner_states(checkpoint)))
         self.tasks.load_state(state["data"])
         if self.monitor and state["monitor"]:
             self.monitor.load_state(state["monitor"])
@@ -440,7 +440,7 @@ class Trainer:
         dropped = self.run_dir.forget_after(self.step_done)
         self.broadcast()
         logger.info(
-            "resumed from %s: step %d, policy version %d%s", checkpoint.path, self.step_done, self.policy_version,
+            "resumed from %s: step %d, policy %s%s", checkpoint.path, self.step_done, self.policy,
             f" ({dropped} metric rows of later steps dropped; those steps run again)" if dropped else "",
         )  # fmt: skip
 
@@ -455,7 +455,8 @@ class Trainer:
             return False
         state = json.loads(checkpoint.file("trainer.json").read_text())
         # old weights, served as a new version: versions only ever rise
-        self.policy_version = self.learners.load_state_dicts(self._learner_states(checkpoint), policy_version=self.policy_version + 1)
+        version = self.learners.load_state_dicts(self._learner_states(checkpoint), policy_version=self.policy.version + 1)
+        self.policy = PolicyRef(self.policy.adapter, version)
         self.lr_scale *= m.rollback_lr_factor
         lr = self.learners.call_all("scale_lr", self.lr_scale / state["lr_scale"])[0]
         self.rollbacks += 1
@@ -486,7 +487,7 @@ def render(tokenizer, tasks: TaskMixture, problems: list[Problem]) -> list[Promp
     prompts: list[Prompt | None] = [None] * len(problems)
     by_task: dict[str, list[int]] = {}
     for i, problem in enumerate(problems):
-        by_task.setdefault(problem.meta.get("task", ""), []).append(i)
+        by_task.setdefault(problem.task, []).append(i)
     for task_id, indices in by_task.items():
         system = tasks.tasks[task_id].system_prompt if task_id in tasks.tasks else None
         for i, prompt in zip(indices, render_prompts(tokenizer, [problems[i] for i in indices], system)):
@@ -530,7 +531,7 @@ def task_metrics(samples: list[Sample], verdicts: list[Verdict], prefix: str) ->
     """``sample_metrics`` of each task's samples, as ``<prefix>/<task>/...``, plus ``n``."""
     groups: dict[str, list[int]] = {}
     for i, sample in enumerate(samples):
-        groups.setdefault(sample.prompt.problem.meta.get("task", "task"), []).append(i)
+        groups.setdefault(sample.prompt.problem.task or "task", []).append(i)
     metrics = {}
     for task, indices in groups.items():
         metrics |= sample_metrics([samples[i] for i in indices], [verdicts[i] for i in indices], f"{prefix}/{task}")

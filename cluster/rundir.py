@@ -20,7 +20,7 @@ from pathlib import Path
 import yaml
 
 from cluster.config import Config, config_to_dict
-from rollout.contracts import Sample, Verdict
+from contracts import Sample, Verdict
 
 
 class RunDir:
@@ -115,7 +115,7 @@ class RunDir:
                 "completion_token_ids": [list(s.completion.token_ids) for s in samples],
                 "generator_logprobs": [list(s.completion.logprobs) for s in samples],
                 "finish_reason": [s.completion.finish_reason for s in samples],
-                "policy_version": [s.policy_version for s in samples],
+                "policy_version": [s.policy.version for s in samples],
                 "group_index": [s.group_index for s in samples],
                 "reward": [v.reward for v in verdicts],
                 "correct": [v.correct for v in verdicts],

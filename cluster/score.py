@@ -20,7 +20,7 @@ from typing import Callable, Iterator, TextIO
 
 from tqdm import tqdm
 
-from rollout.contracts import Problem
+from contracts import Problem
 
 logger = logging.getLogger(__name__)
 

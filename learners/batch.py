@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from learners.algorithms import OUTCOME_ESTIMATORS, AdvantageEstimator
-from rollout.contracts import Sample, TrainBatch, Verdict
+from contracts import Sample, TrainBatch, Verdict
 
 
 def group_indices(samples: list[Sample]) -> list[list[int]]:

@@ -50,7 +50,7 @@ from learners.algorithms import (
     value_loss,
 )
 from learners.policy import LoraSettings, Policy, pack
-from rollout.contracts import TrainBatch, WeightUpdate
+from contracts import DEFAULT_ADAPTER, PolicyRef, TrainBatch, WeightUpdate
 
 logger = logging.getLogger(__name__)
 
@@ -518,7 +518,7 @@ class Learner:
 
     def weight_update(self) -> WeightUpdate:
         kind = "full" if self.policy.lora is None else "lora"
-        return WeightUpdate(self.policy_version, self.policy.weight_state(), self.policy.adapter_config(), kind)
+        return WeightUpdate(PolicyRef(DEFAULT_ADAPTER, self.policy_version), self.policy.weight_state(), self.policy.adapter_config(), kind)
 
     def save(self, folder: str | Path) -> Path:
         return self.policy.save(folder)

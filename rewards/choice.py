@@ -15,7 +15,7 @@ from typing import Literal, Mapping
 
 from rewards.text import repetition_stats
 from rewards.weights import weigh
-from rollout.contracts import Verdict
+from contracts import Verdict
 
 ChoiceMethod = Literal["legacy", "word-boundary"]
 CHOICES = "ABCDE"

@@ -24,7 +24,7 @@ from rewards import wire
 from rewards.sandbox import Execution, Sandbox
 from rewards.text import repetition_stats
 from rewards.weights import weigh
-from rollout.contracts import Verdict
+from contracts import Verdict
 
 CodeStatus = Literal["passed", "failed", "error", "timeout", "memory", "output_limit", "sandbox_error"]
 

@@ -13,7 +13,7 @@ from typing import Mapping
 
 from rewards.text import repetition_stats
 from rewards.weights import weigh
-from rollout.contracts import Verdict
+from contracts import Verdict
 
 Grid = list[list[int]]
 

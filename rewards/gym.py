@@ -13,7 +13,7 @@ from typing import Mapping
 
 from rewards.text import repetition_stats
 from rewards.weights import weigh
-from rollout.contracts import Verdict
+from contracts import Verdict
 
 DEFAULT_WEIGHTS = {"score": 1.0}
 _TAGGED = re.compile(r"<answer>(.*?)</answer>", re.DOTALL | re.IGNORECASE)

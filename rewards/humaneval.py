@@ -33,7 +33,7 @@ from typing import Any, Callable, Mapping
 from rewards import wire
 from rewards.code import DEFAULT_WEIGHTS, Call, CodeResult, code_verdict, extract_code, run_calls
 from rewards.sandbox import Sandbox
-from rollout.contracts import Verdict
+from contracts import Verdict
 
 SEED = 1234
 _JUDGE = "__raylight_assert__"

@@ -12,7 +12,7 @@ from typing import Mapping, Sequence
 
 from rewards.text import repetition_stats
 from rewards.weights import weigh
-from rollout.contracts import Verdict
+from contracts import Verdict
 
 DEFAULT_WEIGHTS = {"correct": 1.0}
 

@@ -22,7 +22,7 @@ from typing import Literal, Mapping, get_args
 
 from rewards.text import repetition_stats
 from rewards.weights import weigh
-from rollout.contracts import Verdict
+from contracts import Verdict
 
 ExtractionMethod = Literal["anchor", "last", "first"]
 

@@ -22,7 +22,7 @@ from rewards.overlap import overlap_reward
 from rewards.numeric import ExtractionMethod, numeric_reward
 from rewards.sandbox import Sandbox, SandboxLimits, SandboxMode
 from rewards.text import format_score
-from rollout.contracts import Problem, Verdict
+from contracts import Problem, Verdict
 
 ScorerName = Literal["numeric", "choice", "label", "overlap", "grid", "code", "humaneval", "reasoning_gym"]
 Scorer = Callable[[str, Problem], Verdict]
@@ -177,13 +177,12 @@ def build_scorer(settings: RewardSettings) -> Scorer:
 
 
 def build_task_scorer(settings_by_task: dict[str, RewardSettings]) -> Scorer:
-    """One scorer for a mixture: each problem is judged by its task's scorer (``meta["task"]``)."""
+    """One scorer for a mixture: each problem is judged by its task's scorer (``Problem.task``)."""
     scorers = {task: build_scorer(settings) for task, settings in settings_by_task.items()}
 
     def score(completion: str, problem: Problem) -> Verdict:
-        task = problem.meta.get("task")
-        if task not in scorers:
-            raise ValueError(f"problem {problem.uid!r} is from task {task!r}; this run scores {sorted(scorers)}")
-        return scorers[task](completion, problem)
+        if problem.task not in scorers:
+            raise ValueError(f"problem {problem.uid!r} is from task {problem.task!r}; this run scores {sorted(scorers)}")
+        return scorers[problem.task](completion, problem)
 
     return score

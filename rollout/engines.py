@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Protocol, Sequence
 
-from rollout.contracts import WeightUpdate, Completion, SamplingSettings
+from contracts import Completion, PolicyRef, SamplingSettings, WeightUpdate
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ def write_adapter(update: WeightUpdate, folder: Path) -> Path:
     return folder
 
 
-def read_adapter(folder: str | Path, version: int = 0) -> WeightUpdate:
+def read_adapter(folder: str | Path, policy: PolicyRef = PolicyRef()) -> WeightUpdate:
     """A PEFT adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``, as
     ``write_adapter`` and ``PeftModel.save_pretrained`` write it) as a weight update."""
     from safetensors.torch import load_file
@@ -51,7 +51,7 @@ def read_adapter(folder: str | Path, version: int = 0) -> WeightUpdate:
         if not (folder / name).is_file():
             raise FileNotFoundError(f"{folder} is not a PEFT adapter folder: {name} is missing")
     config = json.loads((folder / "adapter_config.json").read_text())
-    return WeightUpdate(version, load_file(str(folder / "adapter_model.safetensors")), config, "lora")
+    return WeightUpdate(policy, load_file(str(folder / "adapter_model.safetensors")), config, "lora")
 
 
 def load_base_weights(model_path: str, names: set[str]) -> dict:
@@ -163,9 +163,9 @@ class VLLMEngine:
         from vllm.lora.request import LoRARequest
 
         previous = self._lora
-        folder = write_adapter(update, self._adapter_root / f"v{update.version}")
+        folder = write_adapter(update, self._adapter_root / f"{update.policy.adapter}-v{update.policy.version}")
         # LoRA ids must be positive and unique per content: one id per policy version.
-        self._lora = LoRARequest(f"policy-v{update.version}", update.version + 1, str(folder))
+        self._lora = LoRARequest(f"{update.policy.adapter}-v{update.policy.version}", update.policy.version + 1, str(folder))
         self.llm.llm_engine.add_lora(self._lora)
         if previous is not None and previous.lora_int_id != self._lora.lora_int_id:
             self.llm.llm_engine.remove_lora(previous.lora_int_id)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from rollout.contracts import Problem, Prompt
+from contracts import Problem, Prompt
 
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant. Answer briefly."
 

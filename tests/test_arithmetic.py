@@ -4,7 +4,7 @@ from itertools import islice
 
 import pytest
 
-from rollout.arithmetic import LEVELS, ArithmeticTask, evaluate, random_expression
+from rollout.tasks.arithmetic import LEVELS, ArithmeticTask, evaluate, random_expression
 
 
 def test_seeded_streams_repeat():
@@ -52,3 +52,20 @@ def test_bad_difficulty_and_bad_expression():
 def test_eval_set_too_large_is_a_clear_error():
     with pytest.raises(ValueError, match="distinct held-out"):
         ArithmeticTask(1).eval_set(5000)
+
+
+def test_splits_are_the_shared_hash_split():
+    """Arithmetic splits with the function every task uses: validation and test never meet
+    training, and the test split exists only when asked for."""
+    from rollout.tasks.base import NoUsableRows, split_of
+
+    task = ArithmeticTask(2, seed=0, test_percent=10, eval_size=50)
+    splits = {split: {p.meta["expression"] for p in task.problems(split)} for split in ("validation", "test")}
+    train = {p.meta["expression"] for p in islice(task.problems("train"), 2000)}
+    assert len(splits["validation"]) == len(splits["test"]) == 50
+    assert not (splits["validation"] & splits["test"]) and not (train & (splits["validation"] | splits["test"]))
+    assert all(split_of(e, 20, 10) == "test" for e in splits["test"])
+    problem = next(task.problems("validation"))
+    assert (problem.task, problem.difficulty, problem.split) == ("arithmetic", 2, "validation")
+    with pytest.raises(NoUsableRows, match="no test split"):
+        ArithmeticTask(1).problems("test")

@@ -3,7 +3,7 @@
 import pytest
 
 from learners.batch import build_train_batch, group_indices
-from rollout.contracts import Completion, Problem, Prompt, Sample, Verdict
+from contracts import Completion, PolicyRef, Problem, Prompt, Sample, Verdict
 from rollout.staleness import filter_stale
 
 
@@ -13,7 +13,7 @@ def make_samples(rewards_per_group, version=0):
         prompt = Prompt(Problem(uid=f"p{g}", question="q", answer="1"), text="q", token_ids=(1, 2))
         for i, r in enumerate(rewards):
             completion = Completion(token_ids=(3, 4 + i), text=str(r), logprobs=(-0.1, -0.2), finish_reason="stop")
-            samples.append(Sample(prompt, completion, policy_version=version, group_index=i))
+            samples.append(Sample(prompt, completion, policy=PolicyRef(version=version), group_index=i))
             verdicts.append(Verdict.infra_error("boom") if r is None else Verdict(reward=r, correct=r > 0))
     return samples, verdicts
 
@@ -54,8 +54,10 @@ def test_infra_errors_are_masked_not_scored_zero():
 def test_filter_stale():
     old, _ = make_samples([[1, 0]], version=3)
     new, _ = make_samples([[1, 0]], version=5)
-    kept, metrics = filter_stale(old + new, learner_version=5, max_staleness=1)
+    kept, metrics = filter_stale(old + new, PolicyRef(version=5), max_staleness=1)
     assert kept == new
     assert metrics["train/stale_dropped"] == 2.0 and metrics["train/staleness_max"] == 2.0
-    kept, metrics = filter_stale(new, learner_version=5, max_staleness=0)
+    kept, metrics = filter_stale(new, PolicyRef(version=5), max_staleness=0)
     assert kept == new and metrics["train/staleness_mean"] == 0.0
+    with pytest.raises(ValueError, match="another adapter"):
+        filter_stale(new, PolicyRef("other", 5), max_staleness=0)

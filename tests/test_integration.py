@@ -18,7 +18,7 @@ import torch
 from cluster.config import load_config
 from cluster.driver import Trainer
 from cluster.rundir import RunDir
-from rollout.contracts import SamplingSettings, TrainBatch, Verdict
+from contracts import DEFAULT_ADAPTER, PolicyRef, SamplingSettings, TrainBatch, Verdict, WeightUpdate
 
 pytestmark = pytest.mark.slow
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -67,16 +67,16 @@ def trained(ray_cluster, tiny_model_path, tmp_path_factory):
 
 def test_policy_version_advanced_on_generators(trained):
     trainer, _, summary, before, _, _ = trained
-    assert before["version"] == 0
+    assert before["version"] == PolicyRef(DEFAULT_ADAPTER, 0)
     assert summary["policy_version"] == STEPS
-    assert ray.get([g.ping.remote() for g in trainer.generators]) == [STEPS]
+    assert ray.get([g.ping.remote() for g in trainer.generators]) == [PolicyRef(DEFAULT_ADAPTER, STEPS)]
 
 
 def test_generators_serve_the_new_weights(trained):
     """Same prompts, greedy, after the broadcast: the tokens or their log-probs moved."""
     trainer, _, _, before, probe, greedy = trained
     after = trainer.generate(probe, greedy)
-    assert all(s.policy_version == STEPS for s in after)
+    assert all(s.policy == PolicyRef(DEFAULT_ADAPTER, STEPS) for s in after)
     changed = [
         a.completion.token_ids != b.completion.token_ids
         or max(abs(x - y) for x, y in zip(a.completion.logprobs, b.completion.logprobs)) > 1e-4
@@ -139,19 +139,18 @@ def test_final_adapter_loads_in_peft_and_vllm_lora(trained, tiny_model_path):
     assert any("lora_B" in name for name, _ in model.named_parameters())
 
     from cluster.driver import start_generator
-    from rollout.contracts import WeightUpdate
     from rollout.engines import EngineSettings
 
     from safetensors.torch import load_file
 
     update = WeightUpdate(
-        STEPS,
+        PolicyRef(DEFAULT_ADAPTER, STEPS),
         load_file(str(run_dir.final_adapter / "adapter_model.safetensors")),
         json.loads((run_dir.final_adapter / "adapter_config.json").read_text()),
     )
     lora_generator = start_generator(trainer.config, EngineSettings(model_path=tiny_model_path, adapter_mode="lora", max_lora_rank=8, max_model_len=256, kv_cache_gib=1))
     try:
-        assert ray.get(lora_generator.load_weights.remote(update)) == STEPS
+        assert ray.get(lora_generator.load_weights.remote(update)) == update.policy
         via_lora = ray.get(lora_generator.generate.remote(probe, greedy))
     finally:
         ray.kill(lora_generator)

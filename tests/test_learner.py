@@ -10,7 +10,7 @@ import torch
 
 from learners.learner import Learner, LearnerSettings
 from learners.policy import LoraSettings
-from rollout.contracts import TrainBatch
+from contracts import TrainBatch
 
 LORA = LoraSettings(rank=4, alpha=8)
 
@@ -172,7 +172,7 @@ def test_gae_trains_the_critic_toward_the_returns(tiny_model_path):
 
 
 def test_full_weight_training_updates_every_weight_and_serves_through_hf(tiny_model_path):
-    from rollout.contracts import SamplingSettings
+    from contracts import SamplingSettings
     from rollout.engines import EngineSettings, HFEngine
 
     learner = Learner(tiny_model_path, None, LearnerSettings(lr=1e-3, full_weights=True, kl_coef=0.1))
@@ -182,7 +182,7 @@ def test_full_weight_training_updates_every_weight_and_serves_through_hf(tiny_mo
     changed = [n for n, p in learner.policy.model.named_parameters() if not torch.equal(p, before[n])]
     assert "model.layers.0.self_attn.q_proj.weight" in changed and len(changed) > len(before) // 2
     update = learner.weight_update()
-    assert update.kind == "full" and update.version == 1
+    assert update.kind == "full" and update.policy.version == 1
     assert learner.step(random_batch(6, seed=1))["train/kl"] > 0
     engine = HFEngine(EngineSettings(model_path=tiny_model_path, kind="hf"))
     engine.load_weights(learner.weight_update())

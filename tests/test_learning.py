@@ -12,7 +12,7 @@ import pytest
 from learners.batch import build_train_batch
 from learners.learner import Learner, LearnerSettings
 from learners.policy import LoraSettings
-from rollout.contracts import Problem, SamplingSettings, Verdict
+from contracts import Problem, SamplingSettings, Verdict
 from rollout.engines import EngineSettings
 from rollout.generator import Generator
 from rollout.models import build_tiny_model
@@ -56,7 +56,7 @@ def test_reward_rises_for_target_token(family):
         ]
         batch, _, _ = build_train_batch(samples, verdicts, settings.advantage)
         learner.step(batch)
-        assert generator.load_weights(learner.weight_update()) == learner.policy_version
+        assert generator.load_weights(learner.weight_update()).version == learner.policy_version
         rewards.append(sum(v.reward for v in verdicts) / len(verdicts))
     first, last = sum(rewards[:5]) / 5, sum(rewards[-5:]) / 5
     print(f"\n{family}: mean reward first 5 steps {first:.3f}, last 5 steps {last:.3f}")

@@ -101,7 +101,7 @@ def test_run_resumed_after_two_steps_equals_the_uninterrupted_run(uninterrupted,
     assert [c.step for c in first.checkpoints.complete()] == [1, 2]
     second = Trainer.resume(run_dir, steps=STEPS, scorer=spread_reward)
     try:
-        assert (second.step_done, second.policy_version) == (2, 2)
+        assert (second.step_done, second.policy.version) == (2, 2)
         second.train(STEPS)
     finally:
         second.shutdown()

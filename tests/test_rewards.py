@@ -6,7 +6,7 @@ import pytest
 
 from rewards.numeric import answers_equal, extract_number, has_answer_label, numbers_equal, numeric_reward
 from rewards.scoring import RewardSettings, build_scorer
-from rollout.contracts import Problem
+from contracts import Problem
 
 
 def problem(answer: str) -> Problem:

@@ -139,7 +139,7 @@ def test_code_answers_run_in_the_sandbox():
 def test_mixture_draws_by_weight_and_scores_each_task_with_its_own_scorer():
     mixture = TaskMixture([build_task("infix", difficulty=2), build_task("brackets", difficulty=2)], [3.0, 1.0], seed=0)
     problems = mixture.sample(400)
-    share = sum(p.meta["task"] == "infix" for p in problems) / len(problems)
+    share = sum(p.task == "infix" for p in problems) / len(problems)
     assert 0.68 < share < 0.82
     again = TaskMixture([build_task("infix", difficulty=2), build_task("brackets", difficulty=2)], [3.0, 1.0], seed=0)
     assert [p.uid for p in again.sample(50)] == [p.uid for p in problems[:50]]

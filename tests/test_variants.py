@@ -66,7 +66,7 @@ def test_full_weight_training_reaches_vllm(ray_cluster, tiny_model_path, tmp_pat
     from cluster.config import load_config
     from cluster.driver import Trainer
     from cluster.rundir import RunDir
-    from rollout.contracts import SamplingSettings, TrainBatch
+    from contracts import SamplingSettings, TrainBatch
 
     config = load_config("configs/tiny.yaml", [
         f"model.path={tiny_model_path}", "model.train=full", "algorithm.lr=1e-3", "algorithm.kl_coef=0.0",
@@ -80,7 +80,7 @@ def test_full_weight_training_reaches_vllm(ray_cluster, tiny_model_path, tmp_pat
         assert trainer.learners.call("parameter_digest")["trainable"] != before["trainable"]
         assert trainer.learners.call("weight_update").kind == "full"
         samples = trainer.generate(trainer.eval_prompts["arithmetic"][:4], SamplingSettings(n=4, temperature=1.0, max_tokens=16))
-        assert {s.policy_version for s in samples} == {2}
+        assert {s.policy.version for s in samples} == {2}
         learner_logprobs = trainer.learners.call("logprobs", TrainBatch.from_samples(samples, [0.0] * len(samples)))
         diffs = [abs(a - b) for s, row in zip(samples, learner_logprobs) for a, b in zip(s.completion.logprobs, row)]
         assert len(diffs) > 50 and max(diffs) < 1e-3, max(diffs)

@@ -16,7 +16,7 @@ import ray
 
 from actors.verifier import VerifierPool
 from rewards.scoring import RewardSettings, SandboxSettings, build_scorer
-from rollout.contracts import Problem, Verdict
+from contracts import Problem, Verdict
 
 pytestmark = pytest.mark.slow
 # Ray workers cannot import this test module: ship its functions (the scorers) by value

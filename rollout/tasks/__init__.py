@@ -13,8 +13,8 @@ import random
 from dataclasses import dataclass
 from typing import Any, Iterator
 
-from rollout.arithmetic import ArithmeticTask
-from rollout.contracts import Problem
+from contracts import Problem
+from rollout.tasks.arithmetic import ArithmeticTask
 from rollout.tasks.base import SPLITS, NoUsableRows, Split, Task, TaskReward, split_of
 from rollout.tasks.datasets import DATASETS, DatasetTask
 from rollout.tasks.packaged import ArcTask, HumanEvalTask, ReasoningGymTask
@@ -83,7 +83,7 @@ class Curriculum:
 
 
 class TaskMixture:
-    """Several tasks, drawn by weight; each problem carries its task's id in ``meta["task"]``."""
+    """Several tasks, drawn by weight; each problem carries its task's id (``Problem.task``)."""
 
     def __init__(self, tasks: list[Task], weights: list[float], seed: int = 0, curricula: dict[str, Curriculum] | None = None):
         ids = [t.id for t in tasks]

@@ -3,8 +3,8 @@
 A task is a plain object. ``problems(split)`` yields ``Problem``s: for ``train`` an endless
 stream (procedural tasks generate, dataset tasks cycle through their rows in a seeded order),
 for ``validation`` and ``test`` a fixed, finite list. ``reward`` names the scorer (a name in
-``rewards.scoring.SCORERS``) and its settings. Every problem carries ``meta["task"]``, the
-task's id, so a mixture of tasks is scored by the right scorer.
+``rewards.scoring.SCORERS``) and its settings. Every problem carries its task's id
+(``Problem.task``), so a mixture of tasks is scored by the right scorer.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import random
 from dataclasses import dataclass, field
 from typing import Iterator, Literal, Protocol
 
-from rollout.contracts import Problem
+from contracts import Problem
 
 Split = Literal["train", "validation", "test"]
 SPLITS: tuple[Split, ...] = ("train", "validation", "test")
@@ -22,11 +22,10 @@ SPLITS: tuple[Split, ...] = ("train", "validation", "test")
 
 @dataclass(frozen=True)
 class TaskReward:
-    """What a task's problems are scored with: a scorer name and its settings."""
+    """What a task's problems are scored with: a scorer name and its settings (the run's
+    ``reward`` section adds weights and extraction methods)."""
 
     scorer: str = "numeric"
-    extraction: str = "anchor"  # numeric answers
-    choice_extraction: str = "word-boundary"  # multiple choice
     options: dict = field(default_factory=dict, hash=False)  # scorer-specific (labels, gym dataset)
 
 

