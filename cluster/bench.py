@@ -77,7 +77,8 @@ def bench_generation(model: str, n_prompts: int, n: int, max_tokens: int, dtype:
     }
 
 
-# variant -> LearnerSettings overrides; "grpo" is the baseline every ratio is taken against
+# variant -> AlgorithmSettings overrides ("full_weights": no LoRA); "grpo" is the baseline every
+# ratio is taken against
 LEARNER_VARIANTS = {
     "grpo": {},
     "grpo+kl-loss": {"kl_coef": 0.04},
@@ -109,21 +110,25 @@ def bench_learner(
     model: str, rows: int, prompt_tokens: int, completion_tokens: int, steps: int, variants: list[str] | None = None
 ) -> dict:
     from cluster.config import ConfigError
-    from learners.learner import Learner, LearnerSettings
+    from learners.learner import AlgorithmSettings, Learner, LearnerSettings
 
     variants = variants or list(LEARNER_VARIANTS)
     unknown = sorted(set(variants) - set(LEARNER_VARIANTS))
     if unknown:
         raise ConfigError(f"unknown learner variants {unknown}; known: {list(LEARNER_VARIANTS)}")
     path = str(resolve_model(model))
-    base = LearnerSettings(lr=1e-5, micro_batch_size=16)
+    # the baseline: no KL, token-mean loss (the variants add what they measure)
+    base = AlgorithmSettings(lr=1e-5, micro_batch_size=16, kl_coef=0.0, loss_agg="token-mean")
     seconds: dict[str, float] = {}
     # the baseline runs first and again last: its drift says how far to trust small ratios
     for name in ["grpo", *[v for v in variants if v != "grpo"], "grpo"]:
         overrides = dict(LEARNER_VARIANTS[name])
         if "mini_batch_size" in overrides:
             overrides["mini_batch_size"] = rows // 2
-        learner = Learner(path, LoraSettings(), dataclasses.replace(base, **overrides))
+        lora = None if overrides.pop("full_weights", False) else LoraSettings()
+        algorithm = dataclasses.replace(base, **overrides)
+        settings = LearnerSettings(path, algorithm, lora, dtype="float32", temperature=1.0, total_steps=0, seed=0, threads=0)
+        learner = Learner(settings)
         batch = synthetic_batch(rows, prompt_tokens, completion_tokens, learner.policy.tokenizer.vocab_size)
         learner.step(batch)  # warm-up
         start = time.perf_counter()

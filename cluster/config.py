@@ -1,7 +1,9 @@
 """The run config: typed dataclasses loaded from YAML plus ``dotted.key=value`` overrides.
 
-An unknown key or a value of the wrong type is a ``ConfigError`` naming the dotted key (and
-the closest known key, for typos). Defaults follow the GRPO paper where it has a choice.
+One config tree: a component's own frozen settings class is its section (``algorithm`` is
+``learners.learner.AlgorithmSettings``, ``lora`` is ``learners.policy.LoraSettings``), so every
+knob has one class and one default. An unknown key or a value of the wrong type is a
+``ConfigError`` naming the dotted key (and the closest known key, for typos).
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from typing import Any, Literal
 
 import yaml
 
+from learners.learner import AlgorithmSettings
+from learners.policy import LoraSettings
 from rollout.tasks import TASK_NAMES
 
 
@@ -28,16 +32,6 @@ class ModelConfig:
     path: str = "smollm2"  # "smollm2", "tiny", or a HF model folder
     dtype: str = "float32"  # the learner's parameter dtype
     train: Literal["lora", "full"] = "lora"  # train a LoRA adapter, or every weight
-
-
-@dataclass
-class LoraConfig:
-    rank: int = 16
-    alpha: int = 32
-    dropout: float = 0.0
-    target_modules: list[str] = field(
-        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    )
 
 
 @dataclass
@@ -152,43 +146,6 @@ class VerifierConfig:
 
 
 @dataclass
-class AlgorithmConfig:
-    """The policy-optimisation method and its knobs (README: "Algorithm knobs")."""
-
-    advantage: Literal["grpo", "dr-grpo", "rloo", "reinforce++", "reinforce++-baseline", "batch-std", "gae"] = "grpo"
-    policy_loss: Literal["ppo", "gspo", "pg"] = "ppo"
-    lr: float = 1e-5
-    weight_decay: float = 0.0
-    warmup_steps: int = 0
-    lr_schedule: Literal["constant", "cosine"] = "constant"
-    min_lr_ratio: float = 0.0  # cosine decays to min_lr_ratio * lr at run.steps
-    max_grad_norm: float = 1.0
-    ppo_epochs: int = 1  # passes over each rollout batch
-    mini_batch_size: int = 0  # sequences per optimizer update; 0 = the whole rollout batch
-    micro_batch_size: int = 16  # sequences per forward/backward (gradient accumulation)
-    clip_eps_low: float = 0.2
-    clip_eps_high: float = 0.2
-    dual_clip_c: float | None = None  # e.g. 3.0: bound the loss of negative-advantage tokens
-    loss_agg: Literal["token-mean", "seq-mean-token-mean", "token-sum-norm"] = "seq-mean-token-mean"
-    loss_norm_constant: float | None = None  # token-sum-norm divisor; None = longest completion in the batch
-    entropy_coef: float = 0.0
-    whiten_advantages: bool | None = None  # None: as the estimator defines (reinforce++, gae: yes)
-    gamma: float = 1.0
-    lam: float = 0.95  # GAE lambda
-    kl_coef: float = 0.04
-    kl_estimator: Literal["k1", "k2", "k3"] = "k3"
-    kl_mode: Literal["loss", "reward"] = "loss"
-    kl_target: float | None = None  # adaptive KL coefficient toward this KL; None = fixed
-    kl_horizon: float = 10000.0
-    tis_cap: float | None = None  # truncated importance sampling cap (e.g. 2.0); None = off
-    critic_lr: float | None = None  # GAE's critic; None = lr
-    value_clip: float | None = 0.2
-    value_coef: float = 1.0
-    drop_zero_variance_groups: bool = False  # leave all-equal-reward groups out of the batch
-    autocast_dtype: str | None = None  # "bfloat16": learner matmuls in bf16 (~1.5x on AVX512-BF16 CPUs)
-
-
-@dataclass
 class LearnerConfig:
     num_learners: int = 1  # data-parallel learner actors (gradients all-reduced)
     num_cpus: float = 1.0
@@ -248,13 +205,13 @@ class RunConfig:
 @dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
-    lora: LoraConfig = field(default_factory=LoraConfig)
+    lora: LoraSettings = field(default_factory=LoraSettings)
     tasks: list[TaskConfig] = field(default_factory=lambda: [TaskConfig()])
     reward: RewardConfig = field(default_factory=RewardConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     generator: GeneratorConfig = field(default_factory=GeneratorConfig)
     verifier: VerifierConfig = field(default_factory=VerifierConfig)
-    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    algorithm: AlgorithmSettings = field(default_factory=AlgorithmSettings)
     learner: LearnerConfig = field(default_factory=LearnerConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
@@ -286,6 +243,13 @@ def _check_value(value: Any, hint: Any, key: str) -> Any:
         if not isinstance(value, list):
             raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
         return [_check_value(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
+        hints = [args[0]] * len(value) if len(args) == 2 and args[1] is Ellipsis else list(args)
+        if len(hints) != len(value):
+            raise ConfigError(f"{key}: expected {len(hints)} values, got {len(value)}: {value!r}")
+        return tuple(_check_value(v, h, f"{key}[{i}]") for i, (v, h) in enumerate(zip(value, hints)))
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__} {value!r}")
@@ -436,4 +400,13 @@ def _task_problems(config: Config) -> list[str]:
 
 
 def config_to_dict(config: Config) -> dict:
-    return dataclasses.asdict(config)
+    """Plain YAML-ready data (tuples as lists)."""
+    return _plain(dataclasses.asdict(config))
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value

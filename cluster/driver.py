@@ -35,7 +35,6 @@ from cluster.monitor import Event, Monitor, rules_from_config
 from cluster.rundir import RunDir
 from learners.batch import build_train_batch
 from learners.learner import REQUIRED_METRICS, LearnerSettings
-from learners.policy import LoraSettings
 from rewards.sandbox import SandboxLimits
 from rewards.scoring import RewardSettings, SandboxSettings, build_task_scorer
 from contracts import DEFAULT_ADAPTER, PolicyRef, Problem, Prompt, Sample, SamplingSettings, Verdict
@@ -116,6 +115,22 @@ def engine_settings(config: Config, model_path: str) -> EngineSettings:
     )
 
 
+def learner_settings(config: Config, model_path: str) -> LearnerSettings:
+    """A learner's settings: the config's algorithm and lora sections, and what the model,
+    rollout and run sections decide for it."""
+    c = config
+    return LearnerSettings(
+        model_path=model_path,
+        algorithm=c.algorithm,
+        lora=c.lora if c.model.train == "lora" else None,
+        dtype=c.model.dtype,
+        temperature=c.rollout.temperature,
+        total_steps=c.run.steps,
+        seed=c.run.seed,
+        threads=c.learner.threads or max(1, (os.cpu_count() or 1) // c.learner.num_learners),
+    )
+
+
 def sandbox_settings(config: Config) -> SandboxSettings:
     sb = config.verifier.sandbox
     limits = SandboxLimits(
@@ -191,9 +206,7 @@ class Trainer:
         }
         init_ray(c)
         lc = c.learner
-        self.learners = LearnerGroup(
-            self.model_path, self._lora_settings(), self._learner_settings(), lc.num_learners, lc.num_cpus, lc.num_gpus
-        )
+        self.learners = LearnerGroup(learner_settings(c, self.model_path), lc.num_learners, lc.num_cpus, lc.num_gpus)
         self.generators = [start_generator(c, engine_settings(c, self.model_path), rank=i) for i in range(c.generator.num_generators)]
         self.verifiers = start_verifiers(c, self.tasks, (lambda: scorer) if scorer else None)
         self.monitor = Monitor(rules_from_config(c.monitor.rules)) if c.monitor.enabled else None
@@ -222,24 +235,6 @@ class Trainer:
         trainer = cls(load_config(run_dir.config_path, overrides), run_dir, scorer)
         trainer.restore(checkpoint)
         return trainer
-
-    def _lora_settings(self) -> LoraSettings:
-        lora = self.config.lora
-        return LoraSettings(rank=lora.rank, alpha=lora.alpha, dropout=lora.dropout, target_modules=tuple(lora.target_modules))
-
-    def _learner_settings(self) -> LearnerSettings:
-        a, c = self.config.algorithm, self.config
-        same = {f.name for f in dataclasses.fields(LearnerSettings)} & {f.name for f in dataclasses.fields(a)}
-        threads = c.learner.threads or max(1, (os.cpu_count() or 1) // c.learner.num_learners)
-        return LearnerSettings(
-            **{name: getattr(a, name) for name in same},
-            total_steps=c.run.steps,
-            full_weights=c.model.train == "full",
-            temperature=c.rollout.temperature,
-            dtype=c.model.dtype,
-            seed=c.run.seed,
-            threads=threads,
-        )
 
     @property
     def sampling(self) -> SamplingSettings:
@@ -295,7 +290,7 @@ class Trainer:
                 )
             with timer("learn"):
                 learn_metrics = self.learners.step(batch) if len(batch) else EMPTY_LEARN_METRICS
-            self.policy = PolicyRef(self.policy.adapter, self.learners.call("get_policy_version"))
+            self.policy = self.learners.policy_version()
             with timer("weight_sync"):
                 self.broadcast()
             if self.config.run.save_rollouts:
@@ -400,7 +395,7 @@ class Trainer:
         files: dict = {"learner.pt": functools.partial(torch.save, states[0])}
         files |= {f"learner_rank{rank}.pt": functools.partial(torch.save, state) for rank, state in enumerate(states[1:], 1)}
         if self.config.model.train == "lora":
-            update = ray.get(self.learners.weight_update_ref())
+            update = self.learners.weight_update()
             files["adapter"] = functools.partial(write_adapter, update)
         trainer_state = {
             "step": step,
@@ -429,7 +424,7 @@ class Trainer:
         """Continue from ``checkpoint``: learners, data position, monitor, counters; the
         metrics of later steps (a killed run's) are dropped, those steps run again."""
         state = json.loads(checkpoint.file("trainer.json").read_text())
-        self.policy = PolicyRef(self.policy.adapter, self.learners.load_state_dicts(self._learner_states(checkpoint)))
+        self.policy = self.learners.load_state_dicts(self._learner_states(checkpoint))
         self.tasks.load_state(state["data"])
         if self.monitor and state["monitor"]:
             self.monitor.load_state(state["monitor"])
@@ -455,10 +450,9 @@ class Trainer:
             return False
         state = json.loads(checkpoint.file("trainer.json").read_text())
         # old weights, served as a new version: versions only ever rise
-        version = self.learners.load_state_dicts(self._learner_states(checkpoint), policy_version=self.policy.version + 1)
-        self.policy = PolicyRef(self.policy.adapter, version)
+        self.policy = self.learners.load_state_dicts(self._learner_states(checkpoint), policy_version=self.policy.version + 1)
         self.lr_scale *= m.rollback_lr_factor
-        lr = self.learners.call_all("scale_lr", self.lr_scale / state["lr_scale"])[0]
+        lr = self.learners.scale_lr(self.lr_scale / state["lr_scale"])
         self.rollbacks += 1
         self.broadcast()
         if self.monitor:
@@ -469,7 +463,7 @@ class Trainer:
 
     def save_final(self) -> None:
         """The trained policy: a PEFT adapter folder, or a HF model folder (full weights)."""
-        update = ray.get(self.learners.weight_update_ref())
+        update = self.learners.weight_update()
         if update.kind == "lora":
             write_adapter(update, self.run_dir.final_adapter)
         else:

@@ -19,7 +19,8 @@ import torch
 
 from cluster.checkpoint import MARKER, CheckpointStore
 from cluster.cli import main
-from learners.learner import Learner, LearnerSettings
+from helpers import learner_settings, make_learner
+from learners.learner import Learner
 from rollout.tasks import Curriculum, TaskMixture, build_task
 from test_learner import LORA, nonzero_adapter, random_batch
 
@@ -105,26 +106,26 @@ def test_a_process_killed_while_writing_leaves_the_previous_checkpoint(tmp_path)
 def test_learner_state_round_trip_continues_exactly(tiny_model_path):
     """Learner A takes three steps; learner B, built fresh, loads A's state after the first and
     takes the other two: the same metrics, weights, optimizer moments and version."""
-    settings = LearnerSettings(lr=0.05, kl_coef=0.1, kl_target=0.01, lr_schedule="cosine", total_steps=5, warmup_steps=1, mini_batch_size=4)
+    settings = learner_settings(tiny_model_path, LORA, lr=0.05, kl_coef=0.1, kl_target=0.01, lr_schedule="cosine", total_steps=5, warmup_steps=1, mini_batch_size=4)
     batches = [random_batch(8, seed) for seed in range(3)]
-    a = Learner(tiny_model_path, LORA, settings)
+    a = Learner(settings)
     nonzero_adapter(a)
     a.step(batches[0])
     state = a.state_dict()
     expected = [a.step(b) for b in batches[1:]]
-    b = Learner(tiny_model_path, LORA, settings)  # fresh: LoRA B = 0, A moved away from that
-    assert b.load_state_dict(state) == 1
+    b = Learner(settings)  # fresh: LoRA B = 0, A moved away from that
+    assert b.load_state_dict(state).version == 1
     got = [b.step(batch) for batch in batches[1:]]
     assert got == expected
     for (name, pa), (_, pb) in zip(a.policy.named_trainable(), b.policy.named_trainable()):
         assert torch.equal(pa, pb), name
-    assert b.policy_version == a.policy_version == 3 and b.kl_coef == a.kl_coef
+    assert b.policy_version().version == a.policy_version().version == 3 and b.kl_coef == a.kl_coef
     with pytest.raises(ValueError, match="does not fit this policy"):
-        Learner(tiny_model_path, dataclasses.replace(LORA, rank=2), settings).load_state_dict(state)
+        Learner(dataclasses.replace(settings, lora=dataclasses.replace(LORA, rank=2))).load_state_dict(state)
 
 
 def test_rollback_lowers_the_learning_rate_and_its_schedule(tiny_model_path):
-    learner = Learner(tiny_model_path, LORA, LearnerSettings(lr=0.01, warmup_steps=4))
+    learner = make_learner(tiny_model_path, LORA, lr=0.01, warmup_steps=4)
     assert learner.scheduler.get_last_lr()[0] == pytest.approx(0.0025)
     assert learner.scale_lr(0.5) == pytest.approx(0.00125)
     learner.step(random_batch(4))

@@ -57,8 +57,8 @@ def trained(ray_cluster, tiny_model_path, tmp_path_factory):
     before = {
         "version": ray.get(trainer.generators[0].ping.remote()),
         "samples": trainer.generate(probe, greedy),
-        "adapter": trainer.learners.call("weight_update").tensors,
-        "digest": trainer.learners.call("parameter_digest"),
+        "adapter": trainer.learners.weight_update().tensors,
+        "digest": trainer.learners.parameter_digest(),
     }
     summary = trainer.train(STEPS)
     yield trainer, run_dir, summary, before, probe, greedy
@@ -87,10 +87,10 @@ def test_generators_serve_the_new_weights(trained):
 
 def test_lora_changed_and_base_did_not(trained):
     trainer, _, _, before, _, _ = trained
-    after = trainer.learners.call("weight_update").tensors
+    after = trainer.learners.weight_update().tensors
     lora_b = [k for k in after if "lora_B" in k]
     assert lora_b and all(not torch.equal(after[k], before["adapter"][k]) for k in lora_b)
-    digest = trainer.learners.call("parameter_digest")
+    digest = trainer.learners.parameter_digest()
     assert digest["frozen"] == before["digest"]["frozen"]
     assert digest["trainable"] != before["digest"]["trainable"]
 
@@ -100,7 +100,7 @@ def test_learner_logprobs_match_generator(trained):
     trainer, _, _, _, _, _ = trained
     samples = trainer.generate(trainer.eval_prompts["arithmetic"][:8], SamplingSettings(n=4, temperature=1.0, max_tokens=16))
     batch = TrainBatch.from_samples(samples, [0.0] * len(samples))
-    learner_logprobs = trainer.learners.call("logprobs", batch)
+    learner_logprobs = trainer.learners.logprobs(batch)
     diffs = [abs(a - b) for s, row in zip(samples, learner_logprobs) for a, b in zip(s.completion.logprobs, row)]
     assert len(diffs) == sum(len(s.completion.token_ids) for s in samples) > 100
     max_diff, mean_diff = max(diffs), sum(diffs) / len(diffs)

@@ -8,7 +8,8 @@ import random
 import pytest
 import torch
 
-from learners.learner import Learner, LearnerSettings
+from helpers import learner_settings, make_learner
+from learners.learner import Learner
 from learners.policy import LoraSettings
 from contracts import TrainBatch
 
@@ -60,8 +61,7 @@ def test_batch_of_8_equals_8_micro_batches_of_1(tiny_model_path, variant):
     batch = random_batch(8)
     results = []
     for micro in (8, 1):
-        settings = LearnerSettings(lr=1e-2, micro_batch_size=micro, max_grad_norm=1e9, **VARIANTS[variant])
-        learner = Learner(tiny_model_path, LORA, settings)
+        learner = make_learner(tiny_model_path, LORA, lr=1e-2, micro_batch_size=micro, max_grad_norm=1e9, **VARIANTS[variant])
         nonzero_adapter(learner)
         metrics = learner.step(batch)
         # step() leaves the accumulated (unclipped: max_grad_norm is huge) gradient in .grad
@@ -81,12 +81,12 @@ def test_batch_of_8_equals_8_micro_batches_of_1(tiny_model_path, variant):
 
 
 def test_step_changes_lora_only_and_bumps_version(tiny_model_path):
-    learner = Learner(tiny_model_path, LORA, LearnerSettings(lr=1e-2))
+    learner = make_learner(tiny_model_path, LORA, lr=1e-2)
     nonzero_adapter(learner)
     base_before = {k: v.clone() for k, v in learner.policy.model.named_parameters() if not v.requires_grad}
     lora_before = adapter_tensors(learner)
     metrics = learner.step(random_batch(6))
-    assert learner.policy_version == 1
+    assert learner.policy_version().version == 1
     assert all(math.isfinite(metrics[k]) for k in ("train/loss", "train/entropy", "train/grad_norm"))
     assert math.isnan(metrics["train/kl"])  # kl_coef 0: no reference pass, reported as null
     for name, p in learner.policy.model.named_parameters():
@@ -102,8 +102,7 @@ def trainable_copy(learner: Learner) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("poison", ["advantage", "reward"])
 def test_nan_guard_skips_step_on_nan_input(tiny_model_path, poison):
-    settings = LearnerSettings(lr=1e-2) if poison == "advantage" else LearnerSettings(lr=1e-2, advantage="gae")
-    learner = Learner(tiny_model_path, LORA, settings)
+    learner = make_learner(tiny_model_path, LORA, lr=1e-2, advantage="grpo" if poison == "advantage" else "gae")
     nonzero_adapter(learner)
     before = trainable_copy(learner)
     batch = random_batch(4)
@@ -112,16 +111,16 @@ def test_nan_guard_skips_step_on_nan_input(tiny_model_path, poison):
     metrics = learner.step(poisoned)
     assert metrics["train/skipped_steps"] == 1.0 and learner.skipped_steps == 1
     assert math.isnan(metrics["train/loss"])
-    assert learner.policy_version == 0
+    assert learner.policy_version().version == 0
     for key, value in trainable_copy(learner).items():
         assert torch.equal(value, before[key]), key
     learner.step(batch)  # the next healthy batch trains again
-    assert learner.policy_version == 1
+    assert learner.policy_version().version == 1
 
 
 def test_nan_guard_skips_update_on_nan_loss(tiny_model_path, monkeypatch):
     """A NaN appearing inside the model (injected into the log-probs of one micro-batch)."""
-    learner = Learner(tiny_model_path, LORA, LearnerSettings(lr=1e-2, micro_batch_size=2))
+    learner = make_learner(tiny_model_path, LORA, lr=1e-2, micro_batch_size=2)
     nonzero_adapter(learner)
     before = trainable_copy(learner)
     forward, calls = learner.policy.forward, []
@@ -134,18 +133,17 @@ def test_nan_guard_skips_update_on_nan_loss(tiny_model_path, monkeypatch):
     monkeypatch.setattr(learner.policy, "forward", poisoned_forward)
     metrics = learner.step(random_batch(4))
     assert metrics["train/skipped_updates"] == 1.0 and metrics["train/skipped_steps"] == 1.0
-    assert learner.policy_version == 0
+    assert learner.policy_version().version == 0
     for key, value in trainable_copy(learner).items():
         assert torch.equal(value, before[key]), key
 
 
 def test_epochs_and_mini_batches(tiny_model_path):
     """2 epochs x 3 mini-batches = 6 optimizer updates for one policy version; cosine LR decays."""
-    settings = LearnerSettings(lr=1e-2, ppo_epochs=2, mini_batch_size=3, micro_batch_size=2, lr_schedule="cosine", total_steps=4)
-    learner = Learner(tiny_model_path, LORA, settings)
+    learner = make_learner(tiny_model_path, LORA, lr=1e-2, ppo_epochs=2, mini_batch_size=3, micro_batch_size=2, lr_schedule="cosine", total_steps=4)
     nonzero_adapter(learner)
     metrics = learner.step(random_batch(8))
-    assert metrics["train/updates"] == 6.0 and learner.policy_version == 1
+    assert metrics["train/updates"] == 6.0 and learner.policy_version().version == 1
     # after the first update the policy moved: ratios leave 1 in later mini-batches
     assert metrics["train/ratio_max"] > metrics["train/ratio_min"]
     lrs = [metrics["train/lr"]] + [learner.step(random_batch(8, seed=i))["train/lr"] for i in range(1, 4)]
@@ -153,7 +151,7 @@ def test_epochs_and_mini_batches(tiny_model_path):
 
 
 def test_kl_is_zero_at_start_and_positive_after_training(tiny_model_path):
-    learner = Learner(tiny_model_path, LORA, LearnerSettings(lr=5e-2, kl_coef=0.1))
+    learner = make_learner(tiny_model_path, LORA, lr=5e-2, kl_coef=0.1)
     batch = random_batch(6)
     assert learner.step(batch)["train/kl"] == pytest.approx(0.0, abs=1e-7)  # adapter B = 0: policy == reference
     learner.step(batch)
@@ -162,8 +160,7 @@ def test_kl_is_zero_at_start_and_positive_after_training(tiny_model_path):
 
 def test_gae_trains_the_critic_toward_the_returns(tiny_model_path):
     """lam = 1: the returns are the Monte-Carlo returns, a fixed target the value loss must fit."""
-    settings = LearnerSettings(lr=1e-2, critic_lr=3e-3, advantage="gae", lam=1.0, value_clip=None)
-    learner = Learner(tiny_model_path, LORA, settings)
+    learner = make_learner(tiny_model_path, LORA, lr=1e-2, critic_lr=3e-3, advantage="gae", lam=1.0, value_clip=None)
     batch = random_batch(8)
     losses = [learner.step(batch)["train/value_loss"] for _ in range(10)]
     assert losses[-1] < 0.25 * losses[0], losses
@@ -175,7 +172,7 @@ def test_full_weight_training_updates_every_weight_and_serves_through_hf(tiny_mo
     from contracts import SamplingSettings
     from rollout.engines import EngineSettings, HFEngine
 
-    learner = Learner(tiny_model_path, None, LearnerSettings(lr=1e-3, full_weights=True, kl_coef=0.1))
+    learner = make_learner(tiny_model_path, None, lr=1e-3, kl_coef=0.1)
     before = {n: p.detach().clone() for n, p in learner.policy.model.named_parameters()}
     metrics = learner.step(random_batch(6))
     assert metrics["train/kl"] == pytest.approx(0.0, abs=1e-6)  # the frozen reference copy equals the start
@@ -190,3 +187,39 @@ def test_full_weight_training_updates_every_weight_and_serves_through_hf(tiny_mo
     completion = engine.generate(batch.prompt_token_ids, SamplingSettings(n=1, temperature=1.0, max_tokens=6))[0][0]
     replay = TrainBatch(batch.prompt_token_ids, (completion.token_ids,), (completion.logprobs,), (0.0,), (0,))
     torch.testing.assert_close(torch.tensor(learner.logprobs(replay)[0]), torch.tensor(completion.logprobs), atol=1e-4, rtol=0)
+
+
+def test_supervised_objective_is_the_mean_nll_and_lowers_it(tiny_model_path):
+    """``step(batch, "sft")``: the loss is -(sum of the completion tokens' log-probs) / tokens,
+    advantages and rewards play no part, and repeated steps fit the completions."""
+    learner = make_learner(tiny_model_path, LORA, lr=2e-2, micro_batch_size=3)
+    nonzero_adapter(learner)
+    batch = dataclasses.replace(random_batch(8), advantages=(0.0,) * 8, rewards=(0.0,) * 8)
+    tokens = sum(len(c) for c in batch.completion_token_ids)
+    nll = -sum(sum(row) for row in learner.logprobs(batch)) / tokens
+    first = learner.step(batch, "sft")
+    assert first["train/sft_loss"] == pytest.approx(nll, rel=1e-5)
+    assert first["train/loss"] == pytest.approx(nll, rel=1e-5) and learner.policy_version().version == 1
+    losses = [learner.step(batch, "sft")["train/sft_loss"] for _ in range(5)]
+    assert losses[-1] < nll - 1.0 and losses[0] < nll, (nll, losses)  # nats per token
+    with pytest.raises(ValueError, match=r"unknown objective 'dpo'; known: \['ppo', 'sft'\]"):
+        learner.step(batch, "dpo")
+
+
+def test_sequence_logprob_sums_the_target_tokens_under_policy_or_reference(tiny_model_path):
+    learner = make_learner(tiny_model_path, LORA, lr=1e-2, temperature=0.7)
+    batch = random_batch(5)
+    contexts, targets = [list(p) for p in batch.prompt_token_ids], [list(c) for c in batch.completion_token_ids]
+    # adapter B = 0: the policy is the reference
+    assert learner.sequence_logprob(contexts, targets) == pytest.approx(learner.sequence_logprob(contexts, targets, reference=True), abs=1e-5)
+    nonzero_adapter(learner)
+    policy = learner.sequence_logprob(contexts, targets)
+    reference = learner.sequence_logprob(contexts, targets, reference=True)
+    assert all(p != pytest.approx(r, abs=1e-4) for p, r in zip(policy, reference))
+    # temperature 1, whatever the sampling temperature: the token log-probs of a T=1 learner
+    at_one = make_learner(tiny_model_path, LORA, lr=1e-2)
+    nonzero_adapter(at_one)
+    assert policy == pytest.approx([sum(row) for row in at_one.logprobs(batch)], abs=1e-4)
+    assert all(x < 0 for x in policy)
+    with pytest.raises(ValueError, match="2 contexts but 1 targets"):
+        learner.sequence_logprob(contexts[:2], targets[:1])

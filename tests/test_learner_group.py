@@ -12,7 +12,7 @@ import ray
 import torch
 
 from actors.learner import LearnerGroup
-from learners.learner import LearnerSettings
+from helpers import learner_settings
 from learners.policy import LoraSettings
 
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
@@ -33,19 +33,19 @@ CASES = {
 @pytest.mark.slow
 @pytest.mark.parametrize("case", list(CASES))
 def test_two_learners_on_4_plus_4_equal_one_on_8(ray_cluster, tiny_model_path, case):
-    settings = LearnerSettings(lr=1e-2, micro_batch_size=2, threads=1, max_grad_norm=0.5, **CASES[case])
+    settings = learner_settings(tiny_model_path, LORA, lr=1e-2, micro_batch_size=2, threads=1, max_grad_norm=0.5, **CASES[case])
     batches = [random_batch(8, seed=s) for s in (0, 1)]
-    single = LearnerGroup(tiny_model_path, LORA, settings, num_learners=1, num_cpus=0.5)
-    pair = LearnerGroup(tiny_model_path, LORA, settings, num_learners=2, num_cpus=0.5)
+    single = LearnerGroup(settings, num_learners=1, num_cpus=0.5)
+    pair = LearnerGroup(settings, num_learners=2, num_cpus=0.5)
     try:
         for batch in batches:
             one, two = single.step(batch), pair.step(batch)
             assert two["train/loss"] == pytest.approx(one["train/loss"], rel=1e-4, abs=1e-6)
             assert two["train/grad_norm"] == pytest.approx(one["train/grad_norm"], rel=1e-4)
-        reference = single.call("weight_update")
-        ranks = pair.call_all("weight_update")
-        assert [u.version for u in ranks] == [2, 2] == [reference.version] * 2
-        digests = pair.call_all("parameter_digest")
+        reference = single.weight_update()
+        ranks = ray.get([a.weight_update.remote() for a in pair.actors])
+        assert [u.policy.version for u in ranks] == [2, 2] == [reference.policy.version] * 2
+        digests = ray.get([a.parameter_digest.remote() for a in pair.actors])
         assert digests[0] == digests[1]  # bit-identical ranks
         # float sums in another order; Adam (~lr * g / (|g| + eps)) amplifies that noise where a
         # gradient is near zero, so compare at a tenth of one step (lr = 1e-2)

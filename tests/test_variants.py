@@ -74,14 +74,14 @@ def test_full_weight_training_reaches_vllm(ray_cluster, tiny_model_path, tmp_pat
     ])
     trainer = Trainer(config, RunDir(tmp_path / "run"), scorer=spread_reward)
     try:
-        before = trainer.learners.call("parameter_digest")
+        before = trainer.learners.parameter_digest()
         for step in (1, 2):
             trainer.step(step)
-        assert trainer.learners.call("parameter_digest")["trainable"] != before["trainable"]
-        assert trainer.learners.call("weight_update").kind == "full"
+        assert trainer.learners.parameter_digest()["trainable"] != before["trainable"]
+        assert trainer.learners.weight_update().kind == "full"
         samples = trainer.generate(trainer.eval_prompts["arithmetic"][:4], SamplingSettings(n=4, temperature=1.0, max_tokens=16))
         assert {s.policy.version for s in samples} == {2}
-        learner_logprobs = trainer.learners.call("logprobs", TrainBatch.from_samples(samples, [0.0] * len(samples)))
+        learner_logprobs = trainer.learners.logprobs(TrainBatch.from_samples(samples, [0.0] * len(samples)))
         diffs = [abs(a - b) for s, row in zip(samples, learner_logprobs) for a, b in zip(s.completion.logprobs, row)]
         assert len(diffs) > 50 and max(diffs) < 1e-3, max(diffs)
     finally:

@@ -1,0 +1,274 @@
+"""What a learner step minimises: the objectives, as an explicit dict.
+
+The learner (``learners.learner``) is blind to the algorithm: it packs micro-batches, runs the
+optimizer updates, all-reduces gradients and skips non-finite ones. An objective says what to
+compute before the updates (``prepare``: log-probs, reference, values, advantages, without
+gradients) and the loss of each micro-batch (``loss``), and keeps its own state across steps
+(the adaptive KL coefficient).
+
+- ``ppo``: the PPO family over a rollout batch: PPO / GSPO / plain policy-gradient losses with
+  any advantage estimator, KL to the reference as a loss or a reward penalty, entropy bonus,
+  truncated importance sampling, and GAE's critic.
+- ``sft``: supervised fine-tuning: the negative log-likelihood of the completion tokens (for
+  example the run's own verified solutions), averaged over the batch's tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Callable, Literal, Protocol
+
+import torch
+
+from contracts import TrainBatch
+from learners.algorithms import (
+    OUTCOME_ESTIMATORS,
+    WHITENED_BY_DEFINITION,
+    AdaptiveKLController,
+    aggregate_loss,
+    discounted_returns,
+    gae_advantages,
+    kl_penalty,
+    masked_mean,
+    masked_moments,
+    masked_whiten,
+    outcome_token_rewards,
+    policy_loss,
+    truncated_is_weights,
+    value_loss,
+)
+from learners.policy import pack
+
+if TYPE_CHECKING:
+    from learners.learner import AlgorithmSettings, Learner
+
+ObjectiveName = Literal["ppo", "sft"]
+
+
+def padded(rows: list[torch.Tensor], width: int) -> torch.Tensor:
+    """Right-pad 1-D tensors with zeros into [len(rows), width]."""
+    out = torch.zeros(len(rows), width)
+    for i, row in enumerate(rows):
+        out[i, : len(row)] = row
+    return out
+
+
+@dataclass
+class Prepared:
+    """What an objective fixed for a whole step, before any update moved the weights.
+
+    ``rows[key][i]``: a per-token tensor of row i (the generator's log-probs, the learner's,
+    the reference's, the critic's values); ``advantages`` and ``returns``: [B, T];
+    ``norm_constant``: token-sum-norm's divisor, one for the whole batch."""
+
+    rows: dict[str, list[torch.Tensor]] = field(default_factory=dict)
+    advantages: torch.Tensor | None = None
+    returns: torch.Tensor | None = None
+    norm_constant: float = 1.0
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+class Objective(Protocol):
+    epochs: int  # passes over the batch per step
+
+    def prepare(self, learner: Learner, batch: TrainBatch) -> Prepared: ...
+
+    def loss(self, learner: Learner, batch: TrainBatch, rows: list[int], prepared: Prepared, num_tokens: float, num_sequences: float) -> tuple[torch.Tensor, dict[str, float]]:
+        """The loss of micro-batch ``rows``, normalised by the update's global token and
+        sequence counts, so that micro-batch losses add up to the update's."""
+        ...
+
+    def finish(self, metrics: dict[str, float], global_rows: int) -> dict[str, float]:
+        """After the step's updates: adapt internal state; returns metrics to add."""
+        ...
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+class PolicyGradientObjective:
+    """The PPO family (``algorithm.policy_loss``: ppo, gspo, pg) over a rollout batch.
+
+    1. prepare (no gradients): the learner's own log-probs (truncated importance sampling),
+       the reference log-probs (KL), the critic's values (GAE); then per-token advantages
+       (outcome advantages from the batch, plus the KL reward penalty, or REINFORCE++
+       returns, or GAE), whitened over the global batch where the estimator says so;
+    2. loss per micro-batch: the clipped policy loss, KL as a loss term, entropy bonus, and
+       the critic's clipped value loss.
+    """
+
+    def __init__(self, algorithm: AlgorithmSettings, temperature: float):
+        self.settings = algorithm
+        self.temperature = temperature
+        self.epochs = algorithm.ppo_epochs
+        self.kl = AdaptiveKLController(algorithm.kl_coef, algorithm.kl_target, algorithm.kl_horizon) if algorithm.kl_target else None
+
+    @property
+    def kl_coef(self) -> float:
+        return self.kl.coef if self.kl else self.settings.kl_coef
+
+    def prepare(self, learner: Learner, batch: TrainBatch) -> Prepared:
+        rows = self._passes(learner, batch)
+        advantages, returns, metrics = self._advantages(learner, batch, rows)
+        metrics = learner.reduce_metrics({k: v / learner.world_size for k, v in metrics.items()})
+        longest = max((len(c) for c in batch.completion_token_ids), default=1)
+        # one constant for the whole batch, so micro-batching and sharding do not change the loss
+        norm_constant = self.settings.loss_norm_constant or learner.all_reduce(torch.tensor(float(longest)), "max").item()
+        return Prepared(rows, advantages, returns, norm_constant, metrics)
+
+    def _passes(self, learner: Learner, batch: TrainBatch) -> dict[str, list[torch.Tensor]]:
+        """Per-row tensors fixed for the whole step, computed without gradients."""
+        s = self.settings
+        rows: dict[str, list[torch.Tensor]] = {"generator": [torch.tensor(r, dtype=torch.float32) for r in batch.old_logprobs]}
+        need = {"learner": s.tis_cap is not None, "reference": s.uses_reference, "values": s.uses_critic}
+        for key in (k for k, wanted in need.items() if wanted):
+            rows[key] = []
+        if len(rows) == 1:
+            return rows
+        policy = learner.policy
+        policy.model.eval()
+        with torch.no_grad():
+            for lengths, packed in learner.packed_micro_batches(batch):
+                outputs = {}
+                if need["learner"]:
+                    outputs["learner"] = policy.forward(packed, self.temperature)[0]
+                if need["reference"]:
+                    outputs["reference"] = policy.reference_forward(packed, self.temperature)
+                if need["values"]:
+                    outputs["values"] = policy.values(packed)
+                for key, tensor in outputs.items():
+                    rows[key] += [tensor[i, :n].clone() for i, n in enumerate(lengths)]
+        return rows
+
+    def _advantages(self, learner: Learner, batch: TrainBatch, rows: dict) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, float]]:
+        """Per-token advantages [B, T] (and GAE returns) for this rank's rows."""
+        s = self.settings
+        lengths = [len(c) for c in batch.completion_token_ids]
+        width = max(1, max(lengths))
+        mask = padded([torch.ones(n) for n in lengths], width)
+        old = padded(rows.get("learner", rows["generator"]), width)
+        metrics: dict[str, float] = {}
+        kl_reward = torch.zeros_like(mask)
+        if s.uses_reference:
+            kl_tokens = kl_penalty(old, padded(rows["reference"], width), s.kl_estimator) * mask
+            if s.kl_mode == "reward":
+                kl_reward = self.kl_coef * kl_tokens
+            metrics["train/kl_old"] = masked_mean(kl_tokens, mask).item()
+        returns = None
+        if s.advantage in OUTCOME_ESTIMATORS:
+            # the KL penalty's REINFORCE return (gamma = 1) on top of the outcome advantage
+            advantages = torch.tensor(batch.advantages).unsqueeze(-1) * mask - discounted_returns(kl_reward, mask)
+        else:
+            token_rewards = outcome_token_rewards(torch.tensor(batch.rewards), mask) - kl_reward
+            if s.advantage == "reinforce++":
+                advantages = discounted_returns(token_rewards, mask, s.gamma)
+            elif s.advantage == "gae":
+                advantages, returns = gae_advantages(token_rewards, padded(rows["values"], width), mask, s.gamma, s.lam)
+            else:
+                raise ValueError(f"unknown advantage estimator {s.advantage!r}")
+        whiten = s.whiten_advantages if s.whiten_advantages is not None else s.advantage in WHITENED_BY_DEFINITION
+        if whiten:
+            advantages = masked_whiten(advantages, mask, learner.all_reduce(masked_moments(advantages, mask)))
+        metrics["train/advantage_abs_mean"] = masked_mean(advantages.abs(), mask).item()
+        if returns is not None:
+            metrics["train/return_mean"] = masked_mean(returns, mask).item()
+        return advantages, returns, metrics
+
+    def loss(self, learner: Learner, batch: TrainBatch, rows: list[int], prepared: Prepared, num_tokens: float, num_sequences: float):
+        s, prep = self.settings, prepared.rows
+        part = batch.select(rows)
+        packed = pack(part.prompt_token_ids, part.completion_token_ids, learner.policy.pad_id)
+        mask = packed.response_mask
+        width = mask.shape[1]
+        generator = padded([prep["generator"][i] for i in rows], width)
+        old = padded([prep["learner"][i] for i in rows], width) if "learner" in prep else generator
+        adv = prepared.advantages[rows, :width]
+        logprobs, entropy = learner.policy.forward(packed, self.temperature, with_entropy=True, entropy_grad=s.entropy_coef > 0)
+        is_weights = truncated_is_weights(old, generator, s.tis_cap) * mask if s.tis_cap is not None else None
+        totals = dict(num_tokens=num_tokens, num_sequences=num_sequences)
+        norm_constant = prepared.norm_constant
+        loss, metrics = policy_loss(
+            logprobs, old, adv, mask, s.policy_loss, s.clip_eps_low, s.clip_eps_high, s.dual_clip_c,
+            s.loss_agg, norm_constant, is_weights, **totals,
+        )  # fmt: skip
+        metrics["train/pg_loss"] = loss.item()
+        kl = torch.tensor(float("nan"))  # not computed: no reference pass when kl_coef == 0
+        if s.uses_reference:
+            kl_tokens = kl_penalty(logprobs, padded([prep["reference"][i] for i in rows], width), s.kl_estimator)
+            kl = masked_mean(kl_tokens.detach(), mask)
+            if s.kl_mode == "loss":
+                loss = loss + self.kl_coef * aggregate_loss(kl_tokens, mask, s.loss_agg, norm_constant, **totals)
+        if s.entropy_coef > 0:
+            loss = loss - s.entropy_coef * aggregate_loss(entropy, mask, s.loss_agg, norm_constant, **totals)
+        if prepared.returns is not None:
+            values = learner.policy.values(packed)
+            old_values = padded([prep["values"][i] for i in rows], width)
+            v_loss, value_metrics = value_loss(values, old_values, prepared.returns[rows, :width], mask, s.value_clip, num_tokens)
+            loss = loss + s.value_coef * v_loss
+            metrics |= value_metrics
+        with torch.no_grad():
+            # generator vs learner under the same weights: the recomputed old log-probs, else
+            # this pass's (exact in a step's first update, before the weights move)
+            learner_logprobs = old if "learner" in prep else logprobs.detach()
+            metrics |= {
+                "train/kl": kl.item(),
+                "train/entropy": masked_mean(entropy.detach(), mask).item(),
+                "train/logprob_mismatch": masked_mean((learner_logprobs - generator).abs(), mask).item(),
+            }
+            if is_weights is not None:
+                metrics["train/tis_weight_mean"] = masked_mean(is_weights, mask).item()
+        return loss, metrics
+
+    def finish(self, metrics: dict[str, float], global_rows: int) -> dict[str, float]:
+        if self.kl:
+            self.kl.update(metrics.get("train/kl", float("nan")), n_steps=global_rows)
+        return {"train/kl_coef": self.kl_coef}
+
+    def state_dict(self) -> dict:
+        return {"kl_coef": self.kl.coef if self.kl else None}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.kl and state.get("kl_coef") is not None:
+            self.kl.coef = state["kl_coef"]
+
+
+class SupervisedObjective:
+    """Supervised fine-tuning on the batch's completions (self-improvement on verified
+    solutions): NLL = -sum of the completion tokens' log-probs / the global token count.
+
+    Rewards, advantages and the generator's log-probs are ignored; log-probs are taken at
+    temperature 1 (the model's own distribution), whatever the rollouts were sampled at. One
+    pass over the batch per step (``algorithm.ppo_epochs`` is the PPO family's)."""
+
+    epochs = 1
+
+    def prepare(self, learner: Learner, batch: TrainBatch) -> Prepared:
+        return Prepared()
+
+    def loss(self, learner: Learner, batch: TrainBatch, rows: list[int], prepared: Prepared, num_tokens: float, num_sequences: float):
+        part = batch.select(rows)
+        packed = pack(part.prompt_token_ids, part.completion_token_ids, learner.policy.pad_id)
+        mask = packed.response_mask
+        logprobs, entropy = learner.policy.forward(packed, 1.0, with_entropy=True)
+        # NLL = -(1 / N_tokens) * sum_t log pi(y_t | y_<t, x)
+        loss = -(logprobs * mask).sum() / num_tokens
+        with torch.no_grad():
+            metrics = {"train/sft_loss": loss.item(), "train/entropy": masked_mean(entropy, mask).item()}
+        return loss, metrics
+
+    def finish(self, metrics: dict[str, float], global_rows: int) -> dict[str, float]:
+        return {}
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+# name -> how a learner builds it from its algorithm settings and sampling temperature
+OBJECTIVES: dict[ObjectiveName, Callable[[AlgorithmSettings, float], Objective]] = {
+    "ppo": PolicyGradientObjective,
+    "sft": lambda algorithm, temperature: SupervisedObjective(),
+}
