@@ -23,7 +23,7 @@ import time
 import ray
 
 from cluster.config import Config
-from cluster.driver import init_ray, start_generator
+from cluster.wiring import init_ray, start_generator
 from learners.policy import Policy, LoraSettings
 from rollout.tasks.arithmetic import ArithmeticTask
 from contracts import PolicyRef, SamplingSettings, WeightUpdate

@@ -77,18 +77,18 @@ def _score(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from cluster.config import ConfigError, load_config
-    from cluster.driver import init_ray, sandbox_settings, start_verifiers
+    from cluster.wiring import init_ray, start_verifiers
     from cluster.score import SCORE_TASKS, score_file
-    from rewards.scoring import RewardSettings, build_scorer
+    from rewards.scoring import ScorerSpec, build_scorer
 
     if args.task not in SCORE_TASKS:
         raise ConfigError(f"unknown task {args.task!r} for raylight score; known: {sorted(SCORE_TASKS)}")
     if not Path(args.samples).is_file():
         raise FileNotFoundError(f"samples file {args.samples} does not exist")
     config = load_config(args.config, args.overrides)
-    settings = RewardSettings(scorer=SCORE_TASKS[args.task].scorer, sandbox=sandbox_settings(config))
+    spec = ScorerSpec(SCORE_TASKS[args.task].scorer, config.reward, config.verifier.sandbox)
     init_ray(config)
-    pool = start_verifiers(config, factory=functools.partial(build_scorer, settings))
+    pool = start_verifiers(config, factory=functools.partial(build_scorer, spec))
     try:
         score_file(args.task, Path(args.samples), pool)
     finally:

@@ -1,8 +1,8 @@
 """The run config: typed dataclasses loaded from YAML plus ``dotted.key=value`` overrides.
 
 One config tree: a component's own frozen settings class is its section (``algorithm`` is
-``learners.learner.AlgorithmSettings``, ``lora`` is ``learners.policy.LoraSettings``), so every
-knob has one class and one default. An unknown key or a value of the wrong type is a
+``learners.learner.AlgorithmSettings``, ``lora`` is ``learners.policy.LoraSettings``, ``reward``
+and ``verifier.sandbox`` are ``rewards.scoring``'s), so every knob has one class and one default. An unknown key or a value of the wrong type is a
 ``ConfigError`` naming the dotted key (and the closest known key, for typos).
 """
 
@@ -20,6 +20,7 @@ import yaml
 
 from learners.learner import AlgorithmSettings
 from learners.policy import LoraSettings
+from rewards.scoring import RewardSettings, SandboxSettings
 from rollout.tasks import TASK_NAMES
 
 
@@ -84,18 +85,6 @@ class TaskConfig:
 
 
 @dataclass
-class RewardConfig:
-    """How rewards are weighted and extracted (README: "Rewards"); each task names its scorer."""
-
-    # None: the scorer's own (numeric: correct 1.0 + format 0.1; code: all_passed 1.0; others: correct 1.0)
-    weights: dict[str, float] | None = None
-    extraction: Literal["anchor", "last", "first"] = "anchor"  # numeric answers
-    choice_extraction: Literal["word-boundary", "legacy"] = "word-boundary"  # multiple choice
-    # regexes the completion must contain; their share is the format_tags component (give it a weight to pay)
-    required_format: list[str] = field(default_factory=list)
-
-
-@dataclass
 class RolloutConfig:
     prompts_per_step: int = 16
     group_size: int = 8
@@ -119,21 +108,6 @@ class GeneratorConfig:
 
 
 @dataclass
-class SandboxConfig:
-    """Where model-written code runs (README: "Sandbox"); limits apply per program run."""
-
-    mode: Literal["bwrap", "rlimits"] = "bwrap"  # rlimits: no isolation, warns on every run
-    python: str = "/usr/bin/python3"  # a system interpreter the unprivileged uid can read
-    wall_s: float = 10.0
-    cpu_s: int = 10
-    memory_mb: int = 1024
-    output_bytes: int = 1_000_000
-    tmpfs_mb: int = 32
-    open_files: int = 64
-    processes: int = 32
-
-
-@dataclass
 class VerifierConfig:
     min_verifiers: int = 1
     max_verifiers: int = 2  # the pool grows toward this with the number of samples waiting
@@ -142,7 +116,7 @@ class VerifierConfig:
     timeout_s: float = 60.0  # per sample; a verifier past it is replaced and the sample retried
     max_retries: int = 2  # then the sample is masked (infra_error), never scored 0
     num_cpus: float = 0.1
-    sandbox: SandboxConfig = field(default_factory=SandboxConfig)
+    sandbox: SandboxSettings = field(default_factory=SandboxSettings)
 
 
 @dataclass
@@ -207,7 +181,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraSettings = field(default_factory=LoraSettings)
     tasks: list[TaskConfig] = field(default_factory=lambda: [TaskConfig()])
-    reward: RewardConfig = field(default_factory=RewardConfig)
+    reward: RewardSettings = field(default_factory=RewardSettings)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     generator: GeneratorConfig = field(default_factory=GeneratorConfig)
     verifier: VerifierConfig = field(default_factory=VerifierConfig)

@@ -1,7 +1,10 @@
-"""The driver: the synchronous training loop over generator, verifier and learner actors.
+"""The driver: the training loop over generator, verifier and learner actors.
 
-One step reads top to bottom: prompts -> generate -> verify -> advantages -> learn ->
-broadcast. Every sample carries its policy version and ``filter_stale`` checks it against the
+The run is wired by ``cluster.wiring`` and evaluated by ``cluster.evaluate``; this module is
+the loop. ``step`` reads top to bottom: prompts -> generate -> verify -> advantages -> learn
+-> broadcast. ``train`` reads the same way: the start (evaluation at step 0), the steps, each
+followed by one ``after_step`` (held-out evaluation on its cadence, the health monitor and its
+rollbacks, recording, the checkpoint cadence), and the end (last checkpoint, final weights). Every sample carries its policy version and ``filter_stale`` checks it against the
 learner's, so an asynchronous mode (generators ahead by a bounded number of versions) changes
 the scheduling, not the contracts.
 
@@ -25,24 +28,21 @@ import ray
 import torch
 from tqdm import tqdm
 
-from actors.generator import generator_actor
 from actors.learner import LearnerGroup
-from actors.verifier import Scorer, ScorerFactory, VerifierPool
+from actors.verifier import Scorer
 from cluster.checkpoint import Checkpoint, CheckpointError, CheckpointStore
-from cluster.config import Config, TaskConfig, load_config
+from cluster.config import Config, load_config
+from cluster.evaluate import eval_sampling, evaluate, sample_metrics, task_metrics
 from cluster.metrics import MetricsExporter
 from cluster.monitor import Event, Monitor, rules_from_config
 from cluster.rundir import RunDir
-from learners.batch import build_train_batch
-from learners.learner import REQUIRED_METRICS, LearnerSettings
-from rewards.sandbox import SandboxLimits
-from rewards.scoring import RewardSettings, SandboxSettings, build_task_scorer
+from cluster.wiring import build_tasks, engine_settings, generate, init_ray, learner_settings, render, start_generator, start_verifiers
 from contracts import DEFAULT_ADAPTER, PolicyRef, Problem, Prompt, Sample, SamplingSettings, Verdict
-from rollout.engines import EngineSettings, write_adapter
+from learners.batch import build_train_batch
+from learners.learner import REQUIRED_METRICS
+from rollout.engines import write_adapter
 from rollout.models import resolve_model
-from rollout.prompts import render_prompts
 from rollout.staleness import filter_stale
-from rollout.tasks import Curriculum, Task, TaskMixture, build_task
 
 logger = logging.getLogger(__name__)
 
@@ -66,124 +66,6 @@ class PhaseTimer:
             yield
         finally:
             self.seconds[f"perf/{phase}_seconds"] = time.perf_counter() - start
-
-
-def init_ray(config: Config) -> None:
-    """Join the cluster named by RAY_ADDRESS (``ray job submit`` sets it), else start a local one."""
-    if ray.is_initialized():
-        return
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(address="auto", log_to_driver=True)
-    else:
-        ray.init(num_cpus=config.run.num_cpus, include_dashboard=False, log_to_driver=True)
-
-
-def generator_env(config: Config) -> dict[str, str]:
-    """Environment for generator actors: the in-process vLLM engine (faster start, less memory),
-    computing on ``generator.threads`` cores (all by default). Ray would otherwise start a
-    fractional-CPU actor with OMP_NUM_THREADS=1, which halves generation on 2 cores."""
-    env = {
-        "OMP_NUM_THREADS": str(config.generator.threads or os.cpu_count() or 1),
-        "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
-        "VLLM_CPU_KVCACHE_SPACE": str(config.generator.kv_cache_gib),
-        "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING"),
-    }
-    for name in ("VLLM_CACHE_ROOT", "VLLM_RPC_BASE_PATH", "TORCHINDUCTOR_CACHE_DIR", "TMPDIR", "RAYLIGHT_CACHE"):
-        if name in os.environ:
-            env[name] = os.environ[name]
-    return env
-
-
-def start_generator(config: Config, settings: EngineSettings, rank: int = 0):
-    """A generator actor with the resources and environment ``config`` asks for."""
-    actor = generator_actor(num_cpus=config.generator.num_cpus).options(runtime_env={"env_vars": generator_env(config)})
-    return actor.remote(settings, rank=rank)
-
-
-def engine_settings(config: Config, model_path: str) -> EngineSettings:
-    g = config.generator
-    return EngineSettings(
-        model_path=model_path,
-        kind=g.engine,
-        adapter_mode=g.adapter_mode,
-        dtype=g.dtype,
-        max_lora_rank=config.lora.rank,
-        max_model_len=g.max_model_len,
-        seed=config.run.seed,
-        kv_cache_gib=g.kv_cache_gib,
-        threads=g.threads,
-    )
-
-
-def learner_settings(config: Config, model_path: str) -> LearnerSettings:
-    """A learner's settings: the config's algorithm and lora sections, and what the model,
-    rollout and run sections decide for it."""
-    c = config
-    return LearnerSettings(
-        model_path=model_path,
-        algorithm=c.algorithm,
-        lora=c.lora if c.model.train == "lora" else None,
-        dtype=c.model.dtype,
-        temperature=c.rollout.temperature,
-        total_steps=c.run.steps,
-        seed=c.run.seed,
-        threads=c.learner.threads or max(1, (os.cpu_count() or 1) // c.learner.num_learners),
-    )
-
-
-def sandbox_settings(config: Config) -> SandboxSettings:
-    sb = config.verifier.sandbox
-    limits = SandboxLimits(
-        wall_s=sb.wall_s, cpu_s=sb.cpu_s, memory_mb=sb.memory_mb, output_bytes=sb.output_bytes,
-        tmpfs_mb=sb.tmpfs_mb, open_files=sb.open_files, processes=sb.processes,
-    )  # fmt: skip
-    return SandboxSettings(mode=sb.mode, limits=limits, python=sb.python)
-
-
-def reward_settings(config: Config, task: Task, task_config: TaskConfig) -> RewardSettings:
-    """How ``task``'s samples are scored: its scorer, the run's reward knobs, its weights."""
-    r = config.reward
-    return RewardSettings(
-        scorer=task.reward.scorer,
-        weights=task_config.weights if task_config.weights is not None else r.weights,
-        extraction=r.extraction,
-        choice_extraction=r.choice_extraction,
-        required_format=tuple(r.required_format),
-        sandbox=sandbox_settings(config),
-        options=dict(task.reward.options),
-    )
-
-
-def build_tasks(config: Config) -> TaskMixture:
-    """The run's tasks, mixed by weight, with their curricula."""
-    tasks, curricula = [], {}
-    for t in config.tasks:
-        task = build_task(t.name, **t.settings(config.run.seed, config.eval.n))
-        tasks.append(task)
-        if t.curriculum.enabled:
-            c = t.curriculum
-            curricula[task.id] = Curriculum(c.raise_at, c.lower_at, c.window, c.min_difficulty, c.max_difficulty)
-    return TaskMixture(tasks, [t.weight for t in config.tasks], config.run.seed, curricula)
-
-
-def start_verifiers(config: Config, mixture: TaskMixture | None = None, factory: ScorerFactory | None = None) -> VerifierPool:
-    """The verifier pool ``config`` asks for; each actor builds the scorers of ``mixture``'s
-    tasks (or runs ``factory``'s scorer)."""
-    v = config.verifier
-    if factory is None:
-        mixture = mixture or build_tasks(config)
-        settings = {t.id: reward_settings(config, t, tc) for t, tc in zip(mixture.tasks.values(), config.tasks)}
-        factory = functools.partial(build_task_scorer, settings)
-    return VerifierPool(
-        factory,
-        min_size=v.min_verifiers,
-        max_size=v.max_verifiers,
-        timeout_s=v.timeout_s,
-        max_retries=v.max_retries,
-        num_cpus=v.num_cpus,
-        samples_per_call=v.samples_per_call,
-        samples_per_verifier=v.samples_per_verifier,
-    )
 
 
 class Trainer:
@@ -321,6 +203,22 @@ class Trainer:
         """Run to step ``steps`` (from step 1, or after a restored checkpoint's step), with
         held-out evaluation at the start, every ``eval.every`` and at the end, a checkpoint
         every ``run.checkpoint_every`` steps and at the end."""
+        self.open_run()
+        if self.step_done == 0:
+            self.evaluate_at_start()
+        stopped_by = None
+        with tqdm(range(self.step_done + 1, steps + 1), desc="train", unit="step", dynamic_ncols=True, initial=self.step_done, total=steps) as bar:
+            for step in bar:
+                metrics = self.step(step)
+                stopped_by = self.after_step(step, steps, metrics)
+                bar.set_postfix(progress(metrics), refresh=False)
+                if stopped_by:
+                    break
+        self.close_run()
+        return self.summary(stopped_by)
+
+    def open_run(self) -> None:
+        """Settle the run directory (a new run sets an earlier one aside) and open the exporter."""
         c = self.config
         if self.step_done == 0:
             previous = self.run_dir.set_aside_previous()
@@ -328,50 +226,50 @@ class Trainer:
                 logger.warning("%s held an earlier run: its files are now in %s (use raylight resume to continue a run)", self.run_dir.path, previous)
         self.run_dir.write_config(c)  # a resume may have changed run.steps
         self.exporter = MetricsExporter(self.run_dir, c.run.metrics_export, c.run.tensorboard)
-        if self.step_done == 0:
-            self.first_eval = self.evaluate() if c.eval.at_start else {}
-            if self.first_eval:
-                logger.info("step 0 held-out accuracy %.3f (n=%d)", self.first_eval["eval/accuracy"], self.first_eval["eval/n"])
-                self.record({"step": 0, "policy_version": self.policy.version, **self.first_eval}, [])
-            self.last_eval = self.first_eval
-        stopped_by = None
-        with tqdm(range(self.step_done + 1, steps + 1), desc="train", unit="step", dynamic_ncols=True, initial=self.step_done, total=steps) as bar:
-            for step in bar:
-                metrics = self.step(step)
-                evaluated = step == steps or bool(c.eval.every and step % c.eval.every == 0)
-                if evaluated:
-                    self.last_eval = self.evaluate()
-                    metrics |= self.last_eval
-                events = self.monitor.observe(metrics) if self.monitor else []
-                metrics |= {f"monitor/{e.rule}": 1.0 for e in events}
-                stops = [e for e in events if e.action == "stop"]
-                rollbacks = [e for e in events if e.action == "rollback"]
-                if rollbacks and not stops and not self.rollback(rollbacks[0]):
-                    stops = rollbacks[:1]
-                metrics["monitor/rollbacks"] = float(self.rollbacks)
-                self.record(metrics, events)
-                self.step_done = step
-                bar.set_postfix(
-                    v=metrics["policy_version"],
-                    reward=f"{metrics['train/reward_mean']:.3f}",
-                    acc=f"{metrics['train/accuracy']:.3f}",
-                    s_step=f"{metrics['perf/step_seconds']:.1f}",
-                    refresh=False,
-                )
-                if stops:
-                    stopped_by = stops[0]
-                    logger.error("stopping at step %d: monitor rule %s: %s", step, stopped_by.rule, stopped_by.message)
-                    if not evaluated:
-                        self.last_eval = self.evaluate()
-                        evaluated = True
-                    break
-                every = c.run.checkpoint_every
-                if every and step % every == 0 and step != steps:
-                    self.save_checkpoint(step, evaluated)
-        if self.step_done > self.saved_step:  # the end of the run (every last step is evaluated)
+
+    def evaluate_at_start(self) -> None:
+        self.first_eval = self.evaluate() if self.config.eval.at_start else {}
+        if self.first_eval:
+            logger.info("step 0 held-out accuracy %.3f (n=%d)", self.first_eval["eval/accuracy"], self.first_eval["eval/n"])
+            self.record({"step": 0, "policy_version": self.policy.version, **self.first_eval}, [])
+        self.last_eval = self.first_eval
+
+    def after_step(self, step: int, last_step: int, metrics: dict) -> Event | None:
+        """Everything between two steps: held-out evaluation on its cadence, the health
+        monitor (warn, stop, or roll back), recording, the checkpoint cadence. Returns the
+        event that stops the run, if one does."""
+        c = self.config
+        evaluated = step == last_step or bool(c.eval.every and step % c.eval.every == 0)
+        if evaluated:
+            self.last_eval = self.evaluate()
+            metrics |= self.last_eval
+        events = self.monitor.observe(metrics) if self.monitor else []
+        metrics |= {f"monitor/{e.rule}": 1.0 for e in events}
+        stops = [e for e in events if e.action == "stop"]
+        rollbacks = [e for e in events if e.action == "rollback"]
+        if rollbacks and not stops and not self.rollback(rollbacks[0]):
+            stops = rollbacks[:1]
+        metrics["monitor/rollbacks"] = float(self.rollbacks)
+        self.record(metrics, events)
+        self.step_done = step
+        if stops:
+            logger.error("stopping at step %d: monitor rule %s: %s", step, stops[0].rule, stops[0].message)
+            if not evaluated:
+                self.last_eval = self.evaluate()
+            return stops[0]
+        every = c.run.checkpoint_every
+        if every and step % every == 0 and step != last_step:
+            self.save_checkpoint(step, evaluated)
+        return None
+
+    def close_run(self) -> None:
+        """The last checkpoint (every last step is evaluated) and the trained policy."""
+        if self.step_done > self.saved_step:
             self.save_checkpoint(self.step_done, True)
         self.save_final()
         self.exporter.close()
+
+    def summary(self, stopped_by: Event | None) -> dict:
         return {
             "run_dir": str(self.run_dir.path),
             "policy_version": self.policy.version,
@@ -476,77 +374,11 @@ class Trainer:
         self.verifiers.kill()
 
 
-def render(tokenizer, tasks: TaskMixture, problems: list[Problem]) -> list[Prompt]:
-    """Chat-template problems with their own task's system prompt, keeping their order."""
-    prompts: list[Prompt | None] = [None] * len(problems)
-    by_task: dict[str, list[int]] = {}
-    for i, problem in enumerate(problems):
-        by_task.setdefault(problem.task, []).append(i)
-    for task_id, indices in by_task.items():
-        system = tasks.tasks[task_id].system_prompt if task_id in tasks.tasks else None
-        for i, prompt in zip(indices, render_prompts(tokenizer, [problems[i] for i in indices], system)):
-            prompts[i] = prompt
-    return prompts  # type: ignore[return-value]
-
-
-def generate(generators: list, prompts: list[Prompt], sampling: SamplingSettings) -> list[Sample]:
-    """Split prompts over the generators (contiguous chunks), keep the prompt order; a seeded
-    call gives each generator its own seed."""
-    n = len(generators)
-    size = -(-len(prompts) // n)
-    chunks = [prompts[i * size : (i + 1) * size] for i in range(n)]
-    seeds = [None if sampling.seed is None else sampling.seed + rank for rank in range(n)]
-    refs = [
-        g.generate.remote(chunk, dataclasses.replace(sampling, seed=seed))
-        for g, chunk, seed in zip(generators, chunks, seeds)
-        if chunk
-    ]
-    return [sample for part in ray.get(refs) for sample in part]
-
-
-def eval_sampling(config: Config) -> SamplingSettings:
-    """Greedy decoding with the run's stop strings and the evaluation's token budget."""
-    r = config.rollout
-    return SamplingSettings(n=1, temperature=0.0, top_p=1.0, max_tokens=config.eval.max_tokens, stop=tuple(r.stop))
-
-
-def evaluate(generators: list, verifiers: VerifierPool, prompts_by_task: dict[str, list[Prompt]], sampling: SamplingSettings) -> dict:
-    """Held-out metrics: accuracy, reward and each reward component (the numeric extraction
-    methods, the code metrics), completion length; over all tasks and per task when several."""
-    prompts = [prompt for task_prompts in prompts_by_task.values() for prompt in task_prompts]
-    samples = generate(generators, prompts, sampling)
-    verdicts = verifiers.score(samples)
-    metrics = sample_metrics(samples, verdicts, prefix="eval")
-    per_task = task_metrics(samples, verdicts, "eval") if len(prompts_by_task) > 1 else {}
-    return {"eval/n": len(samples), **metrics, **per_task}
-
-
-def task_metrics(samples: list[Sample], verdicts: list[Verdict], prefix: str) -> dict[str, float]:
-    """``sample_metrics`` of each task's samples, as ``<prefix>/<task>/...``, plus ``n``."""
-    groups: dict[str, list[int]] = {}
-    for i, sample in enumerate(samples):
-        groups.setdefault(sample.prompt.problem.task or "task", []).append(i)
-    metrics = {}
-    for task, indices in groups.items():
-        metrics |= sample_metrics([samples[i] for i in indices], [verdicts[i] for i in indices], f"{prefix}/{task}")
-        metrics[f"{prefix}/{task}/n"] = float(len(indices))
-    return metrics
-
-
-def sample_metrics(samples: list[Sample], verdicts: list[Verdict], prefix: str) -> dict[str, float]:
-    """Reward, accuracy, each reward component and completion length over valid verdicts."""
-    valid = [(s, v) for s, v in zip(samples, verdicts) if v.status == "ok"]
-    n = max(1, len(valid))
-    metrics = {
-        f"{prefix}/reward_mean": sum(v.reward for _, v in valid) / n,
-        f"{prefix}/accuracy": sum(v.correct for _, v in valid) / n,
-        f"{prefix}/completion_length": sum(len(s.completion.token_ids) for s, _ in valid) / n,
-        f"{prefix}/truncated_fraction": sum(s.completion.finish_reason == "length" for s, _ in valid) / n,
-        # mean log-prob of the sampled tokens (the monitor watches it crash)
-        f"{prefix}/logprob_mean": sum(sum(s.completion.logprobs) / max(1, len(s.completion.logprobs)) for s, _ in valid) / n,
-        # answers the scorer could not find (code verdicts name the program's fate instead)
-        f"{prefix}/extraction_failed": sum(v.extracted is None and v.outcome in ("correct", "wrong") for _, v in valid) / n,
+def progress(metrics: dict) -> dict:
+    """The progress bar's fields for one step."""
+    return {
+        "v": metrics["policy_version"],
+        "reward": f"{metrics['train/reward_mean']:.3f}",
+        "acc": f"{metrics['train/accuracy']:.3f}",
+        "s_step": f"{metrics['perf/step_seconds']:.1f}",
     }
-    for name in sorted({k for _, v in valid for k in v.components}):
-        metrics[f"{prefix}/reward/{name}"] = sum(v.components.get(name, 0.0) for _, v in valid) / n
-    return metrics

@@ -1,8 +1,10 @@
-"""``raylight eval``: the held-out metrics of a saved adapter, or of the base model alone.
+"""Evaluation: held-out metrics during training, and ``raylight eval`` of a saved policy.
 
-The same evaluation as during training (greedy decoding, the config's tasks and scorers,
-``cluster.driver.evaluate``), on a generator and a verifier pool without a learner, so a trained
-adapter can always be compared with the untrained model on the same problems.
+``evaluate`` is the one held-out evaluation (greedy decoding, the config's tasks and scorers)
+the training loop runs at its start, on its cadence and at its end. ``evaluate_policy`` runs
+the same on a generator and a verifier pool without a learner, so a trained adapter can always
+be compared with the untrained model on the same problems. ``sample_metrics`` and
+``task_metrics`` summarise any list of scored samples (training steps use them too).
 """
 
 from __future__ import annotations
@@ -12,8 +14,10 @@ from pathlib import Path
 
 import ray
 
+from actors.verifier import VerifierPool
 from cluster.config import Config
-from cluster.driver import build_tasks, engine_settings, eval_sampling, evaluate, init_ray, render, start_generator, start_verifiers
+from cluster.wiring import build_tasks, engine_settings, generate, init_ray, render, start_generator, start_verifiers
+from contracts import Prompt, Sample, SamplingSettings, Verdict
 from rollout.engines import read_adapter
 from rollout.models import resolve_model
 from rollout.tasks import Split
@@ -67,3 +71,51 @@ def summary_lines(metrics: dict) -> list[str]:
             f"completion_length={metrics[f'{prefix}/completion_length']:.1f}"
         )
     return lines
+
+
+def eval_sampling(config: Config) -> SamplingSettings:
+    """Greedy decoding with the run's stop strings and the evaluation's token budget."""
+    r = config.rollout
+    return SamplingSettings(n=1, temperature=0.0, top_p=1.0, max_tokens=config.eval.max_tokens, stop=tuple(r.stop))
+
+
+def evaluate(generators: list, verifiers: VerifierPool, prompts_by_task: dict[str, list[Prompt]], sampling: SamplingSettings) -> dict:
+    """Held-out metrics: accuracy, reward and each reward component (the numeric extraction
+    methods, the code metrics), completion length; over all tasks and per task when several."""
+    prompts = [prompt for task_prompts in prompts_by_task.values() for prompt in task_prompts]
+    samples = generate(generators, prompts, sampling)
+    verdicts = verifiers.score(samples)
+    metrics = sample_metrics(samples, verdicts, prefix="eval")
+    per_task = task_metrics(samples, verdicts, "eval") if len(prompts_by_task) > 1 else {}
+    return {"eval/n": len(samples), **metrics, **per_task}
+
+
+def task_metrics(samples: list[Sample], verdicts: list[Verdict], prefix: str) -> dict[str, float]:
+    """``sample_metrics`` of each task's samples, as ``<prefix>/<task>/...``, plus ``n``."""
+    groups: dict[str, list[int]] = {}
+    for i, sample in enumerate(samples):
+        groups.setdefault(sample.prompt.problem.task or "task", []).append(i)
+    metrics = {}
+    for task, indices in groups.items():
+        metrics |= sample_metrics([samples[i] for i in indices], [verdicts[i] for i in indices], f"{prefix}/{task}")
+        metrics[f"{prefix}/{task}/n"] = float(len(indices))
+    return metrics
+
+
+def sample_metrics(samples: list[Sample], verdicts: list[Verdict], prefix: str) -> dict[str, float]:
+    """Reward, accuracy, each reward component and completion length over valid verdicts."""
+    valid = [(s, v) for s, v in zip(samples, verdicts) if v.status == "ok"]
+    n = max(1, len(valid))
+    metrics = {
+        f"{prefix}/reward_mean": sum(v.reward for _, v in valid) / n,
+        f"{prefix}/accuracy": sum(v.correct for _, v in valid) / n,
+        f"{prefix}/completion_length": sum(len(s.completion.token_ids) for s, _ in valid) / n,
+        f"{prefix}/truncated_fraction": sum(s.completion.finish_reason == "length" for s, _ in valid) / n,
+        # mean log-prob of the sampled tokens (the monitor watches it crash)
+        f"{prefix}/logprob_mean": sum(sum(s.completion.logprobs) / max(1, len(s.completion.logprobs)) for s, _ in valid) / n,
+        # answers the scorer could not find (code verdicts name the program's fate instead)
+        f"{prefix}/extraction_failed": sum(v.extracted is None and v.outcome in ("correct", "wrong") for _, v in valid) / n,
+    }
+    for name in sorted({k for _, v in valid for k in v.components}):
+        metrics[f"{prefix}/reward/{name}"] = sum(v.components.get(name, 0.0) for _, v in valid) / n
+    return metrics

@@ -30,10 +30,13 @@ Scorer = Callable[[str, Problem], Verdict]
 
 @dataclass(frozen=True)
 class SandboxSettings:
-    mode: SandboxMode = "bwrap"
+    """Where model-written code runs (README: "Sandbox"): the config's ``verifier.sandbox``;
+    the limits apply per program run."""
+
+    mode: SandboxMode = "bwrap"  # rlimits: no isolation, warns on every run
     limits: SandboxLimits = SandboxLimits()
-    python: str = "/usr/bin/python3"
-    slots: int = 1
+    python: str = "/usr/bin/python3"  # a system interpreter the unprivileged uid can read
+    slots: int = 1  # programs one verifier runs at once (one uid each)
 
     def open(self) -> Sandbox:
         """This process's sandbox for these settings (one per process, shared by its scorers)."""
@@ -47,57 +50,69 @@ def _open_sandbox(settings: SandboxSettings) -> Sandbox:
 
 @dataclass(frozen=True)
 class RewardSettings:
-    scorer: ScorerName = "numeric"
-    weights: dict[str, float] | None = None  # None: the scorer's own defaults
-    extraction: ExtractionMethod = "anchor"
-    choice_extraction: ChoiceMethod = "word-boundary"
-    sandbox: SandboxSettings = SandboxSettings()
+    """How rewards are weighted and extracted (README: "Rewards"): the config's ``reward``
+    section, for every task (a task's own ``weights`` replace these)."""
+
+    # None: the scorer's own (numeric: correct 1.0 + format 0.1; code: all_passed 1.0; others: correct 1.0)
+    weights: dict[str, float] | None = None
+    extraction: ExtractionMethod = "anchor"  # numeric answers
+    choice_extraction: ChoiceMethod = "word-boundary"  # multiple choice
     # regular expressions the completion must contain (e.g. "<think>.*</think>"); their share
-    # is the ``format_tags`` component, paid by its weight
+    # is the ``format_tags`` component (give it a weight to pay)
     required_format: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class ScorerSpec:
+    """Everything a verifier needs to build one task's scorer: which scorer, the run's reward
+    settings, the sandbox, and the task's own options."""
+
+    scorer: ScorerName = "numeric"
+    reward: RewardSettings = RewardSettings()
+    sandbox: SandboxSettings = SandboxSettings()
     # scorer-specific: ``labels`` for ``label``; ``dataset``, ``size``, ``seed``, ``config`` for ``reasoning_gym``
     options: dict = field(default_factory=dict, hash=False)
 
 
-def _weights(settings: RewardSettings, defaults: Mapping[str, float]) -> Mapping[str, float]:
-    if settings.weights is None:
+def _weights(spec: ScorerSpec, defaults: Mapping[str, float]) -> Mapping[str, float]:
+    if spec.reward.weights is None:
         return defaults
-    return {k: v for k, v in settings.weights.items() if k != "format_tags"}  # paid in build_scorer
+    return {k: v for k, v in spec.reward.weights.items() if k != "format_tags"}  # paid in build_scorer
 
 
-def numeric_scorer(settings: RewardSettings) -> Scorer:
-    weights = _weights(settings, numeric.DEFAULT_WEIGHTS)
-    return lambda completion, problem: numeric_reward(completion, problem.answer, weights, settings.extraction)
+def numeric_scorer(spec: ScorerSpec) -> Scorer:
+    weights = _weights(spec, numeric.DEFAULT_WEIGHTS)
+    return lambda completion, problem: numeric_reward(completion, problem.answer, weights, spec.reward.extraction)
 
 
-def choice_scorer(settings: RewardSettings) -> Scorer:
+def choice_scorer(spec: ScorerSpec) -> Scorer:
     """The problem's ``meta["letters"]`` (e.g. "ABCD") are the options; A-E by default."""
-    weights = _weights(settings, choice.DEFAULT_WEIGHTS)
+    weights = _weights(spec, choice.DEFAULT_WEIGHTS)
     return lambda completion, problem: choice_reward(
-        completion, problem.answer, weights, settings.choice_extraction, problem.meta.get("letters", choice.CHOICES)
+        completion, problem.answer, weights, spec.reward.choice_extraction, problem.meta.get("letters", choice.CHOICES)
     )
 
 
-def label_scorer(settings: RewardSettings) -> Scorer:
-    labels = tuple(settings.options.get("labels", ("True", "False")))
-    weights = _weights(settings, label.DEFAULT_WEIGHTS)
+def label_scorer(spec: ScorerSpec) -> Scorer:
+    labels = tuple(spec.options.get("labels", ("True", "False")))
+    weights = _weights(spec, label.DEFAULT_WEIGHTS)
     return lambda completion, problem: label_reward(completion, problem.answer, labels, weights)
 
 
-def overlap_scorer(settings: RewardSettings) -> Scorer:
-    weights = _weights(settings, overlap.DEFAULT_WEIGHTS)
+def overlap_scorer(spec: ScorerSpec) -> Scorer:
+    weights = _weights(spec, overlap.DEFAULT_WEIGHTS)
     return lambda completion, problem: overlap_reward(completion, problem.answer, weights)
 
 
-def grid_scorer(settings: RewardSettings) -> Scorer:
-    weights = _weights(settings, grid.DEFAULT_WEIGHTS)
+def grid_scorer(spec: ScorerSpec) -> Scorer:
+    weights = _weights(spec, grid.DEFAULT_WEIGHTS)
     return lambda completion, problem: grid_reward(completion, problem.answer, weights)
 
 
-def code_scorer(settings: RewardSettings) -> Scorer:
+def code_scorer(spec: ScorerSpec) -> Scorer:
     """Problems carry ``meta["entry_point"]`` and ``meta["tests"]``: [[arguments], expected] pairs."""
-    sandbox = settings.sandbox.open()
-    weights = _weights(settings, code.DEFAULT_WEIGHTS)
+    sandbox = spec.sandbox.open()
+    weights = _weights(spec, code.DEFAULT_WEIGHTS)
 
     def score(completion: str, problem: Problem) -> Verdict:
         try:
@@ -110,22 +125,22 @@ def code_scorer(settings: RewardSettings) -> Scorer:
     return score
 
 
-def humaneval_scorer(settings: RewardSettings) -> Scorer:
+def humaneval_scorer(spec: ScorerSpec) -> Scorer:
     """The problem's ``meta["task_id"]`` (else its uid) names the HumanEval problem."""
-    sandbox = settings.sandbox.open()
-    weights = _weights(settings, code.DEFAULT_WEIGHTS)
+    sandbox = spec.sandbox.open()
+    weights = _weights(spec, code.DEFAULT_WEIGHTS)
     return lambda completion, problem: humaneval_reward(sandbox, problem.meta.get("task_id", problem.uid), completion, weights)
 
 
-def reasoning_gym_scorer(settings: RewardSettings) -> Scorer:
+def reasoning_gym_scorer(spec: ScorerSpec) -> Scorer:
     """``options``: the dataset's ``dataset`` name, ``size``, ``seed`` and ``config``, as the task
     built it; the problem's ``meta["index"]`` is the entry."""
-    o = settings.options
+    o = spec.options
     try:
         data = gym.gym_dataset(o["dataset"], o["size"], o["seed"], tuple(sorted(o.get("config", {}).items())))
     except KeyError as exc:
         raise ValueError(f"reasoning_gym scorer needs options dataset, size and seed: missing {exc}") from None
-    weights = _weights(settings, gym.DEFAULT_WEIGHTS)
+    weights = _weights(spec, gym.DEFAULT_WEIGHTS)
     return lambda completion, problem: gym.gym_reward(completion, data, problem.meta["index"], weights)
 
 
@@ -143,7 +158,7 @@ COMPONENTS: dict[str, tuple[str, ...]] = {
 }
 
 
-SCORERS: dict[str, Callable[[RewardSettings], Scorer]] = {
+SCORERS: dict[str, Callable[[ScorerSpec], Scorer]] = {
     "numeric": numeric_scorer,
     "choice": choice_scorer,
     "label": label_scorer,
@@ -155,30 +170,31 @@ SCORERS: dict[str, Callable[[RewardSettings], Scorer]] = {
 }
 
 
-def build_scorer(settings: RewardSettings) -> Scorer:
-    if settings.scorer not in SCORERS:
-        raise ValueError(f"unknown scorer {settings.scorer!r}; known: {sorted(SCORERS)}")
-    scorer = SCORERS[settings.scorer](settings)
-    if not settings.required_format:
+def build_scorer(spec: ScorerSpec) -> Scorer:
+    if spec.scorer not in SCORERS:
+        raise ValueError(f"unknown scorer {spec.scorer!r}; known: {sorted(SCORERS)}")
+    scorer = SCORERS[spec.scorer](spec)
+    required = spec.reward.required_format
+    if not required:
         return scorer
-    for pattern in settings.required_format:
+    for pattern in required:
         re.compile(pattern)  # a bad pattern fails here, naming itself, not in every sample
-    pay = (settings.weights or {}).get("format_tags", 0.0)
+    pay = (spec.reward.weights or {}).get("format_tags", 0.0)
 
     def with_format(completion: str, problem: Problem) -> Verdict:
         verdict = scorer(completion, problem)
         if verdict.status != "ok":
             return verdict
-        share = format_score(completion, settings.required_format)
+        share = format_score(completion, required)
         components = {**verdict.components, "format_tags": share}
         return dataclasses.replace(verdict, reward=verdict.reward + pay * share, components=components)
 
     return with_format
 
 
-def build_task_scorer(settings_by_task: dict[str, RewardSettings]) -> Scorer:
+def build_task_scorer(specs_by_task: dict[str, ScorerSpec]) -> Scorer:
     """One scorer for a mixture: each problem is judged by its task's scorer (``Problem.task``)."""
-    scorers = {task: build_scorer(settings) for task, settings in settings_by_task.items()}
+    scorers = {task: build_scorer(spec) for task, spec in specs_by_task.items()}
 
     def score(completion: str, problem: Problem) -> Verdict:
         if problem.task not in scorers:

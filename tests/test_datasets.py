@@ -7,7 +7,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from rewards.scoring import RewardSettings, build_scorer
+from rewards.scoring import ScorerSpec, build_scorer
 from rollout.tasks import NoUsableRows, build_task
 
 
@@ -22,7 +22,7 @@ def write_parquet(path, rows):
 
 
 def score(task, problem, completion):
-    return build_scorer(RewardSettings(scorer=task.reward.scorer, options=dict(task.reward.options)))(completion, problem)
+    return build_scorer(ScorerSpec(scorer=task.reward.scorer, options=dict(task.reward.options)))(completion, problem)
 
 
 def all_problems(task):

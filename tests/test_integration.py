@@ -138,7 +138,7 @@ def test_final_adapter_loads_in_peft_and_vllm_lora(trained, tiny_model_path):
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_path), run_dir.final_adapter)
     assert any("lora_B" in name for name, _ in model.named_parameters())
 
-    from cluster.driver import start_generator
+    from cluster.wiring import start_generator
     from rollout.engines import EngineSettings
 
     from safetensors.torch import load_file

@@ -8,7 +8,7 @@ import random
 import pytest
 import torch
 
-from helpers import learner_settings, make_learner
+from helpers import make_learner
 from learners.learner import Learner
 from learners.policy import LoraSettings
 from contracts import TrainBatch

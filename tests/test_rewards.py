@@ -5,7 +5,7 @@ import re
 import pytest
 
 from rewards.numeric import answers_equal, extract_number, has_answer_label, numbers_equal, numeric_reward
-from rewards.scoring import RewardSettings, build_scorer
+from rewards.scoring import RewardSettings, ScorerSpec, build_scorer
 from contracts import Problem
 
 
@@ -108,10 +108,10 @@ def test_unknown_reward_component_is_named():
 
 
 def test_build_scorer_by_name():
-    scorer = build_scorer(RewardSettings(weights={"correct": 1.0}, extraction="first"))
+    scorer = build_scorer(ScorerSpec(reward=RewardSettings(weights={"correct": 1.0}, extraction="first")))
     assert scorer("3 then 4", problem("3")).correct
     with pytest.raises(ValueError, match="unknown scorer"):
-        build_scorer(RewardSettings(scorer="nope"))
+        build_scorer(ScorerSpec(scorer="nope"))
 
 
 # -- multiple choice -------------------------------------------------------------------------
@@ -206,32 +206,32 @@ def test_grid_reward_exact_match():
 
 
 def test_scorers_by_name():
-    assert build_scorer(RewardSettings(scorer="choice"))("Answer: B", problem("B")).reward == 1.0
-    assert build_scorer(RewardSettings(scorer="grid"))("[[3]]", problem("[[3]]")).reward == 1.0
-    assert build_scorer(RewardSettings())("Answer: 5", problem("5")).reward == 1.1  # numeric defaults
+    assert build_scorer(ScorerSpec(scorer="choice"))("Answer: B", problem("B")).reward == 1.0
+    assert build_scorer(ScorerSpec(scorer="grid"))("[[3]]", problem("[[3]]")).reward == 1.0
+    assert build_scorer(ScorerSpec())("Answer: 5", problem("5")).reward == 1.1  # numeric defaults
 
 
 def test_required_format_is_a_weighted_component_of_any_scorer():
     settings = RewardSettings(weights={"correct": 1.0, "format_tags": 0.5}, required_format=(r"<think>.*</think>", r"Answer:"))
-    scorer = build_scorer(settings)
+    scorer = build_scorer(ScorerSpec(reward=settings))
     v = scorer("<think>7</think> Answer: 7", problem("7"))
     assert v.components["format_tags"] == 1.0 and v.reward == 1.5
     v = scorer("Answer: 7", problem("7"))
     assert v.components["format_tags"] == 0.5 and v.reward == 1.25
-    reported_only = build_scorer(RewardSettings(required_format=("<think>",)))("Answer: 7", problem("7"))
+    reported_only = build_scorer(ScorerSpec(reward=RewardSettings(required_format=("<think>",))))("Answer: 7", problem("7"))
     assert reported_only.components["format_tags"] == 0.0 and reported_only.reward == 1.1
     with pytest.raises(re.error):
-        build_scorer(RewardSettings(required_format=("(",)))
+        build_scorer(ScorerSpec(reward=RewardSettings(required_format=("(",))))
 
 
 def test_code_scorers_by_name():
     """The code scorers open a real sandbox; a code problem without tests is a named error."""
     add = Problem("add-1", "q", "", meta={"entry_point": "add", "tests": [[[1, 2], 3], [[2, 2], 4]]})
-    code_scorer = build_scorer(RewardSettings(scorer="code"))
+    code_scorer = build_scorer(ScorerSpec(scorer="code"))
     assert code_scorer("```python\ndef add(a, b):\n    return a + b\n```", add).correct
     assert code_scorer("def add(a, b):\n    return 3\n", add).components["passed_fraction"] == 0.5
     with pytest.raises(ValueError, match="'broken'.*entry_point"):
         code_scorer("def f(): pass", Problem("broken", "q", ""))
-    humaneval = build_scorer(RewardSettings(scorer="humaneval"))
+    humaneval = build_scorer(ScorerSpec(scorer="humaneval"))
     verdict = humaneval("    return False\n", Problem("HumanEval/0", "q", ""))
     assert verdict.outcome == "failed" and 0 < verdict.components["passed_fraction"] < 1

@@ -28,7 +28,7 @@ def test_score_humaneval_file(ray_cluster, tmp_path, capsys):
     samples = tmp_path / "samples.jsonl"
     samples.write_text("\n".join(lines) + "\n")
 
-    assert main(["score", "humaneval", str(samples), "verifier.sandbox.wall_s=3", "verifier.sandbox.cpu_s=3"]) == 0
+    assert main(["score", "humaneval", str(samples), "verifier.sandbox.limits.wall_s=3", "verifier.sandbox.limits.cpu_s=3"]) == 0
     captured = capsys.readouterr()
     out = [json.loads(line) for line in captured.out.strip().splitlines()]
     records, summary = out[:-1], out[-1]

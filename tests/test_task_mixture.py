@@ -19,7 +19,7 @@ MIXTURE = (
 def test_train_on_a_text_and_a_code_task(ray_cluster, tiny_model_path, tmp_path, capsys):
     run_dir = tmp_path / "run"
     argv = ["train", "configs/tiny.yaml", "--run-dir", str(run_dir), "--steps", "2", f"model.path={tiny_model_path}",
-            MIXTURE, "eval.n=4", "rollout.prompts_per_step=4", "verifier.sandbox.wall_s=3"]  # fmt: skip
+            MIXTURE, "eval.n=4", "rollout.prompts_per_step=4", "verifier.sandbox.limits.wall_s=3"]  # fmt: skip
     assert main(argv) == 0
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     first, last = rows[0], rows[-1]

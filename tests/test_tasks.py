@@ -9,9 +9,9 @@ import statistics
 
 import pytest
 
-from rewards.scoring import RewardSettings, build_scorer, build_task_scorer
+from rewards.scoring import ScorerSpec, build_scorer, build_task_scorer
 from rollout.tasks import Curriculum, TaskMixture, build_task
-from rollout.tasks.procedural import FAMILIES, LEVELS, ProceduralTask, balanced, nesting_depth
+from rollout.tasks.procedural import FAMILIES, LEVELS, ProceduralTask, nesting_depth
 
 FAMILY_NAMES = sorted(FAMILIES)
 
@@ -114,7 +114,7 @@ def test_text_answers_are_scored_by_the_tasks_scorer():
     for family in FAMILY_NAMES:
         task = ProceduralTask(family, difficulty=3)
         problem = next(task.problems("validation"))
-        scorer = build_scorer(RewardSettings(scorer=task.reward.scorer, options=dict(task.reward.options)))
+        scorer = build_scorer(ScorerSpec(scorer=task.reward.scorer, options=dict(task.reward.options)))
         assert scorer(f"Working... Answer: {problem.answer}", problem).correct
         wrong = "False" if problem.answer == "True" else "True" if problem.answer == "False" else str(int(problem.answer) + 1)
         assert not scorer(f"Answer: {wrong}", problem).correct
@@ -123,7 +123,7 @@ def test_text_answers_are_scored_by_the_tasks_scorer():
 def test_code_answers_run_in_the_sandbox():
     task = ProceduralTask("brackets", mode="code", difficulty=4, eval_size=2)
     problem = next(task.problems("validation"))
-    scorer = build_scorer(RewardSettings(scorer="code"))
+    scorer = build_scorer(ScorerSpec(scorer="code"))
     good = (
         "```python\ndef solve(s):\n    pairs = {')': '(', ']': '[', '}': '{'}\n    stack = []\n    for c in s:\n"
         "        if c in '([{':\n            stack.append(c)\n        elif not stack or stack.pop() != pairs[c]:\n"
@@ -143,7 +143,7 @@ def test_mixture_draws_by_weight_and_scores_each_task_with_its_own_scorer():
     assert 0.68 < share < 0.82
     again = TaskMixture([build_task("infix", difficulty=2), build_task("brackets", difficulty=2)], [3.0, 1.0], seed=0)
     assert [p.uid for p in again.sample(50)] == [p.uid for p in problems[:50]]
-    scorer = build_task_scorer({t.id: RewardSettings(scorer=t.reward.scorer, options=dict(t.reward.options)) for t in mixture.tasks.values()})
+    scorer = build_task_scorer({t.id: ScorerSpec(scorer=t.reward.scorer, options=dict(t.reward.options)) for t in mixture.tasks.values()})
     for problem in problems[:20]:
         assert scorer(f"Answer: {problem.answer}", problem).correct
     with pytest.raises(ValueError, match="unique"):
@@ -189,7 +189,7 @@ def test_arc_task_renders_grids_and_is_scored_exactly():
     import json
 
     grid = json.loads(problem.answer)
-    scorer = build_scorer(RewardSettings(scorer="grid"))
+    scorer = build_scorer(ScorerSpec(scorer="grid"))
     text = "Answer:\n" + "\n".join(" ".join(str(c) for c in row) for row in grid)
     assert scorer(text, problem).correct
     grid[0][0] = (grid[0][0] + 1) % 10
@@ -201,7 +201,7 @@ def test_arc_task_renders_grids_and_is_scored_exactly():
 def test_reasoning_gym_task_uses_the_datasets_own_scorer():
     task = build_task("reasoning_gym", dataset="leg_counting", size=40, seed=3)
     problem = next(task.problems("train"))
-    scorer = build_scorer(RewardSettings(scorer="reasoning_gym", options=dict(task.reward.options)))
+    scorer = build_scorer(ScorerSpec(scorer="reasoning_gym", options=dict(task.reward.options)))
     assert scorer(f"I count them. <answer>{problem.answer}</answer>", problem).correct
     assert scorer(f"Answer: {int(problem.answer) + 1}", problem).components["score"] < 1.0
     with pytest.raises(Exception, match="nonexistent"):

@@ -15,7 +15,7 @@ import pytest
 import ray
 
 from actors.verifier import VerifierPool
-from rewards.scoring import RewardSettings, SandboxSettings, build_scorer
+from rewards.scoring import SandboxSettings, ScorerSpec, build_scorer
 from contracts import Problem, Verdict
 
 pytestmark = pytest.mark.slow
@@ -133,7 +133,7 @@ def test_pool_keeps_sample_order_and_scales_with_the_queue(ray_cluster):
 
 
 def test_scorer_that_cannot_start_fails_the_pool_at_once(ray_cluster):
-    settings = RewardSettings(scorer="code", sandbox=SandboxSettings(python="/nowhere/python3"))
+    settings = ScorerSpec(scorer="code", sandbox=SandboxSettings(python="/nowhere/python3"))
     with pytest.raises(RuntimeError, match="verifier actors could not start.*does not exist"):
         VerifierPool(functools.partial(build_scorer, settings), min_size=1, max_size=1)
 
@@ -147,7 +147,7 @@ def test_code_is_scored_in_the_sandbox_through_the_pool(ray_cluster):
         ("def add(a, b):\n    return a - b\n", add),
         ("def add(a, b):\n    while True: pass\n", add),
     ]
-    pool = VerifierPool(functools.partial(build_scorer, RewardSettings(scorer="code")), min_size=2, max_size=2, samples_per_call=1)
+    pool = VerifierPool(functools.partial(build_scorer, ScorerSpec(scorer="code")), min_size=2, max_size=2, samples_per_call=1)
     verdicts = pool.score_items(batch)
     assert [v.outcome for v in verdicts][::2] == ["passed", "failed"]
     assert verdicts[1].outcome in ("error", "timeout") and verdicts[3].outcome == "timeout"

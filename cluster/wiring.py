@@ -1,0 +1,156 @@
+"""Wiring a run: the Ray cluster, the actors with their settings and resources, the tasks.
+
+Everything a driver (training, ``raylight eval``, a benchmark) needs to start the parts of a
+run from its config; each setting object is built from the config's sections as they are.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import os
+
+import ray
+
+from actors.generator import generator_actor
+from actors.verifier import ScorerFactory, VerifierPool
+from cluster.config import Config, TaskConfig
+from contracts import Problem, Prompt, Sample, SamplingSettings
+from learners.learner import LearnerSettings
+from rewards.scoring import ScorerSpec, build_task_scorer
+from rollout.engines import EngineSettings
+from rollout.prompts import render_prompts
+from rollout.tasks import Curriculum, Task, TaskMixture, build_task
+
+logger = logging.getLogger(__name__)
+
+
+def init_ray(config: Config) -> None:
+    """Join the cluster named by RAY_ADDRESS (``ray job submit`` sets it), else start a local one."""
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(address="auto", log_to_driver=True)
+    else:
+        ray.init(num_cpus=config.run.num_cpus, include_dashboard=False, log_to_driver=True)
+
+
+def generator_env(config: Config) -> dict[str, str]:
+    """Environment for generator actors: the in-process vLLM engine (faster start, less memory),
+    computing on ``generator.threads`` cores (all by default). Ray would otherwise start a
+    fractional-CPU actor with OMP_NUM_THREADS=1, which halves generation on 2 cores."""
+    env = {
+        "OMP_NUM_THREADS": str(config.generator.threads or os.cpu_count() or 1),
+        "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+        "VLLM_CPU_KVCACHE_SPACE": str(config.generator.kv_cache_gib),
+        "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING"),
+    }
+    for name in ("VLLM_CACHE_ROOT", "VLLM_RPC_BASE_PATH", "TORCHINDUCTOR_CACHE_DIR", "TMPDIR", "RAYLIGHT_CACHE"):
+        if name in os.environ:
+            env[name] = os.environ[name]
+    return env
+
+
+def start_generator(config: Config, settings: EngineSettings, rank: int = 0):
+    """A generator actor with the resources and environment ``config`` asks for."""
+    actor = generator_actor(num_cpus=config.generator.num_cpus).options(runtime_env={"env_vars": generator_env(config)})
+    return actor.remote(settings, rank=rank)
+
+
+def engine_settings(config: Config, model_path: str) -> EngineSettings:
+    g = config.generator
+    return EngineSettings(
+        model_path=model_path,
+        kind=g.engine,
+        adapter_mode=g.adapter_mode,
+        dtype=g.dtype,
+        max_lora_rank=config.lora.rank,
+        max_model_len=g.max_model_len,
+        seed=config.run.seed,
+        kv_cache_gib=g.kv_cache_gib,
+        threads=g.threads,
+    )
+
+
+def learner_settings(config: Config, model_path: str) -> LearnerSettings:
+    """A learner's settings: the config's algorithm and lora sections, and what the model,
+    rollout and run sections decide for it."""
+    c = config
+    return LearnerSettings(
+        model_path=model_path,
+        algorithm=c.algorithm,
+        lora=c.lora if c.model.train == "lora" else None,
+        dtype=c.model.dtype,
+        temperature=c.rollout.temperature,
+        total_steps=c.run.steps,
+        seed=c.run.seed,
+        threads=c.learner.threads or max(1, (os.cpu_count() or 1) // c.learner.num_learners),
+    )
+
+
+def scorer_spec(config: Config, task: Task, task_config: TaskConfig) -> ScorerSpec:
+    """How ``task``'s samples are scored: its scorer and options, the run's reward settings
+    (with the task's own weights, if it has them) and the sandbox."""
+    reward = config.reward if task_config.weights is None else dataclasses.replace(config.reward, weights=task_config.weights)
+    return ScorerSpec(task.reward.scorer, reward, config.verifier.sandbox, dict(task.reward.options))
+
+
+def build_tasks(config: Config) -> TaskMixture:
+    """The run's tasks, mixed by weight, with their curricula."""
+    tasks, curricula = [], {}
+    for t in config.tasks:
+        task = build_task(t.name, **t.settings(config.run.seed, config.eval.n))
+        tasks.append(task)
+        if t.curriculum.enabled:
+            c = t.curriculum
+            curricula[task.id] = Curriculum(c.raise_at, c.lower_at, c.window, c.min_difficulty, c.max_difficulty)
+    return TaskMixture(tasks, [t.weight for t in config.tasks], config.run.seed, curricula)
+
+
+def start_verifiers(config: Config, mixture: TaskMixture | None = None, factory: ScorerFactory | None = None) -> VerifierPool:
+    """The verifier pool ``config`` asks for; each actor builds the scorers of ``mixture``'s
+    tasks (or runs ``factory``'s scorer)."""
+    v = config.verifier
+    if factory is None:
+        mixture = mixture or build_tasks(config)
+        specs = {t.id: scorer_spec(config, t, tc) for t, tc in zip(mixture.tasks.values(), config.tasks)}
+        factory = functools.partial(build_task_scorer, specs)
+    return VerifierPool(
+        factory,
+        min_size=v.min_verifiers,
+        max_size=v.max_verifiers,
+        timeout_s=v.timeout_s,
+        max_retries=v.max_retries,
+        num_cpus=v.num_cpus,
+        samples_per_call=v.samples_per_call,
+        samples_per_verifier=v.samples_per_verifier,
+    )
+
+
+def render(tokenizer, tasks: TaskMixture, problems: list[Problem]) -> list[Prompt]:
+    """Chat-template problems with their own task's system prompt, keeping their order."""
+    prompts: list[Prompt | None] = [None] * len(problems)
+    by_task: dict[str, list[int]] = {}
+    for i, problem in enumerate(problems):
+        by_task.setdefault(problem.task, []).append(i)
+    for task_id, indices in by_task.items():
+        system = tasks.tasks[task_id].system_prompt if task_id in tasks.tasks else None
+        for i, prompt in zip(indices, render_prompts(tokenizer, [problems[i] for i in indices], system)):
+            prompts[i] = prompt
+    return prompts  # type: ignore[return-value]
+
+
+def generate(generators: list, prompts: list[Prompt], sampling: SamplingSettings) -> list[Sample]:
+    """Split prompts over the generators (contiguous chunks), keep the prompt order; a seeded
+    call gives each generator its own seed."""
+    n = len(generators)
+    size = -(-len(prompts) // n)
+    chunks = [prompts[i * size : (i + 1) * size] for i in range(n)]
+    seeds = [None if sampling.seed is None else sampling.seed + rank for rank in range(n)]
+    refs = [
+        g.generate.remote(chunk, dataclasses.replace(sampling, seed=seed))
+        for g, chunk, seed in zip(generators, chunks, seeds)
+        if chunk
+    ]
+    return [sample for part in ray.get(refs) for sample in part]
