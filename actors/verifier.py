@@ -20,6 +20,7 @@ from __future__ import annotations
 import collections
 import logging
 import math
+import threading
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -99,6 +100,7 @@ class VerifierPool:
         self._fresh: set[int] = set()  # actors that have not finished a job yet (still starting)
         self._oversized_calls = 0
         self.stats: dict[str, float] = {"verifier/restarts": 0, "verifier/retries": 0, "verifier/infra_errors": 0}
+        self._lock = threading.Lock()  # one scoring call at a time (a rollout thread and an evaluation share the pool)
         self._resize(min_size)
         self._wait_ready(startup_s)
 
@@ -146,6 +148,10 @@ class VerifierPool:
 
     def score_items(self, items: list[tuple[str, Problem]]) -> list[Verdict]:
         """Verdicts for (completion, problem) pairs, in their order."""
+        with self._lock:
+            return self._score_items(items)
+
+    def _score_items(self, items: list[tuple[str, Problem]]) -> list[Verdict]:
         start = time.perf_counter()
         desired = self._desired(len(items))
         if desired > len(self.actors):

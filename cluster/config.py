@@ -92,7 +92,10 @@ class RolloutConfig:
     top_p: float = 1.0
     max_tokens: int = 64
     stop: list[str] = field(default_factory=list)  # stop strings (sampling and evaluation)
-    max_staleness: int = 0  # policy versions a sample may lag the learner; 0 = synchronous
+    # sync: generate, verify, learn, broadcast in turn; async: the generators run up to
+    # max_staleness steps ahead of the learner (README: "Asynchronous mode")
+    mode: Literal["sync", "async"] = "sync"
+    max_staleness: int = 0  # policy versions a trained sample may lag the learner (async: >= 1)
 
 
 @dataclass
@@ -325,6 +328,11 @@ def check_config(config: Config) -> None:
         problems.append("learner.num_gpus > 0: the learner runs on CPU only so far (no device placement, no nccl); set it to 0")
     if config.learner.num_learners < 1:
         problems.append("learner.num_learners must be at least 1")
+    ro = config.rollout
+    if ro.mode == "async" and ro.max_staleness < 1:
+        problems.append("rollout.mode=async needs rollout.max_staleness >= 1 (the steps the generators may run ahead); 0 is rollout.mode=sync")
+    if ro.max_staleness < 0:
+        problems.append("rollout.max_staleness must be >= 0")
     r = config.run
     if r.checkpoint_every < 0 or r.keep_checkpoints < 1:
         problems.append(f"run.checkpoint_every ({r.checkpoint_every}) must be >= 0 and run.keep_checkpoints ({r.keep_checkpoints}) >= 1")

@@ -21,10 +21,10 @@ import functools
 import json
 import logging
 import os
+import threading
 import time
 from dataclasses import dataclass, field
 
-import ray
 import torch
 from tqdm import tqdm
 
@@ -36,12 +36,14 @@ from cluster.evaluate import eval_sampling, evaluate, sample_metrics, task_metri
 from cluster.metrics import MetricsExporter
 from cluster.monitor import Event, Monitor, rules_from_config
 from cluster.rundir import RunDir
-from cluster.wiring import build_tasks, engine_settings, generate, init_ray, learner_settings, render, start_generator, start_verifiers
-from contracts import DEFAULT_ADAPTER, PolicyRef, Problem, Prompt, Sample, SamplingSettings, Verdict
+from cluster.rollouts import RolloutProducer
+from cluster.wiring import build_tasks, init_ray, learner_settings, render, start_generators, start_verifiers
+from contracts import DEFAULT_ADAPTER, PolicyRef, Problem, Prompt, Sample, SamplingSettings
 from learners.batch import build_train_batch
 from learners.learner import REQUIRED_METRICS
 from rollout.engines import write_adapter
 from rollout.models import resolve_model
+from rollout.queue import RolloutQueue
 from rollout.staleness import filter_stale
 
 logger = logging.getLogger(__name__)
@@ -49,10 +51,6 @@ logger = logging.getLogger(__name__)
 
 # a step whose batch is empty (every group filtered) still reports the learner's keys
 EMPTY_LEARN_METRICS = dict.fromkeys(REQUIRED_METRICS, float("nan"))
-
-
-class WeightSyncError(RuntimeError):
-    """A generator did not confirm the new policy version in time; the run stops at once."""
 
 
 @dataclass
@@ -89,7 +87,7 @@ class Trainer:
         init_ray(c)
         lc = c.learner
         self.learners = LearnerGroup(learner_settings(c, self.model_path), lc.num_learners, lc.num_cpus, lc.num_gpus)
-        self.generators = [start_generator(c, engine_settings(c, self.model_path), rank=i) for i in range(c.generator.num_generators)]
+        self.generators = start_generators(c, self.model_path)
         self.verifiers = start_verifiers(c, self.tasks, (lambda: scorer) if scorer else None)
         self.monitor = Monitor(rules_from_config(c.monitor.rules)) if c.monitor.enabled else None
         self.checkpoints = CheckpointStore(run_dir.checkpoints, c.run.keep_checkpoints)
@@ -101,6 +99,16 @@ class Trainer:
         self.rollbacks = 0
         self.first_eval: dict = {}
         self.last_eval: dict = {}
+        # rollouts: produced by a thread that runs up to `run_ahead` steps ahead (0 in sync mode)
+        self.run_ahead = c.rollout.max_staleness if c.rollout.mode == "async" else 0
+        self.last_step = c.run.steps
+        self.rollouts: RolloutQueue | None = None
+        self._next_learn_step = 0
+        self.producer: RolloutProducer | None = None
+        self.positions: dict[int, dict] = {}  # step -> data position before its prompts were drawn
+        self._data_lock = threading.Lock()
+        self.timeline: list[tuple[str, int, float, float]] = []  # (phase, step, start, end), wall clock
+        self._last_step_end = time.time()
         self.broadcast()
 
     @classmethod
@@ -128,70 +136,118 @@ class Trainer:
     def render(self, problems: list[Problem]) -> list[Prompt]:
         return render(self.tokenizer, self.tasks, problems)
 
-    def next_prompts(self) -> list[Prompt]:
-        return self.render(self.tasks.sample(self.config.rollout.prompts_per_step))
+    def draw(self, step: int) -> tuple[list[Prompt], dict]:
+        """Step ``step``'s prompts, and the data position before they were drawn (the rollout
+        producer calls this, in step order)."""
+        with self._data_lock:
+            position = self.positions[step] = self.tasks.state()
+            return self.render(self.tasks.sample(self.config.rollout.prompts_per_step)), position
 
     def sampling_seed(self, step: int) -> int:
         """The sampler's seed for ``step``: the same in every run of this seed, resumed or not."""
         return (self.config.run.seed * 1_000_003 + step) % 2**31 * 1024
 
-    def generate(self, prompts: list[Prompt], sampling: SamplingSettings) -> list[Sample]:
-        return generate(self.generators, prompts, sampling)
+    def step_sampling(self, step: int) -> SamplingSettings:
+        return dataclasses.replace(self.sampling, seed=self.sampling_seed(step))
 
-    def verify(self, samples: list[Sample]) -> list[Verdict]:
-        return self.verifiers.score(samples)
+    def generate(self, prompts: list[Prompt], sampling: SamplingSettings) -> list[Sample]:
+        return self.generators.generate(prompts, sampling)
 
     def broadcast(self) -> None:
-        """Send the learner's weights through the object store to every generator; fail fast."""
-        update = self.learners.weight_update_ref()
-        refs = [g.load_weights.remote(update) for g in self.generators]
-        ready, not_ready = ray.wait(refs, num_returns=len(refs), timeout=self.config.run.broadcast_timeout_s)
-        if not_ready:
-            raise WeightSyncError(
-                f"{len(not_ready)} of {len(refs)} generators did not load policy {self.policy} "
-                f"within run.broadcast_timeout_s={self.config.run.broadcast_timeout_s}s"
-            )
-        served = ray.get(ready)
-        if set(served) != {self.policy}:
-            raise WeightSyncError(f"generators report policies {[str(p) for p in served]}, the learner is at {self.policy}")
+        """Send the learner's weights through the object store to every generator and wait
+        for each to confirm them; fail fast (``WeightSyncError``)."""
+        self.generators.broadcast(self.learners.weight_update_ref(), self.policy)
+
+    def publish(self) -> None:
+        """The new weights to the generators: in sync mode a broadcast that waits; in async
+        mode a push behind the work each generator holds (confirmed by the next push)."""
+        if self.run_ahead:
+            self.generators.push(self.learners.weight_update_ref(), self.policy)
+        else:
+            self.broadcast()
+
+    def start_rollouts(self, first_step: int) -> None:
+        """The rollout queue and its producer thread, from ``first_step`` to ``last_step``."""
+        self.stop_rollouts()
+        self.rollouts = RolloutQueue(self.run_ahead, next_step=first_step)
+        self.producer = RolloutProducer(
+            self.rollouts, self.generators, self.verifiers, self.draw, self.step_sampling, first_step, self.last_step
+        )
+        self.producer.start()
+
+    def stop_rollouts(self) -> None:
+        if self.producer is not None:
+            self.rollouts.close()
+            self.producer.stop()
+            self.producer = None
+        self.positions.clear()
+
+    def next_rollout(self, step: int):
+        """Step ``step``'s verified samples. Everything before ``step`` is done (its
+        evaluation, monitor and checkpoint too), so the producer may run ``run_ahead`` steps
+        past it; a step out of the producer's order (a first step, a resumed run) restarts it."""
+        if self.producer is None or step != self._next_learn_step or self.producer.last_step < self.last_step:
+            self.last_step = max(self.last_step, step)
+            self.start_rollouts(step)
+        self._next_learn_step = step + 1
+        self.rollouts.release(step - 1)
+        return self.rollouts.get(step)
 
     # -- the step -------------------------------------------------------------------------
 
     def step(self, step: int) -> dict:
         timer = PhaseTimer()
         with timer("step"):
-            prompts = self.next_prompts()
-            with timer("generate"):
-                samples = self.generate(prompts, dataclasses.replace(self.sampling, seed=self.sampling_seed(step)))
-            samples, stale_metrics = filter_stale(samples, self.policy, self.config.rollout.max_staleness)
-            with timer("verify"):
-                verdicts = self.verify(samples)
+            with timer("wait"):
+                rollout = self.next_rollout(step)
+            samples, verdicts, stale_metrics = filter_stale(rollout.samples, rollout.verdicts, self.policy, self.config.rollout.max_staleness)
             with timer("advantages"):
                 batch, advantages, batch_metrics = build_train_batch(
                     samples, verdicts, self.config.algorithm.advantage, self.config.algorithm.drop_zero_variance_groups
                 )
+            learn_start = time.time()
             with timer("learn"):
                 learn_metrics = self.learners.step(batch) if len(batch) else EMPTY_LEARN_METRICS
+            self.timeline.append(("learn", step, learn_start, time.time()))
             self.policy = self.learners.policy_version()
             with timer("weight_sync"):
-                self.broadcast()
+                self.publish()
             if self.config.run.save_rollouts:
                 self.run_dir.write_rollouts(step, samples, verdicts, advantages)
+        self.positions.pop(step, None)
         tokens = sum(len(s.completion.token_ids) for s in samples)
+        timer.seconds |= {"perf/generate_seconds": rollout.generate_seconds, "perf/verify_seconds": rollout.verify_seconds}
         by_task = task_metrics(samples, verdicts, "train")
         accuracy = {task: by_task[f"train/{task}/accuracy"] for task in self.tasks.tasks if f"train/{task}/accuracy" in by_task}
+        with self._data_lock:
+            difficulties = self.tasks.update_curricula(accuracy)
         return {
             "step": step,
             "policy_version": self.policy.version,
             **sample_metrics(samples, verdicts, prefix="train"),
             **(by_task if len(self.tasks.tasks) > 1 else {}),
-            **self.tasks.update_curricula(accuracy),
+            **difficulties,
             **learn_metrics,
             **batch_metrics,
             **stale_metrics,
             **timer.seconds,
             "perf/generated_tokens_per_second": tokens / max(1e-9, timer.seconds["perf/generate_seconds"]),
+            **self.overlap_metrics(timer.seconds["perf/learn_seconds"]),
             **{k: float(v) for k, v in self.verifiers.stats.items()},
+        }
+
+    def overlap_metrics(self, learn_seconds: float) -> dict[str, float]:
+        """Since the previous step ended: the share of the generators' time spent generating,
+        the share of the learner's time spent learning, and the rollout steps waiting."""
+        now, since = time.time(), self._last_step_end
+        self._last_step_end = now
+        elapsed = max(1e-9, now - since)
+        busy = self.generators.busy_seconds(since, now) / (elapsed * len(self.generators))
+        return {
+            "perf/generator_busy_fraction": busy,
+            "perf/learner_busy_fraction": learn_seconds / elapsed,
+            "perf/learner_idle_fraction": 1.0 - learn_seconds / elapsed,
+            "rollout/queue_depth": float(self.rollouts.depth()),
         }
 
     def evaluate(self) -> dict:
@@ -203,6 +259,7 @@ class Trainer:
         """Run to step ``steps`` (from step 1, or after a restored checkpoint's step), with
         held-out evaluation at the start, every ``eval.every`` and at the end, a checkpoint
         every ``run.checkpoint_every`` steps and at the end."""
+        self.last_step = steps
         self.open_run()
         if self.step_done == 0:
             self.evaluate_at_start()
@@ -264,6 +321,7 @@ class Trainer:
 
     def close_run(self) -> None:
         """The last checkpoint (every last step is evaluated) and the trained policy."""
+        self.stop_rollouts()
         if self.step_done > self.saved_step:
             self.save_checkpoint(self.step_done, True)
         self.save_final()
@@ -287,6 +345,12 @@ class Trainer:
 
     # -- checkpoints ----------------------------------------------------------------------
 
+    def data_position(self, step: int) -> dict:
+        """Where the data stream continues after ``step``: before the first prompts not yet
+        trained on (those the producer drew ahead are drawn again after a resume)."""
+        with self._data_lock:
+            return self.positions.get(step + 1) or self.tasks.state()
+
     def save_checkpoint(self, step: int, evaluated: bool) -> Checkpoint:
         """Everything needed to continue after ``step`` exactly (see cluster.checkpoint)."""
         states = self.learners.state_dicts()
@@ -300,7 +364,7 @@ class Trainer:
             "policy_version": self.policy.version,
             "lr_scale": self.lr_scale,
             "rollbacks": self.rollbacks,
-            "data": self.tasks.state(),
+            "data": self.data_position(step),
             "monitor": self.monitor.state() if self.monitor else None,
             "verifier": {k: v for k, v in self.verifiers.stats.items() if k in ("verifier/restarts", "verifier/retries", "verifier/infra_errors")},
             "first_eval": self.first_eval,
@@ -368,9 +432,9 @@ class Trainer:
             self.learners.save(self.run_dir.final_adapter)
 
     def shutdown(self) -> None:
+        self.stop_rollouts()
         self.learners.kill()
-        for handle in self.generators:
-            ray.kill(handle)
+        self.generators.kill()
         self.verifiers.kill()
 
 

@@ -14,9 +14,10 @@ from pathlib import Path
 
 import ray
 
+from actors.generator import GeneratorPool
 from actors.verifier import VerifierPool
 from cluster.config import Config
-from cluster.wiring import build_tasks, engine_settings, generate, init_ray, render, start_generator, start_verifiers
+from cluster.wiring import build_tasks, engine_settings, init_ray, render, start_generator, start_verifiers
 from contracts import Prompt, Sample, SamplingSettings, Verdict
 from rollout.engines import read_adapter
 from rollout.models import resolve_model
@@ -54,7 +55,7 @@ def evaluate_policy(config: Config, adapter: str, split: Split = "validation") -
     try:
         ray.get(generator.load_weights.remote(update) if update else generator.serve_base.remote())
         logger.info("evaluating %s on the %s split of %s", adapter_folder or model_path, split, ", ".join(prompts))
-        return evaluate([generator], verifiers, prompts, eval_sampling(config))
+        return evaluate(GeneratorPool([generator]), verifiers, prompts, eval_sampling(config))
     finally:
         ray.kill(generator)
         verifiers.kill()
@@ -79,11 +80,11 @@ def eval_sampling(config: Config) -> SamplingSettings:
     return SamplingSettings(n=1, temperature=0.0, top_p=1.0, max_tokens=config.eval.max_tokens, stop=tuple(r.stop))
 
 
-def evaluate(generators: list, verifiers: VerifierPool, prompts_by_task: dict[str, list[Prompt]], sampling: SamplingSettings) -> dict:
+def evaluate(generators: GeneratorPool, verifiers: VerifierPool, prompts_by_task: dict[str, list[Prompt]], sampling: SamplingSettings) -> dict:
     """Held-out metrics: accuracy, reward and each reward component (the numeric extraction
     methods, the code metrics), completion length; over all tasks and per task when several."""
     prompts = [prompt for task_prompts in prompts_by_task.values() for prompt in task_prompts]
-    samples = generate(generators, prompts, sampling)
+    samples = generators.generate(prompts, sampling)
     verdicts = verifiers.score(samples)
     metrics = sample_metrics(samples, verdicts, prefix="eval")
     per_task = task_metrics(samples, verdicts, "eval") if len(prompts_by_task) > 1 else {}

@@ -13,10 +13,10 @@ import os
 
 import ray
 
-from actors.generator import generator_actor
+from actors.generator import GeneratorPool, generator_actor
 from actors.verifier import ScorerFactory, VerifierPool
 from cluster.config import Config, TaskConfig
-from contracts import Problem, Prompt, Sample, SamplingSettings
+from contracts import Problem, Prompt
 from learners.learner import LearnerSettings
 from rewards.scoring import ScorerSpec, build_task_scorer
 from rollout.engines import EngineSettings
@@ -24,6 +24,9 @@ from rollout.prompts import render_prompts
 from rollout.tasks import Curriculum, Task, TaskMixture, build_task
 
 logger = logging.getLogger(__name__)
+
+# truncated importance sampling cap used in async mode when algorithm.tis_cap is not set
+ASYNC_TIS_CAP = 2.0
 
 
 def init_ray(config: Config) -> None:
@@ -58,6 +61,13 @@ def start_generator(config: Config, settings: EngineSettings, rank: int = 0):
     return actor.remote(settings, rank=rank)
 
 
+def start_generators(config: Config, model_path: str) -> GeneratorPool:
+    """The run's ``generator.num_generators`` actors as one pool."""
+    settings = engine_settings(config, model_path)
+    handles = [start_generator(config, settings, rank=i) for i in range(config.generator.num_generators)]
+    return GeneratorPool(handles, config.run.broadcast_timeout_s)
+
+
 def engine_settings(config: Config, model_path: str) -> EngineSettings:
     g = config.generator
     return EngineSettings(
@@ -77,9 +87,13 @@ def learner_settings(config: Config, model_path: str) -> LearnerSettings:
     """A learner's settings: the config's algorithm and lora sections, and what the model,
     rollout and run sections decide for it."""
     c = config
+    algorithm = c.algorithm
+    if c.rollout.mode == "async" and algorithm.tis_cap is None:
+        # off-policy samples: correct them by default (README: "Asynchronous mode")
+        algorithm = dataclasses.replace(algorithm, tis_cap=ASYNC_TIS_CAP)
     return LearnerSettings(
         model_path=model_path,
-        algorithm=c.algorithm,
+        algorithm=algorithm,
         lora=c.lora if c.model.train == "lora" else None,
         dtype=c.model.dtype,
         temperature=c.rollout.temperature,
@@ -139,18 +153,3 @@ def render(tokenizer, tasks: TaskMixture, problems: list[Problem]) -> list[Promp
         for i, prompt in zip(indices, render_prompts(tokenizer, [problems[i] for i in indices], system)):
             prompts[i] = prompt
     return prompts  # type: ignore[return-value]
-
-
-def generate(generators: list, prompts: list[Prompt], sampling: SamplingSettings) -> list[Sample]:
-    """Split prompts over the generators (contiguous chunks), keep the prompt order; a seeded
-    call gives each generator its own seed."""
-    n = len(generators)
-    size = -(-len(prompts) // n)
-    chunks = [prompts[i * size : (i + 1) * size] for i in range(n)]
-    seeds = [None if sampling.seed is None else sampling.seed + rank for rank in range(n)]
-    refs = [
-        g.generate.remote(chunk, dataclasses.replace(sampling, seed=seed))
-        for g, chunk, seed in zip(generators, chunks, seeds)
-        if chunk
-    ]
-    return [sample for part in ray.get(refs) for sample in part]

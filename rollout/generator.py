@@ -6,6 +6,7 @@ A plain object; ``actors.generator`` wraps it as the Ray generator actor.
 from __future__ import annotations
 
 import logging
+import time
 
 from contracts import PolicyRef, Prompt, Sample, SamplingSettings, WeightUpdate
 from rollout.engines import EngineSettings, build_engine
@@ -35,17 +36,27 @@ class Generator:
         self.policy = BASE_POLICY
         return self.policy
 
-    def generate(self, prompts: list[Prompt], sampling: SamplingSettings) -> list[Sample]:
-        """``sampling.n`` samples per prompt, each group contiguous, tagged with the live policy."""
+    def generate(self, prompts: list[Prompt], sampling: SamplingSettings, adapter: str | None = None) -> list[Sample]:
+        """``sampling.n`` samples per prompt, each group contiguous, tagged with the live policy
+        (which must be of ``adapter``, when one is named)."""
         if self.policy is None:
             raise RuntimeError(f"generator {self.rank} has no policy loaded yet")
         policy = self.policy
+        if adapter is not None and policy.adapter != adapter:
+            raise ValueError(f"generator {self.rank} serves {policy}, not adapter {adapter!r}")
         outputs = self.engine.generate([p.token_ids for p in prompts], sampling)
         return [
             Sample(prompt=prompt, completion=completion, policy=policy, group_index=i)
             for prompt, completions in zip(prompts, outputs)
             for i, completion in enumerate(completions)
         ]
+
+    def timed_generate(self, prompts: list[Prompt], sampling: SamplingSettings, adapter: str | None = None) -> tuple[list[Sample], float, float]:
+        """``generate``, with the wall-clock times (``time.time()``) the engine started and
+        finished: what the pool's busy fraction and the overlap checks are measured from."""
+        started = time.time()
+        samples = self.generate(prompts, sampling, adapter)
+        return samples, started, time.time()
 
     def ping(self) -> PolicyRef | None:
         return self.policy

@@ -1,25 +1,32 @@
 """Policy-version bookkeeping between generators and the learner.
 
-Every sample records the policy that produced it. In synchronous mode
-(``max_staleness == 0``) every sample is on-policy; an asynchronous mode lets generators run
-ahead by up to ``max_staleness`` versions and drops anything older.
+Every sample records the policy that produced it. In synchronous mode every sample is
+on-policy (lag 0); in asynchronous mode the generators run ahead by up to ``max_staleness``
+versions, and anything older (possible after a rollback, which serves old weights as a new
+version) is dropped and counted, never trained on.
 """
 
 from __future__ import annotations
 
-from contracts import PolicyRef, Sample
+import collections
+
+from contracts import PolicyRef, Sample, Verdict
 
 
-def filter_stale(samples: list[Sample], learner: PolicyRef, max_staleness: int) -> tuple[list[Sample], dict[str, float]]:
-    """Keep samples at most ``max_staleness`` versions behind the learner; report staleness."""
+def filter_stale(
+    samples: list[Sample], verdicts: list[Verdict], learner: PolicyRef, max_staleness: int
+) -> tuple[list[Sample], list[Verdict], dict[str, float]]:
+    """Keep samples (and their verdicts) at most ``max_staleness`` versions behind the
+    learner; report the lags: mean, max, dropped, and a histogram ``train/staleness/<lag>``."""
     foreign = [s.policy for s in samples if s.policy.adapter != learner.adapter]
     if foreign:
         raise ValueError(f"samples of {foreign[0]} cannot train {learner}: they belong to another adapter")
     lags = [learner.version - s.policy.version for s in samples]
-    kept = [s for s, lag in zip(samples, lags) if lag <= max_staleness]
+    kept = [i for i, lag in enumerate(lags) if lag <= max_staleness]
     metrics = {
         "train/staleness_mean": sum(lags) / max(1, len(lags)),
         "train/staleness_max": float(max(lags, default=0)),
         "train/stale_dropped": float(len(samples) - len(kept)),
+        **{f"train/staleness/{lag}": float(n) for lag, n in sorted(collections.Counter(lags).items())},
     }
-    return kept, metrics
+    return [samples[i] for i in kept], [verdicts[i] for i in kept], metrics

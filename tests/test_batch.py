@@ -52,12 +52,13 @@ def test_infra_errors_are_masked_not_scored_zero():
 
 
 def test_filter_stale():
-    old, _ = make_samples([[1, 0]], version=3)
-    new, _ = make_samples([[1, 0]], version=5)
-    kept, metrics = filter_stale(old + new, PolicyRef(version=5), max_staleness=1)
-    assert kept == new
+    old, old_verdicts = make_samples([[1, 0]], version=3)
+    new, new_verdicts = make_samples([[0, 1]], version=5)
+    kept, verdicts, metrics = filter_stale(old + new, old_verdicts + new_verdicts, PolicyRef(version=5), max_staleness=1)
+    assert kept == new and verdicts == new_verdicts
     assert metrics["train/stale_dropped"] == 2.0 and metrics["train/staleness_max"] == 2.0
-    kept, metrics = filter_stale(new, PolicyRef(version=5), max_staleness=0)
+    assert (metrics["train/staleness/0"], metrics["train/staleness/2"]) == (2.0, 2.0) and "train/staleness/1" not in metrics
+    kept, _, metrics = filter_stale(new, new_verdicts, PolicyRef(version=5), max_staleness=0)
     assert kept == new and metrics["train/staleness_mean"] == 0.0
     with pytest.raises(ValueError, match="another adapter"):
-        filter_stale(new, PolicyRef("other", 5), max_staleness=0)
+        filter_stale(new, new_verdicts, PolicyRef("other", 5), max_staleness=0)
