@@ -17,7 +17,8 @@ import ray
 import torch
 
 from contracts import PolicyRef, TrainBatch, WeightUpdate
-from learners.learner import Learner, LearnerSettings
+from learners.learner import Learner
+from learners.settings import LearnerSettings
 from learners.objectives import ObjectiveName
 
 logger = logging.getLogger(__name__)

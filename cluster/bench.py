@@ -19,6 +19,7 @@ import logging
 import random
 import subprocess
 import time
+from pathlib import Path
 
 import ray
 
@@ -58,12 +59,20 @@ def bench_generation(model: str, n_prompts: int, n: int, max_tokens: int, dtype:
     ray.kill(generator)
     logger.info("generator actor: %d tokens in %.1f s", actor_tokens, actor_seconds)
 
+    # the same engine in this process, as a user of vLLM would run it: the actor's baseline
+    raw = Generator(EngineSettings(model_path=path, dtype=dtype))
+    raw.load_weights(update)
+    raw.generate(prompts[:2], sampling)  # warm-up
+    raw_seconds, raw_tokens = _timed(raw.generate, prompts, sampling)
+    del raw
+    logger.info("in-process engine: %d tokens in %.1f s", raw_tokens, raw_seconds)
+
     hf = Generator(EngineSettings(model_path=path, kind="hf", dtype=dtype))  # same plain object, HF inside
     hf.load_weights(update)
     hf.generate(prompts[:2], SamplingSettings(n=2, max_tokens=4))  # warm-up
     hf_seconds, hf_tokens = _timed(hf.generate, prompts, sampling)
     logger.info("HF generate: %d tokens in %.1f s", hf_tokens, hf_seconds)
-    actor_tps, hf_tps = actor_tokens / actor_seconds, hf_tokens / hf_seconds
+    actor_tps, hf_tps, raw_tps = actor_tokens / actor_seconds, hf_tokens / hf_seconds, raw_tokens / raw_seconds
     return {
         "benchmark": "generation",
         "model": model,
@@ -73,6 +82,8 @@ def bench_generation(model: str, n_prompts: int, n: int, max_tokens: int, dtype:
         "dtype": dtype,
         "generator_actor_tokens_per_second": round(actor_tps, 1),
         "hf_generate_tokens_per_second": round(hf_tps, 1),
+        "in_process_engine_tokens_per_second": round(raw_tps, 1),
+        "actor_over_in_process_ratio": round(actor_tps / raw_tps, 3),
         "throughput_ratio": round(actor_tps / hf_tps, 2),
     }
 
@@ -110,7 +121,8 @@ def bench_learner(
     model: str, rows: int, prompt_tokens: int, completion_tokens: int, steps: int, variants: list[str] | None = None
 ) -> dict:
     from cluster.config import ConfigError
-    from learners.learner import AlgorithmSettings, Learner, LearnerSettings
+    from learners.learner import Learner
+    from learners.settings import AlgorithmSettings, LearnerSettings
 
     variants = variants or list(LEARNER_VARIANTS)
     unknown = sorted(set(variants) - set(LEARNER_VARIANTS))
@@ -203,4 +215,72 @@ def bench_verifier(n_programs: int = 164, slots: int = 2) -> dict:
         "plain_subprocess_executions_per_second": round(len(sources) / plain_s, 1),
         "throughput_ratio": round(plain_s / sandbox_s, 2),  # sandboxed / plain executions per second
         "ok": {"sandbox": sandbox_ok, "plain": plain_ok},
+    }
+
+
+# the modes `bench async` runs, in order: (name, config overrides)
+ASYNC_MODES = (
+    ("sync", ("rollout.mode=sync", "rollout.max_staleness=0")),
+    ("async_k1", ("rollout.mode=async", "rollout.max_staleness=1")),
+    ("async_k2", ("rollout.mode=async", "rollout.max_staleness=2")),
+)
+
+
+def _median(values: list[float]) -> float:
+    ordered = sorted(values)
+    return ordered[len(ordered) // 2] if ordered else float("nan")
+
+
+def bench_async(config_path: str, steps: int, overrides: list[str], threads: int = 1) -> dict:
+    """The same config for ``steps`` learner steps in sync mode and in async mode with k = 1
+    and k = 2, one after the other in this process, generators and learner on ``threads``
+    cores each in every mode. Steps per second are timed over steps 2.. (start-up, the first
+    step's warm-up and evaluations excluded); ``limit_ratio`` is the best overlap the sync run's own phase
+    times allow: (generate + verify + learn + sync) / max(generate + verify, learn + sync)."""
+    import tempfile
+
+    from cluster.config import load_config
+    from cluster.driver import Trainer
+    from cluster.rundir import RunDir
+
+    results: dict[str, dict] = {}
+    for name, mode in ASYNC_MODES:
+        run_dir = Path(tempfile.mkdtemp(prefix=f"raylight-bench-{name}-"))
+        fixed = [f"generator.threads={threads}", f"learner.threads={threads}", "eval.at_start=false", "run.checkpoint_every=0", "run.metrics_export=false"]
+        config = load_config(config_path, [*overrides, *fixed, *mode, f"run.steps={steps}", f"run.run_dir={run_dir}"])
+        trainer = Trainer(config, RunDir(run_dir))
+        try:
+            trainer.train(steps)
+        finally:
+            trainer.shutdown()
+        # the first step is left out in every mode: it warms the engines up (and fills the pipeline)
+        rows = [r for r in RunDir(run_dir).read_metrics() if r.get("step", 0) > 1]
+        seconds = sum(r["perf/step_seconds"] for r in rows)
+        phase = {p: _median([r[f"perf/{p}_seconds"] for r in rows]) for p in ("generate", "verify", "learn", "weight_sync")}
+        results[name] = {
+            "steps_per_second": len(rows) / seconds,
+            "phases": phase,
+            "generator_busy_fraction": sum(r["perf/generator_busy_fraction"] for r in rows) / len(rows),
+            "learner_busy_fraction": sum(r["perf/learner_busy_fraction"] for r in rows) / len(rows),
+            "train_reward_mean": sum(r["train/reward_mean"] for r in rows) / len(rows),
+            "staleness_mean": sum(r["train/staleness_mean"] for r in rows) / len(rows),
+        }
+        logger.info("bench async %s: %.3f steps/s, phases %s", name, results[name]["steps_per_second"], phase)
+    p = results["sync"]["phases"]
+    limit = (p["generate"] + p["verify"] + p["learn"] + p["weight_sync"]) / max(p["generate"] + p["verify"], p["learn"] + p["weight_sync"])
+    best = max(("async_k1", "async_k2"), key=lambda n: results[n]["steps_per_second"])
+    ratio = results[best]["steps_per_second"] / results["sync"]["steps_per_second"]
+    return {
+        "benchmark": "async",
+        "config": config_path,
+        "steps": steps,
+        "threads": threads,
+        **{f"{n}_{k}": round(v, 4) for n, r in results.items() for k, v in r.items() if k != "phases"},
+        **{f"sync_{k}_seconds": round(v, 3) for k, v in p.items()},
+        "async_over_sync_ratio": round(ratio, 3),
+        "async_k1_over_sync_ratio": round(results["async_k1"]["steps_per_second"] / results["sync"]["steps_per_second"], 3),
+        "limit_ratio": round(limit, 3),
+        "ratio_of_limit": round(ratio / limit, 3),
+        "generator_busy_fraction": round(results[best]["generator_busy_fraction"], 3),
+        "learner_busy_fraction": round(results[best]["learner_busy_fraction"], 3),
     }

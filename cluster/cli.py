@@ -104,9 +104,11 @@ def _data(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from cluster.bench import bench_generation, bench_learner, bench_verifier
+    from cluster.bench import bench_async, bench_generation, bench_learner, bench_verifier
 
-    if args.bench == "learner":
+    if args.bench == "async":
+        result = bench_async(args.config, args.steps, args.overrides, args.threads)
+    elif args.bench == "learner":
         result = bench_learner(args.model, args.rows, args.prompt_tokens, args.completion_tokens, args.steps, args.variants)
     elif args.bench == "verifier":
         result = bench_verifier(args.programs, args.slots)
@@ -215,6 +217,13 @@ def build_parser() -> argparse.ArgumentParser:
     ver.add_argument("--programs", type=int, default=164, help="HumanEval test programs to run each way")
     ver.add_argument("--slots", type=int, default=2, help="programs run at once")
     ver.set_defaults(func=_bench)
+
+    asy = which.add_parser("async", help="the same config in sync mode and in async mode (k=1, k=2), steps per second")
+    asy.add_argument("--config", default="configs/demo.yaml", help="YAML config (default: the demo)")
+    asy.add_argument("--steps", type=int, default=8, help="learner steps per mode")
+    asy.add_argument("--threads", type=int, default=1, help="cores for the generators and for the learner, in every mode")
+    asy.add_argument("overrides", nargs="*", help="dotted.key=value config overrides")
+    asy.set_defaults(func=_bench)
 
     prep = commands.add_parser("prepare-model", help="convert/cache a model folder and print its path")
     prep.add_argument("model", nargs="?", default="smollm2", help="'smollm2' or 'tiny'")

@@ -1,7 +1,7 @@
 """The run config: typed dataclasses loaded from YAML plus ``dotted.key=value`` overrides.
 
 One config tree: a component's own frozen settings class is its section (``algorithm`` is
-``learners.learner.AlgorithmSettings``, ``lora`` is ``learners.policy.LoraSettings``, ``reward``
+``learners.settings.AlgorithmSettings``, ``lora`` is ``learners.policy.LoraSettings``, ``reward``
 and ``verifier.sandbox`` are ``rewards.scoring``'s), so every knob has one class and one default. An unknown key or a value of the wrong type is a
 ``ConfigError`` naming the dotted key (and the closest known key, for typos).
 """
@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 import yaml
 
-from learners.learner import AlgorithmSettings
+from learners.settings import AlgorithmSettings
 from learners.policy import LoraSettings
 from rewards.scoring import RewardSettings, SandboxSettings
 from rollout.tasks import TASK_NAMES

@@ -17,7 +17,7 @@ from actors.generator import GeneratorPool, generator_actor
 from actors.verifier import ScorerFactory, VerifierPool
 from cluster.config import Config, TaskConfig
 from contracts import Problem, Prompt
-from learners.learner import LearnerSettings
+from learners.settings import LearnerSettings
 from rewards.scoring import ScorerSpec, build_task_scorer
 from rollout.engines import EngineSettings
 from rollout.prompts import render_prompts

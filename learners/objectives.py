@@ -16,7 +16,7 @@ gradients) and the loss of each micro-batch (``loss``), and keeps its own state 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, Literal, Protocol
+from typing import Callable, Iterator, Literal, Protocol
 
 import torch
 
@@ -37,10 +37,8 @@ from learners.algorithms import (
     truncated_is_weights,
     value_loss,
 )
-from learners.policy import pack
-
-if TYPE_CHECKING:
-    from learners.learner import AlgorithmSettings, Learner
+from learners.policy import PackedBatch, Policy, pack
+from learners.settings import AlgorithmSettings
 
 ObjectiveName = Literal["ppo", "sft"]
 
@@ -66,6 +64,19 @@ class Prepared:
     returns: torch.Tensor | None = None
     norm_constant: float = 1.0
     metrics: dict[str, float] = field(default_factory=dict)
+
+
+class Learner(Protocol):
+    """What an objective uses of the learner running it (``learners.learner.Learner``)."""
+
+    policy: Policy
+    world_size: int
+
+    def all_reduce(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor: ...
+
+    def reduce_metrics(self, metrics: dict[str, float]) -> dict[str, float]: ...
+
+    def packed_micro_batches(self, batch: TrainBatch) -> Iterator[tuple[list[int], PackedBatch]]: ...
 
 
 class Objective(Protocol):

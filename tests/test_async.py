@@ -25,6 +25,7 @@ from cluster.config import load_config
 from cluster.driver import Trainer
 from cluster.rundir import RunDir
 from contracts import Verdict
+from helpers import kill_driver_after
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
@@ -87,3 +88,41 @@ def test_async_generators_overlap_the_learner_and_stale_samples_are_corrected(ra
         assert all(0 <= r["perf/generator_busy_fraction"] <= 1.0 + 1e-6 for r in steps)
     finally:
         trainer.shutdown()
+
+
+def prompts_by_step(run_dir: Path) -> dict[int, list[str]]:
+    """The prompt uids each step trained on, from the run's rollout files."""
+    import pyarrow.parquet as pq
+
+    return {int(p.stem.split("_")[1]): pq.read_table(p).column("prompt_uid").to_pylist() for p in sorted((run_dir / "rollouts").glob("step_*.parquet"))}
+
+
+def test_async_run_killed_mid_step_resumes_without_losing_or_repeating_a_prompt(ray_cluster, tiny_model_path, tmp_path):
+    """An async run (k = 1) is SIGKILLed after its second checkpoint, while the producer holds
+    prompts drawn ahead; resumed, every step trains on exactly the prompts of the uninterrupted
+    run: the checkpoint keeps the data position of the first prompt not yet trained on, and the
+    prompts drawn ahead are drawn again."""
+    steps = 4
+    common = [f"model.path={tiny_model_path}", "rollout.mode=async", "rollout.max_staleness=1", "run.checkpoint_every=1",
+              f"run.steps={steps}", "eval.n=4", "rollout.prompts_per_step=3"]  # fmt: skip
+    reference_dir = tmp_path / "uninterrupted"
+    config = load_config(ROOT / "configs" / "tiny.yaml", [*common, f"run.run_dir={reference_dir}"])
+    trainer = Trainer(config, RunDir(reference_dir), scorer=spread_reward)
+    try:
+        trainer.train(steps)
+    finally:
+        trainer.shutdown()
+    reference = prompts_by_step(reference_dir)
+    assert sorted(reference) == [1, 2, 3, 4] and all(len(uids) == 3 * 4 for uids in reference.values())
+
+    run_dir = tmp_path / "killed"
+    marker = run_dir / "checkpoints" / "step_000002" / "COMPLETE.json"
+    kill_driver_after(marker, ROOT / "configs" / "tiny.yaml", [*common, f"run.run_dir={run_dir}"], "test_async")
+    assert not (run_dir / "final_adapter").exists()  # it really died mid-run
+    resumed = Trainer.resume(run_dir, scorer=spread_reward)
+    try:
+        assert resumed.step_done in (2, 3)
+        resumed.train(steps)
+    finally:
+        resumed.shutdown()
+    assert prompts_by_step(run_dir) == reference

@@ -97,7 +97,7 @@ def test_sections_are_the_components_own_settings():
     """One config tree: the algorithm and LoRA sections are the learner's own classes (one
     default per knob), and the driver hands them over as they are."""
     from cluster.wiring import learner_settings
-    from learners.learner import AlgorithmSettings
+    from learners.settings import AlgorithmSettings
     from learners.policy import LoraSettings
 
     config = load_config(None, ["algorithm.lr=0.5", "algorithm.betas=[0.8, 0.9]", "lora.rank=4", "run.steps=7"])

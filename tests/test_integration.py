@@ -55,7 +55,7 @@ def trained(ray_cluster, tiny_model_path, tmp_path_factory):
     greedy = SamplingSettings(n=1, temperature=0.0, max_tokens=8)
     probe = trainer.eval_prompts["arithmetic"][:4]
     before = {
-        "version": ray.get(trainer.generators[0].ping.remote()),
+        "version": ray.get(trainer.generators.handles[0].ping.remote()),
         "samples": trainer.generate(probe, greedy),
         "adapter": trainer.learners.weight_update().tensors,
         "digest": trainer.learners.parameter_digest(),
@@ -69,7 +69,7 @@ def test_policy_version_advanced_on_generators(trained):
     trainer, _, summary, before, _, _ = trained
     assert before["version"] == PolicyRef(DEFAULT_ADAPTER, 0)
     assert summary["policy_version"] == STEPS
-    assert ray.get([g.ping.remote() for g in trainer.generators]) == [PolicyRef(DEFAULT_ADAPTER, STEPS)]
+    assert ray.get([g.ping.remote() for g in trainer.generators.handles]) == [PolicyRef(DEFAULT_ADAPTER, STEPS)]
 
 
 def test_generators_serve_the_new_weights(trained):

@@ -10,10 +10,6 @@ run, scraped from the cluster's Prometheus endpoint, and a rollback rule in a re
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -25,6 +21,7 @@ from cluster.cli import main
 from cluster.config import load_config
 from cluster.driver import Trainer
 from cluster.rundir import RunDir
+from helpers import kill_driver_after
 from test_integration import spread_reward
 
 pytestmark = pytest.mark.slow
@@ -110,40 +107,12 @@ def test_run_resumed_after_two_steps_equals_the_uninterrupted_run(uninterrupted,
     assert [c.step for c in second.checkpoints.complete()][-3:] == [2, 3, 4]
 
 
-KILLED_DRIVER = """
-import sys
-sys.path.insert(0, {tests!r})
-from cluster.config import load_config
-from cluster.driver import Trainer
-from cluster.rundir import RunDir
-from test_integration import spread_reward
-
-config = load_config({config!r}, {overrides!r})
-trainer = Trainer(config, RunDir(config.run.run_dir), scorer=spread_reward)
-trainer.train(config.run.steps)
-"""
-
-
 def test_run_killed_after_a_checkpoint_resumes_to_the_same_result(uninterrupted, tiny_model_path, tmp_path):
     """A separate driver process (joined to the test's Ray cluster) is SIGKILLed once its second
     checkpoint is complete; ``Trainer.resume`` continues from its newest checkpoint."""
     run_dir = tmp_path / "killed"
-    script = KILLED_DRIVER.format(tests=str(ROOT / "tests"), config=str(ROOT / "configs/tiny.yaml"), overrides=overrides(tiny_model_path, run_dir))
-    import ray
-
-    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
-    driver = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, env=env, start_new_session=True)
     marker = run_dir / "checkpoints" / "step_000002" / "COMPLETE.json"
-    try:
-        deadline = time.monotonic() + 300
-        while not marker.exists() and driver.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert marker.exists(), f"the driver never wrote its second checkpoint (exit code {driver.poll()})"
-        os.killpg(driver.pid, signal.SIGKILL)
-        driver.wait(timeout=30)
-    finally:
-        if driver.poll() is None:
-            os.killpg(driver.pid, signal.SIGKILL)
+    kill_driver_after(marker, ROOT / "configs/tiny.yaml", overrides(tiny_model_path, run_dir), "test_integration")
     assert not (run_dir / "final_adapter").exists()  # it really died mid-run
     resumed = Trainer.resume(run_dir, scorer=spread_reward)
     try:
