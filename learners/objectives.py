@@ -119,6 +119,16 @@ class PolicyGradientObjective:
     def kl_coef(self) -> float:
         return self.kl.coef if self.kl else self.settings.kl_coef
 
+    @property
+    def recompute_learner_logprobs(self) -> bool:
+        """Truncated IS needs the learner's pre-update log-probs. With one update per step they
+        are the loss's own forward pass, detached (the weights have not moved yet): no extra
+        pass. Several updates (epochs, mini-batches), or a KL reward estimated from them,
+        need them computed before the first update."""
+        s = self.settings
+        one_update = s.ppo_epochs == 1 and s.mini_batch_size == 0
+        return s.tis_cap is not None and not (one_update and not (s.uses_reference and s.kl_mode == "reward"))
+
     def prepare(self, learner: Learner, batch: TrainBatch) -> Prepared:
         rows = self._passes(learner, batch)
         advantages, returns, metrics = self._advantages(learner, batch, rows)
@@ -132,7 +142,7 @@ class PolicyGradientObjective:
         """Per-row tensors fixed for the whole step, computed without gradients."""
         s = self.settings
         rows: dict[str, list[torch.Tensor]] = {"generator": [torch.tensor(r, dtype=torch.float32) for r in batch.old_logprobs]}
-        need = {"learner": s.tis_cap is not None, "reference": s.uses_reference, "values": s.uses_critic}
+        need = {"learner": self.recompute_learner_logprobs, "reference": s.uses_reference, "values": s.uses_critic}
         for key in (k for k, wanted in need.items() if wanted):
             rows[key] = []
         if len(rows) == 1:
@@ -193,9 +203,14 @@ class PolicyGradientObjective:
         mask = packed.response_mask
         width = mask.shape[1]
         generator = padded([prep["generator"][i] for i in rows], width)
-        old = padded([prep["learner"][i] for i in rows], width) if "learner" in prep else generator
         adv = prepared.advantages[rows, :width]
         logprobs, entropy = learner.policy.forward(packed, self.temperature, with_entropy=True, entropy_grad=s.entropy_coef > 0)
+        if "learner" in prep:
+            old = padded([prep["learner"][i] for i in rows], width)
+        elif s.tis_cap is not None:  # the only update of the step: this pass is the pre-update policy
+            old = logprobs.detach()
+        else:
+            old = generator
         is_weights = truncated_is_weights(old, generator, s.tis_cap) * mask if s.tis_cap is not None else None
         totals = dict(num_tokens=num_tokens, num_sequences=num_sequences)
         norm_constant = prepared.norm_constant

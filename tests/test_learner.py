@@ -223,3 +223,25 @@ def test_sequence_logprob_sums_the_target_tokens_under_policy_or_reference(tiny_
     assert all(x < 0 for x in policy)
     with pytest.raises(ValueError, match="2 contexts but 1 targets"):
         learner.sequence_logprob(contexts[:2], targets[:1])
+
+
+def test_truncated_is_with_one_update_reuses_the_loss_pass(tiny_model_path, monkeypatch):
+    """One update per step: the learner's pre-update log-probs are the loss pass's own
+    (detached), so truncated IS costs no extra forward and trains exactly as with the extra
+    pass (forced here by a mini-batch of the whole batch, still one update)."""
+    batch = random_batch(8)
+    results = []
+    for mini in (0, 8):
+        learner = make_learner(tiny_model_path, LORA, lr=1e-2, tis_cap=2.0, micro_batch_size=4, mini_batch_size=mini)
+        nonzero_adapter(learner)
+        calls = []
+        forward = learner.policy.forward
+        monkeypatch.setattr(learner.policy, "forward", lambda *a, **k: calls.append(1) or forward(*a, **k))
+        metrics = learner.step(batch)
+        results.append((len(calls), metrics, adapter_tensors(learner)))
+    (calls_one, one, a), (calls_two, two, b) = results
+    assert (calls_one, calls_two) == (2, 4)  # 2 micro-batches: loss passes only, vs a pre-pass too
+    for key in ("train/loss", "train/tis_weight_mean", "train/logprob_mismatch", "train/grad_norm"):
+        assert one[key] == pytest.approx(two[key], rel=1e-5, abs=1e-7), key
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6)
