@@ -4,7 +4,9 @@ The run is wired by ``cluster.wiring`` and evaluated by ``cluster.evaluate``; th
 the loop. ``step`` reads top to bottom: prompts -> generate -> verify -> advantages -> learn
 -> broadcast. ``train`` reads the same way: the start (evaluation at step 0), the steps, each
 followed by one ``after_step`` (held-out evaluation on its cadence, the health monitor and its
-rollbacks, recording, the checkpoint cadence), and the end (last checkpoint, final weights). Every sample carries its policy version and ``filter_stale`` checks it against the
+rollbacks, recording, the checkpoint cadence), and the end (last checkpoint, final weights).
+
+Every sample carries its policy version and ``filter_stale`` checks it against the
 learner's, so an asynchronous mode (generators ahead by a bounded number of versions) changes
 the scheduling, not the contracts.
 
@@ -136,12 +138,12 @@ class Trainer:
     def render(self, problems: list[Problem]) -> list[Prompt]:
         return render(self.tokenizer, self.tasks, problems)
 
-    def draw(self, step: int) -> tuple[list[Prompt], dict]:
-        """Step ``step``'s prompts, and the data position before they were drawn (the rollout
-        producer calls this, in step order)."""
+    def draw(self, step: int) -> list[Prompt]:
+        """Step ``step``'s prompts, recording the data position before them (the rollout
+        producer calls this, in step order; a checkpoint reads it)."""
         with self._data_lock:
-            position = self.positions[step] = self.tasks.state()
-            return self.render(self.tasks.sample(self.config.rollout.prompts_per_step)), position
+            self.positions[step] = self.tasks.state()
+            return self.render(self.tasks.sample(self.config.rollout.prompts_per_step))
 
     def sampling_seed(self, step: int) -> int:
         """The sampler's seed for ``step``: the same in every run of this seed, resumed or not."""

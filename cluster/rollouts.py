@@ -2,7 +2,7 @@
 
 For each rollout step, in order, as soon as the queue lets it start (``RolloutQueue``: no
 run-ahead in synchronous mode, up to ``rollout.max_staleness`` steps in asynchronous mode):
-1. draw the step's prompts from the task mixture (recording the data position first, so a
+1. draw the step's prompts (the driver records the data position before each draw, so a
    checkpoint can re-issue every prompt that was drawn but not yet trained on);
 2. submit them to the generator pool (chunks spread over the generators);
 3. score each chunk in the verifier pool as soon as it is generated, while the other chunks
@@ -38,7 +38,6 @@ class _Pending:
 
     refs: list[ray.ObjectRef]
     started: float
-    data_position: dict
     samples: dict[int, list[Sample]] = field(default_factory=dict)  # chunk -> samples
     verdicts: dict[int, list[Verdict]] = field(default_factory=dict)
     generated: float = 0.0
@@ -56,7 +55,7 @@ class RolloutProducer(threading.Thread):
         queue: RolloutQueue,
         generators: GeneratorPool,
         verifiers: VerifierPool,
-        draw: Callable[[int], tuple[list[Prompt], dict]],
+        draw: Callable[[int], list[Prompt]],
         sampling: Callable[[int], SamplingSettings],
         first_step: int,
         last_step: int,
@@ -93,10 +92,10 @@ class RolloutProducer(threading.Thread):
             self.queue.fail(exc)
 
     def _start(self, step: int) -> None:
-        prompts, position = self.draw(step)
+        prompts = self.draw(step)
         started = time.time()
         refs = self.generators.submit(prompts, self.sampling(step))
-        self._pending[step] = _Pending(refs, started, position)
+        self._pending[step] = _Pending(refs, started)
         for chunk, ref in enumerate(refs):
             self._chunk_of[ref] = (step, chunk)
 
@@ -125,8 +124,5 @@ class RolloutProducer(threading.Thread):
                     verdicts=[v for c in order for v in pending.verdicts[c]],
                     generate_seconds=pending.generated - pending.started,
                     verify_seconds=pending.verify_seconds,
-                    started=pending.started,
-                    finished=time.time(),
-                    data_position=pending.data_position,
                 )
             )

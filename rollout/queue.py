@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from contracts import Sample, Verdict
 
@@ -33,9 +33,6 @@ class Rollout:
     verdicts: list[Verdict]
     generate_seconds: float = 0.0  # first chunk submitted -> last chunk generated
     verify_seconds: float = 0.0  # time the producer spent scoring this step's chunks
-    started: float = 0.0  # wall clock (time.time()) the step's generation was submitted
-    finished: float = 0.0  # ... and its last verdict arrived
-    data_position: dict = field(default_factory=dict)  # the task mixture's state before its prompts were drawn
 
 
 class RolloutQueue:
