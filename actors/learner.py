@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import socket
+from dataclasses import dataclass
 from pathlib import Path
 
 import ray
@@ -76,15 +77,25 @@ def learner_actor(num_cpus: float = 1.0, num_gpus: float = 0.0):
     return ray.remote(num_cpus=num_cpus, num_gpus=num_gpus)(LearnerActor)
 
 
+@dataclass(frozen=True)
+class LearnerGroupSettings:
+    """How many learner actors, and what each asks of the cluster (the config's ``learner`` section)."""
+
+    num_learners: int = 1  # data-parallel learner actors (gradients all-reduced)
+    num_cpus: float = 1.0  # per learner
+    num_gpus: float = 0.0  # per learner; GPU learners are not supported yet (must be 0)
+    threads: int = 0  # torch threads per learner (0: every core, divided among the learners)
+
+
 class LearnerGroup:
     """N data-parallel learner actors driven as one learner."""
 
-    def __init__(self, settings: LearnerSettings, num_learners: int = 1, num_cpus: float = 1.0, num_gpus: float = 0.0):
-        actor = learner_actor(num_cpus=num_cpus, num_gpus=num_gpus)
-        self.actors = [actor.remote(settings) for _ in range(num_learners)]
-        if num_learners > 1:
+    def __init__(self, settings: LearnerSettings, group: LearnerGroupSettings = LearnerGroupSettings()):
+        actor = learner_actor(num_cpus=group.num_cpus, num_gpus=group.num_gpus)
+        self.actors = [actor.remote(settings) for _ in range(group.num_learners)]
+        if group.num_learners > 1:
             address, port = ray.get(self.actors[0].rendezvous.remote())
-            ray.get([a.init_distributed.remote(address, port, rank, num_learners, "gloo") for rank, a in enumerate(self.actors)])
+            ray.get([a.init_distributed.remote(address, port, rank, group.num_learners, "gloo") for rank, a in enumerate(self.actors)])
 
     def step(self, batch: TrainBatch, objective: ObjectiveName = "ppo") -> dict[str, float]:
         shards = batch.shards(len(self.actors))

@@ -36,6 +36,21 @@ logger = logging.getLogger(__name__)
 ScorerFactory = Callable[[], Scorer]
 
 
+@dataclass(frozen=True)
+class VerifierPoolSettings:
+    """The pool's size, batching and failure handling (the config's ``verifier`` section)."""
+
+    min_verifiers: int = 1
+    max_verifiers: int = 2  # the pool grows toward this with the number of samples waiting
+    samples_per_verifier: int = 16  # queue depth per actor before the pool grows
+    samples_per_call: int = 4  # samples sent to an actor in one call
+    timeout_s: float = 60.0  # per sample; a verifier past it is replaced and the sample retried
+    max_retries: int = 2  # then the sample is masked (infra_error), never scored 0
+    num_cpus: float = 0.1  # per verifier actor
+    startup_s: float = 60.0  # the verifiers must be up by then, or the run stops with the scorer's error
+    scale_down_after: int = 3  # calls with a short queue before an extra verifier is let go
+
+
 class VerifierStartError(RuntimeError):
     """The verifier actors could not build their scorer; the message carries the scorer's error."""
 
@@ -70,39 +85,28 @@ class _Job:
 
 
 class VerifierPool:
-    """Scores samples over ``min_size``..``max_size`` verifier actors; see the module docstring."""
+    """Scores samples over ``min_verifiers``..``max_verifiers`` actors; see the module docstring."""
 
-    def __init__(
-        self,
-        factory: ScorerFactory,
-        min_size: int = 1,
-        max_size: int = 2,
-        timeout_s: float = 60.0,
-        max_retries: int = 2,
-        num_cpus: float = 0.1,
-        samples_per_call: int = 4,
-        samples_per_verifier: int = 16,
-        startup_s: float = 60.0,
-        scale_down_after: int = 3,
-    ):
-        if not 1 <= min_size <= max_size:
-            raise ValueError(f"verifier pool size needs 1 <= min_size ({min_size}) <= max_size ({max_size})")
+    def __init__(self, factory: ScorerFactory, settings: VerifierPoolSettings = VerifierPoolSettings()):
+        s = settings
+        if not 1 <= s.min_verifiers <= s.max_verifiers:
+            raise ValueError(f"verifier pool size needs 1 <= min_verifiers ({s.min_verifiers}) <= max_verifiers ({s.max_verifiers})")
         self.factory = factory
-        self.min_size, self.max_size = min_size, max_size
-        self.timeout_s = timeout_s
-        self.max_retries = max_retries
-        self.samples_per_call = samples_per_call
-        self.samples_per_verifier = samples_per_verifier
-        self.startup_s = startup_s
-        self.scale_down_after = scale_down_after
-        self._actor_class = ray.remote(num_cpus=num_cpus)(Verifier)
+        self.min_size, self.max_size = s.min_verifiers, s.max_verifiers
+        self.timeout_s = s.timeout_s
+        self.max_retries = s.max_retries
+        self.samples_per_call = s.samples_per_call
+        self.samples_per_verifier = s.samples_per_verifier
+        self.startup_s = s.startup_s
+        self.scale_down_after = s.scale_down_after
+        self._actor_class = ray.remote(num_cpus=s.num_cpus)(Verifier)
         self.actors: list = []
         self._fresh: set[int] = set()  # actors that have not finished a job yet (still starting)
         self._oversized_calls = 0
         self.stats: dict[str, float] = {"verifier/restarts": 0, "verifier/retries": 0, "verifier/infra_errors": 0}
         self._lock = threading.Lock()  # one scoring call at a time (a rollout thread and an evaluation share the pool)
-        self._resize(min_size)
-        self._wait_ready(startup_s)
+        self._resize(self.min_size)
+        self._wait_ready(self.startup_s)
 
     def _wait_ready(self, timeout_s: float) -> None:
         """Fail at once, with the scorer's own error, if the verifiers cannot start (no sandbox

@@ -47,12 +47,12 @@ def bench_generation(model: str, n_prompts: int, n: int, max_tokens: int, dtype:
     policy = Policy(path, LoraSettings())
     update = WeightUpdate(PolicyRef(), policy.weight_state(), policy.adapter_config())
     prompts = render_prompts(policy.tokenizer, ArithmeticTask(2).eval_set(n_prompts))
-    sampling = SamplingSettings(n=n, temperature=1.0, max_tokens=max_tokens)
+    sampling = SamplingSettings(n=n, temperature=1.0, top_p=1.0, max_tokens=max_tokens)
     del policy
 
     config = Config()
     init_ray(config)
-    generator = start_generator(config, EngineSettings(model_path=path, dtype=dtype))
+    generator = start_generator(config, path, settings=EngineSettings(dtype=dtype))
     ray.get(generator.load_weights.remote(update))
     # warm-up on the whole work: vLLM's first batch of a new size is ~15 % slower (the same for both)
     ray.get(generator.generate.remote(prompts, sampling))
@@ -61,16 +61,16 @@ def bench_generation(model: str, n_prompts: int, n: int, max_tokens: int, dtype:
     logger.info("generator actor: %d tokens in %.1f s", actor_tokens, actor_seconds)
 
     # the same engine in this process, as a user of vLLM would run it: the actor's baseline
-    raw = Generator(EngineSettings(model_path=path, dtype=dtype))
+    raw = Generator(path, EngineSettings(dtype=dtype), seed=config.run.seed, max_lora_rank=config.lora.rank)
     raw.load_weights(update)
     raw.generate(prompts, sampling)  # warm-up, as for the actor
     raw_seconds, raw_tokens = _timed(raw.generate, prompts, sampling)
     del raw
     logger.info("in-process engine: %d tokens in %.1f s", raw_tokens, raw_seconds)
 
-    hf = Generator(EngineSettings(model_path=path, kind="hf", dtype=dtype))  # same plain object, HF inside
+    hf = Generator(path, EngineSettings(engine="hf", dtype=dtype), seed=config.run.seed, max_lora_rank=config.lora.rank)  # same plain object, HF inside
     hf.load_weights(update)
-    hf.generate(prompts[:2], SamplingSettings(n=2, max_tokens=4))  # warm-up
+    hf.generate(prompts[:2], dataclasses.replace(sampling, n=2, max_tokens=4))  # warm-up
     hf_seconds, hf_tokens = _timed(hf.generate, prompts, sampling)
     logger.info("HF generate: %d tokens in %.1f s", hf_tokens, hf_seconds)
     actor_tps, hf_tps, raw_tps = actor_tokens / actor_seconds, hf_tokens / hf_seconds, raw_tokens / raw_seconds

@@ -2,8 +2,10 @@
 
 One config tree: a component's own frozen settings class is its section (``algorithm`` is
 ``learners.settings.AlgorithmSettings``, ``lora`` is ``learners.policy.LoraSettings``, ``reward``
-and ``verifier.sandbox`` are ``rewards.scoring``'s), so every knob has one class and one default. An unknown key or a value of the wrong type is a
-``ConfigError`` naming the dotted key (and the closest known key, for typos).
+and ``verifier.sandbox`` are ``rewards.scoring``'s; ``generator`` extends the engine's
+``rollout.engines.EngineSettings`` with the actors' count and CPUs), so every knob has one
+class and one default. An unknown key or a value of the wrong type is a ``ConfigError``
+naming the dotted key (and the closest known key, for typos).
 """
 
 from __future__ import annotations
@@ -18,9 +20,12 @@ from typing import Any, Literal
 
 import yaml
 
+from actors.learner import LearnerGroupSettings
+from actors.verifier import VerifierPoolSettings
 from learners.settings import AlgorithmSettings
 from learners.policy import LoraSettings
 from rewards.scoring import RewardSettings, SandboxSettings
+from rollout.engines import EngineSettings
 from rollout.tasks import TASK_NAMES
 
 
@@ -98,36 +103,19 @@ class RolloutConfig:
     max_staleness: int = 0  # policy versions a trained sample may lag the learner (async: >= 1)
 
 
-@dataclass
-class GeneratorConfig:
+@dataclass(frozen=True)
+class GeneratorConfig(EngineSettings):
+    """The generator actors: how many, their CPUs, and their engine's own settings."""
+
     num_generators: int = 1
-    engine: Literal["vllm", "hf"] = "vllm"
-    adapter_mode: Literal["merged", "lora"] = "merged"
-    dtype: str = "float32"
-    kv_cache_gib: int = 2
-    max_model_len: int = 1024
     num_cpus: float = 0.5
-    threads: int = 0  # cores a generator computes on (OMP_NUM_THREADS); 0 = all
 
 
-@dataclass
-class VerifierConfig:
-    min_verifiers: int = 1
-    max_verifiers: int = 2  # the pool grows toward this with the number of samples waiting
-    samples_per_verifier: int = 16  # queue depth per actor before the pool grows
-    samples_per_call: int = 4  # samples sent to an actor in one call
-    timeout_s: float = 60.0  # per sample; a verifier past it is replaced and the sample retried
-    max_retries: int = 2  # then the sample is masked (infra_error), never scored 0
-    num_cpus: float = 0.1
+@dataclass(frozen=True)
+class VerifierConfig(VerifierPoolSettings):
+    """The verifier pool's settings, and the sandbox its code scorers run in."""
+
     sandbox: SandboxSettings = field(default_factory=SandboxSettings)
-
-
-@dataclass
-class LearnerConfig:
-    num_learners: int = 1  # data-parallel learner actors (gradients all-reduced)
-    num_cpus: float = 1.0
-    num_gpus: float = 0.0  # per learner; GPU learners are not supported yet (must be 0)
-    threads: int = 0  # torch threads per learner (0: every core, divided among the learners)
 
 
 @dataclass
@@ -189,7 +177,7 @@ class Config:
     generator: GeneratorConfig = field(default_factory=GeneratorConfig)
     verifier: VerifierConfig = field(default_factory=VerifierConfig)
     algorithm: AlgorithmSettings = field(default_factory=AlgorithmSettings)
-    learner: LearnerConfig = field(default_factory=LearnerConfig)
+    learner: LearnerGroupSettings = field(default_factory=LearnerGroupSettings)
     eval: EvalConfig = field(default_factory=EvalConfig)
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
     report: ReportConfig = field(default_factory=ReportConfig)

@@ -30,7 +30,6 @@ from dataclasses import dataclass, field
 import torch
 from tqdm import tqdm
 
-from actors.learner import LearnerGroup
 from actors.verifier import Scorer
 from cluster.checkpoint import Checkpoint, CheckpointError, CheckpointStore
 from cluster.config import Config, load_config
@@ -39,7 +38,7 @@ from cluster.metrics import MetricsExporter
 from cluster.monitor import Event, Monitor, rules_from_config
 from cluster.rundir import RunDir
 from cluster.rollouts import RolloutProducer
-from cluster.wiring import build_tasks, init_ray, learner_settings, render, start_generators, start_verifiers
+from cluster.wiring import build_tasks, init_ray, render, start_generators, start_learners, start_verifiers
 from contracts import DEFAULT_ADAPTER, PolicyRef, Problem, Prompt, Sample, SamplingSettings
 from learners.batch import build_train_batch
 from learners.learner import REQUIRED_METRICS
@@ -87,8 +86,7 @@ class Trainer:
             task_id: self.render(problems) for task_id, problems in self.tasks.eval_sets("validation").items()
         }
         init_ray(c)
-        lc = c.learner
-        self.learners = LearnerGroup(learner_settings(c, self.model_path), lc.num_learners, lc.num_cpus, lc.num_gpus)
+        self.learners = start_learners(c, self.model_path)
         self.generators = start_generators(c, self.model_path)
         self.verifiers = start_verifiers(c, self.tasks, (lambda: scorer) if scorer else None)
         self.monitor = Monitor(rules_from_config(c.monitor.rules)) if c.monitor.enabled else None

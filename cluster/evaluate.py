@@ -17,7 +17,7 @@ import ray
 from actors.generator import GeneratorPool
 from actors.verifier import VerifierPool
 from cluster.config import Config
-from cluster.wiring import build_tasks, engine_settings, init_ray, render, start_generator, start_verifiers
+from cluster.wiring import build_tasks, init_ray, render, start_generator, start_verifiers
 from contracts import Prompt, Sample, SamplingSettings, Verdict
 from rollout.engines import read_adapter
 from rollout.models import resolve_model
@@ -50,7 +50,7 @@ def evaluate_policy(config: Config, adapter: str, split: Split = "validation") -
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     prompts = {task_id: render(tokenizer, tasks, problems) for task_id, problems in tasks.eval_sets(split).items()}
     init_ray(config)
-    generator = start_generator(config, engine_settings(config, model_path))
+    generator = start_generator(config, model_path)
     verifiers = start_verifiers(config, tasks)
     try:
         ray.get(generator.load_weights.remote(update) if update else generator.serve_base.remote())

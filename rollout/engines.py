@@ -72,15 +72,16 @@ def load_base_weights(model_path: str, names: set[str]) -> dict:
 
 @dataclass(frozen=True)
 class EngineSettings:
-    model_path: str
-    kind: EngineKind = "vllm"
-    adapter_mode: AdapterMode = "merged"
+    """How a generator's engine runs: the knobs of the config's ``generator`` section (which
+    adds the number of generator actors and their CPUs). What the rest of the run decides, the
+    model, the seed and the LoRA rank, is passed to ``build_engine`` beside it."""
+
+    engine: EngineKind = "vllm"
+    adapter_mode: AdapterMode = "merged"  # fold the adapter into the weights, or serve it as a vLLM LoRA
     dtype: str = "float32"
-    max_lora_rank: int = 16
+    kv_cache_gib: int = 2  # vLLM's CPU KV cache
     max_model_len: int = 1024
-    seed: int = 0
-    kv_cache_gib: int = 2
-    threads: int = 0  # HF engine: torch threads, 0 = every core (vLLM: OMP_NUM_THREADS)
+    threads: int = 0  # cores the engine computes on (HF: torch threads; vLLM: OMP_NUM_THREADS); 0 = all
 
 
 class GenerationEngine(Protocol):
@@ -105,20 +106,22 @@ def vllm_available() -> bool:
     return True
 
 
-def build_engine(settings: EngineSettings) -> GenerationEngine:
-    if settings.kind == "vllm":
+def build_engine(model_path: str, settings: EngineSettings, *, seed: int, max_lora_rank: int) -> GenerationEngine:
+    """The engine ``settings`` names, serving ``model_path``; ``max_lora_rank`` bounds the
+    adapters a ``lora``-mode vLLM engine accepts."""
+    if settings.engine == "vllm":
         if not vllm_available():
             raise RuntimeError("engine kind 'vllm' asked for but vllm is not installed; set generator.engine=hf")
-        return VLLMEngine(settings)
-    if settings.kind == "hf":
-        return HFEngine(settings)
-    raise ValueError(f"unknown engine kind {settings.kind!r}; choose 'vllm' or 'hf'")
+        return VLLMEngine(model_path, settings, seed=seed, max_lora_rank=max_lora_rank)
+    if settings.engine == "hf":
+        return HFEngine(model_path, settings, seed=seed)
+    raise ValueError(f"unknown engine kind {settings.engine!r}; choose 'vllm' or 'hf'")
 
 
 class VLLMEngine:
     """An in-process offline ``vllm.LLM`` serving the adapter merged or as a LoRA."""
 
-    def __init__(self, settings: EngineSettings):
+    def __init__(self, model_path: str, settings: EngineSettings, *, seed: int, max_lora_rank: int):
         # In-process engine: 10-15 s start-up and ~1.4 GiB less memory than a separate process.
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(settings.kv_cache_gib))
@@ -127,17 +130,17 @@ class VLLMEngine:
         from vllm import LLM
 
         _quiet_partial_reload_warning()
-        self.settings = settings
+        self.model_path, self.settings = model_path, settings
         lora = settings.adapter_mode == "lora"
         self.llm = LLM(
-            model=settings.model_path,
+            model=model_path,
             dtype=settings.dtype,
             enable_lora=lora,
-            max_lora_rank=settings.max_lora_rank if lora else None,
+            max_lora_rank=max_lora_rank if lora else None,
             max_loras=1,
             max_model_len=settings.max_model_len,
             enforce_eager=True,
-            seed=settings.seed,
+            seed=seed,
             logprobs_mode="processed_logprobs",
         )
         self._lora = None
@@ -196,7 +199,7 @@ class VLLMEngine:
         from rollout.lora_merge import lora_pairs, merge_lora
 
         if self._base is None:
-            self._base = load_base_weights(self.settings.model_path, set(lora_pairs(update.tensors)))
+            self._base = load_base_weights(self.model_path, set(lora_pairs(update.tensors)))
         self._reload(merge_lora(self._base, update.tensors, update.config, getattr(torch, self.settings.dtype)))
 
     def generate(self, prompt_token_ids: Sequence[Sequence[int]], sampling: SamplingSettings) -> list[list[Completion]]:
@@ -231,18 +234,18 @@ class VLLMEngine:
 class HFEngine:
     """HF transformers ``generate`` on a PEFT model; the path used where vLLM is not installed."""
 
-    def __init__(self, settings: EngineSettings):
+    def __init__(self, model_path: str, settings: EngineSettings, *, seed: int):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         torch.set_num_threads(settings.threads or os.cpu_count() or 1)
         self.settings = settings
-        self.tokenizer = AutoTokenizer.from_pretrained(settings.model_path)
-        self.base = AutoModelForCausalLM.from_pretrained(settings.model_path, dtype=getattr(torch, settings.dtype))
+        self.tokenizer = AutoTokenizer.from_pretrained(model_path)
+        self.base = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, settings.dtype))
         self.base.eval()
         self.model = None
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        self._generator = torch.Generator().manual_seed(settings.seed)
+        self._generator = torch.Generator().manual_seed(seed)
 
     def load_weights(self, update: WeightUpdate) -> None:
         from peft import PeftModel, set_peft_model_state_dict

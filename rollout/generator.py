@@ -19,9 +19,9 @@ BASE_POLICY = PolicyRef("base", 0)
 class Generator:
     """Serves one policy at a time; every sample records which one produced it."""
 
-    def __init__(self, settings: EngineSettings, rank: int = 0):
+    def __init__(self, model_path: str, settings: EngineSettings, *, seed: int, max_lora_rank: int, rank: int = 0):
         self.rank = rank
-        self.engine = build_engine(settings)
+        self.engine = build_engine(model_path, settings, seed=seed, max_lora_rank=max_lora_rank)
         self.policy: PolicyRef | None = None  # nothing served yet
 
     def load_weights(self, update: WeightUpdate) -> PolicyRef:

@@ -6,6 +6,7 @@ object store. One Trainer (one vLLM engine) serves every test in this module.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -52,7 +53,7 @@ def trained(ray_cluster, tiny_model_path, tmp_path_factory):
         [f"model.path={tiny_model_path}", f"run.run_dir={run_dir.path}", "algorithm.lr=0.05", "algorithm.kl_coef=0.05"],
     )
     trainer = Trainer(config, run_dir, scorer=spread_reward)
-    greedy = SamplingSettings(n=1, temperature=0.0, max_tokens=8)
+    greedy = SamplingSettings(n=1, temperature=0.0, top_p=1.0, max_tokens=8)
     probe = trainer.eval_prompts["arithmetic"][:4]
     before = {
         "version": ray.get(trainer.generators.handles[0].ping.remote()),
@@ -98,7 +99,7 @@ def test_lora_changed_and_base_did_not(trained):
 def test_learner_logprobs_match_generator(trained):
     """vLLM's sampled-token log-probs vs the learner's under the same weights (both fp32)."""
     trainer, _, _, _, _, _ = trained
-    samples = trainer.generate(trainer.eval_prompts["arithmetic"][:8], SamplingSettings(n=4, temperature=1.0, max_tokens=16))
+    samples = trainer.generate(trainer.eval_prompts["arithmetic"][:8], SamplingSettings(n=4, temperature=1.0, top_p=1.0, max_tokens=16))
     batch = TrainBatch.from_samples(samples, [0.0] * len(samples))
     learner_logprobs = trainer.learners.logprobs(batch)
     diffs = [abs(a - b) for s, row in zip(samples, learner_logprobs) for a, b in zip(s.completion.logprobs, row)]
@@ -139,7 +140,6 @@ def test_final_adapter_loads_in_peft_and_vllm_lora(trained, tiny_model_path):
     assert any("lora_B" in name for name, _ in model.named_parameters())
 
     from cluster.wiring import start_generator
-    from rollout.engines import EngineSettings
 
     from safetensors.torch import load_file
 
@@ -148,7 +148,7 @@ def test_final_adapter_loads_in_peft_and_vllm_lora(trained, tiny_model_path):
         load_file(str(run_dir.final_adapter / "adapter_model.safetensors")),
         json.loads((run_dir.final_adapter / "adapter_config.json").read_text()),
     )
-    lora_generator = start_generator(trainer.config, EngineSettings(model_path=tiny_model_path, adapter_mode="lora", max_lora_rank=8, max_model_len=256, kv_cache_gib=1))
+    lora_generator = start_generator(trainer.config, tiny_model_path, settings=dataclasses.replace(trainer.config.generator, adapter_mode="lora"))
     try:
         assert ray.get(lora_generator.load_weights.remote(update)) == update.policy
         via_lora = ray.get(lora_generator.generate.remote(probe, greedy))

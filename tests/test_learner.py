@@ -181,10 +181,10 @@ def test_full_weight_training_updates_every_weight_and_serves_through_hf(tiny_mo
     update = learner.weight_update()
     assert update.kind == "full" and update.policy.version == 1
     assert learner.step(random_batch(6, seed=1))["train/kl"] > 0
-    engine = HFEngine(EngineSettings(model_path=tiny_model_path, kind="hf"))
+    engine = HFEngine(tiny_model_path, EngineSettings(engine="hf"), seed=0)
     engine.load_weights(learner.weight_update())
     batch = random_batch(1)
-    completion = engine.generate(batch.prompt_token_ids, SamplingSettings(n=1, temperature=1.0, max_tokens=6))[0][0]
+    completion = engine.generate(batch.prompt_token_ids, SamplingSettings(n=1, temperature=1.0, top_p=1.0, max_tokens=6))[0][0]
     replay = TrainBatch(batch.prompt_token_ids, (completion.token_ids,), (completion.logprobs,), (0.0,), (0,))
     torch.testing.assert_close(torch.tensor(learner.logprobs(replay)[0]), torch.tensor(completion.logprobs), atol=1e-4, rtol=0)
 

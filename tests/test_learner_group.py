@@ -11,7 +11,7 @@ import pytest
 import ray
 import torch
 
-from actors.learner import LearnerGroup
+from actors.learner import LearnerGroup, LearnerGroupSettings
 from helpers import learner_settings
 from learners.policy import LoraSettings
 
@@ -35,8 +35,8 @@ CASES = {
 def test_two_learners_on_4_plus_4_equal_one_on_8(ray_cluster, tiny_model_path, case):
     settings = learner_settings(tiny_model_path, LORA, lr=1e-2, micro_batch_size=2, threads=1, max_grad_norm=0.5, **CASES[case])
     batches = [random_batch(8, seed=s) for s in (0, 1)]
-    single = LearnerGroup(settings, num_learners=1, num_cpus=0.5)
-    pair = LearnerGroup(settings, num_learners=2, num_cpus=0.5)
+    single = LearnerGroup(settings, LearnerGroupSettings(num_learners=1, num_cpus=0.5))
+    pair = LearnerGroup(settings, LearnerGroupSettings(num_learners=2, num_cpus=0.5))
     try:
         for batch in batches:
             one, two = single.step(batch), pair.step(batch)

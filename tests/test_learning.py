@@ -37,12 +37,12 @@ def test_reward_rises_for_target_token(family):
     path = str(build_tiny_model(initializer_range=0.5))
     learner = Learner(learner_settings(path, LoraSettings(rank=8, alpha=16), **FAMILIES[family]))
     settings = learner.algorithm
-    generator = Generator(EngineSettings(model_path=path, kind="hf"))
+    generator = Generator(path, EngineSettings(engine="hf"), seed=0, max_lora_rank=8)
     generator.load_weights(learner.weight_update())
     topics = ["cats", "dogs", "the sea", "numbers"]
     problems = [Problem(uid=f"p{i}", question=f"Say something about {t}.", answer="") for i, t in enumerate(topics)]
     prompts = render_prompts(learner.policy.tokenizer, problems, system_prompt=None)
-    sampling = SamplingSettings(n=8, temperature=1.0, max_tokens=8)
+    sampling = SamplingSettings(n=8, temperature=1.0, top_p=1.0, max_tokens=8)
 
     # a token the untrained model emits now and then (third most frequent)
     counts = collections.Counter(t for s in generator.generate(prompts, sampling) for t in s.completion.token_ids)

@@ -79,7 +79,7 @@ def test_full_weight_training_reaches_vllm(ray_cluster, tiny_model_path, tmp_pat
             trainer.step(step)
         assert trainer.learners.parameter_digest()["trainable"] != before["trainable"]
         assert trainer.learners.weight_update().kind == "full"
-        samples = trainer.generate(trainer.eval_prompts["arithmetic"][:4], SamplingSettings(n=4, temperature=1.0, max_tokens=16))
+        samples = trainer.generate(trainer.eval_prompts["arithmetic"][:4], SamplingSettings(n=4, temperature=1.0, top_p=1.0, max_tokens=16))
         assert {s.policy.version for s in samples} == {2}
         learner_logprobs = trainer.learners.logprobs(TrainBatch.from_samples(samples, [0.0] * len(samples)))
         diffs = [abs(a - b) for s, row in zip(samples, learner_logprobs) for a, b in zip(s.completion.logprobs, row)]

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import ray
 
-from actors.verifier import VerifierPool
+from actors.verifier import VerifierPool, VerifierPoolSettings
 from rewards.scoring import SandboxSettings, ScorerSpec, build_scorer
 from contracts import Problem, Verdict
 
@@ -78,7 +78,7 @@ def flaky_sandbox(marker: Path, failures: int):
 
 @pytest.mark.parametrize("how", ["die", "hang"])
 def test_dead_or_hung_verifier_is_replaced_and_retried(ray_cluster, tmp_path, how):
-    pool = VerifierPool(fail_once(tmp_path / "failed", how), min_size=1, max_size=1, timeout_s=3.0, max_retries=2)
+    pool = VerifierPool(fail_once(tmp_path / "failed", how), VerifierPoolSettings(min_verifiers=1, max_verifiers=1, timeout_s=3.0, max_retries=2))
     verdicts = pool.score_items(items(4))
     assert [v.reward for v in verdicts] == [0.0, 1.0, 0.0, 1.0]
     assert all(v.status == "ok" for v in verdicts)
@@ -88,7 +88,7 @@ def test_dead_or_hung_verifier_is_replaced_and_retried(ray_cluster, tmp_path, ho
 
 
 def test_persistent_failure_masks_instead_of_scoring_zero(ray_cluster):
-    pool = VerifierPool(lambda: always_die, min_size=2, max_size=2, timeout_s=5.0, max_retries=1)
+    pool = VerifierPool(lambda: always_die, VerifierPoolSettings(min_verifiers=2, max_verifiers=2, timeout_s=5.0, max_retries=1))
     verdicts = pool.score_items(items(4))
     assert all(v.status == "infra_error" and "verifier died" in v.error for v in verdicts)
     assert pool.stats["verifier/infra_errors"] == 4 and pool.stats["verifier/verdict/infra_error"] == 4
@@ -98,7 +98,7 @@ def test_persistent_failure_masks_instead_of_scoring_zero(ray_cluster):
 def test_a_hanging_sample_does_not_take_its_job_down(ray_cluster):
     batch = [(f"Answer: {i}", Problem(uid=str(i), question="q", answer=str(i))) for i in range(6)]
     batch[2] = ("hang", batch[2][1])
-    pool = VerifierPool(hang_on("hang"), min_size=2, max_size=2, timeout_s=1.5, max_retries=1, samples_per_call=3)
+    pool = VerifierPool(hang_on("hang"), VerifierPoolSettings(min_verifiers=2, max_verifiers=2, timeout_s=1.5, max_retries=1, samples_per_call=3))
     verdicts = pool.score_items(batch)
     assert [v.status for v in verdicts] == ["ok", "ok", "infra_error", "ok", "ok", "ok"]
     assert all(v.correct for i, v in enumerate(verdicts) if i != 2)
@@ -107,10 +107,10 @@ def test_a_hanging_sample_does_not_take_its_job_down(ray_cluster):
 
 
 def test_sandbox_errors_are_retried_then_masked(ray_cluster, tmp_path):
-    pool = VerifierPool(flaky_sandbox(tmp_path / "calls", failures=2), min_size=1, max_size=1, max_retries=2, samples_per_call=1)
+    pool = VerifierPool(flaky_sandbox(tmp_path / "calls", failures=2), VerifierPoolSettings(min_verifiers=1, max_verifiers=1, max_retries=2, samples_per_call=1))
     verdicts = pool.score_items(items(1))
     assert verdicts[0].status == "ok" and pool.stats["verifier/retries"] == 2
-    pool = VerifierPool(flaky_sandbox(tmp_path / "calls2", failures=99), min_size=1, max_size=1, max_retries=2)
+    pool = VerifierPool(flaky_sandbox(tmp_path / "calls2", failures=99), VerifierPoolSettings(min_verifiers=1, max_verifiers=1, max_retries=2))
     verdicts = pool.score_items(items(2))
     assert all(v.status == "infra_error" and v.outcome == "sandbox_error" for v in verdicts)
     assert pool.stats["verifier/verdict/sandbox_error"] == 2
@@ -118,7 +118,7 @@ def test_sandbox_errors_are_retried_then_masked(ray_cluster, tmp_path):
 
 
 def test_pool_keeps_sample_order_and_scales_with_the_queue(ray_cluster):
-    pool = VerifierPool(lambda: exact, min_size=1, max_size=3, samples_per_verifier=4, samples_per_call=2, scale_down_after=2)
+    pool = VerifierPool(lambda: exact, VerifierPoolSettings(min_verifiers=1, max_verifiers=3, samples_per_verifier=4, samples_per_call=2, scale_down_after=2))
     assert len(pool.actors) == 1
     verdicts = pool.score_items(items(11))  # 11 waiting at 4 per actor: 3 actors
     assert [v.correct for v in verdicts] == [i % 2 == 1 for i in range(11)]
@@ -135,7 +135,7 @@ def test_pool_keeps_sample_order_and_scales_with_the_queue(ray_cluster):
 def test_scorer_that_cannot_start_fails_the_pool_at_once(ray_cluster):
     settings = ScorerSpec(scorer="code", sandbox=SandboxSettings(python="/nowhere/python3"))
     with pytest.raises(RuntimeError, match="verifier actors could not start.*does not exist"):
-        VerifierPool(functools.partial(build_scorer, settings), min_size=1, max_size=1)
+        VerifierPool(functools.partial(build_scorer, settings), VerifierPoolSettings(min_verifiers=1, max_verifiers=1))
 
 
 def test_code_is_scored_in_the_sandbox_through_the_pool(ray_cluster):
@@ -147,7 +147,7 @@ def test_code_is_scored_in_the_sandbox_through_the_pool(ray_cluster):
         ("def add(a, b):\n    return a - b\n", add),
         ("def add(a, b):\n    while True: pass\n", add),
     ]
-    pool = VerifierPool(functools.partial(build_scorer, ScorerSpec(scorer="code")), min_size=2, max_size=2, samples_per_call=1)
+    pool = VerifierPool(functools.partial(build_scorer, ScorerSpec(scorer="code")), VerifierPoolSettings(min_verifiers=2, max_verifiers=2, samples_per_call=1))
     verdicts = pool.score_items(batch)
     assert [v.outcome for v in verdicts][::2] == ["passed", "failed"]
     assert verdicts[1].outcome in ("error", "timeout") and verdicts[3].outcome == "timeout"
