@@ -1,7 +1,7 @@
 """Learner actors: one ``learners.learner.Learner`` per Ray actor, and the data-parallel group.
 
 ``LearnerGroup`` starts N learner actors, joins them in one ``torch.distributed`` process
-group (gloo: the learner computes on CPU so far), hands each its contiguous shard of the
+group (NCCL when Ray gave them GPUs, gloo on CPUs), hands each its contiguous shard of the
 batch and returns rank 0's (globally reduced) metrics. All ranks hold the same parameters
 after every step, so the weight broadcast to the generators is taken from rank 0 only: one
 ``ObjectRef``, sent once. Queries go to rank 0 through typed methods, never by method name.
@@ -25,11 +25,18 @@ from learners.objectives import ObjectiveName
 logger = logging.getLogger(__name__)
 
 
+def assigned_device() -> torch.device:
+    """The device Ray gave this actor: its first GPU (Ray sets CUDA_VISIBLE_DEVICES to the
+    GPUs it assigned, so that one is ``cuda:0``), or the CPU when it assigned none."""
+    return torch.device("cuda", 0) if ray.get_gpu_ids() else torch.device("cpu")
+
+
 class LearnerActor:
-    """A Learner (held, not inherited) plus what a rank needs to find its peers."""
+    """A Learner (held, not inherited) on the device Ray gave the actor, plus what a rank
+    needs to find its peers."""
 
     def __init__(self, settings: LearnerSettings):
-        self.learner = Learner(settings)
+        self.learner = Learner(settings, device=assigned_device())
 
     def rendezvous(self) -> tuple[str, int]:
         """This node's address and a free TCP port, for rank 0 to host the process group."""
@@ -38,8 +45,8 @@ class LearnerActor:
             port = sock.getsockname()[1]
         return ray.util.get_node_ip_address(), port
 
-    def init_distributed(self, address: str, port: int, rank: int, world_size: int, backend: str = "gloo") -> None:
-        self.learner.init_distributed(address, port, rank, world_size, backend)
+    def init_distributed(self, address: str, port: int, rank: int, world_size: int) -> None:
+        self.learner.init_distributed(address, port, rank, world_size)
 
     def step(self, batch: TrainBatch, objective: ObjectiveName = "ppo") -> dict[str, float]:
         return self.learner.step(batch, objective)
@@ -83,8 +90,9 @@ class LearnerGroupSettings:
 
     num_learners: int = 1  # data-parallel learner actors (gradients all-reduced)
     num_cpus: float = 1.0  # per learner
-    num_gpus: float = 0.0  # per learner; GPU learners are not supported yet (must be 0)
+    num_gpus: float = 0.0  # per learner: trains on the GPU Ray assigns (bf16 autocast, NCCL between learners)
     threads: int = 0  # torch threads per learner (0: every core, divided among the learners)
+    gradient_checkpointing: bool = False  # recompute activations in the backward pass: less memory, ~1/3 more compute
 
 
 class LearnerGroup:
@@ -95,7 +103,7 @@ class LearnerGroup:
         self.actors = [actor.remote(settings) for _ in range(group.num_learners)]
         if group.num_learners > 1:
             address, port = ray.get(self.actors[0].rendezvous.remote())
-            ray.get([a.init_distributed.remote(address, port, rank, group.num_learners, "gloo") for rank, a in enumerate(self.actors)])
+            ray.get([a.init_distributed.remote(address, port, rank, group.num_learners) for rank, a in enumerate(self.actors)])
 
     def step(self, batch: TrainBatch, objective: ObjectiveName = "ppo") -> dict[str, float]:
         shards = batch.shards(len(self.actors))

@@ -312,8 +312,8 @@ def check_config(config: Config) -> None:
     for key in ("ppo_epochs", "micro_batch_size"):
         if getattr(a, key) < 1:
             problems.append(f"algorithm.{key} must be at least 1")
-    if config.learner.num_gpus > 0:
-        problems.append("learner.num_gpus > 0: the learner runs on CPU only so far (no device placement, no nccl); set it to 0")
+    if config.learner.num_gpus < 0:
+        problems.append("learner.num_gpus must be >= 0")
     if config.learner.num_learners < 1:
         problems.append("learner.num_learners must be at least 1")
     ro = config.rollout

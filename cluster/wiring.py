@@ -71,8 +71,17 @@ def start_generators(config: Config, model_path: str) -> GeneratorPool:
 
 
 def start_learners(config: Config, model_path: str) -> LearnerGroup:
-    """The run's ``learner.num_learners`` data-parallel learner actors as one group."""
-    return LearnerGroup(learner_settings(config, model_path), config.learner)
+    """The run's ``learner.num_learners`` data-parallel learner actors as one group; stops at
+    once, rather than waiting forever for them to be placed, when the cluster has too few GPUs."""
+    group = config.learner
+    needed = group.num_learners * group.num_gpus
+    available = ray.cluster_resources().get("GPU", 0.0)
+    if needed > available:
+        raise RuntimeError(
+            f"learner.num_gpus={group.num_gpus} x learner.num_learners={group.num_learners} needs {needed:g} GPUs, "
+            f"but the Ray cluster has {available:g} (see `ray status`); lower them or add GPU nodes"
+        )
+    return LearnerGroup(learner_settings(config, model_path), group)
 
 
 def learner_settings(config: Config, model_path: str) -> LearnerSettings:
@@ -92,6 +101,7 @@ def learner_settings(config: Config, model_path: str) -> LearnerSettings:
         total_steps=c.run.steps,
         seed=c.run.seed,
         threads=c.learner.threads or max(1, (os.cpu_count() or 1) // c.learner.num_learners),
+        gradient_checkpointing=c.learner.gradient_checkpointing,
     )
 
 

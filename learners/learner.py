@@ -10,10 +10,10 @@ verified solutions). A step reads top to bottom:
    micro-batches whose gradients accumulate exactly to the mini-batch's.
 
 Data parallelism: every rank holds its shard of the batch; losses are normalised by global
-token / sequence counts, gradients are summed with ``torch.distributed`` (gloo; the learner
-computes on CPU so far), so after each update all ranks hold identical parameters and equal
-one learner that saw the whole batch. A plain object (no Ray): the learner actor wraps it,
-tests drive it in-process.
+token / sequence counts, gradients are summed with ``torch.distributed`` (NCCL between GPUs,
+gloo between CPUs), so after each update all ranks hold identical parameters and equal one
+learner that saw the whole batch. A plain object (no Ray): the learner actor wraps it and
+names its device from what Ray gave it; tests and the GPU smoke script drive it in-process.
 """
 
 from __future__ import annotations
@@ -39,6 +39,22 @@ logger = logging.getLogger(__name__)
 REQUIRED_METRICS = ("train/loss", "train/kl", "train/entropy")
 
 
+def default_device() -> torch.device:
+    """The first GPU torch can see (in a Ray actor: the ones Ray assigned it), else the CPU."""
+    return torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def _on_cpu(value):
+    """``value`` (tensors in nested dicts and lists) with every tensor copied to the CPU."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().to("cpu", copy=True)
+    if isinstance(value, dict):
+        return {k: _on_cpu(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_on_cpu(v) for v in value)
+    return copy.deepcopy(value)
+
+
 def _extreme(key: str):
     """How a metric combines across micro-batches, updates and ranks: max, min, or None (sum)."""
     return max if key.endswith("_max") else min if key.endswith("_min") else None
@@ -48,8 +64,10 @@ class Learner:
     """Owns the policy, its optimizer and the objectives; ``step`` consumes a TrainBatch and
     bumps the policy version."""
 
-    def __init__(self, settings: LearnerSettings, adapter: str = DEFAULT_ADAPTER):
+    def __init__(self, settings: LearnerSettings, adapter: str = DEFAULT_ADAPTER, device: torch.device | str | None = None):
+        """``device``: where the policy trains; None picks the GPU if torch sees one."""
         self.settings = settings
+        self.device = torch.device(device) if device is not None else default_device()
         a = self.algorithm = settings.algorithm
         self._check()
         torch.manual_seed(settings.seed)
@@ -61,6 +79,8 @@ class Learner:
             autocast_dtype=a.autocast_dtype,
             critic=a.uses_critic,
             reference=a.uses_reference,
+            device=self.device,
+            gradient_checkpointing=settings.gradient_checkpointing,
         )
         groups = [{"params": self.policy.policy_parameters(), "lr": a.lr}]
         if a.uses_critic:
@@ -95,10 +115,12 @@ class Learner:
 
     # -- data parallelism ----------------------------------------------------------------------
 
-    def init_distributed(self, address: str, port: int, rank: int, world_size: int, backend: str = "gloo") -> None:
-        """Join the learners' process group and start from rank 0's parameters."""
+    def init_distributed(self, address: str, port: int, rank: int, world_size: int) -> None:
+        """Join the learners' process group (NCCL on GPUs, gloo on CPUs) and start from rank
+        0's parameters."""
         import torch.distributed as dist
 
+        backend = "nccl" if self.device.type == "cuda" else "gloo"
         dist.init_process_group(backend, init_method=f"tcp://{address}:{port}", rank=rank, world_size=world_size)
         self.rank, self.world_size = rank, world_size
         with torch.no_grad():
@@ -106,10 +128,16 @@ class Learner:
                 dist.broadcast(p.data, src=0)
 
     def all_reduce(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
+        """Combine ``tensor`` over the ranks, in place; a CPU tensor travels through the
+        learner's device (NCCL reduces GPU tensors only)."""
         if self.world_size > 1:
             import torch.distributed as dist
 
-            dist.all_reduce(tensor, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}[op])
+            reduce_op = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}[op]
+            moved = tensor.to(self.device)
+            dist.all_reduce(moved, op=reduce_op)
+            if moved is not tensor:
+                tensor.copy_(moved)
         return tensor
 
     def _global(self, *values: float) -> list[float]:
@@ -291,7 +319,7 @@ class Learner:
         trainable = {id(p) for p in self.policy.trainable_parameters()}
         named = sorted(self.policy.model.named_parameters()) + [(n, p) for n, p in self.policy.named_trainable() if n.startswith("value_head")]
         for name, p in named:
-            digests["trainable" if id(p) in trainable else "frozen"].update(p.detach().float().numpy().tobytes())
+            digests["trainable" if id(p) in trainable else "frozen"].update(p.detach().float().cpu().numpy().tobytes())
         return {k: v.hexdigest() for k, v in digests.items()}
 
     # -- checkpoints -----------------------------------------------------------------------
@@ -304,9 +332,10 @@ class Learner:
         state: dict = {"rank": self.rank, "rng": torch.get_rng_state()}
         if weights:
             state |= {
-                "trainable": {n: p.detach().to("cpu", copy=True) for n, p in self.policy.named_trainable()},
-                # copies: the optimizer keeps updating its moment tensors in place
-                "optimizer": copy.deepcopy(self.optimizer.state_dict()),
+                "trainable": _on_cpu(dict(self.policy.named_trainable())),
+                # CPU copies: the optimizer keeps updating its moment tensors in place, and the
+                # state travels to a driver that may have no GPU
+                "optimizer": _on_cpu(self.optimizer.state_dict()),
                 # the schedule's function is code, rebuilt from the settings: not saved
                 "scheduler": {k: copy.deepcopy(v) for k, v in self.scheduler.state_dict().items() if k != "lr_lambdas"},
                 **self.objectives["ppo"].state_dict(),

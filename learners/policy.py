@@ -2,6 +2,11 @@
 
 Log-probs are computed only at completion positions: the LM head (a third of
 SmolLM2's parameters) never runs on prompt tokens.
+
+The model lives on one device (a GPU, or the CPU). Packed batches are built on the CPU and
+moved in; the per-token results ([B, T] log-probs, entropies, values) come back to the CPU,
+where the objectives form their losses: they are small next to the model's work, and the
+backward pass runs back through the copy onto the device.
 """
 
 from __future__ import annotations
@@ -58,6 +63,14 @@ def pack(prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]],
     return PackedBatch(input_ids, attention_mask, positions, targets, response_mask)
 
 
+def autocast_of(name: str | None, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for ``algorithm.autocast_dtype`` on ``device``: the named one
+    ("float32": none); unset, bfloat16 on a GPU and none on the CPU."""
+    if name is None:
+        return torch.bfloat16 if device.type == "cuda" else None
+    return None if name == "float32" else getattr(torch, name)
+
+
 class Policy:
     """A HF causal LM trained with a LoRA adapter (base frozen) or in full (``lora=None``).
 
@@ -79,11 +92,18 @@ class Policy:
         autocast_dtype: str | None = None,
         critic: bool = False,
         reference: bool = False,
+        device: torch.device | str = "cpu",
+        gradient_checkpointing: bool = False,
     ):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        self.device = torch.device(device)
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
-        base = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype))
+        base = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype)).to(self.device)
+        if gradient_checkpointing:
+            # recompute each layer's activations in the backward pass; the non-reentrant variant
+            # needs no input that requires grad, so it works with a frozen base and LoRA
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.lora = lora
         self.reference_model = None
         self.value_head = None
@@ -103,11 +123,11 @@ class Policy:
                 self.model.add_adapter("critic", self._peft_config(lora))
                 self.model.set_adapter("default")
                 hidden = base.config.hidden_size
-                self.value_head = torch.nn.Linear(hidden, 1, dtype=torch.float32)
+                self.value_head = torch.nn.Linear(hidden, 1, dtype=torch.float32, device=self.device)
                 torch.nn.init.zeros_(self.value_head.weight)
                 torch.nn.init.zeros_(self.value_head.bias)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        self.autocast_dtype = getattr(torch, autocast_dtype) if autocast_dtype else None
+        self.autocast_dtype = autocast_of(autocast_dtype, self.device)
 
     @staticmethod
     def _peft_config(lora: LoraSettings):
@@ -147,26 +167,30 @@ class Policy:
         return named
 
     def _hidden(self, batch: PackedBatch, causal_lm=None) -> torch.Tensor:
-        """Final hidden states at the positions that predict each completion token: [B, T, H]."""
+        """Final hidden states at the positions that predict each completion token: [B, T, H],
+        on the policy's device."""
         causal_lm = causal_lm or self.causal_lm
-        with torch.autocast("cpu", dtype=self.autocast_dtype or torch.bfloat16, enabled=self.autocast_dtype is not None):
-            hidden = causal_lm.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
-        index = batch.positions.unsqueeze(-1).expand(-1, -1, hidden.shape[-1])
+        input_ids, attention_mask = batch.input_ids.to(self.device), batch.attention_mask.to(self.device)
+        autocast = self.autocast_dtype or torch.bfloat16
+        with torch.autocast(self.device.type, dtype=autocast, enabled=self.autocast_dtype is not None):
+            hidden = causal_lm.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+        index = batch.positions.to(self.device).unsqueeze(-1).expand(-1, -1, hidden.shape[-1])
         return hidden.gather(1, index)
 
     def forward(
         self, batch: PackedBatch, temperature: float = 1.0, with_entropy: bool = False, entropy_grad: bool = False, causal_lm=None
     ):
         """Log-probs [B, T] of the completion tokens (and entropy [B, T] if asked), under the
-        policy or under ``causal_lm`` (the full-weight reference copy)."""
+        policy or under ``causal_lm`` (the full-weight reference copy); fp32, on the CPU."""
         causal_lm = causal_lm or self.causal_lm
         head = causal_lm.lm_head
-        logits = head(self._hidden(batch, causal_lm).to(head.weight.dtype)) / temperature  # fp32 head
-        logprobs = token_logprobs(logits, batch.targets)
+        # the head in the parameters' dtype (fp32 unless model.dtype says otherwise), outside autocast
+        logits = head(self._hidden(batch, causal_lm).to(head.weight.dtype)).float() / temperature
+        logprobs = token_logprobs(logits, batch.targets.to(self.device)).cpu()
         entropy = None
         if with_entropy:
             with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
-                entropy = entropy_from_logits(logits)
+                entropy = entropy_from_logits(logits).cpu()
         return logprobs, entropy
 
     def reference_forward(self, batch: PackedBatch, temperature: float = 1.0) -> torch.Tensor:
@@ -191,7 +215,7 @@ class Policy:
             self.model.set_adapter("default")
             for p in self.critic_parameters():
                 p.requires_grad_(True)
-        return self.value_head(hidden.float()).squeeze(-1)
+        return self.value_head(hidden.float()).squeeze(-1).cpu()
 
     def weight_state(self) -> dict[str, torch.Tensor]:
         """What the generators need, as detached CPU copies: the policy adapter's tensors with

@@ -56,7 +56,9 @@ class AlgorithmSettings:
     value_coef: float = 1.0
     # batch building (driver): leave all-equal-reward groups out of the batch
     drop_zero_variance_groups: bool = False
-    # "bfloat16": learner matmuls in bf16, parameters and LM head fp32 (~1.5x on AVX512-BF16 CPUs)
+    # the learner's matmuls under autocast in this dtype, parameters and LM head as model.dtype:
+    # "bfloat16" (~1.5x on AVX512-BF16 CPUs), "float32" (no autocast); None: bfloat16 on a GPU,
+    # none on the CPU
     autocast_dtype: str | None = None
 
     @property
@@ -82,3 +84,4 @@ class LearnerSettings:
     total_steps: int  # run.steps: the cosine schedule's length
     seed: int  # run.seed
     threads: int  # torch threads; 0 = every core (Ray sets OMP_NUM_THREADS=1 in actors)
+    gradient_checkpointing: bool  # learner.gradient_checkpointing: recompute activations in the backward pass

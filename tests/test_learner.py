@@ -8,7 +8,7 @@ import random
 import pytest
 import torch
 
-from helpers import make_learner
+from helpers import learner_settings, make_learner
 from learners.learner import Learner
 from learners.policy import LoraSettings
 from contracts import TrainBatch
@@ -245,3 +245,38 @@ def test_truncated_is_with_one_update_reuses_the_loss_pass(tiny_model_path, monk
         assert one[key] == pytest.approx(two[key], rel=1e-5, abs=1e-7), key
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6)
+
+
+def test_gradient_checkpointing_trains_the_same_weights(tiny_model_path):
+    """Recomputing activations in the backward pass changes memory, not the step."""
+    plain = make_learner(tiny_model_path, LORA, lr=1e-2, micro_batch_size=4)
+    checkpointed = make_learner(tiny_model_path, LORA, lr=1e-2, micro_batch_size=4, gradient_checkpointing=True)
+    assert checkpointed.policy.causal_lm.is_gradient_checkpointing and not plain.policy.causal_lm.is_gradient_checkpointing
+    for learner in (plain, checkpointed):
+        nonzero_adapter(learner)
+    for seed in (0, 1):
+        a, b = plain.step(random_batch(8, seed=seed)), checkpointed.step(random_batch(8, seed=seed))
+        assert b["train/loss"] == pytest.approx(a["train/loss"], rel=1e-5, abs=1e-7)
+        assert b["train/grad_norm"] == pytest.approx(a["train/grad_norm"], rel=1e-4)
+    for key, tensor in adapter_tensors(plain).items():
+        torch.testing.assert_close(adapter_tensors(checkpointed)[key], tensor, rtol=0, atol=1e-5)
+
+
+def test_the_learner_trains_where_it_is_told_and_checkpoints_to_the_cpu(tiny_model_path):
+    """The device is the caller's choice (the actor passes the one Ray assigned); a
+    checkpoint's tensors are CPU copies whatever the device, so a GPU-less driver can hold them.
+    Here only the CPU path can run; deploy/gpu_smoke.py drives the same class on a GPU."""
+    from learners.policy import autocast_of
+
+    learner = Learner(learner_settings(tiny_model_path, LORA), device="cpu")
+    assert learner.device == torch.device("cpu")
+    assert {p.device.type for p in learner.policy.model.parameters()} == {"cpu"}
+    learner.step(random_batch(4))
+    state = learner.state_dict()
+    tensors = [*state["trainable"].values(), *(t for s in state["optimizer"]["state"].values() for t in s.values())]
+    assert tensors and all(t.device.type == "cpu" for t in tensors)
+    # unset autocast: bf16 on a GPU, none on the CPU; "float32" turns it off anywhere
+    assert autocast_of(None, torch.device("cuda", 0)) is torch.bfloat16
+    assert autocast_of(None, torch.device("cpu")) is None
+    assert autocast_of("float32", torch.device("cuda", 0)) is None
+    assert autocast_of("bfloat16", torch.device("cpu")) is torch.bfloat16
