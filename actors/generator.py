@@ -27,12 +27,13 @@ class WeightSyncError(RuntimeError):
     """A generator did not confirm the new policy in time, or reports another one."""
 
 
-def generator_actor(num_cpus: float = 1.0, max_restarts: int = 0):
-    """The Ray actor class for a generator, with its resource request.
+def generator_actor(num_cpus: float = 1.0, num_gpus: float = 0.0, max_restarts: int = 0):
+    """The Ray actor class for a generator, with its resource request (``.options`` may
+    replace it, with a placement group bundle).
 
     A restarted generator re-runs its constructor and serves no policy until it is sent one.
     """
-    return ray.remote(num_cpus=num_cpus, max_restarts=max_restarts)(Generator)
+    return ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=max_restarts)(Generator)
 
 
 @dataclasses.dataclass
@@ -140,6 +141,13 @@ class GeneratorPool:
             )
         with self._lock:
             self._loads = pending + self._loads
+
+    def sleep(self) -> None:
+        """Every generator hands its device memory over (colocated sleep mode), and waits."""
+        ray.get([handle.sleep.remote() for handle in self.handles])
+
+    def wake(self) -> None:
+        ray.get([handle.wake.remote() for handle in self.handles])
 
     def broadcast(self, update: ray.ObjectRef, policy: PolicyRef) -> None:
         """Push and wait (synchronous mode, start, resume, rollback)."""

@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import logging
 import socket
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import dataclass, field
 
 import ray
 import torch
@@ -75,9 +74,6 @@ class LearnerActor:
     def scale_lr(self, factor: float) -> float:
         return self.learner.scale_lr(factor)
 
-    def save(self, folder: str) -> Path:
-        return self.learner.save(folder)
-
 
 def learner_actor(num_cpus: float = 1.0, num_gpus: float = 0.0):
     """The Ray actor class for a learner, with its resource request."""
@@ -93,14 +89,16 @@ class LearnerGroupSettings:
     num_gpus: float = 0.0  # per learner: trains on the GPU Ray assigns (bf16 autocast, NCCL between learners)
     threads: int = 0  # torch threads per learner (0: every core, divided among the learners)
     gradient_checkpointing: bool = False  # recompute activations in the backward pass: less memory, ~1/3 more compute
+    resources: dict[str, float] = field(default_factory=dict)  # custom Ray resources per learner (pins them to nodes)
 
 
 class LearnerGroup:
     """N data-parallel learner actors driven as one learner."""
 
-    def __init__(self, settings: LearnerSettings, group: LearnerGroupSettings = LearnerGroupSettings()):
+    def __init__(self, settings: LearnerSettings, group: LearnerGroupSettings = LearnerGroupSettings(), options: list[dict] | None = None):
+        """``options``: each rank's ``.options(...)`` (its placement group bundle and share)."""
         actor = learner_actor(num_cpus=group.num_cpus, num_gpus=group.num_gpus)
-        self.actors = [actor.remote(settings) for _ in range(group.num_learners)]
+        self.actors = [(actor.options(**options[rank]) if options else actor).remote(settings) for rank in range(group.num_learners)]
         if group.num_learners > 1:
             address, port = ray.get(self.actors[0].rendezvous.remote())
             ray.get([a.init_distributed.remote(address, port, rank, group.num_learners) for rank, a in enumerate(self.actors)])
@@ -129,9 +127,6 @@ class LearnerGroup:
 
     def weight_update(self) -> WeightUpdate:
         return ray.get(self.weight_update_ref())
-
-    def save(self, folder: str | Path) -> Path:
-        return ray.get(self.actors[0].save.remote(str(folder)))
 
     # -- every rank -------------------------------------------------------------------------
 

@@ -140,7 +140,7 @@ def bench_learner(
             overrides["mini_batch_size"] = rows // 2
         lora = None if overrides.pop("full_weights", False) else LoraSettings()
         algorithm = dataclasses.replace(base, **overrides)
-        settings = LearnerSettings(path, algorithm, lora, dtype="float32", temperature=1.0, total_steps=0, seed=0, threads=0)
+        settings = LearnerSettings(path, algorithm, lora, dtype="float32", temperature=1.0, total_steps=0, seed=0, threads=0, gradient_checkpointing=False)
         learner = Learner(settings)
         batch = synthetic_batch(rows, prompt_tokens, completion_tokens, learner.policy.tokenizer.vocab_size)
         learner.step(batch)  # warm-up

@@ -29,6 +29,10 @@ from rollout.engines import EngineSettings
 from rollout.tasks import TASK_NAMES
 
 
+# the most of a shared GPU's memory a colocated generator may take without sleep mode
+COLOCATED_MEMORY_SHARE = 0.6
+
+
 class ConfigError(ValueError):
     """A config key or value the run cannot use; the message names the dotted key."""
 
@@ -105,10 +109,25 @@ class RolloutConfig:
 
 @dataclass(frozen=True)
 class GeneratorConfig(EngineSettings):
-    """The generator actors: how many, their CPUs, and their engine's own settings."""
+    """The generator actors: how many, what each asks of the cluster, and their engine's own
+    settings."""
 
     num_generators: int = 1
     num_cpus: float = 0.5
+    num_gpus: float = 0.0  # per generator: on a GPU cluster, tensor_parallel_size
+    resources: dict[str, float] = field(default_factory=dict)  # custom Ray resources per generator (pins them to nodes)
+
+
+@dataclass
+class ClusterConfig:
+    """Where the actors go (README: "Running on a cluster")."""
+
+    # disaggregated: learners and generators in bundles of their own; colocated: learner i and
+    # generator i share a bundle (one GPU), handing memory over by a split or by sleep mode
+    placement: Literal["disaggregated", "colocated"] = "disaggregated"
+    strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"  # Ray's placement group strategy
+    placement_timeout_s: float = 120.0  # the bundles must be placed by then, or the run stops naming them
+    dashboard: bool = True  # a local cluster (no RAY_ADDRESS) starts the Ray dashboard and prints its URL
 
 
 @dataclass(frozen=True)
@@ -181,6 +200,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
 
@@ -326,6 +346,7 @@ def check_config(config: Config) -> None:
         problems.append(f"run.checkpoint_every ({r.checkpoint_every}) must be >= 0 and run.keep_checkpoints ({r.keep_checkpoints}) >= 1")
     if not 0 < config.monitor.rollback_lr_factor <= 1:
         problems.append(f"monitor.rollback_lr_factor must be in (0, 1], got {config.monitor.rollback_lr_factor}")
+    problems += _placement_problems(config)
     v = config.verifier
     if not 1 <= v.min_verifiers <= v.max_verifiers:
         problems.append(f"verifier pool size needs 1 <= verifier.min_verifiers ({v.min_verifiers}) <= verifier.max_verifiers ({v.max_verifiers})")
@@ -337,6 +358,32 @@ def check_config(config: Config) -> None:
         problems.append(f"monitor.rules: unknown rules {unknown_rules}; known: {sorted(DEFAULT_RULES)}")
     if problems:
         raise ConfigError("; ".join(problems))
+
+
+def _placement_problems(config: Config) -> list[str]:
+    """GPU generators, tensor parallelism, colocation and sleep mode that cannot work together."""
+    g, learner, problems = config.generator, config.learner, []
+    if g.num_gpus < 0 or g.tensor_parallel_size < 1:
+        problems.append("generator.num_gpus must be >= 0 and generator.tensor_parallel_size >= 1")
+    if g.tensor_parallel_size > 1 and g.num_gpus != g.tensor_parallel_size:
+        problems.append(f"generator.tensor_parallel_size={g.tensor_parallel_size} shards each engine over that many GPUs: set generator.num_gpus={g.tensor_parallel_size}")
+    if g.sleep_mode and g.engine == "vllm" and g.num_gpus == 0:
+        problems.append("generator.sleep_mode releases GPU memory: it needs GPU generators (generator.num_gpus > 0)")
+    if g.sleep_mode and config.rollout.mode == "async":
+        problems.append("generator.sleep_mode puts the generators to sleep while the learner steps: it needs rollout.mode=sync")
+    if config.cluster.placement == "colocated":
+        if learner.num_learners != g.num_generators:
+            problems.append(f"cluster.placement=colocated pairs learner i with generator i: learner.num_learners ({learner.num_learners}) must equal generator.num_generators ({g.num_generators})")
+        if learner.num_gpus != g.num_gpus or learner.num_gpus not in (0, 1):
+            problems.append(f"cluster.placement=colocated shares one GPU per pair: set learner.num_gpus and generator.num_gpus both to 1 (GPU) or 0 (CPU), got {learner.num_gpus} and {g.num_gpus}")
+        if g.tensor_parallel_size > 1:
+            problems.append("cluster.placement=colocated serves each generator from its pair's one GPU: generator.tensor_parallel_size must be 1")
+        if g.num_gpus > 0 and not g.sleep_mode and g.gpu_memory_utilization > COLOCATED_MEMORY_SHARE:
+            problems.append(
+                f"cluster.placement=colocated on a GPU: the generator must leave the learner memory; set generator.sleep_mode=true, "
+                f"or generator.gpu_memory_utilization <= {COLOCATED_MEMORY_SHARE} (now {g.gpu_memory_utilization})"
+            )
+    return problems
 
 
 def _task_problems(config: Config) -> list[str]:

@@ -36,6 +36,7 @@ from cluster.config import Config, load_config
 from cluster.evaluate import eval_sampling, evaluate, sample_metrics, task_metrics
 from cluster.metrics import MetricsExporter
 from cluster.monitor import Event, Monitor, rules_from_config
+from cluster.placement import check_model_on_nodes, place
 from cluster.rundir import RunDir
 from cluster.rollouts import RolloutProducer
 from cluster.wiring import build_tasks, init_ray, render, start_generators, start_learners, start_verifiers
@@ -43,7 +44,7 @@ from contracts import DEFAULT_ADAPTER, PolicyRef, Problem, Prompt, Sample, Sampl
 from learners.batch import build_train_batch
 from learners.learner import REQUIRED_METRICS
 from rollout.engines import write_adapter
-from rollout.models import resolve_model
+from rollout.models import resolve_model, write_model
 from rollout.queue import RolloutQueue
 from rollout.staleness import filter_stale
 
@@ -86,9 +87,15 @@ class Trainer:
             task_id: self.render(problems) for task_id, problems in self.tasks.eval_sets("validation").items()
         }
         init_ray(c)
-        self.learners = start_learners(c, self.model_path)
-        self.generators = start_generators(c, self.model_path)
-        self.verifiers = start_verifiers(c, self.tasks, (lambda: scorer) if scorer else None)
+        self.placement = place(c)
+        try:
+            check_model_on_nodes(self.model_path, self.placement.bundle_nodes())
+            self.learners = start_learners(c, self.model_path, self.placement)
+            self.generators = start_generators(c, self.model_path, self.placement)
+            self.verifiers = start_verifiers(c, self.tasks, (lambda: scorer) if scorer else None)
+        except BaseException:
+            self.placement.remove()  # its actors go with it
+            raise
         self.monitor = Monitor(rules_from_config(c.monitor.rules)) if c.monitor.enabled else None
         self.checkpoints = CheckpointStore(run_dir.checkpoints, c.run.keep_checkpoints)
         self.exporter: MetricsExporter | None = None  # opened by train(), once the run directory is settled
@@ -205,10 +212,16 @@ class Trainer:
                 batch, advantages, batch_metrics = build_train_batch(
                     samples, verdicts, self.config.algorithm.advantage, self.config.algorithm.drop_zero_variance_groups
                 )
+            if self.config.generator.sleep_mode:
+                with timer("generator_sleep"):  # colocated: the learner takes the memory
+                    self.generators.sleep()
             learn_start = time.time()
             with timer("learn"):
                 learn_metrics = self.learners.step(batch) if len(batch) else EMPTY_LEARN_METRICS
             self.timeline.append(("learn", step, learn_start, time.time()))
+            if self.config.generator.sleep_mode:
+                with timer("generator_wake"):
+                    self.generators.wake()
             self.policy = self.learners.policy_version()
             with timer("weight_sync"):
                 self.publish()
@@ -282,6 +295,7 @@ class Trainer:
             if previous:
                 logger.warning("%s held an earlier run: its files are now in %s (use raylight resume to continue a run)", self.run_dir.path, previous)
         self.run_dir.write_config(c)  # a resume may have changed run.steps
+        (self.run_dir.path / "placement.json").write_text(json.dumps(self.placement.describe(), indent=2))
         self.exporter = MetricsExporter(self.run_dir, c.run.metrics_export, c.run.tensorboard)
 
     def evaluate_at_start(self) -> None:
@@ -424,18 +438,21 @@ class Trainer:
         return True
 
     def save_final(self) -> None:
-        """The trained policy: a PEFT adapter folder, or a HF model folder (full weights)."""
+        """The trained policy: a PEFT adapter folder, or a HF model folder (full weights),
+        written here from tensors that came through the object store (a learner on another
+        node has no path this driver could read)."""
         update = self.learners.weight_update()
         if update.kind == "lora":
             write_adapter(update, self.run_dir.final_adapter)
         else:
-            self.learners.save(self.run_dir.final_adapter)
+            write_model(update, self.model_path, self.run_dir.final_adapter)
 
     def shutdown(self) -> None:
         self.stop_rollouts()
         self.learners.kill()
         self.generators.kill()
         self.verifiers.kill()
+        self.placement.remove()
 
 
 def progress(metrics: dict) -> dict:

@@ -17,6 +17,7 @@ from actors.generator import GeneratorPool, generator_actor
 from actors.learner import LearnerGroup
 from actors.verifier import ScorerFactory, VerifierPool
 from cluster.config import Config, TaskConfig
+from cluster.placement import Placement
 from contracts import Problem, Prompt
 from learners.settings import LearnerSettings
 from rewards.scoring import ScorerSpec, build_task_scorer
@@ -31,13 +32,17 @@ ASYNC_TIS_CAP = 2.0
 
 
 def init_ray(config: Config) -> None:
-    """Join the cluster named by RAY_ADDRESS (``ray job submit`` sets it), else start a local one."""
+    """Join the cluster named by RAY_ADDRESS (``ray job submit`` sets it), else start a local
+    one, with its dashboard unless ``cluster.dashboard`` is off."""
     if ray.is_initialized():
         return
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address="auto", log_to_driver=True)
-    else:
-        ray.init(num_cpus=config.run.num_cpus, include_dashboard=False, log_to_driver=True)
+        return
+    dashboard = config.cluster.dashboard
+    context = ray.init(num_cpus=config.run.num_cpus, include_dashboard=dashboard, dashboard_host="127.0.0.1", log_to_driver=True)
+    if dashboard and context.dashboard_url:
+        logger.info("Ray dashboard: http://%s (turn it off with --no-dashboard)", context.dashboard_url)
 
 
 def generator_env(config: Config) -> dict[str, str]:
@@ -56,32 +61,27 @@ def generator_env(config: Config) -> dict[str, str]:
     return env
 
 
-def start_generator(config: Config, model_path: str, rank: int = 0, settings: EngineSettings | None = None):
+def start_generator(config: Config, model_path: str, rank: int = 0, settings: EngineSettings | None = None, placement: Placement | None = None):
     """A generator actor serving ``model_path`` with the resources and environment ``config``
-    asks for; its engine runs as ``settings`` say (default: the config's generator section)."""
-    actor = generator_actor(num_cpus=config.generator.num_cpus).options(runtime_env={"env_vars": generator_env(config)})
-    settings = settings or config.generator
-    return actor.remote(model_path, settings, seed=config.run.seed, max_lora_rank=config.lora.rank, rank=rank)
+    asks for (in its bundle of ``placement``, if given); its engine runs as ``settings`` say
+    (default: the config's generator section)."""
+    g = config.generator
+    options = placement.generator_options(rank) if placement else {"num_cpus": g.num_cpus, "num_gpus": g.num_gpus}
+    actor = generator_actor().options(runtime_env={"env_vars": generator_env(config)}, **options)
+    return actor.remote(model_path, settings or g, seed=config.run.seed, max_lora_rank=config.lora.rank, rank=rank)
 
 
-def start_generators(config: Config, model_path: str) -> GeneratorPool:
+def start_generators(config: Config, model_path: str, placement: Placement | None = None) -> GeneratorPool:
     """The run's ``generator.num_generators`` actors as one pool."""
-    handles = [start_generator(config, model_path, rank=i) for i in range(config.generator.num_generators)]
+    handles = [start_generator(config, model_path, rank=i, placement=placement) for i in range(config.generator.num_generators)]
     return GeneratorPool(handles, config.run.broadcast_timeout_s)
 
 
-def start_learners(config: Config, model_path: str) -> LearnerGroup:
-    """The run's ``learner.num_learners`` data-parallel learner actors as one group; stops at
-    once, rather than waiting forever for them to be placed, when the cluster has too few GPUs."""
-    group = config.learner
-    needed = group.num_learners * group.num_gpus
-    available = ray.cluster_resources().get("GPU", 0.0)
-    if needed > available:
-        raise RuntimeError(
-            f"learner.num_gpus={group.num_gpus} x learner.num_learners={group.num_learners} needs {needed:g} GPUs, "
-            f"but the Ray cluster has {available:g} (see `ray status`); lower them or add GPU nodes"
-        )
-    return LearnerGroup(learner_settings(config, model_path), group)
+def start_learners(config: Config, model_path: str, placement: Placement | None = None) -> LearnerGroup:
+    """The run's ``learner.num_learners`` data-parallel learner actors as one group, each in
+    its bundle of ``placement`` (or wherever Ray puts them, without one)."""
+    options = [placement.learner_options(rank) for rank in range(config.learner.num_learners)] if placement else None
+    return LearnerGroup(learner_settings(config, model_path), config.learner, options)
 
 
 def learner_settings(config: Config, model_path: str) -> LearnerSettings:

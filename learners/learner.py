@@ -23,7 +23,6 @@ import hashlib
 import logging
 import math
 import os
-from pathlib import Path
 
 import torch
 
@@ -382,6 +381,3 @@ class Learner:
     def weight_update(self) -> WeightUpdate:
         kind = "full" if self.policy.lora is None else "lora"
         return WeightUpdate(self.policy_ref, self.policy.weight_state(), self.policy.adapter_config(), kind)
-
-    def save(self, folder: str | Path) -> Path:
-        return self.policy.save(folder)

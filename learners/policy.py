@@ -232,12 +232,3 @@ class Policy:
             return {}
         config = self.model.peft_config["default"].to_dict()
         return {k: (sorted(v) if isinstance(v, set) else v) for k, v in config.items()}
-
-    def save(self, folder: str | Path) -> Path:
-        """The policy as a PEFT adapter folder (LoRA) or a HF model folder (full weights)."""
-        if self.lora is None:
-            self.model.save_pretrained(folder)
-            self.tokenizer.save_pretrained(folder)
-        else:
-            self.model.save_pretrained(folder, selected_adapters=["default"])
-        return Path(folder)

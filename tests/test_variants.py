@@ -9,6 +9,7 @@ import json
 import math
 
 import pytest
+import torch
 
 from cluster.cli import main
 
@@ -84,5 +85,12 @@ def test_full_weight_training_reaches_vllm(ray_cluster, tiny_model_path, tmp_pat
         learner_logprobs = trainer.learners.logprobs(TrainBatch.from_samples(samples, [0.0] * len(samples)))
         diffs = [abs(a - b) for s, row in zip(samples, learner_logprobs) for a, b in zip(s.completion.logprobs, row)]
         assert len(diffs) > 50 and max(diffs) < 1e-3, max(diffs)
+        # the final model is written by the driver from the object store, and loads as a HF model
+        trainer.save_final()
+        from transformers import AutoModelForCausalLM
+
+        saved = AutoModelForCausalLM.from_pretrained(trainer.run_dir.final_adapter).state_dict()
+        for name, tensor in trainer.learners.weight_update().tensors.items():
+            torch.testing.assert_close(saved[name], tensor, rtol=0, atol=0)
     finally:
         trainer.shutdown()
