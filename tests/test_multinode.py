@@ -82,7 +82,10 @@ def nodes(address: str) -> list[dict]:
 
 
 def can_hide_folders() -> bool:
-    probe = subprocess.run(["unshare", "--mount", "--propagation", "private", "true"], capture_output=True)
+    try:
+        probe = subprocess.run(["unshare", "--mount", "--propagation", "private", "true"], capture_output=True)
+    except FileNotFoundError:  # no util-linux unshare
+        return False
     return probe.returncode == 0
 
 
