@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import uuid
 from pathlib import Path
 
 import ray
@@ -136,7 +137,9 @@ def place(config: Config) -> Placement:
             f"{_resources(total)} (short of {sorted(short)}; see `ray status`): lower the learner/generator counts, "
             "num_cpus or num_gpus, or add nodes"
         )
-    group = placement_group(specs, strategy=config.cluster.strategy, name=f"raylight-{os.getpid()}")
+    # named for the dashboard's placement-group view; unique, as Ray's named groups must be
+    name = f"raylight-{Path(config.run.run_dir).name}-{uuid.uuid4().hex[:8]}"
+    group = placement_group(specs, strategy=config.cluster.strategy, name=name)
     try:
         ray.get(group.ready(), timeout=config.cluster.placement_timeout_s)
     except GetTimeoutError:
