@@ -25,6 +25,8 @@ def _train(args: argparse.Namespace) -> int:
     if args.no_dashboard:
         overrides.append("cluster.dashboard=false")
     config = load_config(args.config, overrides)
+    if args.resume_if_exists:
+        return _run(Trainer.resume_or_start(config))
     return _run(Trainer(config, RunDir(config.run.run_dir)))
 
 
@@ -137,6 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--run-dir", help="where the run is written (overrides run.run_dir)")
     train.add_argument("--steps", type=int, help="number of training steps (overrides run.steps)")
     train.add_argument("--seed", type=int, help="random seed (overrides run.seed)")
+    train.add_argument("--resume-if-exists", action="store_true",
+                       help="if the run directory holds a checkpoint, continue that run instead of starting over (a retried job resumes)")
     train.add_argument("--no-dashboard", action="store_true", help="start a local Ray cluster without its dashboard (cluster.dashboard=false)")
     train.add_argument("overrides", nargs="*", help="dotted.key=value config overrides, e.g. rollout.group_size=4")
     train.set_defaults(func=_train)

@@ -31,35 +31,48 @@ def make_learner(model_path: str, lora: LoraSettings | None, **settings) -> Lear
     return Learner(learner_settings(model_path, lora, **settings))
 
 
-KILLED_DRIVER = """
+DRIVER_SCRIPT = """
+import logging
 import sys
 sys.path.insert(0, {tests!r})
+logging.basicConfig(level=logging.INFO)
 from cluster.config import load_config
 from cluster.driver import Trainer
 from cluster.rundir import RunDir
 from {scorer_module} import spread_reward
 
 config = load_config({config!r}, {overrides!r})
-trainer = Trainer(config, RunDir(config.run.run_dir), scorer=spread_reward)
+if {resume_if_exists!r}:  # what `raylight train --resume-if-exists` does
+    trainer = Trainer.resume_or_start(config, scorer=spread_reward)
+else:
+    trainer = Trainer(config, RunDir(config.run.run_dir), scorer=spread_reward)
 trainer.train(config.run.steps)
+trainer.shutdown()
 """
 
 
-def kill_driver_after(marker: Path, config: Path, overrides: list[str], scorer_module: str, timeout_s: float = 300.0) -> None:
+def driver_command(config: Path, overrides: list[str], scorer_module: str, resume_if_exists: bool = False) -> tuple[list[str], dict]:
+    """A training driver as a separate process joined to this test's Ray cluster: (argv, env)."""
+    import os
+    import sys
+
+    import ray
+
+    tests = Path(__file__).resolve().parent
+    script = DRIVER_SCRIPT.format(tests=str(tests), scorer_module=scorer_module, config=str(config), overrides=overrides, resume_if_exists=resume_if_exists)
+    return [sys.executable, "-c", script], {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+
+
+def kill_driver_after(marker: Path, config: Path, overrides: list[str], scorer_module: str, timeout_s: float = 300.0, resume_if_exists: bool = False) -> None:
     """Run a training driver in a separate process (joined to this test's Ray cluster) and
     SIGKILL it, with its process group, as soon as ``marker`` exists."""
     import os
     import signal
     import subprocess
-    import sys
     import time
 
-    import ray
-
-    tests = Path(__file__).resolve().parent
-    script = KILLED_DRIVER.format(tests=str(tests), scorer_module=scorer_module, config=str(config), overrides=overrides)
-    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
-    driver = subprocess.Popen([sys.executable, "-c", script], cwd=tests.parent, env=env, start_new_session=True)
+    argv, env = driver_command(config, overrides, scorer_module, resume_if_exists)
+    driver = subprocess.Popen(argv, cwd=Path(__file__).resolve().parents[1], env=env, start_new_session=True)
     try:
         deadline = time.monotonic() + timeout_s
         while not marker.exists() and driver.poll() is None and time.monotonic() < deadline:

@@ -9,8 +9,8 @@ from cluster.cli import main, parse_args
 
 
 def test_overrides_before_and_after_options():
-    args = parse_args(["train", "c.yaml", "a.b=1", "--run-dir", "runs/x", "--steps", "2", "c.d=[1, 2]", "--seed", "3"])
-    assert args.config == "c.yaml" and args.run_dir == "runs/x" and args.steps == 2 and args.seed == 3
+    args = parse_args(["train", "c.yaml", "a.b=1", "--run-dir", "runs/x", "--steps", "2", "c.d=[1, 2]", "--seed", "3", "--resume-if-exists"])
+    assert args.config == "c.yaml" and args.run_dir == "runs/x" and args.steps == 2 and args.seed == 3 and args.resume_if_exists
     assert args.overrides == ["a.b=1", "c.d=[1, 2]"]
 
 

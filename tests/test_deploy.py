@@ -98,6 +98,8 @@ def test_kuberay_rayjob_runs_a_raylight_config_that_loads():
     args = parse_args(words[1:])
     config = load_config(ROOT / args.config, [*args.overrides, f"run.run_dir={args.run_dir}"])
     assert config.learner.num_gpus == 1 and config.generator.num_gpus == 1 and config.rollout.mode == "async"
+    # retried attempts continue the run instead of starting it over
+    assert args.resume_if_exists and spec["backoffLimit"] >= 1
 
 
 def test_gpu_image_copies_every_package_and_installs_the_gpu_extra():

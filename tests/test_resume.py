@@ -123,6 +123,29 @@ def test_run_killed_after_a_checkpoint_resumes_to_the_same_result(uninterrupted,
     assert_same_run(run_dir, uninterrupted)
 
 
+def test_a_job_run_again_after_its_driver_was_killed_resumes_and_finishes_the_same(uninterrupted, tiny_model_path, tmp_path):
+    """``--resume-if-exists`` (``Trainer.resume_or_start``): the first attempt starts the run
+    and is SIGKILLed after its second checkpoint; the same command run again continues from it
+    and ends as the uninterrupted run did: every step's metrics once, the same adapter bits."""
+    import subprocess
+
+    from helpers import driver_command
+
+    run_dir = tmp_path / "retried"
+    config, settings = ROOT / "configs/tiny.yaml", overrides(tiny_model_path, run_dir)
+    kill_driver_after(run_dir / "checkpoints" / "step_000002" / "COMPLETE.json", config, settings, "test_integration", resume_if_exists=True)
+    assert not (run_dir / "final_adapter").exists()
+    argv, env = driver_command(config, settings, "test_integration", resume_if_exists=True)
+    retried = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert retried.returncode == 0, retried.stderr[-3000:]
+    assert "holds a run with a checkpoint: resuming it" in retried.stderr
+    assert_same_run(run_dir, uninterrupted)
+    # a third attempt finds the run finished: it changes nothing
+    again = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert_same_run(run_dir, uninterrupted)
+
+
 def test_rollback_rule_restores_the_last_checkpoint_and_halves_the_lr(ray_cluster, tiny_model_path, tmp_path):
     """``plateau`` with an impossible band fires at step 2 (its window): the run goes back to
     step 1's checkpoint with half the learning rate; at step 3 it fires again, the one allowed
