@@ -88,25 +88,18 @@ class VerifierPool:
     """Scores samples over ``min_verifiers``..``max_verifiers`` actors; see the module docstring."""
 
     def __init__(self, factory: ScorerFactory, settings: VerifierPoolSettings = VerifierPoolSettings()):
-        s = settings
+        s = self.settings = settings
         if not 1 <= s.min_verifiers <= s.max_verifiers:
             raise ValueError(f"verifier pool size needs 1 <= min_verifiers ({s.min_verifiers}) <= max_verifiers ({s.max_verifiers})")
         self.factory = factory
-        self.min_size, self.max_size = s.min_verifiers, s.max_verifiers
-        self.timeout_s = s.timeout_s
-        self.max_retries = s.max_retries
-        self.samples_per_call = s.samples_per_call
-        self.samples_per_verifier = s.samples_per_verifier
-        self.startup_s = s.startup_s
-        self.scale_down_after = s.scale_down_after
         self._actor_class = ray.remote(num_cpus=s.num_cpus)(Verifier)
         self.actors: list = []
         self._fresh: set[int] = set()  # actors that have not finished a job yet (still starting)
         self._oversized_calls = 0
         self.stats: dict[str, float] = {"verifier/restarts": 0, "verifier/retries": 0, "verifier/infra_errors": 0}
         self._lock = threading.Lock()  # one scoring call at a time (a rollout thread and an evaluation share the pool)
-        self._resize(self.min_size)
-        self._wait_ready(self.startup_s)
+        self._resize(s.min_verifiers)
+        self._wait_ready(s.startup_s)
 
     def _wait_ready(self, timeout_s: float) -> None:
         """Fail at once, with the scorer's own error, if the verifiers cannot start (no sandbox
@@ -138,7 +131,7 @@ class VerifierPool:
             self._fresh.discard(len(self.actors))
 
     def _desired(self, waiting: int) -> int:
-        return max(self.min_size, min(self.max_size, math.ceil(waiting / self.samples_per_verifier)))
+        return max(self.settings.min_verifiers, min(self.settings.max_verifiers, math.ceil(waiting / self.settings.samples_per_verifier)))
 
     def _replace(self, index: int) -> None:
         ray.kill(self.actors[index], no_restart=True)
@@ -165,18 +158,19 @@ class VerifierPool:
 
         verdicts: list[Verdict | None] = [None] * len(items)
         attempts = [0] * len(items)
-        queue = collections.deque([list(range(i, min(i + self.samples_per_call, len(items)))) for i in range(0, len(items), self.samples_per_call)])
+        per_call = self.settings.samples_per_call
+        queue = collections.deque([list(range(i, min(i + per_call, len(items)))) for i in range(0, len(items), per_call)])
         running: dict[ray.ObjectRef, _Job] = {}
 
         def retry(indices: list[int], error: str, outcome: str = "infra_error") -> None:
             for i in indices:
                 attempts[i] += 1
-                if attempts[i] <= self.max_retries:
+                if attempts[i] <= self.settings.max_retries:
                     self.stats["verifier/retries"] += 1
                     queue.append([i])
                 else:
                     self.stats["verifier/infra_errors"] += 1
-                    verdicts[i] = Verdict.infra_error(f"{error} (after {self.max_retries} retries)", outcome)
+                    verdicts[i] = Verdict.infra_error(f"{error} (after {self.settings.max_retries} retries)", outcome)
 
         while queue or running:
             busy = {job.actor for job in running.values()}
@@ -184,7 +178,7 @@ class VerifierPool:
                 if queue and actor not in busy:
                     indices = queue.popleft()
                     now = time.monotonic()
-                    budget = self.timeout_s * len(indices) + (self.startup_s if actor in self._fresh else 0.0)
+                    budget = self.settings.timeout_s * len(indices) + (self.settings.startup_s if actor in self._fresh else 0.0)
                     ref = self.actors[actor].score.remote([items[i] for i in indices])
                     running[ref] = _Job(actor, indices, now, now + budget)
             ready, _ = ray.wait(list(running), num_returns=1, timeout=0.2)
@@ -211,7 +205,7 @@ class VerifierPool:
                     self._replace(job.actor)
                     retry(job.indices, f"verifier timed out after {job.deadline - job.started:.0f}s")
 
-        if self._oversized_calls >= self.scale_down_after:
+        if self._oversized_calls >= self.settings.scale_down_after:
             logger.info("verifier pool: shrinking from %d to %d actors", len(self.actors), desired)
             self._resize(desired)
             self._oversized_calls = 0

@@ -421,6 +421,20 @@ def config_to_dict(config: Config) -> dict:
     return _plain(dataclasses.asdict(config))
 
 
+def dotted_items(config: Config) -> dict[str, Any]:
+    """Every leaf of the config under its dotted key (``rollout.group_size``), as the
+    overrides name them."""
+    return _flatten(config_to_dict(config))
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        dotted = f"{prefix}{key}"
+        flat |= _flatten(value, f"{dotted}.") if isinstance(value, dict) and value else {dotted: value}
+    return flat
+
+
 def _plain(value: Any) -> Any:
     if isinstance(value, dict):
         return {k: _plain(v) for k, v in value.items()}

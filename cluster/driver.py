@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from actors.verifier import Scorer
 from cluster.checkpoint import Checkpoint, CheckpointError, CheckpointStore
-from cluster.config import Config, config_to_dict, load_config
+from cluster.config import Config, dotted_items, load_config
 from cluster.evaluate import eval_sampling, evaluate, sample_metrics, task_metrics
 from cluster.metrics import MetricsExporter
 from cluster.monitor import Event, Monitor, rules_from_config
@@ -125,15 +125,16 @@ class Trainer:
         same command run again after a crash picks up where the run was (``raylight train
         --resume-if-exists``, what makes a job safe to retry)."""
         run_dir = RunDir(config.run.run_dir)
-        if run_dir.config_path.is_file() and CheckpointStore(run_dir.checkpoints).latest() is not None:
-            saved = config_to_dict(load_config(run_dir.config_path, [f"run.run_dir={run_dir.path}", f"run.steps={config.run.steps}"]))
-            given, kept = flatten(config_to_dict(config)), flatten(saved)
-            changed = sorted(key for key, value in given.items() if key != "run.run_dir" and kept.get(key) != value)
-            if changed:
-                logger.warning("resuming %s with its saved config; this command's config differs in %s (ignored)", run_dir.path, changed)
-            logger.info("%s holds a run with a checkpoint: resuming it", run_dir.path)
-            return cls.resume(run_dir.path, config.run.steps, scorer)
-        return cls(config, run_dir, scorer)
+        checkpoint = CheckpointStore(run_dir.checkpoints).latest() if run_dir.config_path.is_file() else None
+        if checkpoint is None:
+            return cls(config, run_dir, scorer)
+        saved = load_config(run_dir.config_path, [f"run.run_dir={run_dir.path}", f"run.steps={config.run.steps}"])
+        given, kept = dotted_items(config), dotted_items(saved)
+        changed = sorted(key for key, value in given.items() if key != "run.run_dir" and kept.get(key) != value)
+        if changed:
+            logger.warning("resuming %s with its saved config; this command's config differs in %s (ignored)", run_dir.path, changed)
+        logger.info("%s holds a run with a checkpoint: resuming it", run_dir.path)
+        return cls._continue(run_dir, saved, checkpoint, scorer)
 
     @classmethod
     def resume(cls, path: str | os.PathLike, steps: int | None = None, scorer: Scorer | None = None) -> Trainer:
@@ -146,7 +147,12 @@ class Trainer:
         if checkpoint is None:
             raise CheckpointError(f"no usable checkpoint in {run_dir.checkpoints}: start the run again with raylight train")
         overrides = [f"run.run_dir={run_dir.path}"] + ([f"run.steps={steps}"] if steps is not None else [])
-        trainer = cls(load_config(run_dir.config_path, overrides), run_dir, scorer)
+        return cls._continue(run_dir, load_config(run_dir.config_path, overrides), checkpoint, scorer)
+
+    @classmethod
+    def _continue(cls, run_dir: RunDir, config: Config, checkpoint: Checkpoint, scorer: Scorer | None) -> Trainer:
+        """A Trainer for the run in ``run_dir``, restored from ``checkpoint`` (already verified)."""
+        trainer = cls(config, run_dir, scorer)
         trainer.restore(checkpoint)
         return trainer
 
@@ -470,15 +476,6 @@ class Trainer:
         self.generators.kill()
         self.verifiers.kill()
         self.placement.remove()
-
-
-def flatten(tree: dict, prefix: str = "") -> dict:
-    """Nested config data as ``{"dotted.key": value}``."""
-    flat = {}
-    for key, value in tree.items():
-        dotted = f"{prefix}{key}"
-        flat |= flatten(value, f"{dotted}.") if isinstance(value, dict) and value else {dotted: value}
-    return flat
 
 
 def progress(metrics: dict) -> dict:

@@ -37,18 +37,12 @@ def tiny_model_path() -> str:
     return str(build_tiny_model())
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def ray_metrics_port() -> int:
     """The Prometheus export port of the session's Ray cluster."""
-    return _free_port()
+    from helpers import free_port
+
+    return free_port()
 
 
 @pytest.fixture(scope="session")

@@ -27,6 +27,15 @@ def learner_settings(
     return LearnerSettings(model_path, knobs, lora, dtype, temperature, total_steps, seed, threads, gradient_checkpointing)
 
 
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def make_learner(model_path: str, lora: LoraSettings | None, **settings) -> Learner:
     return Learner(learner_settings(model_path, lora, **settings))
 

@@ -25,18 +25,12 @@ from pathlib import Path
 
 import pytest
 
+from helpers import free_port
+
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY_RUN = ["eval.n=4", "eval.at_start=false", "run.steps=2", "run.save_rollouts=false", "cluster.dashboard=false"]
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def ray_env() -> dict[str, str]:
