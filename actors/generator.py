@@ -1,10 +1,28 @@
 """Generator actors and the generator pool that any driver submits work to.
 
-``GeneratorPool.submit(prompts, sampling, policy)`` returns futures (Ray object refs), one per
-chunk of the prompts; chunks go to the generators with the least work outstanding. A weight
-update is pushed to every generator without draining the pool: each actor runs its calls in
-order, so the update lands between two engine calls; the work already running or queued on a
-generator finishes on the old weights and its samples say so (``Sample.policy``).
+``GeneratorPool.submit(prompts, sampling, policy)`` returns ``Request`` objects, one per chunk
+of the prompts; chunks go to the generators with the least work outstanding, and ``wait`` /
+``result`` hand the samples back. A weight update is pushed to every generator without
+draining the pool: each actor runs its calls in order, so the update lands between two engine
+calls; the work already running or queued on a generator finishes on the old weights and its
+samples say so (``Sample.policy``).
+
+The pool keeps the run going when a generator fails (``GeneratorPoolSettings``):
+
+- a generator that dies (its process killed, its node lost), hangs past ``call_timeout_s`` on
+  one call, or does not confirm a weight load within ``broadcast_timeout_s`` is killed and
+  replaced in its slot (its placement group bundle); the replacement loads the newest policy
+  before it takes work, and every request the old one held is re-issued, with its own seed,
+  to the least-loaded generator;
+- a generator whose samples or load confirmation name another policy than it was sent is
+  sent the newest policy again, and the request re-issued;
+- ``stats`` counts it all (``faults/generator_restarts``, ``faults/requests_reissued``,
+  ``faults/generator_seconds_lost``, ``faults/weight_reloads``);
+- after ``max_restarts`` replacements, or with no generator up for ``grace_s`` seconds, the
+  pool raises ``GeneratorsLost`` (the driver checkpoints and stops: never a hang).
+
+Failures are found by whoever waits on the pool (the rollout producer, an evaluation, a weight
+broadcast): every wait also collects the other finished calls and checks every deadline.
 """
 
 from __future__ import annotations
@@ -14,8 +32,10 @@ import dataclasses
 import logging
 import threading
 import time
+from typing import Callable
 
 import ray
+from ray.exceptions import RayActorError
 
 from contracts import PolicyRef, Prompt, Sample, SamplingSettings
 from rollout.generator import Generator
@@ -24,79 +44,140 @@ logger = logging.getLogger(__name__)
 
 
 class WeightSyncError(RuntimeError):
-    """A generator did not confirm the new policy in time, or reports another one."""
+    """A weight update could not reach the generators."""
 
 
-def generator_actor(num_cpus: float = 1.0, num_gpus: float = 0.0, max_restarts: int = 0):
+class WeightUpdateLost(WeightSyncError):
+    """The weight update itself could not be fetched (the learner that made it is gone)."""
+
+
+class GeneratorsLost(RuntimeError):
+    """The pool cannot go on: no generator up for ``grace_s``, or ``max_restarts`` used up."""
+
+
+def generator_actor(num_cpus: float = 1.0, num_gpus: float = 0.0):
     """The Ray actor class for a generator, with its resource request (``.options`` may
-    replace it, with a placement group bundle).
+    replace it, with a placement group bundle). Ray does not restart it: the pool replaces a
+    failed generator itself, and sends the replacement the newest policy."""
+    return ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=0)(Generator)
 
-    A restarted generator re-runs its constructor and serves no policy until it is sent one.
-    """
-    return ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=max_restarts)(Generator)
+
+@dataclasses.dataclass(frozen=True)
+class GeneratorPoolSettings:
+    """Deadlines and limits of the generator pool (keys of the config's ``generator`` section)."""
+
+    broadcast_timeout_s: float = 120.0  # a weight load not confirmed by then (once the generator is free): replaced
+    call_timeout_s: float = 600.0  # a generate call running longer: the generator is hung, replaced
+    startup_s: float = 300.0  # added to a new generator's first deadline (engine start, model load)
+    max_restarts: int = 8  # generator replacements in a run; one more stops the run
+    grace_s: float = 300.0  # no generator up for this long: the run stops with a checkpoint
+
+
+@dataclasses.dataclass(eq=False)
+class Request:
+    """One chunk of generation work; ``samples`` is set once it is done. Re-issued, with the
+    same sampling seed, when the generator holding it fails."""
+
+    prompts: list[Prompt]
+    sampling: SamplingSettings
+    adapter: str | None
+    issued: float  # time.monotonic() of the first submission
+    samples: list[Sample] | None = None
+    reissued: int = 0
+
+
+@dataclasses.dataclass(eq=False)
+class _Call:
+    """A call outstanding on one generator: a Request's generate, or a weight load."""
+
+    rank: int
+    epoch: int  # which actor of the slot (a replacement is the next epoch)
+    ref: ray.ObjectRef
+    sent: float
+    expect: PolicyRef | None  # the policy the generator must serve for this call (None: unknown)
+    request: Request | None = None  # None for a weight load
 
 
 @dataclasses.dataclass
-class Chunk:
-    """One unit of submitted work: which generator runs it, and when it was submitted."""
+class _Slot:
+    """One generator's place in the pool, and what the pool knows of its actor."""
 
-    rank: int
-    submitted: float
+    handle: object
+    epoch: int = 0
+    started: float = dataclasses.field(default_factory=time.monotonic)
+    up: bool = False  # has finished a call since it started
+    sent: PolicyRef | None = None  # the newest policy sent to it (what its next call serves)
+    mark: float = dataclasses.field(default_factory=time.monotonic)  # when its running call began, about
+    wrong: int = 0  # consecutive reports of a wrong policy
 
 
 class GeneratorPool:
     """N generator actors behind one ``submit``; thread-safe (a rollout thread and the
-    evaluation may submit at once)."""
+    evaluation may submit at once). See the module docstring for what it does on failure."""
 
-    def __init__(self, handles: list, broadcast_timeout_s: float = 120.0):
+    def __init__(self, handles: list, settings: GeneratorPoolSettings = GeneratorPoolSettings(), factory: Callable[[int], object] | None = None):
+        """``factory(rank)`` starts a replacement for generator ``rank`` (without one, a
+        failed generator fails the pool's caller)."""
         if not handles:
             raise ValueError("a generator pool needs at least one generator")
-        self.handles = handles
-        self.broadcast_timeout_s = broadcast_timeout_s
-        self._lock = threading.Lock()
-        self._chunks: dict[ray.ObjectRef, Chunk] = {}
-        self._outstanding = [0] * len(handles)
-        self._loads: list[tuple[ray.ObjectRef, PolicyRef, float]] = []  # pushed, not yet confirmed: (ref, policy, when)
+        self.settings = settings
+        self.factory = factory
+        self.slots = [_Slot(handle) for handle in handles]
+        self._lock = threading.RLock()
+        self._calls: dict[ray.ObjectRef, _Call] = {}
+        self._update: tuple[ray.ObjectRef, PolicyRef] | None = None  # the newest weights sent (a replacement loads them)
+        self._down_since: float | None = None  # when the last generator up was lost
+        self._last_failure = "none"
+        self.stats = dict.fromkeys(("faults/generator_restarts", "faults/requests_reissued", "faults/generator_seconds_lost", "faults/weight_reloads"), 0.0)
         # (rank, engine start, engine end) of the latest finished chunks, wall clock
         self.intervals: collections.deque[tuple[int, float, float]] = collections.deque(maxlen=10_000)
 
     def __len__(self) -> int:
-        return len(self.handles)
+        return len(self.slots)
 
-    def submit(self, prompts: list[Prompt], sampling: SamplingSettings, policy: PolicyRef | None = None) -> list[ray.ObjectRef]:
-        """Futures of ``sampling.n`` samples per prompt: the prompts in ``len(self)``
+    @property
+    def handles(self) -> list:
+        return [slot.handle for slot in self.slots]
+
+    # -- work -------------------------------------------------------------------------------
+
+    def submit(self, prompts: list[Prompt], sampling: SamplingSettings, policy: PolicyRef | None = None) -> list[Request]:
+        """Requests for ``sampling.n`` samples per prompt: the prompts in ``len(self)``
         contiguous chunks (in order), each on the least-loaded generator. A seeded call gives
         chunk k the seed ``seed + k``, whichever generator runs it. ``policy`` names the adapter
         the samples must come from (any version: each sample records its own)."""
-        n = len(self.handles)
+        n = len(self.slots)
         size = -(-len(prompts) // n)
         chunks = [prompts[i * size : (i + 1) * size] for i in range(n)]
-        refs = []
+        requests = []
+        now = time.monotonic()
         with self._lock:
             for k, chunk in enumerate(chunks):
-                if not chunk:
-                    continue
-                rank = min(range(n), key=lambda r: (self._outstanding[r], r))
-                seeded = dataclasses.replace(sampling, seed=None if sampling.seed is None else sampling.seed + k)
-                ref = self.handles[rank].timed_generate.remote(chunk, seeded, policy.adapter if policy else None)
-                self._chunks[ref] = Chunk(rank, time.time())
-                self._outstanding[rank] += 1
-                refs.append(ref)
-        return refs
+                if chunk:
+                    seeded = dataclasses.replace(sampling, seed=None if sampling.seed is None else sampling.seed + k)
+                    request = Request(chunk, seeded, policy.adapter if policy else None, now)
+                    self._send(request, self._least_loaded())
+                    requests.append(request)
+        return requests
 
-    def result(self, ref: ray.ObjectRef) -> list[Sample]:
-        """The samples of a finished (or, blocking, an unfinished) chunk; records its timing."""
-        samples, started, finished = ray.get(ref)
-        with self._lock:
-            chunk = self._chunks.pop(ref, None)
-            if chunk is not None:
-                self._outstanding[chunk.rank] -= 1
-                self.intervals.append((chunk.rank, started, finished))
-        return samples
+    def wait(self, requests: list[Request], timeout: float) -> list[Request]:
+        """The requests of ``requests`` that are done, waiting up to ``timeout`` seconds for
+        one when none is; failed generators found meanwhile are replaced."""
+        done = [r for r in requests if r.samples is not None]
+        if not done:
+            self.poll(timeout)
+            done = [r for r in requests if r.samples is not None]
+        return done
+
+    def result(self, request: Request) -> list[Sample]:
+        """A request's samples, waiting for them."""
+        while request.samples is None:
+            self.poll(1.0)
+        return request.samples
 
     def generate(self, prompts: list[Prompt], sampling: SamplingSettings, policy: PolicyRef | None = None) -> list[Sample]:
         """``submit`` and wait: the samples in prompt order."""
-        return [sample for ref in self.submit(prompts, sampling, policy) for sample in self.result(ref)]
+        return [sample for request in self.submit(prompts, sampling, policy) for sample in self.result(request)]
 
     def busy_seconds(self, since: float, until: float) -> float:
         """Engine time of all generators inside [since, until] (summed over generators)."""
@@ -107,53 +188,177 @@ class GeneratorPool:
 
     def push(self, update: ray.ObjectRef, policy: PolicyRef) -> None:
         """Send ``policy``'s weights to every generator, behind the work it already holds;
-        does not wait. Earlier pushes that landed are checked now, and one still pending past
-        ``broadcast_timeout_s`` fails the run (``confirm`` waits for all)."""
-        self.check(wait=False)
+        does not wait (``confirm`` does)."""
         with self._lock:
-            now = time.monotonic()
-            self._loads += [(g.load_weights.remote(update), policy, now) for g in self.handles]
+            self._update = (update, policy)
+            for rank in range(len(self.slots)):
+                self._load(rank)
+        self.poll(0.0)
 
     def confirm(self) -> None:
-        """Wait until every pushed update has landed, or raise WeightSyncError."""
-        while self._loads:
-            self.check(wait=True)
-
-    def check(self, wait: bool) -> None:
-        with self._lock:
-            loads, self._loads = self._loads, []
-        if not loads:
-            return
-        refs = [ref for ref, _, _ in loads]
-        oldest = min(when for _, _, when in loads)
-        timeout = max(0.0, oldest + self.broadcast_timeout_s - time.monotonic()) if wait else 0.0
-        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout)
-        done = set(ready)
-        pending = [(ref, policy, when) for ref, policy, when in loads if ref not in done]
-        served = {ref: policy for ref, policy in zip(ready, ray.get(ready))}
-        wrong = [(str(served[ref]), str(policy)) for ref, policy, _ in loads if ref in done and served[ref] != policy]
-        if wrong:
-            raise WeightSyncError(f"generators report other policies than were sent (served, sent): {wrong}")
-        overdue = [policy for _, policy, when in pending if time.monotonic() - when >= self.broadcast_timeout_s]
-        if overdue:
-            raise WeightSyncError(
-                f"{len(overdue)} generator(s) did not load policy {overdue[0]} within run.broadcast_timeout_s={self.broadcast_timeout_s}s"
-            )
-        with self._lock:
-            self._loads = pending + self._loads
-
-    def sleep(self) -> None:
-        """Every generator hands its device memory over (colocated sleep mode), and waits."""
-        ray.get([handle.sleep.remote() for handle in self.handles])
-
-    def wake(self) -> None:
-        ray.get([handle.wake.remote() for handle in self.handles])
+        """Wait until every generator has loaded the newest policy (replacing those that fail
+        or time out on the way), or raise GeneratorsLost."""
+        while True:
+            with self._lock:
+                if not any(call.request is None for call in self._calls.values()):
+                    return
+            self.poll(1.0)
 
     def broadcast(self, update: ray.ObjectRef, policy: PolicyRef) -> None:
         """Push and wait (synchronous mode, start, resume, rollback)."""
         self.push(update, policy)
         self.confirm()
 
+    def sleep(self) -> None:
+        """Every generator hands its device memory over (colocated sleep mode), and waits."""
+        self._each("sleep")
+
+    def wake(self) -> None:
+        self._each("wake")
+
     def kill(self) -> None:
-        for handle in self.handles:
-            ray.kill(handle)
+        for slot in self.slots:
+            ray.kill(slot.handle, no_restart=True)
+
+    # -- the calls and their failures -------------------------------------------------------
+
+    def _least_loaded(self) -> int:
+        load = collections.Counter(call.rank for call in self._calls.values() if call.request is not None)
+        return min(range(len(self.slots)), key=lambda r: (load[r], r))
+
+    def _busy(self, rank: int) -> bool:
+        epoch = self.slots[rank].epoch
+        return any(call.rank == rank and call.epoch == epoch for call in self._calls.values())
+
+    def _track(self, rank: int, ref: ray.ObjectRef, expect: PolicyRef | None, request: Request | None = None) -> None:
+        slot = self.slots[rank]
+        now = time.monotonic()
+        if not self._busy(rank):
+            slot.mark = now  # an idle generator starts this call now
+        self._calls[ref] = _Call(rank, slot.epoch, ref, now, expect, request)
+
+    def _send(self, request: Request, rank: int) -> None:
+        slot = self.slots[rank]
+        self._track(rank, slot.handle.timed_generate.remote(request.prompts, request.sampling, request.adapter), slot.sent, request)
+
+    def _load(self, rank: int) -> None:
+        """Send the newest weights to generator ``rank``."""
+        update, policy = self._update
+        slot = self.slots[rank]
+        slot.sent = policy
+        self._track(rank, slot.handle.load_weights.remote(update), policy)
+
+    def poll(self, timeout: float) -> None:
+        """Collect finished calls (waiting up to ``timeout`` for one), then check deadlines."""
+        with self._lock:
+            refs = list(self._calls)
+        if refs:
+            ready, _ = ray.wait(refs, num_returns=1, timeout=timeout)
+            if ready:
+                ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
+            for ref in ready:
+                self._finish(ref)
+        elif timeout:
+            time.sleep(min(timeout, 0.05))
+        self._check_deadlines()
+
+    def _finish(self, ref: ray.ObjectRef) -> None:
+        with self._lock:
+            call = self._calls.pop(ref, None)
+            if call is None or call.epoch != self.slots[call.rank].epoch:
+                return  # taken by another thread, or its generator was already replaced
+            slot = self.slots[call.rank]
+            try:
+                value = ray.get(ref)
+            except RayActorError as exc:
+                if exc.actor_id not in (None, slot.handle._actor_id.hex()):
+                    # an argument's maker died: the weight update's learner, not this generator
+                    raise WeightUpdateLost(f"generator {call.rank} could not fetch the weight update: {exc}") from exc
+                self._replace(call.rank, f"died ({type(exc).__name__})", call)
+                return
+            slot.mark, slot.up, self._down_since = time.monotonic(), True, None
+            served = value if call.request is None else (value[0][0].policy if value[0] else call.expect)
+            if call.expect is not None and served != call.expect:
+                self._reload(call, served)
+                return
+            slot.wrong = 0
+            if call.request is not None:
+                samples, started, finished = value
+                call.request.samples = samples
+                self.intervals.append((call.rank, started, finished))
+
+    def _reload(self, call: _Call, served: PolicyRef) -> None:
+        """Generator ``call.rank`` serves ``served``, not the policy it was sent: send it the
+        newest again (twice in a row: replace it) and re-issue the request."""
+        slot = self.slots[call.rank]
+        slot.wrong += 1
+        if slot.wrong > 2:
+            self._replace(call.rank, f"reports policy {served} after reloads of {call.expect}", call)
+            return
+        logger.warning("generator %d serves %s, not %s: sending it %s again", call.rank, served, call.expect, self._update[1])
+        self.stats["faults/weight_reloads"] += 1
+        self._load(call.rank)
+        if call.request is not None:
+            self._reissue(call, time.monotonic())
+
+    def _reissue(self, call: _Call, now: float) -> None:
+        call.request.reissued += 1
+        self.stats["faults/requests_reissued"] += 1
+        self.stats["faults/generator_seconds_lost"] += now - call.sent
+        self._send(call.request, self._least_loaded())
+
+    def _check_deadlines(self) -> None:
+        s = self.settings
+        now = time.monotonic()
+        with self._lock:
+            for rank, slot in enumerate(self.slots):
+                mine = [c for c in self._calls.values() if c.rank == rank and c.epoch == slot.epoch]
+                if not mine:
+                    continue
+                first = min(mine, key=lambda c: c.sent)  # the call it runs now (calls run in order)
+                limit = (s.call_timeout_s if first.request is not None else s.broadcast_timeout_s) + (0.0 if slot.up else s.startup_s)
+                if now - slot.mark > limit:
+                    what = "a generate call" if first.request is not None else f"loading policy {first.expect}"
+                    self._replace(rank, f"hung: {what} ran past {limit:.0f}s", first)
+            if self._down_since is not None and now - self._down_since > s.grace_s:
+                raise GeneratorsLost(f"no generator has been up for {now - self._down_since:.0f}s (generator.grace_s={s.grace_s:.0f}); the last failure: {self._last_failure}")
+
+    def _replace(self, rank: int, why: str, call: _Call | None = None) -> None:
+        """Kill generator ``rank``, start its replacement with the newest policy, re-issue its requests."""
+        slot = self.slots[rank]
+        lost = [c for c in self._calls.values() if c.rank == rank and c.epoch == slot.epoch]
+        for c in lost:
+            del self._calls[c.ref]
+        if call is not None and call not in lost:
+            lost.append(call)
+        ray.kill(slot.handle, no_restart=True)
+        self._last_failure = f"generator {rank} {why}"
+        logger.warning("generator %d %s: replacing it, re-issuing %d requests", rank, why, sum(c.request is not None for c in lost))
+        if self.factory is None:
+            raise GeneratorsLost(f"generator {rank} {why}, and this pool cannot start another")
+        if self.stats["faults/generator_restarts"] >= self.settings.max_restarts:
+            raise GeneratorsLost(f"generator {rank} {why}, and generator.max_restarts={self.settings.max_restarts} replacements are used up")
+        now = time.monotonic()
+        self.slots[rank] = _Slot(self.factory(rank), epoch=slot.epoch + 1)
+        self.stats["faults/generator_restarts"] += 1
+        if not any(s.up for s in self.slots) and self._down_since is None:
+            self._down_since = now
+        if self._update is not None:
+            self._load(rank)
+        for c in lost:
+            if c.request is not None:
+                self._reissue(c, now)
+
+    def _each(self, method: str) -> None:
+        """Call ``method`` on every generator and wait; a generator that fails is replaced
+        (its replacement starts awake)."""
+        refs = {getattr(slot.handle, method).remote(): rank for rank, slot in enumerate(self.slots)}
+        ready, pending = ray.wait(list(refs), num_returns=len(refs), timeout=self.settings.call_timeout_s)
+        with self._lock:
+            for ref in ready:
+                try:
+                    ray.get(ref)
+                except RayActorError as exc:
+                    self._replace(refs[ref], f"died in {method} ({type(exc).__name__})")
+            for ref in pending:
+                self._replace(refs[ref], f"hung in {method} past {self.settings.call_timeout_s:.0f}s")

@@ -5,16 +5,23 @@ group (NCCL when Ray gave them GPUs, gloo on CPUs), hands each its contiguous sh
 batch and returns rank 0's (globally reduced) metrics. All ranks hold the same parameters
 after every step, so the weight broadcast to the generators is taken from rank 0 only: one
 ``ObjectRef``, sent once. Queries go to rank 0 through typed methods, never by method name.
+
+Every wait on the learners has a deadline (``learner.call_timeout_s``), and so has every
+collective inside the group: a rank that dies or hangs raises ``LearnerFailure`` in the
+driver, which kills the whole group (its surviving ranks would wait on the lost one) and
+builds a new one from the newest checkpoint (``Trainer.recover_learners``).
 """
 
 from __future__ import annotations
 
 import logging
 import socket
+import time
 from dataclasses import dataclass, field
 
 import ray
 import torch
+from ray.exceptions import RayActorError, RayTaskError
 
 from contracts import PolicyRef, TrainBatch, WeightUpdate
 from learners.learner import Learner
@@ -44,8 +51,8 @@ class LearnerActor:
             port = sock.getsockname()[1]
         return ray.util.get_node_ip_address(), port
 
-    def init_distributed(self, address: str, port: int, rank: int, world_size: int) -> None:
-        self.learner.init_distributed(address, port, rank, world_size)
+    def init_distributed(self, address: str, port: int, rank: int, world_size: int, timeout_s: float) -> None:
+        self.learner.init_distributed(address, port, rank, world_size, timeout_s)
 
     def step(self, batch: TrainBatch, objective: ObjectiveName = "ppo") -> dict[str, float]:
         return self.learner.step(batch, objective)
@@ -90,6 +97,12 @@ class LearnerGroupSettings:
     threads: int = 0  # torch threads per learner (0: every core, divided among the learners)
     gradient_checkpointing: bool = False  # recompute activations in the backward pass: less memory, ~1/3 more compute
     resources: dict[str, float] = field(default_factory=dict)  # custom Ray resources per learner (pins them to nodes)
+    call_timeout_s: float = 1800.0  # a learner call (a step, a checkpoint) or collective running longer: the rank is lost
+    max_recoveries: int = 3  # lost learner groups rebuilt from the newest checkpoint in one run; one more stops it
+
+
+class LearnerFailure(RuntimeError):
+    """A learner rank died or missed its deadline: the group cannot go on (build a new one)."""
 
 
 class LearnerGroup:
@@ -97,45 +110,81 @@ class LearnerGroup:
 
     def __init__(self, settings: LearnerSettings, group: LearnerGroupSettings = LearnerGroupSettings(), options: list[dict] | None = None):
         """``options``: each rank's ``.options(...)`` (its placement group bundle and share)."""
+        self.timeout_s = group.call_timeout_s
         actor = learner_actor(num_cpus=group.num_cpus, num_gpus=group.num_gpus)
         self.actors = [(actor.options(**options[rank]) if options else actor).remote(settings) for rank in range(group.num_learners)]
         if group.num_learners > 1:
-            address, port = ray.get(self.actors[0].rendezvous.remote())
-            ray.get([a.init_distributed.remote(address, port, rank, group.num_learners) for rank, a in enumerate(self.actors)])
+            address, port = self._get(self.actors[0].rendezvous.remote(), "the rendezvous")
+            joins = [a.init_distributed.remote(address, port, rank, group.num_learners, self.timeout_s) for rank, a in enumerate(self.actors)]
+            self._get(joins, "joining the process group")
+
+    def _get(self, refs, what: str):
+        """``ray.get`` with the group's deadline. A rank that dies, or fails because a peer
+        died under it (a broken collective), is a ``LearnerFailure``; an error of a healthy
+        group is raised as it is."""
+        pending = [refs] if isinstance(refs, ray.ObjectRef) else list(refs)
+        deadline = time.monotonic() + self.timeout_s
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
+            if not ready:
+                raise LearnerFailure(f"the learners did not finish {what} within learner.call_timeout_s={self.timeout_s:.0f}s (a rank hangs, or waits on a lost peer)")
+            try:
+                ray.get(ready[0])
+            except (RayActorError, RayTaskError) as exc:
+                lost = self.lost_ranks()
+                if not lost:
+                    raise
+                raise LearnerFailure(f"learner {lost} during {what} ({type(exc).__name__})") from exc
+        return ray.get(refs)
+
+    def lost_ranks(self, timeout_s: float = 10.0) -> str:
+        """Which ranks are dead or do not answer, in words ('' when every rank answers)."""
+        pings = [a.__ray_call__.remote(lambda actor: None) for a in self.actors]
+        answered, _ = ray.wait(pings, num_returns=len(pings), timeout=timeout_s)
+        dead, silent = [], []
+        for rank, ping in enumerate(pings):
+            if ping not in answered:
+                silent.append(rank)
+                continue
+            try:
+                ray.get(ping)
+            except RayActorError:
+                dead.append(rank)
+        return "; ".join(f"rank {', '.join(map(str, ranks))} {words}" for ranks, words in ((dead, "died"), (silent, "did not answer")) if ranks)
 
     def step(self, batch: TrainBatch, objective: ObjectiveName = "ppo") -> dict[str, float]:
         shards = batch.shards(len(self.actors))
-        return ray.get([a.step.remote(shard, objective) for a, shard in zip(self.actors, shards)])[0]
+        return self._get([a.step.remote(shard, objective) for a, shard in zip(self.actors, shards)], "a training step")[0]
 
     # -- rank 0's answers (all ranks hold the same weights) ---------------------------------
 
     def policy_version(self) -> PolicyRef:
-        return ray.get(self.actors[0].policy_version.remote())
+        return self._get(self.actors[0].policy_version.remote(), "a policy query")
 
     def logprobs(self, batch: TrainBatch) -> list[list[float]]:
-        return ray.get(self.actors[0].logprobs.remote(batch))
+        return self._get(self.actors[0].logprobs.remote(batch), "a log-prob query")
 
     def sequence_logprob(self, contexts: list[list[int]], targets: list[list[int]], reference: bool = False) -> list[float]:
-        return ray.get(self.actors[0].sequence_logprob.remote(contexts, targets, reference))
+        return self._get(self.actors[0].sequence_logprob.remote(contexts, targets, reference), "a log-prob query")
 
     def parameter_digest(self) -> dict[str, str]:
-        return ray.get(self.actors[0].parameter_digest.remote())
+        return self._get(self.actors[0].parameter_digest.remote(), "a parameter digest")
 
     def weight_update_ref(self) -> ray.ObjectRef:
         """Rank 0's weights as one object-store reference, to broadcast without a copy here."""
         return self.actors[0].weight_update.remote()
 
     def weight_update(self) -> WeightUpdate:
-        return ray.get(self.weight_update_ref())
+        return self._get(self.weight_update_ref(), "a weight export")
 
     # -- every rank -------------------------------------------------------------------------
 
     def scale_lr(self, factor: float) -> float:
-        return ray.get([a.scale_lr.remote(factor) for a in self.actors])[0]
+        return self._get([a.scale_lr.remote(factor) for a in self.actors], "a learning-rate change")[0]
 
     def state_dicts(self) -> list[dict]:
         """Rank 0's whole state, then each further rank's RNG state (for a checkpoint)."""
-        return ray.get([a.state_dict.remote(weights=rank == 0) for rank, a in enumerate(self.actors)])
+        return self._get([a.state_dict.remote(weights=rank == 0) for rank, a in enumerate(self.actors)], "a state export")
 
     def load_state_dicts(self, states: list[dict], policy_version: int | None = None) -> PolicyRef:
         """Every rank continues from rank 0's state, with its own RNG state where saved."""
@@ -143,8 +192,8 @@ class LearnerGroup:
             logger.warning("checkpoint has %d learner ranks, this run %d: ranks without a saved RNG state take rank 0's", len(states), len(self.actors))
         ref = ray.put(states[0])
         rngs = [states[r]["rng"] if r < len(states) else None for r in range(len(self.actors))]
-        return ray.get([a.load_state_dict.remote(ref, rng, policy_version) for a, rng in zip(self.actors, rngs)])[0]
+        return self._get([a.load_state_dict.remote(ref, rng, policy_version) for a, rng in zip(self.actors, rngs)], "a state restore")[0]
 
     def kill(self) -> None:
         for actor in self.actors:
-            ray.kill(actor)
+            ray.kill(actor, no_restart=True)

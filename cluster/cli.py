@@ -252,6 +252,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from actors.generator import GeneratorsLost
+    from actors.learner import LearnerFailure
     from actors.verifier import VerifierStartError
     from cluster.checkpoint import CheckpointError
     from rollout.tasks import NoUsableRows
@@ -268,6 +270,9 @@ def main(argv: list[str] | None = None) -> int:
     except (VerifierStartError, NoUsableRows, CheckpointError) as exc:  # no sandbox here; a task without data; nothing to resume
         print(f"raylight: {exc}", file=sys.stderr)
         return 2
+    except (GeneratorsLost, LearnerFailure) as exc:  # faults past what the run absorbs; it stopped with a checkpoint
+        print(f"raylight: run stopped: {exc}", file=sys.stderr)
+        return 3
 
 
 if __name__ == "__main__":

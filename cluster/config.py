@@ -20,6 +20,7 @@ from typing import Any, Literal
 
 import yaml
 
+from actors.generator import GeneratorPoolSettings
 from actors.learner import LearnerGroupSettings
 from actors.verifier import VerifierPoolSettings
 from learners.settings import AlgorithmSettings
@@ -108,9 +109,9 @@ class RolloutConfig:
 
 
 @dataclass(frozen=True)
-class GeneratorConfig(EngineSettings):
-    """The generator actors: how many, what each asks of the cluster, and their engine's own
-    settings."""
+class GeneratorConfig(GeneratorPoolSettings, EngineSettings):
+    """The generator actors: how many, what each asks of the cluster, their engine's own
+    settings and the pool's deadlines (README: "Faults")."""
 
     num_generators: int = 1
     num_cpus: float = 0.5
@@ -179,7 +180,6 @@ class RunConfig:
     run_dir: str = "runs/default"
     save_rollouts: bool = True
     num_cpus: int | None = None  # CPUs of the embedded local Ray cluster (None: all)
-    broadcast_timeout_s: float = 120.0
     checkpoint_every: int = 10  # steps between checkpoints (and one at the end); 0 = only at the end
     keep_checkpoints: int = 3  # the newest kept, plus the best by eval.best_metric
     metrics_export: bool = True  # every metric as a Ray metric (the dashboard's Prometheus export)

@@ -13,6 +13,12 @@ the scheduling, not the contracts.
 A run is reproducible step by step: each step's sampling seed is a function of the run's seed
 and the step, so a run resumed from a checkpoint (``Trainer.resume``) continues exactly as the
 uninterrupted run would have.
+
+Faults cost steps, not the run: the generator pool replaces a failed generator and re-issues
+its work itself; a lost learner rank (``LearnerFailure``) makes the driver build a new learner
+group and continue from the newest checkpoint in the same process (``recover_learners``, up to
+``learner.max_recoveries`` times); a pool that has lost its generators for good
+(``GeneratorsLost``) stops the run with a checkpoint of the last finished step.
 """
 
 from __future__ import annotations
@@ -30,6 +36,8 @@ from dataclasses import dataclass, field
 import torch
 from tqdm import tqdm
 
+from actors.generator import GeneratorsLost, WeightUpdateLost
+from actors.learner import LearnerFailure
 from actors.verifier import Scorer
 from cluster.checkpoint import Checkpoint, CheckpointError, CheckpointStore
 from cluster.config import Config, dotted_items, load_config
@@ -96,7 +104,7 @@ class Trainer:
         except BaseException:
             self.placement.remove()  # its actors go with it
             raise
-        self.monitor = Monitor(rules_from_config(c.monitor.rules)) if c.monitor.enabled else None
+        self.monitor = self.new_monitor()
         self.checkpoints = CheckpointStore(run_dir.checkpoints, c.run.keep_checkpoints)
         self.exporter: MetricsExporter | None = None  # opened by train(), once the run directory is settled
         self.policy = PolicyRef(DEFAULT_ADAPTER, 0)  # the learner's policy, served by every generator
@@ -104,6 +112,8 @@ class Trainer:
         self.saved_step = 0  # the step of the last checkpoint written or restored
         self.lr_scale = 1.0  # product of the rollbacks' learning-rate factors
         self.rollbacks = 0
+        self.learner_recoveries = 0
+        self.start_data = self.tasks.state()  # where a run without a checkpoint starts again
         self.first_eval: dict = {}
         self.last_eval: dict = {}
         # rollouts: produced by a thread that runs up to `run_ahead` steps ahead (0 in sync mode)
@@ -155,6 +165,9 @@ class Trainer:
         trainer = cls(config, run_dir, scorer)
         trainer.restore(checkpoint)
         return trainer
+
+    def new_monitor(self) -> Monitor | None:
+        return Monitor(rules_from_config(self.config.monitor.rules)) if self.config.monitor.enabled else None
 
     @property
     def sampling(self) -> SamplingSettings:
@@ -270,7 +283,13 @@ class Trainer:
             "perf/generated_tokens_per_second": tokens / max(1e-9, timer.seconds["perf/generate_seconds"]),
             **self.overlap_metrics(timer.seconds["perf/learn_seconds"]),
             **{k: float(v) for k, v in self.verifiers.stats.items()},
+            **self.fault_counts(),
         }
+
+    def fault_counts(self) -> dict[str, float]:
+        """The run's running totals of absorbed actor faults (the monitor's actor_faults rule
+        watches them)."""
+        return {**self.generators.stats, "faults/learner_recoveries": float(self.learner_recoveries)}
 
     def overlap_metrics(self, learn_seconds: float) -> dict[str, float]:
         """Since the previous step ended: the share of the generators' time spent generating,
@@ -297,16 +316,22 @@ class Trainer:
         every ``run.checkpoint_every`` steps and at the end."""
         self.last_step = steps
         self.open_run()
-        if self.step_done == 0:
-            self.evaluate_at_start()
         stopped_by = None
-        with tqdm(range(self.step_done + 1, steps + 1), desc="train", unit="step", dynamic_ncols=True, initial=self.step_done, total=steps) as bar:
-            for step in bar:
-                metrics = self.step(step)
-                stopped_by = self.after_step(step, steps, metrics)
-                bar.set_postfix(progress(metrics), refresh=False)
-                if stopped_by:
-                    break
+        try:
+            if self.step_done == 0:
+                self.evaluate_at_start()
+            with tqdm(desc="train", unit="step", dynamic_ncols=True, initial=self.step_done, total=steps) as bar:
+                while self.step_done < steps and not stopped_by:
+                    step = self.step_done + 1
+                    try:
+                        metrics = self.step(step)
+                        stopped_by = self.after_step(step, steps, metrics)
+                        bar.set_postfix(progress(metrics), refresh=False)
+                    except (LearnerFailure, WeightUpdateLost) as failure:
+                        self.recover_learners(failure, step)
+                    bar.update(self.step_done - bar.n)
+        except GeneratorsLost as lost:
+            self.stop_for_lost_generators(lost)
         self.close_run()
         return self.summary(stopped_by)
 
@@ -404,6 +429,7 @@ class Trainer:
             "data": self.data_position(step),
             "monitor": self.monitor.state() if self.monitor else None,
             "verifier": {k: v for k, v in self.verifiers.stats.items() if k in ("verifier/restarts", "verifier/retries", "verifier/infra_errors")},
+            "faults": self.fault_counts(),
             "first_eval": self.first_eval,
             "last_eval": self.last_eval,
         }
@@ -428,6 +454,8 @@ class Trainer:
         if self.monitor and state["monitor"]:
             self.monitor.load_state(state["monitor"])
         self.verifiers.stats.update(state["verifier"])
+        self.generators.stats.update({k: v for k, v in state.get("faults", {}).items() if k in self.generators.stats})
+        self.learner_recoveries = int(state.get("faults", {}).get("faults/learner_recoveries", 0))
         self.step_done, self.lr_scale, self.rollbacks = state["step"], state["lr_scale"], state["rollbacks"]
         self.saved_step = self.step_done
         self.first_eval, self.last_eval = state["first_eval"], state["last_eval"]
@@ -437,6 +465,59 @@ class Trainer:
             "resumed from %s: step %d, policy %s%s", checkpoint.path, self.step_done, self.policy,
             f" ({dropped} metric rows of later steps dropped; those steps run again)" if dropped else "",
         )  # fmt: skip
+
+    def restart(self) -> None:
+        """Start the run again from step 0 with the learners as built (a lost learner group
+        before the first checkpoint): the data from its start, a new monitor, the first
+        evaluation kept."""
+        self.policy = self.learners.policy_version()
+        self.tasks.load_state(self.start_data)
+        self.monitor = self.new_monitor()
+        self.step_done = self.saved_step = self.rollbacks = 0
+        self.lr_scale = 1.0
+        self.last_eval = self.first_eval
+        self.run_dir.forget_after(0)
+        self.broadcast()
+
+    # -- faults ---------------------------------------------------------------------------
+
+    def recover_learners(self, failure: Exception, step: int) -> None:
+        """A learner rank is lost: kill the group (its other ranks would wait on the lost one),
+        build a new one in the same bundles, continue from the newest checkpoint (the steps
+        since run again). After ``learner.max_recoveries`` recoveries, raise instead."""
+        limit = self.config.learner.max_recoveries
+        if self.learner_recoveries >= limit:
+            raise LearnerFailure(f"{failure}; learner.max_recoveries={limit} recoveries are used up: stopping (raylight resume continues from the newest checkpoint)") from failure
+        started = time.monotonic()
+        logger.error("step %d: %s: rebuilding the learner group from the newest checkpoint", step, failure)
+        self.stop_rollouts()
+        self.learners.kill()
+        self.learners = start_learners(self.config, self.model_path, self.placement)
+        faults = self.fault_counts()  # running totals survive the rewind
+        checkpoint = self.checkpoints.latest()
+        if checkpoint is None:
+            self.restart()
+        else:
+            self.restore(checkpoint)
+        self.learner_recoveries = int(faults["faults/learner_recoveries"]) + 1
+        self.generators.stats.update({k: v for k, v in faults.items() if k in self.generators.stats})
+        event = Event(
+            step, "learner_recovery", "warn", f"{failure}: learner group rebuilt from step {self.step_done} in {time.monotonic() - started:.0f}s; steps {self.step_done + 1}-{step} run again",
+            {"faults/learner_recoveries": self.learner_recoveries, "resumed_at_step": self.step_done},
+        )  # fmt: skip
+        self.run_dir.append_events([event])
+
+    def stop_for_lost_generators(self, lost: GeneratorsLost) -> None:
+        """No generator to go on with: checkpoint the last finished step and raise, saying
+        how to continue."""
+        if self.step_done > self.saved_step:
+            self.save_checkpoint(self.step_done, False)
+        self.stop_rollouts()
+        self.run_dir.append_events([Event(self.step_done + 1, "generators_lost", "stop", str(lost))])
+        self.exporter.close()
+        raise GeneratorsLost(
+            f"{lost}. The run stopped after step {self.step_done}, checkpointed; continue it with `raylight resume {self.run_dir.path}` once generators can run"
+        ) from lost
 
     def rollback(self, event: Event) -> bool:
         """Restore the newest good checkpoint before ``event`` with a lower learning rate;

@@ -18,7 +18,10 @@ The rules and their defaults (``DEFAULT_RULES``; every threshold and window is c
 - ``extraction_failures``: a high share of answers the scorer could not extract;
 - ``reward_hacking``: training reward rising while held-out accuracy falls;
 - ``frozen_parameters``: no update applied (skipped, zero gradient or zero learning rate) over a window;
-- ``grokking``: held-out accuracy jumping after a long plateau (recorded, not a failure).
+- ``grokking``: held-out accuracy jumping after a long plateau (recorded, not a failure);
+- ``actor_faults``: the run absorbed actor faults since the last step (generators replaced,
+  requests re-issued, weights reloaded, learner groups rebuilt): the run goes on, but a
+  person should know (``stop`` makes any fault end the run).
 """
 
 from __future__ import annotations
@@ -54,6 +57,7 @@ DEFAULT_RULES: dict[str, Rule] = {
     "reward_hacking": Rule("warn", threshold=0.05),  # eval accuracy down and train reward up by this much
     "frozen_parameters": Rule("warn", window=3),  # no applied update for this many steps
     "grokking": Rule("warn", threshold=0.1, window=3),  # eval jump above this after `window` flat evals
+    "actor_faults": Rule("warn"),  # any faults/* counter rose since the previous step
 }
 
 
@@ -221,6 +225,14 @@ def grokking(m: Monitor, rule: Rule, row: dict, previous: dict) -> Found:
     return None
 
 
+def actor_faults(m: Monitor, rule: Rule, row: dict, previous: dict) -> Found:
+    rose = {k: v for k, v in row.items() if k.startswith("faults/") and _finite(v) and v > previous.get(k, 0.0)}
+    if rose:
+        what = ", ".join(f"{k.removeprefix('faults/').replace('_', ' ')} {previous.get(k, 0.0):g} -> {v:g}" for k, v in sorted(rose.items()))
+        return f"actor faults absorbed since the previous step: {what}", rose
+    return None
+
+
 RULES: dict[str, Callable[[Monitor, Rule, dict, dict], Found]] = {
     "ratio_explosion": ratio_explosion,
     "logprob_crash": logprob_crash,
@@ -233,8 +245,9 @@ RULES: dict[str, Callable[[Monitor, Rule, dict, dict], Found]] = {
     "reward_hacking": reward_hacking,
     "frozen_parameters": frozen_parameters,
     "grokking": grokking,
+    "actor_faults": actor_faults,
 }
-ONE_SHOT = {"non_finite", "reward_hacking", "grokking"}  # every occurrence is news
+ONE_SHOT = {"non_finite", "reward_hacking", "grokking", "actor_faults"}  # every occurrence is news
 
 
 def rules_from_config(overrides: dict) -> dict[str, Rule]:

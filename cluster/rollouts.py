@@ -22,9 +22,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-import ray
-
-from actors.generator import GeneratorPool
+from actors.generator import GeneratorPool, Request
 from actors.verifier import VerifierPool
 from contracts import Prompt, Sample, SamplingSettings, Verdict
 from rollout.queue import Rollout, RolloutQueue
@@ -36,7 +34,7 @@ logger = logging.getLogger(__name__)
 class _Pending:
     """A step whose chunks are still being generated or scored."""
 
-    refs: list[ray.ObjectRef]
+    requests: list[Request]
     started: float
     samples: dict[int, list[Sample]] = field(default_factory=dict)  # chunk -> samples
     verdicts: dict[int, list[Verdict]] = field(default_factory=dict)
@@ -44,7 +42,7 @@ class _Pending:
     verify_seconds: float = 0.0
 
     def complete(self) -> bool:
-        return len(self.verdicts) == len(self.refs)
+        return len(self.verdicts) == len(self.requests)
 
 
 class RolloutProducer(threading.Thread):
@@ -66,7 +64,7 @@ class RolloutProducer(threading.Thread):
         self.next_step, self.last_step = first_step, last_step
         self.stopping = threading.Event()
         self._pending: dict[int, _Pending] = {}
-        self._chunk_of: dict[ray.ObjectRef, tuple[int, int]] = {}
+        self._chunk_of: dict[Request, tuple[int, int]] = {}
 
     def stop(self, timeout: float = 30.0) -> None:
         self.stopping.set()
@@ -94,18 +92,17 @@ class RolloutProducer(threading.Thread):
     def _start(self, step: int) -> None:
         prompts = self.draw(step)
         started = time.time()
-        refs = self.generators.submit(prompts, self.sampling(step))
-        self._pending[step] = _Pending(refs, started)
-        for chunk, ref in enumerate(refs):
-            self._chunk_of[ref] = (step, chunk)
+        requests = self.generators.submit(prompts, self.sampling(step))
+        self._pending[step] = _Pending(requests, started)
+        for chunk, request in enumerate(requests):
+            self._chunk_of[request] = (step, chunk)
 
     def _collect(self) -> None:
         """Score the chunks that finished; hand every completed step over, in order."""
-        ready, _ = ray.wait(list(self._chunk_of), num_returns=1, timeout=0.2)
-        for ref in ready:
-            step, chunk = self._chunk_of.pop(ref)
+        for request in self.generators.wait(list(self._chunk_of), timeout=0.2):
+            step, chunk = self._chunk_of.pop(request)
             pending = self._pending[step]
-            samples = self.generators.result(ref)
+            samples = request.samples
             pending.generated = time.time()
             start = time.perf_counter()
             verdicts = self.verifiers.score(samples)

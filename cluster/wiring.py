@@ -72,9 +72,11 @@ def start_generator(config: Config, model_path: str, rank: int = 0, settings: En
 
 
 def start_generators(config: Config, model_path: str, placement: Placement | None = None) -> GeneratorPool:
-    """The run's ``generator.num_generators`` actors as one pool."""
-    handles = [start_generator(config, model_path, rank=i, placement=placement) for i in range(config.generator.num_generators)]
-    return GeneratorPool(handles, config.run.broadcast_timeout_s)
+    """The run's ``generator.num_generators`` actors as one pool, which replaces a failed one
+    in its bundle."""
+    start = functools.partial(start_generator, config, model_path, placement=placement)
+    handles = [start(rank=i) for i in range(config.generator.num_generators)]
+    return GeneratorPool(handles, config.generator, factory=lambda rank: start(rank=rank))
 
 
 def start_learners(config: Config, model_path: str, placement: Placement | None = None) -> LearnerGroup:

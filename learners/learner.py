@@ -114,13 +114,17 @@ class Learner:
 
     # -- data parallelism ----------------------------------------------------------------------
 
-    def init_distributed(self, address: str, port: int, rank: int, world_size: int) -> None:
+    def init_distributed(self, address: str, port: int, rank: int, world_size: int, timeout_s: float = 1800.0) -> None:
         """Join the learners' process group (NCCL on GPUs, gloo on CPUs) and start from rank
-        0's parameters."""
+        0's parameters. A collective waiting longer than ``timeout_s`` on a peer fails
+        instead of waiting forever."""
+        import datetime
+
         import torch.distributed as dist
 
         backend = "nccl" if self.device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, init_method=f"tcp://{address}:{port}", rank=rank, world_size=world_size)
+        timeout = datetime.timedelta(seconds=timeout_s)
+        dist.init_process_group(backend, init_method=f"tcp://{address}:{port}", rank=rank, world_size=world_size, timeout=timeout)
         self.rank, self.world_size = rank, world_size
         with torch.no_grad():
             for p in self.policy.trainable_parameters():

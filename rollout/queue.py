@@ -8,7 +8,8 @@ after step r-1 has finished: exactly the synchronous loop. With ``run_ahead == k
 generators work on up to k steps beyond the one the learner trains, so a sample is at most k
 policy versions old when it is trained on (an in-flight weight update only makes it younger).
 
-A failure in the producer is handed to the learner's next ``get``, never lost in a thread.
+A failure in the producer is raised by the learner's next ``get`` (the same exception, with a
+note naming the thread), never lost in a thread.
 """
 
 from __future__ import annotations
@@ -63,6 +64,7 @@ class RolloutQueue:
             self._cond.notify_all()
 
     def fail(self, error: BaseException) -> None:
+        error.add_note("(raised in the rollout producer thread)")
         with self._cond:
             self._error = error
             self._cond.notify_all()
@@ -75,7 +77,7 @@ class RolloutQueue:
         with self._cond:
             while step not in self._ready:
                 if self._error is not None:
-                    raise RuntimeError(f"the rollout producer failed: {self._error!r}") from self._error
+                    raise self._error  # its own type: the driver tells a lost generator pool from a bug
                 if self._closed:
                     raise QueueClosed(f"rollout queue closed while waiting for step {step}")
                 remaining = None if deadline is None else deadline - time.monotonic()

@@ -1,0 +1,214 @@
+"""Fault injection into real runs (local Ray cluster, vLLM CPU engines, tiny model, sync mode).
+
+Every run here is the tiny config with 2 generators and 2 data-parallel learners, a checkpoint
+after every step. The reference is the same run without a fault. Each test breaks one actor
+at a chosen moment, by signals to its real process (SIGKILL: it dies; SIGSTOP: it hangs) or
+by a load sneaked past the pool, and asserts that the run still finishes with every step's
+metrics exactly once, the same learned metrics and bit-identical adapter weights (sync mode is
+deterministic: a re-issued chunk keeps its sampling seed, a rebuilt learner group restores its
+checkpoint exactly), and the fault counted and reported. The driver killed and its job run
+again is in ``test_resume.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from pathlib import Path
+
+import pytest
+import ray
+
+from actors.generator import GeneratorsLost, generator_actor
+from cluster.config import load_config
+from cluster.driver import Trainer
+from cluster.rundir import RunDir
+from test_integration import spread_reward
+from test_resume import adapter
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[1]
+STEPS = 3
+VARYING = ("perf/", "verifier/", "rollout/", "faults/", "monitor/actor_faults")  # timings, pool statistics, the faults
+
+
+def trainer(tiny_model_path: str, run_dir: Path, *extra: str) -> Trainer:
+    overrides = [
+        f"model.path={tiny_model_path}", f"run.run_dir={run_dir}", f"run.steps={STEPS}", "run.checkpoint_every=1",
+        "generator.num_generators=2", "learner.num_learners=2", "algorithm.lr=0.05", "algorithm.kl_coef=0.05",
+        "eval.n=8", "run.metrics_export=false", *extra,
+    ]  # fmt: skip
+    return Trainer(load_config(ROOT / "configs/tiny.yaml", overrides), RunDir(run_dir), scorer=spread_reward)
+
+
+def pid(handle) -> int:
+    return ray.get(handle.__ray_call__.remote(lambda self: os.getpid()))
+
+
+def once(condition, action):
+    """A wrapper of ``method`` that runs ``action`` the first time ``condition()`` holds."""
+    fired = []
+
+    def wrap(method):
+        def wrapped(*args, **kwargs):
+            if not fired and condition():
+                fired.append(True)
+                return action(method, *args, **kwargs)
+            return method(*args, **kwargs)
+
+        return wrapped
+
+    return wrap, fired
+
+
+def run(t: Trainer) -> None:
+    try:
+        t.train(STEPS)
+    finally:
+        t.shutdown()
+
+
+def learned(run_dir: Path) -> list[dict]:
+    return [{k: v for k, v in row.items() if not k.startswith(VARYING)} for row in RunDir(run_dir).read_metrics()]
+
+
+def assert_same_as(run_dir: Path, reference: Path) -> dict:
+    """Every step once, the reference's learned metrics and adapter bits; the last row."""
+    rows = RunDir(run_dir).read_metrics()
+    assert [r["step"] for r in rows] == list(range(STEPS + 1))
+    assert learned(run_dir) == learned(reference)
+    got, want = adapter(run_dir), adapter(reference)
+    assert got.keys() == want.keys() and all((got[k] == want[k]).all() for k in want)
+    return rows[-1]
+
+
+def events(run_dir: Path, rule: str) -> list[dict]:
+    return [e for e in map(json.loads, (run_dir / "events.jsonl").read_text().splitlines()) if e["rule"] == rule]
+
+
+@pytest.fixture(scope="module")
+def reference(ray_cluster, tiny_model_path, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("fault_free")
+    run(trainer(tiny_model_path, run_dir))
+    return run_dir
+
+
+@pytest.mark.parametrize("signum", [signal.SIGKILL, signal.SIGSTOP], ids=["killed", "hung"])
+def test_a_generator_killed_or_hung_mid_rollout_is_replaced_and_its_chunk_reissued(reference, tiny_model_path, tmp_path, signum):
+    """Step 2's chunks are sent; generator 1 is then SIGKILLed (found dead at once) or
+    SIGSTOPped (found hung when its call passes ``generator.call_timeout_s``)."""
+    t = trainer(tiny_model_path, tmp_path, "generator.call_timeout_s=8")
+    victim = pid(t.generators.handles[1])
+
+    def submit_then_break(submit, *args, **kwargs):
+        requests = submit(*args, **kwargs)
+        os.kill(victim, signum)
+        return requests
+
+    wrap, fired = once(lambda: t.step_done == 1, submit_then_break)
+    t.generators.submit = wrap(t.generators.submit)
+    run(t)
+    assert fired
+    last = assert_same_as(tmp_path, reference)
+    assert last["faults/generator_restarts"] == 1 and last["faults/requests_reissued"] == 1
+    assert last["faults/generator_seconds_lost"] >= (8 if signum == signal.SIGSTOP else 0)
+    assert [e["step"] for e in events(tmp_path, "actor_faults")] == [2]
+    assert not os.path.exists(f"/proc/{victim}") or "Z" in Path(f"/proc/{victim}/stat").read_text().split()[2]
+
+
+@pytest.mark.parametrize("signum", [signal.SIGKILL, signal.SIGSTOP], ids=["dies", "times_out"])
+def test_a_generator_lost_during_a_weight_broadcast_is_replaced_with_the_new_weights(reference, tiny_model_path, tmp_path, signum):
+    """Generator 1 is frozen before step 2's weights are pushed, so the push cannot land;
+    then it is killed (its load fails) or left frozen (its load passes
+    ``generator.broadcast_timeout_s``). Its replacement starts with step 2's weights."""
+    t = trainer(tiny_model_path, tmp_path, "generator.broadcast_timeout_s=8")
+    victim = pid(t.generators.handles[1])
+
+    def push_to_a_frozen_generator(push, *args, **kwargs):
+        os.kill(victim, signal.SIGSTOP)
+        push(*args, **kwargs)
+        if signum == signal.SIGKILL:
+            os.kill(victim, signal.SIGKILL)
+
+    wrap, fired = once(lambda: t.step_done == 1, push_to_a_frozen_generator)
+    t.generators.push = wrap(t.generators.push)
+    run(t)
+    assert fired
+    last = assert_same_as(tmp_path, reference)
+    assert last["faults/generator_restarts"] == 1 and last["faults/requests_reissued"] == 0
+    assert [e["step"] for e in events(tmp_path, "actor_faults")] == [2]
+
+
+def test_a_generator_serving_the_wrong_policy_is_reloaded(reference, tiny_model_path, tmp_path):
+    """After step 2's broadcast is confirmed, generator 1 is given the untrained weights
+    behind the pool's back: its step-3 samples say version 0, not 2; the pool sends it
+    version 2 again and re-issues the chunk."""
+    t = trainer(tiny_model_path, tmp_path)
+    untrained = t.learners.weight_update()
+
+    def confirm_then_corrupt(confirm, *args, **kwargs):
+        confirm(*args, **kwargs)
+        assert ray.get(t.generators.handles[1].load_weights.remote(untrained)).version == 0
+
+    wrap, fired = once(lambda: t.step_done == 1, confirm_then_corrupt)
+    t.generators.confirm = wrap(t.generators.confirm)
+    run(t)
+    assert fired
+    last = assert_same_as(tmp_path, reference)
+    assert last["faults/weight_reloads"] == 1 and last["faults/requests_reissued"] == 1 and last["faults/generator_restarts"] == 0
+
+
+def test_a_learner_rank_killed_mid_step_rebuilds_the_group_from_the_checkpoint(reference, tiny_model_path, tmp_path):
+    """Learner rank 1 is SIGKILLed as step 3 is handed to the group: rank 0 would wait for it
+    in the gradient all-reduce. The driver kills the group, builds a new one, restores step
+    2's checkpoint and runs step 3 again."""
+    t = trainer(tiny_model_path, tmp_path)
+    victim = pid(t.learners.actors[1])
+
+    def kill_rank_1_then_step(step, *args, **kwargs):
+        os.kill(victim, signal.SIGKILL)
+        return step(*args, **kwargs)
+
+    wrap, fired = once(lambda: t.step_done == 2, kill_rank_1_then_step)
+    t.learners.step = wrap(t.learners.step)
+    run(t)
+    assert fired
+    last = assert_same_as(tmp_path, reference)
+    assert last["faults/learner_recoveries"] == 1 and last["faults/generator_restarts"] == 0
+    [recovery] = events(tmp_path, "learner_recovery")
+    assert recovery["step"] == 3 and recovery["evidence"]["resumed_at_step"] == 2 and "learner rank 1 died during a training step" in recovery["message"]
+
+
+def test_learner_recoveries_are_bounded(ray_cluster, tiny_model_path, tmp_path):
+    """With ``learner.max_recoveries=0`` the first lost rank stops the run with a clear error."""
+    from actors.learner import LearnerFailure
+
+    t = trainer(tiny_model_path, tmp_path, "learner.max_recoveries=0", "learner.num_learners=1", "generator.num_generators=1")
+    os.kill(pid(t.learners.actors[0]), signal.SIGKILL)
+    with pytest.raises(LearnerFailure, match=r"learner rank 0 died during .*learner.max_recoveries=0 recoveries are used up"):
+        run(t)
+
+
+def test_losing_every_generator_past_the_grace_period_stops_with_a_checkpoint_and_resumes(reference, tiny_model_path, tmp_path):
+    """After step 2's broadcast both generators are SIGKILLed and no replacement can be placed
+    (they ask for a resource no node has): after ``generator.grace_s`` the run stops, with
+    step 2 checkpointed and a message saying how to go on; resumed, it ends as the reference."""
+    t = trainer(tiny_model_path, tmp_path, "generator.grace_s=5")
+    victims = [pid(h) for h in t.generators.handles]
+
+    def confirm_then_lose_all(confirm, *args, **kwargs):
+        confirm(*args, **kwargs)
+        for victim in victims:
+            os.kill(victim, signal.SIGKILL)
+        t.generators.factory = lambda rank: generator_actor().options(resources={"no_such_node": 1}).remote("nowhere", None, seed=0, max_lora_rank=8)
+
+    wrap, fired = once(lambda: t.step_done == 1, confirm_then_lose_all)
+    t.generators.confirm = wrap(t.generators.confirm)
+    with pytest.raises(GeneratorsLost, match=r"no generator has been up for \d+s \(generator.grace_s=5\).*stopped after step 2, checkpointed; continue it with `raylight resume"):
+        run(t)
+    assert [c.step for c in t.checkpoints.complete()] == [1, 2]
+    assert [e["step"] for e in events(tmp_path, "generators_lost")] == [3]
+    resumed = Trainer.resume(tmp_path, scorer=spread_reward)
+    run(resumed)
+    assert_same_as(tmp_path, reference)
