@@ -196,11 +196,13 @@ class GeneratorPool:
         self.poll(0.0)
 
     def confirm(self) -> None:
-        """Wait until every generator has loaded the newest policy (replacing those that fail
-        or time out on the way), or raise GeneratorsLost."""
+        """Wait until every generator that is up has loaded the newest policy (replacing those
+        that fail or time out on the way), or raise GeneratorsLost. A replacement still
+        starting is not waited for: its load runs before any work it is given."""
         while True:
             with self._lock:
-                if not any(call.request is None for call in self._calls.values()):
+                up = any(slot.up for slot in self.slots)
+                if not any(call.request is None and (self.slots[call.rank].up or not up) for call in self._calls.values()):
                     return
             self.poll(1.0)
 
@@ -223,8 +225,10 @@ class GeneratorPool:
     # -- the calls and their failures -------------------------------------------------------
 
     def _least_loaded(self) -> int:
+        """The generator with the fewest chunks outstanding, preferring those up to those
+        still starting (a replacement's engine may take a while)."""
         load = collections.Counter(call.rank for call in self._calls.values() if call.request is not None)
-        return min(range(len(self.slots)), key=lambda r: (load[r], r))
+        return min(range(len(self.slots)), key=lambda r: (not self.slots[r].up, load[r], r))
 
     def _busy(self, rank: int) -> bool:
         epoch = self.slots[rank].epoch

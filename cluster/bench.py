@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import random
 import subprocess
 import time
@@ -284,4 +285,85 @@ def bench_async(config_path: str, steps: int, overrides: list[str], threads: int
         "ratio_of_limit": round(ratio / limit, 3),
         "generator_busy_fraction": round(results[best]["generator_busy_fraction"], 3),
         "learner_busy_fraction": round(results[best]["learner_busy_fraction"], 3),
+    }
+
+
+# the actor processes `bench faults` breaks, and how: SIGKILL (it dies) or SIGSTOP (it hangs)
+FAULT_KINDS = (("generator", "SIGKILL"), ("generator", "SIGSTOP"), ("learner", "SIGKILL"), ("learner", "SIGSTOP"), ("verifier", "SIGKILL"))
+FAULT_DEADLINES = ["generator.call_timeout_s=30", "generator.broadcast_timeout_s=30", "learner.call_timeout_s=60", "verifier.timeout_s=30"]
+
+
+def bench_faults(config_path: str, steps: int, overrides: list[str], faults: int, seed: int = 0) -> dict:
+    """An operator's chaos test: the config run twice in this process, without faults and
+    with ``faults`` actor processes broken at random moments (a random kind of
+    ``FAULT_KINDS``, after a random step, a random fraction of a step in), with the short
+    deadlines of ``FAULT_DEADLINES``. Reports each fault, the run's fault counters, the wall
+    time each run took, and whether the broken run ended with the fault-free run's adapter
+    (exact in sync mode). The processes are signalled on this machine: run it on a local
+    cluster."""
+    import signal
+    import tempfile
+    import threading
+
+    from cluster.config import load_config
+    from cluster.driver import Trainer
+    from cluster.rundir import RunDir
+
+    rng = random.Random(seed)
+    plan = sorted((rng.randint(1, max(1, steps - 1)), rng.random(), *rng.choice(FAULT_KINDS)) for _ in range(faults))
+    fixed = ["eval.at_start=false", "run.checkpoint_every=1", "run.metrics_export=false", *FAULT_DEADLINES]
+    done: list[dict] = []
+
+    def chaos(trainer: Trainer, stop: threading.Event, step_seconds: float, started: float) -> None:
+        for after_step, fraction, kind, signame in plan:
+            while trainer.step_done < after_step and not stop.is_set():
+                time.sleep(0.05)
+            if stop.wait(fraction * step_seconds):
+                return
+            handles = {"generator": trainer.generators.handles, "learner": trainer.learners.actors, "verifier": trainer.verifiers.actors}[kind]
+            rank = rng.randrange(len(handles))
+            try:
+                pid = ray.get(handles[rank].__ray_call__.remote(lambda actor: os.getpid()), timeout=10)
+            except Exception as exc:  # noqa: BLE001 - already broken: record and go on
+                done.append({"kind": kind, "rank": rank, "signal": signame, "after_step": trainer.step_done, "skipped": type(exc).__name__})
+                continue
+            os.kill(pid, getattr(signal, signame))
+            done.append({"kind": kind, "rank": rank, "signal": signame, "after_step": trainer.step_done, "at_s": round(time.monotonic() - started, 1)})
+            logger.warning("bench faults: %s %d (pid %d) sent %s after step %d", kind, rank, pid, signame, trainer.step_done)
+
+    runs = {}
+    for name in ("fault_free", "faults"):
+        run_dir = Path(tempfile.mkdtemp(prefix=f"raylight-bench-{name}-"))
+        config = load_config(config_path, [*overrides, *fixed, f"run.steps={steps}", f"run.run_dir={run_dir}"])
+        trainer = Trainer(config, RunDir(run_dir))
+        stop = threading.Event()
+        started = time.monotonic()
+        if name == "faults":
+            step_seconds = runs["fault_free"]["wall_s"] / steps
+            threading.Thread(target=chaos, args=(trainer, stop, step_seconds, started), daemon=True).start()
+        try:
+            trainer.train(steps)
+        finally:
+            stop.set()
+            trainer.shutdown()
+        rows = RunDir(run_dir).read_metrics()
+        runs[name] = {"wall_s": time.monotonic() - started, "rows": rows, "adapter": run_dir / "final_adapter" / "adapter_model.safetensors"}
+    from safetensors.torch import load_file
+
+    same = None
+    if runs["fault_free"]["adapter"].is_file() and runs["faults"]["adapter"].is_file():
+        a, b = load_file(str(runs["fault_free"]["adapter"])), load_file(str(runs["faults"]["adapter"]))
+        same = a.keys() == b.keys() and all(bool((a[k] == b[k]).all()) for k in a)
+    last = runs["faults"]["rows"][-1]
+    return {
+        "benchmark": "faults",
+        "config": config_path,
+        "steps": steps,
+        "faults": done,
+        "completed": [r["step"] for r in runs["faults"]["rows"] if r["step"] > 0] == list(range(1, steps + 1)),
+        **{k: v for k, v in last.items() if k.startswith("faults/")},
+        "fault_free_wall_s": round(runs["fault_free"]["wall_s"], 1),
+        "faults_wall_s": round(runs["faults"]["wall_s"], 1),
+        "seconds_lost": round(runs["faults"]["wall_s"] - runs["fault_free"]["wall_s"], 1),
+        "same_adapter": same,
     }

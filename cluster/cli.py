@@ -108,10 +108,12 @@ def _data(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from cluster.bench import bench_async, bench_generation, bench_learner, bench_verifier
+    from cluster.bench import bench_async, bench_faults, bench_generation, bench_learner, bench_verifier
 
     if args.bench == "async":
         result = bench_async(args.config, args.steps, args.overrides, args.threads)
+    elif args.bench == "faults":
+        result = bench_faults(args.config, args.steps, args.overrides, args.faults, args.seed)
     elif args.bench == "learner":
         result = bench_learner(args.model, args.rows, args.prompt_tokens, args.completion_tokens, args.steps, args.variants)
     elif args.bench == "verifier":
@@ -231,6 +233,14 @@ def build_parser() -> argparse.ArgumentParser:
     asy.add_argument("--threads", type=int, default=1, help="cores for the generators and for the learner, in every mode")
     asy.add_argument("overrides", nargs="*", help="dotted.key=value config overrides")
     asy.set_defaults(func=_bench)
+
+    flt = which.add_parser("faults", help="the same config without and with actor processes killed or frozen at random moments")
+    flt.add_argument("--config", default="configs/demo.yaml", help="YAML config (default: the demo)")
+    flt.add_argument("--steps", type=int, default=8, help="learner steps per run")
+    flt.add_argument("--faults", type=int, default=4, help="actor processes broken in the second run")
+    flt.add_argument("--seed", type=int, default=0, help="seed of the faults' kinds and moments")
+    flt.add_argument("overrides", nargs="*", help="dotted.key=value config overrides")
+    flt.set_defaults(func=_bench)
 
     prep = commands.add_parser("prepare-model", help="convert/cache a model folder and print its path")
     prep.add_argument("model", nargs="?", default="smollm2", help="'smollm2' or 'tiny'")

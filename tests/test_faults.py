@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -46,20 +47,28 @@ def pid(handle) -> int:
     return ray.get(handle.__ray_call__.remote(lambda self: os.getpid()))
 
 
-def once(condition, action):
-    """A wrapper of ``method`` that runs ``action`` the first time ``condition()`` holds."""
-    fired = []
+def break_once(t: Trainer, obj, method: str, after_step: int, action) -> list:
+    """Replace ``obj.method`` so that its first call once step ``after_step`` is done runs
+    ``action(original, *args, **kwargs)`` instead; the returned list is non-empty once it has."""
+    original, fired = getattr(obj, method), []
 
-    def wrap(method):
-        def wrapped(*args, **kwargs):
-            if not fired and condition():
-                fired.append(True)
-                return action(method, *args, **kwargs)
-            return method(*args, **kwargs)
+    def wrapped(*args, **kwargs):
+        if not fired and t.step_done == after_step:
+            fired.append(True)
+            return action(original, *args, **kwargs)
+        return original(*args, **kwargs)
 
-        return wrapped
+    setattr(obj, method, wrapped)
+    return fired
 
-    return wrap, fired
+
+def run_with_fault(t: Trainer, obj, method: str, after_step: int, action, reference: Path) -> dict:
+    """Run ``t`` to its end with ``obj.method`` broken once (``break_once``); it must end as
+    ``reference`` did. Returns its last metrics row."""
+    fired = break_once(t, obj, method, after_step, action)
+    run(t)
+    assert fired, f"{method} was never called after step {after_step}"
+    return assert_same_as(t.run_dir.path, reference)
 
 
 def run(t: Trainer) -> None:
@@ -106,15 +115,25 @@ def test_a_generator_killed_or_hung_mid_rollout_is_replaced_and_its_chunk_reissu
         os.kill(victim, signum)
         return requests
 
-    wrap, fired = once(lambda: t.step_done == 1, submit_then_break)
-    t.generators.submit = wrap(t.generators.submit)
-    run(t)
-    assert fired
-    last = assert_same_as(tmp_path, reference)
+    last = run_with_fault(t, t.generators, "submit", 1, submit_then_break, reference)
     assert last["faults/generator_restarts"] == 1 and last["faults/requests_reissued"] == 1
     assert last["faults/generator_seconds_lost"] >= (8 if signum == signal.SIGSTOP else 0)
     assert [e["step"] for e in events(tmp_path, "actor_faults")] == [2]
-    assert not os.path.exists(f"/proc/{victim}") or "Z" in Path(f"/proc/{victim}/stat").read_text().split()[2]
+    assert gone(victim, within_s=30), f"generator process {victim} outlived its replacement"
+
+
+def gone(pid: int, within_s: float) -> bool:
+    """The process has exited (or is a zombie) within ``within_s`` seconds."""
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        try:
+            state = Path(f"/proc/{pid}/status").read_text().split("State:")[1].split()[0]
+        except (FileNotFoundError, ProcessLookupError):
+            return True
+        if state == "Z":
+            return True
+        time.sleep(0.5)
+    return False
 
 
 @pytest.mark.parametrize("signum", [signal.SIGKILL, signal.SIGSTOP], ids=["dies", "times_out"])
@@ -131,11 +150,7 @@ def test_a_generator_lost_during_a_weight_broadcast_is_replaced_with_the_new_wei
         if signum == signal.SIGKILL:
             os.kill(victim, signal.SIGKILL)
 
-    wrap, fired = once(lambda: t.step_done == 1, push_to_a_frozen_generator)
-    t.generators.push = wrap(t.generators.push)
-    run(t)
-    assert fired
-    last = assert_same_as(tmp_path, reference)
+    last = run_with_fault(t, t.generators, "push", 1, push_to_a_frozen_generator, reference)
     assert last["faults/generator_restarts"] == 1 and last["faults/requests_reissued"] == 0
     assert [e["step"] for e in events(tmp_path, "actor_faults")] == [2]
 
@@ -151,11 +166,7 @@ def test_a_generator_serving_the_wrong_policy_is_reloaded(reference, tiny_model_
         confirm(*args, **kwargs)
         assert ray.get(t.generators.handles[1].load_weights.remote(untrained)).version == 0
 
-    wrap, fired = once(lambda: t.step_done == 1, confirm_then_corrupt)
-    t.generators.confirm = wrap(t.generators.confirm)
-    run(t)
-    assert fired
-    last = assert_same_as(tmp_path, reference)
+    last = run_with_fault(t, t.generators, "confirm", 1, confirm_then_corrupt, reference)
     assert last["faults/weight_reloads"] == 1 and last["faults/requests_reissued"] == 1 and last["faults/generator_restarts"] == 0
 
 
@@ -170,11 +181,7 @@ def test_a_learner_rank_killed_mid_step_rebuilds_the_group_from_the_checkpoint(r
         os.kill(victim, signal.SIGKILL)
         return step(*args, **kwargs)
 
-    wrap, fired = once(lambda: t.step_done == 2, kill_rank_1_then_step)
-    t.learners.step = wrap(t.learners.step)
-    run(t)
-    assert fired
-    last = assert_same_as(tmp_path, reference)
+    last = run_with_fault(t, t.learners, "step", 2, kill_rank_1_then_step, reference)
     assert last["faults/learner_recoveries"] == 1 and last["faults/generator_restarts"] == 0
     [recovery] = events(tmp_path, "learner_recovery")
     assert recovery["step"] == 3 and recovery["evidence"]["resumed_at_step"] == 2 and "learner rank 1 died during a training step" in recovery["message"]
@@ -203,11 +210,10 @@ def test_losing_every_generator_past_the_grace_period_stops_with_a_checkpoint_an
             os.kill(victim, signal.SIGKILL)
         t.generators.factory = lambda rank: generator_actor().options(resources={"no_such_node": 1}).remote("nowhere", None, seed=0, max_lora_rank=8)
 
-    wrap, fired = once(lambda: t.step_done == 1, confirm_then_lose_all)
-    t.generators.confirm = wrap(t.generators.confirm)
+    fired = break_once(t, t.generators, "confirm", 1, confirm_then_lose_all)
     with pytest.raises(GeneratorsLost, match=r"no generator has been up for \d+s \(generator.grace_s=5\).*stopped after step 2, checkpointed; continue it with `raylight resume"):
         run(t)
-    assert [c.step for c in t.checkpoints.complete()] == [1, 2]
+    assert fired and [c.step for c in t.checkpoints.complete()] == [1, 2]
     assert [e["step"] for e in events(tmp_path, "generators_lost")] == [3]
     resumed = Trainer.resume(tmp_path, scorer=spread_reward)
     run(resumed)
