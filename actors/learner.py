@@ -127,7 +127,8 @@ class LearnerGroup:
         while pending:
             ready, pending = ray.wait(pending, num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
             if not ready:
-                raise LearnerFailure(f"the learners did not finish {what} within learner.call_timeout_s={self.timeout_s:.0f}s (a rank hangs, or waits on a lost peer)")
+                lost = self.lost_ranks(timeout_s=5.0) or "every rank answers, one is stuck"
+                raise LearnerFailure(f"the learners did not finish {what} within learner.call_timeout_s={self.timeout_s:.0f}s: {lost}")
             try:
                 ray.get(ready[0])
             except (RayActorError, RayTaskError) as exc:

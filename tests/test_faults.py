@@ -170,21 +170,28 @@ def test_a_generator_serving_the_wrong_policy_is_reloaded(reference, tiny_model_
     assert last["faults/weight_reloads"] == 1 and last["faults/requests_reissued"] == 1 and last["faults/generator_restarts"] == 0
 
 
-def test_a_learner_rank_killed_mid_step_rebuilds_the_group_from_the_checkpoint(reference, tiny_model_path, tmp_path):
-    """Learner rank 1 is SIGKILLed as step 3 is handed to the group: rank 0 would wait for it
-    in the gradient all-reduce. The driver kills the group, builds a new one, restores step
-    2's checkpoint and runs step 3 again."""
-    t = trainer(tiny_model_path, tmp_path)
+@pytest.mark.parametrize("signum", [signal.SIGKILL, signal.SIGSTOP], ids=["killed", "hung"])
+def test_a_learner_rank_killed_or_hung_mid_step_rebuilds_the_group_from_the_checkpoint(reference, tiny_model_path, tmp_path, signum):
+    """Learner rank 1 is SIGKILLed or SIGSTOPped as step 3 is handed to the group: rank 0
+    would wait for it in the gradient all-reduce. The driver finds the dead rank at once, or
+    the hung one at ``learner.call_timeout_s``, kills the group, builds a new one, restores
+    step 2's checkpoint and runs step 3 again."""
+    t = trainer(tiny_model_path, tmp_path, "learner.call_timeout_s=10")
     victim = pid(t.learners.actors[1])
 
-    def kill_rank_1_then_step(step, *args, **kwargs):
-        os.kill(victim, signal.SIGKILL)
+    def break_rank_1_then_step(step, *args, **kwargs):
+        os.kill(victim, signum)
         return step(*args, **kwargs)
 
-    last = run_with_fault(t, t.learners, "step", 2, kill_rank_1_then_step, reference)
+    last = run_with_fault(t, t.learners, "step", 2, break_rank_1_then_step, reference)
     assert last["faults/learner_recoveries"] == 1 and last["faults/generator_restarts"] == 0
     [recovery] = events(tmp_path, "learner_recovery")
-    assert recovery["step"] == 3 and recovery["evidence"]["resumed_at_step"] == 2 and "learner rank 1 died during a training step" in recovery["message"]
+    assert recovery["step"] == 3 and recovery["evidence"]["resumed_at_step"] == 2
+    if signum == signal.SIGKILL:
+        assert "learner rank 1 died during a training step" in recovery["message"]
+    else:
+        assert "did not finish a training step within learner.call_timeout_s=10s" in recovery["message"] and "1 did not answer" in recovery["message"]
+    assert gone(victim, within_s=30)
 
 
 def test_learner_recoveries_are_bounded(ray_cluster, tiny_model_path, tmp_path):
