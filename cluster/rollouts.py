@@ -4,7 +4,8 @@ For each rollout step, in order, as soon as the queue lets it start (``RolloutQu
 run-ahead in synchronous mode, up to ``rollout.max_staleness`` steps in asynchronous mode):
 1. draw the step's prompts (the driver records the data position before each draw, so a
    checkpoint can re-issue every prompt that was drawn but not yet trained on);
-2. submit them to the generator pool (chunks spread over the generators);
+2. submit them to the generator pool (chunks spread over the generators; a chunk whose
+   generator dies or hangs is re-issued by the pool, with its seed);
 3. score each chunk in the verifier pool as soon as it is generated, while the other chunks
    (and the next steps' chunks) are still being generated;
 4. put the step's verified samples, in prompt order, on the queue.
