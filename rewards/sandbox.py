@@ -310,15 +310,9 @@ def _kill_group(pid: int) -> None:
 
 def live_processes(uid: int, zombies: bool = False) -> list[int]:
     """Pids of running processes owned by ``uid`` (with ``zombies``, also exited ones that
-    their new parent has not reaped yet)."""
-    return [pid for pid, state in _processes(uid) if zombies or state not in ("Z", "X")]
-
-
-def _processes(uid: int) -> list[tuple[int, str]]:
-    """(pid, state letter) of every process owned by ``uid``, zombies included. Reads each
-    ``status`` file: the owner of a ``/proc/<pid>`` folder is not enough, a non-dumpable
-    process shows as root there."""
-    found = []
+    their new parent has not reaped yet). Reads each ``status`` file: the owner of a
+    ``/proc/<pid>`` folder is not enough, a non-dumpable process shows as root there."""
+    pids = []
     wanted = f"\nUid:\t{uid}\t"
     for entry in os.scandir("/proc"):
         if not entry.name.isdigit():
@@ -328,9 +322,12 @@ def _processes(uid: int) -> list[tuple[int, str]]:
                 status = handle.read()
         except OSError:
             continue
-        if wanted in status:
-            found.append((int(entry.name), status[status.find("\nState:") + 8 :].lstrip()[:1]))
-    return found
+        if wanted not in status:
+            continue
+        state = status[status.find("\nState:") + 8 :].lstrip()[:1]
+        if zombies or state not in ("Z", "X"):
+            pids.append(int(entry.name))
+    return pids
 
 
 def _kill_uid(uid: int, patience_s: float = 2.0) -> None:
@@ -340,23 +337,18 @@ def _kill_uid(uid: int, patience_s: float = 2.0) -> None:
     process limit, and a fork bomb's leftovers would stop the next run from starting."""
     me = os.getpid()
     deadline = time.monotonic() + patience_s
-    while (found := _processes(uid)) and time.monotonic() < deadline:
-        waited, reaped_all = False, True
-        for pid, state in found:
+    while (pids := live_processes(uid, zombies=True)) and time.monotonic() < deadline:
+        waited = False
+        for pid in pids:
             try:
                 os.kill(pid, signal.SIGKILL)
                 if _parent(pid) == me:  # ours since its parent died: SIGKILLed, so this returns soon
                     os.waitpid(pid, 0)
                     waited = True
-                    continue
             except (ProcessLookupError, ChildProcessError):
-                continue
-            reaped_all = False
-        if reaped_all and all(state == "Z" for _, state in found):
-            return  # the usual leftover, the namespace's init reparented here: exited zombies cannot fork
+                pass
         if not waited:  # still someone else's child: give its parent a moment to die
             time.sleep(0.002)
-    pids = [pid for pid, _ in found]
     if not pids:
         return
     if live := live_processes(uid):
