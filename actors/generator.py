@@ -213,10 +213,10 @@ class GeneratorPool:
 
     def sleep(self) -> None:
         """Every generator hands its device memory over (colocated sleep mode), and waits."""
-        self._each("sleep")
+        self._each("sleep", lambda handle: handle.sleep.remote())
 
     def wake(self) -> None:
-        self._each("wake")
+        self._each("wake", lambda handle: handle.wake.remote())
 
     def kill(self) -> None:
         for slot in self.slots:
@@ -353,10 +353,10 @@ class GeneratorPool:
             if c.request is not None:
                 self._reissue(c, now)
 
-    def _each(self, method: str) -> None:
-        """Call ``method`` on every generator and wait; a generator that fails is replaced
-        (its replacement starts awake)."""
-        refs = {getattr(slot.handle, method).remote(): rank for rank, slot in enumerate(self.slots)}
+    def _each(self, method: str, call: Callable[[object], ray.ObjectRef]) -> None:
+        """``call`` (``method`` in messages) on every generator, and wait; a generator that
+        fails is replaced (its replacement starts awake)."""
+        refs = {call(slot.handle): rank for rank, slot in enumerate(self.slots)}
         ready, pending = ray.wait(list(refs), num_returns=len(refs), timeout=self.settings.call_timeout_s)
         with self._lock:
             for ref in ready:
