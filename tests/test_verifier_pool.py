@@ -5,8 +5,10 @@ shrinks back; its metrics count what happened."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -15,6 +17,7 @@ import pytest
 import ray
 
 from actors.verifier import VerifierPool, VerifierPoolSettings
+from rewards.sandbox import SandboxLimits
 from rewards.scoring import SandboxSettings, ScorerSpec, build_scorer
 from contracts import Problem, Verdict
 
@@ -153,3 +156,55 @@ def test_code_is_scored_in_the_sandbox_through_the_pool(ray_cluster):
     assert verdicts[1].outcome in ("error", "timeout") and verdicts[3].outcome == "timeout"
     assert all(v.status == "ok" for v in verdicts)
     pool.kill()
+
+
+def timed_scorer(spec: ScorerSpec):
+    """The configured scorer, with each sample's scoring time in ``components['seconds']``."""
+    scorer = build_scorer(spec)
+
+    def timed(completion: str, problem: Problem) -> Verdict:
+        start = time.perf_counter()
+        verdict = scorer(completion, problem)
+        return dataclasses.replace(verdict, components={**verdict.components, "seconds": time.perf_counter() - start})
+
+    return timed
+
+
+RIGHT, WRONG = "def add(a, b):\n    return a + b\n", "def add(a, b):\n    return a - b\n"
+HOSTILE = {
+    "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass\n": ("timeout", "error"),  # fork bomb
+    "def add(a, b):\n    while True:\n        pass\n": ("timeout",),  # infinite loop
+    "x = []\nwhile True:\n    x.append(bytearray(1 << 20))\n": ("memory", "error"),  # memory hog
+}
+
+
+def test_hostile_samples_at_full_concurrency_neither_corrupt_nor_slow_the_honest_ones(ray_cluster):
+    """The pool at full concurrency (2 verifiers, one sample per call, each with its sandbox)
+    scores 24 honest programs alone, then the same 24 with 2 fork bombs, 2 infinite loops and
+    2 memory hogs among them. Every honest verdict is the same and right, each hostile one a
+    typed failure (not an infrastructure error, not a retry), and an honest program's scoring
+    time beside the hostile ones stays within 2x of the clean run's (the median; the batch as a
+    whole waits for the hostile programs' wall-clock limit, by design)."""
+    add = Problem("add", "q", "", meta={"entry_point": "add", "tests": [[[1, 2], 3], [[5, 5], 10]]})
+    spec = ScorerSpec(scorer="code", sandbox=SandboxSettings(limits=SandboxLimits(wall_s=2.0, cpu_s=2)))
+    pool = VerifierPool(functools.partial(timed_scorer, spec), VerifierPoolSettings(min_verifiers=2, max_verifiers=2, samples_per_call=1, max_retries=0))
+    honest = [(RIGHT if i % 2 else WRONG, add) for i in range(24)]
+    mixed = list(honest)
+    for i, source in enumerate([s for s in HOSTILE for _ in range(2)]):
+        mixed.insert(4 * i + 2, (source, add))
+    try:
+        pool.score_items(honest[:2])  # warm: the actors' sandboxes are open
+        clean = pool.score_items(honest)
+        beside = pool.score_items(mixed)
+    finally:
+        pool.kill()
+    expected = ["passed" if text == RIGHT else "failed" for text, _ in honest]
+    assert [v.outcome for v in clean] == expected
+    honest_beside = [v for (text, _), v in zip(mixed, beside) if text in (RIGHT, WRONG)]
+    assert [v.outcome for v in honest_beside] == expected
+    for (text, _), verdict in zip(mixed, beside):
+        if text in HOSTILE:
+            assert verdict.status == "ok" and verdict.outcome in HOSTILE[text], (text, verdict)
+    seconds = lambda verdicts: statistics.median(v.components["seconds"] for v in verdicts)  # noqa: E731
+    assert seconds(honest_beside) <= 2 * seconds(clean), (seconds(honest_beside), seconds(clean))
+    assert pool.stats["verifier/restarts"] == 0 and pool.stats["verifier/retries"] == 0
