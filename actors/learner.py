@@ -44,6 +44,11 @@ class LearnerActor:
     def __init__(self, settings: LearnerSettings):
         self.learner = Learner(settings, device=assigned_device())
 
+    @ray.method(concurrency_group="health")
+    def alive(self) -> bool:
+        """Answers on its own thread, while a step runs: a rank that does not is frozen."""
+        return True
+
     def rendezvous(self) -> tuple[str, int]:
         """This node's address and a free TCP port, for rank 0 to host the process group."""
         with socket.socket() as sock:
@@ -83,8 +88,9 @@ class LearnerActor:
 
 
 def learner_actor(num_cpus: float = 1.0, num_gpus: float = 0.0):
-    """The Ray actor class for a learner, with its resource request."""
-    return ray.remote(num_cpus=num_cpus, num_gpus=num_gpus)(LearnerActor)
+    """The Ray actor class for a learner, with its resource request. Its calls run one at a
+    time; ``alive`` answers beside them (the ``health`` concurrency group)."""
+    return ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, concurrency_groups={"health": 1})(LearnerActor)
 
 
 @dataclass(frozen=True)
@@ -98,6 +104,7 @@ class LearnerGroupSettings:
     gradient_checkpointing: bool = False  # recompute activations in the backward pass: less memory, ~1/3 more compute
     resources: dict[str, float] = field(default_factory=dict)  # custom Ray resources per learner (pins them to nodes)
     call_timeout_s: float = 1800.0  # a learner call (a step, a checkpoint) or collective running longer: the rank is lost
+    heartbeat_s: float = 30.0  # a rank that does not answer a ping for this long while it works is frozen: lost
     max_recoveries: int = 3  # lost learner groups rebuilt from the newest checkpoint in one run; one more stops it
 
 
@@ -110,25 +117,33 @@ class LearnerGroup:
 
     def __init__(self, settings: LearnerSettings, group: LearnerGroupSettings = LearnerGroupSettings(), options: list[dict] | None = None):
         """``options``: each rank's ``.options(...)`` (its placement group bundle and share)."""
-        self.timeout_s = group.call_timeout_s
+        self.timeout_s, self.heartbeat_s = group.call_timeout_s, group.heartbeat_s
         actor = learner_actor(num_cpus=group.num_cpus, num_gpus=group.num_gpus)
         self.actors = [(actor.options(**options[rank]) if options else actor).remote(settings) for rank in range(group.num_learners)]
+        self._started = [a.alive.remote() for a in self.actors]  # ready once every rank has loaded its model
         if group.num_learners > 1:
-            address, port = self._get(self.actors[0].rendezvous.remote(), "the rendezvous")
+            # no heartbeat yet: a rank answers pings once its model is loaded
+            address, port = self._get(self.actors[0].rendezvous.remote(), "the rendezvous", heartbeat=False)
             joins = [a.init_distributed.remote(address, port, rank, group.num_learners, self.timeout_s) for rank, a in enumerate(self.actors)]
-            self._get(joins, "joining the process group")
+            self._get(joins, "joining the process group", heartbeat=False)
 
-    def _get(self, refs, what: str):
+    def _get(self, refs, what: str, heartbeat: bool = True):
         """``ray.get`` with the group's deadline. A rank that dies, or fails because a peer
         died under it (a broken collective), is a ``LearnerFailure``; an error of a healthy
-        group is raised as it is."""
+        group is raised as it is. With ``heartbeat``, every ``heartbeat_s`` of waiting pings
+        the ranks: a frozen one is found long before the deadline."""
         pending = [refs] if isinstance(refs, ray.ObjectRef) else list(refs)
         deadline = time.monotonic() + self.timeout_s
         while pending:
-            ready, pending = ray.wait(pending, num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
+            wait_s = deadline - time.monotonic()
+            ready, pending = ray.wait(pending, num_returns=1, timeout=max(0.0, min(self.heartbeat_s, wait_s) if heartbeat else wait_s))
             if not ready:
-                lost = self.lost_ranks(timeout_s=5.0) or "every rank answers, one is stuck"
-                raise LearnerFailure(f"the learners did not finish {what} within learner.call_timeout_s={self.timeout_s:.0f}s: {lost}")
+                if time.monotonic() >= deadline:
+                    lost = self.lost_ranks() or "every rank answers, one is stuck"
+                    raise LearnerFailure(f"the learners did not finish {what} within learner.call_timeout_s={self.timeout_s:.0f}s: {lost}")
+                if self.started() and (lost := self.lost_ranks()):  # a heartbeat while the call runs
+                    raise LearnerFailure(f"learner {lost} (learner.heartbeat_s={self.heartbeat_s:.0f}s) during {what}: frozen or gone")
+                continue
             try:
                 ray.get(ready[0])
             except (RayActorError, RayTaskError) as exc:
@@ -138,10 +153,15 @@ class LearnerGroup:
                 raise LearnerFailure(f"learner {lost} during {what} ({type(exc).__name__})") from exc
         return ray.get(refs)
 
-    def lost_ranks(self, timeout_s: float = 10.0) -> str:
-        """Which ranks are dead or do not answer, in words ('' when every rank answers)."""
-        pings = [a.__ray_call__.remote(lambda actor: None) for a in self.actors]
-        answered, _ = ray.wait(pings, num_returns=len(pings), timeout=timeout_s)
+    def started(self) -> bool:
+        """Whether every rank has loaded its model (before that, no rank answers a ping)."""
+        return len(ray.wait(self._started, num_returns=len(self._started), timeout=0)[0]) == len(self._started)
+
+    def lost_ranks(self) -> str:
+        """Which ranks are dead or do not answer a ping within ``heartbeat_s``, in words (''
+        when every rank answers; a busy rank answers on its health thread)."""
+        pings = [a.alive.remote() for a in self.actors]
+        answered, _ = ray.wait(pings, num_returns=len(pings), timeout=self.heartbeat_s)
         dead, silent = [], []
         for rank, ping in enumerate(pings):
             if ping not in answered:

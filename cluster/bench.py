@@ -290,7 +290,7 @@ def bench_async(config_path: str, steps: int, overrides: list[str], threads: int
 
 # the actor processes `bench faults` breaks, and how: SIGKILL (it dies) or SIGSTOP (it hangs)
 FAULT_KINDS = (("generator", "SIGKILL"), ("generator", "SIGSTOP"), ("learner", "SIGKILL"), ("learner", "SIGSTOP"), ("verifier", "SIGKILL"))
-FAULT_DEADLINES = ["generator.call_timeout_s=30", "generator.broadcast_timeout_s=30", "learner.call_timeout_s=60", "verifier.timeout_s=30"]
+FAULT_DEADLINES = ["generator.call_timeout_s=30", "generator.broadcast_timeout_s=30", "learner.heartbeat_s=10", "learner.call_timeout_s=120", "verifier.timeout_s=30"]
 
 
 def bench_faults(config_path: str, steps: int, overrides: list[str], faults: int, seed: int = 0) -> dict:
