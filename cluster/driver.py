@@ -445,17 +445,20 @@ class Trainer:
         ranks = sorted(checkpoint.path.glob("learner_rank*.pt"), key=lambda p: int(p.stem.removeprefix("learner_rank")))
         return [torch.load(p, weights_only=True) for p in [checkpoint.file("learner.pt"), *ranks]]
 
-    def restore(self, checkpoint: Checkpoint) -> None:
-        """Continue from ``checkpoint``: learners, data position, monitor, counters; the
-        metrics of later steps (a killed run's) are dropped, those steps run again."""
+    def restore(self, checkpoint: Checkpoint, fault_counts: bool = True) -> None:
+        """Continue from ``checkpoint``: learners, data position, monitor, counters (the
+        fault counters too, unless this process has been counting them: an in-process
+        recovery); the metrics of later steps (a killed run's) are dropped, those steps run
+        again."""
         state = json.loads(checkpoint.file("trainer.json").read_text())
         self.policy = self.learners.load_state_dicts(self._learner_states(checkpoint))
         self.tasks.load_state(state["data"])
         if self.monitor and state["monitor"]:
             self.monitor.load_state(state["monitor"])
         self.verifiers.stats.update(state["verifier"])
-        self.generators.stats.update({k: v for k, v in state.get("faults", {}).items() if k in self.generators.stats})
-        self.learner_recoveries = int(state.get("faults", {}).get("faults/learner_recoveries", 0))
+        if fault_counts:
+            self.generators.stats.update({k: v for k, v in state.get("faults", {}).items() if k in self.generators.stats})
+            self.learner_recoveries = int(state.get("faults", {}).get("faults/learner_recoveries", 0))
         self.step_done, self.lr_scale, self.rollbacks = state["step"], state["lr_scale"], state["rollbacks"]
         self.saved_step = self.step_done
         self.first_eval, self.last_eval = state["first_eval"], state["last_eval"]
@@ -493,14 +496,12 @@ class Trainer:
         self.stop_rollouts()
         self.learners.kill()
         self.learners = start_learners(self.config, self.model_path, self.placement)
-        faults = self.fault_counts()  # running totals survive the rewind
+        self.learner_recoveries += 1  # running totals survive the rewind (faults met during it included)
         checkpoint = self.checkpoints.latest()
         if checkpoint is None:
             self.restart()
         else:
-            self.restore(checkpoint)
-        self.learner_recoveries = int(faults["faults/learner_recoveries"]) + 1
-        self.generators.stats.update({k: v for k, v in faults.items() if k in self.generators.stats})
+            self.restore(checkpoint, fault_counts=False)
         event = Event(
             step, "learner_recovery", "warn", f"{failure}: learner group rebuilt from step {self.step_done} in {time.monotonic() - started:.0f}s; steps {self.step_done + 1}-{step} run again",
             {"faults/learner_recoveries": self.learner_recoveries, "resumed_at_step": self.step_done},
