@@ -81,9 +81,7 @@ class Request:
     prompts: list[Prompt]
     sampling: SamplingSettings
     adapter: str | None
-    issued: float  # time.monotonic() of the first submission
     samples: list[Sample] | None = None
-    reissued: int = 0
 
 
 @dataclasses.dataclass(eq=False)
@@ -150,12 +148,11 @@ class GeneratorPool:
         size = -(-len(prompts) // n)
         chunks = [prompts[i * size : (i + 1) * size] for i in range(n)]
         requests = []
-        now = time.monotonic()
         with self._lock:
             for k, chunk in enumerate(chunks):
                 if chunk:
                     seeded = dataclasses.replace(sampling, seed=None if sampling.seed is None else sampling.seed + k)
-                    request = Request(chunk, seeded, policy.adapter if policy else None, now)
+                    request = Request(chunk, seeded, policy.adapter if policy else None)
                     self._send(request, self._least_loaded())
                     requests.append(request)
         return requests
@@ -230,14 +227,15 @@ class GeneratorPool:
         load = collections.Counter(call.rank for call in self._calls.values() if call.request is not None)
         return min(range(len(self.slots)), key=lambda r: (not self.slots[r].up, load[r], r))
 
-    def _busy(self, rank: int) -> bool:
+    def _outstanding(self, rank: int) -> list[_Call]:
+        """The calls generator ``rank``'s current actor holds, in the order it runs them."""
         epoch = self.slots[rank].epoch
-        return any(call.rank == rank and call.epoch == epoch for call in self._calls.values())
+        return sorted((c for c in self._calls.values() if c.rank == rank and c.epoch == epoch), key=lambda c: c.sent)
 
     def _track(self, rank: int, ref: ray.ObjectRef, expect: PolicyRef | None, request: Request | None = None) -> None:
         slot = self.slots[rank]
         now = time.monotonic()
-        if not self._busy(rank):
+        if not self._outstanding(rank):
             slot.mark = now  # an idle generator starts this call now
         self._calls[ref] = _Call(rank, slot.epoch, ref, now, expect, request)
 
@@ -306,7 +304,6 @@ class GeneratorPool:
             self._reissue(call, time.monotonic())
 
     def _reissue(self, call: _Call, now: float) -> None:
-        call.request.reissued += 1
         self.stats["faults/requests_reissued"] += 1
         self.stats["faults/generator_seconds_lost"] += now - call.sent
         self._send(call.request, self._least_loaded())
@@ -316,10 +313,10 @@ class GeneratorPool:
         now = time.monotonic()
         with self._lock:
             for rank, slot in enumerate(self.slots):
-                mine = [c for c in self._calls.values() if c.rank == rank and c.epoch == slot.epoch]
+                mine = self._outstanding(rank)
                 if not mine:
                     continue
-                first = min(mine, key=lambda c: c.sent)  # the call it runs now (calls run in order)
+                first = mine[0]  # the call it runs now
                 limit = (s.call_timeout_s if first.request is not None else s.broadcast_timeout_s) + (0.0 if slot.up else s.startup_s)
                 if now - slot.mark > limit:
                     what = "a generate call" if first.request is not None else f"loading policy {first.expect}"
@@ -330,7 +327,7 @@ class GeneratorPool:
     def _replace(self, rank: int, why: str, call: _Call | None = None) -> None:
         """Kill generator ``rank``, start its replacement with the newest policy, re-issue its requests."""
         slot = self.slots[rank]
-        lost = [c for c in self._calls.values() if c.rank == rank and c.epoch == slot.epoch]
+        lost = self._outstanding(rank)
         for c in lost:
             del self._calls[c.ref]
         if call is not None and call not in lost:
