@@ -21,8 +21,8 @@ from typing import Literal
 
 import torch
 
-LossAggregation = Literal["token-mean", "seq-mean-token-mean", "token-sum-norm"]
-KLEstimator = Literal["k1", "k2", "k3"]
+LossAggregation = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "token-sum-norm"]
+KLEstimator = Literal["k1", "k2", "k3", "abs", "k1+", "k3+"]
 PolicyLossType = Literal["ppo", "gspo", "pg"]
 OutcomeEstimator = Literal["grpo", "dr-grpo", "rloo", "reinforce++-baseline", "batch-std"]
 TokenEstimator = Literal["reinforce++", "gae"]
@@ -194,18 +194,24 @@ def aggregate_loss(
 
     token-mean: sum over all tokens / number of tokens (DAPO).
     seq-mean-token-mean: mean over sequences of each sequence's token mean (original GRPO).
+    seq-mean-token-sum: mean over sequences of each sequence's token sum (verl's mode of that
+      name; a long sequence weighs in proportion to its length).
     token-sum-norm: sum over tokens / (constant * sequences) (Dr. GRPO; default constant = T).
 
+    Sequences are counted only where their mask has a token: a fully masked row adds nothing to
+    the loss and is not in the count either (verl counts every row).
     ``num_tokens`` / ``num_sequences`` replace this tensor's own counts by those of the whole
     (mini-)batch it is a part of, so micro-batches and data-parallel shards sum to the loss of
     the whole batch exactly.
     """
     tokens = num_tokens if num_tokens is not None else mask.sum().clamp(min=1)
-    sequences = num_sequences if num_sequences is not None else per_token.shape[0]
+    sequences = num_sequences if num_sequences is not None else (mask.sum(-1) > 0).sum().clamp(min=1)
     if loss_agg == "token-mean":
         return (per_token * mask).sum() / tokens
     if loss_agg == "seq-mean-token-mean":
         return masked_mean(per_token, mask, dim=-1).sum() / sequences
+    if loss_agg == "seq-mean-token-sum":
+        return (per_token * mask).sum() / sequences
     if loss_agg == "token-sum-norm":
         constant = loss_norm_constant or per_token.shape[-1]
         return (per_token * mask).sum() / (constant * sequences)
@@ -317,22 +323,37 @@ def value_loss(
     return loss, metrics
 
 
+K3_CLAMP = 10.0  # verl's bound on the k3 estimate (its "low_var_kl")
+
+
 def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: KLEstimator = "k3") -> torch.Tensor:
-    """Per-token estimate of KL(pi || pi_ref) from sampled tokens (Schulman's k1/k2/k3).
+    """Per-token estimate of KL(pi || pi_ref) from sampled tokens (Schulman's k1/k2/k3, and
+    the options verl adds).
+
+    - k1 = log pi - log pi_ref; abs = |k1|; k2 = 0.5 k1^2;
+    - k3 = exp(-k1) + k1 - 1, with -k1 clamped to [-20, 20] and the estimate to at most
+      ``K3_CLAMP`` as verl clamps it (one token with a vanishing reference probability would
+      otherwise dominate the batch);
+    - k1+, k3+: the value of k1 or k3 with the gradient of k2 (a straight-through estimate):
+      k1's and k3's expectations are the KL, but their gradients are not the KL's gradient,
+      k2's is (for samples from pi).
 
     logprobs, ref_logprobs: [B, T]. Returns [B, T].
     """
     log_ratio = logprobs - ref_logprobs
+    if estimator.endswith("+") and estimator in ("k1+", "k3+"):
+        value = kl_penalty(logprobs, ref_logprobs, estimator[:-1]).detach()
+        gradient = 0.5 * log_ratio.square()
+        return gradient - gradient.detach() + value
     if estimator == "k1":
-        # k1 = log pi - log pi_ref
         return log_ratio
+    if estimator == "abs":
+        return log_ratio.abs()
     if estimator == "k2":
-        # k2 = 0.5 * (log pi - log pi_ref)^2
         return 0.5 * log_ratio.square()
     if estimator == "k3":
-        # k3 = exp(log pi_ref - log pi) - (log pi_ref - log pi) - 1
         neg = (-log_ratio).clamp(-20.0, 20.0)
-        return torch.exp(neg) - neg - 1.0
+        return (torch.exp(neg) - neg - 1.0).clamp(max=K3_CLAMP)
     raise ValueError(f"unknown KL estimator {estimator!r}")
 
 

@@ -179,8 +179,9 @@ class Learner:
         """One optimizer update over ``rows`` of this rank (all ranks call it in lockstep)."""
         a = self.algorithm
         local_tokens = sum(len(batch.completion_token_ids[i]) for i in rows)
-        num_tokens, num_sequences = self._global(local_tokens, len(rows))
-        num_tokens = max(1.0, num_tokens)
+        local_sequences = sum(1 for i in rows if batch.completion_token_ids[i])  # an empty completion is not counted
+        num_tokens, num_sequences = self._global(local_tokens, local_sequences)
+        num_tokens, num_sequences = max(1.0, num_tokens), max(1.0, num_sequences)
         self.optimizer.zero_grad(set_to_none=False)
         sums: dict[str, float] = {}
         finite = True

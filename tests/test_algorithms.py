@@ -106,8 +106,19 @@ def test_loss_aggregation_modes():
     assert aggregate_loss(per_token, mask, "seq-mean-token-mean").item() == pytest.approx((1 + 4) / 2)
     assert aggregate_loss(per_token, mask, "token-sum-norm").item() == pytest.approx(7 / (4 * 2))
     assert aggregate_loss(per_token, mask, "token-sum-norm", 7.0).item() == pytest.approx(7 / (7 * 2))
+    assert aggregate_loss(per_token, mask, "seq-mean-token-sum").item() == pytest.approx((3 + 4) / 2)
     with pytest.raises(ValueError):
         aggregate_loss(per_token, mask, "bogus")
+
+
+@pytest.mark.parametrize("mode", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "token-sum-norm"])
+def test_a_fully_masked_row_is_left_out_of_the_count(mode):
+    """A row with no token to learn from (an empty completion) changes no aggregation mode:
+    it is not counted as a sequence (verl divides by every row)."""
+    per_token = torch.tensor([[1.0, 1.0, 1.0, 0.0], [4.0, 0.0, 0.0, 0.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0], [1.0, 0.0, 0.0, 0.0]])
+    with_empty = aggregate_loss(torch.cat([per_token, torch.full((1, 4), 9.0)]), torch.cat([mask, torch.zeros(1, 4)]), mode, 4.0)
+    assert with_empty.item() == pytest.approx(aggregate_loss(per_token, mask, mode, 4.0).item())
 
 
 def test_kl_estimators_hand_computed():
@@ -118,6 +129,30 @@ def test_kl_estimators_hand_computed():
     assert kl_penalty(logp, ref, "k2").item() == pytest.approx(0.5 * d * d)
     assert kl_penalty(logp, ref, "k3").item() == pytest.approx(0.5 + d - 1)
     assert kl_penalty(ref, ref, "k3").item() == 0.0
+    assert kl_penalty(ref, logp, "abs").item() == pytest.approx(d) and kl_penalty(ref, logp, "k1").item() == pytest.approx(-d)
+    # a token the reference all but rules out: exp(-20) + 20 - 1 ~ 19, bounded at 10 as verl bounds it
+    assert kl_penalty(torch.tensor([[0.0]]), torch.tensor([[math.log(1e-9)]]), "k3").item() == 10.0
+
+
+@pytest.mark.parametrize("estimator", ["k1+", "k3+"])
+def test_straight_through_kl_has_the_value_of_its_estimate_and_the_gradient_of_k2(estimator):
+    logp = torch.tensor([[math.log(0.5), math.log(0.1)]], requires_grad=True)
+    ref = torch.tensor([[math.log(0.25), math.log(0.3)]])
+    value = kl_penalty(logp, ref, estimator)
+    assert torch.allclose(value, kl_penalty(logp.detach(), ref, estimator[:-1]))
+    value.sum().backward()
+    assert torch.allclose(logp.grad, (logp - ref).detach())  # d/dlogp of 0.5 (logp - ref)^2
+
+
+def test_k3_equals_verls_low_var_kl_on_random_inputs():
+    """verl's ``low_var_kl``, written as verl writes it: kl = ref - logp clamped to [-20, 20],
+    exp(kl) - kl - 1 clamped to [-10, 10]."""
+    generator = torch.Generator().manual_seed(0)
+    logp, ref = (torch.randn(64, 32, generator=generator) * 6 - 3 for _ in range(2))
+    kl = (ref - logp).clamp(-20, 20)
+    verl = (torch.exp(kl) - kl - 1).clamp(-10, 10)
+    assert torch.allclose(kl_penalty(logp, ref, "k3"), verl)
+    assert torch.equal(kl_penalty(logp, ref, "abs"), (logp - ref).abs())
 
 
 def test_masked_mean_and_entropy_and_token_logprobs():
