@@ -74,8 +74,8 @@ class LearnerActor:
     def parameter_digest(self) -> dict[str, str]:
         return self.learner.parameter_digest()
 
-    def weight_update(self) -> WeightUpdate:
-        return self.learner.weight_update()
+    def weight_update(self, complete: bool = False) -> WeightUpdate:
+        return self.learner.weight_update(complete)
 
     def state_dict(self, weights: bool = True) -> dict:
         return self.learner.state_dict(weights)
@@ -191,12 +191,13 @@ class LearnerGroup:
     def parameter_digest(self) -> dict[str, str]:
         return self._get(self.actors[0].parameter_digest.remote(), "a parameter digest")
 
-    def weight_update_ref(self) -> ray.ObjectRef:
-        """Rank 0's weights as one object-store reference, to broadcast without a copy here."""
-        return self.actors[0].weight_update.remote()
+    def weight_update_ref(self, complete: bool = False) -> ray.ObjectRef:
+        """Rank 0's weights as one object-store reference, to broadcast without a copy here
+        (``complete``: every parameter, not only the trained ones)."""
+        return self.actors[0].weight_update.remote(complete)
 
-    def weight_update(self) -> WeightUpdate:
-        return self._get(self.weight_update_ref(), "a weight export")
+    def weight_update(self, complete: bool = False) -> WeightUpdate:
+        return self._get(self.weight_update_ref(complete), "a weight export")
 
     # -- every rank -------------------------------------------------------------------------
 

@@ -32,6 +32,7 @@ from rollout.tasks import TASK_NAMES
 
 # the most of a shared GPU's memory a colocated generator may take without sleep mode
 COLOCATED_MEMORY_SHARE = 0.6
+SEEDS_PER_STEP = 1024  # sampling seeds of one step: one per chunk (generator) and dynamic-sampling round
 
 
 class ConfigError(ValueError):
@@ -42,7 +43,9 @@ class ConfigError(ValueError):
 class ModelConfig:
     path: str = "smollm2"  # "smollm2", "tiny", or a HF model folder
     dtype: str = "float32"  # the learner's parameter dtype
-    train: Literal["lora", "full"] = "lora"  # train a LoRA adapter, or every weight
+    train: Literal["lora", "full", "modules"] = "lora"  # a LoRA adapter, every weight, or trainable_modules only
+    # model.train: modules: parameter-name prefixes trained, the rest frozen (e.g. [lm_head, model.layers.29])
+    trainable_modules: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -106,6 +109,10 @@ class RolloutConfig:
     # max_staleness steps ahead of the learner (README: "Asynchronous mode")
     mode: Literal["sync", "async"] = "sync"
     max_staleness: int = 0  # policy versions a trained sample may lag the learner (async: >= 1)
+    # DAPO's dynamic sampling: draw more prompts until the step has prompts_per_step groups whose
+    # rewards differ, at most max_sampling_rounds rounds of prompts_per_step prompts (README: "DAPO")
+    dynamic_sampling: bool = False
+    max_sampling_rounds: int = 3
 
 
 @dataclass(frozen=True)
@@ -319,10 +326,13 @@ def check_config(config: Config) -> None:
     """Combinations of keys that cannot run together, named in a ConfigError."""
     a = config.algorithm
     problems = []
-    if a.advantage == "gae" and config.model.train == "full":
+    m = config.model
+    if a.advantage == "gae" and m.train != "lora":
         problems.append("algorithm.advantage=gae needs a LoRA critic: set model.train=lora")
-    if config.model.train == "full" and config.generator.adapter_mode == "lora":
-        problems.append("model.train=full sends whole weights: set generator.adapter_mode=merged")
+    if m.train != "lora" and config.generator.adapter_mode == "lora":
+        problems.append(f"model.train={m.train} sends model weights, not an adapter: set generator.adapter_mode=merged")
+    if (m.train == "modules") != bool(m.trainable_modules):
+        problems.append("model.train=modules trains model.trainable_modules (e.g. [lm_head]): set both, or neither")
     if a.policy_loss == "pg" and a.ppo_epochs > 1:
         problems.append("algorithm.policy_loss=pg has no ratio, so it is on-policy only: set algorithm.ppo_epochs=1")
     if a.kl_target is not None and a.kl_coef <= 0:
@@ -341,6 +351,10 @@ def check_config(config: Config) -> None:
         problems.append("rollout.mode=async needs rollout.max_staleness >= 1 (the steps the generators may run ahead); 0 is rollout.mode=sync")
     if ro.max_staleness < 0:
         problems.append("rollout.max_staleness must be >= 0")
+    if ro.max_sampling_rounds < 1 or ro.max_sampling_rounds * config.generator.num_generators > SEEDS_PER_STEP:
+        problems.append(f"rollout.max_sampling_rounds must be at least 1 and at most {SEEDS_PER_STEP} / generator.num_generators")
+    if not 0 <= config.reward.overlong_buffer < ro.max_tokens:
+        problems.append(f"reward.overlong_buffer ({config.reward.overlong_buffer}) must be >= 0 and below rollout.max_tokens ({ro.max_tokens})")
     r = config.run
     if r.checkpoint_every < 0 or r.keep_checkpoints < 1:
         problems.append(f"run.checkpoint_every ({r.checkpoint_every}) must be >= 0 and run.keep_checkpoints ({r.keep_checkpoints}) >= 1")

@@ -40,21 +40,22 @@ from actors.generator import GeneratorsLost, WeightUpdateLost
 from actors.learner import LearnerFailure
 from actors.verifier import Scorer
 from cluster.checkpoint import Checkpoint, CheckpointError, CheckpointStore
-from cluster.config import Config, dotted_items, load_config
+from cluster.config import SEEDS_PER_STEP, Config, dotted_items, load_config
 from cluster.evaluate import eval_sampling, evaluate, sample_metrics, task_metrics
 from cluster.metrics import MetricsExporter
 from cluster.monitor import Event, Monitor, rules_from_config
 from cluster.placement import check_model_on_nodes, place
 from cluster.rundir import RunDir
-from cluster.rollouts import RolloutProducer
+from cluster.rollouts import DynamicSampling, RolloutProducer
 from cluster.wiring import build_tasks, init_ray, render, start_generators, start_learners, start_verifiers
-from contracts import DEFAULT_ADAPTER, PolicyRef, Problem, Prompt, Sample, SamplingSettings
+from contracts import DEFAULT_ADAPTER, PolicyRef, Problem, Prompt, Sample, SamplingSettings, Verdict
 from learners.batch import build_train_batch
 from learners.learner import REQUIRED_METRICS
 from rollout.engines import write_adapter
 from rollout.models import resolve_model, write_model
 from rollout.queue import RolloutQueue
 from rollout.staleness import filter_stale
+from rewards.shaping import shape_overlong
 
 logger = logging.getLogger(__name__)
 
@@ -179,19 +180,32 @@ class Trainer:
     def render(self, problems: list[Problem]) -> list[Prompt]:
         return render(self.tokenizer, self.tasks, problems)
 
-    def draw(self, step: int) -> list[Prompt]:
-        """Step ``step``'s prompts, recording the data position before them (the rollout
-        producer calls this, in step order; a checkpoint reads it)."""
+    def draw(self, step: int, round: int = 0) -> list[Prompt]:
+        """Step ``step``'s prompts (of its ``round``-th round with dynamic sampling), recording
+        the data position before its first round (the rollout producer calls this, in step
+        order; a checkpoint reads it)."""
         with self._data_lock:
-            self.positions[step] = self.tasks.state()
+            if round == 0:
+                self.positions[step] = self.tasks.state()
             return self.render(self.tasks.sample(self.config.rollout.prompts_per_step))
 
     def sampling_seed(self, step: int) -> int:
         """The sampler's seed for ``step``: the same in every run of this seed, resumed or not."""
-        return (self.config.run.seed * 1_000_003 + step) % 2**31 * 1024
+        return (self.config.run.seed * 1_000_003 + step) % 2**31 * SEEDS_PER_STEP
 
-    def step_sampling(self, step: int) -> SamplingSettings:
-        return dataclasses.replace(self.sampling, seed=self.sampling_seed(step))
+    def step_sampling(self, step: int, round: int = 0) -> SamplingSettings:
+        """A round's sampling: its chunks' seeds (one per generator) follow the last round's."""
+        seed = self.sampling_seed(step) + round * self.config.generator.num_generators
+        return dataclasses.replace(self.sampling, seed=seed)
+
+    def shape(self, samples: list[Sample], verdicts: list[Verdict]) -> list[Verdict]:
+        r = self.config.reward
+        return shape_overlong(samples, verdicts, self.config.rollout.max_tokens, r.overlong_buffer, r.overlong_penalty)
+
+    @property
+    def dynamic_sampling(self) -> DynamicSampling | None:
+        ro = self.config.rollout
+        return DynamicSampling(ro.prompts_per_step, ro.max_sampling_rounds) if ro.dynamic_sampling else None
 
     def generate(self, prompts: list[Prompt], sampling: SamplingSettings) -> list[Sample]:
         return self.generators.generate(prompts, sampling)
@@ -214,7 +228,8 @@ class Trainer:
         self.stop_rollouts()
         self.rollouts = RolloutQueue(self.run_ahead, next_step=first_step)
         self.producer = RolloutProducer(
-            self.rollouts, self.generators, self.verifiers, self.draw, self.step_sampling, first_step, self.last_step
+            self.rollouts, self.generators, self.verifiers, self.draw, self.step_sampling, first_step, self.last_step,
+            shape=self.shape if self.config.reward.overlong_buffer > 0 else None, dynamic=self.dynamic_sampling,
         )
         self.producer.start()
 
@@ -245,9 +260,8 @@ class Trainer:
                 rollout = self.next_rollout(step)
             samples, verdicts, stale_metrics = filter_stale(rollout.samples, rollout.verdicts, self.policy, self.config.rollout.max_staleness)
             with timer("advantages"):
-                batch, advantages, batch_metrics = build_train_batch(
-                    samples, verdicts, self.config.algorithm.advantage, self.config.algorithm.drop_zero_variance_groups
-                )
+                drop = self.config.algorithm.drop_zero_variance_groups or self.config.rollout.dynamic_sampling
+                batch, advantages, batch_metrics = build_train_batch(samples, verdicts, self.config.algorithm.advantage, drop)
             if self.config.generator.sleep_mode:
                 with timer("generator_sleep"):  # colocated: the learner takes the memory
                     self.generators.sleep()
@@ -278,6 +292,7 @@ class Trainer:
             **difficulties,
             **learn_metrics,
             **batch_metrics,
+            **rollout.metrics,
             **stale_metrics,
             **timer.seconds,
             "perf/generated_tokens_per_second": tokens / max(1e-9, timer.seconds["perf/generate_seconds"]),
@@ -546,7 +561,7 @@ class Trainer:
         """The trained policy: a PEFT adapter folder, or a HF model folder (full weights),
         written here from tensors that came through the object store (a learner on another
         node has no path this driver could read)."""
-        update = self.learners.weight_update()
+        update = self.learners.weight_update(complete=True)
         if update.kind == "lora":
             write_adapter(update, self.run_dir.final_adapter)
         else:

@@ -10,6 +10,12 @@ run-ahead in synchronous mode, up to ``rollout.max_staleness`` steps in asynchro
    (and the next steps' chunks) are still being generated;
 4. put the step's verified samples, in prompt order, on the queue.
 
+With dynamic sampling (DAPO, ``rollout.dynamic_sampling``), a step whose verified groups hold
+fewer informative groups (some reward differs within the group) than it has prompts draws
+another ``prompts_per_step`` prompts, up to ``rollout.max_sampling_rounds`` rounds in all; the
+informative groups past the step's number are left out, and a step still short after the last
+round trains on what it has (``dynamic/shortfall`` counts the groups missing).
+
 The learner thread (``Trainer.step``) takes them in order. Ray calls are thread-safe; the
 verifier pool and the task mixture are guarded by locks because an evaluation in the learner
 thread uses them too.
@@ -25,6 +31,7 @@ from typing import Callable
 
 from actors.generator import GeneratorPool, Request
 from actors.verifier import VerifierPool
+from learners.batch import group_indices, informative
 from contracts import Prompt, Sample, SamplingSettings, Verdict
 from rollout.queue import Rollout, RolloutQueue
 
@@ -41,6 +48,7 @@ class _Pending:
     verdicts: dict[int, list[Verdict]] = field(default_factory=dict)
     generated: float = 0.0
     verify_seconds: float = 0.0
+    rounds: int = 1  # rounds of prompts drawn (dynamic sampling draws more)
 
     def complete(self) -> bool:
         return len(self.verdicts) == len(self.requests)
@@ -54,14 +62,18 @@ class RolloutProducer(threading.Thread):
         queue: RolloutQueue,
         generators: GeneratorPool,
         verifiers: VerifierPool,
-        draw: Callable[[int], list[Prompt]],
-        sampling: Callable[[int], SamplingSettings],
+        draw: Callable[[int, int], list[Prompt]],
+        sampling: Callable[[int, int], SamplingSettings],
         first_step: int,
         last_step: int,
+        shape: Callable[[list[Sample], list[Verdict]], list[Verdict]] | None = None,
+        dynamic: DynamicSampling | None = None,
     ):
+        """``draw(step, round)`` and ``sampling(step, round)`` give a round's prompts and
+        sampling; ``shape`` adjusts each chunk's verdicts (the overlong penalty)."""
         super().__init__(name="rollout-producer", daemon=True)
         self.queue, self.generators, self.verifiers = queue, generators, verifiers
-        self.draw, self.sampling = draw, sampling
+        self.draw, self.sampling, self.shape, self.dynamic = draw, sampling, shape, dynamic
         self.next_step, self.last_step = first_step, last_step
         self.stopping = threading.Event()
         self._pending: dict[int, _Pending] = {}
@@ -91,12 +103,15 @@ class RolloutProducer(threading.Thread):
             self.queue.fail(exc)
 
     def _start(self, step: int) -> None:
-        prompts = self.draw(step)
-        started = time.time()
-        requests = self.generators.submit(prompts, self.sampling(step))
-        self._pending[step] = _Pending(requests, started)
-        for chunk, request in enumerate(requests):
+        self._pending[step] = _Pending([], time.time())
+        self._submit(step, 0)
+
+    def _submit(self, step: int, round: int) -> None:
+        pending = self._pending[step]
+        requests = self.generators.submit(self.draw(step, round), self.sampling(step, round))
+        for chunk, request in enumerate(requests, start=len(pending.requests)):
             self._chunk_of[request] = (step, chunk)
+        pending.requests += requests
 
     def _collect(self) -> None:
         """Score the chunks that finished; hand every completed step over, in order."""
@@ -107,20 +122,60 @@ class RolloutProducer(threading.Thread):
             pending.generated = time.time()
             start = time.perf_counter()
             verdicts = self.verifiers.score(samples)
+            if self.shape is not None:
+                verdicts = self.shape(samples, verdicts)
             pending.verify_seconds += time.perf_counter() - start
             pending.samples[chunk], pending.verdicts[chunk] = samples, verdicts
         for step in sorted(self._pending):
             pending = self._pending[step]
             if not pending.complete():
                 break
-            del self._pending[step]
             order = sorted(pending.samples)
-            self.queue.put(
-                Rollout(
-                    step=step,
-                    samples=[s for c in order for s in pending.samples[c]],
-                    verdicts=[v for c in order for v in pending.verdicts[c]],
-                    generate_seconds=pending.generated - pending.started,
-                    verify_seconds=pending.verify_seconds,
-                )
-            )
+            samples = [s for c in order for s in pending.samples[c]]
+            verdicts = [v for c in order for v in pending.verdicts[c]]
+            metrics = {}
+            if self.dynamic is not None:
+                if self.dynamic.wants_more(samples, verdicts, pending.rounds):
+                    self._submit(step, pending.rounds)
+                    pending.rounds += 1
+                    break
+                samples, verdicts, metrics = self.dynamic.select(samples, verdicts, pending.rounds)
+            del self._pending[step]
+            rollout = Rollout(step, samples, verdicts, pending.generated - pending.started, pending.verify_seconds, metrics)
+            self.queue.put(rollout)
+
+
+@dataclass(frozen=True)
+class DynamicSampling:
+    """DAPO's dynamic sampling (Yu et al. 2025): each step trains on ``groups`` informative
+    groups, drawing up to ``max_rounds`` rounds of prompts to find them."""
+
+    groups: int  # informative groups a step wants: rollout.prompts_per_step
+    max_rounds: int
+
+    def wants_more(self, samples: list[Sample], verdicts: list[Verdict], rounds: int) -> bool:
+        return rounds < self.max_rounds and self._count(samples, verdicts) < self.groups
+
+    def _count(self, samples: list[Sample], verdicts: list[Verdict]) -> int:
+        return sum(informative([verdicts[i] for i in group]) for group in group_indices(samples))
+
+    def select(self, samples: list[Sample], verdicts: list[Verdict], rounds: int) -> tuple[list[Sample], list[Verdict], dict[str, float]]:
+        """The step's samples less the informative groups past the ``groups``-th; the groups
+        with nothing to teach stay for the step's metrics (the batch leaves them out)."""
+        keep, found, surplus = [], 0, 0
+        for group in group_indices(samples):
+            if informative([verdicts[i] for i in group]):
+                found += 1
+                if found > self.groups:
+                    surplus += 1
+                    continue
+            keep += group
+        sampled = len(group_indices(samples))
+        metrics = {
+            "dynamic/rounds": float(rounds),
+            "dynamic/sampled_groups": float(sampled),
+            "dynamic/informative_groups": float(min(found, self.groups)),
+            "dynamic/surplus_groups": float(surplus),
+            "dynamic/shortfall": float(max(0, self.groups - found)),
+        }
+        return [samples[i] for i in keep], [verdicts[i] for i in keep], metrics

@@ -104,6 +104,7 @@ def learner_settings(config: Config, model_path: str) -> LearnerSettings:
         seed=c.run.seed,
         threads=c.learner.threads or max(1, (os.cpu_count() or 1) // c.learner.num_learners),
         gradient_checkpointing=c.learner.gradient_checkpointing,
+        trainable_modules=tuple(c.model.trainable_modules) if c.model.train == "modules" else (),
     )
 
 

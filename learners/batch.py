@@ -3,7 +3,8 @@
 Samples whose verdict is an infrastructure error are masked (left out), never scored 0. A group
 with fewer than two valid samples has no baseline and is dropped. Groups whose rewards are all
 equal carry zero advantage; with ``drop_zero_variance`` they are left out of the batch too
-(DAPO's dynamic-sampling filter without the re-sampling), which saves learner compute.
+(DAPO's dynamic-sampling filter; ``rollout.dynamic_sampling`` also re-samples prompts until the
+step has enough informative groups, see ``cluster.rollouts``), which saves learner compute.
 
 Outcome estimators (GRPO, RLOO, ...) run here, where whole groups are at hand. Token-level
 estimators (REINFORCE++, GAE) need the reference model or the critic and run in the learner:
@@ -26,6 +27,12 @@ def group_indices(samples: list[Sample]) -> list[list[int]]:
             groups.append([])
         groups[-1].append(i)
     return groups
+
+
+def informative(verdicts: list[Verdict]) -> bool:
+    """Whether a group can teach anything: two valid samples at least, not all rewarded alike."""
+    rewards = [v.reward for v in verdicts if v.status == "ok"]
+    return len(rewards) >= 2 and max(rewards) != min(rewards)
 
 
 def build_train_batch(

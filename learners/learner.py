@@ -80,6 +80,7 @@ class Learner:
             reference=a.uses_reference,
             device=self.device,
             gradient_checkpointing=settings.gradient_checkpointing,
+            trainable_modules=settings.trainable_modules,
         )
         groups = [{"params": self.policy.policy_parameters(), "lr": a.lr}]
         if a.uses_critic:
@@ -361,7 +362,7 @@ class Learner:
         if missing or unexpected or reshaped:
             raise ValueError(
                 f"checkpoint does not fit this policy: missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}, "
-                f"other shapes {sorted(reshaped)[:3]} (was it written with another model, lora.rank or lora.target_modules?)"
+                f"other shapes {sorted(reshaped)[:3]} (was it written with another model, lora.rank, lora.target_modules or model.trainable_modules?)"
             )
         with torch.no_grad():
             for name, param in named.items():
@@ -383,6 +384,8 @@ class Learner:
         self.scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]
         return self.scheduler.get_last_lr()[0]
 
-    def weight_update(self) -> WeightUpdate:
+    def weight_update(self, complete: bool = False) -> WeightUpdate:
+        """The policy's weights for the generators: the adapter, or the trained parameters
+        (all of them with ``complete``: a whole model, as the final folder needs)."""
         kind = "full" if self.policy.lora is None else "lora"
-        return WeightUpdate(self.policy_ref, self.policy.weight_state(), self.policy.adapter_config(), kind)
+        return WeightUpdate(self.policy_ref, self.policy.weight_state(complete), self.policy.adapter_config(), kind)

@@ -1,4 +1,5 @@
-"""The trainable policy: a causal LM with a PEFT LoRA adapter, or all its weights.
+"""The trainable policy: a causal LM with a PEFT LoRA adapter, all its weights, or only
+chosen modules of it (the rest frozen).
 
 Log-probs are computed only at completion positions: the LM head (a third of
 SmolLM2's parameters) never runs on prompt tokens.
@@ -11,6 +12,7 @@ backward pass runs back through the copy onto the device.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -72,10 +74,15 @@ def autocast_of(name: str | None, device: torch.device) -> torch.dtype | None:
 
 
 class Policy:
-    """A HF causal LM trained with a LoRA adapter (base frozen) or in full (``lora=None``).
+    """A HF causal LM trained with a LoRA adapter (base frozen), in full (``lora=None``), or
+    only in the modules named by ``trainable_modules`` (``lora=None``; parameter-name prefixes
+    such as ``lm_head`` or ``model.layers.29``; the rest frozen, the ARC experiment's frozen
+    backbone). With tied embeddings (SmolLM2) ``lm_head`` is the embedding matrix: training the
+    head trains the embeddings too.
 
-    The reference policy is the base with the adapter disabled (LoRA: no extra memory) or a
-    frozen copy made at start (full weights, only when KL needs it).
+    The reference policy is the base with the adapter disabled (LoRA: no extra memory), a
+    frozen copy made at start (full weights, only when KL needs it), or the model with the
+    trained modules' starting values swapped in (chosen modules: a copy of those only).
 
     The critic (``critic=True``, LoRA only) is a second LoRA adapter on the same frozen base plus
     a linear value head. A separate adapter rather than a head on the policy's trunk keeps the
@@ -94,6 +101,7 @@ class Policy:
         reference: bool = False,
         device: torch.device | str = "cpu",
         gradient_checkpointing: bool = False,
+        trainable_modules: Sequence[str] = (),
     ):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -106,12 +114,19 @@ class Policy:
             base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.lora = lora
         self.reference_model = None
+        self.reference_weights: dict[str, torch.Tensor] = {}  # chosen modules: their starting values
         self.value_head = None
+        if trainable_modules and lora is not None:
+            raise ValueError("trainable_modules trains chosen modules of the model itself: it needs lora=None (model.train: modules)")
         if lora is None:
             if critic:
                 raise ValueError("a critic needs LoRA training (model.train: lora); full-weight PPO with a critic is not supported")
             self.model = base
-            if reference:
+            if trainable_modules:
+                trained = _freeze_all_but(base, trainable_modules)
+                if reference:
+                    self.reference_weights = {name: p.detach().clone() for name, p in trained.items()}
+            elif reference:
                 import copy
 
                 self.reference_model = copy.deepcopy(base).requires_grad_(False).eval()
@@ -147,7 +162,7 @@ class Policy:
 
     def policy_parameters(self) -> list[torch.nn.Parameter]:
         if self.lora is None:
-            return list(self.model.parameters())
+            return [p for p in self.model.parameters() if p.requires_grad]
         return [p for n, p in self.model.named_parameters() if "lora_" in n and ".default." in n]
 
     def critic_parameters(self) -> list[torch.nn.Parameter]:
@@ -196,6 +211,9 @@ class Policy:
     def reference_forward(self, batch: PackedBatch, temperature: float = 1.0) -> torch.Tensor:
         """Log-probs under the reference (the base model), without gradients."""
         with torch.no_grad():
+            if self.reference_weights:
+                with self._starting_weights():
+                    return self.forward(batch, temperature)[0]
             if self.lora is None:
                 if self.reference_model is None:
                     raise RuntimeError("no reference model: build the Policy with reference=True")
@@ -217,11 +235,27 @@ class Policy:
                 p.requires_grad_(True)
         return self.value_head(hidden.float()).squeeze(-1).cpu()
 
-    def weight_state(self) -> dict[str, torch.Tensor]:
+    @contextlib.contextmanager
+    def _starting_weights(self):
+        """The trained modules' starting values in place of their current ones, for a while."""
+        named = dict(self.model.named_parameters())
+        current = {name: named[name].data for name in self.reference_weights}
+        try:
+            for name, value in self.reference_weights.items():
+                named[name].data = value
+            yield
+        finally:
+            for name, value in current.items():
+                named[name].data = value
+
+    def weight_state(self, complete: bool = False) -> dict[str, torch.Tensor]:
         """What the generators need, as detached CPU copies: the policy adapter's tensors with
-        PEFT's saved-file keys, or every parameter under its HF name (tied ones once)."""
+        PEFT's saved-file keys, or the trained parameters under their HF names (tied ones
+        once; every parameter with ``complete``, for a model folder)."""
         if self.lora is None:
-            return {n: p.detach().to("cpu", copy=True).contiguous() for n, p in self.model.named_parameters()}
+            return {
+                n: p.detach().to("cpu", copy=True).contiguous() for n, p in self.model.named_parameters() if complete or p.requires_grad
+            }
         from peft import get_peft_model_state_dict
 
         state = get_peft_model_state_dict(self.model, adapter_name="default")
@@ -232,3 +266,23 @@ class Policy:
             return {}
         config = self.model.peft_config["default"].to_dict()
         return {k: (sorted(v) if isinstance(v, set) else v) for k, v in config.items()}
+
+
+def _freeze_all_but(model: torch.nn.Module, prefixes: Sequence[str]) -> dict[str, torch.nn.Parameter]:
+    """Freeze every parameter but those whose name (any of its names, for tied ones) is a
+    prefix in ``prefixes`` or lies below one; returns the trained ones under their first names.
+    A prefix that names nothing is an error naming it, with the model's top-level modules."""
+    model.requires_grad_(False)
+    below = lambda name, prefix: name == prefix or name.startswith(prefix + ".")  # noqa: E731
+    matched = {prefix: False for prefix in prefixes}
+    for name, parameter in model.named_parameters(remove_duplicate=False):
+        for prefix in prefixes:
+            if below(name, prefix):
+                parameter.requires_grad_(True)
+                matched[prefix] = True
+    unknown = [prefix for prefix, hit in matched.items() if not hit]
+    if unknown:
+        tops = sorted({name.split(".")[0] for name, _ in model.named_parameters(remove_duplicate=False)})
+        layers = sorted({".".join(name.split(".")[:2]) for name, _ in model.named_parameters(remove_duplicate=False)})
+        raise ValueError(f"model.trainable_modules {unknown} name no parameter of the model; it has {tops} and {layers[:6]}...")
+    return {name: p for name, p in model.named_parameters() if p.requires_grad}

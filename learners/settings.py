@@ -85,3 +85,4 @@ class LearnerSettings:
     seed: int  # run.seed
     threads: int  # torch threads; 0 = every core (Ray sets OMP_NUM_THREADS=1 in actors)
     gradient_checkpointing: bool  # learner.gradient_checkpointing: recompute activations in the backward pass
+    trainable_modules: tuple[str, ...] = ()  # model.train: modules: the only modules trained (lora is None)

@@ -60,6 +60,10 @@ class RewardSettings:
     # regular expressions the completion must contain (e.g. "<think>.*</think>"); their share
     # is the ``format_tags`` component (give it a weight to pay)
     required_format: tuple[str, ...] = ()
+    # DAPO's soft overlong punishment (rewards.shaping): the last overlong_buffer tokens before
+    # rollout.max_tokens cost up to overlong_penalty reward, linearly; 0 = off
+    overlong_buffer: int = 0
+    overlong_penalty: float = 1.0
 
 
 @dataclass(frozen=True)

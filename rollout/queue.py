@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from contracts import Sample, Verdict
 
@@ -34,6 +34,7 @@ class Rollout:
     verdicts: list[Verdict]
     generate_seconds: float = 0.0  # first chunk submitted -> last chunk generated
     verify_seconds: float = 0.0  # time the producer spent scoring this step's chunks
+    metrics: dict[str, float] = field(default_factory=dict)  # the producer's own (dynamic sampling)
 
 
 class RolloutQueue:

@@ -19,12 +19,13 @@ def learner_settings(
     dtype: str = "float32",
     temperature: float = 1.0,
     gradient_checkpointing: bool = False,
+    trainable_modules: tuple[str, ...] = (),
     **algorithm,
 ) -> LearnerSettings:
     """A test learner's settings: ``algorithm`` overrides the section's knobs, on top of no
     KL and a token-mean loss (what most hand-computed checks assume)."""
     knobs = AlgorithmSettings(**{"kl_coef": 0.0, "loss_agg": "token-mean", **algorithm})
-    return LearnerSettings(model_path, knobs, lora, dtype, temperature, total_steps, seed, threads, gradient_checkpointing)
+    return LearnerSettings(model_path, knobs, lora, dtype, temperature, total_steps, seed, threads, gradient_checkpointing, trainable_modules)
 
 
 def free_port() -> int:

@@ -141,3 +141,35 @@ def test_async_run_killed_mid_step_resumes_without_losing_or_repeating_a_prompt(
     finally:
         resumed.shutdown()
     assert prompts_by_step(run_dir) == reference
+
+
+def half_informative(completion: str, problem) -> Verdict:
+    """``spread_reward`` for questions of even length, 0 for the others: about half of the
+    groups teach nothing, so dynamic sampling has to draw more."""
+    return spread_reward(completion, problem) if len(problem.question) % 2 == 0 else Verdict(reward=0.0, correct=False)
+
+
+def test_dynamic_sampling_fills_each_step_with_informative_groups(ray_cluster, tiny_model_path, tmp_path):
+    """DAPO: the producer draws more rounds of prompts for a step until 4 of its groups have
+    differing rewards (at most 3 rounds); the batch holds exactly those groups; the overlong
+    penalty (the tiny model writes to the 16-token cap, 8 tokens past the buffer's start) is
+    on every reward, before the groups are judged."""
+    run_dir = RunDir(tmp_path / "run")
+    config = load_config(ROOT / "configs" / "tiny.yaml", [
+        f"model.path={tiny_model_path}", f"run.run_dir={run_dir.path}", "run.steps=3", "eval.at_start=false", "eval.n=4",
+        "rollout.dynamic_sampling=true", "rollout.max_sampling_rounds=3", "reward.overlong_buffer=8", "algorithm.kl_coef=0.0",
+    ])  # fmt: skip
+    trainer = Trainer(config, run_dir, scorer=half_informative)
+    try:
+        trainer.train(3)
+    finally:
+        trainer.shutdown()
+    rows = run_dir.read_metrics()
+    assert [row["step"] for row in rows] == [1, 2, 3] and rows[-1]["policy_version"] == 3
+    for row in rows:
+        rounds, informative = row["dynamic/rounds"], row["dynamic/informative_groups"]
+        assert row["dynamic/sampled_groups"] == 4 * rounds
+        assert informative == 4 or rounds == 3, row
+        assert row["train/batch_size"] == 4 * informative  # group_size 4: only the informative groups
+        assert row["train/reward/overlong"] == pytest.approx(-1.0)
+    assert any(row["dynamic/rounds"] > 1 for row in rows)

@@ -62,3 +62,51 @@ def test_filter_stale():
     assert kept == new and metrics["train/staleness_mean"] == 0.0
     with pytest.raises(ValueError, match="another adapter"):
         filter_stale(new, new_verdicts, PolicyRef("other", 5), max_staleness=0)
+
+
+# -- DAPO: the overlong penalty and dynamic sampling -------------------------------------------
+
+
+def test_overlong_penalty_hand_computed():
+    """DAPO eq. 13 with L_max = 64, L_cache = 16: free up to 48 tokens, then linear to -1 at 64."""
+    from rewards.shaping import overlong_penalty
+
+    assert [overlong_penalty(n, 64, 16) for n in (10, 48, 56, 64, 80)] == [0.0, 0.0, -0.5, -1.0, -1.0]
+    assert overlong_penalty(60, 64, 16, factor=0.5) == pytest.approx(-0.375)
+    assert overlong_penalty(64, 64, 0) == 0.0  # buffer 0: off
+
+
+def test_overlong_shaping_adds_a_component_and_leaves_failed_verifications_alone():
+    from rewards.shaping import shape_overlong
+
+    samples, verdicts = make_samples([[1.0, None]])  # completions of 2 tokens
+    shaped = shape_overlong(samples, verdicts, max_tokens=3, buffer=2, factor=1.0)
+    assert shaped[0].reward == pytest.approx(0.5) and shaped[0].components["overlong"] == pytest.approx(-0.5)
+    assert shaped[1] is verdicts[1]
+    assert shape_overlong(samples, verdicts, 3, 0, 1.0) is verdicts
+
+
+def test_dynamic_sampling_asks_for_rounds_until_enough_informative_groups():
+    from cluster.rollouts import DynamicSampling
+
+    dynamic = DynamicSampling(groups=2, max_rounds=3)
+    samples, verdicts = make_samples([[1.0, 0.0], [1.0, 1.0], [0.0, 0.0]])  # one informative group of three
+    assert dynamic.wants_more(samples, verdicts, rounds=1) and dynamic.wants_more(samples, verdicts, rounds=2)
+    assert not dynamic.wants_more(samples, verdicts, rounds=3)  # the cap
+    kept, kept_verdicts, metrics = dynamic.select(samples, verdicts, rounds=3)
+    assert len(kept) == 6 and kept_verdicts == verdicts  # nothing surplus; uninformative groups stay for metrics
+    assert metrics == {"dynamic/rounds": 3.0, "dynamic/sampled_groups": 3.0, "dynamic/informative_groups": 1.0,
+                       "dynamic/surplus_groups": 0.0, "dynamic/shortfall": 1.0}  # fmt: skip
+
+
+def test_dynamic_sampling_leaves_out_informative_groups_past_the_steps_number():
+    from cluster.rollouts import DynamicSampling
+
+    dynamic = DynamicSampling(groups=2, max_rounds=3)
+    samples, verdicts = make_samples([[1.0, 0.0], [1.0, 1.0], [0.0, 2.0], [3.0, 0.0]])
+    assert not dynamic.wants_more(samples, verdicts, rounds=1)
+    kept, _, metrics = dynamic.select(samples, verdicts, rounds=1)
+    assert [s.prompt.problem.uid for s in kept] == ["p0", "p0", "p1", "p1", "p2", "p2"]
+    assert metrics["dynamic/surplus_groups"] == 1.0 and metrics["dynamic/shortfall"] == 0.0
+    batch, _, _ = build_train_batch(kept, verdicts[:6], drop_zero_variance=True)
+    assert len(batch) == 4  # the two informative groups

@@ -189,6 +189,29 @@ def test_full_weight_training_updates_every_weight_and_serves_through_hf(tiny_mo
     torch.testing.assert_close(torch.tensor(learner.logprobs(replay)[0]), torch.tensor(completion.logprobs), atol=1e-4, rtol=0)
 
 
+def test_chosen_modules_train_alone_and_the_reference_keeps_their_start(tiny_model_path):
+    """model.train: modules (a frozen backbone): only parameters under the named prefixes
+    move; the KL reference is the model with those modules' starting values; the generators
+    get only the trained tensors, the final model folder every one."""
+    chosen = ("model.layers.1", "model.norm")
+    learner = make_learner(tiny_model_path, None, lr=1e-2, kl_coef=0.1, trainable_modules=chosen)
+    before = {n: p.detach().clone() for n, p in learner.policy.model.named_parameters()}
+    batch = random_batch(6)
+    start = torch.tensor(learner.logprobs(batch)[0])
+    assert learner.step(batch)["train/kl"] == pytest.approx(0.0, abs=1e-7)
+    learner.step(random_batch(6, seed=1))
+    changed = {n for n, p in learner.policy.model.named_parameters() if not torch.equal(p, before[n])}
+    trained = {n for n in before if n == "model.norm.weight" or n.startswith("model.layers.1.")}
+    assert changed == trained
+    assert learner.step(batch)["train/kl"] > 0
+    packed = next(learner.packed_micro_batches(batch.select([0])))[1]
+    torch.testing.assert_close(learner.policy.reference_forward(packed)[0], start[: len(batch.completion_token_ids[0])])
+    assert set(learner.weight_update().tensors) == trained
+    assert set(learner.weight_update(complete=True).tensors) == set(before)
+    with pytest.raises(ValueError, match=r"\['model.layers.9'\] name no parameter"):
+        make_learner(tiny_model_path, None, trainable_modules=("model.layers.9",))
+
+
 def test_supervised_objective_is_the_mean_nll_and_lowers_it(tiny_model_path):
     """``step(batch, "sft")``: the loss is -(sum of the completion tokens' log-probs) / tokens,
     advantages and rewards play no part, and repeated steps fit the completions."""

@@ -27,6 +27,8 @@ CASES = {
     "ppo-gae-critic": ["algorithm.advantage=gae", "algorithm.lam=0.95", "algorithm.critic_lr=1e-3"],
     "full-weights": ["model.train=full", "algorithm.kl_coef=0.05", "algorithm.lr=1e-5"],
     "two-learners": ["learner.num_learners=2", "learner.num_cpus=0.5"],
+    "frozen-backbone": ["model.train=modules", "model.trainable_modules=[model.layers.1,lm_head]", "algorithm.kl_coef=0.05", "algorithm.lr=1e-4"],
+    "k3+-seq-mean-token-sum": ["algorithm.kl_estimator=k3+", "algorithm.kl_coef=0.05", "algorithm.loss_agg=seq-mean-token-sum"],
 }
 
 EXPECT = {  # metrics that show the variant really ran
@@ -34,6 +36,8 @@ EXPECT = {  # metrics that show the variant really ran
     "reinforce++-kl-reward": lambda row: math.isfinite(row["train/kl_old"]),
     "ppo-gae-critic": lambda row: "train/value_loss" in row and "train/critic_grad_norm" in row,
     "full-weights": lambda row: math.isfinite(row["train/kl"]),
+    "k3+-seq-mean-token-sum": lambda row: math.isfinite(row["train/kl"]),
+    "frozen-backbone": lambda row: math.isfinite(row["train/kl"]),
 }
 
 
@@ -55,7 +59,8 @@ def test_variant_runs_through_raylight_train(ray_cluster, tiny_model_path, tmp_p
     if case == "ppo-epochs-dual-clip-tis-adaptive-kl":
         assert rows[0]["train/kl_coef"] != 0.05 or rows[1]["train/kl_coef"] != 0.05  # adapted
     final = run_dir / "final_adapter"
-    assert (final / "config.json").is_file() if case == "full-weights" else (final / "adapter_config.json").is_file()
+    whole_model = case in ("full-weights", "frozen-backbone")
+    assert (final / "config.json").is_file() if whole_model else (final / "adapter_config.json").is_file()
 
 
 @pytest.mark.slow
