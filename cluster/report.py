@@ -5,9 +5,12 @@ numbers; curves of reward, accuracy (train and held-out), loss, KL, entropy, the
 ratio, throughput and weight-sync latency, with the monitor's events marked; the run's phases
 (split where a curriculum changed a task's difficulty or a rollback restored a checkpoint; the
 config has no other notion of phase); the events with their evidence; a forecast per target
-metric (``report.targets``): a straight line fitted to the recent window, the step at which it
-reaches the target and a 95% interval from the slope's standard error; and suggestions drawn
-from the events and the forecasts.
+metric (``report.targets``), as a table: a straight line fitted to the recent window (the step
+at which it reaches the target, a 95% interval from the slope's standard error) beside a
+saturating curve (its plateau, and when it reaches the target, with an interval drawn from the
+fit's covariance), and an early warning when the last value falls below the prediction
+interval of the line through the values before it; and suggestions drawn from the events and
+the forecasts.
 """
 
 from __future__ import annotations
@@ -113,6 +116,133 @@ def forecast(rows: list[dict], metric: str, target: float, window: int) -> Forec
     return Forecast(metric, target, now, slope, steps_at(slope), best if best is not None else 0.0, worst, n)
 
 
+@dataclass
+class Saturation:
+    """A curve rising toward a plateau: y = plateau - (plateau - start) * exp(-rate * (x - x0)),
+    fitted by least squares (scipy); ``steps`` until it reaches the target from the last step,
+    with a 95% interval from the fit's parameter covariance (None high: some plausible
+    plateaus lie below the target)."""
+
+    plateau: float
+    plateau_se: float
+    steps: float | None  # None: the fitted plateau is below the target
+    low: float | None
+    high: float | None
+
+    def cell(self, target: float) -> str:
+        head = f"plateau {self.plateau:.3f} ± {1.96 * self.plateau_se:.3f}"
+        if self.steps is None:
+            return f"{head}: below the target"
+        if self.steps == 0:
+            return f"{head}: reached"
+        interval = f"{self.low:.0f}-{self.high:.0f}" if self.high is not None else f"{self.low:.0f}-never"
+        return f"{head}: in ~{self.steps:.0f} steps ({interval})"
+
+
+def saturating_forecast(rows: list[dict], metric: str, target: float, window: int, draws: int = 2000) -> Saturation | None:
+    """The saturating fit of the last ``window`` values of ``metric`` (at least 5), or None
+    when it does not converge (a curve with no bend: the linear forecast says it all)."""
+    import numpy as np
+    from scipy.optimize import curve_fit
+
+    steps, values = series(rows, metric)
+    x, y = np.array(steps[-window:], dtype=float), np.array(values[-window:], dtype=float)
+    if len(x) < 5 or np.ptp(y) == 0:
+        return None
+    x0 = x[0]
+
+    def curve(x, plateau, start, rate):
+        return plateau - (plateau - start) * np.exp(-rate * (x - x0))
+
+    span = max(1.0, x[-1] - x0)
+    try:
+        params, cov = curve_fit(curve, x, y, p0=(y.max() + 0.1 * np.ptp(y), y[0], 1.0 / span), bounds=([-np.inf, -np.inf, 1e-6], [np.inf, np.inf, 10.0]), maxfev=5000)
+    except (RuntimeError, ValueError):
+        return None
+    plateau, start, rate = params
+    plateau_se = math.sqrt(cov[0, 0]) if np.all(np.isfinite(cov)) and cov[0, 0] >= 0 else math.inf
+    # no bend the data pin down: the window shows under a fifth of the approach to the
+    # plateau, or the plateau's error is larger than the distance left to it
+    if 1 - math.exp(-rate * span) < 0.2 or plateau_se > abs(plateau - y[-1]):
+        return None
+
+    def steps_to(plateau, start, rate) -> float:
+        """Steps after the last one until the curve reaches ``target``: inf if never."""
+        if plateau <= target:
+            return math.inf
+        if curve(x[-1], plateau, start, rate) >= target:
+            return 0.0
+        return float(x0 - math.log((plateau - target) / (plateau - start)) / rate - x[-1])
+
+    central = steps_to(plateau, start, rate)
+    samples = np.random.default_rng(0).multivariate_normal(params, cov, size=draws, check_valid="ignore")
+    crossings = np.sort([steps_to(*sample) if sample[2] > 0 else math.inf for sample in samples])
+    low, high = crossings[int(0.025 * draws)], crossings[int(0.975 * draws) - 1]  # inf-safe percentiles
+    return Saturation(
+        float(plateau), plateau_se, None if math.isinf(central) else central,
+        None if math.isinf(low) else float(low), None if math.isinf(high) else float(high),
+    )
+
+
+@dataclass
+class OffForecast:
+    metric: str
+    step: int
+    value: float
+    expected: float
+    margin: float
+
+    def sentence(self) -> str:
+        return (f"`{self.metric}` at step {self.step} is {self.value:.3f}, below its forecast {self.expected:.3f} ± {self.margin:.3f} "
+                "from the steps before: the run has left its trend.")  # fmt: skip
+
+
+def off_forecast(rows: list[dict], metric: str, window: int) -> OffForecast | None:
+    """An early warning: the last value of ``metric`` below the 95% prediction interval of the
+    straight line through the ``window`` values before it (at least 4 of them)."""
+    steps, values = series(rows, metric)
+    if len(values) < 5:
+        return None
+    xs, ys = steps[-window - 1 : -1], values[-window - 1 : -1]
+    n, mean_x, mean_y = len(xs), statistics.mean(xs), statistics.mean(ys)
+    sxx = sum((x - mean_x) ** 2 for x in xs)
+    slope = sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys)) / sxx
+    intercept = mean_y - slope * mean_x
+    s = math.sqrt(sum((y - intercept - slope * x) ** 2 for x, y in zip(xs, ys)) / (n - 2))
+    t95 = 1.96 if n > 30 else {3: 12.71, 4: 4.30, 5: 3.18, 6: 2.78, 7: 2.57, 8: 2.45, 9: 2.36, 10: 2.31}.get(n, 2.1)
+    expected = intercept + slope * steps[-1]
+    margin = t95 * s * math.sqrt(1 + 1 / n + (steps[-1] - mean_x) ** 2 / sxx)
+    if values[-1] < expected - margin:
+        return OffForecast(metric, steps[-1], values[-1], expected, margin)
+    return None
+
+
+def target_table(rows: list[dict], targets: dict[str, float], window: int) -> list[str]:
+    """Per target metric: where it is, the target, its trend, when the straight line and the
+    saturating curve reach the target (95% intervals), and its status."""
+    lines = ["| metric | current | target | trend / step | linear: steps to target (95%) | saturating fit | status |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    for metric, target in targets.items():
+        line = forecast(rows, metric, target, window)
+        if line.current is None:
+            lines.append(f"| `{metric}` | - | {target:g} | - | fewer than 3 values | - | no data |")
+            continue
+        curve = saturating_forecast(rows, metric, target, window)
+        warned = off_forecast(rows, metric, window)
+        if line.steps == 0:
+            linear, status = "reached", "reached"
+        elif line.steps is None:
+            linear, status = "never at this trend", "not heading there"
+        else:
+            linear = f"{line.steps:.0f} ({line.low:.0f}-{line.high:.0f})" if line.high is not None else f"{line.steps:.0f} ({line.low:.0f}-never)"
+            status = "on track"
+        if curve is not None and curve.steps is None and status == "on track":
+            status = "plateaus below the target"
+        if warned is not None:
+            status = "off its forecast"
+        lines.append(f"| `{metric}` | {line.current:.3f} | {target:g} | {line.slope:+.4f} | {linear} | {curve.cell(target) if curve else 'no bend to fit'} | {status} |")
+    return lines
+
+
 def phases(rows: list[dict], events: list[dict]) -> list[tuple[int, int, str]]:
     """(first step, last step, what began it): a new phase where a curriculum moved a
     task's difficulty or a rollback restored a checkpoint."""
@@ -202,7 +332,11 @@ def write_report(path: str | Path) -> Path:
     lines += ["", "## Phases", "", *_phase_table(rows, events)]
     lines += ["", "## Events", "", *_event_table(events)]
     forecasts = [forecast(rows, metric, target, window) for metric, target in targets.items()]
+    warnings = [w for w in (off_forecast(rows, metric, window) for metric in targets) if w is not None]
     lines += ["", "## Forecast", ""]
+    if targets:
+        lines += [*target_table(rows, targets, window), ""]
+    lines += [f"- **Early warning**: {w.sentence()}" for w in warnings]
     lines += [f"- {f.sentence()}" for f in forecasts] or ["No targets set (`report.targets` in the config, e.g. `{eval/accuracy: 0.6}`)."]
     lines += ["", "## Suggestions", "", *_suggestions(events, forecasts)]
     out = run_dir.path / "report.md"

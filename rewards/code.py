@@ -168,13 +168,41 @@ def code_reward(
     entry_point: str,
     cases: Sequence[tuple[Sequence[Any], Any]],
     weights: Mapping[str, float] = DEFAULT_WEIGHTS,
+    reference: str | None = None,
 ) -> Verdict:
     """Components: ``passed_fraction`` (tiered), ``all_passed``, ``syntax_valid``, ``compiles``,
-    ``repetition``. A sandbox failure is an infrastructure error (masked, never scored 0)."""
-    return code_verdict(run_tests(sandbox, extract_code(completion), entry_point, cases), completion, weights)
+    ``repetition``, and ``token_accuracy`` where a ``reference`` solution exists. A sandbox
+    failure is an infrastructure error (masked, never scored 0)."""
+    result = run_tests(sandbox, extract_code(completion), entry_point, cases)
+    return code_verdict(result, completion, weights, reference)
 
 
-def code_verdict(result: CodeResult, completion: str, weights: Mapping[str, float] = DEFAULT_WEIGHTS) -> Verdict:
+def code_tokens(source: str) -> list[str]:
+    """Python's own tokens of ``source`` (names, operators, numbers, strings; no comments or
+    layout), or, where it does not tokenize (unfinished model code), a regular-expression split."""
+    import io
+    import tokenize
+
+    kept = (tokenize.NAME, tokenize.OP, tokenize.NUMBER, tokenize.STRING)
+    try:
+        return [t.string for t in tokenize.generate_tokens(io.StringIO(source).readline) if t.type in kept]
+    except (tokenize.TokenError, IndentationError, SyntaxError):
+        return re.findall(r"[A-Za-z_]\w*|\d+(?:\.\d+)?|\S", re.sub(r"#[^\n]*", "", source))
+
+
+def token_accuracy(code: str, reference: str) -> float:
+    """The share of the reference solution's tokens the code reproduces, in order (the longest
+    matching blocks, difflib): 1.0 for the reference itself, whatever the layout."""
+    from difflib import SequenceMatcher
+
+    wanted, written = code_tokens(reference), code_tokens(code)
+    if not wanted:
+        return 0.0
+    matched = sum(block.size for block in SequenceMatcher(None, wanted, written, autojunk=False).get_matching_blocks())
+    return matched / len(wanted)
+
+
+def code_verdict(result: CodeResult, completion: str, weights: Mapping[str, float] = DEFAULT_WEIGHTS, reference: str | None = None) -> Verdict:
     """The reward of a judged program; a sandbox failure is an infrastructure error."""
     if result.status == "sandbox_error":
         detail = result.execution.detail if result.execution else "sandbox error"
@@ -186,5 +214,7 @@ def code_verdict(result: CodeResult, completion: str, weights: Mapping[str, floa
         "compiles": float(result.compiles),
         "repetition": float(repetition_stats(completion)["repetitive"]),
     }
+    if reference:
+        components["token_accuracy"] = token_accuracy(extract_code(completion), reference)
     reward = weigh(components, weights)
     return Verdict(reward=reward, correct=result.status == "passed", components=components, outcome=result.status)

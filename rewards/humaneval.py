@@ -183,4 +183,5 @@ def run_humaneval(sandbox: Sandbox, task_id: str, completion: str) -> CodeResult
 def humaneval_reward(
     sandbox: Sandbox, task_id: str, completion: str, weights: Mapping[str, float] = DEFAULT_WEIGHTS
 ) -> Verdict:
-    return code_verdict(run_humaneval(sandbox, task_id, completion), completion, weights)
+    reference = judge_for(task_id).problem.canonical_solution
+    return code_verdict(run_humaneval(sandbox, task_id, completion), completion, weights, reference)

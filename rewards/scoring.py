@@ -114,7 +114,8 @@ def grid_scorer(spec: ScorerSpec) -> Scorer:
 
 
 def code_scorer(spec: ScorerSpec) -> Scorer:
-    """Problems carry ``meta["entry_point"]`` and ``meta["tests"]``: [[arguments], expected] pairs."""
+    """Problems carry ``meta["entry_point"]`` and ``meta["tests"]``: [[arguments], expected] pairs,
+    and may carry ``meta["reference"]``, a reference solution (``token_accuracy``)."""
     sandbox = spec.sandbox.open()
     weights = _weights(spec, code.DEFAULT_WEIGHTS)
 
@@ -124,7 +125,7 @@ def code_scorer(spec: ScorerSpec) -> Scorer:
             cases = [(tuple(args), expected) for args, expected in tests]
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"code problem {problem.uid!r} needs meta entry_point and tests [[args], expected]: {exc!r}") from None
-        return code_reward(sandbox, completion, entry_point, cases, weights)
+        return code_reward(sandbox, completion, entry_point, cases, weights, problem.meta.get("reference"))
 
     return score
 
@@ -149,7 +150,8 @@ def reasoning_gym_scorer(spec: ScorerSpec) -> Scorer:
 
 
 # the components each scorer reports (``format_tags`` too, with ``required_format``)
-_CODE = ("passed_fraction", "all_passed", "syntax_valid", "compiles", "repetition")
+# token_accuracy: only where the problem has a reference solution (HumanEval, meta["reference"])
+_CODE = ("passed_fraction", "all_passed", "syntax_valid", "compiles", "repetition", "token_accuracy")
 COMPONENTS: dict[str, tuple[str, ...]] = {
     "numeric": ("correct", "correct_anchor", "correct_last", "correct_first", "format", "repetition"),
     "choice": ("correct", "correct_legacy", "correct_word_boundary", "repetition"),

@@ -78,3 +78,17 @@ def test_sandbox_failure_is_masked_not_scored(sandbox, monkeypatch):
     monkeypatch.setattr(sandbox, "run", lambda source: broken)
     v = code_reward(sandbox, "def add(a, b):\n    return a + b\n", "add", CASES)
     assert v.status == "infra_error" and "sandbox_error" in v.error
+
+
+def test_token_accuracy_is_the_share_of_reference_tokens_reproduced(sandbox):
+    from rewards.code import code_tokens, token_accuracy
+
+    reference = "def add(a, b):\n    return a + b\n"
+    assert code_tokens("return a+b  # sum") == ["return", "a", "+", "b"]
+    assert token_accuracy("def add(a,b): return a+b", reference) == 1.0  # layout and comments do not count
+    # 12 reference tokens (def add ( a , b ) : return a + b): "-" for "+" misses one
+    assert token_accuracy("def add(a, b):\n    return a - b\n", reference) == pytest.approx(11 / 12)
+    assert token_accuracy("def add(a, b):\n    return (", reference) == pytest.approx(9 / 12)  # unfinished code still counts
+    assert token_accuracy("", reference) == 0.0 and token_accuracy("x", "") == 0.0
+    v = code_reward(sandbox, "```python\ndef add(a, b):\n    return b + a\n```", "add", CASES, reference=reference)
+    assert v.correct and v.components["token_accuracy"] == pytest.approx(10 / 12)  # b + a: one of a, b matched

@@ -135,6 +135,13 @@ def test_tiered_score_counts_asserts(sandbox):
     assert run_humaneval(sandbox, "HumanEval/53", "    while True:\n        pass\n").status == "timeout"
 
 
+def test_token_accuracy_against_the_canonical_solution(sandbox):
+    canonical = judge_for("HumanEval/53").problem.canonical_solution
+    assert humaneval_reward(sandbox, "HumanEval/53", canonical).components["token_accuracy"] == 1.0
+    slip = humaneval_reward(sandbox, "HumanEval/53", "    return x - y\n")
+    assert slip.components["token_accuracy"] == pytest.approx(3 / 4)  # return x + y: "-" for "+"
+
+
 def test_unknown_task_is_named():
     with pytest.raises(KeyError, match="HumanEval/999"):
         judge_for("HumanEval/999")
