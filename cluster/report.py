@@ -85,6 +85,13 @@ class Forecast:
         return f"{head} reached in about {self.steps:.0f} more steps (95% interval: {interval})."
 
 
+def _t95(dof: int) -> float:
+    """Student's t two-sided 95% quantile for a line fitted to dof + 2 points."""
+    from scipy.stats import t
+
+    return float(t.ppf(0.975, dof))
+
+
 def series(rows: list[dict], metric: str) -> tuple[list[int], list[float]]:
     points = [(r["step"], r[metric]) for r in rows if isinstance(r.get(metric), (int, float)) and math.isfinite(r[metric])]
     return [p[0] for p in points], [p[1] for p in points]
@@ -103,7 +110,7 @@ def forecast(rows: list[dict], metric: str, target: float, window: int) -> Forec
     intercept = mean_y - slope * mean_x
     residual = sum((y - intercept - slope * x) ** 2 for x, y in zip(steps, values)) / max(1, n - 2)
     se = math.sqrt(residual / sxx)
-    t95 = 1.96 if n > 30 else {3: 12.71, 4: 4.30, 5: 3.18, 6: 2.78, 7: 2.57, 8: 2.45, 9: 2.36, 10: 2.31}.get(n, 2.1)
+    t95 = _t95(n - 2)
     now = intercept + slope * steps[-1]
     gap = target - now
     if gap <= 0:
@@ -209,7 +216,7 @@ def off_forecast(rows: list[dict], metric: str, window: int) -> OffForecast | No
     slope = sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys)) / sxx
     intercept = mean_y - slope * mean_x
     s = math.sqrt(sum((y - intercept - slope * x) ** 2 for x, y in zip(xs, ys)) / (n - 2))
-    t95 = 1.96 if n > 30 else {3: 12.71, 4: 4.30, 5: 3.18, 6: 2.78, 7: 2.57, 8: 2.45, 9: 2.36, 10: 2.31}.get(n, 2.1)
+    t95 = _t95(n - 2)
     expected = intercept + slope * steps[-1]
     margin = t95 * s * math.sqrt(1 + 1 / n + (steps[-1] - mean_x) ** 2 / sxx)
     if values[-1] < expected - margin:
