@@ -53,15 +53,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from rewards.sandbox_zygote import ANSWER, STARTED
+
 logger = logging.getLogger(__name__)
 
 ExecutionStatus = Literal["ok", "error", "timeout", "memory", "output_limit", "sandbox_error"]
 SandboxMode = Literal["bwrap", "rlimits"]
 
-# written to stderr by the launcher line before the program runs: its absence means the
-# sandbox itself failed (bwrap could not start, the interpreter is missing)
-_STARTED = "\x00raylight-sandbox-started\x00"
-_LAUNCH = f"import sys; sys.stderr.write({_STARTED!r}); sys.stderr.flush(); exec(compile(sys.stdin.read(), '<sample>', 'exec'), {{'__name__': '__main__'}})"
+# STARTED is written to stderr by the launcher line (or the slot's interpreter) before the
+# program runs: its absence means the sandbox itself failed (bwrap could not start, the
+# interpreter is missing)
+_LAUNCH = f"import sys; sys.stderr.write({STARTED!r}); sys.stderr.flush(); exec(compile(sys.stdin.read(), '<sample>', 'exec'), {{'__name__': '__main__'}})"
 
 
 def launcher_command(python: str) -> list[str]:
@@ -298,8 +300,8 @@ class Sandbox:
 
 
 def _execution(code, timed_out, out, err, sizes, wall, limits) -> Execution:
-    started = _STARTED in err
-    err = err.replace(_STARTED, "", 1)
+    started = STARTED in err
+    err = err.replace(STARTED, "", 1)
     status, detail = _classify(code, timed_out, started, err, sizes, limits)
     return Execution(status, code, out, err, wall, detail)
 
@@ -333,23 +335,21 @@ class _Zygote:
             theirs.close()
         self.control = ours
         self.resident: list[int] = []  # the slot uid's processes once it is up: bwrap, its init, the interpreter
-        self._expect(b"R", _ZYGOTE_STARTUP_S)
+        if (hello := self._receive(1, _ZYGOTE_STARTUP_S)) != b"R":
+            raise _ZygoteLost(f"the slot's interpreter said {hello!r}")
 
-    def _expect(self, answer: bytes, timeout_s: float) -> bytes:
+    def _receive(self, size: int, timeout_s: float) -> bytes:
+        """``size`` bytes from the interpreter, within ``timeout_s``."""
         self.control.settimeout(timeout_s)
         received = b""
         try:
-            while len(received) < len(answer):
-                chunk = self.control.recv(len(answer) - len(received))
+            while len(received) < size:
+                chunk = self.control.recv(size - len(received))
                 if not chunk:
                     raise _ZygoteLost(f"the slot's interpreter exited: {self.why()}")
                 received += chunk
-        except (TimeoutError, OSError) as exc:
-            if isinstance(exc, _ZygoteLost):
-                raise
+        except OSError as exc:  # TimeoutError included
             raise _ZygoteLost(f"the slot's interpreter did not answer within {timeout_s:.0f}s ({exc})") from None
-        if answer == b"R" and received != b"R":
-            raise _ZygoteLost(f"the slot's interpreter said {received!r}")
         return received
 
     def run(self, files: list[int], timeout_s: float) -> tuple[int, bool]:
@@ -357,7 +357,7 @@ class _Zygote:
             socket.send_fds(self.control, [b"x"], files)
         except OSError as exc:
             raise _ZygoteLost(f"the slot's interpreter is gone ({exc}): {self.why()}") from None
-        code, timed_out = struct.unpack(_ANSWER, self._expect(bytes(struct.calcsize(_ANSWER)), timeout_s))
+        code, timed_out = struct.unpack(ANSWER, self._receive(struct.calcsize(ANSWER), timeout_s))
         return code, bool(timed_out)
 
     def alive(self) -> bool:
@@ -376,8 +376,6 @@ class _Zygote:
         self.process.wait()
         self._log.close()
 
-
-_ANSWER = "<iB"  # sandbox_zygote.ANSWER
 
 
 UID_LOCKS = Path("/tmp/raylight-sandbox-uids")

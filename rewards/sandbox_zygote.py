@@ -42,7 +42,7 @@ PR_SET_CHILD_SUBREAPER = 36
 PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL = 47, 4
 CAPABILITY_VERSION_3 = 0x20080522
 LAST_CAPABILITY = 63  # drop from the bounding set up to this; the kernel answers EINVAL past its own last
-STARTED = "\x00raylight-sandbox-started\x00"  # rewards.sandbox._STARTED
+STARTED = "\x00raylight-sandbox-started\x00"  # before the program runs (rewards.sandbox looks for it)
 ANSWER = "<iB"  # exit code (negative: signal), wall-clock limit struck
 
 libc = ctypes.CDLL(None, use_errno=True)

@@ -303,10 +303,11 @@ def test_a_program_ends_as_under_plain_python(sandbox, name):
     traceback (less the launcher's own frame)."""
     import subprocess
 
-    from rewards.sandbox import _STARTED, launcher_command
+    from rewards.sandbox import launcher_command
+    from rewards.sandbox_zygote import STARTED
 
     source = ENDINGS[name]
     sandboxed = run(sandbox, source)
     plain = subprocess.run(launcher_command(sandbox.python), input=source, capture_output=True, text=True, timeout=10)
-    own = lambda err: [line for line in err.replace(_STARTED, "").splitlines() if '"<string>"' not in line]  # noqa: E731
+    own = lambda err: [line for line in err.replace(STARTED, "").splitlines() if '"<string>"' not in line]  # noqa: E731
     assert (sandboxed.returncode, sandboxed.stdout, own(sandboxed.stderr)) == (plain.returncode, plain.stdout, own(plain.stderr))
