@@ -85,6 +85,31 @@ class Forecast:
         return f"{head} reached in about {self.steps:.0f} more steps (95% interval: {interval})."
 
 
+@dataclass(frozen=True)
+class _Line:
+    """A least-squares line through (x, y) points: y = intercept + slope * x; ``s`` is the
+    residual standard deviation (n - 2 degrees of freedom)."""
+
+    slope: float
+    intercept: float
+    s: float
+    n: int
+    mean_x: float
+    sxx: float
+
+    @classmethod
+    def fit(cls, xs: list[float], ys: list[float]) -> _Line:
+        n, mean_x, mean_y = len(xs), statistics.mean(xs), statistics.mean(ys)
+        sxx = sum((x - mean_x) ** 2 for x in xs)
+        slope = sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys)) / sxx
+        intercept = mean_y - slope * mean_x
+        s = math.sqrt(sum((y - intercept - slope * x) ** 2 for x, y in zip(xs, ys)) / max(1, n - 2))
+        return cls(slope, intercept, s, n, mean_x, sxx)
+
+    def at(self, x: float) -> float:
+        return self.intercept + self.slope * x
+
+
 def _t95(dof: int) -> float:
     """Student's t two-sided 95% quantile for a line fitted to dof + 2 points."""
     from scipy.stats import t
@@ -104,14 +129,9 @@ def forecast(rows: list[dict], metric: str, target: float, window: int) -> Forec
     steps, values = steps[-window:], values[-window:]
     if len(values) < 3:
         return Forecast(metric, target, None, None, None, None, None, len(values))
-    n, mean_x, mean_y = len(steps), statistics.mean(steps), statistics.mean(values)
-    sxx = sum((x - mean_x) ** 2 for x in steps)
-    slope = sum((x - mean_x) * (y - mean_y) for x, y in zip(steps, values)) / sxx
-    intercept = mean_y - slope * mean_x
-    residual = sum((y - intercept - slope * x) ** 2 for x, y in zip(steps, values)) / max(1, n - 2)
-    se = math.sqrt(residual / sxx)
-    t95 = _t95(n - 2)
-    now = intercept + slope * steps[-1]
+    line = _Line.fit(steps, values)
+    n, slope, se, t95 = line.n, line.slope, line.s / math.sqrt(line.sxx), _t95(line.n - 2)
+    now = line.at(steps[-1])
     gap = target - now
     if gap <= 0:
         return Forecast(metric, target, now, slope, 0.0, 0.0, 0.0, n)
@@ -136,7 +156,7 @@ class Saturation:
     low: float | None
     high: float | None
 
-    def cell(self, target: float) -> str:
+    def cell(self) -> str:
         head = f"plateau {self.plateau:.3f} ± {1.96 * self.plateau_se:.3f}"
         if self.steps is None:
             return f"{head}: below the target"
@@ -210,31 +230,36 @@ def off_forecast(rows: list[dict], metric: str, window: int) -> OffForecast | No
     steps, values = series(rows, metric)
     if len(values) < 5:
         return None
-    xs, ys = steps[-window - 1 : -1], values[-window - 1 : -1]
-    n, mean_x, mean_y = len(xs), statistics.mean(xs), statistics.mean(ys)
-    sxx = sum((x - mean_x) ** 2 for x in xs)
-    slope = sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys)) / sxx
-    intercept = mean_y - slope * mean_x
-    s = math.sqrt(sum((y - intercept - slope * x) ** 2 for x, y in zip(xs, ys)) / (n - 2))
-    t95 = _t95(n - 2)
-    expected = intercept + slope * steps[-1]
-    margin = t95 * s * math.sqrt(1 + 1 / n + (steps[-1] - mean_x) ** 2 / sxx)
+    line = _Line.fit(steps[-window - 1 : -1], values[-window - 1 : -1])
+    expected = line.at(steps[-1])
+    margin = _t95(line.n - 2) * line.s * math.sqrt(1 + 1 / line.n + (steps[-1] - line.mean_x) ** 2 / line.sxx)
     if values[-1] < expected - margin:
         return OffForecast(metric, steps[-1], values[-1], expected, margin)
     return None
 
 
-def target_table(rows: list[dict], targets: dict[str, float], window: int) -> list[str]:
+@dataclass
+class Outlook:
+    """Everything the report forecasts for one target metric."""
+
+    line: Forecast
+    curve: Saturation | None
+    warning: OffForecast | None
+
+
+def outlook(rows: list[dict], metric: str, target: float, window: int) -> Outlook:
+    return Outlook(forecast(rows, metric, target, window), saturating_forecast(rows, metric, target, window), off_forecast(rows, metric, window))
+
+
+def target_table(outlooks: list[Outlook]) -> list[str]:
     """Per target metric: where it is, the target, its trend, when the straight line and the
     saturating curve reach the target (95% intervals), and its status."""
     lines = ["| metric | current | target | trend / step | linear: steps to target (95%) | saturating fit | status |", "| --- | --- | --- | --- | --- | --- | --- |"]
-    for metric, target in targets.items():
-        line = forecast(rows, metric, target, window)
+    for o in outlooks:
+        line, curve, metric, target = o.line, o.curve, o.line.metric, o.line.target
         if line.current is None:
             lines.append(f"| `{metric}` | - | {target:g} | - | fewer than 3 values | - | no data |")
             continue
-        curve = saturating_forecast(rows, metric, target, window)
-        warned = off_forecast(rows, metric, window)
         if line.steps == 0:
             linear, status = "reached", "reached"
         elif line.steps is None:
@@ -244,9 +269,9 @@ def target_table(rows: list[dict], targets: dict[str, float], window: int) -> li
             status = "on track"
         if curve is not None and curve.steps is None and status == "on track":
             status = "plateaus below the target"
-        if warned is not None:
+        if o.warning is not None:
             status = "off its forecast"
-        lines.append(f"| `{metric}` | {line.current:.3f} | {target:g} | {line.slope:+.4f} | {linear} | {curve.cell(target) if curve else 'no bend to fit'} | {status} |")
+        lines.append(f"| `{metric}` | {line.current:.3f} | {target:g} | {line.slope:+.4f} | {linear} | {curve.cell() if curve else 'no bend to fit'} | {status} |")
     return lines
 
 
@@ -338,12 +363,12 @@ def write_report(path: str | Path) -> Path:
     lines += ["", "## Curves", ""] + [f"![{p.stem}](plots/{p.name})" for p in plots]
     lines += ["", "## Phases", "", *_phase_table(rows, events)]
     lines += ["", "## Events", "", *_event_table(events)]
-    forecasts = [forecast(rows, metric, target, window) for metric, target in targets.items()]
-    warnings = [w for w in (off_forecast(rows, metric, window) for metric in targets) if w is not None]
+    outlooks = [outlook(rows, metric, target, window) for metric, target in targets.items()]
+    forecasts = [o.line for o in outlooks]
     lines += ["", "## Forecast", ""]
-    if targets:
-        lines += [*target_table(rows, targets, window), ""]
-    lines += [f"- **Early warning**: {w.sentence()}" for w in warnings]
+    if outlooks:
+        lines += [*target_table(outlooks), ""]
+    lines += [f"- **Early warning**: {o.warning.sentence()}" for o in outlooks if o.warning is not None]
     lines += [f"- {f.sentence()}" for f in forecasts] or ["No targets set (`report.targets` in the config, e.g. `{eval/accuracy: 0.6}`)."]
     lines += ["", "## Suggestions", "", *_suggestions(events, forecasts)]
     out = run_dir.path / "report.md"

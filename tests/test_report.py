@@ -93,20 +93,20 @@ def test_saturating_forecast_finds_the_plateau_and_when_the_target_is_reached():
     assert fit.plateau == pytest.approx(0.8, abs=0.03)
     assert fit.steps == pytest.approx(6.9, abs=1.0) and fit.low < fit.steps < fit.high
     above = saturating_forecast(saturating_rows(12), "m", 0.9, window=20)  # above the plateau: never
-    assert above.steps is None and above.cell(0.9).endswith("below the target")
+    assert above.steps is None and above.cell().endswith("below the target")
     assert saturating_forecast([{"step": s, "m": 0.1 + 0.01 * s} for s in range(1, 13)], "m", 0.7, window=20) is None  # no bend
 
 
 def test_target_table_and_the_early_warning_when_a_metric_leaves_its_trend():
-    from cluster.report import off_forecast, target_table
+    from cluster.report import off_forecast, outlook, target_table
 
     line = [{"step": s, "m": 0.1 + 0.01 * s + (0.003 if s % 2 else -0.003)} for s in range(1, 11)]
     assert off_forecast(line + [{"step": 11, "m": 0.21}], "m", window=10) is None
     dropped = line + [{"step": 11, "m": 0.12}]
     warning = off_forecast(dropped, "m", window=10)
     assert warning.step == 11 and warning.expected == pytest.approx(0.21, abs=0.005) and warning.value < warning.expected - warning.margin
-    table = target_table(dropped, {"m": 0.5}, window=10)
+    table = target_table([outlook(dropped, "m", 0.5, window=10)])
     assert table[0].startswith("| metric | current | target |") and table[2].endswith("| off its forecast |")
-    plateau = target_table(saturating_rows(20, plateau=0.6), {"m": 0.7}, window=20)[2]
+    plateau = target_table([outlook(saturating_rows(20, plateau=0.6), "m", 0.7, window=20)])[2]
     assert "plateau 0.60" in plateau and plateau.endswith("| plateaus below the target |")
-    assert target_table(line, {"m": 0.05}, window=10)[2].endswith("| reached |")
+    assert target_table([outlook(line, "m", 0.05, window=10)])[2].endswith("| reached |")
