@@ -162,18 +162,18 @@ class DynamicSampling:
     def select(self, samples: list[Sample], verdicts: list[Verdict], rounds: int) -> tuple[list[Sample], list[Verdict], dict[str, float]]:
         """The step's samples less the informative groups past the ``groups``-th; the groups
         with nothing to teach stay for the step's metrics (the batch leaves them out)."""
+        groups = group_indices(samples)
         keep, found, surplus = [], 0, 0
-        for group in group_indices(samples):
+        for group in groups:
             if informative([verdicts[i] for i in group]):
                 found += 1
                 if found > self.groups:
                     surplus += 1
                     continue
             keep += group
-        sampled = len(group_indices(samples))
         metrics = {
             "dynamic/rounds": float(rounds),
-            "dynamic/sampled_groups": float(sampled),
+            "dynamic/sampled_groups": float(len(groups)),
             "dynamic/informative_groups": float(min(found, self.groups)),
             "dynamic/surplus_groups": float(surplus),
             "dynamic/shortfall": float(max(0, self.groups - found)),

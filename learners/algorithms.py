@@ -341,7 +341,7 @@ def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: KL
     logprobs, ref_logprobs: [B, T]. Returns [B, T].
     """
     log_ratio = logprobs - ref_logprobs
-    if estimator.endswith("+") and estimator in ("k1+", "k3+"):
+    if estimator in ("k1+", "k3+"):
         value = kl_penalty(logprobs, ref_logprobs, estimator[:-1]).detach()
         gradient = 0.5 * log_ratio.square()
         return gradient - gradient.detach() + value
