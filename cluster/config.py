@@ -27,6 +27,7 @@ from learners.settings import AlgorithmSettings
 from learners.policy import LoraSettings
 from rewards.scoring import RewardSettings, SandboxSettings
 from rollout.engines import EngineSettings
+from rollout.memory import MemorySettings
 from rollout.tasks import TASK_NAMES
 
 
@@ -203,6 +204,7 @@ class Config:
     generator: GeneratorConfig = field(default_factory=GeneratorConfig)
     verifier: VerifierConfig = field(default_factory=VerifierConfig)
     algorithm: AlgorithmSettings = field(default_factory=AlgorithmSettings)
+    memory: MemorySettings = field(default_factory=MemorySettings)
     learner: LearnerGroupSettings = field(default_factory=LearnerGroupSettings)
     eval: EvalConfig = field(default_factory=EvalConfig)
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
@@ -339,7 +341,13 @@ def check_config(config: Config) -> None:
         problems.append("algorithm.kl_target adapts algorithm.kl_coef, which must start above 0")
     if a.advantage not in ("gae", "reinforce++", "batch-std") and config.rollout.group_size < 2:
         problems.append(f"algorithm.advantage={a.advantage} needs rollout.group_size >= 2")
-    for key in ("ppo_epochs", "micro_batch_size"):
+    memory = config.memory
+    if a.objective == "sft" and not memory.enabled:
+        problems.append("algorithm.objective=sft fine-tunes on the memory bank's verified solutions: set memory.enabled=true")
+    if memory.feed_groups and (not memory.enabled or a.objective != "ppo"):
+        problems.append("memory.feed_groups adds banked solutions to GRPO groups: it needs memory.enabled=true and algorithm.objective=ppo")
+    problems += memory.problems()
+    for key in ("ppo_epochs", "micro_batch_size", "sft_epochs"):
         if getattr(a, key) < 1:
             problems.append(f"algorithm.{key} must be at least 1")
     if config.learner.num_gpus < 0:

@@ -48,10 +48,11 @@ from cluster.placement import check_model_on_nodes, place
 from cluster.rundir import RunDir
 from cluster.rollouts import DynamicSampling, RolloutProducer
 from cluster.wiring import build_tasks, init_ray, render, start_generators, start_learners, start_verifiers
-from contracts import DEFAULT_ADAPTER, PolicyRef, Problem, Prompt, Sample, SamplingSettings, Verdict
-from learners.batch import build_train_batch
+from contracts import DEFAULT_ADAPTER, PolicyRef, Problem, Prompt, Sample, SamplingSettings, TrainBatch, Verdict
+from learners.batch import build_train_batch, group_indices
 from learners.learner import REQUIRED_METRICS
 from rollout.engines import write_adapter
+from rollout.memory import MemoryBank, Solution
 from rollout.models import resolve_model, write_model
 from rollout.queue import RolloutQueue
 from rollout.staleness import filter_stale
@@ -106,6 +107,7 @@ class Trainer:
             self.placement.remove()  # its actors go with it
             raise
         self.monitor = self.new_monitor()
+        self.memory = MemoryBank(c.memory) if c.memory.enabled else None  # verified solutions, per problem
         self.checkpoints = CheckpointStore(run_dir.checkpoints, c.run.keep_checkpoints)
         self.exporter: MetricsExporter | None = None  # opened by train(), once the run directory is settled
         self.policy = PolicyRef(DEFAULT_ADAPTER, 0)  # the learner's policy, served by every generator
@@ -259,15 +261,15 @@ class Trainer:
             with timer("wait"):
                 rollout = self.next_rollout(step)
             samples, verdicts, stale_metrics = filter_stale(rollout.samples, rollout.verdicts, self.policy, self.config.rollout.max_staleness)
+            banked = self.memory.write(samples, verdicts, step) if self.memory is not None else []
             with timer("advantages"):
-                drop = self.config.algorithm.drop_zero_variance_groups or self.config.rollout.dynamic_sampling
-                batch, advantages, batch_metrics = build_train_batch(samples, verdicts, self.config.algorithm.advantage, drop)
+                batch, trained, advantages, batch_metrics = self.train_batch(step, samples, verdicts, banked)
             if self.config.generator.sleep_mode:
                 with timer("generator_sleep"):  # colocated: the learner takes the memory
                     self.generators.sleep()
             learn_start = time.time()
             with timer("learn"):
-                learn_metrics = self.learners.step(batch) if len(batch) else EMPTY_LEARN_METRICS
+                learn_metrics = self.learners.step(batch, self.config.algorithm.objective) if len(batch) else EMPTY_LEARN_METRICS
             self.timeline.append(("learn", step, learn_start, time.time()))
             if self.config.generator.sleep_mode:
                 with timer("generator_wake"):
@@ -276,7 +278,7 @@ class Trainer:
             with timer("weight_sync"):
                 self.publish()
             if self.config.run.save_rollouts:
-                self.run_dir.write_rollouts(step, samples, verdicts, advantages)
+                self.run_dir.write_rollouts(step, *trained, advantages)
         self.positions.pop(step, None)
         tokens = sum(len(s.completion.token_ids) for s in samples)
         timer.seconds |= {"perf/generate_seconds": rollout.generate_seconds, "perf/verify_seconds": rollout.verify_seconds}
@@ -294,12 +296,29 @@ class Trainer:
             **batch_metrics,
             **rollout.metrics,
             **stale_metrics,
+            **(self.memory.metrics() if self.memory is not None else {}),
             **timer.seconds,
             "perf/generated_tokens_per_second": tokens / max(1e-9, timer.seconds["perf/generate_seconds"]),
             **self.overlap_metrics(timer.seconds["perf/learn_seconds"]),
             **{k: float(v) for k, v in self.verifiers.stats.items()},
             **self.fault_counts(),
         }
+
+    def train_batch(
+        self, step: int, samples: list[Sample], verdicts: list[Verdict], banked: list[Solution]
+    ) -> tuple[TrainBatch, tuple[list[Sample], list[Verdict]], list[float | None], dict[str, float]]:
+        """The learner's batch for ``step``, the samples and verdicts the rollout file records
+        (with the memory bank's replayed ones), their advantages (None: not trained on) and
+        the batch's metrics. ``algorithm.objective=sft`` trains on the bank's solutions (or
+        the ones ``banked`` this step), not on the rollouts."""
+        if self.config.algorithm.objective == "sft":
+            batch = self.memory.sft_batch(banked, self.sampling_seed(step))
+            return batch, (samples, verdicts), [None] * len(samples), {"train/batch_size": float(len(batch))}
+        if self.memory is not None and self.config.memory.feed_groups:
+            samples, verdicts = self.memory.feed(samples, verdicts, self.policy, group_indices(samples))
+        drop = self.config.algorithm.drop_zero_variance_groups or self.config.rollout.dynamic_sampling
+        batch, advantages, metrics = build_train_batch(samples, verdicts, self.config.algorithm.advantage, drop)
+        return batch, (samples, verdicts), advantages, metrics
 
     def fault_counts(self) -> dict[str, float]:
         """The run's running totals of absorbed actor faults (the monitor's actor_faults rule
@@ -449,6 +468,8 @@ class Trainer:
             "last_eval": self.last_eval,
         }
         files["trainer.json"] = json.dumps(trainer_state, default=str).encode()
+        if self.memory is not None:
+            files["memory.json"] = json.dumps(self.memory.state()).encode()
         metric = self.last_eval.get(self.config.eval.best_metric) if evaluated else None
         checkpoint = self.checkpoints.save(step, files, metric)
         self.saved_step = step
@@ -468,6 +489,10 @@ class Trainer:
         state = json.loads(checkpoint.file("trainer.json").read_text())
         self.policy = self.learners.load_state_dicts(self._learner_states(checkpoint))
         self.tasks.load_state(state["data"])
+        if self.memory is not None:
+            self.memory = MemoryBank(self.config.memory)
+            if checkpoint.file("memory.json").is_file():
+                self.memory.load_state(json.loads(checkpoint.file("memory.json").read_text()))
         if self.monitor and state["monitor"]:
             self.monitor.load_state(state["monitor"])
         self.verifiers.stats.update(state["verifier"])
@@ -491,6 +516,7 @@ class Trainer:
         self.policy = self.learners.policy_version()
         self.tasks.load_state(self.start_data)
         self.monitor = self.new_monitor()
+        self.memory = MemoryBank(self.config.memory) if self.memory is not None else None
         self.step_done = self.saved_step = self.rollbacks = 0
         self.lr_scale = 1.0
         self.last_eval = self.first_eval

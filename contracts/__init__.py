@@ -102,12 +102,16 @@ class Completion:
 
 @dataclass(frozen=True)
 class Sample:
-    """A completion tied to its prompt and to the policy that produced it."""
+    """A completion tied to its prompt and to the policy that produced it.
+
+    ``replayed``: a stored solution (the memory bank's), not sampled by ``policy``; its
+    completion has no log-probs and the learner scores it under its current weights."""
 
     prompt: Prompt
     completion: Completion
     policy: PolicyRef
     group_index: int
+    replayed: bool = False
 
 
 @dataclass(frozen=True)
@@ -145,7 +149,8 @@ class TrainBatch:
 
     ``old_logprobs`` are the generator's log-probs of the completion tokens. ``rewards`` are the
     verifier's scalar rewards; ``advantages`` are the outcome estimator's per-sequence
-    advantages (0 where the estimator is token-level and runs in the learner).
+    advantages (0 where the estimator is token-level and runs in the learner). ``replayed``
+    rows (``Sample.replayed``) have no generator log-probs: the learner computes them.
     """
 
     prompt_token_ids: tuple[tuple[int, ...], ...]
@@ -154,10 +159,13 @@ class TrainBatch:
     advantages: tuple[float, ...]
     policy_versions: tuple[int, ...]
     rewards: tuple[float, ...] = ()
+    replayed: tuple[bool, ...] = ()
 
     def __post_init__(self):
         if not self.rewards:
             object.__setattr__(self, "rewards", (0.0,) * len(self.advantages))
+        if not self.replayed:
+            object.__setattr__(self, "replayed", (False,) * len(self.advantages))
         lengths = {len(getattr(self, f.name)) for f in fields(self)}
         if len(lengths) != 1:
             raise ValueError(f"TrainBatch columns have different lengths: {sorted(lengths)}")
@@ -172,6 +180,7 @@ class TrainBatch:
             advantages=tuple(advantages),
             policy_versions=tuple(s.policy.version for s in samples),
             rewards=tuple(rewards) if rewards is not None else (),
+            replayed=tuple(s.replayed for s in samples),
         )
 
     def __len__(self) -> int:

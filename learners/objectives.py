@@ -16,7 +16,7 @@ gradients) and the loss of each micro-batch (``loss``), and keeps its own state 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Literal, Protocol
+from typing import Callable, Iterator, Protocol
 
 import torch
 
@@ -38,9 +38,7 @@ from learners.algorithms import (
     value_loss,
 )
 from learners.policy import PackedBatch, Policy, pack
-from learners.settings import AlgorithmSettings
-
-ObjectiveName = Literal["ppo", "sft"]
+from learners.settings import AlgorithmSettings, ObjectiveName
 
 
 def padded(rows: list[torch.Tensor], width: int) -> torch.Tensor:
@@ -142,6 +140,10 @@ class PolicyGradientObjective:
         """Per-row tensors fixed for the whole step, computed without gradients."""
         s = self.settings
         rows: dict[str, list[torch.Tensor]] = {"generator": [torch.tensor(r, dtype=torch.float32) for r in batch.old_logprobs]}
+        replayed = [i for i, r in enumerate(batch.replayed) if r]
+        if replayed:  # stored solutions: scored by the weights about to be updated (ratio 1)
+            for i, logprobs in zip(replayed, self._logprobs(learner, batch.select(replayed))):
+                rows["generator"][i] = logprobs
         need = {"learner": self.recompute_learner_logprobs, "reference": s.uses_reference, "values": s.uses_critic}
         for key in (k for k, wanted in need.items() if wanted):
             rows[key] = []
@@ -161,6 +163,16 @@ class PolicyGradientObjective:
                 for key, tensor in outputs.items():
                     rows[key] += [tensor[i, :n].clone() for i, n in enumerate(lengths)]
         return rows
+
+    def _logprobs(self, learner: Learner, batch: TrainBatch) -> list[torch.Tensor]:
+        """The learner's log-probs of each completion token at the sampling temperature."""
+        policy, out = learner.policy, []
+        policy.model.eval()
+        with torch.no_grad():
+            for lengths, packed in learner.packed_micro_batches(batch):
+                logprobs = policy.forward(packed, self.temperature)[0]
+                out += [logprobs[i, :n].clone() for i, n in enumerate(lengths)]
+        return out
 
     def _advantages(self, learner: Learner, batch: TrainBatch, rows: dict) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, float]]:
         """Per-token advantages [B, T] (and GAE returns) for this rank's rows."""
@@ -237,10 +249,11 @@ class PolicyGradientObjective:
             # generator vs learner under the same weights: the recomputed old log-probs, else
             # this pass's (exact in a step's first update, before the weights move)
             learner_logprobs = old if "learner" in prep else logprobs.detach()
+            sampled = mask * torch.tensor([not part.replayed[i] for i in range(len(rows))], dtype=mask.dtype).unsqueeze(-1)
             metrics |= {
                 "train/kl": kl.item(),
                 "train/entropy": masked_mean(entropy.detach(), mask).item(),
-                "train/logprob_mismatch": masked_mean((learner_logprobs - generator).abs(), mask).item(),
+                "train/logprob_mismatch": masked_mean((learner_logprobs - generator).abs(), sampled).item(),
             }
             if is_weights is not None:
                 metrics["train/tis_weight_mean"] = masked_mean(is_weights, mask).item()
@@ -265,9 +278,10 @@ class SupervisedObjective:
 
     Rewards, advantages and the generator's log-probs are ignored; log-probs are taken at
     temperature 1 (the model's own distribution), whatever the rollouts were sampled at. One
-    pass over the batch per step (``algorithm.ppo_epochs`` is the PPO family's)."""
+    ``epochs`` passes over the batch per step (``algorithm.sft_epochs``)."""
 
-    epochs = 1
+    def __init__(self, epochs: int = 1):
+        self.epochs = epochs
 
     def prepare(self, learner: Learner, batch: TrainBatch) -> Prepared:
         return Prepared()
@@ -296,5 +310,5 @@ class SupervisedObjective:
 # name -> how a learner builds it from its algorithm settings and sampling temperature
 OBJECTIVES: dict[ObjectiveName, Callable[[AlgorithmSettings, float], Objective]] = {
     "ppo": PolicyGradientObjective,
-    "sft": lambda algorithm, temperature: SupervisedObjective(),
+    "sft": lambda algorithm, temperature: SupervisedObjective(algorithm.sft_epochs),
 }

@@ -11,12 +11,18 @@ from typing import Literal
 from learners.algorithms import AdvantageEstimator, KLEstimator, LossAggregation, PolicyLossType
 from learners.policy import LoraSettings
 
+ObjectiveName = Literal["ppo", "sft"]  # the keys of learners.objectives.OBJECTIVES
+
 
 @dataclass(frozen=True)
 class AlgorithmSettings:
     """The policy-optimisation method and its knobs: the run config's ``algorithm`` section
     (README: "Algorithm knobs"). Defaults follow the GRPO paper where it has a choice."""
 
+    # what each step minimises: the PPO family on the rollouts, or supervised NLL on the memory
+    # bank's verified solutions (expert iteration / STaR; README: "Self-improvement")
+    objective: ObjectiveName = "ppo"
+    sft_epochs: int = 1  # objective=sft: passes over each round's solutions
     advantage: AdvantageEstimator = "grpo"
     policy_loss: PolicyLossType = "ppo"
     # optimisation
