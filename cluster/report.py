@@ -41,16 +41,18 @@ SUGGESTIONS = {
     "reward_hacking": "Training reward rose while held-out accuracy fell: read the rollouts for a shortcut the reward pays for, tighten the reward (`reward.required_format`, weights), raise `algorithm.kl_coef`, and keep the best checkpoint (`checkpoints/best`).",
     "frozen_parameters": "No update reached the weights: check `algorithm.lr` (and its schedule), skipped steps (non-finite values) and groups filtered for zero variance.",
     "grokking": "Held-out accuracy jumped after a plateau: a late improvement, keep training past the plateau in similar runs.",
+    "memory_empty": "The memory bank stayed empty: no verdict reached `memory.threshold`. Read the rollouts' rewards, lower the threshold (a partial-credit scorer), or start from easier problems (a curriculum).",
 }
 
 CURVES = [
     # file, title, y label, [(metric, label)], second panel (title, y label, metrics) or None
     ("reward.png", "Reward", "mean reward per sample", [("train/reward_mean", "train (sampled)"), ("eval/reward_mean", "held-out (greedy)")], None),
     ("accuracy.png", "Accuracy", "accuracy (fraction correct)", [("train/accuracy", "train (sampled)"), ("eval/accuracy", "held-out (greedy)")], None),
-    ("loss.png", "Loss", "loss", [("train/loss", "total loss"), ("train/pg_loss", "policy-gradient loss")], None),
+    ("loss.png", "Loss", "loss", [("train/loss", "total loss"), ("train/pg_loss", "policy-gradient loss"), ("train/sft_loss", "supervised NLL")], None),
     ("kl_entropy.png", "KL to the reference", "KL (nats per token)", [("train/kl", "KL"), ("train/kl_old", "KL of the sampler")],
      ("Entropy", "entropy (nats per token)", [("train/entropy", "entropy")])),
     ("ratio.png", "Importance ratio", "ratio new / old policy", [("train/ratio_max", "max"), ("train/ratio_mean", "mean"), ("train/ratio_min", "min")], None),
+    ("memory.png", "Memory bank", "verified solutions", [("memory/size", "banked"), ("memory/updates", "written (total)"), ("memory/hits", "fed into groups (total)")], None),
     ("throughput.png", "Generation throughput", "tokens per second", [("perf/generated_tokens_per_second", "generated tokens/s")],
      ("Weight-sync latency", "seconds per broadcast", [("perf/weight_sync_seconds", "weight sync")])),
 ]  # fmt: skip
@@ -131,16 +133,18 @@ def forecast(rows: list[dict], metric: str, target: float, window: int) -> Forec
         return Forecast(metric, target, None, None, None, None, None, len(values))
     line = _Line.fit(steps, values)
     n, slope, se, t95 = line.n, line.slope, line.s / math.sqrt(line.sxx), _t95(line.n - 2)
-    now = line.at(steps[-1])
-    gap = target - now
+    # the gap is measured from the line at the last step (one noisy value does not decide it);
+    # the current value reported is the last one recorded (a line through a saturated climb
+    # passes above it)
+    gap = target - line.at(steps[-1])
     if gap <= 0:
-        return Forecast(metric, target, now, slope, 0.0, 0.0, 0.0, n)
+        return Forecast(metric, target, values[-1], slope, 0.0, 0.0, 0.0, n)
 
     def steps_at(rate: float) -> float | None:
         return gap / rate if rate > 0 else None
 
     best, worst = steps_at(slope + t95 * se), steps_at(slope - t95 * se)
-    return Forecast(metric, target, now, slope, steps_at(slope), best if best is not None else 0.0, worst, n)
+    return Forecast(metric, target, values[-1], slope, steps_at(slope), best if best is not None else 0.0, worst, n)
 
 
 @dataclass
@@ -406,10 +410,20 @@ def _config_summary(config: dict) -> list[str]:
         "| setting | value |", "|---|---|",
         f"| model | {model.get('path')} ({model.get('train')}, lora rank {config.get('lora', {}).get('rank')}) |",
         f"| tasks | {tasks} |",
-        f"| algorithm | {algo.get('advantage')} advantages, {algo.get('policy_loss')} loss, lr {algo.get('lr')}, kl_coef {algo.get('kl_coef')}, clip {algo.get('clip_eps_low')}/{algo.get('clip_eps_high')} |",
+        f"| algorithm | {_algorithm_summary(algo, config.get('memory', {}))} |",
         f"| rollout | {rollout.get('prompts_per_step')} prompts x {rollout.get('group_size')} samples, temperature {rollout.get('temperature')}, max_tokens {rollout.get('max_tokens')} |",
         f"| run | {run.get('steps')} steps, seed {run.get('seed')}, checkpoint every {run.get('checkpoint_every')} |",
     ]  # fmt: skip
+
+
+def _algorithm_summary(algo: dict, memory: dict) -> str:
+    if algo.get("objective") == "sft":
+        text = f"self-improvement: supervised NLL on the memory bank ({memory.get('sft_on')}, at most {memory.get('sft_max_samples')} per round), {algo.get('sft_epochs')} epochs, lr {algo.get('lr')}"
+    else:
+        text = f"{algo.get('advantage')} advantages, {algo.get('policy_loss')} loss, lr {algo.get('lr')}, kl_coef {algo.get('kl_coef')}, clip {algo.get('clip_eps_low')}/{algo.get('clip_eps_high')}"
+    if memory.get("enabled"):
+        text += f"; memory bank: threshold {memory.get('threshold')}, {memory.get('per_problem')} per problem, {memory.get('max_size')} in all" + (", fed into failed groups" if memory.get("feed_groups") else "")
+    return text
 
 
 def _phase_table(rows: list[dict], events: list[dict]) -> list[str]:
