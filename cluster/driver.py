@@ -6,6 +6,11 @@ the loop. ``step`` reads top to bottom: prompts -> generate -> verify -> advanta
 followed by one ``after_step`` (held-out evaluation on its cadence, the health monitor and its
 rollbacks, recording, the checkpoint cadence), and the end (last checkpoint, final weights).
 
+With ``memory.enabled`` the step banks its verified solutions (``rollout.memory``) before
+building the batch: ``memory.feed_groups`` adds banked solutions to GRPO groups that have no
+correct sample, and ``algorithm.objective=sft`` makes every step a self-improvement round that
+fine-tunes on the bank instead of the rollouts (expert iteration / STaR).
+
 Every sample carries its policy version and ``filter_stale`` checks it against the
 learner's, so an asynchronous mode (generators ahead by a bounded number of versions) changes
 the scheduling, not the contracts.
