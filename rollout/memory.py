@@ -122,7 +122,7 @@ class MemoryBank:
         return verdict.status == "ok" and verdict.reward >= self.settings.threshold
 
     def _add(self, solution: Solution) -> bool:
-        stored = self.solutions.setdefault(solution.uid, [])
+        stored = self.solutions.get(solution.uid, [])
         if any(s.digest() == solution.digest() for s in stored):
             self.counts["duplicates"] += 1
             return False
@@ -130,7 +130,8 @@ class MemoryBank:
             self._evict(stored)
         elif len(self) >= self.settings.max_size:
             self._evict([s for group in self.solutions.values() for s in group])
-        self.solutions[solution.uid].append(solution)
+        # after the eviction: it drops a problem's list once it is empty
+        self.solutions.setdefault(solution.uid, []).append(solution)
         self.written += 1
         self.counts["updates"] += 1
         return True

@@ -61,6 +61,19 @@ def test_a_full_problem_evicts_by_the_rule(eviction, kept):
     assert [s.text for s in bank.of("a")] == sorted(kept, key=lambda t: -{"s0": 1.0, "s1": 0.6, "s2": 0.9}[t])  # best first
 
 
+def test_one_solution_per_problem_replaces_it():
+    """The eviction empties the problem's list before the new solution goes in."""
+    bank = MemoryBank(MemorySettings(enabled=True, per_problem=1))
+    bank.write([sample("a", "first")], [verdict(1.0)], step=1)
+    bank.write([sample("a", "second")], [verdict(1.0)], step=2)
+    assert [s.text for s in bank.of("a")] == ["second"] and bank.metrics()["memory/evictions"] == 1.0
+    # the total limit at 1 evicts the other problem's only solution the same way
+    full = MemoryBank(MemorySettings(enabled=True, max_size=1))
+    full.write([sample("a", "first")], [verdict(1.0)], step=1)
+    full.write([sample("b", "second")], [verdict(1.0)], step=2)
+    assert sorted(full.solutions) == ["b"] and len(full) == 1
+
+
 def test_the_bank_size_limit_evicts_across_problems():
     bank = MemoryBank(MemorySettings(enabled=True, max_size=3, per_problem=4))
     for step, uid in enumerate("abcd", 1):
