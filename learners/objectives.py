@@ -76,6 +76,8 @@ class Learner(Protocol):
 
     def packed_micro_batches(self, batch: TrainBatch) -> Iterator[tuple[list[int], PackedBatch]]: ...
 
+    def logprobs(self, batch: TrainBatch) -> list[list[float]]: ...
+
 
 class Objective(Protocol):
     epochs: int  # passes over the batch per step
@@ -142,8 +144,8 @@ class PolicyGradientObjective:
         rows: dict[str, list[torch.Tensor]] = {"generator": [torch.tensor(r, dtype=torch.float32) for r in batch.old_logprobs]}
         replayed = [i for i, r in enumerate(batch.replayed) if r]
         if replayed:  # stored solutions: scored by the weights about to be updated (ratio 1)
-            for i, logprobs in zip(replayed, self._logprobs(learner, batch.select(replayed))):
-                rows["generator"][i] = logprobs
+            for i, logprobs in zip(replayed, learner.logprobs(batch.select(replayed))):
+                rows["generator"][i] = torch.tensor(logprobs, dtype=torch.float32)
         need = {"learner": self.recompute_learner_logprobs, "reference": s.uses_reference, "values": s.uses_critic}
         for key in (k for k, wanted in need.items() if wanted):
             rows[key] = []
@@ -163,16 +165,6 @@ class PolicyGradientObjective:
                 for key, tensor in outputs.items():
                     rows[key] += [tensor[i, :n].clone() for i, n in enumerate(lengths)]
         return rows
-
-    def _logprobs(self, learner: Learner, batch: TrainBatch) -> list[torch.Tensor]:
-        """The learner's log-probs of each completion token at the sampling temperature."""
-        policy, out = learner.policy, []
-        policy.model.eval()
-        with torch.no_grad():
-            for lengths, packed in learner.packed_micro_batches(batch):
-                logprobs = policy.forward(packed, self.temperature)[0]
-                out += [logprobs[i, :n].clone() for i, n in enumerate(lengths)]
-        return out
 
     def _advantages(self, learner: Learner, batch: TrainBatch, rows: dict) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, float]]:
         """Per-token advantages [B, T] (and GAE returns) for this rank's rows."""

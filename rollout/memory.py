@@ -76,11 +76,8 @@ class Solution:
     order: int  # the bank's running count when written: the eviction's clock
 
     def digest(self) -> str:
-        return _digest(self.text)
-
-
-def _digest(text: str) -> str:
-    return hashlib.sha1(" ".join(text.split()).encode()).hexdigest()
+        """The text's identity, whitespace aside (what makes a duplicate)."""
+        return hashlib.sha1(" ".join(self.text.split()).encode()).hexdigest()
 
 
 class MemoryBank:
@@ -159,7 +156,7 @@ class MemoryBank:
         for group in groups:
             out_samples += [samples[i] for i in group]
             out_verdicts += [verdicts[i] for i in group]
-            if not group or any(self.passes(verdicts[i]) for i in group):
+            if any(self.passes(verdicts[i]) for i in group):
                 continue
             first = samples[group[0]]
             for k, solution in enumerate(self.of(first.prompt.problem.uid)[: self.settings.feed_per_group]):
