@@ -6,6 +6,9 @@ Extraction methods (each selectable, all reported, as users of other trainers co
   as a label too; otherwise the last number in the text.
 - ``last``: the last number in the text.
 - ``first``: the first number in the text.
+- ``simple``: the first number after the last ``=``, else the first number in the text (the
+  "simple" extractor of the Markovian chain-of-thought experiments, kept for comparison with
+  their figures).
 
 Equivalence: two plain numbers are compared as exact rationals (``12.0`` equals ``12``); when
 either side is not a plain number (a fraction in LaTeX, an expression, a set) ``math-verify``
@@ -24,7 +27,7 @@ from rewards.text import repetition_stats
 from rewards.weights import weigh
 from contracts import Verdict
 
-ExtractionMethod = Literal["anchor", "last", "first"]
+ExtractionMethod = Literal["anchor", "last", "first", "simple"]
 
 _NUMBER = r"-?\d[\d,]*(?:\.\d+)?"
 _NUMBER_RE = re.compile(_NUMBER)
@@ -69,6 +72,10 @@ def extract_number(text: str, method: ExtractionMethod = "anchor") -> str | None
         if boxed:
             return boxed
         method = "last"
+    if method == "simple" and "=" in text:
+        after = _NUMBER_RE.findall(text.rsplit("=", 1)[1])
+        if after:
+            return _clean(after[0])
     numbers = _NUMBER_RE.findall(text)
     if not numbers:
         return None
@@ -127,8 +134,9 @@ def numeric_reward(
     method: ExtractionMethod = "anchor",
 ) -> Verdict:
     """Reward = sum of named weighted components, each reported; components without a weight
-    pay nothing. ``correct`` follows ``method``; ``correct_anchor``, ``correct_last`` and
-    ``correct_first`` report every method; ``format`` and ``repetition`` as named."""
+    pay nothing. ``correct`` follows ``method``; ``correct_anchor``, ``correct_last``,
+    ``correct_first`` and ``correct_simple`` report every method; ``format`` and
+    ``repetition`` as named."""
     by_method = {m: extract_number(completion, m) for m in METHODS}
     extracted = by_method[method]
     judged: dict[str | None, bool] = {}

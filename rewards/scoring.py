@@ -153,7 +153,7 @@ def reasoning_gym_scorer(spec: ScorerSpec) -> Scorer:
 # token_accuracy: only where the problem has a reference solution (HumanEval, meta["reference"])
 _CODE = ("passed_fraction", "all_passed", "syntax_valid", "compiles", "repetition", "token_accuracy")
 COMPONENTS: dict[str, tuple[str, ...]] = {
-    "numeric": ("correct", "correct_anchor", "correct_last", "correct_first", "format", "repetition"),
+    "numeric": ("correct", "correct_anchor", "correct_last", "correct_first", "correct_simple", "format", "repetition"),
     "choice": ("correct", "correct_legacy", "correct_word_boundary", "repetition"),
     "label": ("correct", "repetition"),
     "overlap": ("f1", "correct", "repetition"),

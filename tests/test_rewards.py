@@ -35,6 +35,10 @@ def problem(answer: str) -> Problem:
         ("so $\\boxed{\\frac{3}{4}}$ in the end, not 7", "anchor", "\\frac{3}{4}"),
         ("so $\\boxed{\\frac{3}{4}}$ in the end, not 7", "last", "7"),
         ("-12 degrees", "first", "-12"),
+        ("So the steps are 250 + 250 = 500, then 500 - 2 = 498. Answer: 623", "simple", "498"),  # after the last '='
+        ("no equals sign, 4 then 5", "simple", "4"),
+        ("x = y, and 7 then 8", "simple", "7"),
+        ("ends with = nothing, 3 before", "simple", "3"),  # nothing after '=': the first number
     ],
 )
 def test_extract_number(text, method, expected):
@@ -76,11 +80,14 @@ def test_every_extraction_method_is_reported():
     text = "First 3, then 10 - 2 = 8. Answer: 9"
     v = numeric_reward(text, "9", {"correct": 1.0}, method="first")
     assert v.extracted == "3" and not v.correct and v.reward == 0.0
-    assert {k: v.components[k] for k in ("correct_anchor", "correct_last", "correct_first")} == {
+    assert {k: v.components[k] for k in ("correct_anchor", "correct_last", "correct_first", "correct_simple")} == {
         "correct_anchor": 1.0,
         "correct_last": 1.0,
         "correct_first": 0.0,
+        "correct_simple": 0.0,  # the first number after the last '=': 8
     }
+    v = numeric_reward(text, "8", {"correct": 1.0}, method="simple")
+    assert v.extracted == "8" and v.correct
     v = numeric_reward("the half is $\\boxed{\\frac{1}{2}}$", "0.5")
     assert v.correct and v.components["correct_anchor"] == 1.0 and v.components["correct_last"] == 0.0
 
@@ -94,7 +101,8 @@ def test_numeric_reward_components_are_weighted_and_reported():
     v = numeric_reward("7 - 2 = 5\nAnswer: 5", "5", {"correct": 1.0, "format": 0.25})
     assert v.correct and v.reward == 1.25
     assert v.components == {
-        "correct": 1.0, "correct_anchor": 1.0, "correct_last": 1.0, "correct_first": 0.0, "format": 1.0, "repetition": 0.0,
+        "correct": 1.0, "correct_anchor": 1.0, "correct_last": 1.0, "correct_first": 0.0, "correct_simple": 1.0, "format": 1.0,
+        "repetition": 0.0,
     }  # fmt: skip
     v = numeric_reward("7 - 2 = 4", "5", {"correct": 1.0, "format": 0.25})
     assert not v.correct and v.reward == 0.0 and v.extracted == "4"
