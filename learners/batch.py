@@ -1,7 +1,8 @@
 """Turn verified samples into the learner's TrainBatch: outcome advantages, with masking.
 
 Samples whose verdict is an infrastructure error are masked (left out), never scored 0. A group
-with fewer than two valid samples has no baseline and is dropped. Groups whose rewards are all
+with fewer than two valid samples has no baseline and is dropped (except under ``batch-std``
+and the token-level estimators, whose baseline is not the group). Groups whose rewards are all
 equal carry zero advantage; with ``drop_zero_variance`` they are left out of the batch too
 (DAPO's dynamic-sampling filter; ``rollout.dynamic_sampling`` also re-samples prompts until the
 step has enough informative groups, see ``cluster.rollouts``), which saves learner compute.
@@ -45,15 +46,17 @@ def build_train_batch(
     advantages: list[float | None] = [None] * len(samples)
     masked = dropped_groups = zero_variance = 0
     groups = group_indices(samples)
+    # batch-std and the token-level estimators need no group baseline: a lone sample is kept
+    smallest = 1 if estimator == "batch-std" or estimator not in OUTCOME_ESTIMATORS else 2
     kept: list[list[int]] = []
     for group in groups:
         valid = [i for i in group if verdicts[i].status == "ok"]
         masked += len(group) - len(valid)
-        if len(valid) < 2:
+        if len(valid) < smallest:
             dropped_groups += 1
             continue
         rewards = [verdicts[i].reward for i in valid]
-        if max(rewards) == min(rewards):
+        if len(valid) > 1 and max(rewards) == min(rewards):
             zero_variance += 1
             if drop_zero_variance:
                 continue
@@ -81,3 +84,21 @@ def build_train_batch(
         "train/batch_size": float(len(keep)),
     }
     return batch, advantages, metrics
+
+
+def standardisation_scales(samples: list[Sample], verdicts: list[Verdict], advantages: list[float | None], estimator: AdvantageEstimator) -> list[float]:
+    """1 / (std + eps) of the rewards each trained sample's advantage was divided by (its
+    group's under ``grpo``, the batch's under ``batch-std``, 0 where they were all equal), 1
+    for estimators that do not scale: d A_i / d r_i with the mean and std held constant, what
+    the Markovian actor reward multiplies the answer log-prob's gradient by. One per sample
+    with an advantage, in order."""
+    kept = [i for i, a in enumerate(advantages) if a is not None]
+    if estimator not in ("grpo", "batch-std"):
+        return [1.0] * len(kept)
+    pools = [kept] if estimator == "batch-std" else [[i for i in g if advantages[i] is not None] for g in group_indices(samples)]
+    scale: dict[int, float] = {}
+    for rows in (r for r in pools if r):
+        rewards = torch.tensor([verdicts[i].reward for i in rows])
+        std = rewards.std(unbiased=True).item() if len(rows) > 1 else 0.0
+        scale |= dict.fromkeys(rows, 1.0 / (std + 1e-6) if std > 0 else 0.0)
+    return [scale[i] for i in kept]

@@ -2,7 +2,7 @@
 
 import pytest
 
-from learners.batch import build_train_batch, group_indices
+from learners.batch import build_train_batch, group_indices, standardisation_scales
 from contracts import Completion, PolicyRef, Problem, Prompt, Sample, Verdict
 from rollout.staleness import filter_stale
 
@@ -49,6 +49,39 @@ def test_infra_errors_are_masked_not_scored_zero():
     assert metrics["train/masked_samples"] == 2.0 and metrics["train/dropped_groups"] == 1.0
     assert len(batch) == 2
     assert batch.old_logprobs[0] == (-0.1, -0.2)
+
+
+def test_batch_std_keeps_lone_samples_and_standardises_over_the_batch():
+    # group size 1 (the Markovian recipes without parallel sampling): no group baseline needed
+    samples, verdicts = make_samples([[1.0], [3.0], [None]])
+    batch, advantages, metrics = build_train_batch(samples, verdicts, "batch-std", drop_zero_variance=True)
+    # mean 2, unbiased std sqrt(2): A = -+1 / sqrt(2)
+    assert advantages[:2] == pytest.approx([-(2**-0.5), 2**-0.5], rel=1e-5)
+    assert advantages[2] is None and len(batch) == 2
+    assert metrics["train/zero_variance_groups"] == 0.0 and metrics["train/dropped_groups"] == 1.0
+
+
+@pytest.mark.parametrize("estimator", ["grpo", "batch-std", "rloo"])
+def test_standardisation_scales_are_the_advantage_per_unit_of_reward(estimator):
+    """d A_i / d r_i with mean and std held fixed: A_i = (r_i - mean) * scale_i."""
+    samples, verdicts = make_samples([[1.0, 0.0, 4.0], [2.0, 2.0], [None, 5.0, 1.0]])
+    _, advantages, _ = build_train_batch(samples, verdicts, estimator)
+    scales = standardisation_scales(samples, verdicts, advantages, estimator)
+    kept = [i for i, a in enumerate(advantages) if a is not None]
+    assert len(scales) == len(kept) == 7
+    if estimator == "rloo":
+        assert scales == [1.0] * 7
+        return
+    pools = [kept] if estimator == "batch-std" else [[0, 1, 2], [3, 4], [6, 7]]
+    for pool in pools:
+        rewards = [verdicts[i].reward for i in pool]
+        mean = sum(rewards) / len(rewards)
+        for i in pool:
+            scale = scales[kept.index(i)]
+            if max(rewards) == min(rewards):  # an all-equal group: no advantage, no weight
+                assert scale == 0.0 and advantages[i] == 0.0
+            else:
+                assert advantages[i] == pytest.approx((verdicts[i].reward - mean) * scale, rel=1e-5)
 
 
 def test_filter_stale():
