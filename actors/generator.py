@@ -38,7 +38,7 @@ import ray
 from ray.exceptions import RayActorError
 
 from contracts import PolicyRef, Prompt, Sample, SamplingSettings
-from rollout.generator import Generator
+from rollout.generator import BASE_POLICY, Generator
 
 logger = logging.getLogger(__name__)
 
@@ -143,7 +143,8 @@ class GeneratorPool:
         """Requests for ``sampling.n`` samples per prompt: the prompts in ``len(self)``
         contiguous chunks (in order), each on the least-loaded generator. A seeded call gives
         chunk k the seed ``seed + k``, whichever generator runs it. ``policy`` names the adapter
-        the samples must come from (any version: each sample records its own)."""
+        the samples must come from (any version: each sample records its own);
+        ``BASE_POLICY``: the base model with the adapter off, beside the live policy."""
         n = len(self.slots)
         size = -(-len(prompts) // n)
         chunks = [prompts[i * size : (i + 1) * size] for i in range(n)]
@@ -241,7 +242,9 @@ class GeneratorPool:
 
     def _send(self, request: Request, rank: int) -> None:
         slot = self.slots[rank]
-        self._track(rank, slot.handle.timed_generate.remote(request.prompts, request.sampling, request.adapter), slot.sent, request)
+        # base-model samples name BASE_POLICY whatever the generator serves: nothing to check
+        expect = None if request.adapter == BASE_POLICY.adapter else slot.sent
+        self._track(rank, slot.handle.timed_generate.remote(request.prompts, request.sampling, request.adapter), expect, request)
 
     def _load(self, rank: int) -> None:
         """Send the newest weights to generator ``rank``."""

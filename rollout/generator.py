@@ -53,14 +53,17 @@ class Generator:
 
     def generate(self, prompts: list[Prompt], sampling: SamplingSettings, adapter: str | None = None) -> list[Sample]:
         """``sampling.n`` samples per prompt, each group contiguous, tagged with the live policy
-        (which must be of ``adapter``, when one is named)."""
+        (which must be of ``adapter``, when one is named). ``adapter == BASE_POLICY.adapter``
+        asks for the base model with the adapter off, beside the live policy (a frozen
+        model's text); those samples are tagged ``BASE_POLICY``."""
         self._awake("generate")
         if self.policy is None:
             raise RuntimeError(f"generator {self.rank} has no policy loaded yet")
-        policy = self.policy
+        base = adapter == BASE_POLICY.adapter
+        policy = BASE_POLICY if base else self.policy
         if adapter is not None and policy.adapter != adapter:
             raise ValueError(f"generator {self.rank} serves {policy}, not adapter {adapter!r}")
-        outputs = self.engine.generate([p.token_ids for p in prompts], sampling)
+        outputs = self.engine.generate([p.token_ids for p in prompts], sampling, base=base)
         return [
             Sample(prompt=prompt, completion=completion, policy=policy, group_index=i)
             for prompt, completions in zip(prompts, outputs)
