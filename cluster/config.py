@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import logging
 import types
 import typing
 from dataclasses import dataclass, field
@@ -27,9 +28,12 @@ from learners.settings import AlgorithmSettings
 from learners.policy import LoraSettings
 from rewards.scoring import RewardSettings, SandboxSettings
 from rollout.engines import EngineSettings
+from rollout.markovian import MarkovianSettings
 from rollout.memory import MemorySettings
 from rollout.tasks import TASK_NAMES
 
+
+logger = logging.getLogger(__name__)
 
 # the most of a shared GPU's memory a colocated generator may take without sleep mode
 COLOCATED_MEMORY_SHARE = 0.6
@@ -205,6 +209,7 @@ class Config:
     verifier: VerifierConfig = field(default_factory=VerifierConfig)
     algorithm: AlgorithmSettings = field(default_factory=AlgorithmSettings)
     memory: MemorySettings = field(default_factory=MemorySettings)
+    markovian: MarkovianSettings = field(default_factory=MarkovianSettings)
     learner: LearnerGroupSettings = field(default_factory=LearnerGroupSettings)
     eval: EvalConfig = field(default_factory=EvalConfig)
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
@@ -347,6 +352,7 @@ def check_config(config: Config) -> None:
     if memory.feed_groups and (not memory.enabled or a.objective != "ppo"):
         problems.append("memory.feed_groups adds banked solutions to GRPO groups: it needs memory.enabled=true and algorithm.objective=ppo")
     problems += memory.problems()
+    problems += _markovian_problems(config)
     for key in ("ppo_epochs", "micro_batch_size", "sft_epochs"):
         if getattr(a, key) < 1:
             problems.append(f"algorithm.{key} must be at least 1")
@@ -380,6 +386,38 @@ def check_config(config: Config) -> None:
         problems.append(f"monitor.rules: unknown rules {unknown_rules}; known: {sorted(DEFAULT_RULES)}")
     if problems:
         raise ConfigError("; ".join(problems))
+
+
+def _markovian_problems(config: Config) -> list[str]:
+    """Markovian chain-of-thought training: what it needs, and what cannot run with it."""
+    mk, a, problems = config.markovian, config.algorithm, []
+    if a.actor_reward_weight < 0:
+        problems.append(f"algorithm.actor_reward_weight must be >= 0, got {a.actor_reward_weight}")
+    if a.actor_reward_weight > 0 and not mk.enabled:
+        problems.append("algorithm.actor_reward_weight trains the answer's log-prob given a Markovian chain of thought: set markovian.enabled=true")
+    if not mk.enabled:
+        return problems
+    if a.actor_reward_weight > 0 and a.policy_loss != "pg":
+        logger.warning(
+            "algorithm.actor_reward_weight with algorithm.policy_loss=%s: the Markovian experiments saw PPO with the actor reward "
+            "collapse into repeated tokens on ARC; the recipes use policy_loss=pg with it (README: Markovian chain-of-thought training)",
+            a.policy_loss,
+        )
+    problems += mk.problems()
+    if config.model.train != "lora":
+        problems.append("markovian.enabled scores answers under the frozen model, the base with the adapter off: set model.train=lora")
+    if mk.baseline and config.generator.adapter_mode != "lora":
+        problems.append("markovian.baseline has the frozen model write its own chain of thought beside the policy: set generator.adapter_mode=lora")
+    clashes = {
+        "algorithm.objective=sft": a.objective != "ppo",
+        "memory.enabled": config.memory.enabled,
+        "rollout.dynamic_sampling": config.rollout.dynamic_sampling,
+        "reward.overlong_buffer": config.reward.overlong_buffer > 0,
+        "rollout.stop": bool(config.rollout.stop),
+    }
+    for key in (k for k, clash in clashes.items() if clash):
+        problems.append(f"markovian.enabled rewards chains of thought of exactly markovian.cot_length tokens by the answer's log-prob: it cannot run with {key}")
+    return problems
 
 
 def _placement_problems(config: Config) -> list[str]:

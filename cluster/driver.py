@@ -6,6 +6,10 @@ the loop. ``step`` reads top to bottom: prompts -> generate -> verify -> advanta
 followed by one ``after_step`` (held-out evaluation on its cadence, the health monitor and its
 rollbacks, recording, the checkpoint cadence), and the end (last checkpoint, final weights).
 
+With ``markovian.enabled`` the policy writes chains of thought of a fixed length, and the step
+replaces the verifier's reward by the frozen model's log-prob of the answer given the CoT alone
+(``cluster.markovian``, computed on the learner) before the advantages.
+
 With ``memory.enabled`` the step banks its verified solutions (``rollout.memory``) before
 building the batch: ``memory.feed_groups`` adds banked solutions to GRPO groups that have no
 correct sample, and ``algorithm.objective=sft`` makes every step a self-improvement round that
@@ -46,6 +50,7 @@ from actors.learner import LearnerFailure
 from actors.verifier import Scorer
 from cluster.checkpoint import Checkpoint, CheckpointError, CheckpointStore
 from cluster.config import SEEDS_PER_STEP, Config, dotted_items, load_config
+from cluster.markovian import MarkovianReward
 from cluster.evaluate import eval_sampling, evaluate, sample_metrics, task_metrics
 from cluster.metrics import MetricsExporter
 from cluster.monitor import Event, Monitor, rules_from_config
@@ -54,7 +59,7 @@ from cluster.rundir import RunDir
 from cluster.rollouts import DynamicSampling, RolloutProducer
 from cluster.wiring import build_tasks, init_ray, render, start_generators, start_learners, start_verifiers
 from contracts import DEFAULT_ADAPTER, PolicyRef, Problem, Prompt, Sample, SamplingSettings, TrainBatch, Verdict
-from learners.batch import build_train_batch, group_indices
+from learners.batch import build_train_batch, group_indices, standardisation_scales
 from learners.learner import REQUIRED_METRICS
 from rollout.engines import write_adapter
 from rollout.memory import MemoryBank, Solution
@@ -98,6 +103,8 @@ class Trainer:
         from transformers import AutoTokenizer
 
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
+        # chains of thought rewarded by the frozen model's answer log-prob (README: "Markovian")
+        self.markovian = MarkovianReward(c, self.tokenizer, self.tasks) if c.markovian.enabled else None
         self.eval_prompts = {
             task_id: self.render(problems) for task_id, problems in self.tasks.eval_sets("validation").items()
         }
@@ -179,12 +186,17 @@ class Trainer:
 
     @property
     def sampling(self) -> SamplingSettings:
+        """A training step's sampling (a Markovian chain of thought: exactly cot_length tokens)."""
+        if self.markovian is not None:
+            return self.markovian.cot_sampling
         r = self.config.rollout
         return SamplingSettings(n=r.group_size, temperature=r.temperature, top_p=r.top_p, max_tokens=r.max_tokens, stop=tuple(r.stop))
 
     # -- phases ---------------------------------------------------------------------------
 
     def render(self, problems: list[Problem]) -> list[Prompt]:
+        if self.markovian is not None:
+            return self.markovian.render(problems)
         return render(self.tokenizer, self.tasks, problems)
 
     def draw(self, step: int, round: int = 0) -> list[Prompt]:
@@ -266,6 +278,10 @@ class Trainer:
             with timer("wait"):
                 rollout = self.next_rollout(step)
             samples, verdicts, stale_metrics = filter_stale(rollout.samples, rollout.verdicts, self.policy, self.config.rollout.max_staleness)
+            markovian_metrics = {}
+            if self.markovian is not None:
+                with timer("markovian_reward"):  # the frozen model's answer log-prob, on the learner
+                    verdicts, markovian_metrics = self.markovian.score(samples, verdicts, self.learners, self.generators)
             banked = self.memory.write(samples, verdicts, step) if self.memory is not None else []
             with timer("advantages"):
                 batch, trained, advantages, batch_metrics = self.train_batch(step, samples, verdicts, banked)
@@ -301,6 +317,7 @@ class Trainer:
             **batch_metrics,
             **rollout.metrics,
             **stale_metrics,
+            **markovian_metrics,
             **(self.memory.metrics() if self.memory is not None else {}),
             **timer.seconds,
             "perf/generated_tokens_per_second": tokens / max(1e-9, timer.seconds["perf/generate_seconds"]),
@@ -323,6 +340,11 @@ class Trainer:
             samples, verdicts = self.memory.feed(samples, verdicts, self.policy, group_indices(samples))
         drop = self.config.algorithm.drop_zero_variance_groups or self.config.rollout.dynamic_sampling
         batch, advantages, metrics = build_train_batch(samples, verdicts, self.config.algorithm.advantage, drop)
+        a = self.config.algorithm
+        if a.actor_reward_weight > 0:  # each row's answer, its CoT context, and the chain rule's weight
+            contexts, answers = self.markovian.answer_rows([s for s, adv in zip(samples, advantages) if adv is not None])
+            weights = [a.actor_reward_weight * scale for scale in standardisation_scales(samples, verdicts, advantages, a.advantage)]
+            batch = dataclasses.replace(batch, answer_prompt_token_ids=tuple(contexts), answer_token_ids=tuple(answers), answer_weights=tuple(weights))
         return batch, (samples, verdicts), advantages, metrics
 
     def fault_counts(self) -> dict[str, float]:
@@ -346,7 +368,10 @@ class Trainer:
 
     def evaluate(self) -> dict:
         """Greedy held-out metrics on each task's validation problems (never trained on; fixed
-        at the start of the run, a curriculum's later difficulty does not change them)."""
+        at the start of the run, a curriculum's later difficulty does not change them); a
+        Markovian run's own evaluation (intact and perturbed chains of thought)."""
+        if self.markovian is not None:
+            return self.markovian.evaluate(self.eval_prompts, self.learners, self.generators, self.verifiers)
         return evaluate(self.generators, self.verifiers, self.eval_prompts, eval_sampling(self.config))
 
     def train(self, steps: int) -> dict:

@@ -16,7 +16,7 @@ import ray
 
 from actors.generator import GeneratorPool
 from actors.verifier import VerifierPool
-from cluster.config import Config
+from cluster.config import Config, ConfigError
 from cluster.wiring import build_tasks, init_ray, render, start_generator, start_verifiers
 from contracts import Prompt, Sample, SamplingSettings, Verdict
 from rollout.engines import read_adapter
@@ -42,6 +42,12 @@ def policy_source(config: Config, adapter: str) -> tuple[str, Path | None]:
 def evaluate_policy(config: Config, adapter: str, split: Split = "validation") -> dict:
     """Held-out metrics of the policy named by ``adapter`` on every task's ``split``."""
     from transformers import AutoTokenizer
+
+    if config.markovian.enabled:
+        raise ConfigError(
+            "markovian.enabled: raylight eval does not run the Markovian evaluation (it needs a learner for the answer log-probs): "
+            "the run's own evaluations, intact and perturbed, are in its metrics.jsonl (eval/markovian/...)"
+        )
 
     tasks = build_tasks(config)
     tasks.check((split,))

@@ -53,6 +53,11 @@ CURVES = [
      ("Entropy", "entropy (nats per token)", [("train/entropy", "entropy")])),
     ("ratio.png", "Importance ratio", "ratio new / old policy", [("train/ratio_max", "max"), ("train/ratio_mean", "mean"), ("train/ratio_min", "min")], None),
     ("memory.png", "Memory bank", "verified solutions", [("memory/size", "banked"), ("memory/updates", "written (total)"), ("memory/hits", "fed into groups (total)")], None),
+    ("markovian.png", "Answer log-prob given the CoT (training)", "log p(answer | CoT), summed over its tokens",
+     [("train/reward/answer_logprob", "frozen model"), ("train/reward/actor_answer_logprob", "policy"), ("train/reward/baseline_logprob", "frozen model after its own CoT'")],
+     ("Held-out: the CoT intact and perturbed", "accuracy of the answer after the CoT",
+      [("eval/markovian/intact/accuracy", "intact"), ("eval/markovian/delete/accuracy", "characters deleted"),
+       ("eval/markovian/truncate/accuracy", "truncated"), ("eval/markovian/swap/accuracy", "another question's CoT")])),
     ("throughput.png", "Generation throughput", "tokens per second", [("perf/generated_tokens_per_second", "generated tokens/s")],
      ("Weight-sync latency", "seconds per broadcast", [("perf/weight_sync_seconds", "weight sync")])),
 ]  # fmt: skip
@@ -410,17 +415,22 @@ def _config_summary(config: dict) -> list[str]:
         "| setting | value |", "|---|---|",
         f"| model | {model.get('path')} ({model.get('train')}, lora rank {config.get('lora', {}).get('rank')}) |",
         f"| tasks | {tasks} |",
-        f"| algorithm | {_algorithm_summary(algo, config.get('memory', {}))} |",
+        f"| algorithm | {_algorithm_summary(algo, config.get('memory', {}), config.get('markovian', {}))} |",
         f"| rollout | {rollout.get('prompts_per_step')} prompts x {rollout.get('group_size')} samples, temperature {rollout.get('temperature')}, max_tokens {rollout.get('max_tokens')} |",
         f"| run | {run.get('steps')} steps, seed {run.get('seed')}, checkpoint every {run.get('checkpoint_every')} |",
     ]  # fmt: skip
 
 
-def _algorithm_summary(algo: dict, memory: dict) -> str:
+def _algorithm_summary(algo: dict, memory: dict, markovian: dict | None = None) -> str:
     if algo.get("objective") == "sft":
         text = f"self-improvement: supervised NLL on the memory bank ({memory.get('sft_on')}, at most {memory.get('sft_max_samples')} per round), {algo.get('sft_epochs')} epochs, lr {algo.get('lr')}"
     else:
         text = f"{algo.get('advantage')} advantages, {algo.get('policy_loss')} loss, lr {algo.get('lr')}, kl_coef {algo.get('kl_coef')}, clip {algo.get('clip_eps_low')}/{algo.get('clip_eps_high')}"
+    if (markovian or {}).get("enabled"):
+        scorer = "the policy" if algo.get("actor_reward_weight") else "the frozen model"
+        baseline = " minus the frozen model's after its own CoT'" if markovian.get("baseline") else ""
+        text += (f"; Markovian: CoTs of {markovian.get('cot_length')} tokens rewarded by {scorer}'s answer log-prob{baseline}"
+                 + (f", actor reward weight {algo.get('actor_reward_weight')}" if algo.get("actor_reward_weight") else ""))
     if memory.get("enabled"):
         text += f"; memory bank: threshold {memory.get('threshold')}, {memory.get('per_problem')} per problem, {memory.get('max_size')} in all" + (", fed into failed groups" if memory.get("feed_groups") else "")
     return text

@@ -105,8 +105,8 @@ class PolicyGradientObjective:
        the reference log-probs (KL), the critic's values (GAE); then per-token advantages
        (outcome advantages from the batch, plus the KL reward penalty, or REINFORCE++
        returns, or GAE), whitened over the global batch where the estimator says so;
-    2. loss per micro-batch: the clipped policy loss, KL as a loss term, entropy bonus, and
-       the critic's clipped value loss.
+    2. loss per micro-batch: the clipped policy loss, KL as a loss term, entropy bonus, the
+       critic's clipped value loss, and the Markovian actor reward (``TrainBatch.answer_weights``).
     """
 
     def __init__(self, algorithm: AlgorithmSettings, temperature: float):
@@ -231,6 +231,10 @@ class PolicyGradientObjective:
                 loss = loss + self.kl_coef * aggregate_loss(kl_tokens, mask, s.loss_agg, norm_constant, **totals)
         if s.entropy_coef > 0:
             loss = loss - s.entropy_coef * aggregate_loss(entropy, mask, s.loss_agg, norm_constant, **totals)
+        if any(part.answer_weights):
+            actor_reward = self._actor_reward_loss(learner, part, num_sequences)
+            loss = loss + actor_reward
+            metrics["train/actor_reward_loss"] = actor_reward.item()
         if prepared.returns is not None:
             values = learner.policy.values(packed)
             old_values = padded([prep["values"][i] for i in rows], width)
@@ -250,6 +254,16 @@ class PolicyGradientObjective:
             if is_weights is not None:
                 metrics["train/tis_weight_mean"] = masked_mean(is_weights, mask).item()
         return loss, metrics
+
+    def _actor_reward_loss(self, learner: Learner, part: TrainBatch, num_sequences: float) -> torch.Tensor:
+        """The Markovian actor reward: -(1 / N_seq) * sum_i w_i * log pi(answer_i | CoT_i, question
+        redacted), at temperature 1, over the rows with a weight (``TrainBatch.answer_weights``).
+        Its gradient reaches the policy through the answer's log-prob, not the sampled CoT."""
+        rows = [i for i, weight in enumerate(part.answer_weights) if weight]
+        packed = pack([part.answer_prompt_token_ids[i] for i in rows], [part.answer_token_ids[i] for i in rows], learner.policy.pad_id)
+        logprobs, _ = learner.policy.forward(packed, 1.0)
+        weights = torch.tensor([part.answer_weights[i] for i in rows]).unsqueeze(-1)
+        return -(weights * logprobs * packed.response_mask).sum() / num_sequences
 
     def finish(self, metrics: dict[str, float], global_rows: int) -> dict[str, float]:
         if self.kl:

@@ -44,6 +44,9 @@ class AlgorithmSettings:
     # token-sum-norm's divisor (Dr. GRPO: the generation budget); None = the batch's longest completion
     loss_norm_constant: float | None = None
     entropy_coef: float = 0.0
+    # Markovian CoT (README: "Markovian chain-of-thought training"): > 0 rewards a CoT by the policy's
+    # own answer log-prob and adds its chain-rule term -w * log pi(answer | CoT) / sigma(group rewards)
+    actor_reward_weight: float = 0.0
     # advantages
     whiten_advantages: bool | None = None  # None: as the estimator defines (reinforce++, gae: yes)
     gamma: float = 1.0

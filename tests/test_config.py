@@ -10,7 +10,7 @@ from cluster.config import ConfigError, load_config
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
-@pytest.mark.parametrize("name", sorted(p.name for p in CONFIGS.glob("*.yaml")))
+@pytest.mark.parametrize("name", sorted(str(p.relative_to(CONFIGS)) for p in CONFIGS.rglob("*.yaml")))
 def test_shipped_configs_load(name):
     config = load_config(CONFIGS / name)
     assert config.run.steps > 0

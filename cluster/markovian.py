@@ -1,0 +1,149 @@
+"""Markovian chain-of-thought training on the run's actors: the reward, scored on the learner,
+and the informativeness evaluation (the pure parts: ``rollout.markovian``).
+
+``MarkovianReward.score`` replaces each verdict's reward by the frozen model's log-probability
+of the true answer given the sample's chain of thought alone (the learner's
+``sequence_logprob`` with the adapter off), minus the same score of the frozen model's own
+greedy chain of thought for that question (generated once per problem by the generators with
+the adapter off, then cached: the frozen model never changes). With
+``algorithm.actor_reward_weight > 0`` the first term is the trained policy's log-prob of the
+answer instead, as in the paper's chain-rule training (its gradient is the actor-reward loss
+term; the baseline stays the frozen model's). The verifier's verdict stays
+for what it measures (``correct``: the CoT itself states the answer), its reward kept as the
+``verifier_reward`` component beside ``answer_logprob``, ``baseline_logprob`` and
+``actor_answer_logprob`` (the same answer under the trained policy).
+
+``MarkovianReward.evaluate`` is the held-out evaluation of a Markovian run: the policy writes a
+CoT for each question (sampled at the training temperature, as the paper's evaluation does,
+with a fixed seed); the frozen model answers greedily after that CoT with the question
+redacted (the policy answers instead when ``algorithm.actor_reward_weight > 0``, which trains
+it to); the task's scorer judges the answer with every extraction method it has. The same is
+done with the CoT perturbed, and the accuracy and answer log-prob of each variant reported.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+
+from actors.generator import GeneratorPool
+from actors.learner import LearnerGroup
+from actors.verifier import VerifierPool
+from cluster.config import Config
+from cluster.evaluate import sample_metrics, task_metrics
+from contracts import Problem, Prompt, Sample, SamplingSettings, Verdict
+from rollout.generator import BASE_POLICY
+from rollout.markovian import MarkovianPrompts, perturb
+from rollout.tasks import TaskMixture
+
+logger = logging.getLogger(__name__)
+
+BASELINE_CACHE_SIZE = 100_000  # problems whose baseline score is kept (the oldest go first)
+
+
+class MarkovianReward:
+    """The Markovian reward and evaluation of one run (``markovian.enabled``)."""
+
+    def __init__(self, config: Config, tokenizer, tasks: TaskMixture):
+        self.settings = s = config.markovian
+        self.prompts = MarkovianPrompts(tokenizer, s)
+        self.system_prompts = {task_id: task.system_prompt for task_id, task in tasks.tasks.items()}
+        self.temperature, self.top_p = config.rollout.temperature, config.rollout.top_p
+        self.seed = config.run.seed
+        # a policy trained on its own answer log-prob (the actor reward) answers for itself
+        self.policy_answers = config.algorithm.actor_reward_weight > 0
+        self.baselines: collections.OrderedDict[str, float] = collections.OrderedDict()  # problem uid -> score(CoT')
+        self.baseline_texts: dict[str, str] = {}
+        self.cot_sampling = SamplingSettings(
+            n=config.rollout.group_size, temperature=self.temperature, top_p=self.top_p, max_tokens=s.cot_length, min_tokens=s.cot_length
+        )  # fmt: skip
+
+    # -- prompts ----------------------------------------------------------------------------
+
+    def _system(self, problem: Problem) -> str | None:
+        return self.system_prompts.get(problem.task)
+
+    def render(self, problems: list[Problem]) -> list[Prompt]:
+        """The questions as the policy sees them: the instruction, the question, the CoT header."""
+        return [self.prompts.question_prompt(p, self._system(p)) for p in problems]
+
+    def answer_rows(self, samples: list[Sample]) -> tuple[list[tuple[int, ...]], list[tuple[int, ...]]]:
+        """(answer contexts, answers) of each sample: its CoT with the question redacted."""
+        contexts = [self.prompts.answer_context(s.completion.token_ids, self._system(s.prompt.problem)) for s in samples]
+        return contexts, [self.prompts.answer_ids(s.prompt.problem) for s in samples]
+
+    # -- the reward -------------------------------------------------------------------------
+
+    def score(self, samples: list[Sample], verdicts: list[Verdict], learners: LearnerGroup, generators: GeneratorPool) -> tuple[list[Verdict], dict[str, float]]:
+        """The verdicts with the Markovian reward (infrastructure errors left as they are),
+        and the step's metrics."""
+        valid = [i for i, v in enumerate(verdicts) if v.status == "ok"]
+        if not valid:
+            return verdicts, {}
+        contexts, targets = self.answer_rows([samples[i] for i in valid])
+        frozen = learners.sequence_logprob(contexts, targets, reference=True)
+        actor = learners.sequence_logprob(contexts, targets, reference=False)
+        generated = 0
+        baseline = [0.0] * len(valid)
+        if self.settings.baseline:
+            generated = self._add_baselines([samples[i].prompt for i in valid], learners, generators)
+            baseline = [self.baselines[samples[i].prompt.problem.uid] for i in valid]
+        out = list(verdicts)
+        for k, i in enumerate(valid):
+            v = verdicts[i]
+            components = {**v.components, "verifier_reward": v.reward, "answer_logprob": frozen[k], "baseline_logprob": baseline[k], "actor_answer_logprob": actor[k]}
+            score = actor[k] if self.policy_answers else frozen[k]
+            out[i] = dataclasses.replace(v, reward=score - baseline[k], components=components)
+        return out, {"markovian/baselines_generated": float(generated), "markovian/baselines_cached": float(len(self.baselines))}
+
+    def _add_baselines(self, prompts: list[Prompt], learners: LearnerGroup, generators: GeneratorPool) -> int:
+        """Score the frozen model's greedy CoT' of each problem not yet cached; returns how
+        many were generated."""
+        missing = list({p.problem.uid: p for p in prompts if p.problem.uid not in self.baselines}.values())
+        if not missing:
+            return 0
+        greedy = dataclasses.replace(self.cot_sampling, n=1, temperature=0.0, top_p=1.0)
+        cots = generators.generate(missing, greedy, BASE_POLICY)
+        contexts, targets = self.answer_rows(cots)
+        for cot, score in zip(cots, learners.sequence_logprob(contexts, targets, reference=True)):
+            uid = cot.prompt.problem.uid
+            self.baselines[uid], self.baseline_texts[uid] = score, cot.completion.text
+            if len(self.baselines) > BASELINE_CACHE_SIZE:
+                old, _ = self.baselines.popitem(last=False)
+                self.baseline_texts.pop(old, None)
+        return len(missing)
+
+    # -- evaluation -------------------------------------------------------------------------
+
+    def evaluate(self, prompts_by_task: dict[str, list[Prompt]], learners: LearnerGroup, generators: GeneratorPool, verifiers: VerifierPool) -> dict:
+        """Held-out metrics: the answer's accuracy (every extraction method of the task's
+        scorer) and log-prob after the policy's CoT, intact and perturbed."""
+        s = self.settings
+        prompts = [p for task_prompts in prompts_by_task.values() for p in task_prompts]
+        if not prompts:
+            return {"eval/n": 0}
+        cots = generators.generate(prompts, dataclasses.replace(self.cot_sampling, n=1, seed=self.seed))
+        texts = [c.completion.text for c in cots]
+        variants = {"intact": [c.completion.token_ids for c in cots]}
+        for kind in s.perturbations:
+            fraction = s.delete_fraction if kind == "delete" else s.truncate_fraction
+            variants[kind] = [self.prompts.cot_ids(t) for t in perturb(texts, kind, fraction, self.seed)]
+        contexts = [self.prompts.answer_context(ids, self._system(p.problem)) for ids_list in variants.values() for p, ids in zip(prompts, ids_list)]
+        problems = [p.problem for _ in variants for p in prompts]
+        answer_prompts = [Prompt(problem, self.prompts.tokenizer.decode(ids), ids) for problem, ids in zip(problems, contexts)]
+        greedy = SamplingSettings(n=1, temperature=0.0, top_p=1.0, max_tokens=s.answer_tokens)
+        answers = generators.generate(answer_prompts, greedy, None if self.policy_answers else BASE_POLICY)
+        verdicts = verifiers.score(answers)
+        logprobs = learners.sequence_logprob(contexts, [self.prompts.answer_ids(p) for p in problems], reference=not self.policy_answers)
+        verdicts = [dataclasses.replace(v, components={**v.components, "answer_logprob": lp}) for v, lp in zip(verdicts, logprobs)]
+        n = len(prompts)
+        intact = slice(0, n)
+        metrics = {"eval/n": n, **sample_metrics(answers[intact], verdicts[intact], prefix="eval")}
+        if len(prompts_by_task) > 1:
+            metrics |= task_metrics(answers[intact], verdicts[intact], "eval")
+        for k, name in enumerate(variants):
+            part = slice(k * n, (k + 1) * n)
+            metrics[f"eval/markovian/{name}/accuracy"] = sum(v.correct for v in verdicts[part]) / n
+            metrics[f"eval/markovian/{name}/answer_logprob"] = sum(logprobs[part]) / n
+        return metrics
