@@ -74,6 +74,9 @@ class LearnerActor:
     def parameter_digest(self) -> dict[str, str]:
         return self.learner.parameter_digest()
 
+    def load_adapter(self, update: WeightUpdate) -> PolicyRef:
+        return self.learner.load_adapter(update)
+
     def weight_update(self, complete: bool = False) -> WeightUpdate:
         return self.learner.weight_update(complete)
 
@@ -203,6 +206,9 @@ class LearnerGroup:
 
     def scale_lr(self, factor: float) -> float:
         return self._get([a.scale_lr.remote(factor) for a in self.actors], "a learning-rate change")[0]
+
+    def load_adapter(self, update: WeightUpdate) -> PolicyRef:
+        return self._get([a.load_adapter.remote(update) for a in self.actors], "an adapter load")[0]
 
     def state_dicts(self) -> list[dict]:
         """Rank 0's whole state, then each further rank's RNG state (for a checkpoint)."""

@@ -2,8 +2,9 @@
 
 ``evaluate`` is the one held-out evaluation (greedy decoding, the config's tasks and scorers)
 the training loop runs at its start, on its cadence and at its end. ``evaluate_policy`` runs
-the same on a generator and a verifier pool without a learner, so a trained adapter can always
-be compared with the untrained model on the same problems. ``sample_metrics`` and
+the same on a generator and a verifier pool without training, so a trained adapter can always
+be compared with the untrained model on the same problems (a Markovian config's evaluation
+also starts a learner actor, for the answers' log-probs). ``sample_metrics`` and
 ``task_metrics`` summarise any list of scored samples (training steps use them too).
 """
 
@@ -16,8 +17,8 @@ import ray
 
 from actors.generator import GeneratorPool
 from actors.verifier import VerifierPool
-from cluster.config import Config, ConfigError
-from cluster.wiring import build_tasks, init_ray, render, start_generator, start_verifiers
+from cluster.config import Config
+from cluster.wiring import build_tasks, init_ray, render, start_generator, start_learners, start_verifiers
 from contracts import Prompt, Sample, SamplingSettings, Verdict
 from rollout.engines import read_adapter
 from rollout.models import resolve_model
@@ -40,31 +41,40 @@ def policy_source(config: Config, adapter: str) -> tuple[str, Path | None]:
 
 
 def evaluate_policy(config: Config, adapter: str, split: Split = "validation") -> dict:
-    """Held-out metrics of the policy named by ``adapter`` on every task's ``split``."""
+    """Held-out metrics of the policy named by ``adapter`` on every task's ``split``; a
+    Markovian config's own evaluation (intact and perturbed chains of thought), with a learner
+    actor holding the adapter for the answers' log-probs."""
     from transformers import AutoTokenizer
-
-    if config.markovian.enabled:
-        raise ConfigError(
-            "markovian.enabled: raylight eval does not run the Markovian evaluation (it needs a learner for the answer log-probs): "
-            "the run's own evaluations, intact and perturbed, are in its metrics.jsonl (eval/markovian/...)"
-        )
 
     tasks = build_tasks(config)
     tasks.check((split,))
     model_path, adapter_folder = policy_source(config, adapter)
     update = read_adapter(adapter_folder) if adapter_folder else None
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    prompts = {task_id: render(tokenizer, tasks, problems) for task_id, problems in tasks.eval_sets(split).items()}
+    markovian = None
+    if config.markovian.enabled:
+        from cluster.markovian import MarkovianReward
+
+        markovian = MarkovianReward(config, tokenizer, tasks)
+    problems_by_task = tasks.eval_sets(split)
+    prompts = {task_id: markovian.render(problems) if markovian else render(tokenizer, tasks, problems) for task_id, problems in problems_by_task.items()}
     init_ray(config)
     generator = start_generator(config, model_path)
     verifiers = start_verifiers(config, tasks)
+    learners = start_learners(config, model_path) if markovian else None
     try:
         ray.get(generator.load_weights.remote(update) if update else generator.serve_base.remote())
         logger.info("evaluating %s on the %s split of %s", adapter_folder or model_path, split, ", ".join(prompts))
-        return evaluate(GeneratorPool([generator]), verifiers, prompts, eval_sampling(config))
+        if markovian is None:
+            return evaluate(GeneratorPool([generator]), verifiers, prompts, eval_sampling(config))
+        if update is not None:
+            learners.load_adapter(update)
+        return markovian.evaluate(prompts, learners, GeneratorPool([generator]), verifiers)
     finally:
         ray.kill(generator)
         verifiers.kill()
+        if learners is not None:
+            learners.kill()
 
 
 def summary_lines(metrics: dict) -> list[str]:

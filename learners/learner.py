@@ -318,6 +318,13 @@ class Learner:
             out += [logprobs[i, :n].sum().item() for i, n in enumerate(lengths)]
         return out
 
+    def load_adapter(self, update: WeightUpdate) -> PolicyRef:
+        """Serve a saved adapter (``raylight eval`` of a trained policy): its tensors become
+        the policy's, its version the policy's; the optimizer is untouched."""
+        self.policy.load_adapter(update.tensors)
+        self.policy_ref = PolicyRef(self.policy_ref.adapter, update.policy.version)
+        return self.policy_ref
+
     def parameter_digest(self) -> dict[str, str]:
         """SHA-256 of the trainable and of the frozen parameters (cheap equality checks)."""
         digests = {"trainable": hashlib.sha256(), "frozen": hashlib.sha256()}

@@ -261,6 +261,21 @@ class Policy:
         state = get_peft_model_state_dict(self.model, adapter_name="default")
         return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in state.items()}
 
+    def load_adapter(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Take a saved adapter's tensors (PEFT's file keys, what ``weight_state`` gives) as the
+        policy adapter's weights."""
+        from peft import set_peft_model_state_dict
+
+        if self.lora is None:
+            raise ValueError("this policy trains no LoRA adapter (model.train is not lora): it cannot load one")
+        current = self.weight_state()
+        if set(tensors) != set(current) or any(tensors[k].shape != v.shape for k, v in current.items()):
+            raise ValueError(
+                f"the adapter does not fit this policy: keys missing {sorted(set(current) - set(tensors))[:3]}, unexpected {sorted(set(tensors) - set(current))[:3]} "
+                "(was it trained with another model, lora.rank or lora.target_modules?)"
+            )
+        set_peft_model_state_dict(self.model, tensors, adapter_name="default")
+
     def adapter_config(self) -> dict:
         if self.lora is None:
             return {}

@@ -158,13 +158,6 @@ def test_ppo_with_the_actor_reward_is_warned_about(caplog):
     assert "collapse" not in caplog.text
 
 
-def test_raylight_eval_says_it_does_not_run_the_markovian_evaluation(capsys):
-    from cluster.cli import main
-
-    assert main(["eval", str(ROOT / "configs/markovian/gsm8k.yaml"), "--adapter", "none"]) == 2
-    assert "does not run the Markovian evaluation" in capsys.readouterr().err
-
-
 def write_apples(folder: Path, n: int = 24) -> Path:
     """GSM8K-style fixture rows (the Hub's format): Ann has i apples and buys 3 more."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -197,7 +190,8 @@ def test_markovian_recipe_runs_end_to_end_on_the_tiny_model(ray_cluster, tiny_mo
     dataset's format, sizes shrunk: CoTs of exactly cot_length tokens; each rollout's reward is
     the policy's answer log-prob minus its problem's baseline (the frozen model's greedy CoT',
     generated once per problem); the evaluation reports the intact and perturbed CoTs and every
-    extraction method of the task's scorer."""
+    extraction method of the task's scorer, and ``raylight eval`` of the saved adapter
+    reproduces it."""
     from cluster.cli import main
 
     write, methods = RECIPES[recipe]
@@ -229,6 +223,13 @@ def test_markovian_recipe_runs_end_to_end_on_the_tiny_model(ray_cluster, tiny_mo
         assert 0.0 <= last[f"eval/markovian/{variant}/accuracy"] <= 1.0 and last[f"eval/markovian/{variant}/answer_logprob"] < 0
     assert {f"eval/reward/correct_{m}" for m in methods} <= set(last)
     assert last["eval/n"] == rows[0]["eval/n"] > 0 and last["eval/accuracy"] == last["eval/markovian/intact/accuracy"]
+    if recipe == "gsm8k":  # raylight eval of the saved adapter reproduces the run's last evaluation
+        out = tmp_path / "eval.json"
+        assert main(["eval", str(run_dir / "config.yaml"), "--adapter", str(run_dir / "final_adapter"), "--output", str(out)]) == 0
+        again = json.loads(out.read_text())
+        keys = [k for k in last if k.startswith("eval/markovian/")]
+        assert len(keys) == 8 and again["eval/n"] == last["eval/n"]
+        assert {k: again[k] for k in keys} == pytest.approx({k: last[k] for k in keys}, abs=1e-4)
 
 
 def trained_learner(tiny_model_path):
@@ -330,3 +331,21 @@ def test_smollm2_markovian_run_raises_the_answer_logprob_given_the_cot(ray_clust
     rise = end["eval/markovian/intact/answer_logprob"] - start["eval/markovian/intact/answer_logprob"]
     assert rise > 1.0, (start["eval/markovian/intact/answer_logprob"], end["eval/markovian/intact/answer_logprob"])
     assert all(r["train/updates"] == 1.0 and r["train/kl"] < 1.0 for r in rows[1:])
+
+
+def test_a_saved_adapter_loads_into_the_learner_and_a_misfit_is_named(tiny_model_path, tmp_path):
+    """What ``raylight eval`` of a Markovian adapter does: the saved adapter's tensors become
+    the learner's policy (log-probs equal the trained learner's); an adapter of another rank
+    is refused naming the keys."""
+    from rollout.engines import read_adapter, write_adapter
+
+    trained = trained_learner(tiny_model_path)
+    folder = write_adapter(trained.weight_update(), tmp_path / "adapter")
+    fresh = make_learner(tiny_model_path, LORA)
+    fresh.load_adapter(read_adapter(folder))
+    batch = markovian_batch(MarkovianPrompts(AutoTokenizer.from_pretrained(tiny_model_path), MarkovianSettings(cot_length=12)))
+    contexts, answers = list(batch.answer_prompt_token_ids), list(batch.answer_token_ids)
+    assert fresh.sequence_logprob(contexts, answers) == pytest.approx(trained.sequence_logprob(contexts, answers), abs=1e-5)
+    other_rank = make_learner(tiny_model_path, LoraSettings(rank=4, alpha=8))
+    with pytest.raises(ValueError, match="does not fit this policy"):
+        other_rank.load_adapter(read_adapter(folder))
