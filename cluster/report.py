@@ -55,9 +55,9 @@ CURVES = [
     ("memory.png", "Memory bank", "verified solutions", [("memory/size", "banked"), ("memory/updates", "written (total)"), ("memory/hits", "fed into groups (total)")], None),
     ("markovian.png", "Answer log-prob given the CoT (training)", "log p(answer | CoT), summed over its tokens",
      [("train/reward/answer_logprob", "frozen model"), ("train/reward/actor_answer_logprob", "policy"), ("train/reward/baseline_logprob", "frozen model after its own CoT'")],
-     ("Held-out: the CoT intact and perturbed", "accuracy of the answer after the CoT",
-      [("eval/markovian/intact/accuracy", "intact"), ("eval/markovian/delete/accuracy", "characters deleted"),
-       ("eval/markovian/truncate/accuracy", "truncated"), ("eval/markovian/swap/accuracy", "another question's CoT")])),
+     ("Held-out: the CoT intact and perturbed", "log p(answer | CoT)",
+      [("eval/markovian/intact/answer_logprob", "intact"), ("eval/markovian/delete/answer_logprob", "characters deleted"),
+       ("eval/markovian/truncate/answer_logprob", "truncated"), ("eval/markovian/swap/answer_logprob", "another question's CoT")])),
     ("throughput.png", "Generation throughput", "tokens per second", [("perf/generated_tokens_per_second", "generated tokens/s")],
      ("Weight-sync latency", "seconds per broadcast", [("perf/weight_sync_seconds", "weight sync")])),
 ]  # fmt: skip
