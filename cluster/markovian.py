@@ -70,7 +70,7 @@ class MarkovianReward:
 
     def answer_rows(self, samples: list[Sample]) -> tuple[list[tuple[int, ...]], list[tuple[int, ...]]]:
         """(answer contexts, answers) of each sample: its CoT with the question redacted."""
-        contexts = [self.prompts.answer_context(s.completion.token_ids, self._system(s.prompt.problem)) for s in samples]
+        contexts = [self.prompts.answer_context(s.completion.token_ids, s.prompt.problem, self._system(s.prompt.problem)) for s in samples]
         return contexts, [self.prompts.answer_ids(s.prompt.problem) for s in samples]
 
     # -- the reward -------------------------------------------------------------------------
@@ -129,7 +129,7 @@ class MarkovianReward:
         for kind in s.perturbations:
             fraction = s.delete_fraction if kind == "delete" else s.truncate_fraction
             variants[kind] = [self.prompts.cot_ids(t) for t in perturb(texts, kind, fraction, self.seed)]
-        contexts = [self.prompts.answer_context(ids, self._system(p.problem)) for ids_list in variants.values() for p, ids in zip(prompts, ids_list)]
+        contexts = [self.prompts.answer_context(ids, p.problem, self._system(p.problem)) for ids_list in variants.values() for p, ids in zip(prompts, ids_list)]
         problems = [p.problem for _ in variants for p in prompts]
         answer_prompts = [Prompt(problem, self.prompts.tokenizer.decode(ids), ids) for problem, ids in zip(problems, contexts)]
         greedy = SamplingSettings(n=1, temperature=0.0, top_p=1.0, max_tokens=s.answer_tokens)

@@ -38,6 +38,8 @@ class MarkovianSettings:
     enabled: bool = False
     cot_length: int = 100  # tokens of every chain of thought: sampled with min_tokens = max_tokens
     baseline: bool = True  # subtract the frozen model's score of its own greedy CoT' (normalised reward)
+    # false: the paper's Non-Markovian comparison, the answer scored with the question in view
+    redact_question: bool = True
     # the user turn; {cot_length} and {question} are filled in ({question} with `redacted` for the answer)
     instruction: str = "You will be given a reasoning problem, which you have {cot_length} tokens to work through step-by-step. Question: {question}"
     cot_header: str = "Reasoning:"  # starts the assistant turn; the CoT follows it
@@ -91,9 +93,12 @@ class MarkovianPrompts:
         text = self._text(problem.question, system_prompt)
         return Prompt(problem=problem, text=text, token_ids=self._ids(text))
 
-    def answer_context(self, cot_token_ids: Sequence[int], system_prompt: str | None) -> tuple[int, ...]:
+    def answer_context(self, cot_token_ids: Sequence[int], problem: Problem, system_prompt: str | None) -> tuple[int, ...]:
         """Redacted instruction + the CoT's own tokens + the answer header: the question's
-        tokens are nowhere in it."""
+        tokens are nowhere in it (with ``redact_question: false``, the question prompt itself
+        comes first: the Non-Markovian comparison)."""
+        if not self.settings.redact_question:
+            return self.question_prompt(problem, system_prompt).token_ids + tuple(cot_token_ids) + self.answer_header_ids
         if system_prompt not in self._prefixes:
             self._prefixes[system_prompt] = self._ids(self._text(self.settings.redacted, system_prompt))
         return self._prefixes[system_prompt] + tuple(cot_token_ids) + self.answer_header_ids

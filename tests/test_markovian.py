@@ -48,15 +48,20 @@ def test_answer_context_holds_the_cot_and_no_question(prompts):
     assert "Ann has 4217 apples" in prompt.text and prompt.text.endswith("Reasoning:")
     assert "12 tokens" in prompt.text  # the instruction names the CoT budget
     cot = prompts.cot_ids(" She ends with 4220.")
-    context = prompts.answer_context(cot, SYSTEM)
+    context = prompts.answer_context(cot, apples, SYSTEM)
     text = prompts.tokenizer.decode(context)
     assert "4217" not in text and "apples" not in text and "<Redacted>" in text
     assert text.endswith("Reasoning: She ends with 4220. Answer:")
     assert context[len(context) - len(cot) - len(prompts.answer_header_ids) : -len(prompts.answer_header_ids)] == cot
     assert prompts.tokenizer.decode(prompts.answer_ids(apples)) == " 4220"
     # the same CoT after another question: the very same context
-    other = prompts.answer_context(cot, SYSTEM)
-    assert other == context
+    other = problem("b", "Bob has 9 pears. How many?", "9")
+    assert prompts.answer_context(cot, other, SYSTEM) == context
+    # the Non-Markovian comparison scores the answer with the question in view
+    visible = MarkovianPrompts(prompts.tokenizer, MarkovianSettings(cot_length=12, redact_question=False))
+    with_question = visible.answer_context(cot, apples, SYSTEM)
+    assert with_question == visible.question_prompt(apples, SYSTEM).token_ids + cot + prompts.answer_header_ids
+    assert "Ann has 4217 apples" in prompts.tokenizer.decode(with_question)
 
 
 def test_reward_is_the_frozen_answer_logprob_hand_computed(tiny_model_path, prompts):
@@ -71,7 +76,7 @@ def test_reward_is_the_frozen_answer_logprob_hand_computed(tiny_model_path, prom
     model = AutoModelForCausalLM.from_pretrained(tiny_model_path).eval()
     apples = problem("a", "Ann has 12 apples and buys 3 more. How many?", "15")
     cot, baseline_cot = prompts.cot_ids(" 12 and 3 make 15."), prompts.cot_ids(" I am not sure.")
-    contexts = [prompts.answer_context(c, SYSTEM) for c in (cot, baseline_cot)]
+    contexts = [prompts.answer_context(c, apples, SYSTEM) for c in (cot, baseline_cot)]
     answer = prompts.answer_ids(apples)
     frozen = learner.sequence_logprob(contexts, [answer, answer], reference=True)
     expected = [hand_answer_logprob(model, c, answer) for c in contexts]
@@ -90,7 +95,7 @@ def markovian_batch(prompts, n: int = 4, weight: float = 0.0) -> TrainBatch:
     return TrainBatch(
         prompt_token_ids=tuple(question_ids), completion_token_ids=tuple(cots),
         old_logprobs=tuple((-1.0,) * len(c) for c in cots), advantages=(0.0,) * n, policy_versions=(0,) * n,
-        answer_prompt_token_ids=tuple(prompts.answer_context(c, SYSTEM) for c in cots),
+        answer_prompt_token_ids=tuple(prompts.answer_context(c, p, SYSTEM) for c, p in zip(cots, rows)),
         answer_token_ids=tuple(prompts.answer_ids(p) for p in rows), answer_weights=(weight,) * n,
     )  # fmt: skip
 
