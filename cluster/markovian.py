@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import logging
 
 from actors.generator import GeneratorPool
 from actors.learner import LearnerGroup
@@ -37,8 +36,6 @@ from rollout.generator import BASE_POLICY
 from rollout.markovian import MarkovianPrompts, perturb
 from rollout.tasks import TaskMixture
 
-logger = logging.getLogger(__name__)
-
 BASELINE_CACHE_SIZE = 100_000  # problems whose baseline score is kept (the oldest go first)
 
 
@@ -49,15 +46,12 @@ class MarkovianReward:
         self.settings = s = config.markovian
         self.prompts = MarkovianPrompts(tokenizer, s)
         self.system_prompts = {task_id: task.system_prompt for task_id, task in tasks.tasks.items()}
-        self.temperature, self.top_p = config.rollout.temperature, config.rollout.top_p
         self.seed = config.run.seed
         # a policy trained on its own answer log-prob (the actor reward) answers for itself
         self.policy_answers = config.algorithm.actor_reward_weight > 0
         self.baselines: collections.OrderedDict[str, float] = collections.OrderedDict()  # problem uid -> score(CoT')
-        self.baseline_texts: dict[str, str] = {}
-        self.cot_sampling = SamplingSettings(
-            n=config.rollout.group_size, temperature=self.temperature, top_p=self.top_p, max_tokens=s.cot_length, min_tokens=s.cot_length
-        )  # fmt: skip
+        r = config.rollout
+        self.cot_sampling = SamplingSettings(n=r.group_size, temperature=r.temperature, top_p=r.top_p, max_tokens=s.cot_length, min_tokens=s.cot_length)
 
     # -- prompts ----------------------------------------------------------------------------
 
@@ -108,10 +102,9 @@ class MarkovianReward:
         contexts, targets = self.answer_rows(cots)
         for cot, score in zip(cots, learners.sequence_logprob(contexts, targets, reference=True)):
             uid = cot.prompt.problem.uid
-            self.baselines[uid], self.baseline_texts[uid] = score, cot.completion.text
+            self.baselines[uid] = score
             if len(self.baselines) > BASELINE_CACHE_SIZE:
-                old, _ = self.baselines.popitem(last=False)
-                self.baseline_texts.pop(old, None)
+                self.baselines.popitem(last=False)
         return len(missing)
 
     # -- evaluation -------------------------------------------------------------------------
