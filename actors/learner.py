@@ -77,6 +77,12 @@ class LearnerActor:
     def load_adapter(self, update: WeightUpdate) -> PolicyRef:
         return self.learner.load_adapter(update)
 
+    def attention_scales(self) -> torch.Tensor | None:
+        return self.learner.attention_scales()
+
+    def set_attention_scales(self, scales: torch.Tensor) -> PolicyRef:
+        return self.learner.set_attention_scales(scales)
+
     def weight_update(self, complete: bool = False) -> WeightUpdate:
         return self.learner.weight_update(complete)
 
@@ -194,6 +200,9 @@ class LearnerGroup:
     def parameter_digest(self) -> dict[str, str]:
         return self._get(self.actors[0].parameter_digest.remote(), "a parameter digest")
 
+    def attention_scales(self) -> torch.Tensor | None:
+        return self._get(self.actors[0].attention_scales.remote(), "an attention-scale query")
+
     def weight_update_ref(self, complete: bool = False) -> ray.ObjectRef:
         """Rank 0's weights as one object-store reference, to broadcast without a copy here
         (``complete``: every parameter, not only the trained ones)."""
@@ -209,6 +218,9 @@ class LearnerGroup:
 
     def load_adapter(self, update: WeightUpdate) -> PolicyRef:
         return self._get([a.load_adapter.remote(update) for a in self.actors], "an adapter load")[0]
+
+    def set_attention_scales(self, scales: torch.Tensor) -> PolicyRef:
+        return self._get([a.set_attention_scales.remote(scales) for a in self.actors], "an attention-scale change")[0]
 
     def state_dicts(self) -> list[dict]:
         """Rank 0's whole state, then each further rank's RNG state (for a checkpoint)."""

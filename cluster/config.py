@@ -23,7 +23,9 @@ import yaml
 
 from actors.generator import GeneratorPoolSettings
 from actors.learner import LearnerGroupSettings
+from actors.surgeon import SurgeonSettings
 from actors.verifier import VerifierPoolSettings
+from cluster.surgery import PhaseConfig, PhaseSchedule
 from learners.settings import AlgorithmSettings
 from learners.policy import LoraSettings
 from rewards.scoring import RewardSettings, SandboxSettings
@@ -210,6 +212,9 @@ class Config:
     algorithm: AlgorithmSettings = field(default_factory=AlgorithmSettings)
     memory: MemorySettings = field(default_factory=MemorySettings)
     markovian: MarkovianSettings = field(default_factory=MarkovianSettings)
+    # the hybrid run's schedule (README: "The SAC surgeon"); empty: GRPO throughout
+    phases: list[PhaseConfig] = field(default_factory=list)
+    surgeon: SurgeonSettings = field(default_factory=SurgeonSettings)
     learner: LearnerGroupSettings = field(default_factory=LearnerGroupSettings)
     eval: EvalConfig = field(default_factory=EvalConfig)
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
@@ -353,6 +358,7 @@ def check_config(config: Config) -> None:
         problems.append("memory.feed_groups adds banked solutions to GRPO groups: it needs memory.enabled=true and algorithm.objective=ppo")
     problems += memory.problems()
     problems += _markovian_problems(config)
+    problems += _surgeon_problems(config)
     for key in ("ppo_epochs", "micro_batch_size", "sft_epochs"):
         if getattr(a, key) < 1:
             problems.append(f"algorithm.{key} must be at least 1")
@@ -417,6 +423,22 @@ def _markovian_problems(config: Config) -> list[str]:
     }
     for key in (k for k, clash in clashes.items() if clash):
         problems.append(f"markovian.enabled rewards chains of thought of exactly markovian.cot_length tokens by the answer's log-prob: it cannot run with {key}")
+    return problems
+
+
+def _surgeon_problems(config: Config) -> list[str]:
+    """A phase schedule with a surgeon: what it needs."""
+    schedule = PhaseSchedule(config.phases)
+    problems = schedule.problems()
+    if not schedule.has_surgeon:
+        return problems
+    problems += config.surgeon.problems()
+    clashes = {
+        "model.train=lora (the scales act on the frozen base beside the adapter)": config.model.train != "lora",
+        "rollout.mode=sync (a window's reward must come from rollouts of the scales it measures)": config.rollout.mode != "sync",
+        "markovian.enabled off (its frozen model is the base without the scales)": config.markovian.enabled,
+    }
+    problems += [f"a surgery or joint phase needs {need}" for need, clash in clashes.items() if clash]
     return problems
 
 

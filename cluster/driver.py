@@ -10,6 +10,10 @@ With ``markovian.enabled`` the policy writes chains of thought of a fixed length
 replaces the verifier's reward by the frozen model's log-prob of the answer given the CoT alone
 (``cluster.markovian``, computed on the learner) before the advantages.
 
+With a ``phases`` schedule that has a surgeon (``cluster.surgery``), an RLlib SAC agent changes
+the policy's attention scales every ``surgeon.horizon`` steps of its phases and learns from the
+reward after each change; GRPO's updates pause in ``surgery`` phases.
+
 With ``memory.enabled`` the step banks its verified solutions (``rollout.memory``) before
 building the batch: ``memory.feed_groups`` adds banked solutions to GRPO groups that have no
 correct sample, and ``algorithm.objective=sft`` makes every step a self-improvement round that
@@ -57,6 +61,7 @@ from cluster.monitor import Event, Monitor, rules_from_config
 from cluster.placement import check_model_on_nodes, place
 from cluster.rundir import RunDir
 from cluster.rollouts import DynamicSampling, RolloutProducer
+from cluster.surgery import PhaseSchedule, Surgery
 from cluster.wiring import build_tasks, init_ray, render, start_generators, start_learners, start_verifiers
 from contracts import DEFAULT_ADAPTER, PolicyRef, Problem, Prompt, Sample, SamplingSettings, TrainBatch, Verdict
 from learners.batch import build_train_batch, group_indices, standardisation_scales
@@ -115,6 +120,9 @@ class Trainer:
             self.learners = start_learners(c, self.model_path, self.placement)
             self.generators = start_generators(c, self.model_path, self.placement)
             self.verifiers = start_verifiers(c, self.tasks, (lambda: scorer) if scorer else None)
+            self.phases = PhaseSchedule(c.phases)
+            # the SAC surgeon on the attention scales (README: "The SAC surgeon")
+            self.surgery = Surgery(c.surgeon, self.learners.attention_scales(), c.run.seed) if self.phases.has_surgeon else None
         except BaseException:
             self.placement.remove()  # its actors go with it
             raise
@@ -288,16 +296,18 @@ class Trainer:
             if self.config.generator.sleep_mode:
                 with timer("generator_sleep"):  # colocated: the learner takes the memory
                     self.generators.sleep()
+            learns = self.phases.language_model_learns(step) and len(batch) > 0  # a surgery phase pauses GRPO
             learn_start = time.time()
             with timer("learn"):
-                learn_metrics = self.learners.step(batch, self.config.algorithm.objective) if len(batch) else EMPTY_LEARN_METRICS
+                learn_metrics = self.learners.step(batch, self.config.algorithm.objective) if learns else EMPTY_LEARN_METRICS
             self.timeline.append(("learn", step, learn_start, time.time()))
             if self.config.generator.sleep_mode:
                 with timer("generator_wake"):
                     self.generators.wake()
             self.policy = self.learners.policy_version()
             with timer("weight_sync"):
-                self.publish()
+                if learns:
+                    self.publish()
             if self.config.run.save_rollouts:
                 self.run_dir.write_rollouts(step, *trained, advantages)
         self.positions.pop(step, None)
@@ -310,6 +320,7 @@ class Trainer:
         return {
             "step": step,
             "policy_version": self.policy.version,
+            "phase/index": float(self.phases.index(step)),
             **sample_metrics(samples, verdicts, prefix="train"),
             **(by_task if len(self.tasks.tasks) > 1 else {}),
             **difficulties,
@@ -380,24 +391,43 @@ class Trainer:
         every ``run.checkpoint_every`` steps and at the end."""
         self.last_step = steps
         self.open_run()
-        stopped_by = None
+        stopped_by = self.stopped_by = None
         try:
             if self.step_done == 0:
                 self.evaluate_at_start()
             with tqdm(desc="train", unit="step", dynamic_ncols=True, initial=self.step_done, total=steps) as bar:
-                while self.step_done < steps and not stopped_by:
+                while self.step_done < steps and not self.stopped_by:
                     step = self.step_done + 1
-                    try:
-                        metrics = self.step(step)
-                        stopped_by = self.after_step(step, steps, metrics)
-                        bar.set_postfix(progress(metrics), refresh=False)
-                    except (LearnerFailure, WeightUpdateLost) as failure:
-                        self.recover_learners(failure, step)
-                    bar.update(self.step_done - bar.n)
+                    if self.surgery is not None and self.phases.surgeon_acts(step):
+                        last = min(step + self.config.surgeon.horizon - 1, self.phases.last_step(step, steps))
+                        self.surgery.window(step, last, self.set_attention_scales, lambda s: self.run_step(s, steps, bar))
+                    else:
+                        self.run_step(step, steps, bar)
+            stopped_by = self.stopped_by
         except GeneratorsLost as lost:
             self.stop_for_lost_generators(lost)
         self.close_run()
         return self.summary(stopped_by)
+
+    def run_step(self, step: int, last_step: int, bar: tqdm) -> dict | None:
+        """Step ``step`` and everything after it (``after_step``); its metrics, or None when it
+        did not finish (the learners were rebuilt and the run went back) or stopped the run."""
+        metrics = None
+        try:
+            metrics = self.step(step)
+            self.stopped_by = self.after_step(step, last_step, metrics)
+            bar.set_postfix(progress(metrics), refresh=False)
+        except (LearnerFailure, WeightUpdateLost) as failure:
+            self.recover_learners(failure, step)
+            metrics = None
+        bar.update(self.step_done - bar.n)
+        return None if self.stopped_by else metrics
+
+    def set_attention_scales(self, scales) -> None:
+        """The surgeon's new attention scales: a new policy version on the learners, sent to
+        the generators like an adapter update."""
+        self.policy = self.learners.set_attention_scales(torch.as_tensor(scales, dtype=torch.float32))
+        self.publish()
 
     def open_run(self) -> None:
         """Settle the run directory (a new run sets an earlier one aside) and open the exporter."""
@@ -433,6 +463,9 @@ class Trainer:
         if rollbacks and not stops and not self.rollback(rollbacks[0]):
             stops = rollbacks[:1]
         metrics["monitor/rollbacks"] = float(self.rollbacks)
+        if self.surgery is not None:
+            metrics |= self.surgery.take_pending()
+            self.surgery.note_step(metrics)
         self.record(metrics, events)
         self.step_done = step
         if stops:
@@ -500,6 +533,10 @@ class Trainer:
         files["trainer.json"] = json.dumps(trainer_state, default=str).encode()
         if self.memory is not None:
             files["memory.json"] = json.dumps(self.memory.state()).encode()
+        if self.surgery is not None:  # the agent (RLlib's checkpoint and replay buffer) and its environment
+            surgery = self.surgery.state()
+            files["surgeon.pkl"] = surgery["agent"]
+            files["surgery.json"] = json.dumps({"phase": self.phases.index(step), **surgery["env"]}, default=str).encode()
         metric = self.last_eval.get(self.config.eval.best_metric) if evaluated else None
         checkpoint = self.checkpoints.save(step, files, metric)
         self.saved_step = step
@@ -525,6 +562,8 @@ class Trainer:
                 self.memory.load_state(json.loads(checkpoint.file("memory.json").read_text()))
         if self.monitor and state["monitor"]:
             self.monitor.load_state(state["monitor"])
+        if self.surgery is not None and checkpoint.file("surgery.json").is_file():
+            self.surgery.load_state(json.loads(checkpoint.file("surgery.json").read_text()), checkpoint.file("surgeon.pkl").read_bytes())
         self.verifiers.stats.update(state["verifier"])
         if fault_counts:
             self.generators.stats.update({k: v for k, v in state.get("faults", {}).items() if k in self.generators.stats})
@@ -606,6 +645,8 @@ class Trainer:
         self.lr_scale *= m.rollback_lr_factor
         lr = self.learners.scale_lr(self.lr_scale / state["lr_scale"])
         self.rollbacks += 1
+        if self.surgery is not None:  # the scales went back with the learner's state
+            self.surgery.rewind(self.learners.attention_scales())
         self.broadcast()
         if self.monitor:
             self.monitor.active.discard(event.rule)  # a recurrence is a new event
@@ -625,6 +666,8 @@ class Trainer:
 
     def shutdown(self) -> None:
         self.stop_rollouts()
+        if self.surgery is not None:
+            self.surgery.kill()
         self.learners.kill()
         self.generators.kill()
         self.verifiers.kill()

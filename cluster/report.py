@@ -58,6 +58,10 @@ CURVES = [
      ("Held-out: the CoT intact and perturbed", "log p(answer | CoT)",
       [("eval/markovian/intact/answer_logprob", "intact"), ("eval/markovian/delete/answer_logprob", "characters deleted"),
        ("eval/markovian/truncate/answer_logprob", "truncated"), ("eval/markovian/swap/answer_logprob", "another question's CoT")])),
+    ("surgeon.png", "Surgeon (SAC) losses", "loss", [("sac/critic_loss", "critic (Q) loss"), ("sac/actor_loss", "actor loss")],
+     ("Surgery", "per action", [("surgery/action_magnitude", "action magnitude (mean |change of a scale|)"), ("surgery/reward_improvement", "reward improvement")])),
+    ("surgeon_q.png", "Surgeon (SAC) critic", "Q", [("sac/q_mean", "mean Q"), ("sac/q_max", "max Q"), ("sac/q_min", "min Q")],
+     ("Surgeon (SAC) temperature and entropy", "value", [("sac/alpha", "alpha (temperature)"), ("sac/entropy", "policy entropy")])),
     ("throughput.png", "Generation throughput", "tokens per second", [("perf/generated_tokens_per_second", "generated tokens/s")],
      ("Weight-sync latency", "seconds per broadcast", [("perf/weight_sync_seconds", "weight sync")])),
 ]  # fmt: skip
@@ -284,13 +288,28 @@ def target_table(outlooks: list[Outlook]) -> list[str]:
     return lines
 
 
-def phases(rows: list[dict], events: list[dict]) -> list[tuple[int, int, str]]:
-    """(first step, last step, what began it): a new phase where a curriculum moved a
-    task's difficulty or a rollback restored a checkpoint."""
+def schedule_starts(rows: list[dict], names: list[str]) -> dict[int, str]:
+    """First step -> name of each phase of the run's schedule (``phases``), from the steps'
+    ``phase/index``."""
+    starts, previous = {}, None
+    for row in rows:
+        index = row.get("phase/index")
+        if index is not None and index != previous:
+            name = names[int(index)] if int(index) < len(names) else f"phase {int(index)}"
+            starts[row["step"]] = name
+            previous = index
+    return starts
+
+
+def phases(rows: list[dict], events: list[dict], names: list[str] = ()) -> list[tuple[int, int, str]]:
+    """(first step, last step, what began it): a new phase where the schedule (``names``:
+    the config's ``phases``) moved on, a curriculum moved a task's difficulty or a rollback
+    restored a checkpoint."""
     steps = [r["step"] for r in rows if r["step"] > 0]
     if not steps:
         return []
     starts = {steps[0]: "start"}
+    starts |= {step: f"phase {name}" for step, name in schedule_starts(rows, list(names)).items()}
     previous: dict[str, float] = {}
     for row in rows:
         for key, value in row.items():
@@ -309,8 +328,9 @@ def _mean(values: list[float]) -> str:
     return f"{statistics.mean(values):.3f}" if values else "-"
 
 
-def plot(rows: list[dict], events: list[dict], folder: Path, targets: dict[str, float]) -> list[Path]:
-    """The PNGs of ``CURVES`` (those with data), events as dotted vertical lines."""
+def plot(rows: list[dict], events: list[dict], folder: Path, targets: dict[str, float], names: list[str] = ()) -> list[Path]:
+    """The PNGs of ``CURVES`` (those with data), events as dotted vertical lines, the phases
+    of a schedule (``names``) as shaded spans."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -340,6 +360,7 @@ def plot(rows: list[dict], events: list[dict], folder: Path, targets: dict[str, 
                 ax.axvline(event["step"], color="red", linestyle=":", linewidth=1)
             if events:
                 ax.plot([], [], color="red", linestyle=":", label="monitor event")
+            _shade_phases(ax, schedule_starts(rows, list(names)), last_step)
             ax.set_title(panel_title)
             ax.set_xlim(0, max(1, last_step))
             ax.ticklabel_format(axis="y", useOffset=False)  # a ratio near 1 reads as 1.00005, not "+1"
@@ -355,6 +376,21 @@ def plot(rows: list[dict], events: list[dict], folder: Path, targets: dict[str, 
     return written
 
 
+PHASE_COLOURS = {"grpo": "tab:blue", "surgery": "tab:orange", "joint": "tab:green"}
+
+
+def _shade_phases(ax, starts: dict[int, str], last_step: int) -> None:
+    """Each phase of the schedule as a light span, each name labelled once."""
+    if len(starts) < 2:
+        return
+    firsts, labelled = sorted(starts), set()
+    for i, first in enumerate(firsts):
+        end = firsts[i + 1] - 0.5 if i + 1 < len(firsts) else last_step + 0.5
+        name = starts[first]
+        ax.axvspan(first - 0.5, end, color=PHASE_COLOURS.get(name, "grey"), alpha=0.08, label=None if name in labelled else f"phase {name}")
+        labelled.add(name)
+
+
 def write_report(path: str | Path) -> Path:
     """Write RUN_DIR/report.md and RUN_DIR/plots/*.png; returns the report's path."""
     run_dir = RunDir(path)
@@ -365,12 +401,15 @@ def write_report(path: str | Path) -> Path:
     config = yaml.safe_load(run_dir.config_path.read_text()) if run_dir.config_path.exists() else {}
     report = config.get("report") or {}
     targets, window = report.get("targets") or {}, report.get("forecast_window", 20)
-    plots = plot(rows, events, run_dir.path / "plots", targets)
+    names = [p.get("name", "grpo") for p in config.get("phases") or []]
+    plots = plot(rows, events, run_dir.path / "plots", targets, names)
     lines = [f"# Run report: {run_dir.path.name}", ""]
     lines += _headline(rows, run_dir)
     lines += ["", "## Configuration", "", *_config_summary(config)]
     lines += ["", "## Curves", ""] + [f"![{p.stem}](plots/{p.name})" for p in plots]
-    lines += ["", "## Phases", "", *_phase_table(rows, events)]
+    lines += ["", "## Phases", "", *_phase_table(rows, events, names)]
+    if len(names) > 1:
+        lines += ["", "### Per phase of the schedule", "", *_schedule_table(rows, names)]
     lines += ["", "## Events", "", *_event_table(events)]
     outlooks = [outlook(rows, metric, target, window) for metric, target in targets.items()]
     forecasts = [o.line for o in outlooks]
@@ -436,8 +475,35 @@ def _algorithm_summary(algo: dict, memory: dict, markovian: dict | None = None) 
     return text
 
 
-def _phase_table(rows: list[dict], events: list[dict]) -> list[str]:
-    found = phases(rows, events)
+# the per-phase figures of a schedule: (metric, column, how: mean over the phase or its last value)
+SCHEDULE_COLUMNS = [
+    ("train/reward_mean", "train reward", "mean"), ("train/accuracy", "train accuracy", "mean"), ("train/entropy", "entropy", "mean"),
+    ("eval/accuracy", "held-out accuracy (last)", "last"), ("surgery/action_magnitude", "action magnitude", "mean"),
+    ("surgery/reward_improvement", "reward improvement", "mean"), ("sac/critic_loss", "critic loss", "mean"),
+    ("sac/actor_loss", "actor loss", "mean"), ("sac/alpha", "alpha (last)", "last"),
+]
+
+
+def _schedule_table(rows: list[dict], names: list[str]) -> list[str]:
+    """One row per phase of the schedule: the language model's and the surgeon's figures."""
+    starts = schedule_starts(rows, names)
+    last = max((r["step"] for r in rows), default=0)
+    firsts = sorted(starts)
+    lines = ["| phase | steps | " + " | ".join(c for _, c, _ in SCHEDULE_COLUMNS) + " |", "|---|---|" + "---|" * len(SCHEDULE_COLUMNS)]
+    for i, first in enumerate(firsts):
+        end = firsts[i + 1] - 1 if i + 1 < len(firsts) else last
+        inside = [r for r in rows if first <= r["step"] <= end]
+        cells = []
+        for metric, _, how in SCHEDULE_COLUMNS:
+            _, values = series(inside, metric)
+            values = [v for v in values if math.isfinite(v)]
+            cells.append("-" if not values else f"{values[-1]:.4g}" if how == "last" else f"{statistics.mean(values):.4g}")
+        lines.append(f"| {starts[first]} | {first}-{end} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _phase_table(rows: list[dict], events: list[dict], names: list[str] = ()) -> list[str]:
+    found = phases(rows, events, names)
     if len(found) <= 1:
         return ["One phase: no curriculum change and no rollback."] if found else ["No training steps."]
     lines = ["| steps | began with | mean train reward | mean train accuracy | last held-out accuracy |", "|---|---|---|---|---|"]

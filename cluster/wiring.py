@@ -16,6 +16,7 @@ import ray
 from actors.generator import GeneratorPool, generator_actor
 from actors.learner import LearnerGroup
 from actors.verifier import ScorerFactory, VerifierPool
+from cluster.surgery import PhaseSchedule
 from cluster.config import Config, TaskConfig
 from cluster.placement import Placement
 from contracts import Problem, Prompt
@@ -105,6 +106,7 @@ def learner_settings(config: Config, model_path: str) -> LearnerSettings:
         threads=c.learner.threads or max(1, (os.cpu_count() or 1) // c.learner.num_learners),
         gradient_checkpointing=c.learner.gradient_checkpointing,
         trainable_modules=tuple(c.model.trainable_modules) if c.model.train == "modules" else (),
+        attention_controls=PhaseSchedule(c.phases).has_surgeon,
     )
 
 

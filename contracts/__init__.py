@@ -14,6 +14,9 @@ from typing import Literal
 
 
 DEFAULT_ADAPTER = "policy"
+# a WeightUpdate's control: [layers, heads] scales on each head's attention output through the
+# frozen base o_proj (W_o diag(s), s repeated over the head's columns; learners.surgery)
+ATTENTION_OUTPUT_SCALE = "attention_output_scale"
 
 
 @dataclass(frozen=True, order=True)
@@ -211,9 +214,12 @@ class WeightUpdate:
     ``kind == "lora"``: adapter tensors with PEFT's keys plus the PEFT config, so a receiver can
     serve it without touching the learner's disk. ``kind == "full"``: every parameter of the
     model under its Hugging Face name (full-weight training); ``config`` is empty.
+    ``controls``: named tensors that transform the frozen base weights, versioned with the
+    adapter (``ATTENTION_OUTPUT_SCALE``, the SAC surgeon's); empty: the base as it is.
     """
 
     policy: PolicyRef
     tensors: dict = field(hash=False, compare=False)
     config: dict = field(hash=False, compare=False)
     kind: Literal["lora", "full"] = "lora"
+    controls: dict = field(default_factory=dict, hash=False, compare=False)

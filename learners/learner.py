@@ -26,7 +26,7 @@ import os
 
 import torch
 
-from contracts import DEFAULT_ADAPTER, PolicyRef, TrainBatch, WeightUpdate
+from contracts import ATTENTION_OUTPUT_SCALE, DEFAULT_ADAPTER, PolicyRef, TrainBatch, WeightUpdate
 from learners.algorithms import cosine_schedule
 from learners.objectives import OBJECTIVES, ObjectiveName, Prepared
 from learners.policy import Policy, pack
@@ -81,6 +81,7 @@ class Learner:
             device=self.device,
             gradient_checkpointing=settings.gradient_checkpointing,
             trainable_modules=settings.trainable_modules,
+            attention_controls=settings.attention_controls,
         )
         groups = [{"params": self.policy.policy_parameters(), "lr": a.lr}]
         if a.uses_critic:
@@ -318,6 +319,19 @@ class Learner:
             out += [logprobs[i, :n].sum().item() for i, n in enumerate(lengths)]
         return out
 
+    def attention_scales(self) -> torch.Tensor | None:
+        """The surgeon's [layers, heads] attention-output scales (None without controls)."""
+        return None if self.policy.controls is None else self.policy.controls.scales.clone()
+
+    def set_attention_scales(self, scales: torch.Tensor) -> PolicyRef:
+        """New attention-output scales: a new policy version, which the next weight update
+        carries to the generators beside the adapter."""
+        if self.policy.controls is None:
+            raise ValueError("this learner has no attention controls: they come with a surgeon (a phases schedule with surgery or joint)")
+        self.policy.controls.set(scales)
+        self.policy_ref = self.policy_ref.next()
+        return self.policy_ref
+
     def load_adapter(self, update: WeightUpdate) -> PolicyRef:
         """Serve a saved adapter (``raylight eval`` of a trained policy): its tensors become
         the policy's, its version the policy's; the optimizer is untouched."""
@@ -352,6 +366,7 @@ class Learner:
                 "scheduler": {k: copy.deepcopy(v) for k, v in self.scheduler.state_dict().items() if k != "lr_lambdas"},
                 **self.objectives["ppo"].state_dict(),
                 "policy_version": self.policy_ref.version,
+                **({"attention_scales": self.attention_scales()} if self.policy.controls is not None else {}),
                 "steps_done": self.steps_done,
                 "skipped_steps": self.skipped_steps,
                 "skipped_updates": self.skipped_updates,
@@ -377,6 +392,8 @@ class Learner:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict({**state["scheduler"], "lr_lambdas": [None] * len(self.scheduler.lr_lambdas)})
         self.objectives["ppo"].load_state_dict(state)
+        if self.policy.controls is not None and "attention_scales" in state:
+            self.policy.controls.set(state["attention_scales"])
         version = state["policy_version"] if policy_version is None else policy_version
         self.policy_ref = PolicyRef(self.policy_ref.adapter, version)
         self.steps_done, self.skipped_steps, self.skipped_updates = state["steps_done"], state["skipped_steps"], state["skipped_updates"]
@@ -395,4 +412,5 @@ class Learner:
         """The policy's weights for the generators: the adapter, or the trained parameters
         (all of them with ``complete``: a whole model, as the final folder needs)."""
         kind = "full" if self.policy.lora is None else "lora"
-        return WeightUpdate(self.policy_ref, self.policy.weight_state(complete), self.policy.adapter_config(), kind)
+        controls = {} if self.policy.controls is None else {ATTENTION_OUTPUT_SCALE: self.attention_scales()}
+        return WeightUpdate(self.policy_ref, self.policy.weight_state(complete), self.policy.adapter_config(), kind, controls)

@@ -20,6 +20,7 @@ from typing import Sequence
 import torch
 
 from learners.algorithms import entropy_from_logits, token_logprobs
+from learners.surgery import AttentionControls
 
 
 @dataclass(frozen=True)
@@ -102,7 +103,10 @@ class Policy:
         device: torch.device | str = "cpu",
         gradient_checkpointing: bool = False,
         trainable_modules: Sequence[str] = (),
+        attention_controls: bool = False,
     ):
+        """``attention_controls``: per-layer, per-head attention-output scales a surgeon sets
+        (``learners.surgery.AttentionControls``; part of the policy, not of the reference)."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.device = torch.device(device)
@@ -141,6 +145,7 @@ class Policy:
                 self.value_head = torch.nn.Linear(hidden, 1, dtype=torch.float32, device=self.device)
                 torch.nn.init.zeros_(self.value_head.weight)
                 torch.nn.init.zeros_(self.value_head.bias)
+        self.controls = AttentionControls(self.causal_lm) if attention_controls else None
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self.autocast_dtype = autocast_of(autocast_dtype, self.device)
 
@@ -209,8 +214,9 @@ class Policy:
         return logprobs, entropy
 
     def reference_forward(self, batch: PackedBatch, temperature: float = 1.0) -> torch.Tensor:
-        """Log-probs under the reference (the base model), without gradients."""
-        with torch.no_grad():
+        """Log-probs under the reference (the base model, without attention controls), without
+        gradients."""
+        with torch.no_grad(), self.controls.bypass() if self.controls is not None else contextlib.nullcontext():
             if self.reference_weights:
                 with self._starting_weights():
                     return self.forward(batch, temperature)[0]

@@ -95,3 +95,4 @@ class LearnerSettings:
     threads: int  # torch threads; 0 = every core (Ray sets OMP_NUM_THREADS=1 in actors)
     gradient_checkpointing: bool  # learner.gradient_checkpointing: recompute activations in the backward pass
     trainable_modules: tuple[str, ...] = ()  # model.train: modules: the only modules trained (lora is None)
+    attention_controls: bool = False  # a phase schedule with a surgeon: per-head attention-output scales

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Protocol, Sequence
 
-from contracts import Completion, PolicyRef, SamplingSettings, WeightUpdate
+from contracts import ATTENTION_OUTPUT_SCALE, Completion, PolicyRef, SamplingSettings, WeightUpdate
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +70,56 @@ def load_base_weights(model_path: str, names: set[str]) -> dict:
     if missing:
         raise KeyError(f"base weights not found in {model_path}: {sorted(missing)[:5]}")
     return found
+
+
+def output_projection_names(layers: int) -> list[str]:
+    return [f"model.layers.{i}.self_attn.o_proj.weight" for i in range(layers)]
+
+
+def scale_attention_output(originals: dict, scales) -> dict:
+    """The base ``o_proj`` weights under per-head attention-output scales (the SAC surgeon's
+    controls, ``contracts.ATTENTION_OUTPUT_SCALE``): W_o diag(s), each head's scale repeated
+    over its ``head_dim`` input columns. ``originals``: the unscaled weights by HF name;
+    ``scales``: [layers, heads]."""
+    import torch
+
+    scales = torch.as_tensor(scales, dtype=torch.float32)
+    out = {}
+    for name, scale in zip(output_projection_names(len(scales)), scales):
+        weight = originals[name]
+        head_dim = weight.shape[1] // len(scale)
+        out[name] = weight * scale.repeat_interleave(head_dim)[None, :]
+    return out
+
+
+class AttentionScales:
+    """What an engine needs to serve a weight update's attention scales: the base ``o_proj``
+    weights (read once from the model folder) and the scales they now carry."""
+
+    def __init__(self, model_path: str):
+        self.model_path = model_path
+        self.originals: dict | None = None
+        self.applied = None  # the scales the served weights carry (None: identity, as loaded)
+
+    def changed_weights(self, update: WeightUpdate) -> dict:
+        """The scaled base weights when ``update``'s scales differ from the served ones, else {}."""
+        import torch
+
+        scales = update.controls.get(ATTENTION_OUTPUT_SCALE)
+        if scales is None or (self.applied is None and bool((scales == 1).all())) or (self.applied is not None and torch.equal(scales, self.applied)):
+            return {}
+        return self.weights(scales)
+
+    def weights(self, scales) -> dict:
+        """The base weights under ``scales`` (remembered as the ones served)."""
+        if self.originals is None:
+            self.originals = load_base_weights(self.model_path, set(output_projection_names(len(scales))))
+        self.applied = scales.clone()
+        return scale_attention_output(self.originals, scales)
+
+    def current(self) -> dict:
+        """The served scaled weights ({} while the scales are identity)."""
+        return {} if self.applied is None else scale_attention_output(self.originals, self.applied)
 
 
 @dataclass(frozen=True)
@@ -188,6 +238,7 @@ class VLLMEngine:
         self._loaded = False
         self._base_overwritten = False  # merged or full weights replaced the base model's
         self._base: dict | None = None
+        self._scales = AttentionScales(model_path)
         self._adapter_root = Path(tempfile.mkdtemp(prefix="raylight-adapters-"))
 
     def sleep(self) -> None:
@@ -199,12 +250,21 @@ class VLLMEngine:
         self.llm.wake_up()
 
     def load_weights(self, update: WeightUpdate) -> None:
+        """The update's adapter (or weights), and its attention scales where they changed (the
+        base ``o_proj`` weights reloaded in place, W_o diag(s))."""
+        import torch
+
+        scaled = self._scales.changed_weights(update)
         if update.kind == "full":
             self._load_full(update)
         elif self.settings.adapter_mode == "lora":
             self._load_lora(update)
         else:
-            self._load_merged(update)
+            self._load_merged(update, scaled)
+            scaled = {}  # merged into the reload
+        if scaled:
+            dtype = getattr(torch, self.settings.dtype)
+            self._reload({name: weight.to(dtype) for name, weight in scaled.items()})
         self._loaded = True
 
     def serve_base(self) -> None:
@@ -245,14 +305,21 @@ class VLLMEngine:
         # cached prefixes were computed with the old weights
         self.llm.reset_prefix_cache()
 
-    def _load_merged(self, update: WeightUpdate) -> None:
+    def _load_merged(self, update: WeightUpdate, scaled: dict) -> None:
+        """The adapter folded into the base weights (the scaled ones, under attention scales),
+        plus the ``scaled`` weights the adapter does not touch."""
         import torch
 
-        from rollout.lora_merge import lora_pairs, merge_lora
+        from rollout.lora_merge import fused_siblings, lora_pairs, merge_lora
 
+        dtype = getattr(torch, self.settings.dtype)
         if self._base is None:
-            self._base = load_base_weights(self.model_path, set(lora_pairs(update.tensors)))
-        self._reload(merge_lora(self._base, update.tensors, update.config, getattr(torch, self.settings.dtype)))
+            adapted = set(lora_pairs(update.tensors))
+            self._base = load_base_weights(self.model_path, adapted | fused_siblings(adapted))
+        base = self._base | {k: v for k, v in self._scales.current().items() if k in self._base}
+        merged = merge_lora(base, update.tensors, update.config, dtype)
+        # the unadapted parts of fused matrices go with them; scaled weights the adapter lacks too
+        self._reload(merged | {k: v.to(dtype) for k, v in (base | scaled).items() if k not in merged})
 
     def generate(self, prompt_token_ids: Sequence[Sequence[int]], sampling: SamplingSettings, base: bool = False) -> list[list[Completion]]:
         from vllm import SamplingParams
@@ -300,6 +367,7 @@ class HFEngine:
         self.base.eval()
         self.model = None
         self._full = False  # full weights loaded into the base model
+        self._scales = AttentionScales(model_path)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self._generator = torch.Generator().manual_seed(seed)
 
@@ -322,7 +390,18 @@ class HFEngine:
                 self.model = PeftModel.from_pretrained(self.base, str(write_adapter(update, Path(folder))))
         else:
             set_peft_model_state_dict(self.model, update.tensors)
+        self._set_base_weights(self._scales.changed_weights(update))
         self.model.eval()
+
+    def _set_base_weights(self, weights: dict) -> None:
+        """Base weights by HF name, copied in place (under PEFT: into the frozen base layer)."""
+        import torch
+
+        modules = dict(self.base.named_modules())
+        with torch.no_grad():
+            for name, value in weights.items():
+                module = modules[name.removesuffix(".weight")]
+                getattr(module, "base_layer", module).weight.copy_(value)
 
     def serve_base(self) -> None:
         self.model = self.base

@@ -12,6 +12,9 @@ import math
 import torch
 
 _PEFT_PREFIX = "base_model.model."
+# projections vLLM stores as one fused matrix: reloading one of them in place without the
+# others leaves the others' shards wrong (k and v garbage after a q_proj-only reload)
+FUSED_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
 
 def lora_scaling(config: dict) -> float:
@@ -33,6 +36,19 @@ def lora_pairs(adapter: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor
     if not pairs:
         raise ValueError("adapter holds no LoRA tensors (expected keys with '.lora_A.')")
     return pairs
+
+
+def fused_siblings(names: set[str]) -> set[str]:
+    """The weights fused with ``names`` in vLLM (``...q_proj.weight`` -> its k_proj and
+    v_proj) that ``names`` lacks: a merged reload must carry them too."""
+    siblings = set()
+    for name in names:
+        module, _, leaf = name.rpartition(".")
+        parent, _, projection = module.rpartition(".")
+        for group in FUSED_GROUPS:
+            if projection in group:
+                siblings |= {f"{parent}.{other}.{leaf}" for other in group}
+    return siblings - names
 
 
 def merge_lora(

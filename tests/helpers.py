@@ -20,12 +20,13 @@ def learner_settings(
     temperature: float = 1.0,
     gradient_checkpointing: bool = False,
     trainable_modules: tuple[str, ...] = (),
+    attention_controls: bool = False,
     **algorithm,
 ) -> LearnerSettings:
     """A test learner's settings: ``algorithm`` overrides the section's knobs, on top of no
     KL and a token-mean loss (what most hand-computed checks assume)."""
     knobs = AlgorithmSettings(**{"kl_coef": 0.0, "loss_agg": "token-mean", **algorithm})
-    return LearnerSettings(model_path, knobs, lora, dtype, temperature, total_steps, seed, threads, gradient_checkpointing, trainable_modules)
+    return LearnerSettings(model_path, knobs, lora, dtype, temperature, total_steps, seed, threads, gradient_checkpointing, trainable_modules, attention_controls)
 
 
 def free_port() -> int:
