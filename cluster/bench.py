@@ -99,6 +99,7 @@ LEARNER_VARIANTS = {
     "gspo": {"policy_loss": "gspo", "loss_agg": "seq-mean-token-mean"},
     "reinforce++(kl-reward)": {"advantage": "reinforce++", "kl_coef": 0.04, "kl_mode": "reward"},
     "ppo-gae-critic": {"advantage": "gae"},
+    "token-sac": {"policy_loss": "sac"},
     "grpo-2-epochs-x-2-minibatches": {"ppo_epochs": 2, "mini_batch_size": 0},
     "full-weights": {"full_weights": True},
 }

@@ -345,6 +345,12 @@ def check_config(config: Config) -> None:
         problems.append(f"model.train={m.train} sends model weights, not an adapter: set generator.adapter_mode=merged")
     if (m.train == "modules") != bool(m.trainable_modules):
         problems.append("model.train=modules trains model.trainable_modules (e.g. [lm_head]): set both, or neither")
+    if a.policy_loss == "sac" and m.train != "lora":
+        problems.append("algorithm.policy_loss=sac trains a LoRA critic (the value head) beside the policy: set model.train=lora")
+    if a.policy_loss == "sac" and a.sac_alpha <= 0:
+        problems.append(f"algorithm.sac_alpha must be > 0 (the soft Q-function's temperature), got {a.sac_alpha}")
+    if a.policy_loss == "sac" and (a.actor_reward_weight > 0 or a.objective != "ppo"):
+        problems.append("algorithm.policy_loss=sac is the rollout objective on its own: it takes no actor_reward_weight and needs objective=ppo")
     if a.policy_loss == "pg" and a.ppo_epochs > 1:
         problems.append("algorithm.policy_loss=pg has no ratio, so it is on-policy only: set algorithm.ppo_epochs=1")
     if a.kl_target is not None and a.kl_coef <= 0:

@@ -23,7 +23,7 @@ import torch
 
 LossAggregation = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "token-sum-norm"]
 KLEstimator = Literal["k1", "k2", "k3", "abs", "k1+", "k3+"]
-PolicyLossType = Literal["ppo", "gspo", "pg"]
+PolicyLossType = Literal["ppo", "gspo", "pg", "sac"]
 OutcomeEstimator = Literal["grpo", "dr-grpo", "rloo", "reinforce++-baseline", "batch-std"]
 TokenEstimator = Literal["reinforce++", "gae"]
 AdvantageEstimator = Literal["grpo", "dr-grpo", "rloo", "reinforce++-baseline", "batch-std", "reinforce++", "gae"]
@@ -319,6 +319,73 @@ def value_loss(
             "train/value_loss": loss.item(),
             "train/value_clip_fraction": clipped_fraction.item(),
             "train/value_mean": masked_mean(values.detach(), mask).item(),
+        }
+    return loss, metrics
+
+
+def soft_lambda_values(rewards: torch.Tensor, soft_penalty: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, lam: float) -> torch.Tensor:
+    """The soft lambda-value of each token's next state, sg(V^lambda(s_{t+1})): [B, T] (0 after
+    the last token). With r~_k = r_k - alpha * log(pi / pi_ref)(a_k | s_k), the soft reward:
+
+        V^lambda(s_t) = (1 - lambda) * V(s_t) + lambda * (r~_t + V^lambda(s_{t+1})),  V^lambda(s_T) = 0
+
+    lambda = 0: the critic's V(s_{t+1}) (one-step TD); lambda = 1: the soft Monte-Carlo return."""
+    soft_rewards = (rewards - soft_penalty) * mask
+    out = torch.zeros_like(values)
+    following = torch.zeros(values.shape[0], dtype=values.dtype)  # V^lambda(s_{t+1})
+    for t in reversed(range(values.shape[1])):
+        out[:, t] = following * (mask[:, t + 1] if t + 1 < values.shape[1] else 0.0)
+        following = ((1 - lam) * values[:, t] + lam * (soft_rewards[:, t] + following)) * mask[:, t]
+    return out
+
+
+def soft_consistency_loss(
+    logprobs: torch.Tensor,
+    ref_logprobs: torch.Tensor,
+    values: torch.Tensor,
+    rewards: torch.Tensor,
+    mask: torch.Tensor,
+    alpha: float,
+    lam: float = 1.0,
+    num_tokens: float | None = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Token-level soft actor-critic (``policy_loss: sac``): the soft Bellman residual of a soft
+    Q-function carried by the policy itself and a value head.
+
+    logprobs (with gradient), ref_logprobs, values (with gradient): [B, T]; rewards: [B], each
+    sequence's, received with its last token; mask: [B, T]. Tokens are deterministic
+    transitions (s_{t+1} = s_t + a_t), gamma = 1, and SAC's entropy bonus is the KL to the
+    reference (the frozen base; a uniform prior over 49k tokens would pay for noise):
+
+        Q(s_t, a_t) = alpha * log(pi / pi_ref)(a_t | s_t) + V(s_t)
+
+    so that pi = pi_ref * exp((Q - V) / alpha), SAC's actor update, holds by construction (soft
+    Q-learning with the policy as the Q-function's advantage part). One residual trains both,
+    against SAC's soft target r_t + V(s_{t+1}) with the next state's soft value taken as a
+    lambda-return (``soft_lambda_values``; detached):
+
+        delta_t = alpha * log(pi / pi_ref)(a_t | s_t) + V(s_t) - r_t - sg(V^lambda(s_{t+1}))
+        loss = 0.5 * sum_t delta_t^2 / N_tokens
+
+    The policy's gradient at token t is alpha * delta_t: an actor-critic step with the soft TD
+    error as (minus) the advantage. With a reward only at the end, lambda = 0 credits a token
+    only once the critic has learned the value of what follows it (on the toy test it never
+    learned); lambda near 1 credits every token with the sequence's reward at once, as GRPO
+    does, the critic as its baseline. The residual holds for any sampled sequence (off-policy,
+    as SAC's replay needs). Deviations from SAC: one critic, the target a detached lambda-return
+    rather than a Polyak target network, alpha fixed (no entropy-target tuning).
+    """
+    token_rewards = outcome_token_rewards(rewards, mask)
+    log_ratio = (logprobs - ref_logprobs) * mask
+    next_values = soft_lambda_values(token_rewards, alpha * log_ratio.detach(), values.detach(), mask, lam)
+    delta = (alpha * log_ratio + values - token_rewards - next_values) * mask
+    loss = 0.5 * aggregate_loss(delta.square(), mask, "token-mean", num_tokens=num_tokens)
+    with torch.no_grad():
+        metrics = {
+            "train/sac_loss": loss.item(),
+            "train/soft_q_mean": masked_mean(alpha * log_ratio + values, mask).item(),
+            "train/value_mean": masked_mean(values, mask).item(),
+            "train/td_error_abs_mean": masked_mean(delta.abs(), mask).item(),
         }
     return loss, metrics
 

@@ -9,6 +9,8 @@ gradients) and the loss of each micro-batch (``loss``), and keeps its own state 
 - ``ppo``: the PPO family over a rollout batch: PPO / GSPO / plain policy-gradient losses with
   any advantage estimator, KL to the reference as a loss or a reward penalty, entropy bonus,
   truncated importance sampling, and GAE's critic.
+  With ``policy_loss: sac`` the rollout objective is token-level soft actor-critic instead
+  (``SoftActorCriticObjective``).
 - ``sft``: supervised fine-tuning: the negative log-likelihood of the completion tokens (for
   example the run's own verified solutions), averaged over the batch's tokens.
 """
@@ -34,6 +36,7 @@ from learners.algorithms import (
     masked_whiten,
     outcome_token_rewards,
     policy_loss,
+    soft_consistency_loss,
     truncated_is_weights,
     value_loss,
 )
@@ -278,6 +281,60 @@ class PolicyGradientObjective:
             self.kl.coef = state["kl_coef"]
 
 
+class SoftActorCriticObjective:
+    """Token-level soft actor-critic on a rollout batch (``algorithm.policy_loss: sac``; the
+    math and what deviates from SAC: ``learners.algorithms.soft_consistency_loss``).
+
+    1. prepare (no gradients): the reference's log-probs of the sampled tokens;
+    2. loss per micro-batch: the soft consistency error of the policy (log-probs at the sampling
+       temperature) and the critic (a second LoRA adapter with a value head, as GAE's) against
+       each sequence's raw reward. The advantages in the batch are not used: the critic is the
+       baseline. ``ppo_epochs`` > 1 replays the batch (sound: the consistency holds off-policy).
+    """
+
+    def __init__(self, algorithm: AlgorithmSettings, temperature: float):
+        self.settings = algorithm
+        self.temperature = temperature
+        self.epochs = algorithm.ppo_epochs
+
+    def prepare(self, learner: Learner, batch: TrainBatch) -> Prepared:
+        rows: dict[str, list[torch.Tensor]] = {"generator": [torch.tensor(r, dtype=torch.float32) for r in batch.old_logprobs], "reference": []}
+        learner.policy.model.eval()
+        for lengths, packed in learner.packed_micro_batches(batch):
+            reference = learner.policy.reference_forward(packed, self.temperature)
+            rows["reference"] += [reference[i, :n].clone() for i, n in enumerate(lengths)]
+        return Prepared(rows)
+
+    def loss(self, learner: Learner, batch: TrainBatch, rows: list[int], prepared: Prepared, num_tokens: float, num_sequences: float):
+        part = batch.select(rows)
+        packed = pack(part.prompt_token_ids, part.completion_token_ids, learner.policy.pad_id)
+        mask = packed.response_mask
+        width = mask.shape[1]
+        logprobs, entropy = learner.policy.forward(packed, self.temperature, with_entropy=True)
+        reference = padded([prepared.rows["reference"][i] for i in rows], width)
+        values = learner.policy.values(packed)
+        s = self.settings
+        loss, metrics = soft_consistency_loss(logprobs, reference, values, torch.tensor(part.rewards), mask, s.sac_alpha, s.sac_lambda, num_tokens)
+        with torch.no_grad():
+            generator = padded([prepared.rows["generator"][i] for i in rows], width)
+            sampled = mask * torch.tensor([not r for r in part.replayed], dtype=mask.dtype).unsqueeze(-1)
+            metrics |= {
+                "train/kl": masked_mean(logprobs.detach() - reference, mask).item(),
+                "train/entropy": masked_mean(entropy, mask).item(),
+                "train/logprob_mismatch": masked_mean((logprobs.detach() - generator).abs(), sampled).item(),
+            }
+        return loss, metrics
+
+    def finish(self, metrics: dict[str, float], global_rows: int) -> dict[str, float]:
+        return {}
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
 class SupervisedObjective:
     """Supervised fine-tuning on the batch's completions (self-improvement on verified
     solutions): NLL = -sum of the completion tokens' log-probs / the global token count.
@@ -315,6 +372,7 @@ class SupervisedObjective:
 
 # name -> how a learner builds it from its algorithm settings and sampling temperature
 OBJECTIVES: dict[ObjectiveName, Callable[[AlgorithmSettings, float], Objective]] = {
-    "ppo": PolicyGradientObjective,
+    # the rollout objective: the PPO family, or token-level SAC when policy_loss names it
+    "ppo": lambda algorithm, temperature: (SoftActorCriticObjective if algorithm.policy_loss == "sac" else PolicyGradientObjective)(algorithm, temperature),
     "sft": lambda algorithm, temperature: SupervisedObjective(algorithm.sft_epochs),
 }

@@ -44,6 +44,11 @@ class AlgorithmSettings:
     # token-sum-norm's divisor (Dr. GRPO: the generation budget); None = the batch's longest completion
     loss_norm_constant: float | None = None
     entropy_coef: float = 0.0
+    # policy_loss=sac (README: "SAC for the language model"): the temperature of the KL to the
+    # reference in the soft Q-function (the soft optimum is pi_ref * exp(Q / alpha): scale it to the
+    # rewards), and the lambda of its soft target (0: one-step TD, 1: the soft Monte-Carlo return)
+    sac_alpha: float = 0.01
+    sac_lambda: float = 1.0
     # Markovian CoT (README: "Markovian chain-of-thought training"): > 0 rewards a CoT by the policy's
     # own answer log-prob and adds its chain-rule term -w * log pi(answer | CoT) / sigma(group rewards)
     actor_reward_weight: float = 0.0
@@ -72,11 +77,11 @@ class AlgorithmSettings:
 
     @property
     def uses_critic(self) -> bool:
-        return self.advantage == "gae"
+        return self.advantage == "gae" or self.policy_loss == "sac"
 
     @property
     def uses_reference(self) -> bool:
-        return self.kl_coef > 0
+        return self.kl_coef > 0 or self.policy_loss == "sac"
 
 
 @dataclass(frozen=True)

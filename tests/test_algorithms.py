@@ -23,6 +23,8 @@ from learners.algorithms import (
     kl_penalty,
     masked_mean,
     policy_loss,
+    soft_consistency_loss,
+    soft_lambda_values,
     token_logprobs,
 )
 
@@ -325,3 +327,43 @@ def test_cosine_schedule():
     assert cosine_schedule(2, 10, warmup_steps=2) == 1.0
     assert cosine_schedule(6, 10, warmup_steps=2) == pytest.approx(0.5)
     assert cosine_schedule(10, 10, warmup_steps=2, min_ratio=0.1) == pytest.approx(0.1)
+
+
+def soft_inputs():
+    """One sequence of two tokens and a padded third: log pi = [-1, -2], log pi_ref = [-1.5, -1.5]
+    (log-ratios [0.5, -0.5]), V = [0.2, 0.4], reward 1 at the last token, alpha = 0.5."""
+    logprobs = torch.tensor([[-1.0, -2.0, 0.0]], requires_grad=True)
+    values = torch.tensor([[0.2, 0.4, 9.0]], requires_grad=True)
+    return logprobs, torch.tensor([[-1.5, -1.5, 0.0]]), values, torch.tensor([1.0]), torch.tensor([[1.0, 1.0, 0.0]])
+
+
+def test_soft_lambda_values_hand_computed():
+    rewards, penalty, values, mask = torch.tensor([[0.0, 1.0, 0.0]]), torch.tensor([[0.25, -0.25, 0.0]]), torch.tensor([[0.2, 0.4, 9.0]]), torch.tensor([[1.0, 1.0, 0.0]])
+    # V^l(s_1) = (1 - l) * 0.4 + l * (1 - (-0.25)); V^l(s_2) = 0 (after the last token)
+    for lam, expected in ((0.0, 0.4), (0.5, 0.825), (1.0, 1.25)):
+        torch.testing.assert_close(soft_lambda_values(rewards, penalty, values, mask, lam), torch.tensor([[expected, 0.0, 0.0]]))
+
+
+@pytest.mark.parametrize("lam, delta0", [(0.0, 0.05), (1.0, -0.8)])
+def test_soft_consistency_loss_hand_computed(lam, delta0):
+    """delta_t = alpha * log_ratio_t + V_t - r_t - V^l(s_{t+1}):
+    delta_1 = 0.5 * -0.5 + 0.4 - 1 - 0 = -0.85 (the last token); delta_0 = 0.25 + 0.2 - V^l(s_1)."""
+    logprobs, ref, values, rewards, mask = soft_inputs()
+    loss, metrics = soft_consistency_loss(logprobs, ref, values, rewards, mask, alpha=0.5, lam=lam)
+    assert loss.item() == pytest.approx(0.5 * (delta0**2 + 0.85**2) / 2)
+    loss.backward()
+    # d loss / d log pi_t = alpha * delta_t / N; d loss / d V_t = delta_t / N (the bootstrap is detached)
+    torch.testing.assert_close(logprobs.grad, torch.tensor([[0.5 * delta0 / 2, 0.5 * -0.85 / 2, 0.0]]))
+    torch.testing.assert_close(values.grad, torch.tensor([[delta0 / 2, -0.85 / 2, 0.0]]))
+    assert metrics["train/td_error_abs_mean"] == pytest.approx((abs(delta0) + 0.85) / 2)
+    assert metrics["train/soft_q_mean"] == pytest.approx((0.25 + 0.2 - 0.25 + 0.4) / 2)
+
+
+def test_soft_consistency_is_zero_at_the_soft_optimum():
+    """V = the soft value (V_1 = r - alpha * log_ratio_1 = 1.25, V_0 = V_1 - alpha * log_ratio_0 =
+    1.0): every residual vanishes, for any lambda."""
+    logprobs, ref, _, rewards, mask = soft_inputs()
+    values = torch.tensor([[1.0, 1.25, 0.0]])
+    for lam in (0.0, 0.7, 1.0):
+        loss, _ = soft_consistency_loss(logprobs, ref, values, rewards, mask, alpha=0.5, lam=lam)
+        assert loss.item() == pytest.approx(0.0, abs=1e-12)

@@ -61,5 +61,5 @@ def test_bench_learner_times_variants_against_grpo(capsys):
 
 
 def test_bench_learner_rejects_unknown_variant(capsys):
-    assert main(["bench", "learner", "--model", "tiny", "--variants", "sac"]) == 2
-    assert "sac" in capsys.readouterr().err
+    assert main(["bench", "learner", "--model", "tiny", "--variants", "trpo"]) == 2
+    assert "trpo" in capsys.readouterr().err

@@ -65,6 +65,8 @@ def test_missing_file(tmp_path):
     [
         (["algorithm.advantage=gae", "model.train=full"], "algorithm.advantage=gae"),
         (["model.train=full", "generator.adapter_mode=lora"], "generator.adapter_mode=merged"),
+        (["algorithm.policy_loss=sac", "model.train=full", "generator.adapter_mode=merged"], "policy_loss=sac trains a LoRA critic"),
+        (["algorithm.policy_loss=sac", "algorithm.sac_alpha=0"], "algorithm.sac_alpha must be > 0"),
         (["algorithm.policy_loss=pg", "algorithm.ppo_epochs=2"], "algorithm.ppo_epochs=1"),
         (["algorithm.kl_target=0.01", "algorithm.kl_coef=0"], "algorithm.kl_target"),
         (["algorithm.advantage=rloo", "rollout.group_size=1"], "rollout.group_size"),

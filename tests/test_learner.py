@@ -52,6 +52,7 @@ VARIANTS = {
     "kl-loss+entropy": {"kl_coef": 0.1, "kl_estimator": "k2", "entropy_coef": 0.01},
     "reinforce++-kl-reward": {"advantage": "reinforce++", "kl_coef": 0.1, "kl_mode": "reward", "kl_estimator": "k1"},
     "gae-critic": {"advantage": "gae", "lam": 0.9},
+    "token-sac": {"policy_loss": "sac", "sac_alpha": 0.1},
 }
 
 

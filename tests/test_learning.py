@@ -28,7 +28,12 @@ FAMILIES = {
     # one update per batch: token-level whitened advantages with 2 epochs (or 2 mini-batches)
     # collapse this toy task at every lr tried, while GRPO with 2 mini-batches reaches reward 1.0
     "ppo-critic": dict(lr=1.5e-2, critic_lr=3e-3, advantage="gae", lam=1.0),
+    # token-level soft actor-critic: the policy and a value head fit the soft Bellman consistency
+    "token-sac": dict(lr=3e-3, critic_lr=3e-3, policy_loss="sac", sac_alpha=0.002, sac_lambda=1.0),
 }
+# the rise each family must show over the run: token-level SAC learns (~0.01 -> ~0.09) but far
+# more slowly than GRPO (~0.06 -> ~0.6; README: "SAC for the language model")
+MARGINS = {"token-sac": 0.04}
 
 
 @pytest.mark.slow
@@ -61,4 +66,4 @@ def test_reward_rises_for_target_token(family):
         rewards.append(sum(v.reward for v in verdicts) / len(verdicts))
     first, last = sum(rewards[:5]) / 5, sum(rewards[-5:]) / 5
     print(f"\n{family}: mean reward first 5 steps {first:.3f}, last 5 steps {last:.3f}")
-    assert last > first + 0.25, rewards
+    assert last > first + MARGINS.get(family, 0.25), rewards
