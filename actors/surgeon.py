@@ -111,6 +111,9 @@ class Surgeon:
             .rl_module(model_config={"fcnet_hiddens": list(s.hidden), "head_fcnet_hiddens": []})
         )
         self.algo = self.config.build_algo()
+        # RLlib draws the replay buffer's samples from an unseeded generator: seed it, so a run's
+        # surgeon is reproducible (and saved with the checkpoint)
+        self.buffer.rng = np.random.default_rng(seed)
         self.env = SurgeonEnv(self.env_config)  # its spaces
         self.transitions = 0
         self.updates = 0
@@ -194,7 +197,8 @@ class Surgeon:
             archive = io.BytesIO()
             with tarfile.open(fileobj=archive, mode="w") as tar:
                 tar.add(str(Path(folder) / "algorithm"), arcname="algorithm")
-        extra = {"buffer": self.buffer.get_state(), "transitions": self.transitions, "updates": self.updates, "rng": self._rng.bit_generator.state}
+        rngs = {"rng": self._rng.bit_generator.state, "buffer_rng": self.buffer.rng.bit_generator.state}
+        extra = {"buffer": self.buffer.get_state(), "transitions": self.transitions, "updates": self.updates, **rngs}
         return pickle.dumps({"algorithm": archive.getvalue(), **extra})
 
     def load_state(self, blob: bytes) -> None:
@@ -206,6 +210,7 @@ class Surgeon:
         self.buffer.set_state(state["buffer"])
         self.transitions, self.updates = state["transitions"], state["updates"]
         self._rng.bit_generator.state = state["rng"]
+        self.buffer.rng.bit_generator.state = state["buffer_rng"]
 
     def stop(self) -> None:
         self.algo.stop()

@@ -590,6 +590,8 @@ class Trainer:
         self.lr_scale = 1.0
         self.last_eval = self.first_eval
         self.run_dir.forget_after(0)
+        if self.surgery is not None:  # a new learner group starts at identity scales
+            self.surgery.rewind(self.learners.attention_scales())
         self.broadcast()
 
     # -- faults ---------------------------------------------------------------------------

@@ -104,10 +104,10 @@ class PhaseSchedule:
 class Surgery:
     """The surgeon actor, its environment (stepped through the run) and its pending metrics."""
 
-    def __init__(self, settings: SurgeonSettings, scales: torch.Tensor, seed: int, options: dict | None = None):
+    def __init__(self, settings: SurgeonSettings, scales: torch.Tensor, seed: int):
         layers, heads = scales.shape
         self.settings = settings
-        self.actor = surgeon_actor(settings.num_cpus).options(**(options or {})).remote(settings, layers, heads, seed)
+        self.actor = surgeon_actor(settings.num_cpus).remote(settings, layers, heads, seed)
         self.env = SurgeonEnv(settings.env_config(layers, heads))
         self.observation: np.ndarray | None = None  # None: the environment needs a reset
         self.recent: list[dict] = []  # the last steps' metrics (the reset window)

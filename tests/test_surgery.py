@@ -229,7 +229,7 @@ def test_surgeon_learns_a_bandit_and_survives_a_checkpoint(ray_cluster):
     obs = np.zeros(surgeon.env.observation_space.shape, np.float32)
     start = np.abs(surgeon.act(obs, explore=False) - 0.5).mean()
     losses = []
-    for _ in range(120):
+    for _ in range(200):
         action = surgeon.act(obs)
         metrics = surgeon.observe(obs, action, -float(np.mean((action - 0.5) ** 2)), obs)
         assert np.all(np.abs(action) <= 1.0)
@@ -237,12 +237,14 @@ def test_surgeon_learns_a_bandit_and_survives_a_checkpoint(ray_cluster):
             losses.append(metrics["sac/critic_loss"])
     assert {"sac/actor_loss", "sac/alpha", "sac/entropy", "sac/q_mean", "sac/td_error_mean"} <= set(metrics)
     end = np.abs(surgeon.act(obs, explore=False) - 0.5).mean()
-    assert end < start / 2 and end < 0.15, (start, end)
+    assert end < start / 3 and end < 0.1, (start, end)  # seeds 0-3: 0.30-0.62 -> 0.02-0.04
     assert np.mean(losses[-10:]) < np.mean(losses[:10])
     clone = Surgeon(settings, layers=2, heads=2, seed=7)
     clone.load_state(surgeon.state())
     np.testing.assert_allclose(clone.act(obs, explore=False), surgeon.act(obs, explore=False), rtol=1e-6)
-    assert clone.transitions == 120 and clone.buffer.get_num_timesteps() == 120
+    assert clone.transitions == 200 and clone.buffer.get_num_timesteps() == 200
+    # the replay buffer's draws continue as they would have (its generator is seeded and saved)
+    assert clone.buffer.rng.random() == surgeon.buffer.rng.random()
 
 
 # -- the three phases on real actors ----------------------------------------------------------
