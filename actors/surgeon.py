@@ -17,7 +17,6 @@ takes the learner's new weights. What is not RLlib's: the loop around it (RLlib'
 from __future__ import annotations
 
 import io
-import logging
 import math
 import pickle
 import tarfile
@@ -28,9 +27,8 @@ from pathlib import Path
 import numpy as np
 import ray
 
-from learners.surgery import Granularity, SurgeonEnv
-
-logger = logging.getLogger(__name__)
+from learners.surgeon_env import SurgeonEnv
+from learners.surgery import Granularity
 
 
 @dataclass(frozen=True)
@@ -89,10 +87,10 @@ class Surgeon:
         from ray.rllib.algorithms.sac import SACConfig
 
         self.settings = s = settings
-        self.env_config = s.env_config(layers, heads)
+        env_config = s.env_config(layers, heads)
         self.config = (
             SACConfig()
-            .environment(SurgeonEnv, env_config=self.env_config)
+            .environment(SurgeonEnv, env_config=env_config)
             .env_runners(num_env_runners=0)
             .learners(num_learners=0)
             .debugging(seed=seed)
@@ -114,7 +112,7 @@ class Surgeon:
         # RLlib draws the replay buffer's samples from an unseeded generator: seed it, so a run's
         # surgeon is reproducible (and saved with the checkpoint)
         self.buffer.rng = np.random.default_rng(seed)
-        self.env = SurgeonEnv(self.env_config)  # its spaces
+        self.env = SurgeonEnv(env_config)  # its spaces
         self.transitions = 0
         self.updates = 0
         self._rng = np.random.default_rng(seed)
@@ -175,15 +173,14 @@ class Surgeon:
 
         s = self.settings
         episodes = self.buffer.sample(num_items=s.batch_size, n_step=1, gamma=s.gamma, beta=0.4, sample_episodes=True)
-        results = self.algo.learner_group.update(episodes=episodes, timesteps={})[0][DEFAULT_MODULE_ID]
-        peek = lambda v: float(np.mean(v.peek() if hasattr(v, "peek") else v))  # noqa: E731
+        results = {k: _value(v) for k, v in self.algo.learner_group.update(episodes=episodes, timesteps={})[0][DEFAULT_MODULE_ID].items()}
         if TD_ERROR_KEY in results:
-            td = np.asarray(results.pop(TD_ERROR_KEY).peek() if hasattr(results[TD_ERROR_KEY], "peek") else results.pop(TD_ERROR_KEY)).reshape(-1)
+            td = np.asarray(results.pop(TD_ERROR_KEY)).reshape(-1)
             update_priorities_in_episode_replay_buffer(replay_buffer=self.buffer, td_errors={DEFAULT_MODULE_ID: {TD_ERROR_KEY: td}})
         self.updates += 1
-        out = {name: peek(results[key]) for key, name in SAC_METRICS.items() if key in results}
+        out = {name: float(np.mean(results[key])) for key, name in SAC_METRICS.items() if key in results}
         if "logps" in results:  # the policy's entropy estimate: -E[log pi(a|s)]
-            out["sac/entropy"] = -peek(results["logps"])
+            out["sac/entropy"] = -float(np.mean(results["logps"]))
         return {k: v for k, v in out.items() if math.isfinite(v)}
 
     # -- checkpoints ----------------------------------------------------------------------
@@ -212,8 +209,10 @@ class Surgeon:
         self._rng.bit_generator.state = state["rng"]
         self.buffer.rng.bit_generator.state = state["buffer_rng"]
 
-    def stop(self) -> None:
-        self.algo.stop()
+
+def _value(result):
+    """A learner result's value (RLlib wraps most in a stats object that ``peek``s)."""
+    return result.peek() if hasattr(result, "peek") else result
 
 
 class SurgeonActor:

@@ -296,10 +296,10 @@ class Trainer:
             if self.config.generator.sleep_mode:
                 with timer("generator_sleep"):  # colocated: the learner takes the memory
                     self.generators.sleep()
-            learns = self.phases.language_model_learns(step) and len(batch) > 0  # a surgery phase pauses GRPO
+            learns = self.phases.language_model_learns(step)  # a surgery phase pauses GRPO
             learn_start = time.time()
             with timer("learn"):
-                learn_metrics = self.learners.step(batch, self.config.algorithm.objective) if learns else EMPTY_LEARN_METRICS
+                learn_metrics = self.learners.step(batch, self.config.algorithm.objective) if learns and len(batch) else EMPTY_LEARN_METRICS
             self.timeline.append(("learn", step, learn_start, time.time()))
             if self.config.generator.sleep_mode:
                 with timer("generator_wake"):

@@ -495,8 +495,7 @@ def _schedule_table(rows: list[dict], names: list[str]) -> list[str]:
         inside = [r for r in rows if first <= r["step"] <= end]
         cells = []
         for metric, _, how in SCHEDULE_COLUMNS:
-            _, values = series(inside, metric)
-            values = [v for v in values if math.isfinite(v)]
+            _, values = series(inside, metric)  # finite values only
             cells.append("-" if not values else f"{values[-1]:.4g}" if how == "last" else f"{statistics.mean(values):.4g}")
         lines.append(f"| {starts[first]} | {first}-{end} | " + " | ".join(cells) + " |")
     return lines

@@ -34,7 +34,7 @@ import ray
 import torch
 
 from actors.surgeon import SurgeonSettings, surgeon_actor
-from learners.surgery import SurgeonEnv
+from learners.surgeon_env import SurgeonEnv
 
 logger = logging.getLogger(__name__)
 

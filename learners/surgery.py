@@ -1,5 +1,5 @@
 """Attention surgery: the continuous controls a SAC "surgeon" acts on while GRPO trains the
-language model, and the gymnasium environment it acts in.
+language model, and the pure parts of the environment it acts in (``learners.surgeon_env``).
 
 The controls are one scale per layer and attention head on the head's share of the attention
 output through the frozen base projection: ``o_proj(x) = W_o diag(s) x + lora(x)``, with
@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Callable, Literal, Sequence
+from typing import Literal, Sequence
 
 import numpy as np
 import torch
@@ -57,21 +57,21 @@ class AttentionControls:
         self.num_layers, self.num_heads = config.num_hidden_layers, config.num_attention_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.num_heads
         self.scales = torch.ones(self.num_layers, self.num_heads)
+        self._columns: list[torch.Tensor | None] = [None] * self.num_layers  # per layer: s repeated over its columns; None at identity
         self._active = True
-        self._handles = []
         for index, layer in enumerate(causal_lm.model.layers):
             linear = layer.self_attn.o_proj
             linear = getattr(linear, "base_layer", linear)  # under PEFT: the frozen base, not the LoRA branch
-            self._handles.append(linear.register_forward_pre_hook(self._hook(index)))
+            linear.register_forward_pre_hook(self._hook(index))
 
     def _hook(self, layer: int):
         def scale_input(module, args):
-            if not self._active or bool((self.scales[layer] == 1.0).all()):
+            columns = self._columns[layer]
+            if not self._active or columns is None:
                 return None
             (x, *rest) = args
             # x @ (W diag(s)).T == (x * s) @ W.T, s repeated over each head's columns
-            column_scales = self.scales[layer].repeat_interleave(self.head_dim).to(device=x.device, dtype=x.dtype)
-            return (x * column_scales, *rest)
+            return (x * columns.to(device=x.device, dtype=x.dtype), *rest)
 
         return scale_input
 
@@ -82,6 +82,7 @@ class AttentionControls:
         if not bool(torch.isfinite(scales).all()) or bool((scales <= 0).any()):
             raise ValueError("attention scales must be finite and positive")
         self.scales = scales.clone()
+        self._columns = [None if bool((row == 1).all()) else row.repeat_interleave(self.head_dim) for row in self.scales]
 
     @contextlib.contextmanager
     def bypass(self):
@@ -118,10 +119,8 @@ def observation(window: Sequence[dict], scales: np.ndarray, granularity: Granula
     """The surgeon's view after a window of steps: the mean of each observed metric over the
     window (NaN and missing read 0), then the controls' deviations from identity (per layer:
     the mean over its heads)."""
-    stats = []
-    for key in OBSERVED_METRICS:
-        values = [float(m[key]) for m in window if key in m and m[key] is not None and math.isfinite(float(m[key]))]
-        stats.append(sum(values) / len(values) if values else 0.0)
+    means = [window_mean(window, key) for key in OBSERVED_METRICS]
+    stats = [mean if math.isfinite(mean) else 0.0 for mean in means]
     controls = scales.mean(axis=1) if granularity == "layer" else scales.reshape(-1)
     return np.concatenate([np.asarray(stats, dtype=np.float32), (controls - 1.0).astype(np.float32)])
 
@@ -134,68 +133,3 @@ def window_mean(window: Sequence[dict], metric: str) -> float:
     """The mean of ``metric`` over the window's steps that report it finitely (NaN if none)."""
     values = [float(m[metric]) for m in window if m.get(metric) is not None and math.isfinite(float(m[metric]))]
     return sum(values) / len(values) if values else float("nan")
-
-
-try:  # gymnasium ships with ray[rllib]; the environment needs it, the controls do not
-    import gymnasium as _gym
-except ImportError:  # pragma: no cover
-    _gym = None
-
-
-class SurgeonEnv(_gym.Env if _gym is not None else object):
-    """The surgeon's environment: one step = one change of the attention scales, then
-    ``horizon`` steps of the language-model run (see the module docstring).
-
-    ``run_window(scales)`` is the run: it applies the scales, runs up to ``horizon`` steps and
-    returns their metrics (fewer when a phase or the run ends: a truncation). Without it the
-    environment only describes its spaces (what RLlib needs to build the agent).
-    ``reset(options={"window": [metrics...]})`` starts from the steps before the surgery.
-    """
-
-    metadata: dict = {}
-
-    def __init__(self, config: dict | None = None, run_window: Callable[[np.ndarray], list[dict]] | None = None):
-        config = dict(config or {})
-        self.layers, self.heads = int(config.get("layers", 1)), int(config.get("heads", 1))
-        self.granularity: Granularity = config.get("granularity", "layer")
-        self.horizon = int(config.get("horizon", 1))
-        self.max_delta = float(config.get("max_delta", 0.01))
-        self.bounds = (float(config.get("scale_min", 0.5)), float(config.get("scale_max", 1.5)))
-        self.reward_metric = config.get("reward_metric", "train/reward_mean")
-        self.run_window = run_window
-        n_act = action_size(self.layers, self.heads, self.granularity)
-        n_obs = observation_size(self.layers, self.heads, self.granularity)
-        self.action_space = _gym.spaces.Box(-1.0, 1.0, (n_act,), np.float32)
-        self.observation_space = _gym.spaces.Box(-np.inf, np.inf, (n_obs,), np.float32)
-        self.scales = np.ones((self.layers, self.heads), np.float32)
-        self.baseline = float("nan")  # the metric's mean over the window before the current one
-
-    def reset(self, *, seed: int | None = None, options: dict | None = None):
-        super().reset(seed=seed)
-        options = options or {}
-        window = list(options.get("window", []))
-        if "scales" in options:
-            self.scales = np.asarray(options["scales"], np.float32).reshape(self.layers, self.heads)
-        self.baseline = window_mean(window, self.reward_metric)
-        return observation(window, self.scales, self.granularity), {}
-
-    def step(self, action):
-        if self.run_window is None:
-            raise RuntimeError("this SurgeonEnv describes spaces only: its steps are the training run's (give run_window)")
-        self.scales, delta = apply_action(self.scales, action, self.max_delta, self.bounds, self.granularity)
-        window = self.run_window(self.scales)
-        after = window_mean(window, self.reward_metric)
-        # r = mean(metric | window after the change) - mean(metric | window before); 0 if either is missing
-        reward = after - self.baseline if math.isfinite(after) and math.isfinite(self.baseline) else 0.0
-        if math.isfinite(after):
-            self.baseline = after
-        info = {
-            "surgery/action_magnitude": float(np.abs(delta).mean()),
-            "surgery/reward_improvement": reward,
-            "surgery/scale_mean": float(self.scales.mean()),
-            "surgery/scale_min": float(self.scales.min()),
-            "surgery/scale_max": float(self.scales.max()),
-            "surgery/window_steps": float(len(window)),
-        }
-        truncated = len(window) < self.horizon
-        return observation(window, self.scales, self.granularity), float(reward), False, truncated, info

@@ -100,26 +100,21 @@ class AttentionScales:
         self.model_path = model_path
         self.originals: dict | None = None
         self.applied = None  # the scales the served weights carry (None: identity, as loaded)
+        self.served: dict = {}  # the scaled base weights served ({} while identity, as loaded)
 
     def changed_weights(self, update: WeightUpdate) -> dict:
-        """The scaled base weights when ``update``'s scales differ from the served ones, else {}."""
+        """The scaled base weights when ``update``'s scales differ from the served ones (they
+        become the served ones), else {}."""
         import torch
 
         scales = update.controls.get(ATTENTION_OUTPUT_SCALE)
         if scales is None or (self.applied is None and bool((scales == 1).all())) or (self.applied is not None and torch.equal(scales, self.applied)):
             return {}
-        return self.weights(scales)
-
-    def weights(self, scales) -> dict:
-        """The base weights under ``scales`` (remembered as the ones served)."""
         if self.originals is None:
             self.originals = load_base_weights(self.model_path, set(output_projection_names(len(scales))))
         self.applied = scales.clone()
-        return scale_attention_output(self.originals, scales)
-
-    def current(self) -> dict:
-        """The served scaled weights ({} while the scales are identity)."""
-        return {} if self.applied is None else scale_attention_output(self.originals, self.applied)
+        self.served = scale_attention_output(self.originals, scales)
+        return self.served
 
 
 @dataclass(frozen=True)
@@ -316,7 +311,7 @@ class VLLMEngine:
         if self._base is None:
             adapted = set(lora_pairs(update.tensors))
             self._base = load_base_weights(self.model_path, adapted | fused_siblings(adapted))
-        base = self._base | {k: v for k, v in self._scales.current().items() if k in self._base}
+        base = self._base | {k: v for k, v in self._scales.served.items() if k in self._base}
         merged = merge_lora(base, update.tensors, update.config, dtype)
         # the unadapted parts of fused matrices go with them; scaled weights the adapter lacks too
         self._reload(merged | {k: v.to(dtype) for k, v in (base | scaled).items() if k not in merged})

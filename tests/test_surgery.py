@@ -23,7 +23,8 @@ from cluster.surgery import PhaseConfig, PhaseSchedule
 from contracts import ATTENTION_OUTPUT_SCALE, SamplingSettings, TrainBatch, Verdict
 from helpers import make_learner
 from learners.policy import LoraSettings, pack
-from learners.surgery import AttentionControls, SurgeonEnv, apply_action, observation, window_mean
+from learners.surgeon_env import SurgeonEnv
+from learners.surgery import AttentionControls, apply_action, observation, window_mean
 from rollout.engines import EngineSettings, HFEngine, build_engine, scale_attention_output
 from rollout.lora_merge import fused_siblings
 
