@@ -49,7 +49,7 @@ class ConfigError(ValueError):
 @dataclass
 class ModelConfig:
     path: str = "smollm2"  # "smollm2", "tiny", or a HF model folder
-    dtype: str = "float32"  # the learner's parameter dtype
+    dtype: str = "auto"  # the learner's parameter dtype: "auto" (bf16 for LoRA on bf16 hardware, else fp32), "float32", "bfloat16"
     train: Literal["lora", "full", "modules"] = "lora"  # a LoRA adapter, every weight, or trainable_modules only
     # model.train: modules: parameter-name prefixes trained, the rest frozen (e.g. [lm_head, model.layers.29])
     trainable_modules: list[str] = field(default_factory=list)

@@ -165,17 +165,23 @@ class Learner:
 
     # -- the step ------------------------------------------------------------------------------
 
-    def _micro_batches(self, indices: list[int]):
+    def _micro_batches(self, batch: TrainBatch, indices: list[int]) -> list[list[int]]:
+        """``indices`` in micro-batches of rows of similar length, longest first: a micro-batch
+        is padded to its longest row, so grouping by length leaves little padding (a quarter
+        of the tokens in random order on the TRL benchmark's work), and the first one shows
+        the peak memory. The losses are normalised by global counts: the order changes no
+        gradient beyond float rounding."""
         size = self.algorithm.micro_batch_size
-        for start in range(0, len(indices), size):
-            yield indices[start : start + size]
+        length = lambda i: len(batch.prompt_token_ids[i]) + len(batch.completion_token_ids[i])  # noqa: E731
+        ordered = sorted(indices, key=length, reverse=True)
+        return [ordered[start : start + size] for start in range(0, len(ordered), size)]
 
     def packed_micro_batches(self, batch: TrainBatch):
-        """(completion lengths, packed tensors) for each micro-batch of the whole batch, in order."""
-        for micro in self._micro_batches(list(range(len(batch)))):
+        """(rows, their completion lengths, packed tensors) for each micro-batch of the whole batch."""
+        for micro in self._micro_batches(batch, list(range(len(batch)))):
             part = batch.select(micro)
             packed = pack(part.prompt_token_ids, part.completion_token_ids, self.policy.pad_id)
-            yield [len(c) for c in part.completion_token_ids], packed
+            yield micro, [len(c) for c in part.completion_token_ids], packed
 
     def _update(self, objective, batch: TrainBatch, rows: list[int], prepared: Prepared) -> tuple[bool, dict[str, float]]:
         """One optimizer update over ``rows`` of this rank (all ranks call it in lockstep)."""
@@ -187,7 +193,7 @@ class Learner:
         self.optimizer.zero_grad(set_to_none=False)
         sums: dict[str, float] = {}
         finite = True
-        for micro in self._micro_batches(rows):
+        for micro in self._micro_batches(batch, rows):
             loss, metrics = objective.loss(self, batch, micro, prepared, num_tokens, num_sequences)
             finite = finite and bool(torch.isfinite(loss))
             if finite:
@@ -290,10 +296,11 @@ class Learner:
         """The current policy's log-probs of each completion token, at the sampling temperature
         (what the generators report: rollout/trainer checks)."""
         self.policy.model.eval()
-        out = []
-        for lengths, packed in self.packed_micro_batches(batch):
+        out: list[list[float]] = [[] for _ in range(len(batch))]
+        for rows, lengths, packed in self.packed_micro_batches(batch):
             logprobs, _ = self.policy.forward(packed, self.settings.temperature)
-            out += [logprobs[i, :n].tolist() for i, n in enumerate(lengths)]
+            for i, (row, n) in enumerate(zip(rows, lengths)):
+                out[row] = logprobs[i, :n].tolist()
         return out
 
     @torch.no_grad()
@@ -313,10 +320,11 @@ class Learner:
             policy_versions=(self.policy_ref.version,) * len(targets),
         )
         self.policy.model.eval()
-        out = []
-        for lengths, packed in self.packed_micro_batches(batch):
+        out = [0.0] * len(batch)
+        for rows, lengths, packed in self.packed_micro_batches(batch):
             logprobs = self.policy.reference_forward(packed, 1.0) if reference else self.policy.forward(packed, 1.0)[0]
-            out += [logprobs[i, :n].sum().item() for i, n in enumerate(lengths)]
+            for i, (row, n) in enumerate(zip(rows, lengths)):
+                out[row] = logprobs[i, :n].sum().item()
         return out
 
     def attention_scales(self) -> torch.Tensor | None:

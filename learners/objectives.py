@@ -77,7 +77,7 @@ class Learner(Protocol):
 
     def reduce_metrics(self, metrics: dict[str, float]) -> dict[str, float]: ...
 
-    def packed_micro_batches(self, batch: TrainBatch) -> Iterator[tuple[list[int], PackedBatch]]: ...
+    def packed_micro_batches(self, batch: TrainBatch) -> Iterator[tuple[list[int], list[int], PackedBatch]]: ...
 
     def logprobs(self, batch: TrainBatch) -> list[list[float]]: ...
 
@@ -151,13 +151,13 @@ class PolicyGradientObjective:
                 rows["generator"][i] = torch.tensor(logprobs, dtype=torch.float32)
         need = {"learner": self.recompute_learner_logprobs, "reference": s.uses_reference, "values": s.uses_critic}
         for key in (k for k, wanted in need.items() if wanted):
-            rows[key] = []
+            rows[key] = [torch.empty(0)] * len(batch)
         if len(rows) == 1:
             return rows
         policy = learner.policy
         policy.model.eval()
         with torch.no_grad():
-            for lengths, packed in learner.packed_micro_batches(batch):
+            for micro, lengths, packed in learner.packed_micro_batches(batch):
                 outputs = {}
                 if need["learner"]:
                     outputs["learner"] = policy.forward(packed, self.temperature)[0]
@@ -166,7 +166,8 @@ class PolicyGradientObjective:
                 if need["values"]:
                     outputs["values"] = policy.values(packed)
                 for key, tensor in outputs.items():
-                    rows[key] += [tensor[i, :n].clone() for i, n in enumerate(lengths)]
+                    for i, (row, n) in enumerate(zip(micro, lengths)):
+                        rows[key][row] = tensor[i, :n].clone()
         return rows
 
     def _advantages(self, learner: Learner, batch: TrainBatch, rows: dict) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, float]]:
@@ -298,11 +299,13 @@ class SoftActorCriticObjective:
         self.epochs = algorithm.ppo_epochs
 
     def prepare(self, learner: Learner, batch: TrainBatch) -> Prepared:
-        rows: dict[str, list[torch.Tensor]] = {"generator": [torch.tensor(r, dtype=torch.float32) for r in batch.old_logprobs], "reference": []}
+        rows: dict[str, list[torch.Tensor]] = {"generator": [torch.tensor(r, dtype=torch.float32) for r in batch.old_logprobs]}
+        rows["reference"] = [torch.empty(0)] * len(batch)
         learner.policy.model.eval()
-        for lengths, packed in learner.packed_micro_batches(batch):
+        for micro, lengths, packed in learner.packed_micro_batches(batch):
             reference = learner.policy.reference_forward(packed, self.temperature)
-            rows["reference"] += [reference[i, :n].clone() for i, n in enumerate(lengths)]
+            for i, (row, n) in enumerate(zip(micro, lengths)):
+                rows["reference"][row] = reference[i, :n].clone()
         return Prepared(rows)
 
     def loss(self, learner: Learner, batch: TrainBatch, rows: list[int], prepared: Prepared, num_tokens: float, num_sequences: float):

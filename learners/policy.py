@@ -1,8 +1,9 @@
 """The trainable policy: a causal LM with a PEFT LoRA adapter, all its weights, or only
 chosen modules of it (the rest frozen).
 
-Log-probs are computed only at completion positions: the LM head (a third of
-SmolLM2's parameters) never runs on prompt tokens.
+Log-probs are computed only at completion tokens: the LM head (a fifth of SmolLM2's forward
+cost per token) never runs on prompt or padding positions, and its logits are never kept
+(``learners.head``). Micro-batches group rows of similar length (``Learner._micro_batches``).
 
 The model lives on one device (a GPU, or the CPU). Packed batches are built on the CPU and
 moved in; the per-token results ([B, T] log-probs, entropies, values) come back to the CPU,
@@ -20,6 +21,7 @@ from typing import Sequence
 import torch
 
 from learners.algorithms import entropy_from_logits, token_logprobs
+from learners.head import selected_logprobs
 from learners.surgery import AttentionControls
 
 
@@ -66,12 +68,37 @@ def pack(prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]],
     return PackedBatch(input_ids, attention_mask, positions, targets, response_mask)
 
 
+def native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` multiplies bf16 matrices in hardware: a GPU (every one raylight
+    targets), or a CPU with AMX or AVX512-BF16 units."""
+    if device.type == "cuda":
+        return True
+    return device.type == "cpu" and (torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported())
+
+
 def autocast_of(name: str | None, device: torch.device) -> torch.dtype | None:
     """The autocast dtype for ``algorithm.autocast_dtype`` on ``device``: the named one
-    ("float32": none); unset, bfloat16 on a GPU and none on the CPU."""
+    ("float32": none); unset, bfloat16 where the device has bf16 units, else none."""
     if name is None:
-        return torch.bfloat16 if device.type == "cuda" else None
+        return torch.bfloat16 if native_bf16(device) else None
     return None if name == "float32" else getattr(torch, name)
+
+
+def weights_dtype(name: str, device: torch.device, lora: bool) -> torch.dtype:
+    """The parameters' dtype for ``model.dtype``: the named one; "auto", bfloat16 for a LoRA
+    policy on a device with bf16 units (the frozen base needs no fp32 master copy; PEFT keeps
+    the adapter in fp32), else float32. On this project's AMX CPU a GRPO step of the TRL
+    benchmark takes 10.0 s with bf16 weights, 11.2 s with fp32 weights under bf16 autocast,
+    21.2 s in fp32 (README: "Step speed and memory")."""
+    if name == "auto":
+        return torch.bfloat16 if lora and native_bf16(device) else torch.float32
+    return getattr(torch, name)
+
+
+# eager attention keeps [B, heads, L, L] probabilities per layer for the backward pass; below
+# this many values in all layers together it is the faster kernel on a CPU (bf16 backward of
+# torch's CPU flash attention took 5.2 s of a 20 s step at B=32, L=108; eager's, 0.3 s)
+EAGER_ATTENTION_VALUES = 1 << 28
 
 
 class Policy:
@@ -111,7 +138,7 @@ class Policy:
 
         self.device = torch.device(device)
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
-        base = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype)).to(self.device)
+        base = AutoModelForCausalLM.from_pretrained(model_path, dtype=weights_dtype(dtype, self.device, lora is not None)).to(self.device)
         if gradient_checkpointing:
             # recompute each layer's activations in the backward pass; the non-reentrant variant
             # needs no input that requires grad, so it works with a frozen base and LoRA
@@ -191,11 +218,22 @@ class Policy:
         on the policy's device."""
         causal_lm = causal_lm or self.causal_lm
         input_ids, attention_mask = batch.input_ids.to(self.device), batch.attention_mask.to(self.device)
+        attention = self._attention_kernel(causal_lm.config, *input_ids.shape)
+        if causal_lm.config._attn_implementation != attention:
+            causal_lm.set_attn_implementation(attention)
         autocast = self.autocast_dtype or torch.bfloat16
         with torch.autocast(self.device.type, dtype=autocast, enabled=self.autocast_dtype is not None):
             hidden = causal_lm.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
         index = batch.positions.to(self.device).unsqueeze(-1).expand(-1, -1, hidden.shape[-1])
         return hidden.gather(1, index)
+
+    def _attention_kernel(self, config, rows: int, length: int) -> str:
+        """Eager attention on a CPU for batches whose attention probabilities are small
+        (``EAGER_ATTENTION_VALUES``), torch's fused SDPA otherwise and on GPUs."""
+        if self.device.type != "cpu":
+            return "sdpa"
+        values = rows * config.num_attention_heads * length * length * config.num_hidden_layers
+        return "eager" if values <= EAGER_ATTENTION_VALUES else "sdpa"
 
     def forward(
         self, batch: PackedBatch, temperature: float = 1.0, with_entropy: bool = False, entropy_grad: bool = False, causal_lm=None
@@ -204,12 +242,24 @@ class Policy:
         policy or under ``causal_lm`` (the full-weight reference copy); fp32, on the CPU."""
         causal_lm = causal_lm or self.causal_lm
         head = causal_lm.lm_head
-        # the head in the parameters' dtype (fp32 unless model.dtype says otherwise), outside autocast
-        logits = head(self._hidden(batch, causal_lm).to(head.weight.dtype)).float() / temperature
-        logprobs = token_logprobs(logits, batch.targets.to(self.device)).cpu()
+        hidden = self._hidden(batch, causal_lm)
+        targets = batch.targets.to(self.device)
+        grad = torch.is_grad_enabled()
+        if head.bias is None and not (head.weight.requires_grad and grad) and not (with_entropy and entropy_grad and grad):
+            # the usual case: in fp32, chunked, on completion tokens only, no [B, T, V] logits kept
+            mask = batch.response_mask.to(self.device) > 0
+            chosen, entropy = selected_logprobs(hidden[mask], head.weight, targets[mask], temperature, with_entropy)
+            logprobs = torch.zeros(mask.shape, device=self.device).masked_scatter(mask, chosen).cpu()
+            if entropy is not None:
+                entropy = torch.zeros(mask.shape, device=self.device).masked_scatter(mask, entropy).cpu()
+            return logprobs, entropy
+        # a trained head, or an entropy bonus: the plain logits, through autograd, in the
+        # parameters' dtype, outside autocast
+        logits = head(hidden.to(head.weight.dtype)).float() / temperature
+        logprobs = token_logprobs(logits, targets).cpu()
         entropy = None
         if with_entropy:
-            with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
+            with torch.set_grad_enabled(entropy_grad and grad):
                 entropy = entropy_from_logits(logits).cpu()
         return logprobs, entropy
 

@@ -19,7 +19,7 @@ import logging
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal, Protocol, Sequence
 
@@ -125,7 +125,7 @@ class EngineSettings:
 
     engine: EngineKind = "vllm"
     adapter_mode: AdapterMode = "merged"  # fold the adapter into the weights, or serve it as a vLLM LoRA
-    dtype: str = "float32"
+    dtype: str = "auto"  # "auto": bfloat16 on bf16 hardware (GPUs, AMX / AVX512-BF16 CPUs), else float32
     kv_cache_gib: int = 2  # vLLM's CPU KV cache
     max_model_len: int = 1024
     threads: int = 0  # cores the engine computes on (HF: torch threads; vLLM: OMP_NUM_THREADS); 0 = all
@@ -186,6 +186,19 @@ def build_engine(model_path: str, settings: EngineSettings, *, seed: int, max_lo
     raise ValueError(f"unknown engine kind {settings.engine!r}; choose 'vllm' or 'hf'")
 
 
+def concrete(settings: EngineSettings) -> EngineSettings:
+    """``settings`` with ``dtype: auto`` resolved: bfloat16 on a GPU or a CPU with AMX or
+    AVX512-BF16 units (vLLM on this project's AMX CPU: 770 tokens/s in bf16, 350 in fp32),
+    float32 elsewhere. vLLM's own "auto" would take the checkpoint's dtype (fp32 for the
+    dequantised SmolLM2)."""
+    if settings.dtype != "auto":
+        return settings
+    import torch
+
+    bf16 = torch.cuda.is_available() or torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()
+    return replace(settings, dtype="bfloat16" if bf16 else "float32")
+
+
 def _platform_arguments(settings: EngineSettings) -> dict:
     """``vllm.LLM`` arguments that depend on the device: on a GPU, tensor parallelism (worker
     processes inside the actor, on the GPUs Ray gave it), the memory share, sleep mode and CUDA
@@ -216,6 +229,7 @@ class VLLMEngine:
         from vllm import LLM
 
         _quiet_partial_reload_warning()
+        settings = concrete(settings)
         self.model_path, self.settings = model_path, settings
         lora = settings.adapter_mode == "lora"
         self.llm = LLM(
@@ -356,7 +370,7 @@ class HFEngine:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         torch.set_num_threads(settings.threads or os.cpu_count() or 1)
-        self.settings = settings
+        self.settings = settings = concrete(settings)
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
         self.base = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, settings.dtype))
         self.base.eval()

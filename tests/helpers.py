@@ -24,8 +24,8 @@ def learner_settings(
     **algorithm,
 ) -> LearnerSettings:
     """A test learner's settings: ``algorithm`` overrides the section's knobs, on top of no
-    KL and a token-mean loss (what most hand-computed checks assume)."""
-    knobs = AlgorithmSettings(**{"kl_coef": 0.0, "loss_agg": "token-mean", **algorithm})
+    KL, a token-mean loss and exact fp32 (no autocast; what the hand-computed checks assume)."""
+    knobs = AlgorithmSettings(**{"kl_coef": 0.0, "loss_agg": "token-mean", "autocast_dtype": "float32", **algorithm})
     return LearnerSettings(model_path, knobs, lora, dtype, temperature, total_steps, seed, threads, gradient_checkpointing, trainable_modules, attention_controls)
 
 

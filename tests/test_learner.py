@@ -182,7 +182,7 @@ def test_full_weight_training_updates_every_weight_and_serves_through_hf(tiny_mo
     update = learner.weight_update()
     assert update.kind == "full" and update.policy.version == 1
     assert learner.step(random_batch(6, seed=1))["train/kl"] > 0
-    engine = HFEngine(tiny_model_path, EngineSettings(engine="hf"), seed=0)
+    engine = HFEngine(tiny_model_path, EngineSettings(engine="hf", dtype="float32"), seed=0)
     engine.load_weights(learner.weight_update())
     batch = random_batch(1)
     completion = engine.generate(batch.prompt_token_ids, SamplingSettings(n=1, temperature=1.0, top_p=1.0, max_tokens=6))[0][0]
@@ -205,7 +205,7 @@ def test_chosen_modules_train_alone_and_the_reference_keeps_their_start(tiny_mod
     trained = {n for n in before if n == "model.norm.weight" or n.startswith("model.layers.1.")}
     assert changed == trained
     assert learner.step(batch)["train/kl"] > 0
-    packed = next(learner.packed_micro_batches(batch.select([0])))[1]
+    packed = next(learner.packed_micro_batches(batch.select([0])))[2]
     torch.testing.assert_close(learner.policy.reference_forward(packed)[0], start[: len(batch.completion_token_ids[0])])
     assert set(learner.weight_update().tensors) == trained
     assert set(learner.weight_update(complete=True).tensors) == set(before)
@@ -290,7 +290,7 @@ def test_the_learner_trains_where_it_is_told_and_checkpoints_to_the_cpu(tiny_mod
     """The device is the caller's choice (the actor passes the one Ray assigned); a
     checkpoint's tensors are CPU copies whatever the device, so a GPU-less driver can hold them.
     Here only the CPU path can run; deploy/gpu_smoke.py drives the same class on a GPU."""
-    from learners.policy import autocast_of
+    from learners.policy import autocast_of, native_bf16
 
     learner = Learner(learner_settings(tiny_model_path, LORA), device="cpu")
     assert learner.device == torch.device("cpu")
@@ -299,8 +299,8 @@ def test_the_learner_trains_where_it_is_told_and_checkpoints_to_the_cpu(tiny_mod
     state = learner.state_dict()
     tensors = [*state["trainable"].values(), *(t for s in state["optimizer"]["state"].values() for t in s.values())]
     assert tensors and all(t.device.type == "cpu" for t in tensors)
-    # unset autocast: bf16 on a GPU, none on the CPU; "float32" turns it off anywhere
+    # unset autocast: bf16 on a GPU and on a CPU with bf16 units, else none; "float32" turns it off anywhere
     assert autocast_of(None, torch.device("cuda", 0)) is torch.bfloat16
-    assert autocast_of(None, torch.device("cpu")) is None
+    assert autocast_of(None, torch.device("cpu")) is (torch.bfloat16 if native_bf16(torch.device("cpu")) else None)
     assert autocast_of("float32", torch.device("cuda", 0)) is None
     assert autocast_of("bfloat16", torch.device("cpu")) is torch.bfloat16

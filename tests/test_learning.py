@@ -42,7 +42,7 @@ def test_reward_rises_for_target_token(family):
     path = str(build_tiny_model(initializer_range=0.5))
     learner = Learner(learner_settings(path, LoraSettings(rank=8, alpha=16), **FAMILIES[family]))
     settings = learner.algorithm
-    generator = Generator(path, EngineSettings(engine="hf"), seed=0, max_lora_rank=8)
+    generator = Generator(path, EngineSettings(engine="hf", dtype="float32"), seed=0, max_lora_rank=8)
     generator.load_weights(learner.weight_update())
     topics = ["cats", "dogs", "the sea", "numbers"]
     problems = [Problem(uid=f"p{i}", question=f"Say something about {t}.", answer="") for i, t in enumerate(topics)]

@@ -267,7 +267,7 @@ def test_hf_engine_serves_the_base_model_beside_the_adapter(tiny_model_path, pro
     learner = trained_learner(tiny_model_path)
     generator = Generator.__new__(Generator)  # a Generator around an HF engine (no vLLM)
     generator.rank, generator.asleep, generator.policy = 0, False, None
-    generator.engine = HFEngine(tiny_model_path, EngineSettings(engine="hf"), seed=0)
+    generator.engine = HFEngine(tiny_model_path, EngineSettings(engine="hf", dtype="float32"), seed=0)
     generator.load_weights(learner.weight_update())
     question = [prompts.question_prompt(problem("a", "Ann has 3 apples.", "3"), SYSTEM)]
     exact = SamplingSettings(n=2, temperature=1.0, top_p=1.0, max_tokens=6, min_tokens=6, seed=0)

@@ -187,9 +187,9 @@ def test_generators_agree_with_the_learner_after_a_scale_change(tiny_model_path,
             if "lora_B" in name:
                 p.normal_(0, 0.05, generator=torch.Generator().manual_seed(1))
     if engine == "hf":
-        served = HFEngine(tiny_model_path, EngineSettings(engine="hf"), seed=0)
+        served = HFEngine(tiny_model_path, EngineSettings(engine="hf", dtype="float32"), seed=0)
     else:
-        served = build_engine(tiny_model_path, EngineSettings(engine="vllm", adapter_mode=engine.removeprefix("vllm-"), kv_cache_gib=1, max_model_len=256), seed=0, max_lora_rank=8)
+        served = build_engine(tiny_model_path, EngineSettings(engine="vllm", adapter_mode=engine.removeprefix("vllm-"), dtype="float32", kv_cache_gib=1, max_model_len=256), seed=0, max_lora_rank=8)
     prompts = [[1, 5, 9, 13, 17], [2, 4, 6, 8]]
     sampling = SamplingSettings(n=2, temperature=1.0, top_p=1.0, max_tokens=8, seed=3)
     layers, heads = learner.attention_scales().shape
