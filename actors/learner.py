@@ -14,6 +14,7 @@ builds a new one from the newest checkpoint (``Trainer.recover_learners``).
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import socket
 import time
@@ -24,6 +25,7 @@ import torch
 from ray.exceptions import RayActorError, RayTaskError
 
 from contracts import PolicyRef, TrainBatch, WeightUpdate
+from contracts.footprint import peak_rss_gib
 from learners.learner import Learner
 from learners.settings import LearnerSettings
 from learners.objectives import ObjectiveName
@@ -49,6 +51,11 @@ class LearnerActor:
         """Answers on its own thread, while a step runs: a rank that does not is frozen."""
         return True
 
+    @ray.method(concurrency_group="health")
+    def peak_rss_gib(self) -> float:
+        """This rank's peak memory, GiB (answered beside a running step)."""
+        return peak_rss_gib()
+
     def rendezvous(self) -> tuple[str, int]:
         """This node's address and a free TCP port, for rank 0 to host the process group."""
         with socket.socket() as sock:
@@ -60,7 +67,10 @@ class LearnerActor:
         self.learner.init_distributed(address, port, rank, world_size, timeout_s)
 
     def step(self, batch: TrainBatch, objective: ObjectiveName = "ppo") -> dict[str, float]:
-        return self.learner.step(batch, objective)
+        try:
+            return self.learner.step(batch, objective)
+        finally:
+            release_free_memory()
 
     def policy_version(self) -> PolicyRef:
         return self.learner.policy_version()
@@ -94,6 +104,16 @@ class LearnerActor:
 
     def scale_lr(self, factor: float) -> float:
         return self.learner.scale_lr(factor)
+
+
+def release_free_memory() -> None:
+    """Hand the memory a step freed back to the system (glibc's ``malloc_trim``). Batches of
+    other lengths every step leave glibc's heaps fragmented, and without it a learner actor's
+    peak grew from 6.8 to 9.8 GiB over 5 steps of the TRL benchmark's work. A no-op off glibc."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def learner_actor(num_cpus: float = 1.0, num_gpus: float = 0.0):

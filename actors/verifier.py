@@ -30,6 +30,7 @@ from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
 from rewards.scoring import Scorer
 from contracts import Problem, Sample, Verdict
+from contracts.footprint import peak_rss_gib
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +64,10 @@ class Verifier:
 
     def ready(self) -> bool:
         return True
+
+    def peak_rss_gib(self) -> float:
+        """This actor's peak memory plus its largest sandbox process's, GiB."""
+        return peak_rss_gib(children=True)
 
     def score(self, items: list[tuple[str, Problem]]) -> list[Verdict]:
         """Score (completion text, problem) pairs; a scorer exception is this sample's infra error."""

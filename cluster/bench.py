@@ -7,6 +7,9 @@ once before it is timed. Tokens per second count the tokens each side actually g
 ``raylight bench verifier``: sandboxed program runs against plain subprocess runs of the same
 programs (HumanEval solutions with their test calls), in one run.
 
+``raylight bench step CONFIG``: a few steps of any config, per phase, with tokens per second
+and the peak memory of every process role, and the generator against the same engine in-process.
+
 ``raylight bench learner``: the cost of one learner step for each algorithm variant against
 plain GRPO, in the same process, on the same synthetic batch (what a critic, a reference pass,
 importance-sampling recomputation or extra PPO epochs cost).
@@ -368,3 +371,75 @@ def bench_faults(config_path: str, steps: int, overrides: list[str], faults: int
         "seconds_lost": round(runs["faults"]["wall_s"] - runs["fault_free"]["wall_s"], 1),
         "same_adapter": same,
     }
+
+
+STEP_PHASES = ("step", "wait", "generate", "verify", "advantages", "learn", "weight_sync")
+MEMORY_ROLES = ("driver", "generators", "learners", "verifiers", "ray", "all")
+
+
+def bench_step(config_path: str, steps: int, overrides: list[str], engine_baseline: bool = True) -> dict:
+    """A few steps of any config, as a user would run it: per phase the median seconds over
+    steps 2.. (the first warms the engines up), the generator's and the learner's tokens per
+    second, and the peak memory of each process role at the end (``cluster.footprint``).
+
+    ``engine_baseline``: then the same vLLM engine in this process, with the run's final
+    weights, on one step's worth of prompts and the run's sampling, against the generator
+    actor on the same work; the in-step generation rate is compared with it too."""
+    import tempfile
+
+    from cluster.config import load_config
+    from cluster.driver import Trainer
+    from cluster.footprint import PssSampler
+    from cluster.rundir import RunDir
+
+    run_dir = Path(tempfile.mkdtemp(prefix="raylight-bench-step-"))
+    fixed = ["eval.at_start=false", "run.checkpoint_every=0", "run.metrics_export=false", f"run.steps={steps}", f"run.run_dir={run_dir}"]
+    config = load_config(config_path, [*overrides, *fixed])
+    with PssSampler() as sampler:
+        trainer = Trainer(config, RunDir(run_dir))
+        try:
+            trainer.train(steps)
+        except BaseException:
+            trainer.shutdown()
+            raise
+    try:
+        if engine_baseline:
+            prompts = [p for task_prompts in trainer.eval_prompts.values() for p in task_prompts][: config.rollout.prompts_per_step]
+            sampling = dataclasses.replace(trainer.sampling, seed=config.run.seed)
+            update = trainer.learners.weight_update()
+            trainer.generators.generate(prompts, sampling)  # warm-up on this batch's shapes, as for the engine
+            actor_seconds, actor_tokens = _timed(trainer.generators.generate, prompts, sampling)
+    finally:
+        trainer.shutdown()
+    rows = [r for r in RunDir(run_dir).read_metrics() if r.get("step", 0) > 1 and "perf/step_seconds" in r]
+    if not rows:
+        raise ValueError(f"bench step needs at least 2 steps (got {steps})")
+    last = rows[-1]
+    result = {
+        "benchmark": "step",
+        "config": config_path,
+        "overrides": overrides,
+        "steps_timed": len(rows),
+        **{f"{p}_seconds": round(_median([r[f"perf/{p}_seconds"] for r in rows if f"perf/{p}_seconds" in r]), 3) for p in STEP_PHASES},
+        "generated_tokens_per_second": round(_median([r["perf/generated_tokens_per_second"] for r in rows]), 1),
+        "learner_tokens_per_second": round(_median([r["perf/learner_tokens_per_second"] for r in rows]), 1),
+        **{f"peak_rss_gib_{role}": round(last.get(f"perf/peak_rss_gib/{role}", 0.0), 2) for role in MEMORY_ROLES},
+        "peak_pss_gib_all": round(sampler.peak_gib, 2),  # every process at one moment, shared pages once
+        "train_reward_mean": round(sum(r["train/reward_mean"] for r in rows) / len(rows), 4),
+        "logprob_mismatch": round(_median([r["train/logprob_mismatch"] for r in rows if r.get("train/logprob_mismatch") is not None]), 4),
+    }
+    if engine_baseline:
+        raw = Generator(trainer.model_path, config.generator, seed=config.run.seed, max_lora_rank=config.lora.rank)
+        raw.load_weights(update)
+        raw.generate(prompts, sampling)  # warm-up
+        raw_seconds, raw_tokens = _timed(raw.generate, prompts, sampling)
+        del raw
+        in_process = raw_tokens / raw_seconds
+        result |= {
+            "in_process_engine_tokens_per_second": round(in_process, 1),
+            "generator_actor_tokens_per_second": round(actor_tokens / actor_seconds, 1),
+            "actor_over_in_process_ratio": round(actor_tokens / actor_seconds / in_process, 3),
+            "in_step_over_in_process_ratio": round(result["generated_tokens_per_second"] / in_process, 3),
+        }
+    logger.info("bench step: %s", result)
+    return result

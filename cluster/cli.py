@@ -108,9 +108,11 @@ def _data(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from cluster.bench import bench_async, bench_faults, bench_generation, bench_learner, bench_verifier
+    from cluster.bench import bench_async, bench_faults, bench_generation, bench_learner, bench_step, bench_verifier
 
-    if args.bench == "async":
+    if args.bench == "step":
+        result = bench_step(args.config, args.steps, args.overrides, not args.no_engine_baseline)
+    elif args.bench == "async":
         result = bench_async(args.config, args.steps, args.overrides, args.threads)
     elif args.bench == "faults":
         result = bench_faults(args.config, args.steps, args.overrides, args.faults, args.seed)
@@ -226,6 +228,13 @@ def build_parser() -> argparse.ArgumentParser:
     ver.add_argument("--programs", type=int, default=164, help="HumanEval test programs to run each way")
     ver.add_argument("--slots", type=int, default=2, help="programs run at once")
     ver.set_defaults(func=_bench)
+
+    stp = which.add_parser("step", help="a few steps of a config: seconds per phase, tokens/s, peak memory per process role")
+    stp.add_argument("config", help="YAML config")
+    stp.add_argument("overrides", nargs="*", help="dotted.key=value config overrides")
+    stp.add_argument("--steps", type=int, default=5, help="steps to run; the first (warm-up) is not timed")
+    stp.add_argument("--no-engine-baseline", action="store_true", help="skip timing the same vLLM engine in-process afterwards")
+    stp.set_defaults(func=_bench)
 
     asy = which.add_parser("async", help="the same config in sync mode and in async mode (k=1, k=2), steps per second")
     asy.add_argument("--config", default="configs/demo.yaml", help="YAML config (default: the demo)")

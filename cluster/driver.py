@@ -57,6 +57,7 @@ from cluster.config import SEEDS_PER_STEP, Config, dotted_items, load_config
 from cluster.markovian import MarkovianReward
 from cluster.evaluate import eval_sampling, evaluate, sample_metrics, task_metrics
 from cluster.metrics import MetricsExporter
+from cluster.footprint import MemoryProbe
 from cluster.monitor import Event, Monitor, rules_from_config
 from cluster.placement import check_model_on_nodes, place
 from cluster.rundir import RunDir
@@ -127,6 +128,7 @@ class Trainer:
             self.placement.remove()  # its actors go with it
             raise
         self.monitor = self.new_monitor()
+        self.memory_probe = MemoryProbe()  # perf/peak_rss_gib/<role>
         self.memory = MemoryBank(c.memory) if c.memory.enabled else None  # verified solutions, per problem
         self.checkpoints = CheckpointStore(run_dir.checkpoints, c.run.keep_checkpoints)
         self.exporter: MetricsExporter | None = None  # opened by train(), once the run directory is settled
@@ -282,6 +284,7 @@ class Trainer:
 
     def step(self, step: int) -> dict:
         timer = PhaseTimer()
+        self.memory_probe.ask({"learners": self.learners.actors, "generators": self.generators.handles, "verifiers": self.verifiers.actors})
         with timer("step"):
             with timer("wait"):
                 rollout = self.next_rollout(step)
@@ -312,6 +315,8 @@ class Trainer:
                 self.run_dir.write_rollouts(step, *trained, advantages)
         self.positions.pop(step, None)
         tokens = sum(len(s.completion.token_ids) for s in samples)
+        self.memory_probe.collect(timeout=0.5)
+        trained_tokens = sum(map(len, batch.prompt_token_ids)) + sum(map(len, batch.completion_token_ids)) if learns else 0
         timer.seconds |= {"perf/generate_seconds": rollout.generate_seconds, "perf/verify_seconds": rollout.verify_seconds}
         by_task = task_metrics(samples, verdicts, "train")
         accuracy = {task: by_task[f"train/{task}/accuracy"] for task in self.tasks.tasks if f"train/{task}/accuracy" in by_task}
@@ -332,6 +337,9 @@ class Trainer:
             **(self.memory.metrics() if self.memory is not None else {}),
             **timer.seconds,
             "perf/generated_tokens_per_second": tokens / max(1e-9, timer.seconds["perf/generate_seconds"]),
+            # prompt and completion tokens through the learner's forward and backward passes
+            "perf/learner_tokens_per_second": trained_tokens / max(1e-9, timer.seconds["perf/learn_seconds"]),
+            **self.memory_probe.metrics(),
             **self.overlap_metrics(timer.seconds["perf/learn_seconds"]),
             **{k: float(v) for k, v in self.verifiers.stats.items()},
             **self.fault_counts(),

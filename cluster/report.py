@@ -62,8 +62,10 @@ CURVES = [
      ("Surgery", "per action", [("surgery/action_magnitude", "action magnitude (mean |change of a scale|)"), ("surgery/reward_improvement", "reward improvement")])),
     ("surgeon_q.png", "Surgeon (SAC) critic", "Q", [("sac/q_mean", "mean Q"), ("sac/q_max", "max Q"), ("sac/q_min", "min Q")],
      ("Surgeon (SAC) temperature and entropy", "value", [("sac/alpha", "alpha (temperature)"), ("sac/entropy", "policy entropy")])),
-    ("throughput.png", "Generation throughput", "tokens per second", [("perf/generated_tokens_per_second", "generated tokens/s")],
+    ("throughput.png", "Throughput", "tokens per second", [("perf/generated_tokens_per_second", "generated tokens/s"), ("perf/learner_tokens_per_second", "learner tokens/s (prompt + completion)")],
      ("Weight-sync latency", "seconds per broadcast", [("perf/weight_sync_seconds", "weight sync")])),
+    ("peak_memory.png", "Peak memory per process role", "GiB (sum of the role's processes' peak RSS)",
+     [(f"perf/peak_rss_gib/{role}", role) for role in ("all", "learners", "generators", "verifiers", "driver", "ray")], None),
 ]  # fmt: skip
 
 

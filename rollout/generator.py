@@ -9,6 +9,7 @@ import logging
 import time
 
 from contracts import PolicyRef, Prompt, Sample, SamplingSettings, WeightUpdate
+from contracts.footprint import peak_rss_gib
 from rollout.engines import EngineSettings, build_engine
 
 logger = logging.getLogger(__name__)
@@ -50,6 +51,10 @@ class Generator:
         self.engine.serve_base()
         self.policy = BASE_POLICY
         return self.policy
+
+    def peak_rss_gib(self) -> float:
+        """This process's peak memory (the engine's weights and KV cache included), GiB."""
+        return peak_rss_gib()
 
     def generate(self, prompts: list[Prompt], sampling: SamplingSettings, adapter: str | None = None) -> list[Sample]:
         """``sampling.n`` samples per prompt, each group contiguous, tagged with the live policy

@@ -121,6 +121,13 @@ def test_run_directory_contents(trained):
         # the verifier pool's metrics: 4 prompts x 4 samples judged (spread_reward: never correct)
         assert row["verifier/queue_depth"] == 16 and row["verifier/verdict/wrong"] == 16
         assert row["verifier/executions_per_second"] > 0 and row["verifier/size"] >= 1
+        # every process role's peak memory (the actors answer for their own processes); the
+        # tiny model's processes still hold the Python, torch and (generator) vLLM runtime
+        memory = {role: row[f"perf/peak_rss_gib/{role}"] for role in ("driver", "learners", "generators", "ray")}
+        assert all(0.05 < gib < 16 for gib in memory.values()), memory
+        assert row["perf/peak_rss_gib/all"] == pytest.approx(sum(v for k, v in row.items() if k.startswith("perf/peak_rss_gib/") and k != "perf/peak_rss_gib/all"))
+        assert row["perf/learner_tokens_per_second"] > 0
+    assert "perf/peak_rss_gib/verifiers" in steps[-1]  # answered once the pool has started
     assert {"eval/accuracy", "eval/reward_mean", "eval/n"} <= set(rows[0]) and rows[0]["step"] == 0
     assert {"eval/accuracy", "eval/n"} <= set(steps[-1])
     table = pq.read_table(path / "rollouts" / "step_000001.parquet")
