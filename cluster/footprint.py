@@ -20,7 +20,16 @@ from contracts.footprint import peak_rss_gib
 logger = logging.getLogger(__name__)
 
 # the processes Ray runs on a node besides the actors (their command lines name these)
-RAY_PROCESSES = ("raylet", "gcs_server", "dashboard", "log_monitor", "monitor.py", "runtime_env", "ray::IDLE", "ray_client_server")
+RAY_PROCESSES = ("raylet", "gcs_server", "ray/dashboard", "ray-dashboard", "ray.dashboard", "log_monitor.py", "_private/monitor.py", "ray_client_server")
+# Ray's own workers, titled like actors
+RAY_WORKERS = ("ray::IDLE", "ray::DashboardAgent", "ray::RuntimeEnvAgent")
+
+
+def is_ray_process(cmdline: str) -> bool:
+    """Whether a command line is one of Ray's own processes (not an actor's worker)."""
+    if cmdline.startswith("ray::"):
+        return cmdline.startswith(RAY_WORKERS)
+    return any(name in cmdline for name in RAY_PROCESSES)
 
 
 def vm_hwm_gib(pid: int) -> float:
@@ -43,9 +52,7 @@ def ray_processes_gib() -> float:
 
     total = 0.0
     for process in psutil.process_iter(["cmdline"]):
-        cmdline = " ".join(process.info["cmdline"] or ())
-        actor = cmdline.startswith("ray::") and not cmdline.startswith("ray::IDLE")
-        if process.pid != os.getpid() and not actor and any(name in cmdline for name in RAY_PROCESSES):
+        if process.pid != os.getpid() and is_ray_process(" ".join(process.info["cmdline"] or ())):
             total += vm_hwm_gib(process.pid)
     return total
 
@@ -102,7 +109,7 @@ def run_processes() -> list:
     found = []
     for process in psutil.process_iter(["cmdline"]):
         cmdline = " ".join(process.info["cmdline"] or ())
-        if process.pid == os.getpid() or cmdline.startswith("ray::") or any(name in cmdline for name in RAY_PROCESSES):
+        if process.pid == os.getpid() or cmdline.startswith("ray::") or is_ray_process(cmdline):
             found.append(process)
     return found
 

@@ -87,9 +87,9 @@ def autocast_of(name: str | None, device: torch.device) -> torch.dtype | None:
 def weights_dtype(name: str, device: torch.device, lora: bool) -> torch.dtype:
     """The parameters' dtype for ``model.dtype``: the named one; "auto", bfloat16 for a LoRA
     policy on a device with bf16 units (the frozen base needs no fp32 master copy; PEFT keeps
-    the adapter in fp32), else float32. On this project's AMX CPU a GRPO step of the TRL
-    benchmark takes 10.0 s with bf16 weights, 11.2 s with fp32 weights under bf16 autocast,
-    21.2 s in fp32 (README: "Step speed and memory")."""
+    the adapter in fp32), else float32. On this project's AMX CPU the learner's step of the
+    TRL benchmark takes 11.0 s with bf16 weights, 11.3 s with fp32 weights under bf16
+    autocast, 21.2 s in fp32 (README: "Step speed and memory")."""
     if name == "auto":
         return torch.bfloat16 if lora and native_bf16(device) else torch.float32
     return getattr(torch, name)

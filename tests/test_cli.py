@@ -63,3 +63,22 @@ def test_bench_learner_times_variants_against_grpo(capsys):
 def test_bench_learner_rejects_unknown_variant(capsys):
     assert main(["bench", "learner", "--model", "tiny", "--variants", "trpo"]) == 2
     assert "trpo" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_bench_step_reports_phases_throughput_and_memory_per_role(capsys, ray_cluster, tiny_model_path):
+    """`raylight bench step` on the tiny config: per-phase medians that add up to at most the
+    step, both tokens-per-second figures, every process role's peak memory, and the same
+    engine timed in-process beside the generator."""
+    import json
+
+    assert main(["bench", "step", "configs/tiny.yaml", f"model.path={tiny_model_path}", "--steps", "3"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["benchmark"] == "step" and result["steps_timed"] == 2
+    assert 0 < result["learn_seconds"] < result["step_seconds"] and 0 < result["generate_seconds"] < result["step_seconds"]
+    assert result["generated_tokens_per_second"] > 0 and result["learner_tokens_per_second"] > 0
+    roles = ("driver", "generators", "learners", "verifiers", "ray")
+    assert all(result[f"peak_rss_gib_{role}"] > 0 for role in roles)
+    assert result["peak_rss_gib_all"] == pytest.approx(sum(result[f"peak_rss_gib_{role}"] for role in roles), abs=0.05)
+    assert 0 < result["peak_pss_gib_all"] <= result["peak_rss_gib_all"] + 0.5
+    assert result["in_process_engine_tokens_per_second"] > 0 and result["actor_over_in_process_ratio"] > 0
