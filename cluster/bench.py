@@ -399,18 +399,14 @@ def bench_step(config_path: str, steps: int, overrides: list[str], engine_baseli
         trainer = Trainer(config, RunDir(run_dir))
         try:
             trainer.train(steps)
-        except BaseException:
+            if engine_baseline:
+                prompts = [p for task_prompts in trainer.eval_prompts.values() for p in task_prompts][: config.rollout.prompts_per_step]
+                sampling = dataclasses.replace(trainer.sampling, seed=config.run.seed)
+                update = trainer.learners.weight_update()
+                trainer.generators.generate(prompts, sampling)  # warm-up on this batch's shapes, as for the engine
+                actor_seconds, actor_tokens = _timed(trainer.generators.generate, prompts, sampling)
+        finally:
             trainer.shutdown()
-            raise
-    try:
-        if engine_baseline:
-            prompts = [p for task_prompts in trainer.eval_prompts.values() for p in task_prompts][: config.rollout.prompts_per_step]
-            sampling = dataclasses.replace(trainer.sampling, seed=config.run.seed)
-            update = trainer.learners.weight_update()
-            trainer.generators.generate(prompts, sampling)  # warm-up on this batch's shapes, as for the engine
-            actor_seconds, actor_tokens = _timed(trainer.generators.generate, prompts, sampling)
-    finally:
-        trainer.shutdown()
     rows = [r for r in RunDir(run_dir).read_metrics() if r.get("step", 0) > 1 and "perf/step_seconds" in r]
     if not rows:
         raise ValueError(f"bench step needs at least 2 steps (got {steps})")

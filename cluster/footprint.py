@@ -4,15 +4,19 @@ Each actor answers for its own process (``contracts.footprint.peak_rss_gib``: th
 peak resident set size), so the figures hold on any number of nodes; the driver adds its own
 and Ray's processes on its node (raylet, GCS, dashboard, log monitor, idle workers). A role's
 figure is the sum of its processes' peaks, an upper bound of what they held at one moment.
-An actor busy with a long call is never waited for: the probe asks after every step and
-reads the answers that have arrived, so a busy generator's figure may be one step old.
+An actor busy with a long call is never waited for: the probe asks at the start of every
+step and reads the answers that have arrived at its end, so a busy generator's figure may be
+one step old.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
+from typing import Iterator
 
+import psutil
 import ray
 
 from contracts.footprint import peak_rss_gib
@@ -43,18 +47,16 @@ def vm_hwm_gib(pid: int) -> float:
     return 0.0
 
 
+def _node_processes() -> Iterator[tuple[psutil.Process, str]]:
+    """Every process on this node with its command line."""
+    for process in psutil.process_iter(["cmdline"]):
+        yield process, " ".join(process.info["cmdline"] or ())
+
+
 def ray_processes_gib() -> float:
     """The summed peaks of Ray's own processes on this node (not the actors: their workers'
     command lines name their class)."""
-    import os
-
-    import psutil
-
-    total = 0.0
-    for process in psutil.process_iter(["cmdline"]):
-        if process.pid != os.getpid() and is_ray_process(" ".join(process.info["cmdline"] or ())):
-            total += vm_hwm_gib(process.pid)
-    return total
+    return sum(vm_hwm_gib(p.pid) for p, cmdline in _node_processes() if p.pid != os.getpid() and is_ray_process(cmdline))
 
 
 class MemoryProbe:
@@ -99,19 +101,10 @@ class MemoryProbe:
         return {f"perf/peak_rss_gib/{role}": gib for role, gib in by_role.items()}
 
 
-def run_processes() -> list:
+def run_processes() -> list[psutil.Process]:
     """This node's processes of a run driven from this process: the driver, its actors and
     Ray's own processes."""
-    import os
-
-    import psutil
-
-    found = []
-    for process in psutil.process_iter(["cmdline"]):
-        cmdline = " ".join(process.info["cmdline"] or ())
-        if process.pid == os.getpid() or cmdline.startswith("ray::") or is_ray_process(cmdline):
-            found.append(process)
-    return found
+    return [p for p, cmdline in _node_processes() if p.pid == os.getpid() or cmdline.startswith("ray::") or is_ray_process(cmdline)]
 
 
 class PssSampler:
@@ -129,8 +122,6 @@ class PssSampler:
         self._thread = threading.Thread(target=self._run, name="pss-sampler", daemon=True)
 
     def _run(self) -> None:
-        import psutil
-
         while not self._stop.is_set():
             total = 0
             for process in run_processes():
