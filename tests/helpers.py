@@ -94,3 +94,14 @@ def kill_driver_after(marker: Path, config: Path, overrides: list[str], scorer_m
     finally:
         if driver.poll() is None:
             os.killpg(driver.pid, signal.SIGKILL)
+
+
+# wrong HumanEval/0 answers that try to get themselves masked instead of failed: each erases
+# the trace of its failure from its own stderr, the old sign that the sandbox never started
+SELF_MASKING = [
+    "    return False\n\nimport os, sys\nif not has_close_elements([1.0, 2.8, 3.0, 4.0, 5.0, 2.0], 0.3):\n"
+    "    sys.stderr.flush()\n    os.ftruncate(2, 0)\n    os._exit(1)\n",
+    "    return False\n\nimport os\nos.close(2)\n",
+    "    import os\n    os.dup2(os.open('/dev/null', os.O_WRONLY), 2)\n    raise SystemExit(3)\n",
+    "    import os\n    os.ftruncate(2, 0)\n    return len(numbers) > 99\n",
+]

