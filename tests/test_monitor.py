@@ -108,3 +108,22 @@ def test_thresholds_actions_and_state_are_configurable():
     with pytest.raises(ValueError, match="unknown monitor rules"):
         Monitor({"vibes": Rule()})
     assert set(DEFAULT_RULES) >= {"ratio_explosion", "plateau", "grokking"}
+
+
+def test_masked_share_fires_when_high_overall_or_in_one_task_or_rising():
+    """Masked samples (an infrastructure error in the verifier, left out of training) are a
+    signal: a high share in a step, overall or in one task of a mixture, or a share creeping
+    up over the run, whether the sandbox broke or samples learned to be left out."""
+    quiet = [healthy(s) | {"train/masked_share": 0.01} for s in range(1, 31)]
+    assert run(Monitor(), quiet) == []
+    (event,) = Monitor().observe(healthy(1) | {"train/masked_share": 0.25})
+    assert event.rule == "masked_share" and event.action == "warn" and event.evidence == {"train/masked_share": 0.25}
+    (event,) = Monitor().observe(healthy(1) | {"train/masked_share": 0.04, "train/code/masked_share": 0.4, "train/infix/masked_share": 0.0})
+    assert event.evidence == {"train/code/masked_share": 0.4} and "(train/code/masked_share)" in event.message
+    creeping = [healthy(s) | {"train/masked_share": 0.0 if s <= 10 else 0.07} for s in range(1, 21)]
+    events = run(Monitor(), creeping)
+    assert [(e.rule, e.step) for e in events] == [("masked_share", 20)]
+    assert events[0].evidence == {"train/masked_share": [0.0, 0.07]}
+    stop = Monitor({"masked_share": Rule("stop", threshold=0.5)})
+    assert stop.observe(healthy(1) | {"train/masked_share": 0.3}) == []
+    assert [e.action for e in stop.observe(healthy(2) | {"train/masked_share": 0.6})] == ["stop"]

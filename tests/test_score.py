@@ -6,6 +6,7 @@ import json
 import pytest
 
 from cluster.cli import main
+from helpers import SELF_MASKING
 from rewards.humaneval import load_problems
 
 pytestmark = pytest.mark.slow
@@ -20,6 +21,10 @@ def test_score_humaneval_file(ray_cluster, tmp_path, capsys):
         {"task_id": "HumanEval/2", "completion": "    import os\n    os._exit(0)\n"},
         {"task_id": "HumanEval/4", "completion": "    while True:\n        pass\n"},
         {"task_id": "HumanEval/4", "completion": "    return (\n"},
+        # wrong answers that erase their own stderr, the old sign of a sandbox that never started:
+        # scored as failures, not masked (which would have made the pass rate 2 / 6)
+        {"task_id": "HumanEval/0", "completion": SELF_MASKING[0]},
+        {"task_id": "HumanEval/0", "completion": SELF_MASKING[1]},
     ]
     lines = [json.dumps(r) for r in rows]
     lines.insert(2, "{not json")
@@ -39,11 +44,13 @@ def test_score_humaneval_file(ray_cluster, tmp_path, capsys):
         ("HumanEval/2", "error"),  # exited before any result: no pass
         ("HumanEval/4", "timeout"),
         ("HumanEval/4", "error"),
+        ("HumanEval/0", "error"),
+        ("HumanEval/0", "failed"),
     ]
     assert records[0]["passed_fraction"] == 1.0 and 0 < records[2]["passed_fraction"] < 1
-    assert summary["summary"] is True and summary["samples"] == 9
-    assert summary["verdicts"] == {"passed": 2, "failed": 1, "timeout": 1, "error": 2, "invalid": 3}
-    assert summary["pass_rate"] == round(2 / 6, 6)
+    assert summary["summary"] is True and summary["samples"] == 11
+    assert summary["verdicts"] == {"passed": 2, "failed": 2, "timeout": 1, "error": 3, "invalid": 3}
+    assert summary["pass_rate"] == round(2 / 8, 6) and summary["scored"] == 8 and summary["masked"] == 0
     for line_number in (3, 5, 6):
         assert f"samples.jsonl:{line_number} skipped" in captured.err
 
