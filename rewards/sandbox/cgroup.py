@@ -29,6 +29,7 @@ from pathlib import Path
 logger = logging.getLogger(__name__)
 
 CONTROLLERS = ("memory", "pids", "cpuacct")
+COUNTERS = (("cpuacct", "cpuacct.usage"), ("memory", "memory.oom_control"))
 PREFIX = "raylight-sandbox-"
 
 
@@ -90,7 +91,9 @@ class SlotCgroup:
         except OSError as exc:
             self.close()
             raise CgroupUnavailable(f"cannot make a cgroup under {groups.get('memory')}: {exc}") from None
-        self._swap = (self.folders["memory"] / "memory.memsw.limit_in_bytes").exists()
+        # read at every program's start and end: kept open, re-read with pread (a twentieth of
+        # the cost of opening them each time)
+        self._counters = {name: os.open(self.folders[controller] / name, os.O_RDONLY) for controller, name in COUNTERS}
 
     def _write(self, controller: str, name: str, value: int) -> None:
         (self.folders[controller] / name).write_text(str(value))
@@ -118,11 +121,11 @@ class SlotCgroup:
 
     def cpu_seconds(self) -> float:
         """CPU time used by every process that ever ran in the group."""
-        return int(self._read("cpuacct", "cpuacct.usage")) / 1e9
+        return int(os.pread(self._counters["cpuacct.usage"], 64, 0)) / 1e9
 
     def oom_kills(self) -> int:
         """Processes of the group the OOM killer has stopped so far."""
-        for line in self._read("memory", "memory.oom_control").splitlines():
+        for line in os.pread(self._counters["memory.oom_control"], 4096, 0).decode().splitlines():
             key, _, value = line.partition(" ")
             if key == "oom_kill":
                 return int(value)
@@ -130,6 +133,9 @@ class SlotCgroup:
 
     def close(self) -> None:
         """Remove the groups (their processes must be gone)."""
+        for fd in getattr(self, "_counters", {}).values():
+            os.close(fd)
+        self._counters = {}
         for controller, folder in self.folders.items():
             try:
                 folder.rmdir()

@@ -76,10 +76,15 @@ class _FilterProgram(ctypes.Structure):  # struct sock_fprog
     _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
 
 
-def install_seccomp(program: bytes) -> None:
-    """``rewards.sandbox.seccomp.install``, for good, in this process and its children."""
+def seccomp_program(program: bytes) -> tuple:
+    """``program`` as the ``struct sock_fprog`` the kernel takes, with the buffer it points to
+    (built once: every sample inherits it)."""
     buffer = ctypes.create_string_buffer(program, len(program))
-    fprog = _FilterProgram(len(program) // 8, ctypes.cast(buffer, ctypes.c_void_p))
+    return _FilterProgram(len(program) // 8, ctypes.cast(buffer, ctypes.c_void_p)), buffer
+
+
+def install_seccomp(fprog: _FilterProgram) -> None:
+    """``rewards.sandbox.seccomp.install``, for good, in this process and its children."""
     check(libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "no new privileges")
     check(libc.prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.byref(fprog), 0, 0), "install the seccomp filter")
 
@@ -230,7 +235,7 @@ def become_sample(fds: list[int], started: int, limits: dict[str, int]) -> None:
     os.setsid()
     os.chdir("/tmp")
     sys.argv = ["-c"]
-    install_seccomp(limits["seccomp"])
+    install_seccomp(limits["seccomp"][0])
     os.write(started, b"S")
     os.close(started)
 
@@ -281,7 +286,7 @@ if __name__ == "__main__":
     _control = socket.socket(fileno=int(sys.argv[1]))
     _limits = dict(zip(("wall_s", "cpu_s", "memory_bytes", "output_bytes", "tmpfs_mb", "open_files", "processes"), map(float, sys.argv[2:9])))
     _limits = {key: value if key == "wall_s" else int(value) for key, value in _limits.items()}
-    _limits["seccomp"] = bytes.fromhex(sys.argv[9])
+    _limits["seccomp"] = seccomp_program(bytes.fromhex(sys.argv[9]))
     serve(_control, _limits)
     del _control, _limits
     run_program()
