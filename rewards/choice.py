@@ -5,6 +5,10 @@
   "An apple ..." answers A. Reported so results can be compared with runs that used it.
 - ``word-boundary``: an explicit label wins (``Answer: C``, ``the answer is (C)``), the last
   one if several; otherwise the first letter standing alone as a word ("C", "(C)", "C.").
+
+The label's whitespace runs are possessive, so a failed match is linear in the text (with plain
+``\\s*`` three adjacent runs cost n^4 on ``answer`` followed by n spaces); what it matches is
+unchanged, as nothing after a run can start with whitespace.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ CHOICES = "ABCDE"
 @functools.lru_cache(maxsize=None)
 def _patterns(letters: str) -> tuple[re.Pattern, re.Pattern]:
     letter = f"[{letters}]"
-    labelled = re.compile(rf"answer\s*(?:is)?\s*[:=]?\s*\**\s*\(?({letter})\)?(?![A-Za-z])", re.IGNORECASE)
+    labelled = re.compile(rf"answer\s*+(?:is)?\s*+[:=]?\s*+\**\s*+\(?({letter})\)?(?![A-Za-z])", re.IGNORECASE)
     isolated = re.compile(rf"(?<![A-Za-z]){letter}(?![A-Za-z])")
     return labelled, isolated
 

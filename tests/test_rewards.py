@@ -243,3 +243,158 @@ def test_code_scorers_by_name():
     humaneval = build_scorer(ScorerSpec(scorer="humaneval"))
     verdict = humaneval("    return False\n", Problem("HumanEval/0", "q", ""))
     assert verdict.outcome == "failed" and 0 < verdict.components["passed_fraction"] < 1
+
+
+# -- hostile completions: linear parsing, failures scored as failures ---------------------------
+
+import random  # noqa: E402
+import time  # noqa: E402
+
+from rewards.choice import _patterns as choice_patterns  # noqa: E402
+from rewards.grid import _ROW, _json_grids  # noqa: E402
+from rewards.label import _patterns as label_patterns  # noqa: E402
+from rewards.label import extract_label  # noqa: E402
+from rewards.numeric import _ANCHORS, too_costly  # noqa: E402
+
+# the patterns before they were made linear, kept to check the new ones match the same
+OLD_NUMERIC_ANCHOR = re.compile(r"answer\s*(?:is)?\s*[:=]?\s*\**\s*\$?(-?\d[\d,]*(?:\.\d+)?)", re.IGNORECASE)
+OLD_CHOICE_LABEL = re.compile(r"answer\s*(?:is)?\s*[:=]?\s*\**\s*\(?([ABCDE])\)?(?![A-Za-z])", re.IGNORECASE)
+OLD_LABEL_LABEL = re.compile(r"answer\s*(?:is)?\s*[:=]?\s*\**\s*(False|True|island|is)\b", re.IGNORECASE)
+OLD_JSON_GRID = re.compile(r"\[\s*\[[\d\s,\[\]]*\]\s*\]")
+OLD_ROW = re.compile(r"^\s*\[?\s*(\d(?:[\s,]*\d)*)\s*\]?\s*,?\s*$")
+
+
+def random_texts(tokens: list[str], count: int = 3000, longest: int = 14, seed: int = 0) -> list[str]:
+    rng = random.Random(seed)
+    return ["".join(rng.choice(tokens) for _ in range(rng.randint(0, longest))) for _ in range(count)]
+
+
+def seconds(f, *args) -> float:
+    start = time.perf_counter()
+    f(*args)
+    return time.perf_counter() - start
+
+
+LABEL_TOKENS = ["answer", "Answer", "ANSWER", " ", "  ", "\n", "is", "IS", ":", "=", "*", "**", "$", "(", ")",
+                "A", "B", "E", "a", "b", "True", "false", "island", "1", "2", "1,5", ".5", "-", "x", "."]  # fmt: skip
+
+
+@pytest.mark.parametrize("space", [" ", "\n"])
+def test_answer_labels_are_linear_in_the_whitespace_after_them(space):
+    """A label word and whitespace with nothing after: before the runs were possessive this
+    cost n^4 (measured, 2-core CPU: 200 spaces 2.5 s numeric, 1.9 s choice, 1.7 s label; 400
+    spaces 35 s numeric). A plain wrong verdict now, at 100 times the length, under a second."""
+    text = "answer" + space * 20_000
+    assert seconds(numeric_reward, text, "5") < 1.0
+    assert not numeric_reward(text, "5").correct and extract_number(text) is None
+    assert seconds(extract_choice, text) < 1.0 and extract_choice(text) is None
+    assert seconds(extract_label, text, ["True", "False"]) < 1.0 and extract_label(text, ["True", "False"]) is None
+    for pattern in (_ANCHORS[0], choice_patterns("ABCDE")[0], label_patterns(("True", "False"))[0]):
+        assert seconds(pattern.findall, "answer is: **" + space * 20_000 + "x") < 1.0
+
+
+def test_answer_labels_match_as_before():
+    """The possessive runs change no match (start, end and answer) on short texts of label
+    pieces, labels that begin like the label's own words ("is", "island") included; the one
+    change ``rewards.label`` names, labels that begin with whitespace, is left out."""
+    pairs = [
+        (OLD_NUMERIC_ANCHOR, _ANCHORS[0]),
+        (OLD_CHOICE_LABEL, choice_patterns("ABCDE")[0]),
+        (OLD_LABEL_LABEL, label_patterns(("True", "False", "island", "is"))[0]),
+    ]
+    texts = random_texts(LABEL_TOKENS, count=6000)
+    matched = 0
+    for old, new in pairs:
+        for text in texts:
+            before = [(m.span(), m.group(1)) for m in old.finditer(text)]
+            assert [(m.span(), m.group(1)) for m in new.finditer(text)] == before, (old.pattern, text)
+            matched += bool(before)
+    assert matched > 1000  # the texts really exercise the labels
+
+
+def test_grid_parsing_is_linear_on_hostile_lines():
+    """Before: a line "1", n spaces, "x" cost n^3 (2000 spaces 9.4 s), n spaces and "x" n^2
+    (20,000: 2.7 s), "[" repeated n^2 (20,000: 0.4 s); now each is linear and no grid."""
+    for text in ("1" + " " * 20_000 + "x", " " * 200_000 + "x", "[" * 200_000, "[[" + "1 " * 100_000 + "x"):
+        assert seconds(parse_grid, text) < 1.0
+        assert parse_grid(text) is None
+
+
+def test_grid_patterns_match_as_before():
+    """The linear JSON-grid search finds exactly what ``finditer`` of the old pattern found,
+    and the possessive row pattern matches every line the old one did, with the same row."""
+    tokens = ["[", "]", "[[", "]]", "[1", "2]", "1", "23", ",", ", ", " ", "\n", "x", "["]
+    texts = random_texts(tokens, count=6000, longest=16, seed=1)
+    grids = rows = 0
+    for text in texts:
+        before = [m.span() for m in OLD_JSON_GRID.finditer(text)]
+        assert [m.span() for m in _json_grids(text)] == before, text
+        grids += bool(before)
+        for line in text.splitlines(keepends=True):
+            old_row = OLD_ROW.match(line)
+            new_row = _ROW.match(line)
+            assert (new_row and new_row.group(1)) == (old_row and old_row.group(1)), line
+            rows += bool(old_row)
+    assert grids > 500 and rows > 500  # the texts really exercise both
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "[" * 1000 + "]" * 1000,  # json.loads: RecursionError
+        "[[" + "9" * 8000 + "]]",  # json.loads: ValueError, past int's digit limit
+        "1 " + "9" * 8000,  # a row cell past int's digit limit
+    ],
+    ids=["deep-json", "huge-json-int", "huge-row-int"],
+)
+def test_grids_that_break_the_parsers_are_no_grid(text):
+    assert parse_grid(text) is None
+    verdict = build_scorer(ScorerSpec(scorer="grid"))(text, problem("[[1]]"))
+    assert verdict.outcome == "wrong" and verdict.components["parsed"] == 0.0
+    assert parse_grid("1 2\n3 4\n" + text) == [[1, 2], [3, 4]]  # the bad line ends the block
+
+
+@pytest.mark.parametrize(
+    "predicted",
+    [
+        "9^{9^{9^{9}}}",  # a tower: never finishes in a thread (no math-verify timeout there)
+        "10^{10^{10}}",
+        "99999999!",  # unfinished after 60 s in a thread
+        "999999!",  # 4.8 s
+        "(9!)!",
+        "999999^{999999}",  # 2.8 s
+        "(10^{100})^{999999}",  # unfinished after 40 s
+        "\\frac{10^{99}}{1}^{999999}",
+        "9^{99}^{99}^{99}^{99}",  # (((9^99)^99)^99)^99 to math-verify
+        "\\binom{99999999}{4999999}",
+        "9^{\\lfloor \\exp(99) \\rfloor}",
+        "\\prod_{k=1}^{99999999} k",
+        "(" * 2000 + "1" + ")" * 2000,
+        "(" * 11 + "1" + ")" * 11,
+        "1+" * 100 + "1",
+    ],
+)
+def test_costly_predictions_are_judged_without_math_verify(predicted):
+    assert too_costly(predicted)
+    assert seconds(answers_equal, predicted, "1") < 0.5 and not answers_equal(predicted, "1")
+    assert answers_equal(predicted, predicted.replace("^", " ^ ")), "the gold's own text is still equal"
+    verdict = numeric_reward(f"so \\boxed{{{predicted}}}", "1")
+    assert not verdict.correct and verdict.outcome == "wrong"
+
+
+@pytest.mark.parametrize(
+    "predicted",
+    ["\\frac{1}{2}", "(x+1)^2", "x^2+2x+1", "\\{1, 2\\}", "3\\sqrt{2}", "\\sqrt{4}", "6.022\\times 10^{23}", "1.5 \\times 10^{-6}",
+     "\\left(\\frac{1}{2}\\right)^{10}", "e^{i\\pi}", "x^{\\frac{3}{2}}", "2^{10}\\cdot 3^{5}", "5!", "\\binom{10}{3}", "9^{999999}",
+     "((9^{99})^{99})^{9}", "(" * 10 + "x" + ")" * 10, "\\dfrac{\\sqrt{3}}{2}", "x^{-1}", "[0, 1)", "x_{1}^{2}", "9^9^9"],
+)  # fmt: skip
+def test_ordinary_predictions_still_reach_math_verify(predicted):
+    assert not too_costly(predicted)
+
+
+def test_math_verify_still_judges_ordinary_answers():
+    assert answers_equal("3\\sqrt{2}", "\\sqrt{18}")
+    assert answers_equal("5!", "120")
+    assert answers_equal("\\binom{5}{2}", "10")
+    assert answers_equal("e^{-x^{2}}", "e^{-x^{2}}")  # a tower refused, its gold's own text still equal
+    assert not answers_equal("e^{-x^{2}}", "e^{-x^2}")  # the cost of the guard: only as written

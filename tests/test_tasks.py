@@ -206,3 +206,81 @@ def test_reasoning_gym_task_uses_the_datasets_own_scorer():
     assert scorer(f"Answer: {int(problem.answer) + 1}", problem).components["score"] < 1.0
     with pytest.raises(Exception, match="nonexistent"):
         build_task("reasoning_gym", dataset="nonexistent_gym", size=5).load("train")
+
+
+# -- reasoning-gym: what a completion can do to the dataset's own scorer --------------------------
+
+OLD_TAGGED = re.compile(r"<answer>(.*?)</answer>", re.DOTALL | re.IGNORECASE)
+
+
+def test_gym_answer_tags_are_found_as_before_in_linear_time():
+    """The tag scan returns what the last match of the old ``findall`` did, on random texts of
+    tags; on "<answer>" repeated the old regex took 14 s for 20,000 tags (quadratic)."""
+    import time
+
+    from rewards.gym import _last_tagged, extract_gym_answer
+
+    rng = random.Random(0)
+    tokens = ["<answer>", "</answer>", "<ANSWER>", "</Answer>", "<answer", "answer>", "a", "\n", " "]
+    tagged = 0
+    for _ in range(5000):
+        text = "".join(rng.choice(tokens) for _ in range(rng.randint(0, 10)))
+        old = OLD_TAGGED.findall(text)
+        assert _last_tagged(text) == (old[-1] if old else None), text
+        tagged += bool(old)
+    assert tagged > 1000
+    assert extract_gym_answer("x <answer> 4 </answer> <answer>5") == "4"
+    hostile = "<answer>" * 200_000
+    start = time.perf_counter()
+    assert extract_gym_answer(hostile) == hostile
+    assert time.perf_counter() - start < 1.0
+
+
+def test_gym_datasets_that_run_the_answer_as_code_are_refused():
+    from rewards.gym import UNSAFE_DATASETS, gym_dataset
+
+    for name in sorted(UNSAFE_DATASETS):
+        with pytest.raises(ValueError, match=f"'{name}' is refused: its score_answer evaluates"):
+            gym_dataset(name, 5, 0)
+    with pytest.raises(ValueError, match="'countdown' is refused"):
+        build_scorer(ScorerSpec(scorer="reasoning_gym", options={"dataset": "countdown", "size": 5, "seed": 0}))
+    composite = (("datasets", ({"name": "leg_counting"}, {"name": "puzzle24"})),)
+    with pytest.raises(ValueError, match="'puzzle24' is refused"):
+        gym_dataset.__wrapped__("composite", 5, 0, composite)  # lru_cache cannot hash such a config
+
+
+def test_gym_scorer_failures_and_long_answers_score_zero(caplog, monkeypatch):
+    """prime_factorization's score_answer raises ValueError on "[[": that is the answer's
+    failure (reward 0, logged once), not the verifier's; an answer past MAX_ANSWER_CHARS is
+    never shown to the dataset."""
+    from contracts import Problem
+    from rewards import gym
+
+    data = gym.gym_dataset("prime_factorization", 5, 0)
+    with pytest.raises(ValueError):
+        data.score_answer("[[", data[0])
+    scorer = build_scorer(ScorerSpec(scorer="reasoning_gym", options={"dataset": "prime_factorization", "size": 5, "seed": 0}))
+    problem = Problem("u", "q", "", meta={"index": 0})
+    monkeypatch.setattr(gym, "_logged", set())
+    with caplog.at_level("WARNING", logger="rewards.gym"):
+        for _ in range(2):
+            verdict = scorer("<answer>[[</answer>", problem)
+            assert verdict.outcome == "wrong" and verdict.reward == 0.0 and verdict.components["score"] == 0.0
+    (logged,) = [r for r in caplog.records if "score_answer raised" in r.getMessage()]
+    assert logged.exc_info[0] is ValueError
+    assert scorer(f"<answer>{data[0]['answer']}</answer>", problem).correct
+
+    class Counting:
+        calls = 0
+
+        def __getitem__(self, index):
+            return data[index]
+
+        def score_answer(self, answer, entry):
+            Counting.calls += 1
+            return 1.0
+
+    too_long = "7" * (gym.MAX_ANSWER_CHARS + 1)
+    assert gym.gym_reward(f"<answer>{too_long}</answer>", Counting(), 0).components["score"] == 0.0
+    assert Counting.calls == 0
+    assert gym.gym_reward(f"<answer>{too_long[1:]}</answer>", Counting(), 0).correct and Counting.calls == 1
