@@ -125,7 +125,9 @@ Outcome = tuple[str, Any]
 
 
 def new_marker() -> str:
-    """A fresh random prefix for result lines (a program cannot guess it in advance)."""
+    """A fresh random prefix for result lines. A program can read it from its own source as it
+    runs and print lines of its own: they can only claim results it could have returned, and
+    the expected values are not in the sandbox."""
     return f"@@raylight-results-{secrets.token_hex(8)}@@"
 
 

@@ -177,3 +177,23 @@ def test_extract_code_is_linear_on_a_completion_of_backticks(text):
     start = time.perf_counter()
     extract_code(text)
     assert time.perf_counter() - start < 1.0
+
+
+def test_a_set_of_colliding_values_costs_the_verifier_nothing(sandbox):
+    """A program reads the result marker from its own source and prints, as its result, a set
+    of 40,000 integers that all share one hash (``k * (2**61 - 1)``): built as a set in the
+    verifier, 9 s of quadratic work. Values whose hashes collide that much travel as opaque,
+    and the sample fails at once."""
+    completion = (
+        "import json, os, re\ndef add(a, b):\n    return a + b\n"
+        "marker = re.search(r'@@raylight-results-[0-9a-f]{16}@@', os.pread(0, 1 << 20, 0).decode()).group(0)\n"
+        "values = [k * (2**61 - 1) for k in range(1, 40_000)]\n"
+        "os.write(1, ('\\n' + marker + '0 ' + json.dumps(['ok', ['set', values]]) + '\\n').encode())\nos._exit(0)\n"
+    )
+    start = time.perf_counter()
+    verdict = code_reward(sandbox, completion, "add", [((1, 2), 3)])
+    assert verdict.status == "ok" and not verdict.correct and time.perf_counter() - start < 1.0, verdict
+    from rewards import wire
+
+    assert wire.decode(["set", [1, 2, 3]]) == {1, 2, 3} and wire.decode(["set", list(range(1000))]) == set(range(1000))
+    assert type(wire.decode(["set", [k * (2**61 - 1) for k in range(1, 100)]])) is wire.Opaque

@@ -553,8 +553,10 @@ for name, number in sorted(NUMBERS.items()):
 def test_seccomp_refuses_what_a_scoring_program_never_needs(sandbox):
     """Every call on the filter's list fails with EPERM (``clone3`` with ENOSYS, so that the C
     library falls back to ``clone``), including those an unprivileged process may make
-    elsewhere (``unshare(0)``, ``ptrace(PTRACE_TRACEME)``, ``keyctl``, ``io_uring_setup``);
-    threads, ``fork`` and a subprocess of the interpreter still work."""
+    elsewhere (``unshare(0)``, ``ptrace(PTRACE_TRACEME)``, ``keyctl``, ``io_uring_setup``,
+    ``modify_ldt``); sockets of other families than Unix, IPv4 and IPv6, and personalities
+    other than the plain one, are refused; threads, ``fork`` and a subprocess of the
+    interpreter still work."""
     import platform
 
     from rewards.sandbox.seccomp import ARCHITECTURES, denied
@@ -564,6 +566,16 @@ def test_seccomp_refuses_what_a_scoring_program_never_needs(sandbox):
     result = run(sandbox, source)
     answers = dict(line.split() for line in result.stdout.splitlines())
     assert answers == {name: "ENOSYS" if name == "clone3" else "EPERM" for name in numbers}, result
+    families = (
+        "import ctypes, errno, socket\nlibc = ctypes.CDLL(None, use_errno=True)\n"
+        "for family in (socket.AF_UNIX, socket.AF_INET, socket.AF_INET6, socket.AF_NETLINK, socket.AF_PACKET, 40):\n"
+        "    try:\n        socket.socket(family, socket.SOCK_DGRAM).close()\n        print(family, 'ok')\n"
+        "    except OSError as e:\n        print(family, errno.errorcode[e.errno])\n"
+        "print(libc.personality(0xffffffff), libc.personality(0x0400000), errno.errorcode[ctypes.get_errno()])"
+    )
+    # Unix, IPv4 and IPv6 only (vsock, 40, is not separated by any network namespace); the plain
+    # personality only (not READ_IMPLIES_EXEC)
+    assert run(sandbox, families).stdout == "1 ok\n2 ok\n10 ok\n16 EAFNOSUPPORT\n17 EAFNOSUPPORT\n40 EAFNOSUPPORT\n0 -1 EPERM\n"
     ordinary = (
         "import os, subprocess, sys, threading\nthreading.Thread(target=print, args=('thread',)).start()\n"
         "pid = os.fork()\nif pid == 0:\n    os._exit(5)\nprint('fork', os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))\n"
@@ -602,7 +614,8 @@ def test_a_program_sees_the_interpreters_files_and_nothing_else(sandbox):
     )
     result = run(sandbox, source)
     lines = result.stdout.splitlines()
-    assert lines[0] == "['dev', 'lib', 'lib64', 'proc', 'tmp', 'usr'] ['bin', 'lib', 'lib64']", result
+    root = ["dev", "lib", "lib64", "proc", *(["run"] if sandbox.cgroup else []), "tmp", "usr"]  # run: a covered cgroup folder
+    assert lines[0] == f"{root} ['bin', 'lib', 'lib64']", result
     assert set(lines[1:]) == {"False"}, result
     for path in hidden_data():
         assert not sandbox.exposes(path)
@@ -705,3 +718,113 @@ def test_without_root_the_modes_say_what_they_cannot_isolate():
     assert "refused: rlimits mode without root runs model-written code as" in output, output
     assert "sandbox as uid 65534, not root" in output and "ran: 65534 False" in output, output
     assert "rlimits ran: 7" in output and "STARTED" not in output, output
+
+
+# -- what a program leaves behind, and the OOM killer it could steer --------------------------
+
+STEER_THE_OOM_KILLER = """
+import os, time
+for pid in ('self', '1'):  # its own score and its namespace init's, down to 0
+    with open(f'/proc/{pid}/oom_score_adj', 'w') as handle:
+        handle.write('0')
+for _ in range(2):
+    if os.fork() == 0:
+        blocks = []
+        try:
+            while True:
+                blocks.append(bytearray(8 << 20))
+        except MemoryError:
+            pass
+        time.sleep(60)
+time.sleep(60)
+"""
+
+
+def test_a_program_that_steers_the_oom_killer_gets_a_memory_verdict(cgroup_sandbox):
+    """A program lowers its processes' ``oom_score_adj`` so that the killer would pick the
+    slot's own processes (the namespace's holder: the interpreter then waited for an init that
+    outlived it, and the verdict was ``sandbox_error``, masked). The killer is off in the
+    program's memory group and the slot's processes are outside it: the sandbox sees the
+    program waiting for memory and stops it, a ``memory`` verdict, at once."""
+    start = time.perf_counter()
+    result = cgroup_sandbox.run(STEER_THE_OOM_KILLER)
+    assert result.status == "memory", result
+    assert time.perf_counter() - start < TREE_LIMITS.wall_s and cgroup_sandbox.restarts == 0
+    assert cgroup_sandbox.run("print('next')").stdout == "next\n"
+
+
+PIN_MEMORY = """
+import array, ctypes, os, socket
+libc = ctypes.CDLL(None, use_errno=True)
+libc.shmat.restype = ctypes.c_void_p
+for _ in range(12):  # System V segments of its own IPC namespace, never removed
+    segment = libc.shmget(0, 8 << 20, 0o1600)
+    address = libc.shmat(segment, None, 0)
+    ctypes.memset(address, 1, 8 << 20)
+    libc.shmdt(ctypes.c_void_p(address))
+# the namespace kept alive past the program: its descriptor in flight in a cycle of Unix sockets
+namespace = os.open('/proc/self/ns/ipc', os.O_RDONLY)
+a, b = socket.socketpair()
+a.sendmsg([b'x'], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array('i', [namespace, a.fileno(), b.fileno()]))])
+b.sendmsg([b'y'], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array('i', [a.fileno(), b.fileno()]))])
+print('pinned')
+"""
+
+
+def test_memory_a_program_leaves_behind_does_not_count_against_the_next(cgroup_sandbox, caplog):
+    """96 MiB of System V memory kept alive past the program (charged to the program's memory
+    group) would leave the next programs 32 MiB of their 128: honest ones failed with
+    ``memory`` for seconds. The slot sees what is left after a program ends and starts again in
+    a fresh cgroup; the next program has its whole limit."""
+    rotations = cgroup_sandbox.rotations
+    assert cgroup_sandbox.run(PIN_MEMORY).stdout == "pinned\n"
+    assert cgroup_sandbox.rotations == rotations + 1 and "left 96 MiB" in caplog.text
+    honest = "b = bytearray(100 << 20)\nfor i in range(0, len(b), 4096):\n    b[i] = 1\nprint('ok')"
+    assert [cgroup_sandbox.run(honest).stdout for _ in range(3)] == ["ok\n"] * 3
+
+
+LEAVE_SOCKETS = """
+import array, os, socket
+tcp = socket.socket()
+tcp.bind(('0.0.0.0', 31337))
+tcp.listen()
+unix = socket.socket(socket.AF_UNIX)
+unix.bind('\\0raylight-left-behind')
+unix.listen()
+a, b = socket.socketpair()  # kept alive past the program in a cycle of Unix sockets
+a.sendmsg([b'x'], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array('i', [tcp.fileno(), unix.fileno(), a.fileno(), b.fileno()]))])
+b.sendmsg([b'y'], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array('i', [a.fileno(), b.fileno()]))])
+try:
+    os.open('/dev/ptmx', os.O_RDWR)
+    print('pty')
+except OSError as e:
+    print('no pty', e.errno)
+"""
+
+LOOK_FOR_SOCKETS = """
+import socket
+for name, address, family in (('tcp', ('127.0.0.1', 31337), socket.AF_INET), ('unix', '\\0raylight-left-behind', socket.AF_UNIX)):
+    try:
+        socket.socket(family).connect(address)
+        print(name, 'CONNECTED')
+    except OSError as e:
+        print(name, e.errno)
+print(len(open('/proc/net/unix').read().splitlines()), len(open('/proc/net/tcp').read().splitlines()))
+print([line.split()[0] for line in open('/proc/net/dev').read().splitlines()[2:]])
+"""
+
+
+def test_no_socket_or_terminal_of_a_program_reaches_the_next(sandbox):
+    """Each program has a network namespace of its own, its loopback down: a listening TCP or
+    abstract Unix socket kept alive past its program cannot be reached or even seen by the next
+    (it could carry data from one program to the next), nor any TCP state. There are no ptys
+    (the slot's ``/dev/pts`` is empty and read-only)."""
+    single = Sandbox(LIMITS, slots=1)
+    try:
+        left = single.run(LEAVE_SOCKETS)
+        assert left.status == "ok" and left.stdout == "no pty 2\n", left
+        seen = single.run(LOOK_FOR_SOCKETS)
+        # ENETUNREACH for TCP, ECONNREFUSED for the name; the tables hold their header line only
+        assert seen.stdout == "tcp 101\nunix 111\n1 1\n['lo:']\n", seen
+    finally:
+        single.close()

@@ -12,33 +12,38 @@ own; a program so costs a few forks, not a bwrap and Python start-up. What it pr
 - runaway programs: a wall-clock limit enforced by the slot's interpreter (it kills the
   program's namespace; the parent gives up on an interpreter that does not answer a few
   seconds later); memory, CPU time and process count for the program's whole process tree in
-  the slot's cgroup (``cgroup``), and per process address-space, CPU-time, file-size,
-  open-file and process-count rlimits;
+  the slot's cgroup (``cgroup``; the kernel's OOM killer off in the program's memory group, so
+  that no program can steer it at the slot's own processes), and per process address-space,
+  CPU-time, file-size, open-file and process-count rlimits;
 - fork bombs and daemons: a PID namespace per program (when its init exits every process in
   it dies, and ``kill(-1, 9)`` reaches nothing outside it), one unprivileged uid per concurrent
   slot so the process limit never reaches a sibling sandbox; the uids are leased with
   ``flock`` on files under ``/tmp/raylight-sandbox-uids``, so sandboxes in different processes
   of one machine (several verifier actors, several runs) never share one;
-- the host: no network (``--unshare-all``), no ``/etc``, no home folders, nothing of ``/usr``
-  but the interpreter's own files (``filesystem``: a dataset installed on the machine is not
-  there to read), everything read-only but a program's own size-limited ``/tmp`` and
-  ``/dev/shm``; stdout and stderr are memory files capped by the file-size limit, so 1 GB of
-  output cannot fill memory;
+- the host: no network (a network namespace of its own per program, its loopback down), no
+  ``/etc``, no home folders, nothing of ``/usr`` but the interpreter's own files
+  (``filesystem``: a dataset installed on the machine is not there to read), everything
+  read-only but a program's own size-limited ``/tmp`` and ``/dev/shm``; stdout and stderr are
+  memory files capped by the file-size limit, so 1 GB of output cannot fill memory;
 - the kernel's less travelled code: no capabilities, no user namespace can be made inside
   (``max_user_namespaces`` 0 in the program's own), and a seccomp filter (``seccomp``) refuses
   namespaces, io_uring, BPF, userfaultfd, perf events, ptrace, keys and mounts;
 - secrets: bwrap gets a minimal environment (``--clearenv`` alone would still leak the
   launcher's environment through ``/proc/1/environ``);
 - the previous program of the slot: a fresh process forked from an interpreter that never runs
-  a program itself, fresh tmpfs mounts on ``/tmp`` and ``/dev/shm``, a fresh IPC namespace, and
-  a read-only everything else, so nothing one program writes is there for the next.
+  a program itself, fresh tmpfs mounts on ``/tmp`` and ``/dev/shm``, fresh IPC and network
+  namespaces, no ptys, and a read-only everything else, so nothing one program writes or binds
+  is there for the next; memory a program keeps charged past its end (System V segments or
+  any object kept alive in a Unix socket's queue) sends the slot to a fresh cgroup, so it
+  never counts against the next program.
 
-What it does not protect against: kernel exploits through the system calls it allows, CPU side
-channels, and wrong programs that look right. Programs of one slot are forks of one
-interpreter: they share its memory layout (library addresses, heap, stack canary) and its hash
-seed, and its network namespace (no interface but a loopback that is down). The caller decides
-correctness in the parent from serialised results, never from the exit code (a program can
-``sys.exit(0)``, override ``__eq__`` or read its own source).
+What it does not protect against: kernel exploits through the system calls it allows, CPU and
+page-cache side channels (a program can time whether a file of the interpreter's was read
+recently, a few bits a second between programs), and wrong programs that look right. Programs
+of one slot are forks of one interpreter: they share its memory layout (library addresses,
+heap, stack canary) and its hash seed. The caller decides correctness in the parent from
+serialised results, never from the exit code (a program can ``sys.exit(0)``, override
+``__eq__`` or read its own source).
 
 Modes, and what each isolates (the README's sandbox section has the table):
 

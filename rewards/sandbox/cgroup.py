@@ -3,18 +3,23 @@ tree: memory (with what it writes to its tmpfs mounts), process count and CPU ti
 
 cgroup v1 (the ``memory``, ``pids`` and ``cpuacct`` controllers, each mounted on its own
 hierarchy): the slot's group is created inside this process's own group of each controller
-(so an outer limit, a container's, still holds) as ``raylight-sandbox-<pid>-<slot uid>``. The
+(so an outer limit, a container's, still holds) as ``raylight-sandbox-<pid>-<slot>``. The
 slot's sandbox, its warm interpreter and every program it forks live in it; one program runs
-in a slot at a time, so the group's usage while it runs is the program's plus the
-interpreter's few MiB, which are measured once and added to the limit.
+in a slot at a time, so the group's use while it runs is the program's.
 
-- memory: ``memory.limit_in_bytes`` (and ``memory.memsw.limit_in_bytes`` where swap is
-  accounted); tmpfs pages are charged to the group that writes them. Past the limit the
-  kernel's OOM killer stops the largest process in the group (programs run with
-  ``oom_score_adj`` 1000, so theirs go first) and ``memory.oom_control`` counts it;
-- processes: ``pids.max``;
-- CPU time: ``cpuacct.usage``, which the sandbox reads while the program runs, stopping it
-  past its budget (the kernel has no limit on accumulated CPU time of a group).
+- memory: the program's processes move (first thing, before anything of the program runs)
+  into a child group of the slot's memory group, ``program``, whose ``memory.limit_in_bytes``
+  (and ``memory.memsw.limit_in_bytes`` where swap is accounted) is the program's limit; tmpfs
+  pages are charged to the group that writes them. The kernel's OOM killer is off in that
+  group (``memory.oom_control``): past the limit the program's allocating processes wait, the
+  sandbox sees ``under_oom`` and stops the program. The slot's own processes (bwrap, the warm
+  interpreter) stay in the parent group, outside the program's limit: a program can neither
+  make the killer choose them (through its processes' sizes and ``oom_score_adj``) nor make
+  them wait for memory it holds;
+- processes: ``pids.max`` on the slot's group;
+- CPU time: ``cpuacct.usage`` of the slot's group, which the sandbox reads while the program
+  runs, stopping it past its budget (the kernel has no limit on accumulated CPU time of a
+  group).
 
 Creating groups needs root (or a delegated hierarchy); cgroup v2 is not used yet. Where no
 group can be made the sandbox falls back to per-process limits and says what that allows.
@@ -29,8 +34,11 @@ from pathlib import Path
 logger = logging.getLogger(__name__)
 
 CONTROLLERS = ("memory", "pids", "cpuacct")
-COUNTERS = (("cpuacct", "cpuacct.usage"), ("memory", "memory.oom_control"))
 PREFIX = "raylight-sandbox-"
+PROGRAM = "program"  # the child memory group a program's processes join
+# read at every program's start and end: kept open and re-read with pread (a twentieth of the
+# cost of opening them each time)
+COUNTERS = (("cpuacct.usage", False), ("memory.oom_control", True), ("memory.stat", True), ("memory.failcnt", True))
 
 
 class CgroupUnavailable(RuntimeError):
@@ -64,85 +72,117 @@ def _remove_stale(parent: Path) -> None:
     for folder in parent.glob(f"{PREFIX}*"):
         owner = folder.name[len(PREFIX) :].split("-")[0]
         if owner.isdigit() and not Path(f"/proc/{owner}").exists():
-            try:
-                folder.rmdir()
-            except OSError:
-                pass
+            for group in (folder / PROGRAM, folder):
+                try:
+                    group.rmdir()
+                except OSError:
+                    pass
 
 
 class SlotCgroup:
-    """The cgroups of one slot: ``join`` (from the slot's first process, before it drops root),
-    ``cpu_seconds`` and ``oom_kills`` while it runs, ``close`` at the end."""
+    """The cgroups of one slot (``slot`` names it; ``uid`` may move processes into the program's
+    memory group): ``procs_files`` for its processes to join, the program's counters while it
+    runs, ``close`` at the end."""
 
-    def __init__(self, slot: str, memory_bytes: int, processes: int):
+    def __init__(self, slot: str, uid: int, memory_bytes: int, processes: int):
         groups = _own_groups()
         missing = [c for c in CONTROLLERS if c not in groups]
         if missing:
             raise CgroupUnavailable(f"no cgroup v1 hierarchy for {', '.join(missing)} is mounted")
         self.folders: dict[str, Path] = {}
+        self._counters: dict[str, int] = {}
         try:
             for controller in CONTROLLERS:
                 _remove_stale(groups[controller])
-                folder = groups[controller] / f"{PREFIX}{os.getpid()}-{slot}"
-                folder.mkdir(exist_ok=True)
-                self.folders[controller] = folder
-            self.set_memory(memory_bytes)
-            self._write("pids", "pids.max", processes)
+                self.folders[controller] = groups[controller] / f"{PREFIX}{os.getpid()}-{slot}"
+                self.folders[controller].mkdir(exist_ok=True)
+            self.program = self.folders["memory"] / PROGRAM
+            self.program.mkdir(exist_ok=True)
+            os.chown(self.program / "cgroup.procs", uid, -1)  # the program's holder moves itself in
+            self._set_memory(memory_bytes)
+            (self.folders["pids"] / "pids.max").write_text(str(processes))
+            self.oom_killer = not self._disable_oom_killer()
+            for name, in_program in COUNTERS:
+                folder = self.program if in_program else self.folders[name.split(".")[0]]
+                self._counters[name] = os.open(folder / name, os.O_RDONLY)
         except OSError as exc:
             self.close()
             raise CgroupUnavailable(f"cannot make a cgroup under {groups.get('memory')}: {exc}") from None
-        # read at every program's start and end: kept open, re-read with pread (a twentieth of
-        # the cost of opening them each time)
-        self._counters = {name: os.open(self.folders[controller] / name, os.O_RDONLY) for controller, name in COUNTERS}
+        self.baseline = 0
 
-    def _write(self, controller: str, name: str, value: int) -> None:
-        (self.folders[controller] / name).write_text(str(value))
+    def _disable_oom_killer(self) -> bool:
+        try:
+            (self.program / "memory.oom_control").write_text("1")
+            return True
+        except OSError as exc:
+            logger.warning("sandbox cgroup: the OOM killer stays on (%s): a program's processes are killed past its memory limit", exc)
+            return False
 
-    def _read(self, controller: str, name: str) -> str:
-        return (self.folders[controller] / name).read_text()
+    def _set_memory(self, limit: int) -> None:
+        """The program's memory limit, swap included where the kernel accounts it (set on a new
+        group, so the memory limit first: memsw may never be below it)."""
+        (self.program / "memory.limit_in_bytes").write_text(str(limit))
+        memsw = self.program / "memory.memsw.limit_in_bytes"
+        if memsw.exists():
+            memsw.write_text(str(limit))
 
-    def set_memory(self, limit: int) -> None:
-        """The group's memory limit, swap included where the kernel accounts it (memsw may never
-        be below the memory limit, hence the order)."""
-        memsw = self.folders["memory"] / "memory.memsw.limit_in_bytes"
-        current = int(self._read("memory", "memory.limit_in_bytes"))
-        order = ["memory.limit_in_bytes", "memory.memsw.limit_in_bytes"]
-        for name in order if limit <= current else reversed(order):
-            if name == order[1] and not memsw.exists():
-                continue
-            self._write("memory", name, limit)
+    def procs_files(self, program: bool = False) -> list[str]:
+        """The ``cgroup.procs`` files a process writes its pid into to join the slot (with
+        ``program``, the program's memory group instead of the slot's)."""
+        memory = self.program if program else self.folders["memory"]
+        return [str(memory / "cgroup.procs"), str(self.folders["pids"] / "cgroup.procs"), str(self.folders["cpuacct"] / "cgroup.procs")]
 
-    def memory_usage(self) -> int:
-        return int(self._read("memory", "memory.usage_in_bytes"))
-
-    def procs_files(self) -> list[str]:
-        """The ``cgroup.procs`` files a process writes its pid into to join the slot."""
-        return [str(folder / "cgroup.procs") for folder in self.folders.values()]
+    def _read(self, name: str) -> str:
+        return os.pread(self._counters[name], 1 << 16, 0).decode()
 
     def cpu_seconds(self) -> float:
-        """CPU time used by every process that ever ran in the group."""
-        return int(os.pread(self._counters["cpuacct.usage"], 64, 0)) / 1e9
+        """CPU time used by every process that ever ran in the slot."""
+        return int(self._read("cpuacct.usage")) / 1e9
+
+    def _oom_control(self) -> dict[str, int]:
+        return {key: int(value) for key, _, value in (line.partition(" ") for line in self._read("memory.oom_control").splitlines())}
 
     def oom_kills(self) -> int:
-        """Processes of the group the OOM killer has stopped so far."""
-        for line in os.pread(self._counters["memory.oom_control"], 4096, 0).decode().splitlines():
-            key, _, value = line.partition(" ")
-            if key == "oom_kill":
-                return int(value)
-        return 0
+        """Program processes the OOM killer has stopped so far (where it could not be turned off)."""
+        return self._oom_control().get("oom_kill", 0)
+
+    def under_oom(self) -> bool:
+        """Whether program processes wait for memory past the limit (with the killer off)."""
+        return self._oom_control().get("under_oom", 0) == 1
+
+    def limit_hits(self) -> int:
+        """How often a charge to the program's group hit its limit (``memory.failcnt``) so far."""
+        return int(self._read("memory.failcnt"))
+
+    def resident(self) -> int:
+        """Anonymous and shared (tmpfs, System V, memfd) memory charged to the program's group:
+        what no reclaim frees while something holds it (page cache aside)."""
+        values = dict(line.split(" ", 1) for line in self._read("memory.stat").splitlines()[:12])
+        return int(values.get("rss", 0)) + int(values.get("shmem", 0))
+
+    def settle(self) -> None:
+        """What the program's group holds once the slot is up: the baseline ``left_behind``
+        counts from."""
+        self.baseline = self.resident()
+
+    def left_behind(self) -> int:
+        """Resident memory above the baseline (after a program: what it left behind)."""
+        return self.resident() - self.baseline
 
     def close(self) -> None:
         """Remove the groups (their processes must be gone)."""
-        for fd in getattr(self, "_counters", {}).values():
+        for fd in self._counters.values():
             os.close(fd)
         self._counters = {}
-        for controller, folder in self.folders.items():
+        for folder in [getattr(self, "program", None), *self.folders.values()]:
+            if folder is None:
+                continue
             try:
                 folder.rmdir()
             except FileNotFoundError:
                 pass
             except OSError as exc:
-                logger.warning("sandbox cgroup %s (%s) not removed: %s", folder, controller, exc)
+                logger.warning("sandbox cgroup %s not removed: %s", folder, exc)
         self.folders = {}
 
 

@@ -9,6 +9,7 @@ its own, in a cgroup of its own (``cgroup``), one program at a time.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import queue
@@ -36,7 +37,7 @@ from rewards.sandbox.processes import (
     live_processes,
     wait_exit,
 )
-from rewards.sandbox.zygote import ANSWER, EXITED, STOP, STOPPED, WALL
+from rewards.sandbox.zygote import ANSWER, CGROUP, EXITED, STOP, STOPPED, WALL
 
 logger = logging.getLogger(__name__)
 
@@ -97,13 +98,47 @@ class Execution:
 @dataclass(frozen=True)
 class _Outcome:
     """What the host saw of a run, none of it written by the program: its exit code, how it
-    ended, whether it started, and the CPU seconds and OOM kills its slot's cgroup counted."""
+    ended, whether it started, and from its slot's cgroup the CPU seconds it used, whether it
+    was stopped past its memory limit (or had a process killed there) and whether a charge hit
+    that limit."""
 
     code: int | None
     ended: int = EXITED
     started: bool = True
     cpu_s: float = 0.0
-    oom_kills: int = 0
+    out_of_memory: bool = False
+    hit_memory_limit: bool = False
+
+
+class _Watch:
+    """A running program's slot cgroup, read from the host: ``over()`` says whether to stop the
+    program now (its CPU time spent, or its processes waiting for memory past the limit) and
+    ``reason`` why; ``used()`` what the run used, for ``_Outcome``."""
+
+    def __init__(self, group: SlotCgroup | None, cpu_budget: float):
+        self.group, self.cpu_budget, self.reason = group, cpu_budget, None
+        if group is not None:
+            self.cpu, self.kills, self.hits = group.cpu_seconds(), group.oom_kills(), group.limit_hits()
+
+    def over(self) -> bool:
+        if self.group.cpu_seconds() - self.cpu > self.cpu_budget:
+            self.reason = "cpu"
+        elif self.group.under_oom():
+            self.reason = "memory"
+        return self.reason is not None
+
+    def used(self) -> dict:
+        if self.group is None:
+            return {}
+        return {
+            "cpu_s": self.group.cpu_seconds() - self.cpu,
+            "out_of_memory": self.reason == "memory" or self.group.oom_kills() > self.kills,
+            "hit_memory_limit": self.group.limit_hits() > self.hits,
+        }
+
+    @property
+    def poll(self) -> Callable[[], bool] | None:
+        return self.over if self.group is not None else None
 
 
 _ENV = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}
@@ -112,7 +147,8 @@ _ZYGOTE_GRACE_S = 5.0  # past the wall-clock limit, for the interpreter to kill 
 _ZYGOTE_STARTUP_S = 30.0
 _POLL_S = 0.05  # how often a running program's CPU time is read from its cgroup
 _SLOT_PROCESSES = 5  # besides the program's own: bwrap, its init, the slot's interpreter, a program's holder and init
-_STARTUP_MEMORY = 256 << 20  # the slot's allowance above the program's until its own use is measured
+_LEFT_BEHIND_BYTES = 16 << 20  # anonymous and shared memory in a slot's cgroup past its baseline once a program ended
+_SETTLE_S = 0.3  # how long memory left behind may take to be freed before the slot gets a fresh cgroup
 
 
 class Sandbox:
@@ -154,8 +190,10 @@ class Sandbox:
         except UidsExhausted as exc:
             raise SandboxUnavailable(str(exc)) from None
         self._cgroups: dict[int, SlotCgroup] = {}
+        self._generations = itertools.count()  # of slot cgroups: a slot left dirty gets a new one
         self._zygotes: dict[int, _Zygote] = {}
         self.restarts = 0  # slot interpreters started again after one was lost
+        self.rotations = 0  # slots started again in a fresh cgroup after a program left memory behind
         self.cgroup = self._make_cgroups(limits, cgroup)
         processes = limits.processes or PROCESSES["cgroup" if self.cgroup else "per-process"]
         self.limits = replace(limits, processes=processes)
@@ -203,11 +241,9 @@ class Sandbox:
         self.cgroup_error: str | None = "off" if mode == "off" else None
         if mode == "off":
             return False
-        resident = _SLOT_PROCESSES if self.mode == "bwrap" else 0
-        processes = (limits.processes or PROCESSES["cgroup"]) + resident
         try:
             for uid in self._leases:
-                self._cgroups[uid] = SlotCgroup(str(uid), limits.memory_bytes + _STARTUP_MEMORY, processes)
+                self._cgroups[uid] = self._new_cgroup(uid, limits)
         except CgroupUnavailable as exc:
             self._close_cgroups()
             if mode == "required":
@@ -216,6 +252,12 @@ class Sandbox:
             self.cgroup_error = str(exc)
             return False
         return True
+
+    def _new_cgroup(self, uid: int, limits: SandboxLimits) -> SlotCgroup:
+        """A fresh cgroup for slot ``uid``."""
+        resident = _SLOT_PROCESSES if self.mode == "bwrap" else 0
+        processes = (limits.processes or PROCESSES["cgroup"]) + resident
+        return SlotCgroup(f"{uid}-{next(self._generations)}", uid, limits.memory_bytes, processes)
 
     @property
     def ceiling(self) -> str:
@@ -245,29 +287,66 @@ class Sandbox:
     # -- start and stop ----------------------------------------------------------------------
 
     def _start(self) -> None:
-        """The slots' interpreters (bwrap mode), a probe program, and the memory allowance of
-        each slot's cgroup set from what its interpreter uses."""
-        if self.mode == "bwrap":
-            try:
-                for uid in self._leases:  # from this thread: they live as long as the sandbox
-                    self._zygotes[uid] = self._start_zygote(uid)
-                probes = [self.run("print('ok')") for _ in self._leases]
-            except _ZygoteLost as exc:
-                probes = [Execution("sandbox_error", None, "", "", 0.0, str(exc))]
-            failed = next((p for p in probes if p.status != "ok" or p.stdout.strip() != "ok"), None)
-            if failed is not None:
-                self.close()
-                raise SandboxUnavailable(
-                    f"bwrap cannot run here ({failed.detail or failed.stderr.strip()[-300:]}); user namespaces may be "
-                    "forbidden on this platform. Opt into the weaker rlimits-only mode explicitly if you accept it."
-                )
-        for group in self._cgroups.values():
-            group.set_memory(group.memory_usage() + self.limits.memory_bytes)
+        try:
+            for uid in self._leases:  # from this thread: the interpreters live as long as the sandbox
+                self._start_slot(uid)
+        except _ZygoteLost as exc:
+            self.close()
+            raise SandboxUnavailable(
+                f"bwrap cannot run here ({exc}); user namespaces may be forbidden on this platform. "
+                "Opt into the weaker rlimits-only mode explicitly if you accept it."
+            ) from None
 
-    def _bwrap_command(self) -> list[str]:
+    def _start_slot(self, uid: int) -> None:
+        """The slot's interpreter (bwrap mode) and a probe program; then what the program's
+        memory group holds is its clean baseline."""
+        if self.mode == "bwrap":
+            self._zygotes[uid] = self._start_zygote(uid)
+            probe = self._run_forked("print('ok')", uid)
+            if probe.status != "ok" or probe.stdout.strip() != "ok":
+                raise _ZygoteLost(probe.detail or probe.stderr.strip()[-300:] or f"the probe program's verdict was {probe.status}")
+        if uid in self._cgroups:
+            self._cgroups[uid].settle()
+
+    def _check_clean(self, uid: int) -> None:
+        """After a program: its slot's cgroup must hold no more than the slot's own memory. A
+        program can leave memory charged there past its end (System V segments of its IPC
+        namespace, freed asynchronously, or any object kept alive in a Unix socket's queue),
+        which would count against the next program; if it is not freed within
+        ``_SETTLE_S``, the slot starts again in a fresh cgroup."""
+        group = self._cgroups.get(uid)
+        if group is None:
+            return
+        deadline = time.monotonic() + _SETTLE_S
+        while (left := group.left_behind()) > _LEFT_BEHIND_BYTES:
+            if time.monotonic() > deadline:
+                try:
+                    self._rotate(uid, left)
+                except (_ZygoteLost, CgroupUnavailable) as exc:  # the slot's next run tries again
+                    logger.error("sandbox slot uid %d could not start again: %s", uid, exc)
+                return
+            time.sleep(0.01)
+
+    def _rotate(self, uid: int, left: int) -> None:
+        logger.warning(
+            "sandbox slot uid %d: its last program left %.0f MiB charged to the slot's cgroup after its end; "
+            "the slot starts again in a fresh cgroup", uid, left / 2**20,
+        )  # fmt: skip
+        if (zygote := self._zygotes.pop(uid, None)) is not None:
+            zygote.stop()
+        if self.root:
+            kill_uid(uid)
+        self._cgroups.pop(uid).close()  # what is still charged moves to this process's own cgroup
+        self._cgroups[uid] = self._new_cgroup(uid, self.limits)
+        self.rotations += 1
+        self._start_slot(uid)
+
+    def _bwrap_command(self, uid: int) -> list[str]:
+        # the program's memory group, where each program's holder moves itself (zygote.CGROUP)
+        group = ["--bind", str(self._cgroups[uid].program), CGROUP] if uid in self._cgroups else []
         return [
-            self.bwrap, "--unshare-all", "--new-session", "--cap-drop", "ALL", *self.view.arguments,
-            "--proc", "/proc", "--dev", "/dev", "--remount-ro", "/dev",
+            self.bwrap, "--unshare-all", "--new-session", "--cap-drop", "ALL", *self.view.arguments, *group,
+            "--proc", "/proc", "--dev", "/dev", "--size", "4096", "--tmpfs", "/dev/pts", "--remount-ro", "/dev/pts", "--remount-ro", "/dev",
             "--size", str(1 << 20), "--tmpfs", "/tmp", "--remount-ro", "/tmp", "--remount-ro", "/", "--chdir", "/tmp",
         ]  # fmt: skip
 
@@ -303,19 +382,20 @@ class Sandbox:
         self._cgroups = {}
 
     def _preexec(self, uid: int, limits: SandboxLimits | None):
-        """Runs in the child before bwrap or the interpreter starts: the slot's cgroup, the
-        program's rlimits and seccomp filter where no zygote sets them (``rlimits`` mode), and
-        the slot uid."""
+        """Runs in the child before bwrap or the interpreter starts: the slot's cgroup and OOM
+        score, the program's rlimits and seccomp filter where no zygote sets them (``rlimits``
+        mode), and the slot uid."""
         root = self.root
-        procs_files = self._cgroups[uid].procs_files() if uid in self._cgroups else []
+        # the slot's interpreter joins the slot's groups; a program in rlimits mode, the program's
+        procs_files = self._cgroups[uid].procs_files(program=limits is not None) if uid in self._cgroups else []
         program = self._seccomp
 
         def apply() -> None:
             cgroup.join(procs_files)
             resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+            if root or limits is not None:
+                _oom_score_adj(1000 if limits is not None else -1000)
             if limits is not None:
-                with open("/proc/self/oom_score_adj", "w") as handle:
-                    handle.write("1000")
                 # CPU: SIGXCPU at the soft limit, SIGKILL a second later for a program that ignores it
                 resource.setrlimit(resource.RLIMIT_CPU, (limits.cpu_s, limits.cpu_s + 1))
                 for name, value in (
@@ -338,7 +418,7 @@ class Sandbox:
         limits = self.limits
         values = (limits.wall_s, limits.cpu_s, limits.memory_bytes, limits.output_bytes, limits.tmpfs_mb, limits.open_files, limits.processes)
         arguments = [*map(str, values), self._seccomp.hex()]
-        zygote = _Zygote(self._bwrap_command() + [self.python, "-I", "-S", "-c", _ZYGOTE_SOURCE], arguments, self._preexec(uid, None))
+        zygote = _Zygote(self._bwrap_command(uid) + [self.python, "-I", "-S", "-c", _ZYGOTE_SOURCE], arguments, self._preexec(uid, None))
         if self.root:
             zygote.resident = live_processes(uid, zombies=True)
         return zygote
@@ -351,19 +431,11 @@ class Sandbox:
             logger.warning("sandbox in rlimits-only mode: no namespaces, no filesystem or network isolation")
         uid = self._slots.get()
         try:
-            return self._run_forked(source, uid) if self.mode == "bwrap" else self._run_process(source, uid)
+            execution = self._run_forked(source, uid) if self.mode == "bwrap" else self._run_process(source, uid)
+            self._check_clean(uid)
+            return execution
         finally:
             self._slots.put(uid)
-
-    def _over_budget(self, uid: int) -> tuple[Callable[[], bool] | None, Callable[[], tuple[float, int]]]:
-        """(whether the running program has spent its CPU time, its slot's CPU seconds and OOM
-        kills since this call), both read from the slot's cgroup; without one, (None, zeros)."""
-        group = self._cgroups.get(uid)
-        if group is None:
-            return None, lambda: (0.0, 0)
-        cpu, kills = group.cpu_seconds(), group.oom_kills()
-        budget = self.limits.cpu_s
-        return (lambda: group.cpu_seconds() - cpu > budget), (lambda: (group.cpu_seconds() - cpu, group.oom_kills() - kills))
 
     def _run_forked(self, source: str, uid: int) -> Execution:
         """The program as a process forked by the slot's warm interpreter; a lost interpreter
@@ -378,14 +450,14 @@ class Sandbox:
             os.write(files[0], source.encode())
             os.lseek(files[0], 0, os.SEEK_SET)
             start = time.perf_counter()
-            over_budget, used = self._over_budget(uid)
+            watch = _Watch(self._cgroups.get(uid), limits.cpu_s)
             try:
-                code, ended, started = zygote.run(files, limits.wall_s + _ZYGOTE_GRACE_S, over_budget)
+                code, ended, started = zygote.run(files, limits.wall_s + _ZYGOTE_GRACE_S, watch.poll)
             except _ZygoteLost as exc:
                 self._restart(uid, zygote)
                 return Execution("sandbox_error", None, "", "", time.perf_counter() - start, str(exc))
             wall = time.perf_counter() - start
-            outcome = _Outcome(code, ended, bool(started), *used())
+            outcome = _Outcome(code, ended, bool(started), **watch.used())
             out, err = (os.pread(fd, limits.output_bytes, 0).decode("utf-8", errors="replace") for fd in files[1:])
             sizes = [os.fstat(fd).st_size for fd in files[1:]]
         finally:
@@ -412,7 +484,7 @@ class Sandbox:
             paths["stdin"].write_text(source)
             started, started_end = os.pipe()
             start = time.perf_counter()
-            over_budget, used = self._over_budget(uid)
+            watch = _Watch(self._cgroups.get(uid), limits.cpu_s)
             with open(paths["stdin"], "rb") as stdin, open(paths["stdout"], "wb") as stdout, open(paths["stderr"], "wb") as stderr:
                 try:
                     process = subprocess.Popen(
@@ -426,7 +498,7 @@ class Sandbox:
                 finally:
                     os.close(started_end)
                 try:
-                    how = wait_exit(process, limits.wall_s, over_budget, _POLL_S)
+                    how = wait_exit(process, limits.wall_s, watch.poll, _POLL_S)
                 finally:
                     kill_group(process.pid)
                     process.wait()
@@ -434,12 +506,24 @@ class Sandbox:
                         kill_uid(uid)
             ended = {"exited": EXITED, "wall": WALL, "stopped": STOPPED}[how]
             with os.fdopen(started, "rb") as report:
-                outcome = _Outcome(process.returncode, ended, report.read(1) == b"S", *used())
+                outcome = _Outcome(process.returncode, ended, report.read(1) == b"S", **watch.used())
             wall = time.perf_counter() - start
             out = _read_capped(paths["stdout"], limits.output_bytes)
             err = _read_capped(paths["stderr"], limits.output_bytes)
             sizes = [paths[k].stat().st_size for k in ("stdout", "stderr")]
         return _execution(outcome, out, err, sizes, wall, limits)
+
+
+def _oom_score_adj(value: int) -> None:
+    """For a kernel whose memory group cannot turn its OOM killer off: a program in rlimits mode
+    is the killer's first choice and the slot's interpreter never one (written with
+    CAP_SYS_RESOURCE, the value is also the floor below which no descendant can set its own;
+    without it, -1000 is refused and the interpreter keeps 0)."""
+    try:
+        with open("/proc/self/oom_score_adj", "w") as handle:
+            handle.write(str(value))
+    except PermissionError:
+        pass
 
 
 def _execution(outcome: _Outcome, out: str, err: str, sizes: list[int], wall: float, limits: SandboxLimits) -> Execution:
@@ -472,8 +556,9 @@ class _Zygote:
         if (hello := self._receive(1, _ZYGOTE_STARTUP_S)) != b"R":
             raise _ZygoteLost(f"the slot's interpreter said {hello!r}")
 
-    def _receive(self, size: int, timeout_s: float) -> bytes:
-        """``size`` bytes from the interpreter, within ``timeout_s``."""
+    def _receive(self, size: int, timeout_s: float, waited_s: float = 0.0) -> bytes:
+        """``size`` bytes from the interpreter, within ``timeout_s`` (after ``waited_s`` already
+        spent waiting)."""
         self.control.settimeout(timeout_s)
         received = b""
         try:
@@ -483,7 +568,7 @@ class _Zygote:
                     raise _ZygoteLost(f"the slot's interpreter exited: {self.why()}")
                 received += chunk
         except OSError as exc:  # TimeoutError included
-            raise _ZygoteLost(f"the slot's interpreter did not answer within {timeout_s:.0f}s ({exc})") from None
+            raise _ZygoteLost(f"the slot's interpreter did not answer within {waited_s + timeout_s:.0f}s ({exc})") from None
         return received
 
     def run(self, files: list[int], timeout_s: float, over_budget: Callable[[], bool] | None = None) -> tuple[int, int, int]:
@@ -504,7 +589,7 @@ class _Zygote:
                 self.control.sendall(STOP)
                 asked = True
         remaining = max(0.0, deadline - time.monotonic())
-        return struct.unpack(ANSWER, self._receive(struct.calcsize(ANSWER), remaining))
+        return struct.unpack(ANSWER, self._receive(struct.calcsize(ANSWER), remaining, timeout_s - remaining))
 
     def alive(self) -> bool:
         return self.process.poll() is None
@@ -538,10 +623,10 @@ def _classify(outcome: _Outcome, err: str, sizes: list[int], limits: SandboxLimi
         return "sandbox_error", err.strip()[-300:] or f"sandbox exited {code} before the program started"
     if outcome.ended == WALL:
         return "timeout", f"wall-clock limit {limits.wall_s}s"
+    if outcome.out_of_memory or (outcome.hit_memory_limit and code != 0):
+        return "memory", f"memory limit {limits.memory_mb} MiB (all the program's processes)"
     if outcome.ended == STOPPED or outcome.cpu_s > limits.cpu_s:
         return "timeout", f"CPU-time limit {limits.cpu_s}s (all the program's processes)"
-    if outcome.oom_kills:
-        return "memory", f"memory limit {limits.memory_mb} MiB (all the program's processes)"
     # bwrap reports its child's death by signal N as exit status 128 + N
     killed = code in (-signal.SIGKILL, 128 + signal.SIGKILL)
     if code in (-signal.SIGXCPU, 128 + signal.SIGXCPU) or (killed and "MemoryError" not in err):

@@ -3,15 +3,19 @@ never needs, refused before its first line runs.
 
 Refused with ``EPERM``: new namespaces (``unshare``, ``setns``, ``clone`` with any
 ``CLONE_NEW*`` flag), ``io_uring_*``, keys (``keyctl``, ``add_key``, ``request_key``), ``bpf``,
-``userfaultfd``, ``perf_event_open``, ``ptrace`` and reading or writing another process's memory
-(``process_vm_*``, ``kcmp``, ``pidfd_getfd``), mounting and its new API (``mount``, ``umount2``,
-``pivot_root``, ``chroot``, ``fsopen`` .. ``mount_setattr``), file handles
-(``open_by_handle_at``), kernel modules, ``kexec``, swap, ``reboot``, ``acct``, ``syslog``,
-``quotactl`` and ``vhangup``; on x86-64 also ``iopl``, ``ioperm``, ``uselib``, ``ustat``,
-``sysfs`` and ``_sysctl``. ``clone3`` answers ``ENOSYS``: its flags sit behind a pointer a
-filter cannot read, and C libraries fall back to ``clone`` on that answer (threads, ``fork``,
-``posix_spawn`` all keep working). A call from another architecture's table (32-bit
-``int 0x80`` or x32 on x86-64) kills the process.
+``userfaultfd``, ``perf_event_open``, ``fanotify_init``, ``ptrace`` and reading or writing
+another process's memory (``process_vm_*``, ``kcmp``, ``pidfd_getfd``), ``memfd_secret``,
+mounting and its new API (``mount``, ``umount2``, ``pivot_root``, ``chroot``, ``fsopen`` ..
+``mount_setattr``, ``open_tree_attr``), file handles (``open_by_handle_at``), kernel modules,
+``kexec``, swap, ``reboot``, ``acct``, ``syslog``, ``quotactl`` (and ``quotactl_fd``),
+``lookup_dcookie`` and ``vhangup``; on x86-64 also ``modify_ldt``, ``iopl``, ``ioperm``,
+``uselib``, ``ustat``, ``sysfs`` and ``_sysctl``. ``personality`` may only ask or set the plain
+Linux personality (not ``ADDR_NO_RANDOMIZE`` or ``READ_IMPLIES_EXEC``). Sockets may only be
+Unix, IPv4 or IPv6 ones (``socketpair`` Unix only): netlink, packet, vsock (which no network
+namespace separates), Bluetooth, XDP and the rest answer ``EAFNOSUPPORT``. ``clone3`` answers
+``ENOSYS``: its flags sit behind a pointer a filter cannot read, and C libraries fall back to
+``clone`` on that answer (threads, ``fork``, ``posix_spawn`` all keep working). A call from
+another architecture's table (32-bit ``int 0x80`` or x32 on x86-64) kills the process.
 
 Most of these already fail for want of a capability; the filter removes the kernel code behind
 them from what a program can reach at all (most recent Linux privilege escalations start in a
@@ -54,7 +58,7 @@ _COMMON = (
     "kcmp", "pidfd_getfd", "mount", "umount2", "pivot_root", "chroot", "fsopen", "fsconfig", "fsmount", "fspick",
     "move_mount", "open_tree", "mount_setattr", "open_by_handle_at", "init_module", "finit_module",
     "delete_module", "kexec_load", "kexec_file_load", "swapon", "swapoff", "reboot", "acct", "syslog",
-    "quotactl", "vhangup",
+    "quotactl", "vhangup", "memfd_secret", "open_tree_attr", "quotactl_fd", "fanotify_init", "lookup_dcookie",
 )  # fmt: skip
 
 # (audit architecture, system call numbers by name) from the kernel's tables
@@ -68,9 +72,10 @@ ARCHITECTURES: dict[str, tuple[int, dict[str, int]]] = {
         "fsmount": 432, "fspick": 433, "move_mount": 429, "open_tree": 428, "mount_setattr": 442,
         "open_by_handle_at": 304, "init_module": 175, "finit_module": 313, "delete_module": 176,
         "kexec_load": 246, "kexec_file_load": 320, "swapon": 167, "swapoff": 168, "reboot": 169, "acct": 163,
-        "syslog": 103, "quotactl": 179, "vhangup": 153,
-        "iopl": 172, "ioperm": 173, "uselib": 134, "ustat": 136, "sysfs": 139, "_sysctl": 156,
-        "clone": 56, "clone3": 435,
+        "syslog": 103, "quotactl": 179, "vhangup": 153, "memfd_secret": 447, "open_tree_attr": 467,
+        "quotactl_fd": 443, "fanotify_init": 300, "lookup_dcookie": 212,
+        "modify_ldt": 154, "iopl": 172, "ioperm": 173, "uselib": 134, "ustat": 136, "sysfs": 139, "_sysctl": 156,
+        "clone": 56, "clone3": 435, "socket": 41, "socketpair": 53, "personality": 135,
     }),
     "aarch64": (0xC00000B7, {
         "unshare": 97, "setns": 268, "io_uring_setup": 425, "io_uring_enter": 426, "io_uring_register": 427,
@@ -80,11 +85,20 @@ ARCHITECTURES: dict[str, tuple[int, dict[str, int]]] = {
         "fsmount": 432, "fspick": 433, "move_mount": 429, "open_tree": 428, "mount_setattr": 442,
         "open_by_handle_at": 265, "init_module": 105, "finit_module": 273, "delete_module": 106,
         "kexec_load": 104, "kexec_file_load": 294, "swapon": 224, "swapoff": 225, "reboot": 142, "acct": 89,
-        "syslog": 116, "quotactl": 60, "vhangup": 58,
-        "clone": 220, "clone3": 435,
+        "syslog": 116, "quotactl": 60, "vhangup": 58, "memfd_secret": 447, "open_tree_attr": 467,
+        "quotactl_fd": 443, "fanotify_init": 262, "lookup_dcookie": 18,
+        "clone": 220, "clone3": 435, "socket": 198, "socketpair": 199, "personality": 92,
     }),
 }  # fmt: skip
-_X86_ONLY = ("iopl", "ioperm", "uselib", "ustat", "sysfs", "_sysctl")
+_X86_ONLY = ("modify_ldt", "iopl", "ioperm", "uselib", "ustat", "sysfs", "_sysctl")
+AF_UNIX, AF_INET, AF_INET6 = 1, 2, 10
+# calls allowed only for some values of their first argument: (allowed values, errno otherwise)
+FIRST_ARGUMENT = {
+    "socket": ((AF_UNIX, AF_INET, AF_INET6), errno.EAFNOSUPPORT),
+    "socketpair": ((AF_UNIX,), errno.EAFNOSUPPORT),
+    # PER_LINUX, PER_LINUX32, UNAME26 and both, and 0xffffffff: the query
+    "personality": ((0x0, 0x8, 0x20000, 0x20008, 0xFFFFFFFF), errno.EPERM),
+}
 
 
 def denied(machine: str) -> dict[str, int]:
@@ -104,30 +118,49 @@ def build_filter(machine: str | None = None) -> bytes:
     if machine not in ARCHITECTURES:
         raise ValueError(f"no seccomp table for {machine!r} (known: {sorted(ARCHITECTURES)})")
     arch, table = ARCHITECTURES[machine]
-    refuse = list(denied(machine).values())
-    # the body, each entry (opcode, k, jump-if-true target, jump-if-false target); targets are
-    # labels resolved below into the relative offsets BPF wants
-    body: list[tuple] = [(BPF_LD_W_ABS, ARCH_OFFSET, None, None), (BPF_JEQ_K, arch, "next", "kill")]
+    # (opcode, k, label if true, label if false), or a label's own name; jumps go to labels
+    body: list = [(BPF_LD_W_ABS, ARCH_OFFSET, None, None), (BPF_JEQ_K, arch, None, "kill")]
     body.append((BPF_LD_W_ABS, NR_OFFSET, None, None))
     if machine == "x86_64":
-        body.append((BPF_JGE_K, X32_SYSCALL_BIT, "kill", "next"))
-    body += [(BPF_JEQ_K, number, "eperm", "next") for number in refuse]
-    body.append((BPF_JEQ_K, table["clone3"], "enosys", "next"))
-    body.append((BPF_JEQ_K, table["clone"], "next", "allow"))
-    body.append((BPF_LD_W_ABS, ARG0_LOW_OFFSET, None, None))  # clone's flags
-    body.append((BPF_JSET_K, CLONE_NAMESPACES, "eperm", "allow"))
-    returns = {
-        "allow": SECCOMP_RET_ALLOW,
-        "eperm": SECCOMP_RET_ERRNO | errno.EPERM,
-        "enosys": SECCOMP_RET_ERRNO | errno.ENOSYS,
-        "kill": SECCOMP_RET_KILL_PROCESS,
-    }
-    where = {label: len(body) + i for i, label in enumerate(returns)}
+        body.append((BPF_JGE_K, X32_SYSCALL_BIT, "kill", None))
+    body += [(BPF_JEQ_K, number, f"errno:{errno.EPERM}", None) for number in denied(machine).values()]
+    body.append((BPF_JEQ_K, table["clone3"], f"errno:{errno.ENOSYS}", None))
+    for name in ("clone", *FIRST_ARGUMENT):
+        body.append((BPF_JEQ_K, table[name], f"check:{name}", None))
+    body.append((BPF_RET_K, SECCOMP_RET_ALLOW, None, None))
+    body += ["check:clone", (BPF_LD_W_ABS, ARG0_LOW_OFFSET, None, None), (BPF_JSET_K, CLONE_NAMESPACES, f"errno:{errno.EPERM}", "allow")]
+    for name, (allowed, code) in FIRST_ARGUMENT.items():
+        body += [f"check:{name}", (BPF_LD_W_ABS, ARG0_LOW_OFFSET, None, None)]
+        body += [(BPF_JEQ_K, value, "allow", None) for value in allowed]
+        body.append((BPF_RET_K, SECCOMP_RET_ERRNO | code, None, None))
+    codes = sorted({int(op.split(":")[1]) for op in _labels_used(body) if op.startswith("errno:")})
+    body += ["allow", (BPF_RET_K, SECCOMP_RET_ALLOW, None, None), "kill", (BPF_RET_K, SECCOMP_RET_KILL_PROCESS, None, None)]
+    for code in codes:
+        body += [f"errno:{code}", (BPF_RET_K, SECCOMP_RET_ERRNO | code, None, None)]
+    return _assemble(body)
+
+
+def _labels_used(body: list) -> set[str]:
+    return {label for op in body if isinstance(op, tuple) for label in op[2:] if label}
+
+
+def _assemble(body: list) -> bytes:
+    """Instructions with their jump labels resolved to BPF's relative offsets (forward only,
+    each under 256)."""
+    where: dict[str, int] = {}
+    instructions = []
+    for op in body:
+        if isinstance(op, str):
+            where[op] = len(instructions)
+        else:
+            instructions.append(op)
     program = b""
-    for i, (code, k, on_true, on_false) in enumerate(body):
-        offset = lambda label: 0 if label in (None, "next") else where[label] - i - 1  # noqa: E731
-        program += _instruction(code, k, offset(on_true), offset(on_false))
-    program += b"".join(_instruction(BPF_RET_K, value) for value in returns.values())
+    for i, (code, k, on_true, on_false) in enumerate(instructions):
+        offset = lambda label: 0 if label is None else where[label] - i - 1  # noqa: E731
+        jt, jf = offset(on_true), offset(on_false)
+        if not (0 <= jt < 256 and 0 <= jf < 256):
+            raise ValueError(f"seccomp jump out of range at instruction {i}")
+        program += _instruction(code, k, jt, jf)
     return program
 
 

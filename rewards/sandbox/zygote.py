@@ -18,16 +18,18 @@ output can change that answer, and a program that breaks its own output is the p
 Each sample gets, per request:
 - a fresh process, forked from this interpreter, which never runs sample code itself; no memory
   of a previous sample can be inherited;
-- its own user, PID, mount and IPC namespaces, made by ``holder`` below: the sample is PID 2
-  under an init of its own (PID 1), so ``kill(-1)``, a fork bomb or a daemon reaches nothing
-  outside, and all of them die with that init when the sample's own process exits; no user
-  namespace can be made inside it (``max_user_namespaces`` is 0 in its own);
-- a fresh, size-limited tmpfs on ``/tmp`` (its working directory) and on ``/dev/shm``, and a
-  fresh IPC namespace (System V and POSIX queues); everything else is read-only (the slot's
+- its own user, PID, mount, IPC and network namespaces, made by ``holder`` below: the sample
+  is PID 2 under an init of its own (PID 1), so ``kill(-1)``, a fork bomb or a daemon reaches
+  nothing outside, and all of them die with that init when the sample's own process exits; no
+  user namespace can be made inside it (``max_user_namespaces`` is 0 in its own);
+- a fresh, size-limited tmpfs on ``/tmp`` (its working directory) and on ``/dev/shm``, a fresh
+  IPC namespace (System V and POSIX queues) and a fresh network namespace (its loopback down:
+  no socket, abstract Unix name or TCP state of one program is seen by the next, even one kept
+  alive past its program in a Unix socket's queue); everything else is read-only (the slot's
   root, ``/dev``, the interpreter's files): nothing it writes is there for the next one;
 - no capabilities, its rlimits (CPU time, address space, file size, open files, processes), a
-  new session, the seccomp filter of ``rewards.sandbox.seccomp`` and the OOM killer's first
-  place in the slot's cgroup (``oom_score_adj`` 1000).
+  new session, the seccomp filter of ``rewards.sandbox.seccomp``, and (where the slot has a
+  cgroup) the program's memory group, which this interpreter stays outside of.
 
 Stdlib only, and it imports little: the sample inherits these modules already loaded.
 """
@@ -46,7 +48,8 @@ CLONE_NEWNS = 0x00020000
 CLONE_NEWIPC = 0x08000000
 CLONE_NEWUSER = 0x10000000
 CLONE_NEWPID = 0x20000000
-MS_NOSUID, MS_NODEV, MS_NOEXEC = 0x2, 0x4, 0x8
+CLONE_NEWNET = 0x40000000
+MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 0x1, 0x2, 0x4, 0x8
 MS_REC, MS_PRIVATE = 0x4000, 0x40000
 PR_CAPBSET_DROP = 24
 PR_SET_CHILD_SUBREAPER = 36
@@ -57,6 +60,7 @@ LAST_CAPABILITY = 63  # drop from the bounding set up to this; the kernel answer
 ANSWER = "<iBB"  # exit code (negative: signal), how it ended (ENDINGS), whether it started (0/1)
 EXITED, WALL, STOPPED = 0, 1, 2  # by itself; at the wall-clock limit; stopped on the owner's request
 STOP = b"k"  # the owner's request to stop the running program
+CGROUP = "/run/raylight-cgroup"  # where the slot's owner binds the program's memory group, if it made one
 
 libc = ctypes.CDLL(None, use_errno=True)
 
@@ -122,8 +126,9 @@ def wait(holder: int, control: socket.socket, wall_s: float) -> tuple[int, int]:
     """The holder's exit code and how it ended, once nothing of the request is left. When the
     wall-clock limit strikes, the owner asks for a stop or goes away, the holder's process
     group is killed: the holder and the namespace's init, whose death takes every process of
-    the namespace with it. This process is a subreaper, so the orphaned init is reaped here,
-    and reaped only once its namespace is empty."""
+    the namespace with it. The group is killed too once the holder has exited for any reason
+    (the OOM killer may choose it): init must not outlive it. This process is a subreaper, so
+    the orphaned init is reaped here, and reaped only once its namespace is empty."""
     pidfd = os.pidfd_open(holder)
     try:
         ready, _, _ = select.select([pidfd, control], [], [], wall_s)
@@ -134,11 +139,9 @@ def wait(holder: int, control: socket.socket, wall_s: float) -> tuple[int, int]:
         leave = control.recv(1) != STOP  # b"": the owner is gone
         ended = STOPPED
     if ended != EXITED:
-        try:
-            os.killpg(holder, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        kill_group(holder)
     _, status = os.waitpid(holder, 0)
+    kill_group(holder)  # init, if the holder went first
     while True:
         try:
             os.waitpid(-1, 0)
@@ -147,6 +150,13 @@ def wait(holder: int, control: socket.socket, wall_s: float) -> tuple[int, int]:
     if leave:
         os._exit(0)
     return os.waitstatus_to_exitcode(status), ended
+
+
+def kill_group(leader: int) -> None:
+    try:
+        os.killpg(leader, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
 
 
 def read_started(started: int) -> int:
@@ -160,14 +170,19 @@ def read_started(started: int) -> int:
 
 def hold(fds: list[int], started: int, limits: dict[str, int]) -> None:
     """The sample's namespaces, entered by this process: a user namespace (where it may make
-    the others) mapping only its own uid and gid, then PID, mount and IPC namespaces; its first
-    child is the namespace's init, which does the mounts and forks the sample. Exits with the
-    sample's code."""
+    the others) mapping only its own uid and gid, then PID, mount, IPC and network namespaces;
+    its first child is the namespace's init, which does the mounts and forks the sample. Exits
+    with the sample's code. It moves into the program's memory group first (the slot's own
+    processes stay outside it), and, where the group's OOM killer could not be turned off, makes
+    the program's processes its first choice."""
     os.dup2(fds[2], 2)  # this setup's own errors go to the request's stderr
+    if os.path.exists(f"{CGROUP}/cgroup.procs"):
+        with open(f"{CGROUP}/cgroup.procs", "w") as handle:
+            handle.write("0")  # this process, and so every process of the program, into its memory group
     with open("/proc/self/oom_score_adj", "w") as handle:
-        handle.write("1000")  # in the slot's cgroup, the program's processes are the OOM killer's first choice
+        handle.write("1000")
     uid, gid = os.getuid(), os.getgid()
-    check(libc.unshare(CLONE_NEWUSER | CLONE_NEWPID | CLONE_NEWNS | CLONE_NEWIPC), "unshare")
+    check(libc.unshare(CLONE_NEWUSER | CLONE_NEWPID | CLONE_NEWNS | CLONE_NEWIPC | CLONE_NEWNET), "unshare")
     for name, text in (("uid_map", f"{uid} {uid} 1"), ("setgroups", "deny"), ("gid_map", f"{gid} {gid} 1")):
         with open(f"/proc/self/{name}", "w") as handle:
             handle.write(text)
@@ -189,6 +204,8 @@ def init_namespace(fds: list[int], started: int, limits: dict[str, int]) -> None
     if os.path.isdir("/dev/shm"):
         mount("tmpfs", "/dev/shm", "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, scratch)
     mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, None)
+    if os.path.isdir(CGROUP):  # the program's memory group, covered: the program cannot leave it
+        mount("tmpfs", CGROUP, "tmpfs", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC, "size=4k")
     with open("/proc/sys/user/max_user_namespaces", "w") as handle:
         handle.write("0")  # this namespace's own limit: the sample can make no user namespace
     sample = os.fork()
