@@ -119,7 +119,7 @@ def _bench(args: argparse.Namespace) -> int:
     elif args.bench == "learner":
         result = bench_learner(args.model, args.rows, args.prompt_tokens, args.completion_tokens, args.steps, args.variants)
     elif args.bench == "verifier":
-        result = bench_verifier(args.programs, args.slots)
+        result = bench_verifier(args.programs, args.slots, args.rounds)
     else:
         result = bench_generation(args.model, args.prompts, args.n, args.max_tokens, args.dtype)
     print(json.dumps(result))
@@ -227,6 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     ver = which.add_parser("verifier", help="sandboxed program runs vs plain subprocess runs of the same programs")
     ver.add_argument("--programs", type=int, default=164, help="HumanEval test programs to run each way")
     ver.add_argument("--slots", type=int, default=2, help="programs run at once")
+    ver.add_argument("--rounds", type=int, default=3, help="rounds each way, alternating")
     ver.set_defaults(func=_bench)
 
     stp = which.add_parser("step", help="a few steps of a config: seconds per phase, tokens/s, peak memory per process role")

@@ -12,15 +12,16 @@ own; a program so costs a few forks, not a bwrap and Python start-up. What it pr
 - runaway programs: a wall-clock limit enforced by the slot's interpreter (it kills the
   program's namespace; the parent gives up on an interpreter that does not answer a few
   seconds later); memory, CPU time and process count for the program's whole process tree in
-  the slot's cgroup (``cgroup``; the kernel's OOM killer off in the program's memory group, so
-  that no program can steer it at the slot's own processes), and per process address-space,
-  CPU-time, file-size, open-file and process-count rlimits;
+  the slot's cgroup (``cgroup``; the kernel's OOM killer off there, a program past its memory
+  or CPU budget killed from outside, so that no program can steer the killer at the slot's own
+  processes), and per process address-space, CPU-time, file-size, open-file and process-count
+  rlimits;
 - fork bombs and daemons: a PID namespace per program (when its init exits every process in
   it dies, and ``kill(-1, 9)`` reaches nothing outside it), one unprivileged uid per concurrent
   slot so the process limit never reaches a sibling sandbox; the uids are leased with
   ``flock`` on files under ``/tmp/raylight-sandbox-uids``, so sandboxes in different processes
   of one machine (several verifier actors, several runs) never share one;
-- the host: no network (a network namespace of its own per program, its loopback down), no
+- the host: no network (a network namespace with no socket in it, its loopback down), no
   ``/etc``, no home folders, nothing of ``/usr`` but the interpreter's own files
   (``filesystem``: a dataset installed on the machine is not there to read), everything
   read-only but a program's own size-limited ``/tmp`` and ``/dev/shm``; stdout and stderr are
@@ -31,11 +32,12 @@ own; a program so costs a few forks, not a bwrap and Python start-up. What it pr
 - secrets: bwrap gets a minimal environment (``--clearenv`` alone would still leak the
   launcher's environment through ``/proc/1/environ``);
 - the previous program of the slot: a fresh process forked from an interpreter that never runs
-  a program itself, fresh tmpfs mounts on ``/tmp`` and ``/dev/shm``, fresh IPC and network
-  namespaces, no ptys, and a read-only everything else, so nothing one program writes or binds
-  is there for the next; memory a program keeps charged past its end (System V segments or
-  any object kept alive in a Unix socket's queue) sends the slot to a fresh cgroup, so it
-  never counts against the next program.
+  a program itself, fresh tmpfs mounts on ``/tmp`` and ``/dev/shm``, a fresh IPC namespace, a
+  fresh network namespace whenever a program left a socket behind, no ptys, and a read-only
+  everything else, so nothing one program writes or binds is there for the next; memory a
+  program keeps charged past its end (System V segments or any object kept alive in a Unix
+  socket's queue) sends the slot to a fresh cgroup, so it never counts against the next
+  program.
 
 What it does not protect against: kernel exploits through the system calls it allows, CPU and
 page-cache side channels (a program can time whether a file of the interpreter's was read

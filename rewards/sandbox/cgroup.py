@@ -7,15 +7,14 @@ hierarchy): the slot's group is created inside this process's own group of each 
 slot's sandbox, its warm interpreter and every program it forks live in it; one program runs
 in a slot at a time, so the group's use while it runs is the program's.
 
-- memory: the program's processes move (first thing, before anything of the program runs)
-  into a child group of the slot's memory group, ``program``, whose ``memory.limit_in_bytes``
-  (and ``memory.memsw.limit_in_bytes`` where swap is accounted) is the program's limit; tmpfs
-  pages are charged to the group that writes them. The kernel's OOM killer is off in that
-  group (``memory.oom_control``): past the limit the program's allocating processes wait, the
-  sandbox sees ``under_oom`` and stops the program. The slot's own processes (bwrap, the warm
-  interpreter) stay in the parent group, outside the program's limit: a program can neither
-  make the killer choose them (through its processes' sizes and ``oom_score_adj``) nor make
-  them wait for memory it holds;
+- memory: ``memory.limit_in_bytes`` (and ``memory.memsw.limit_in_bytes`` where swap is
+  accounted) is the program's limit plus what the slot's own processes use, measured once they
+  are up; tmpfs pages are charged to the group that writes them. The kernel's OOM killer is off
+  in the group (``memory.oom_control``): past the limit the allocating processes wait, the
+  sandbox sees ``under_oom`` and kills the program's processes from outside. No process of the
+  slot is ever chosen by a killer a program could steer (through its processes' sizes and
+  ``oom_score_adj``), and a slot interpreter that waits for memory with the program resumes
+  when the program is gone;
 - processes: ``pids.max`` on the slot's group;
 - CPU time: ``cpuacct.usage`` of the slot's group, which the sandbox reads while the program
   runs, stopping it past its budget (the kernel has no limit on accumulated CPU time of a
@@ -35,10 +34,9 @@ logger = logging.getLogger(__name__)
 
 CONTROLLERS = ("memory", "pids", "cpuacct")
 PREFIX = "raylight-sandbox-"
-PROGRAM = "program"  # the child memory group a program's processes join
 # read at every program's start and end: kept open and re-read with pread (a twentieth of the
 # cost of opening them each time)
-COUNTERS = (("cpuacct.usage", False), ("memory.oom_control", True), ("memory.stat", True), ("memory.failcnt", True))
+COUNTERS = ("cpuacct.usage", "memory.oom_control", "memory.stat", "memory.failcnt")
 
 
 class CgroupUnavailable(RuntimeError):
@@ -72,19 +70,17 @@ def _remove_stale(parent: Path) -> None:
     for folder in parent.glob(f"{PREFIX}*"):
         owner = folder.name[len(PREFIX) :].split("-")[0]
         if owner.isdigit() and not Path(f"/proc/{owner}").exists():
-            for group in (folder / PROGRAM, folder):
-                try:
-                    group.rmdir()
-                except OSError:
-                    pass
+            try:
+                folder.rmdir()
+            except OSError:
+                pass
 
 
 class SlotCgroup:
-    """The cgroups of one slot (``slot`` names it; ``uid`` may move processes into the program's
-    memory group): ``procs_files`` for its processes to join, the program's counters while it
-    runs, ``close`` at the end."""
+    """The cgroups of one slot (``slot`` names it): ``procs_files`` for its first process to
+    join, the program's counters while it runs, ``close`` at the end."""
 
-    def __init__(self, slot: str, uid: int, memory_bytes: int, processes: int):
+    def __init__(self, slot: str, memory_bytes: int, processes: int):
         groups = _own_groups()
         missing = [c for c in CONTROLLERS if c not in groups]
         if missing:
@@ -96,15 +92,11 @@ class SlotCgroup:
                 _remove_stale(groups[controller])
                 self.folders[controller] = groups[controller] / f"{PREFIX}{os.getpid()}-{slot}"
                 self.folders[controller].mkdir(exist_ok=True)
-            self.program = self.folders["memory"] / PROGRAM
-            self.program.mkdir(exist_ok=True)
-            os.chown(self.program / "cgroup.procs", uid, -1)  # the program's holder moves itself in
-            self._set_memory(memory_bytes)
+            self.set_memory(memory_bytes)
             (self.folders["pids"] / "pids.max").write_text(str(processes))
             self.oom_killer = not self._disable_oom_killer()
-            for name, in_program in COUNTERS:
-                folder = self.program if in_program else self.folders[name.split(".")[0]]
-                self._counters[name] = os.open(folder / name, os.O_RDONLY)
+            for name in COUNTERS:
+                self._counters[name] = os.open(self.folders[name.split(".")[0]] / name, os.O_RDONLY)
         except OSError as exc:
             self.close()
             raise CgroupUnavailable(f"cannot make a cgroup under {groups.get('memory')}: {exc}") from None
@@ -112,25 +104,25 @@ class SlotCgroup:
 
     def _disable_oom_killer(self) -> bool:
         try:
-            (self.program / "memory.oom_control").write_text("1")
+            (self.folders["memory"] / "memory.oom_control").write_text("1")
             return True
         except OSError as exc:
             logger.warning("sandbox cgroup: the OOM killer stays on (%s): a program's processes are killed past its memory limit", exc)
             return False
 
-    def _set_memory(self, limit: int) -> None:
-        """The program's memory limit, swap included where the kernel accounts it (set on a new
-        group, so the memory limit first: memsw may never be below it)."""
-        (self.program / "memory.limit_in_bytes").write_text(str(limit))
-        memsw = self.program / "memory.memsw.limit_in_bytes"
-        if memsw.exists():
-            memsw.write_text(str(limit))
+    def set_memory(self, limit: int) -> None:
+        """The group's memory limit, swap included where the kernel accounts it (memsw may never
+        be below the memory limit, hence the order)."""
+        folder = self.folders["memory"]
+        current = int((folder / "memory.limit_in_bytes").read_text())
+        names = ["memory.limit_in_bytes", "memory.memsw.limit_in_bytes"]
+        for name in names if limit <= current else reversed(names):
+            if (folder / name).exists():
+                (folder / name).write_text(str(limit))
 
-    def procs_files(self, program: bool = False) -> list[str]:
-        """The ``cgroup.procs`` files a process writes its pid into to join the slot (with
-        ``program``, the program's memory group instead of the slot's)."""
-        memory = self.program if program else self.folders["memory"]
-        return [str(memory / "cgroup.procs"), str(self.folders["pids"] / "cgroup.procs"), str(self.folders["cpuacct"] / "cgroup.procs")]
+    def procs_files(self) -> list[str]:
+        """The ``cgroup.procs`` files a process writes its pid into to join the slot."""
+        return [str(folder / "cgroup.procs") for folder in self.folders.values()]
 
     def _read(self, name: str) -> str:
         return os.pread(self._counters[name], 1 << 16, 0).decode()
@@ -143,26 +135,27 @@ class SlotCgroup:
         return {key: int(value) for key, _, value in (line.partition(" ") for line in self._read("memory.oom_control").splitlines())}
 
     def oom_kills(self) -> int:
-        """Program processes the OOM killer has stopped so far (where it could not be turned off)."""
+        """Processes the OOM killer has stopped so far (where it could not be turned off)."""
         return self._oom_control().get("oom_kill", 0)
 
     def under_oom(self) -> bool:
-        """Whether program processes wait for memory past the limit (with the killer off)."""
+        """Whether processes of the group wait for memory past the limit (with the killer off)."""
         return self._oom_control().get("under_oom", 0) == 1
 
     def limit_hits(self) -> int:
-        """How often a charge to the program's group hit its limit (``memory.failcnt``) so far."""
+        """How often a charge to the group hit its limit (``memory.failcnt``) so far."""
         return int(self._read("memory.failcnt"))
 
     def resident(self) -> int:
-        """Anonymous and shared (tmpfs, System V, memfd) memory charged to the program's group:
-        what no reclaim frees while something holds it (page cache aside)."""
+        """Anonymous and shared (tmpfs, System V, memfd) memory charged to the group: what no
+        reclaim frees while something holds it (page cache aside)."""
         values = dict(line.split(" ", 1) for line in self._read("memory.stat").splitlines()[:12])
         return int(values.get("rss", 0)) + int(values.get("shmem", 0))
 
-    def settle(self) -> None:
-        """What the program's group holds once the slot is up: the baseline ``left_behind``
-        counts from."""
+    def settle(self, memory_bytes: int) -> None:
+        """Once the slot's own processes are up: the limit becomes their use plus
+        ``memory_bytes``, and what they hold is the baseline ``left_behind`` counts from."""
+        self.set_memory(int((self.folders["memory"] / "memory.usage_in_bytes").read_text()) + memory_bytes)
         self.baseline = self.resident()
 
     def left_behind(self) -> int:
@@ -174,9 +167,7 @@ class SlotCgroup:
         for fd in self._counters.values():
             os.close(fd)
         self._counters = {}
-        for folder in [getattr(self, "program", None), *self.folders.values()]:
-            if folder is None:
-                continue
+        for folder in self.folders.values():
             try:
                 folder.rmdir()
             except FileNotFoundError:

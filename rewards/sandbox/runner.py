@@ -37,7 +37,7 @@ from rewards.sandbox.processes import (
     live_processes,
     wait_exit,
 )
-from rewards.sandbox.zygote import ANSWER, CGROUP, EXITED, STOP, STOPPED, WALL
+from rewards.sandbox.zygote import ANSWER
 
 logger = logging.getLogger(__name__)
 
@@ -97,16 +97,17 @@ class Execution:
 
 @dataclass(frozen=True)
 class _Outcome:
-    """What the host saw of a run, none of it written by the program: its exit code, how it
-    ended, whether it started, and from its slot's cgroup the CPU seconds it used, whether it
-    was stopped past its memory limit (or had a process killed there) and whether a charge hit
-    that limit."""
+    """What the host saw of a run, none of it written by the program: its exit code, whether it
+    started, whether the wall clock stopped it, and from its slot's cgroup why the sandbox
+    stopped it (``cpu`` or ``memory``), the CPU seconds it used, whether the OOM killer (where
+    it could not be turned off) killed a process of it, and whether a charge hit the limit."""
 
     code: int | None
-    ended: int = EXITED
     started: bool = True
+    wall_clock: bool = False
+    stopped_for: str | None = None
     cpu_s: float = 0.0
-    out_of_memory: bool = False
+    oom_killed: bool = False
     hit_memory_limit: bool = False
 
 
@@ -131,8 +132,9 @@ class _Watch:
         if self.group is None:
             return {}
         return {
+            "stopped_for": self.reason,
             "cpu_s": self.group.cpu_seconds() - self.cpu,
-            "out_of_memory": self.reason == "memory" or self.group.oom_kills() > self.kills,
+            "oom_killed": self.group.oom_kills() > self.kills,
             "hit_memory_limit": self.group.limit_hits() > self.hits,
         }
 
@@ -257,7 +259,7 @@ class Sandbox:
         """A fresh cgroup for slot ``uid``."""
         resident = _SLOT_PROCESSES if self.mode == "bwrap" else 0
         processes = (limits.processes or PROCESSES["cgroup"]) + resident
-        return SlotCgroup(f"{uid}-{next(self._generations)}", uid, limits.memory_bytes, processes)
+        return SlotCgroup(f"{uid}-{next(self._generations)}", limits.memory_bytes, processes)
 
     @property
     def ceiling(self) -> str:
@@ -298,15 +300,15 @@ class Sandbox:
             ) from None
 
     def _start_slot(self, uid: int) -> None:
-        """The slot's interpreter (bwrap mode) and a probe program; then what the program's
-        memory group holds is its clean baseline."""
+        """The slot's interpreter (bwrap mode) and a probe program; then its cgroup's memory
+        limit is set from what the slot itself uses, and that use is its clean baseline."""
         if self.mode == "bwrap":
             self._zygotes[uid] = self._start_zygote(uid)
             probe = self._run_forked("print('ok')", uid)
             if probe.status != "ok" or probe.stdout.strip() != "ok":
                 raise _ZygoteLost(probe.detail or probe.stderr.strip()[-300:] or f"the probe program's verdict was {probe.status}")
         if uid in self._cgroups:
-            self._cgroups[uid].settle()
+            self._cgroups[uid].settle(self.limits.memory_bytes)
 
     def _check_clean(self, uid: int) -> None:
         """After a program: its slot's cgroup must hold no more than the slot's own memory. A
@@ -342,10 +344,8 @@ class Sandbox:
         self._start_slot(uid)
 
     def _bwrap_command(self, uid: int) -> list[str]:
-        # the program's memory group, where each program's holder moves itself (zygote.CGROUP)
-        group = ["--bind", str(self._cgroups[uid].program), CGROUP] if uid in self._cgroups else []
         return [
-            self.bwrap, "--unshare-all", "--new-session", "--cap-drop", "ALL", *self.view.arguments, *group,
+            self.bwrap, "--unshare-all", "--new-session", "--cap-drop", "ALL", *self.view.arguments,
             "--proc", "/proc", "--dev", "/dev", "--size", "4096", "--tmpfs", "/dev/pts", "--remount-ro", "/dev/pts", "--remount-ro", "/dev",
             "--size", str(1 << 20), "--tmpfs", "/tmp", "--remount-ro", "/tmp", "--remount-ro", "/", "--chdir", "/tmp",
         ]  # fmt: skip
@@ -386,8 +386,7 @@ class Sandbox:
         score, the program's rlimits and seccomp filter where no zygote sets them (``rlimits``
         mode), and the slot uid."""
         root = self.root
-        # the slot's interpreter joins the slot's groups; a program in rlimits mode, the program's
-        procs_files = self._cgroups[uid].procs_files(program=limits is not None) if uid in self._cgroups else []
+        procs_files = self._cgroups[uid].procs_files() if uid in self._cgroups else []
         program = self._seccomp
 
         def apply() -> None:
@@ -452,18 +451,31 @@ class Sandbox:
             start = time.perf_counter()
             watch = _Watch(self._cgroups.get(uid), limits.cpu_s)
             try:
-                code, ended, started = zygote.run(files, limits.wall_s + _ZYGOTE_GRACE_S, watch.poll)
+                code, wall_clock, started = zygote.run(files, limits.wall_s + _ZYGOTE_GRACE_S, watch.poll, lambda: self._kill_program(uid, zygote))
             except _ZygoteLost as exc:
                 self._restart(uid, zygote)
                 return Execution("sandbox_error", None, "", "", time.perf_counter() - start, str(exc))
             wall = time.perf_counter() - start
-            outcome = _Outcome(code, ended, bool(started), **watch.used())
+            outcome = _Outcome(code, bool(started), bool(wall_clock), **watch.used())
             out, err = (os.pread(fd, limits.output_bytes, 0).decode("utf-8", errors="replace") for fd in files[1:])
             sizes = [os.fstat(fd).st_size for fd in files[1:]]
         finally:
             for fd in files:
                 os.close(fd)
         return _execution(outcome, out, err, sizes, wall, limits)
+
+    def _kill_program(self, uid: int, zygote: _Zygote) -> None:
+        """Kill the running program's processes from outside: every process of the slot's uid
+        but the sandbox's own (once its namespace's first process is gone the kernel kills the
+        rest; the loop covers processes forked meanwhile)."""
+        deadline = time.monotonic() + 1.0
+        while (pids := [pid for pid in live_processes(uid) if pid not in zygote.resident]) and time.monotonic() < deadline:
+            for pid in pids:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            time.sleep(0.002)
 
     def _restart(self, uid: int, lost: _Zygote | None) -> _Zygote:
         if lost is not None:
@@ -504,9 +516,8 @@ class Sandbox:
                     process.wait()
                     if self.root:
                         kill_uid(uid)
-            ended = {"exited": EXITED, "wall": WALL, "stopped": STOPPED}[how]
             with os.fdopen(started, "rb") as report:
-                outcome = _Outcome(process.returncode, ended, report.read(1) == b"S", **watch.used())
+                outcome = _Outcome(process.returncode, report.read(1) == b"S", how == "wall", **watch.used())
             wall = time.perf_counter() - start
             out = _read_capped(paths["stdout"], limits.output_bytes)
             err = _read_capped(paths["stderr"], limits.output_bytes)
@@ -571,10 +582,11 @@ class _Zygote:
             raise _ZygoteLost(f"the slot's interpreter did not answer within {waited_s + timeout_s:.0f}s ({exc})") from None
         return received
 
-    def run(self, files: list[int], timeout_s: float, over_budget: Callable[[], bool] | None = None) -> tuple[int, int, int]:
-        """Run the program of ``files``; (exit code, how it ended, whether it started). While it
-        runs, ``over_budget()`` is asked every ``_POLL_S``: once it says so, the interpreter is
-        asked to stop the program."""
+    def run(self, files: list[int], timeout_s: float, over_budget: Callable[[], bool] | None = None, stop: Callable[[], None] | None = None) -> tuple[int, int, int]:
+        """Run the program of ``files``; (exit code, whether the wall clock stopped it, whether it
+        started). While it runs, ``over_budget()`` is asked every ``_POLL_S``: once it says so,
+        ``stop()`` kills the program from outside (the interpreter may itself be waiting for
+        memory the program holds) and the interpreter answers when it sees it gone."""
         try:
             socket.send_fds(self.control, [b"x"], files)
         except OSError as exc:
@@ -586,7 +598,7 @@ class _Zygote:
             if remaining <= 0 or select.select([self.control], [], [], min(remaining, _POLL_S))[0]:
                 break
             if over_budget():
-                self.control.sendall(STOP)
+                stop()
                 asked = True
         remaining = max(0.0, deadline - time.monotonic())
         return struct.unpack(ANSWER, self._receive(struct.calcsize(ANSWER), remaining, timeout_s - remaining))
@@ -621,11 +633,11 @@ def _classify(outcome: _Outcome, err: str, sizes: list[int], limits: SandboxLimi
     code = outcome.code
     if not outcome.started:
         return "sandbox_error", err.strip()[-300:] or f"sandbox exited {code} before the program started"
-    if outcome.ended == WALL:
+    if outcome.wall_clock:
         return "timeout", f"wall-clock limit {limits.wall_s}s"
-    if outcome.out_of_memory or (outcome.hit_memory_limit and code != 0):
+    if outcome.stopped_for == "memory" or outcome.oom_killed or (outcome.hit_memory_limit and code != 0):
         return "memory", f"memory limit {limits.memory_mb} MiB (all the program's processes)"
-    if outcome.ended == STOPPED or outcome.cpu_s > limits.cpu_s:
+    if outcome.stopped_for == "cpu" or outcome.cpu_s > limits.cpu_s:
         return "timeout", f"CPU-time limit {limits.cpu_s}s (all the program's processes)"
     # bwrap reports its child's death by signal N as exit status 128 + N
     killed = code in (-signal.SIGKILL, 128 + signal.SIGKILL)

@@ -5,9 +5,9 @@ bwrap start and a Python start-up.
 ``rewards.sandbox.runner`` starts it as ``python -I -S -c <this file's text> FD LIMITS...
 SECCOMP`` and sends each request over the control socket ``FD``: one byte and three
 descriptors (the program's source, its stdout, its stderr, all opened outside the sandbox).
-While a program runs, the byte ``k`` asks for it to be stopped (its CPU budget is spent). The
-answer (``ANSWER``) is the exit code (negative: killed by that signal), how the program ended
-(by itself, at the wall-clock limit, stopped on request) and whether it started.
+The answer (``ANSWER``) is the exit code (negative: killed by that signal), whether the
+wall-clock limit stopped the program and whether it started. (A program past its CPU or memory
+budget is killed by the sandbox from outside; this interpreter just sees it end.)
 
 Whether it started is told out of band: the program's process writes one byte into a pipe
 that only this interpreter reads, after its namespaces, limits and filter are in place and
@@ -18,18 +18,18 @@ output can change that answer, and a program that breaks its own output is the p
 Each sample gets, per request:
 - a fresh process, forked from this interpreter, which never runs sample code itself; no memory
   of a previous sample can be inherited;
-- its own user, PID, mount, IPC and network namespaces, made by ``holder`` below: the sample
-  is PID 2 under an init of its own (PID 1), so ``kill(-1)``, a fork bomb or a daemon reaches
-  nothing outside, and all of them die with that init when the sample's own process exits; no
-  user namespace can be made inside it (``max_user_namespaces`` is 0 in its own);
+- its own user, PID, mount and IPC namespaces, made by ``holder`` below: the sample is PID 2
+  under an init of its own (PID 1), so ``kill(-1)``, a fork bomb or a daemon reaches nothing
+  outside, and all of them die with that init when the sample's own process exits; no user
+  namespace can be made inside it (``max_user_namespaces`` is 0 in its own);
 - a fresh, size-limited tmpfs on ``/tmp`` (its working directory) and on ``/dev/shm``, a fresh
-  IPC namespace (System V and POSIX queues) and a fresh network namespace (its loopback down:
-  no socket, abstract Unix name or TCP state of one program is seen by the next, even one kept
-  alive past its program in a Unix socket's queue); everything else is read-only (the slot's
-  root, ``/dev``, the interpreter's files): nothing it writes is there for the next one;
+  IPC namespace (System V and POSIX queues), and a network namespace with no socket in it (its
+  loopback down): this interpreter's own, replaced by a fresh one whenever a program leaves a
+  socket behind (``sockets_left``), so no socket, abstract Unix name or TCP state of one program
+  is seen by the next; everything else is read-only (the slot's root, ``/dev``, the
+  interpreter's files): nothing it writes is there for the next one;
 - no capabilities, its rlimits (CPU time, address space, file size, open files, processes), a
-  new session, the seccomp filter of ``rewards.sandbox.seccomp``, and (where the slot has a
-  cgroup) the program's memory group, which this interpreter stays outside of.
+  new session and the seccomp filter of ``rewards.sandbox.seccomp``.
 
 Stdlib only, and it imports little: the sample inherits these modules already loaded.
 """
@@ -49,7 +49,7 @@ CLONE_NEWIPC = 0x08000000
 CLONE_NEWUSER = 0x10000000
 CLONE_NEWPID = 0x20000000
 CLONE_NEWNET = 0x40000000
-MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 0x1, 0x2, 0x4, 0x8
+MS_NOSUID, MS_NODEV, MS_NOEXEC = 0x2, 0x4, 0x8
 MS_REC, MS_PRIVATE = 0x4000, 0x40000
 PR_CAPBSET_DROP = 24
 PR_SET_CHILD_SUBREAPER = 36
@@ -57,10 +57,7 @@ PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL = 47, 4
 PR_SET_NO_NEW_PRIVS, PR_SET_SECCOMP, SECCOMP_MODE_FILTER = 38, 22, 2
 CAPABILITY_VERSION_3 = 0x20080522
 LAST_CAPABILITY = 63  # drop from the bounding set up to this; the kernel answers EINVAL past its own last
-ANSWER = "<iBB"  # exit code (negative: signal), how it ended (ENDINGS), whether it started (0/1)
-EXITED, WALL, STOPPED = 0, 1, 2  # by itself; at the wall-clock limit; stopped on the owner's request
-STOP = b"k"  # the owner's request to stop the running program
-CGROUP = "/run/raylight-cgroup"  # where the slot's owner binds the program's memory group, if it made one
+ANSWER = "<iBB"  # exit code (negative: signal), stopped at the wall-clock limit (0/1), started (0/1)
 
 libc = ctypes.CDLL(None, use_errno=True)
 
@@ -97,15 +94,12 @@ def serve(control: socket.socket, limits: dict[str, int]) -> None:
     """Answer requests until the control socket closes. Returns only in a sample's process,
     with its descriptors in place, for the top level to run its source."""
     check(libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0), "become a subreaper")
+    enter_user_namespace(CLONE_NEWNET)
     control.sendall(b"R")  # up
     while True:
         message, fds, _, _ = socket.recv_fds(control, 1, 3)
         if not message:
             os._exit(0)  # the sandbox's owner closed the socket, or died
-        if len(fds) != 3:
-            for fd in fds:
-                os.close(fd)
-            continue  # a stop request that came after its program had ended
         started, started_end = os.pipe()
         holder = os.fork()
         if holder == 0:
@@ -118,27 +112,48 @@ def serve(control: socket.socket, limits: dict[str, int]) -> None:
         os.close(started_end)
         for fd in fds:
             os.close(fd)
-        code, ended = wait(holder, control, limits["wall_s"])
-        control.sendall(struct.pack(ANSWER, code, ended, read_started(started)))
+        code, wall_clock = wait(holder, control, limits["wall_s"])
+        control.sendall(struct.pack(ANSWER, code, wall_clock, read_started(started)))
+        if sockets_left():
+            check(libc.unshare(CLONE_NEWNET), "a fresh network namespace")
 
 
-def wait(holder: int, control: socket.socket, wall_s: float) -> tuple[int, int]:
-    """The holder's exit code and how it ended, once nothing of the request is left. When the
-    wall-clock limit strikes, the owner asks for a stop or goes away, the holder's process
-    group is killed: the holder and the namespace's init, whose death takes every process of
-    the namespace with it. The group is killed too once the holder has exited for any reason
-    (the OOM killer may choose it): init must not outlive it. This process is a subreaper, so
-    the orphaned init is reaped here, and reaped only once its namespace is empty."""
+def enter_user_namespace(others: int) -> None:
+    """A user namespace of its own mapping only this process's uid and gid (full capabilities
+    in it, none outside), and ``others`` namespaces owned by it."""
+    uid, gid = os.getuid(), os.getgid()
+    check(libc.unshare(CLONE_NEWUSER | others), "unshare")
+    for name, text in (("uid_map", f"{uid} {uid} 1"), ("setgroups", "deny"), ("gid_map", f"{gid} {gid} 1")):
+        with open(f"/proc/self/{name}", "w") as handle:
+            handle.write(text)
+
+
+def sockets_left() -> bool:
+    """Whether a socket of any kind is open in this network namespace, now that the last program
+    is gone: one kept alive past its program (in a cycle of Unix sockets holding each other's
+    descriptors), which the next program must not reach, see or count. The programs share this
+    interpreter's namespace (its loopback down, owned by its user namespace, so they can change
+    nothing in it) until one leaves a socket behind; then it takes a fresh one, which costs far
+    less than one per program."""
+    with open("/proc/self/net/protocols") as handle:
+        return any(line.split()[2] != "0" for line in handle.readlines()[1:])
+
+
+def wait(holder: int, control: socket.socket, wall_s: float) -> tuple[int, bool]:
+    """The holder's exit code and whether the wall clock stopped it, once nothing of the
+    request is left. When the wall-clock limit strikes or the owner goes away, the holder's
+    process group is killed: the holder and the namespace's init, whose death takes every
+    process of the namespace with it. The group is killed too once the holder has exited for
+    any reason (killed from outside, say): init must not outlive it. This process is a
+    subreaper, so the orphaned init is reaped here, and reaped only once its namespace is
+    empty."""
     pidfd = os.pidfd_open(holder)
     try:
         ready, _, _ = select.select([pidfd, control], [], [], wall_s)
     finally:
         os.close(pidfd)
-    ended, leave = (WALL, False) if not ready else (EXITED, False)
-    if control in ready:
-        leave = control.recv(1) != STOP  # b"": the owner is gone
-        ended = STOPPED
-    if ended != EXITED:
+    wall_clock, owner_gone = not ready, control in ready
+    if wall_clock or owner_gone:
         kill_group(holder)
     _, status = os.waitpid(holder, 0)
     kill_group(holder)  # init, if the holder went first
@@ -147,9 +162,9 @@ def wait(holder: int, control: socket.socket, wall_s: float) -> tuple[int, int]:
             os.waitpid(-1, 0)
         except ChildProcessError:
             break
-    if leave:
+    if owner_gone:
         os._exit(0)
-    return os.waitstatus_to_exitcode(status), ended
+    return os.waitstatus_to_exitcode(status), wall_clock
 
 
 def kill_group(leader: int) -> None:
@@ -170,22 +185,14 @@ def read_started(started: int) -> int:
 
 def hold(fds: list[int], started: int, limits: dict[str, int]) -> None:
     """The sample's namespaces, entered by this process: a user namespace (where it may make
-    the others) mapping only its own uid and gid, then PID, mount, IPC and network namespaces;
-    its first child is the namespace's init, which does the mounts and forks the sample. Exits
-    with the sample's code. It moves into the program's memory group first (the slot's own
-    processes stay outside it), and, where the group's OOM killer could not be turned off, makes
-    the program's processes its first choice."""
+    the others) mapping only its own uid and gid, then PID, mount and IPC namespaces; its first
+    child is the namespace's init, which does the mounts and forks the sample. Exits
+    with the sample's code. Where the slot's cgroup could not turn the OOM killer off, the
+    program's processes are its first choice."""
     os.dup2(fds[2], 2)  # this setup's own errors go to the request's stderr
-    if os.path.exists(f"{CGROUP}/cgroup.procs"):
-        with open(f"{CGROUP}/cgroup.procs", "w") as handle:
-            handle.write("0")  # this process, and so every process of the program, into its memory group
     with open("/proc/self/oom_score_adj", "w") as handle:
         handle.write("1000")
-    uid, gid = os.getuid(), os.getgid()
-    check(libc.unshare(CLONE_NEWUSER | CLONE_NEWPID | CLONE_NEWNS | CLONE_NEWIPC | CLONE_NEWNET), "unshare")
-    for name, text in (("uid_map", f"{uid} {uid} 1"), ("setgroups", "deny"), ("gid_map", f"{gid} {gid} 1")):
-        with open(f"/proc/self/{name}", "w") as handle:
-            handle.write(text)
+    enter_user_namespace(CLONE_NEWPID | CLONE_NEWNS | CLONE_NEWIPC)
     init = os.fork()
     if init == 0:
         init_namespace(fds, started, limits)
@@ -204,8 +211,6 @@ def init_namespace(fds: list[int], started: int, limits: dict[str, int]) -> None
     if os.path.isdir("/dev/shm"):
         mount("tmpfs", "/dev/shm", "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, scratch)
     mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, None)
-    if os.path.isdir(CGROUP):  # the program's memory group, covered: the program cannot leave it
-        mount("tmpfs", CGROUP, "tmpfs", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC, "size=4k")
     with open("/proc/sys/user/max_user_namespaces", "w") as handle:
         handle.write("0")  # this namespace's own limit: the sample can make no user namespace
     sample = os.fork()
