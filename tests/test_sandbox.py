@@ -838,3 +838,22 @@ def test_bench_verifier_runs_every_program_both_ways():
     result = bench_verifier(n_programs=6, slots=1, rounds=2)
     assert result["ok"] == {"sandbox": 6, "plain": 6} and len(result["round_ratios"]) == 2
     assert result["throughput_ratio"] > 0 and result["cgroup"] in (True, False)
+
+
+def test_the_interpreters_files_do_not_follow_this_processs_loader_settings(monkeypatch):
+    """vLLM's CPU build puts libraries of this virtual environment in ``LD_PRELOAD``; the list of
+    files bound into the sandbox is taken in the sandbox's own environment, so they are not
+    bound (they once put ``/work`` into every program's view)."""
+    import sys
+    from pathlib import Path
+
+    from rewards.sandbox.filesystem import interpreter_view
+
+    library = next(Path(sys.prefix).rglob("*.so*"))
+    monkeypatch.setenv("LD_PRELOAD", str(library))
+    interpreter_view.cache_clear()
+    try:
+        view = interpreter_view("/usr/bin/python3")
+    finally:
+        interpreter_view.cache_clear()
+    assert not view.exposes(library) and not any(path.startswith(sys.prefix) for path in view.files)

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 HIDDEN_NAMES = ("site-packages", "dist-packages")
+ENV = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}  # all the environment bwrap and the sandbox interpreter get
 
 _PROBE = r"""
 import json, os, sys, sysconfig
@@ -77,7 +78,11 @@ class View:
 def interpreter_view(python: str) -> View:
     """The view for ``python``: probed once per process and interpreter."""
     try:
-        done = subprocess.run([python, "-I", "-S", "-c", _PROBE], capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+        # the environment the sandbox gives its interpreter: an LD_PRELOAD or LD_LIBRARY_PATH of
+        # this process (vLLM's CPU build sets one) would map libraries the sandbox never loads
+        done = subprocess.run(
+            [python, "-I", "-S", "-c", _PROBE], capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL, env=ENV,
+        )  # fmt: skip
         probe = json.loads(done.stdout)
     except (OSError, subprocess.TimeoutExpired, ValueError) as exc:
         raise InterpreterProbeFailed(f"could not run the sandbox interpreter {python} to list what it needs: {exc}") from None

@@ -27,7 +27,7 @@ from typing import Callable, Literal
 
 from rewards.sandbox import cgroup, seccomp
 from rewards.sandbox.cgroup import CgroupUnavailable, SlotCgroup
-from rewards.sandbox.filesystem import InterpreterProbeFailed, View, find_bwrap, interpreter_view, reachable_by_others
+from rewards.sandbox.filesystem import ENV, InterpreterProbeFailed, View, find_bwrap, interpreter_view, reachable_by_others
 from rewards.sandbox.processes import (
     UidsExhausted,
     become_subreaper,
@@ -143,7 +143,6 @@ class _Watch:
         return self.over if self.group is not None else None
 
 
-_ENV = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}
 _ZYGOTE_SOURCE = (Path(__file__).parent / "zygote.py").read_text()
 _ZYGOTE_GRACE_S = 5.0  # past the wall-clock limit, for the interpreter to kill and answer
 _ZYGOTE_STARTUP_S = 30.0
@@ -501,7 +500,7 @@ class Sandbox:
                 try:
                     process = subprocess.Popen(
                         [self.python, "-I", "-S", "-c", _LAUNCH_REPORTING, str(started_end)], stdin=stdin, stdout=stdout,
-                        stderr=stderr, cwd=folder, env=_ENV, preexec_fn=self._preexec(uid, limits), start_new_session=True,
+                        stderr=stderr, cwd=folder, env=ENV, preexec_fn=self._preexec(uid, limits), start_new_session=True,
                         close_fds=True, pass_fds=(started_end,),
                     )  # fmt: skip
                 except (OSError, subprocess.SubprocessError) as exc:
@@ -556,7 +555,7 @@ class _Zygote:
         try:
             self.process = subprocess.Popen(
                 [*command, str(theirs.fileno()), *arguments], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                stderr=self._log, env=_ENV, preexec_fn=preexec, start_new_session=True, pass_fds=[theirs.fileno()],
+                stderr=self._log, env=ENV, preexec_fn=preexec, start_new_session=True, pass_fds=[theirs.fileno()],
             )  # fmt: skip
         except (OSError, subprocess.SubprocessError) as exc:
             raise _ZygoteLost(f"could not start the sandbox: {exc}") from exc
