@@ -148,7 +148,7 @@ _ZYGOTE_GRACE_S = 5.0  # past the wall-clock limit, for the interpreter to kill 
 _ZYGOTE_STARTUP_S = 30.0
 _POLL_S = 0.05  # how often a running program's CPU time is read from its cgroup
 _SLOT_PROCESSES = 5  # besides the program's own: bwrap, its init, the slot's interpreter, a program's holder and init
-_LEFT_BEHIND_BYTES = 16 << 20  # anonymous and shared memory in a slot's cgroup past its baseline once a program ended
+_LEFT_BEHIND_BYTES = 16 << 20  # anonymous and shared memory in a slot's cgroup past its baseline once a program ended (at most an eighth of its limit)
 _SETTLE_S = 0.3  # how long memory left behind may take to be freed before the slot gets a fresh cgroup
 
 
@@ -319,7 +319,8 @@ class Sandbox:
         if group is None:
             return
         deadline = time.monotonic() + _SETTLE_S
-        while (left := group.left_behind()) > _LEFT_BEHIND_BYTES:
+        allowed = min(_LEFT_BEHIND_BYTES, self.limits.memory_bytes // 8)
+        while (left := group.left_behind()) > allowed:
             if time.monotonic() > deadline:
                 try:
                     self._rotate(uid, left)
