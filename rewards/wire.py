@@ -80,12 +80,16 @@ def decode(data):
     raise ValueError("unknown tag " + repr(tag))
 
 
+MAX_COLLISIONS = 64
+
+
 def _spread(items):
     """Whether ``items`` hash apart, so that a set or dict of them is built in linear time. A
     program can print values made to share one hash (``k * (2**61 - 1)`` for ints): a set of n
     of them costs n^2 comparisons (40,000 in its 1 MB of output: 9 s of the verifier's time).
-    What an honest program's set or dict encodes is distinct values, whose hashes rarely meet."""
-    return len(items) < 64 or 2 * len({hash(item) for item in items}) > len(items)
+    What an honest program's set or dict encodes is distinct values, whose hashes meet rarely
+    (-1 and -2 do): at most ``MAX_COLLISIONS`` values may share a hash with another."""
+    return len(items) - len({hash(item) for item in items}) <= MAX_COLLISIONS
 
 
 def same(actual, expected):

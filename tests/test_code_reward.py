@@ -197,3 +197,16 @@ def test_a_set_of_colliding_values_costs_the_verifier_nothing(sandbox):
 
     assert wire.decode(["set", [1, 2, 3]]) == {1, 2, 3} and wire.decode(["set", list(range(1000))]) == set(range(1000))
     assert type(wire.decode(["set", [k * (2**61 - 1) for k in range(1, 100)]])) is wire.Opaque
+
+
+def test_a_set_with_just_under_half_its_values_colliding_is_opaque_too():
+    """30,000 values sharing one hash beside 30,001 that do not: fewer than half collide, and a
+    set of them still cost 5 s to build. More than ``MAX_COLLISIONS`` colliding values is
+    opaque, however many others come with them."""
+    from rewards import wire
+
+    values = [m * (2**61 - 1) for m in range(1, 30_001)] + list(range(-30_001, 0))
+    start = time.perf_counter()
+    decoded = wire.decode(["set", values])
+    assert type(decoded) is wire.Opaque and time.perf_counter() - start < 1.0
+    assert wire.decode(["set", [-1, -2, *range(10_000)]]) == {-1, -2, *range(10_000)}  # -1 and -2 share a hash

@@ -82,9 +82,12 @@ def test_1_gb_to_stdout_is_capped(sandbox):
 
 @pytest.mark.parametrize("address", ["127.0.0.1", "192.0.2.1", "8.8.8.8"])
 def test_no_network(sandbox, address):
+    """No IP socket can even be made (the seccomp filter allows Unix sockets only; below it the
+    program's network namespace has its loopback down)."""
     source = (
-        "import socket\ns = socket.socket()\ns.settimeout(1)\n"
-        f"try:\n    s.connect(({address!r}, 80))\n    print('CONNECTED')\nexcept OSError as e:\n    print('blocked', e)"
+        "import socket\n"
+        f"try:\n    s = socket.socket()\n    s.settimeout(1)\n    s.connect(({address!r}, 80))\n    print('CONNECTED')\n"
+        "except OSError as e:\n    print('blocked', e)"
     )
     result = run(sandbox, source)
     assert result.status == "ok" and result.stdout.startswith("blocked"), result
@@ -554,9 +557,9 @@ def test_seccomp_refuses_what_a_scoring_program_never_needs(sandbox):
     """Every call on the filter's list fails with EPERM (``clone3`` with ENOSYS, so that the C
     library falls back to ``clone``), including those an unprivileged process may make
     elsewhere (``unshare(0)``, ``ptrace(PTRACE_TRACEME)``, ``keyctl``, ``io_uring_setup``,
-    ``modify_ldt``); sockets of other families than Unix, IPv4 and IPv6, and personalities
-    other than the plain one, are refused; threads, ``fork`` and a subprocess of the
-    interpreter still work."""
+    ``modify_ldt``, ``io_setup``); sockets of other families than Unix, and personalities other
+    than the plain one, are refused; threads, ``fork`` and a subprocess of the interpreter
+    still work."""
     import platform
 
     from rewards.sandbox.seccomp import ARCHITECTURES, denied
@@ -573,9 +576,9 @@ def test_seccomp_refuses_what_a_scoring_program_never_needs(sandbox):
         "    except OSError as e:\n        print(family, errno.errorcode[e.errno])\n"
         "print(libc.personality(0xffffffff), libc.personality(0x0400000), errno.errorcode[ctypes.get_errno()])"
     )
-    # Unix, IPv4 and IPv6 only (vsock, 40, is not separated by any network namespace); the plain
+    # Unix sockets only (vsock, 40, is not separated by any network namespace); the plain
     # personality only (not READ_IMPLIES_EXEC)
-    assert run(sandbox, families).stdout == "1 ok\n2 ok\n10 ok\n16 EAFNOSUPPORT\n17 EAFNOSUPPORT\n40 EAFNOSUPPORT\n0 -1 EPERM\n"
+    assert run(sandbox, families).stdout == "1 ok\n2 EAFNOSUPPORT\n10 EAFNOSUPPORT\n16 EAFNOSUPPORT\n17 EAFNOSUPPORT\n40 EAFNOSUPPORT\n0 -1 EPERM\n"
     ordinary = (
         "import os, subprocess, sys, threading\nthreading.Thread(target=print, args=('thread',)).start()\n"
         "pid = os.fork()\nif pid == 0:\n    os._exit(5)\nprint('fork', os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))\n"
@@ -770,28 +773,70 @@ print('pinned')
 """
 
 
-def test_memory_a_program_leaves_behind_does_not_count_against_the_next(cgroup_sandbox, caplog):
-    """96 MiB of System V memory kept alive past the program (charged to the program's memory
-    group) would leave the next programs 32 MiB of their 128: honest ones failed with
-    ``memory`` for seconds. The slot sees what is left after a program ends and starts again in
-    a fresh cgroup; the next program has its whole limit."""
-    rotations = cgroup_sandbox.rotations
+def test_memory_a_program_leaves_behind_does_not_count_against_the_next(cgroup_sandbox):
+    """96 MiB of System V memory kept alive past the program (its IPC namespace held in a loop
+    of Unix sockets) stayed charged to the slot's cgroup and left the next programs 32 MiB of
+    their 128: honest ones failed with ``memory`` for seconds. The slot's interpreter has the
+    kernel collect such loops after each program; the next program has its whole limit."""
     assert cgroup_sandbox.run(PIN_MEMORY).stdout == "pinned\n"
-    assert cgroup_sandbox.rotations == rotations + 1 and "left 96 MiB" in caplog.text
     honest = "b = bytearray(100 << 20)\nfor i in range(0, len(b), 4096):\n    b[i] = 1\nprint('ok')"
     assert [cgroup_sandbox.run(honest).stdout for _ in range(3)] == ["ok\n"] * 3
 
 
+FILL_SOCKET_QUEUES = """
+import os, socket
+carrier, carried = socket.socketpair()
+pairs = [socket.socketpair() for _ in range(12)]
+for pair in pairs:
+    for end in pair:
+        end.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
+        end.setblocking(False)
+    socket.send_fds(carrier, [b'x'], [end.fileno() for end in pair])
+socket.send_fds(carrier, [b'x'], [carried.fileno(), carrier.fileno()])
+queued = 0
+for end in (end for pair in pairs for end in pair):
+    try:
+        while queued < 80 << 20:
+            queued += end.send(b'x' * (256 << 10))
+    except OSError:
+        pass
+print(queued >> 20, flush=True)
+os._exit(0)
+"""
+
+
+def test_memory_queued_in_sockets_a_program_leaves_behind_is_not_the_next_programs(cgroup_sandbox):
+    """Data queued in Unix sockets that only hold each other (kernel memory, neither anonymous
+    nor shared) was charged to the slot past the program's end and made the next programs'
+    setup fail at the limit (``sandbox_error``, masked, for every later program). It is
+    collected after the program; the next programs run with their whole limit."""
+    assert int(cgroup_sandbox.run(FILL_SOCKET_QUEUES).stdout) >= 64
+    honest = "b = bytearray(100 << 20)\nfor i in range(0, len(b), 4096):\n    b[i] = 1\nprint('ok')"
+    assert [cgroup_sandbox.run(honest).status for _ in range(3)] == ["ok"] * 3
+
+
+def test_a_slot_that_keeps_memory_past_its_program_starts_again(cgroup_sandbox, monkeypatch, caplog):
+    """The last line of defence, for memory left behind that nothing collects: a slot whose
+    cgroup still holds more than its allowance 0.3 s after a program starts again in a fresh
+    cgroup (the kernel's own collection leaves nothing to test this with, so the measurement is
+    faked here), and runs the next program as before."""
+    import rewards.sandbox.cgroup as cgroup_module
+
+    rotations = cgroup_sandbox.rotations
+    monkeypatch.setattr(cgroup_module.SlotCgroup, "left_behind", lambda self: 96 << 20)
+    assert cgroup_sandbox.run("print('first')").stdout == "first\n"
+    monkeypatch.undo()
+    assert cgroup_sandbox.rotations == rotations + 1 and "left 96 MiB" in caplog.text
+    assert cgroup_sandbox.run("print('next')").stdout == "next\n" and cgroup_sandbox.rotations == rotations + 1
+
+
 LEAVE_SOCKETS = """
 import array, os, socket
-tcp = socket.socket()
-tcp.bind(('0.0.0.0', 31337))
-tcp.listen()
 unix = socket.socket(socket.AF_UNIX)
 unix.bind('\\0raylight-left-behind')
 unix.listen()
-a, b = socket.socketpair()  # kept alive past the program in a cycle of Unix sockets
-a.sendmsg([b'x'], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array('i', [tcp.fileno(), unix.fileno(), a.fileno(), b.fileno()]))])
+a, b = socket.socketpair()  # kept alive past the program in a loop of Unix sockets
+a.sendmsg([b'x'], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array('i', [unix.fileno(), a.fileno(), b.fileno()]))])
 b.sendmsg([b'y'], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array('i', [a.fileno(), b.fileno()]))])
 try:
     os.open('/dev/ptmx', os.O_RDWR)
@@ -802,30 +847,29 @@ except OSError as e:
 
 LOOK_FOR_SOCKETS = """
 import socket
-for name, address, family in (('tcp', ('127.0.0.1', 31337), socket.AF_INET), ('unix', '\\0raylight-left-behind', socket.AF_UNIX)):
-    try:
-        socket.socket(family).connect(address)
-        print(name, 'CONNECTED')
-    except OSError as e:
-        print(name, e.errno)
+try:
+    socket.socket(socket.AF_UNIX).connect('\\0raylight-left-behind')
+    print('CONNECTED')
+except OSError as e:
+    print('unix', e.errno)
 print(len(open('/proc/net/unix').read().splitlines()), len(open('/proc/net/tcp').read().splitlines()))
 print([line.split()[0] for line in open('/proc/net/dev').read().splitlines()[2:]])
 """
 
 
 def test_no_socket_or_terminal_of_a_program_reaches_the_next(sandbox):
-    """Each program runs in a network namespace with no socket in it, its loopback down: a
-    listening TCP or abstract Unix socket kept alive past its program (in a cycle of Unix
-    sockets) sends the slot's interpreter to a fresh namespace, so the next program cannot reach
-    it, see it or count it (it could carry data from one program to the next), nor any TCP
-    state. There are no ptys (the slot's ``/dev/pts`` is empty and read-only)."""
+    """Each program runs in a network namespace with no socket in it, its loopback down, and
+    may make Unix sockets only: a listening abstract Unix socket kept alive past its program (in
+    a loop of Unix sockets) sends the slot's interpreter to a fresh namespace, so the next
+    program cannot reach it, see it or count it (it could carry data from one program to the
+    next). There are no ptys (the slot's ``/dev/pts`` is empty and read-only)."""
     single = Sandbox(LIMITS, slots=1)
     try:
         left = single.run(LEAVE_SOCKETS)
         assert left.status == "ok" and left.stdout == "no pty 2\n", left
         seen = single.run(LOOK_FOR_SOCKETS)
-        # ENETUNREACH for TCP, ECONNREFUSED for the name; the tables hold their header line only
-        assert seen.stdout == "tcp 101\nunix 111\n1 1\n['lo:']\n", seen
+        # ECONNREFUSED for the name; the tables hold their header line only
+        assert seen.stdout == "unix 111\n1 1\n['lo:']\n", seen
     finally:
         single.close()
 
@@ -857,3 +901,42 @@ def test_the_interpreters_files_do_not_follow_this_processs_loader_settings(monk
     finally:
         interpreter_view.cache_clear()
     assert not view.exposes(library) and not any(path.startswith(sys.prefix) for path in view.files)
+
+
+LEAVE_DESCRIPTORS_IN_FLIGHT = """
+import os, socket
+a, b = socket.socketpair()
+for _ in range(21):
+    r, w = os.pipe()
+    socket.send_fds(a, [b'x'], [r])
+    os.close(r)
+    os.close(w)
+socket.send_fds(a, [b'x'], [a.fileno(), b.fileno()])  # 23 descriptors in flight, held by nothing
+"""
+
+COUNT_DESCRIPTORS_IN_FLIGHT = """
+import errno, os, socket
+a, b = socket.socketpair()
+r, w = os.pipe()
+sent = 0
+while True:
+    try:
+        socket.send_fds(a, [b'x'], [r])
+        sent += 1
+    except OSError as e:
+        print(sent, errno.errorcode[e.errno])
+        break
+"""
+
+
+def test_descriptors_a_program_leaves_in_flight_are_not_counted_against_the_next(sandbox):
+    """The kernel counts descriptors in flight in Unix sockets per uid (a sender past its
+    open-file limit gets ETOOMANYREFS): a program that left 23 in a loop of sockets held by
+    nothing could tell the next one the number 23. The loop is collected after each program."""
+    single = Sandbox(LIMITS, slots=1)
+    try:
+        before = single.run(COUNT_DESCRIPTORS_IN_FLIGHT).stdout
+        assert single.run(LEAVE_DESCRIPTORS_IN_FLIGHT).status == "ok"
+        assert single.run(COUNT_DESCRIPTORS_IN_FLIGHT).stdout == before and before.endswith("ETOOMANYREFS\n"), before
+    finally:
+        single.close()

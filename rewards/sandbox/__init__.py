@@ -21,7 +21,8 @@ own; a program so costs a few forks, not a bwrap and Python start-up. What it pr
   slot so the process limit never reaches a sibling sandbox; the uids are leased with
   ``flock`` on files under ``/tmp/raylight-sandbox-uids``, so sandboxes in different processes
   of one machine (several verifier actors, several runs) never share one;
-- the host: no network (a network namespace with no socket in it, its loopback down), no
+- the host: no network (Unix sockets only, in a network namespace with no other socket in it,
+  its loopback down), no
   ``/etc``, no home folders, nothing of ``/usr`` but the interpreter's own files
   (``filesystem``: a dataset installed on the machine is not there to read), everything
   read-only but a program's own size-limited ``/tmp`` and ``/dev/shm``; stdout and stderr are
@@ -34,10 +35,10 @@ own; a program so costs a few forks, not a bwrap and Python start-up. What it pr
 - the previous program of the slot: a fresh process forked from an interpreter that never runs
   a program itself, fresh tmpfs mounts on ``/tmp`` and ``/dev/shm``, a fresh IPC namespace, a
   fresh network namespace whenever a program left a socket behind, no ptys, and a read-only
-  everything else, so nothing one program writes or binds is there for the next; memory a
-  program keeps charged past its end (System V segments or any object kept alive in a Unix
-  socket's queue) sends the slot to a fresh cgroup, so it never counts against the next
-  program.
+  everything else, so nothing one program writes or binds is there for the next; loops of Unix
+  sockets a program leaves holding each other are collected after it, and memory still charged
+  past its end sends the slot to a fresh cgroup, so it never counts against the next program;
+  a slot whose program ended in ``sandbox_error`` starts again from scratch.
 
 What it does not protect against: kernel exploits through the system calls it allows, CPU and
 page-cache side channels (a program can time whether a file of the interpreter's was read

@@ -147,10 +147,12 @@ class SlotCgroup:
         return int(self._read("memory.failcnt"))
 
     def resident(self) -> int:
-        """Anonymous and shared (tmpfs, System V, memfd) memory charged to the group: what no
-        reclaim frees while something holds it (page cache aside)."""
-        values = dict(line.split(" ", 1) for line in self._read("memory.stat").splitlines()[:12])
-        return int(values.get("rss", 0)) + int(values.get("shmem", 0))
+        """What the group holds but file pages, which reclaim frees: anonymous and shared
+        memory (tmpfs, System V, memfd) and the kernel's (socket buffers, pipe pages, page
+        tables), all of which a program can keep charged past its end."""
+        values = dict(line.split(" ", 1) for line in self._read("memory.stat").splitlines())
+        usage = int((self.folders["memory"] / "memory.usage_in_bytes").read_text())
+        return usage - int(values.get("active_file", 0)) - int(values.get("inactive_file", 0))
 
     def settle(self, memory_bytes: int) -> None:
         """Once the slot's own processes are up: the limit becomes their use plus

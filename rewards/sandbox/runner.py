@@ -312,36 +312,36 @@ class Sandbox:
     def _check_clean(self, uid: int) -> None:
         """After a program: its slot's cgroup must hold no more than the slot's own memory. A
         program can leave memory charged there past its end (System V segments of its IPC
-        namespace, freed asynchronously, or any object kept alive in a Unix socket's queue),
-        which would count against the next program; if it is not freed within
-        ``_SETTLE_S``, the slot starts again in a fresh cgroup."""
+        namespace, freed asynchronously, or anything kept alive in a loop of Unix sockets),
+        which would count against the next program; if it is not freed within ``_SETTLE_S``,
+        the slot starts again in a fresh cgroup."""
         group = self._cgroups.get(uid)
         if group is None:
             return
-        deadline = time.monotonic() + _SETTLE_S
         allowed = min(_LEFT_BEHIND_BYTES, self.limits.memory_bytes // 8)
+        deadline = time.monotonic() + _SETTLE_S
         while (left := group.left_behind()) > allowed:
             if time.monotonic() > deadline:
-                try:
-                    self._rotate(uid, left)
-                except (_ZygoteLost, CgroupUnavailable) as exc:  # the slot's next run tries again
-                    logger.error("sandbox slot uid %d could not start again: %s", uid, exc)
+                self.rotations += 1
+                self._start_again(uid, f"its last program left {left / 2**20:.0f} MiB charged to the slot's cgroup after its end")
                 return
             time.sleep(0.01)
 
-    def _rotate(self, uid: int, left: int) -> None:
-        logger.warning(
-            "sandbox slot uid %d: its last program left %.0f MiB charged to the slot's cgroup after its end; "
-            "the slot starts again in a fresh cgroup", uid, left / 2**20,
-        )  # fmt: skip
+    def _start_again(self, uid: int, why: str) -> None:
+        """The slot from scratch: a fresh cgroup (where it has one) and interpreter. What is
+        still charged to the old cgroup moves to this process's own."""
+        logger.warning("sandbox slot uid %d: %s; the slot starts again%s", uid, why, " in a fresh cgroup" if uid in self._cgroups else "")
         if (zygote := self._zygotes.pop(uid, None)) is not None:
             zygote.stop()
         if self.root:
             kill_uid(uid)
-        self._cgroups.pop(uid).close()  # what is still charged moves to this process's own cgroup
-        self._cgroups[uid] = self._new_cgroup(uid, self.limits)
-        self.rotations += 1
-        self._start_slot(uid)
+        try:
+            if uid in self._cgroups:
+                self._cgroups.pop(uid).close()
+                self._cgroups[uid] = self._new_cgroup(uid, self.limits)
+            self._start_slot(uid)
+        except (_ZygoteLost, CgroupUnavailable) as exc:  # the slot's next run tries again
+            logger.error("sandbox slot uid %d could not start again: %s", uid, exc)
 
     def _bwrap_command(self, uid: int) -> list[str]:
         return [
@@ -431,7 +431,13 @@ class Sandbox:
         uid = self._slots.get()
         try:
             execution = self._run_forked(source, uid) if self.mode == "bwrap" else self._run_process(source, uid)
-            self._check_clean(uid)
+            if execution.status == "sandbox_error" and self.mode == "bwrap":
+                # whatever broke the slot (its interpreter lost, a program's setup killed at a
+                # limit) must not break the retry
+                self.restarts += 1
+                self._start_again(uid, f"its last program ended in sandbox_error ({execution.detail})")
+            else:
+                self._check_clean(uid)
             return execution
         finally:
             self._slots.put(uid)
@@ -452,8 +458,7 @@ class Sandbox:
             watch = _Watch(self._cgroups.get(uid), limits.cpu_s)
             try:
                 code, wall_clock, started = zygote.run(files, limits.wall_s + _ZYGOTE_GRACE_S, watch.poll, lambda: self._kill_program(uid, zygote))
-            except _ZygoteLost as exc:
-                self._restart(uid, zygote)
+            except _ZygoteLost as exc:  # run() starts the slot again
                 return Execution("sandbox_error", None, "", "", time.perf_counter() - start, str(exc))
             wall = time.perf_counter() - start
             outcome = _Outcome(code, bool(started), bool(wall_clock), **watch.used())

@@ -8,11 +8,14 @@ another process's memory (``process_vm_*``, ``kcmp``, ``pidfd_getfd``), ``memfd_
 mounting and its new API (``mount``, ``umount2``, ``pivot_root``, ``chroot``, ``fsopen`` ..
 ``mount_setattr``, ``open_tree_attr``), file handles (``open_by_handle_at``), kernel modules,
 ``kexec``, swap, ``reboot``, ``acct``, ``syslog``, ``quotactl`` (and ``quotactl_fd``),
-``lookup_dcookie`` and ``vhangup``; on x86-64 also ``modify_ldt``, ``iopl``, ``ioperm``,
-``uselib``, ``ustat``, ``sysfs`` and ``_sysctl``. ``personality`` may only ask or set the plain
-Linux personality (not ``ADDR_NO_RANDOMIZE`` or ``READ_IMPLIES_EXEC``). Sockets may only be
-Unix, IPv4 or IPv6 ones (``socketpair`` Unix only): netlink, packet, vsock (which no network
-namespace separates), Bluetooth, XDP and the rest answer ``EAFNOSUPPORT``. ``clone3`` answers
+``lookup_dcookie``, legacy AIO (``io_setup`` .. ``io_pgetevents``) and ``vhangup``; on x86-64
+also ``modify_ldt``, ``iopl``, ``ioperm``, ``uselib``, ``ustat``, ``sysfs`` and ``_sysctl``.
+``personality`` may only ask or set the plain Linux personality (not ``ADDR_NO_RANDOMIZE`` or
+``READ_IMPLIES_EXEC``). Sockets may only be Unix ones: a program has no network to use (its
+loopback is down), and an IP socket would still reach the kernel's TCP, UDP and MPTCP code and
+move its network namespace's counters (``/proc/net/snmp``), which the next program could read;
+netlink, packet, vsock (which no network namespace separates) and the rest answer
+``EAFNOSUPPORT`` too. ``clone3`` answers
 ``ENOSYS``: its flags sit behind a pointer a filter cannot read, and C libraries fall back to
 ``clone`` on that answer (threads, ``fork``, ``posix_spawn`` all keep working). A call from
 another architecture's table (32-bit ``int 0x80`` or x32 on x86-64) kills the process.
@@ -59,6 +62,7 @@ _COMMON = (
     "move_mount", "open_tree", "mount_setattr", "open_by_handle_at", "init_module", "finit_module",
     "delete_module", "kexec_load", "kexec_file_load", "swapon", "swapoff", "reboot", "acct", "syslog",
     "quotactl", "vhangup", "memfd_secret", "open_tree_attr", "quotactl_fd", "fanotify_init", "lookup_dcookie",
+    "io_setup", "io_destroy", "io_getevents", "io_submit", "io_cancel", "io_pgetevents",
 )  # fmt: skip
 
 # (audit architecture, system call numbers by name) from the kernel's tables
@@ -73,7 +77,8 @@ ARCHITECTURES: dict[str, tuple[int, dict[str, int]]] = {
         "open_by_handle_at": 304, "init_module": 175, "finit_module": 313, "delete_module": 176,
         "kexec_load": 246, "kexec_file_load": 320, "swapon": 167, "swapoff": 168, "reboot": 169, "acct": 163,
         "syslog": 103, "quotactl": 179, "vhangup": 153, "memfd_secret": 447, "open_tree_attr": 467,
-        "quotactl_fd": 443, "fanotify_init": 300, "lookup_dcookie": 212,
+        "quotactl_fd": 443, "fanotify_init": 300, "lookup_dcookie": 212, "io_setup": 206, "io_destroy": 207,
+        "io_getevents": 208, "io_submit": 209, "io_cancel": 210, "io_pgetevents": 333,
         "modify_ldt": 154, "iopl": 172, "ioperm": 173, "uselib": 134, "ustat": 136, "sysfs": 139, "_sysctl": 156,
         "clone": 56, "clone3": 435, "socket": 41, "socketpair": 53, "personality": 135,
     }),
@@ -86,15 +91,16 @@ ARCHITECTURES: dict[str, tuple[int, dict[str, int]]] = {
         "open_by_handle_at": 265, "init_module": 105, "finit_module": 273, "delete_module": 106,
         "kexec_load": 104, "kexec_file_load": 294, "swapon": 224, "swapoff": 225, "reboot": 142, "acct": 89,
         "syslog": 116, "quotactl": 60, "vhangup": 58, "memfd_secret": 447, "open_tree_attr": 467,
-        "quotactl_fd": 443, "fanotify_init": 262, "lookup_dcookie": 18,
+        "quotactl_fd": 443, "fanotify_init": 262, "lookup_dcookie": 18, "io_setup": 0, "io_destroy": 1,
+        "io_getevents": 4, "io_submit": 2, "io_cancel": 3, "io_pgetevents": 292,
         "clone": 220, "clone3": 435, "socket": 198, "socketpair": 199, "personality": 92,
     }),
 }  # fmt: skip
 _X86_ONLY = ("modify_ldt", "iopl", "ioperm", "uselib", "ustat", "sysfs", "_sysctl")
-AF_UNIX, AF_INET, AF_INET6 = 1, 2, 10
+AF_UNIX = 1
 # calls allowed only for some values of their first argument: (allowed values, errno otherwise)
 FIRST_ARGUMENT = {
-    "socket": ((AF_UNIX, AF_INET, AF_INET6), errno.EAFNOSUPPORT),
+    "socket": ((AF_UNIX,), errno.EAFNOSUPPORT),
     "socketpair": ((AF_UNIX,), errno.EAFNOSUPPORT),
     # PER_LINUX, PER_LINUX32, UNAME26 and both, and 0xffffffff: the query
     "personality": ((0x0, 0x8, 0x20000, 0x20008, 0xFFFFFFFF), errno.EPERM),
