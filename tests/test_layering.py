@@ -1,4 +1,4 @@
-"""The layering rules of DESIGN.md, read from the source's import statements.
+"""The layering rules of docs/architecture.md, read from the source's import statements.
 
 contracts/ imports no other part of raylight; rollout/, rewards/ and learners/ never import
 ray, actors/ or cluster/; rollout/ and rewards/ never import each other; learners/ reaches
@@ -42,7 +42,7 @@ def test_layer_imports_only_what_design_allows(layer):
         for f in files
         if imported_packages(f) & FORBIDDEN[layer]
     }
-    assert not broken, f"{layer}/ imports what DESIGN.md forbids it: {broken}"
+    assert not broken, f"{layer}/ imports what docs/architecture.md forbids it: {broken}"
 
 
 def test_the_check_sees_imports_inside_functions(tmp_path):
