@@ -36,7 +36,7 @@ CONTROLLERS = ("memory", "pids", "cpuacct")
 PREFIX = "raylight-sandbox-"
 # read at every program's start and end: kept open and re-read with pread (a twentieth of the
 # cost of opening them each time)
-COUNTERS = ("cpuacct.usage", "memory.oom_control", "memory.stat", "memory.failcnt")
+COUNTERS = ("cpuacct.usage", "memory.oom_control", "memory.stat", "memory.failcnt", "memory.usage_in_bytes")
 
 
 class CgroupUnavailable(RuntimeError):
@@ -151,13 +151,12 @@ class SlotCgroup:
         memory (tmpfs, System V, memfd) and the kernel's (socket buffers, pipe pages, page
         tables), all of which a program can keep charged past its end."""
         values = dict(line.split(" ", 1) for line in self._read("memory.stat").splitlines())
-        usage = int((self.folders["memory"] / "memory.usage_in_bytes").read_text())
-        return usage - int(values.get("active_file", 0)) - int(values.get("inactive_file", 0))
+        return int(self._read("memory.usage_in_bytes")) - int(values.get("active_file", 0)) - int(values.get("inactive_file", 0))
 
     def settle(self, memory_bytes: int) -> None:
         """Once the slot's own processes are up: the limit becomes their use plus
         ``memory_bytes``, and what they hold is the baseline ``left_behind`` counts from."""
-        self.set_memory(int((self.folders["memory"] / "memory.usage_in_bytes").read_text()) + memory_bytes)
+        self.set_memory(int(self._read("memory.usage_in_bytes")) + memory_bytes)
         self.baseline = self.resident()
 
     def left_behind(self) -> int:

@@ -343,7 +343,7 @@ class Sandbox:
         except (_ZygoteLost, CgroupUnavailable) as exc:  # the slot's next run tries again
             logger.error("sandbox slot uid %d could not start again: %s", uid, exc)
 
-    def _bwrap_command(self, uid: int) -> list[str]:
+    def _bwrap_command(self) -> list[str]:
         return [
             self.bwrap, "--unshare-all", "--new-session", "--cap-drop", "ALL", *self.view.arguments,
             "--proc", "/proc", "--dev", "/dev", "--size", "4096", "--tmpfs", "/dev/pts", "--remount-ro", "/dev/pts", "--remount-ro", "/dev",
@@ -417,7 +417,7 @@ class Sandbox:
         limits = self.limits
         values = (limits.wall_s, limits.cpu_s, limits.memory_bytes, limits.output_bytes, limits.tmpfs_mb, limits.open_files, limits.processes)
         arguments = [*map(str, values), self._seccomp.hex()]
-        zygote = _Zygote(self._bwrap_command(uid) + [self.python, "-I", "-S", "-c", _ZYGOTE_SOURCE], arguments, self._preexec(uid, None))
+        zygote = _Zygote(self._bwrap_command() + [self.python, "-I", "-S", "-c", _ZYGOTE_SOURCE], arguments, self._preexec(uid, None))
         if self.root:
             zygote.resident = live_processes(uid, zombies=True)
         return zygote
@@ -449,7 +449,11 @@ class Sandbox:
         limits = self.limits
         zygote = self._zygotes.get(uid)
         if zygote is None or not zygote.alive():
-            zygote = self._restart(uid, zygote)
+            if zygote is not None:
+                self.restarts += 1
+            self._start_again(uid, f"its interpreter was lost ({zygote.why()})" if zygote else "it has no interpreter")
+            if (zygote := self._zygotes.get(uid)) is None:
+                return Execution("sandbox_error", None, "", "", 0.0, "the slot's interpreter could not start again")
         files = [os.memfd_create(name, os.MFD_CLOEXEC) for name in ("stdin", "stdout", "stderr")]
         try:
             os.write(files[0], source.encode())
@@ -481,16 +485,6 @@ class Sandbox:
                 except ProcessLookupError:
                     pass
             time.sleep(0.002)
-
-    def _restart(self, uid: int, lost: _Zygote | None) -> _Zygote:
-        if lost is not None:
-            logger.warning("sandbox slot uid %d: its interpreter was lost (%s); starting a new one", uid, lost.why())
-            lost.stop()
-            self.restarts += 1
-        if self.root:
-            kill_uid(uid)
-        self._zygotes[uid] = zygote = self._start_zygote(uid)
-        return zygote
 
     def _run_process(self, source: str, uid: int) -> Execution:
         """``rlimits`` mode: the program as a process of its own, under the rlimits, the seccomp
