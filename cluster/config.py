@@ -25,7 +25,7 @@ from actors.generator import GeneratorPoolSettings
 from actors.learner import LearnerGroupSettings
 from actors.surgeon import SurgeonSettings
 from actors.verifier import VerifierPoolSettings
-from cluster.surgery import PhaseConfig, PhaseSchedule
+from cluster.phases import PhaseConfig, PhaseSchedule
 from learners.settings import AlgorithmSettings
 from learners.policy import LoraSettings
 from rewards.scoring import RewardSettings, SandboxSettings
@@ -391,7 +391,7 @@ def check_config(config: Config) -> None:
     if not 1 <= v.min_verifiers <= v.max_verifiers:
         problems.append(f"verifier pool size needs 1 <= verifier.min_verifiers ({v.min_verifiers}) <= verifier.max_verifiers ({v.max_verifiers})")
     problems += _task_problems(config)
-    from cluster.monitor import DEFAULT_RULES
+    from cluster.observe.monitor import DEFAULT_RULES
 
     unknown_rules = sorted(set(config.monitor.rules) - set(DEFAULT_RULES))
     if unknown_rules:

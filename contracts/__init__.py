@@ -183,8 +183,9 @@ class TrainBatch:
             raise ValueError(f"TrainBatch columns have different lengths: {sorted(lengths)}")
 
     @classmethod
-    def from_samples(cls, samples: "list[Sample]", advantages: "list[float]", rewards: "list[float] | None" = None) -> "TrainBatch":
-        """One row per sample, with the generator's log-probs as ``old_logprobs``."""
+    def from_samples(cls, samples: "list[Sample]", advantages: "list[float]", rewards: "list[float] | None" = None, **columns: tuple) -> "TrainBatch":
+        """One row per sample, with the generator's log-probs as ``old_logprobs``; ``columns``
+        fills further fields (a feature's, e.g. the Markovian answer rows)."""
         return cls(
             prompt_token_ids=tuple(s.prompt.token_ids for s in samples),
             completion_token_ids=tuple(s.completion.token_ids for s in samples),
@@ -193,6 +194,7 @@ class TrainBatch:
             policy_versions=tuple(s.policy.version for s in samples),
             rewards=tuple(rewards) if rewards is not None else (),
             replayed=tuple(s.replayed for s in samples),
+            **columns,
         )
 
     def __len__(self) -> int:

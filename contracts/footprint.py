@@ -1,5 +1,5 @@
 """How much memory a process has held at most: each actor answers for its own process (the
-driver reads the per-role sums as ``perf/peak_rss_gib/<role>``; ``cluster.footprint``)."""
+driver reads the per-role sums as ``perf/peak_rss_gib/<role>``; ``cluster.observe.footprint``)."""
 
 from __future__ import annotations
 

@@ -5,7 +5,7 @@ with fewer than two valid samples has no baseline and is dropped (except under `
 and the token-level estimators, whose baseline is not the group). Groups whose rewards are all
 equal carry zero advantage; with ``drop_zero_variance`` they are left out of the batch too
 (DAPO's dynamic-sampling filter; ``rollout.dynamic_sampling`` also re-samples prompts until the
-step has enough informative groups, see ``cluster.rollouts``), which saves learner compute.
+step has enough informative groups, see ``cluster.loop.rollouts``), which saves learner compute.
 
 Outcome estimators (GRPO, RLOO, ...) run here, where whole groups are at hand. Token-level
 estimators (REINFORCE++, GAE) need the reference model or the critic and run in the learner:
@@ -13,6 +13,8 @@ their rows carry advantage 0 here and the reward in ``TrainBatch.rewards``.
 """
 
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 
@@ -41,8 +43,11 @@ def build_train_batch(
     verdicts: list[Verdict],
     estimator: AdvantageEstimator = "grpo",
     drop_zero_variance: bool = False,
+    columns: Callable[[list[Sample], list[Verdict], list[float | None]], dict[str, tuple]] | None = None,
 ) -> tuple[TrainBatch, list[float | None], dict[str, float]]:
-    """Returns the batch, each sample's advantage (None where left out), and metrics."""
+    """Returns the batch, each sample's advantage (None where left out), and metrics.
+    ``columns(samples, verdicts, advantages)`` gives further fields of the batch, one value
+    per trained sample, filled as the batch is built."""
     advantages: list[float | None] = [None] * len(samples)
     masked = dropped_groups = zero_variance = 0
     groups = group_indices(samples)
@@ -73,9 +78,8 @@ def build_train_batch(
         for i, a in zip(rows, values):
             advantages[i] = a
     keep = [i for i, a in enumerate(advantages) if a is not None]
-    batch = TrainBatch.from_samples(
-        [samples[i] for i in keep], [advantages[i] for i in keep], [verdicts[i].reward for i in keep]
-    )
+    extra = columns(samples, verdicts, advantages) if columns is not None else {}
+    batch = TrainBatch.from_samples([samples[i] for i in keep], [advantages[i] for i in keep], [verdicts[i].reward for i in keep], **extra)
     metrics = {
         "train/zero_variance_groups": float(zero_variance),
         "train/zero_variance_fraction": zero_variance / max(1, len(groups)),

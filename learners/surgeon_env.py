@@ -40,6 +40,7 @@ class SurgeonEnv(gym.Env):
         self.observation_space = gym.spaces.Box(-np.inf, np.inf, (n_obs,), np.float32)
         self.scales = np.ones((self.layers, self.heads), np.float32)
         self.baseline = float("nan")  # the metric's mean over the window before the current one
+        self._delta = np.zeros(n_act, np.float32)  # the last action's change of the scales
 
     def reset(self, *, seed: int | None = None, options: dict | None = None):
         super().reset(seed=seed)
@@ -50,18 +51,22 @@ class SurgeonEnv(gym.Env):
         self.baseline = window_mean(window, self.reward_metric)
         return observation(window, self.scales, self.granularity), {}
 
-    def step(self, action):
-        if self.run_window is None:
-            raise RuntimeError("this SurgeonEnv describes spaces only: its steps are the training run's (give run_window)")
-        self.scales, delta = apply_action(self.scales, action, self.max_delta, self.bounds, self.granularity)
-        window = self.run_window(self.scales)
+    def act(self, action) -> np.ndarray:
+        """Apply the surgeon's action: the new scales (the run serves them before the window)."""
+        self.scales, self._delta = apply_action(self.scales, action, self.max_delta, self.bounds, self.granularity)
+        return self.scales
+
+    def judge(self, window: list[dict]):
+        """The transition after a window of the run under the acted scales: (observation,
+        reward, terminated, truncated, info), as ``step`` returns them. ``window``: the metrics
+        of its steps (fewer than ``horizon`` when a phase or the run ended: a truncation)."""
         after = window_mean(window, self.reward_metric)
         # r = mean(metric | window after the change) - mean(metric | window before); 0 if either is missing
         reward = after - self.baseline if math.isfinite(after) and math.isfinite(self.baseline) else 0.0
         if math.isfinite(after):
             self.baseline = after
         info = {
-            "surgery/action_magnitude": float(np.abs(delta).mean()),
+            "surgery/action_magnitude": float(np.abs(self._delta).mean()),
             "surgery/reward_improvement": reward,
             "surgery/scale_mean": float(self.scales.mean()),
             "surgery/scale_min": float(self.scales.min()),
@@ -70,3 +75,10 @@ class SurgeonEnv(gym.Env):
         }
         truncated = len(window) < self.horizon
         return observation(window, self.scales, self.granularity), float(reward), False, truncated, info
+
+    def step(self, action):
+        """Gymnasium's step: act, run the window (``run_window``), judge it. The training loop
+        calls ``act`` and ``judge`` itself, around the steps it runs (``cluster.features.surgery``)."""
+        if self.run_window is None:
+            raise RuntimeError("this SurgeonEnv describes spaces only: its steps are the training run's (give run_window)")
+        return self.judge(self.run_window(self.act(action)))

@@ -225,7 +225,7 @@ class VLLMEngine:
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(settings.kv_cache_gib))
         # The in-process engine computes with the OpenMP threads the process started with:
-        # a Ray actor must be launched with OMP_NUM_THREADS set (see cluster.wiring.generator_env).
+        # a Ray actor must be launched with OMP_NUM_THREADS set (see cluster.loop.wiring.generator_env).
         from vllm import LLM
 
         _quiet_partial_reload_warning()

@@ -10,7 +10,7 @@ answer when the question itself is redacted:
 
 summed over the answer's tokens, where CoT' is the frozen model's own greedy chain of thought
 for the same question (the paper's ``normalize_loss``; ``baseline: false`` keeps the bare
-score). ``cluster.markovian`` computes the scores on the learner and merges them into the
+score). ``cluster.features.markovian`` computes the scores on the learner and merges them into the
 verdicts before the advantages, which standardise the rewards within each group (``grpo``,
 the paper's parallel sampling) or over the batch (``batch-std``).
 

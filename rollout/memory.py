@@ -87,6 +87,10 @@ class MemoryBank:
 
     def __init__(self, settings: MemorySettings):
         self.settings = settings
+        self.clear()
+
+    def clear(self) -> None:
+        """No solutions, every counter at 0."""
         self.solutions: dict[str, list[Solution]] = {}
         self.counts = dict.fromkeys(self.COUNTERS, 0)
         self.written = 0  # the eviction clock (every write, evicted ones included)

@@ -48,8 +48,8 @@ import sys
 sys.path.insert(0, {tests!r})
 logging.basicConfig(level=logging.INFO)
 from cluster.config import load_config
-from cluster.driver import Trainer
-from cluster.rundir import RunDir
+from cluster.loop.driver import Trainer
+from cluster.keeping.rundir import RunDir
 from {scorer_module} import spread_reward
 
 config = load_config({config!r}, {overrides!r})

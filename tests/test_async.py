@@ -22,8 +22,8 @@ import ray
 import torch
 
 from cluster.config import load_config
-from cluster.driver import Trainer
-from cluster.rundir import RunDir
+from cluster.loop.driver import Trainer
+from cluster.keeping.rundir import RunDir
 from contracts import Verdict
 from helpers import kill_driver_after
 
@@ -95,7 +95,7 @@ def test_async_generators_overlap_the_learner_and_stale_samples_are_corrected(ra
         assert sum(r.get("train/staleness/1", 0) for r in steps) > 0
         assert all(0 < r["train/tis_weight_mean"] <= 2.0 for r in steps)  # the async default cap
         # the two generators shared the work, and generated while the learner learned
-        intervals = list(trainer.generators.intervals)
+        intervals = list(trainer.crew.generators.intervals)
         assert {rank for rank, _, _ in intervals} == {0, 1}
         learns = [(start, end) for phase, _, start, end in trainer.timeline if phase == "learn"]
         overlaps = [(g, l) for _, *g in intervals for l in learns if min(g[1], l[1]) - max(g[0], l[0]) > 0]
@@ -136,7 +136,7 @@ def test_async_run_killed_mid_step_resumes_without_losing_or_repeating_a_prompt(
     assert not (run_dir / "final_adapter").exists()  # it really died mid-run
     resumed = Trainer.resume(run_dir, scorer=spread_reward)
     try:
-        assert resumed.step_done in (2, 3)
+        assert resumed.run.step in (2, 3)
         resumed.train(steps)
     finally:
         resumed.shutdown()

@@ -120,7 +120,7 @@ def test_overlong_shaping_adds_a_component_and_leaves_failed_verifications_alone
 
 
 def test_dynamic_sampling_asks_for_rounds_until_enough_informative_groups():
-    from cluster.rollouts import DynamicSampling
+    from cluster.loop.rollouts import DynamicSampling
 
     dynamic = DynamicSampling(groups=2, max_rounds=3)
     samples, verdicts = make_samples([[1.0, 0.0], [1.0, 1.0], [0.0, 0.0]])  # one informative group of three
@@ -133,7 +133,7 @@ def test_dynamic_sampling_asks_for_rounds_until_enough_informative_groups():
 
 
 def test_dynamic_sampling_leaves_out_informative_groups_past_the_steps_number():
-    from cluster.rollouts import DynamicSampling
+    from cluster.loop.rollouts import DynamicSampling
 
     dynamic = DynamicSampling(groups=2, max_rounds=3)
     samples, verdicts = make_samples([[1.0, 0.0], [1.0, 1.0], [0.0, 2.0], [3.0, 0.0]])
@@ -150,7 +150,7 @@ def test_the_masked_share_is_a_metric_of_the_step_and_of_each_task():
     infrastructure error, over the step and per task."""
     import dataclasses
 
-    from cluster.evaluate import sample_metrics, task_metrics
+    from cluster.observe.samples import sample_metrics, task_metrics
 
     samples, verdicts = make_samples([[1.0, None, 0.0, None], [None, 1.0]])
     tasks = ["code", "code", "code", "code", "infix", "infix"]

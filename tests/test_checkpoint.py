@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from cluster.checkpoint import MARKER, CheckpointStore
-from cluster.cli import main
+from cluster.keeping.checkpoint import MARKER, CheckpointStore
+from cluster.commands.cli import main
 from helpers import learner_settings, make_learner
 from learners.learner import Learner
 from rollout.tasks import Curriculum, TaskMixture, build_task
@@ -71,7 +71,7 @@ def test_a_folder_without_marker_is_never_used(tmp_path, caplog):
 SLOW_WRITER = """
 import sys, time
 from pathlib import Path
-from cluster.checkpoint import CheckpointStore
+from cluster.keeping.checkpoint import CheckpointStore
 
 def slow(path: Path) -> None:
     path.write_bytes(b"x" * 1000)
@@ -163,7 +163,7 @@ def test_resume_without_a_checkpoint_names_the_folder(tmp_path, capsys):
 
 
 def test_a_new_run_sets_an_earlier_one_aside(tmp_path):
-    from cluster.rundir import RunDir
+    from cluster.keeping.rundir import RunDir
 
     run_dir = RunDir(tmp_path / "run")
     assert run_dir.set_aside_previous() is None  # nothing there yet

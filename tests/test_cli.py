@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from cluster.cli import main, parse_args
+from cluster.commands.cli import main, parse_args
 
 
 def test_overrides_before_and_after_options():
@@ -22,7 +22,7 @@ def test_stray_arguments_are_rejected():
 
 
 def test_help_lists_the_commands():
-    out = subprocess.run([sys.executable, "-m", "cluster.cli", "--help"], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run([sys.executable, "-m", "cluster.commands.cli", "--help"], capture_output=True, text=True, check=True).stdout
     for command in ("train", "resume", "eval", "report", "bench", "prepare-model"):
         assert command in out
 

@@ -98,7 +98,7 @@ def test_task_list_overrides_by_index():
 def test_sections_are_the_components_own_settings():
     """One config tree: the algorithm and LoRA sections are the learner's own classes (one
     default per knob), and the driver hands them over as they are."""
-    from cluster.wiring import learner_settings
+    from cluster.loop.wiring import learner_settings
     from learners.settings import AlgorithmSettings
     from learners.policy import LoraSettings
 

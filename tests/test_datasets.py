@@ -131,7 +131,7 @@ def test_overlong_rows_are_skipped(tmp_path):
 
 def test_training_stops_on_unusable_data_before_loading_a_model(tmp_path, capsys):
     """The model path does not exist: the error must be about the data, found first."""
-    from cluster.cli import main
+    from cluster.commands.cli import main
 
     bad = write_jsonl(tmp_path / "bad.jsonl", ["{", {"question": "q"}])
     argv = ["train", "configs/tiny.yaml", "model.path=/nowhere/model", f"tasks=[{{name: gsm8k, source: {bad}}}]"]

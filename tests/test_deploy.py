@@ -85,7 +85,7 @@ def test_kuberay_raycluster_reads_as_a_cpu_head_and_gpu_workers():
 def test_kuberay_rayjob_runs_a_raylight_config_that_loads():
     """The job's entrypoint is a ``raylight train`` command line whose config and overrides
     pass raylight's own config check (a renamed key fails here, not on the cluster)."""
-    from cluster.cli import parse_args
+    from cluster.commands.cli import parse_args
     from cluster.config import load_config
 
     manifest = yaml.safe_load((DEPLOY / "kuberay" / "rayjob.yaml").read_text())
@@ -125,8 +125,8 @@ def test_grafana_dashboard_queries_only_metrics_the_exporter_emits(ray_cluster, 
     """A short real run exports its metrics through Ray to the Prometheus endpoint; every
     metric the dashboard names must be there (a metric renamed in code fails this test)."""
     from cluster.config import load_config
-    from cluster.driver import Trainer
-    from cluster.rundir import RunDir
+    from cluster.loop.driver import Trainer
+    from cluster.keeping.rundir import RunDir
     from test_integration import spread_reward
 
     names, patterns = dashboard_selectors()

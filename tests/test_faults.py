@@ -23,8 +23,8 @@ import ray
 
 from actors.generator import GeneratorsLost, generator_actor
 from cluster.config import load_config
-from cluster.driver import Trainer
-from cluster.rundir import RunDir
+from cluster.loop.driver import Trainer
+from cluster.keeping.rundir import RunDir
 from test_integration import spread_reward
 from test_resume import adapter
 
@@ -53,7 +53,7 @@ def break_once(t: Trainer, obj, method: str, after_step: int, action) -> list:
     original, fired = getattr(obj, method), []
 
     def wrapped(*args, **kwargs):
-        if not fired and t.step_done == after_step:
+        if not fired and t.run.step == after_step:
             fired.append(True)
             return action(original, *args, **kwargs)
         return original(*args, **kwargs)
@@ -108,14 +108,14 @@ def test_a_generator_killed_or_hung_mid_rollout_is_replaced_and_its_chunk_reissu
     """Step 2's chunks are sent; generator 1 is then SIGKILLed (found dead at once) or
     SIGSTOPped (found hung when its call passes ``generator.call_timeout_s``)."""
     t = trainer(tiny_model_path, tmp_path, "generator.call_timeout_s=8")
-    victim = pid(t.generators.handles[1])
+    victim = pid(t.crew.generators.handles[1])
 
     def submit_then_break(submit, *args, **kwargs):
         requests = submit(*args, **kwargs)
         os.kill(victim, signum)
         return requests
 
-    last = run_with_fault(t, t.generators, "submit", 1, submit_then_break, reference)
+    last = run_with_fault(t, t.crew.generators, "submit", 1, submit_then_break, reference)
     assert last["faults/generator_restarts"] == 1 and last["faults/requests_reissued"] == 1
     assert last["faults/generator_seconds_lost"] >= (8 if signum == signal.SIGSTOP else 0)
     assert [e["step"] for e in events(tmp_path, "actor_faults")] == [2]
@@ -142,7 +142,7 @@ def test_a_generator_lost_during_a_weight_broadcast_is_replaced_with_the_new_wei
     then it is killed (its load fails) or left frozen (its load passes
     ``generator.broadcast_timeout_s``). Its replacement starts with step 2's weights."""
     t = trainer(tiny_model_path, tmp_path, "generator.broadcast_timeout_s=8")
-    victim = pid(t.generators.handles[1])
+    victim = pid(t.crew.generators.handles[1])
 
     def push_to_a_frozen_generator(push, *args, **kwargs):
         os.kill(victim, signal.SIGSTOP)
@@ -150,7 +150,7 @@ def test_a_generator_lost_during_a_weight_broadcast_is_replaced_with_the_new_wei
         if signum == signal.SIGKILL:
             os.kill(victim, signal.SIGKILL)
 
-    last = run_with_fault(t, t.generators, "push", 1, push_to_a_frozen_generator, reference)
+    last = run_with_fault(t, t.crew.generators, "push", 1, push_to_a_frozen_generator, reference)
     assert last["faults/generator_restarts"] == 1 and last["faults/requests_reissued"] == 0
     assert [e["step"] for e in events(tmp_path, "actor_faults")] == [2]
 
@@ -160,13 +160,13 @@ def test_a_generator_serving_the_wrong_policy_is_reloaded(reference, tiny_model_
     behind the pool's back: its step-3 samples say version 0, not 2; the pool sends it
     version 2 again and re-issues the chunk."""
     t = trainer(tiny_model_path, tmp_path)
-    untrained = t.learners.weight_update()
+    untrained = t.crew.learners.weight_update()
 
     def confirm_then_corrupt(confirm, *args, **kwargs):
         confirm(*args, **kwargs)
-        assert ray.get(t.generators.handles[1].load_weights.remote(untrained)).version == 0
+        assert ray.get(t.crew.generators.handles[1].load_weights.remote(untrained)).version == 0
 
-    last = run_with_fault(t, t.generators, "confirm", 1, confirm_then_corrupt, reference)
+    last = run_with_fault(t, t.crew.generators, "confirm", 1, confirm_then_corrupt, reference)
     assert last["faults/weight_reloads"] == 1 and last["faults/requests_reissued"] == 1 and last["faults/generator_restarts"] == 0
 
 
@@ -178,13 +178,13 @@ def test_a_learner_rank_killed_or_hung_mid_step_rebuilds_the_group_from_the_chec
     deadline), kills the group, builds a new one, restores step 2's checkpoint and runs step
     3 again."""
     t = trainer(tiny_model_path, tmp_path, "learner.heartbeat_s=3")
-    victim = pid(t.learners.actors[1])
+    victim = pid(t.crew.learners.actors[1])
 
     def break_rank_1_then_step(step, *args, **kwargs):
         os.kill(victim, signum)
         return step(*args, **kwargs)
 
-    last = run_with_fault(t, t.learners, "step", 2, break_rank_1_then_step, reference)
+    last = run_with_fault(t, t.crew.learners, "step", 2, break_rank_1_then_step, reference)
     assert last["faults/learner_recoveries"] == 1 and last["faults/generator_restarts"] == 0
     [recovery] = events(tmp_path, "learner_recovery")
     assert recovery["step"] == 3 and recovery["evidence"]["resumed_at_step"] == 2
@@ -200,7 +200,7 @@ def test_learner_recoveries_are_bounded(ray_cluster, tiny_model_path, tmp_path):
     from actors.learner import LearnerFailure
 
     t = trainer(tiny_model_path, tmp_path, "learner.max_recoveries=0", "learner.num_learners=1", "generator.num_generators=1")
-    os.kill(pid(t.learners.actors[0]), signal.SIGKILL)
+    os.kill(pid(t.crew.learners.actors[0]), signal.SIGKILL)
     with pytest.raises(LearnerFailure, match=r"learner rank 0 died during .*learner.max_recoveries=0 recoveries are used up"):
         run(t)
 
@@ -210,18 +210,18 @@ def test_losing_every_generator_past_the_grace_period_stops_with_a_checkpoint_an
     (they ask for a resource no node has): after ``generator.grace_s`` the run stops, with
     step 2 checkpointed and a message saying how to go on; resumed, it ends as the reference."""
     t = trainer(tiny_model_path, tmp_path, "generator.grace_s=5")
-    victims = [pid(h) for h in t.generators.handles]
+    victims = [pid(h) for h in t.crew.generators.handles]
 
     def confirm_then_lose_all(confirm, *args, **kwargs):
         confirm(*args, **kwargs)
         for victim in victims:
             os.kill(victim, signal.SIGKILL)
-        t.generators.factory = lambda rank: generator_actor().options(resources={"no_such_node": 1}).remote("nowhere", None, seed=0, max_lora_rank=8)
+        t.crew.generators.factory = lambda rank: generator_actor().options(resources={"no_such_node": 1}).remote("nowhere", None, seed=0, max_lora_rank=8)
 
-    fired = break_once(t, t.generators, "confirm", 1, confirm_then_lose_all)
+    fired = break_once(t, t.crew.generators, "confirm", 1, confirm_then_lose_all)
     with pytest.raises(GeneratorsLost, match=r"no generator has been up for \d+s \(generator.grace_s=5\).*stopped after step 2, checkpointed; continue it with `raylight resume"):
         run(t)
-    assert fired and [c.step for c in t.checkpoints.complete()] == [1, 2]
+    assert fired and [c.step for c in t.keeper.checkpoints.complete()] == [1, 2]
     assert [e["step"] for e in events(tmp_path, "generators_lost")] == [3]
     resumed = Trainer.resume(tmp_path, scorer=spread_reward)
     run(resumed)
@@ -238,7 +238,7 @@ def test_an_async_run_absorbs_a_lost_generator_and_a_lost_learner_rank_without_l
     from test_async import prompts_by_step
 
     t = trainer(tiny_model_path, tmp_path, "rollout.mode=async", "rollout.max_staleness=1")
-    generator, rank_1 = pid(t.generators.handles[1]), pid(t.learners.actors[1])
+    generator, rank_1 = pid(t.crew.generators.handles[1]), pid(t.crew.learners.actors[1])
 
     def submit_then_kill(submit, *args, **kwargs):
         requests = submit(*args, **kwargs)
@@ -249,7 +249,7 @@ def test_an_async_run_absorbs_a_lost_generator_and_a_lost_learner_rank_without_l
         os.kill(rank_1, signal.SIGKILL)
         return step(*args, **kwargs)
 
-    fired = [break_once(t, t.generators, "submit", 1, submit_then_kill), break_once(t, t.learners, "step", 2, kill_rank_1_then_step)]
+    fired = [break_once(t, t.crew.generators, "submit", 1, submit_then_kill), break_once(t, t.crew.learners, "step", 2, kill_rank_1_then_step)]
     run(t)
     assert all(fired)
     rows = RunDir(tmp_path).read_metrics()

@@ -17,8 +17,8 @@ import ray
 import torch
 
 from cluster.config import load_config
-from cluster.driver import Trainer
-from cluster.rundir import RunDir
+from cluster.loop.driver import Trainer
+from cluster.keeping.rundir import RunDir
 from contracts import DEFAULT_ADAPTER, PolicyRef, SamplingSettings, TrainBatch, Verdict, WeightUpdate
 
 pytestmark = pytest.mark.slow
@@ -54,12 +54,12 @@ def trained(ray_cluster, tiny_model_path, tmp_path_factory):
     )
     trainer = Trainer(config, run_dir, scorer=spread_reward)
     greedy = SamplingSettings(n=1, temperature=0.0, top_p=1.0, max_tokens=8)
-    probe = trainer.eval_prompts["arithmetic"][:4]
+    probe = trainer.stages.evaluator.prompts_by_task["arithmetic"][:4]
     before = {
-        "version": ray.get(trainer.generators.handles[0].ping.remote()),
-        "samples": trainer.generate(probe, greedy),
-        "adapter": trainer.learners.weight_update().tensors,
-        "digest": trainer.learners.parameter_digest(),
+        "version": ray.get(trainer.crew.generators.handles[0].ping.remote()),
+        "samples": trainer.crew.generators.generate(probe, greedy),
+        "adapter": trainer.crew.learners.weight_update().tensors,
+        "digest": trainer.crew.learners.parameter_digest(),
     }
     summary = trainer.train(STEPS)
     yield trainer, run_dir, summary, before, probe, greedy
@@ -70,13 +70,13 @@ def test_policy_version_advanced_on_generators(trained):
     trainer, _, summary, before, _, _ = trained
     assert before["version"] == PolicyRef(DEFAULT_ADAPTER, 0)
     assert summary["policy_version"] == STEPS
-    assert ray.get([g.ping.remote() for g in trainer.generators.handles]) == [PolicyRef(DEFAULT_ADAPTER, STEPS)]
+    assert ray.get([g.ping.remote() for g in trainer.crew.generators.handles]) == [PolicyRef(DEFAULT_ADAPTER, STEPS)]
 
 
 def test_generators_serve_the_new_weights(trained):
     """Same prompts, greedy, after the broadcast: the tokens or their log-probs moved."""
     trainer, _, _, before, probe, greedy = trained
-    after = trainer.generate(probe, greedy)
+    after = trainer.crew.generators.generate(probe, greedy)
     assert all(s.policy == PolicyRef(DEFAULT_ADAPTER, STEPS) for s in after)
     changed = [
         a.completion.token_ids != b.completion.token_ids
@@ -88,10 +88,10 @@ def test_generators_serve_the_new_weights(trained):
 
 def test_lora_changed_and_base_did_not(trained):
     trainer, _, _, before, _, _ = trained
-    after = trainer.learners.weight_update().tensors
+    after = trainer.crew.learners.weight_update().tensors
     lora_b = [k for k in after if "lora_B" in k]
     assert lora_b and all(not torch.equal(after[k], before["adapter"][k]) for k in lora_b)
-    digest = trainer.learners.parameter_digest()
+    digest = trainer.crew.learners.parameter_digest()
     assert digest["frozen"] == before["digest"]["frozen"]
     assert digest["trainable"] != before["digest"]["trainable"]
 
@@ -99,9 +99,9 @@ def test_lora_changed_and_base_did_not(trained):
 def test_learner_logprobs_match_generator(trained):
     """vLLM's sampled-token log-probs vs the learner's under the same weights (both fp32)."""
     trainer, _, _, _, _, _ = trained
-    samples = trainer.generate(trainer.eval_prompts["arithmetic"][:8], SamplingSettings(n=4, temperature=1.0, top_p=1.0, max_tokens=16))
+    samples = trainer.crew.generators.generate(trainer.stages.evaluator.prompts_by_task["arithmetic"][:8], SamplingSettings(n=4, temperature=1.0, top_p=1.0, max_tokens=16))
     batch = TrainBatch.from_samples(samples, [0.0] * len(samples))
-    learner_logprobs = trainer.learners.logprobs(batch)
+    learner_logprobs = trainer.crew.learners.logprobs(batch)
     diffs = [abs(a - b) for s, row in zip(samples, learner_logprobs) for a, b in zip(s.completion.logprobs, row)]
     assert len(diffs) == sum(len(s.completion.token_ids) for s in samples) > 100
     max_diff, mean_diff = max(diffs), sum(diffs) / len(diffs)
@@ -146,7 +146,7 @@ def test_final_adapter_loads_in_peft_and_vllm_lora(trained, tiny_model_path):
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_path), run_dir.final_adapter)
     assert any("lora_B" in name for name, _ in model.named_parameters())
 
-    from cluster.wiring import start_generator
+    from cluster.loop.wiring import start_generator
 
     from safetensors.torch import load_file
 
@@ -161,7 +161,7 @@ def test_final_adapter_loads_in_peft_and_vllm_lora(trained, tiny_model_path):
         via_lora = ray.get(lora_generator.generate.remote(probe, greedy))
     finally:
         ray.kill(lora_generator)
-    via_merge = trainer.generate(probe, greedy)
+    via_merge = trainer.crew.generators.generate(probe, greedy)
     for a, b in zip(via_lora, via_merge):
         assert a.completion.token_ids == b.completion.token_ids
         assert max(abs(x - y) for x, y in zip(a.completion.logprobs, b.completion.logprobs)) < 1e-3

@@ -197,7 +197,7 @@ def test_markovian_recipe_runs_end_to_end_on_the_tiny_model(ray_cluster, tiny_mo
     generated once per problem); the evaluation reports the intact and perturbed CoTs and every
     extraction method of the task's scorer, and ``raylight eval`` of the saved adapter
     reproduces it."""
-    from cluster.cli import main
+    from cluster.commands.cli import main
 
     write, methods = RECIPES[recipe]
     data = write(tmp_path / recipe)
@@ -286,7 +286,7 @@ def test_vllm_lora_engine_serves_the_base_model_beside_the_adapter(ray_cluster, 
     requests from the adapter; min_tokens = max_tokens gives CoTs of exactly that length.
     A merged adapter has no base left to serve: the request fails naming the key."""
     from actors.generator import GeneratorPool
-    from cluster.wiring import start_generator
+    from cluster.loop.wiring import start_generator
     from contracts import SamplingSettings
     from rollout.generator import BASE_POLICY
 
@@ -322,7 +322,7 @@ def test_smollm2_markovian_run_raises_the_answer_logprob_given_the_cot(ray_clust
     gradient + actor reward, KL 0.1), shortened to 6 steps of 2 questions x 6 CoTs of 24 tokens
     at a higher learning rate: the held-out answer's log-prob given the policy's CoT (question
     redacted, the same questions and CoT seed at both ends) rises by more than a nat."""
-    from cluster.cli import main
+    from cluster.commands.cli import main
 
     data = write_apples(tmp_path / "gsm8k", n=80)
     run_dir = tmp_path / "run"

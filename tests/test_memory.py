@@ -10,7 +10,7 @@ import json
 import pytest
 
 from cluster.config import ConfigError, load_config
-from cluster.monitor import Monitor
+from cluster.observe.monitor import Monitor
 from contracts import Completion, PolicyRef, Problem, Prompt, Sample, Verdict
 from helpers import make_learner
 from learners.batch import build_train_batch, group_indices

@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from cluster.monitor import DEFAULT_RULES, Monitor, Rule
+from cluster.observe.monitor import DEFAULT_RULES, Monitor, Rule
 
 
 def healthy(step: int) -> dict:

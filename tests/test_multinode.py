@@ -117,7 +117,7 @@ def two_nodes(tiny_model_path):
 
 
 def train(address: str, run_dir: Path, model: str, *overrides: str) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "cluster.cli", "train", "configs/tiny.yaml", "--run-dir", str(run_dir), f"model.path={model}", *TINY_RUN, *overrides]
+    command = [sys.executable, "-m", "cluster.commands.cli", "train", "configs/tiny.yaml", "--run-dir", str(run_dir), f"model.path={model}", *TINY_RUN, *overrides]
     return subprocess.run(command, cwd=ROOT, env={**ray_env(), "RAY_ADDRESS": address}, capture_output=True, text=True, timeout=600)
 
 
@@ -146,7 +146,7 @@ def test_ray_job_submit_runs_a_training_job_with_token_auth(two_nodes, tiny_mode
     ray = str(Path(sys.executable).parent / "ray")
     run_dir = tmp_path / "job-run"
     job = f"raylight-test-{os.getpid()}"
-    entrypoint = ["python", "-m", "cluster.cli", "train", "configs/tiny.yaml", "--run-dir", str(run_dir), f"model.path={tiny_model_path}", *TINY_RUN]
+    entrypoint = ["python", "-m", "cluster.commands.cli", "train", "configs/tiny.yaml", "--run-dir", str(run_dir), f"model.path={tiny_model_path}", *TINY_RUN]
     submit = [ray, "job", "submit", "--address", dashboard, "--working-dir", ".", "--submission-id", job, "--no-wait", "--", *entrypoint]
     submitted = subprocess.run(submit, cwd=ROOT, env=ray_env(), capture_output=True, text=True, timeout=120)
     assert submitted.returncode == 0, submitted.stderr[-3000:]

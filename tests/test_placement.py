@@ -9,7 +9,7 @@ import pytest
 import ray
 
 from cluster.config import ConfigError, load_config
-from cluster.placement import PlacementError, Request, bundles, check_model_on_nodes, place
+from cluster.loop.placement import PlacementError, Request, bundles, check_model_on_nodes, place
 
 
 def test_disaggregated_gives_each_learner_and_generator_a_bundle():
@@ -68,8 +68,8 @@ def test_a_model_folder_missing_on_a_node_is_named(ray_cluster, tmp_path):
 def test_a_run_places_its_actors_in_their_bundles_and_completes(ray_cluster, tiny_model_path, tmp_path, layout):
     """The HF engine (CPU), so that colocated sleep mode runs its sleep/wake calls: a generator
     asked to generate or load weights while asleep raises, so a finished run shows the order."""
-    from cluster.driver import Trainer
-    from cluster.rundir import RunDir
+    from cluster.loop.driver import Trainer
+    from cluster.keeping.rundir import RunDir
     from test_integration import spread_reward
 
     config = load_config("configs/tiny.yaml", [

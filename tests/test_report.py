@@ -8,8 +8,8 @@ import json
 import pytest
 import yaml
 
-from cluster.cli import main
-from cluster.report import forecast, phases
+from cluster.commands.cli import main
+from cluster.commands.report import forecast, phases
 
 
 def write_run(folder, steps: int = 30) -> None:
@@ -89,7 +89,7 @@ def saturating_rows(last_step: int, plateau: float = 0.8) -> list[dict]:
 
 
 def test_saturating_forecast_finds_the_plateau_and_when_the_target_is_reached():
-    from cluster.report import saturating_forecast
+    from cluster.commands.report import saturating_forecast
 
     # 0.8 - 0.6 exp(-0.1 (x - 1)) = 0.7 at x = 1 + 10 ln 6 = 18.9: 6.9 steps after step 12
     fit = saturating_forecast(saturating_rows(12), "m", 0.7, window=20)
@@ -101,7 +101,7 @@ def test_saturating_forecast_finds_the_plateau_and_when_the_target_is_reached():
 
 
 def test_target_table_and_the_early_warning_when_a_metric_leaves_its_trend():
-    from cluster.report import off_forecast, outlook, target_table
+    from cluster.commands.report import off_forecast, outlook, target_table
 
     line = [{"step": s, "m": 0.1 + 0.01 * s + (0.003 if s % 2 else -0.003)} for s in range(1, 11)]
     assert off_forecast(line + [{"step": 11, "m": 0.21}], "m", window=10) is None

@@ -24,10 +24,10 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from cluster.cli import main
+from cluster.commands.cli import main
 from cluster.config import load_config
-from cluster.driver import Trainer
-from cluster.rundir import RunDir
+from cluster.loop.driver import Trainer
+from cluster.keeping.rundir import RunDir
 from helpers import kill_driver_after
 from test_integration import spread_reward
 
@@ -110,16 +110,16 @@ def test_run_resumed_after_two_steps_equals_the_uninterrupted_run(uninterrupted,
             assert scrape(ray_metrics_port, f"ray_raylight_{name}", run_dir.name, timeout_s=5), name
     finally:
         first.shutdown()
-    assert [c.step for c in first.checkpoints.complete()] == [1, 2]
+    assert [c.step for c in first.keeper.checkpoints.complete()] == [1, 2]
     second = Trainer.resume(run_dir, steps=STEPS, scorer=spread_reward)
     try:
-        assert (second.step_done, second.policy.version) == (2, 2)
+        assert (second.run.step, second.run.policy.version) == (2, 2)
         second.train(STEPS)
     finally:
         second.shutdown()
     assert_same_run(run_dir, uninterrupted)
     # the last K (3) and the best by eval accuracy are kept
-    assert [c.step for c in second.checkpoints.complete()][-3:] == [2, 3, 4]
+    assert [c.step for c in second.keeper.checkpoints.complete()][-3:] == [2, 3, 4]
 
 
 def test_run_killed_after_a_checkpoint_resumes_to_the_same_result(uninterrupted, tiny_model_path, tmp_path):
@@ -131,7 +131,7 @@ def test_run_killed_after_a_checkpoint_resumes_to_the_same_result(uninterrupted,
     assert not (run_dir / "final_adapter").exists()  # it really died mid-run
     resumed = Trainer.resume(run_dir, scorer=spread_reward)
     try:
-        assert resumed.step_done in (2, 3)
+        assert resumed.run.step in (2, 3)
         resumed.train(STEPS)
     finally:
         resumed.shutdown()

@@ -877,7 +877,7 @@ def test_no_socket_or_terminal_of_a_program_reaches_the_next(sandbox):
 def test_bench_verifier_runs_every_program_both_ways():
     """``raylight bench verifier`` on a few programs: each runs and passes in the sandbox and as
     a plain subprocess, every round (its timings are the benchmark's business, not a test's)."""
-    from cluster.bench import bench_verifier
+    from cluster.commands.bench import bench_verifier
 
     result = bench_verifier(n_programs=6, slots=1, rounds=2)
     assert result["ok"] == {"sandbox": 6, "plain": 6} and len(result["round_ratios"]) == 2

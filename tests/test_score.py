@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from cluster.cli import main
+from cluster.commands.cli import main
 from helpers import SELF_MASKING
 from rewards.humaneval import load_problems
 

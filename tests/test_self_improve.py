@@ -20,8 +20,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from cluster.config import load_config
-from cluster.driver import Trainer
-from cluster.rundir import RunDir
+from cluster.loop.driver import Trainer
+from cluster.keeping.rundir import RunDir
 from contracts import Completion, PolicyRef, Sample
 from helpers import kill_driver_after
 from test_integration import spread_reward
@@ -86,8 +86,8 @@ def test_the_bank_survives_a_killed_driver_and_resume(rounds, tiny_model_path, t
     assert not (run_dir / "final_adapter").exists()
     resumed = Trainer.resume(run_dir, scorer=spread_reward)
     try:
-        saved = json.loads((resumed.checkpoints.latest().path / "memory.json").read_text())
-        assert resumed.memory.state() == saved and len(resumed.memory) > 0
+        saved = json.loads((resumed.keeper.checkpoints.latest().path / "memory.json").read_text())
+        assert resumed.stages.batches.bank.state() == saved and len(resumed.stages.batches.bank) > 0
         resumed.train(ROUNDS)
     finally:
         resumed.shutdown()
@@ -133,15 +133,15 @@ def test_grpo_groups_without_a_correct_sample_get_the_banked_solution(ray_cluste
     trainer = Trainer(config, RunDir(run_dir))
     try:
         problems = trainer.tasks.tasks["gsm8k"].load("train")
-        prompts = trainer.render(problems)
+        prompts = trainer.stages.prompts.render(problems)
         solutions = []
         for prompt in prompts:
             text = f"{prompt.problem.answer} apples. Answer: {prompt.problem.answer}"
             ids = tuple(trainer.tokenizer.encode(text, add_special_tokens=False))
             solutions.append(Sample(prompt, Completion(ids, text, (0.0,) * len(ids), "stop"), PolicyRef(), 0))
-        verdicts = trainer.verifiers.score(solutions)  # the real scorer, as a run scores
+        verdicts = trainer.crew.verifiers.score(solutions)  # the real scorer, as a run scores
         assert all(v.correct for v in verdicts), verdicts
-        assert len(trainer.memory.write(solutions, verdicts, step=0)) == len(problems)
+        assert len(trainer.stages.batches.bank.write(solutions, verdicts, step=0)) == len(problems)
         trainer.train(2)
     finally:
         trainer.shutdown()

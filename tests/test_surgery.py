@@ -19,7 +19,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from cluster.config import ConfigError, load_config
-from cluster.surgery import PhaseConfig, PhaseSchedule
+from cluster.phases import PhaseConfig, PhaseSchedule
 from contracts import ATTENTION_OUTPUT_SCALE, SamplingSettings, TrainBatch, Verdict
 from helpers import make_learner
 from learners.policy import LoraSettings, pack
@@ -264,9 +264,9 @@ def test_three_phases_run_end_to_end_and_resume(ray_cluster, tiny_model_path, tm
     generators as new policy versions; the surgeon's metrics are recorded; the checkpoint holds
     the surgeon and its environment, and a resumed run continues them; the report marks the
     phases."""
-    from cluster.driver import Trainer
-    from cluster.report import write_report
-    from cluster.rundir import RunDir
+    from cluster.loop.driver import Trainer
+    from cluster.commands.report import write_report
+    from cluster.keeping.rundir import RunDir
 
     run_dir = RunDir(tmp_path / "run")
     overrides = [
@@ -278,7 +278,7 @@ def test_three_phases_run_end_to_end_and_resume(ray_cluster, tiny_model_path, tm
     trainer = Trainer(config, run_dir, scorer=spread_reward)
     try:
         trainer.train(8)
-        scales = trainer.learners.attention_scales()
+        scales = trainer.crew.learners.attention_scales()
     finally:
         trainer.shutdown()
     rows = {r["step"]: r for r in run_dir.read_metrics()}
@@ -301,7 +301,7 @@ def test_three_phases_run_end_to_end_and_resume(ray_cluster, tiny_model_path, tm
 
     resumed = Trainer.resume(run_dir.path, steps=10, scorer=spread_reward)
     try:
-        assert torch.equal(resumed.learners.attention_scales(), scales)  # the final checkpoint's
+        assert torch.equal(resumed.crew.learners.attention_scales(), scales)  # the final checkpoint's
         resumed.train(10)
     finally:
         resumed.shutdown()

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from cluster.cli import main
+from cluster.commands.cli import main
 
 pytestmark = pytest.mark.slow
 

@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 
-from cluster.cli import main
+from cluster.commands.cli import main
 
 CASES = {
     "pg-rloo-cosine": ["algorithm.policy_loss=pg", "algorithm.advantage=rloo", "algorithm.lr_schedule=cosine"],
@@ -70,8 +70,8 @@ def test_full_weight_training_reaches_vllm(ray_cluster, tiny_model_path, tmp_pat
     from test_integration import spread_reward
 
     from cluster.config import load_config
-    from cluster.driver import Trainer
-    from cluster.rundir import RunDir
+    from cluster.loop.driver import Trainer
+    from cluster.keeping.rundir import RunDir
     from contracts import SamplingSettings, TrainBatch
 
     config = load_config("configs/tiny.yaml", [
@@ -80,22 +80,22 @@ def test_full_weight_training_reaches_vllm(ray_cluster, tiny_model_path, tmp_pat
     ])
     trainer = Trainer(config, RunDir(tmp_path / "run"), scorer=spread_reward)
     try:
-        before = trainer.learners.parameter_digest()
+        before = trainer.crew.learners.parameter_digest()
         for step in (1, 2):
             trainer.step(step)
-        assert trainer.learners.parameter_digest()["trainable"] != before["trainable"]
-        assert trainer.learners.weight_update().kind == "full"
-        samples = trainer.generate(trainer.eval_prompts["arithmetic"][:4], SamplingSettings(n=4, temperature=1.0, top_p=1.0, max_tokens=16))
+        assert trainer.crew.learners.parameter_digest()["trainable"] != before["trainable"]
+        assert trainer.crew.learners.weight_update().kind == "full"
+        samples = trainer.crew.generators.generate(trainer.stages.evaluator.prompts_by_task["arithmetic"][:4], SamplingSettings(n=4, temperature=1.0, top_p=1.0, max_tokens=16))
         assert {s.policy.version for s in samples} == {2}
-        learner_logprobs = trainer.learners.logprobs(TrainBatch.from_samples(samples, [0.0] * len(samples)))
+        learner_logprobs = trainer.crew.learners.logprobs(TrainBatch.from_samples(samples, [0.0] * len(samples)))
         diffs = [abs(a - b) for s, row in zip(samples, learner_logprobs) for a, b in zip(s.completion.logprobs, row)]
         assert len(diffs) > 50 and max(diffs) < 1e-3, max(diffs)
         # the final model is written by the driver from the object store, and loads as a HF model
-        trainer.save_final()
+        trainer.keeper.save_final()
         from transformers import AutoModelForCausalLM
 
         saved = AutoModelForCausalLM.from_pretrained(trainer.run_dir.final_adapter).state_dict()
-        for name, tensor in trainer.learners.weight_update().tensors.items():
+        for name, tensor in trainer.crew.learners.weight_update().tensors.items():
             torch.testing.assert_close(saved[name], tensor, rtol=0, atol=0)
     finally:
         trainer.shutdown()

@@ -93,6 +93,15 @@ class Monitor:
         if unknown:
             raise ValueError(f"unknown monitor rules {unknown}; known: {sorted(DEFAULT_RULES)}")
         self.rules = {**DEFAULT_RULES, **(rules or {})}
+        self.clear()
+
+    @classmethod
+    def off(cls) -> Monitor:
+        """A monitor whose every rule is off (``monitor.enabled=false``): it watches nothing."""
+        return cls({name: Rule("off") for name in DEFAULT_RULES})
+
+    def clear(self) -> None:
+        """Forget every row, evaluation and event (a run that starts again from step 0)."""
         self.rows: collections.deque[dict] = collections.deque(maxlen=200)
         self.evals: list[tuple[int, float, float]] = []  # (step, eval accuracy, mean train reward since the last eval)
         self.active: set[str] = set()  # conditions that held on the last step (fire on onset only)
@@ -104,6 +113,7 @@ class Monitor:
         return {"rows": list(self.rows), "evals": self.evals, "active": sorted(self.active), "events": [asdict(e) for e in self.events]}
 
     def load_state(self, state: dict) -> None:
+        self.clear()
         self.rows.extend(state["rows"])
         self.evals = [tuple(e) for e in state["evals"]]
         self.active = set(state["active"])

@@ -1,7 +1,11 @@
-"""Wiring a run: the Ray cluster, the actors with their settings and resources, the tasks.
+"""Wiring a run: the Ray cluster, the actors with their settings and resources, the tasks, and
+the stages of the loop.
 
 Everything a driver (training, ``raylight eval``, a benchmark) needs to start the parts of a
 run from its config; each setting object is built from the config's sections as they are.
+``build_stages`` is the one place that reads which run-level features are on
+(``markovian.enabled``, ``memory.*``, ``algorithm.objective``, ``phases``) and chooses the
+stages they plug into the loop (``cluster.stages``).
 """
 
 from __future__ import annotations
@@ -13,18 +17,27 @@ import os
 
 import ray
 
+from typing import Callable
+
+import numpy as np
+
 from actors.generator import GeneratorPool, generator_actor
 from actors.learner import LearnerGroup
 from actors.verifier import ScorerFactory, VerifierPool
-from cluster.surgery import PhaseSchedule
 from cluster.config import Config, TaskConfig
-from cluster.placement import Placement
-from contracts import Problem, Prompt
+from cluster.features.bank import BankedRollouts, BankPart, BankRounds
+from cluster.features.markovian import ActorRewardColumns, MarkovianEvaluator, MarkovianReward
+from cluster.features.surgery import Surgery
+from cluster.loop.placement import Placement
+from cluster.loop.rollouts import step_seed
+from cluster.phases import PhaseSchedule
+from cluster.stages import BatchSource, Crew, Evaluator, GreedyEvaluator, ModelReward, Participant, Prompts, RolloutBatches, Stages, Stateful, TaskPrompts
+from contracts import SamplingSettings
 from learners.settings import LearnerSettings
 from rewards.scoring import ScorerSpec, build_task_scorer
 from rollout.engines import EngineSettings
-from rollout.prompts import render_prompts
-from rollout.tasks import Curriculum, Task, TaskMixture, build_task
+from rollout.memory import MemoryBank
+from rollout.tasks import Curriculum, Split, Task, TaskMixture, build_task
 
 logger = logging.getLogger(__name__)
 
@@ -139,14 +152,50 @@ def start_verifiers(config: Config, mixture: TaskMixture | None = None, factory:
     return VerifierPool(factory, config.verifier)
 
 
-def render(tokenizer, tasks: TaskMixture, problems: list[Problem]) -> list[Prompt]:
-    """Chat-template problems with their own task's system prompt, keeping their order."""
-    prompts: list[Prompt | None] = [None] * len(problems)
-    by_task: dict[str, list[int]] = {}
-    for i, problem in enumerate(problems):
-        by_task.setdefault(problem.task, []).append(i)
-    for task_id, indices in by_task.items():
-        system = tasks.tasks[task_id].system_prompt if task_id in tasks.tasks else None
-        for i, prompt in zip(indices, render_prompts(tokenizer, [problems[i] for i in indices], system)):
-            prompts[i] = prompt
-    return prompts  # type: ignore[return-value]
+def start_crew(config: Config, model_path: str, placement: Placement, tasks: TaskMixture, factory: ScorerFactory | None = None) -> Crew:
+    """The run's learner group, generator pool and verifier pool, in ``placement``'s bundles."""
+    learners = start_learners(config, model_path, placement)
+    return Crew(start_generators(config, model_path, placement), start_verifiers(config, tasks, factory), learners)
+
+
+def training_sampling(config: Config) -> SamplingSettings:
+    """A training step's sampling: ``rollout.group_size`` completions of each prompt."""
+    r = config.rollout
+    return SamplingSettings(n=r.group_size, temperature=r.temperature, top_p=r.top_p, max_tokens=r.max_tokens, stop=tuple(r.stop))
+
+
+def eval_sampling(config: Config) -> SamplingSettings:
+    """Greedy decoding with the run's stop strings and the evaluation's token budget."""
+    r = config.rollout
+    return SamplingSettings(n=1, temperature=0.0, top_p=1.0, max_tokens=config.eval.max_tokens, stop=tuple(r.stop))
+
+
+def build_stages(
+    config: Config, tokenizer, tasks: TaskMixture, crew: Crew, set_scales: Callable[[np.ndarray], None] | None = None, split: Split = "validation"
+) -> Stages:
+    """The run's stages, chosen once from its config. ``set_scales`` serves new attention
+    scales (a training run's; an evaluation has no surgeon); ``split``: the evaluation's."""
+    a, schedule = config.algorithm, PhaseSchedule(config.phases)
+    rollouts = RolloutBatches(a.advantage, a.drop_zero_variance_groups or config.rollout.dynamic_sampling)
+    prompts: Prompts = TaskPrompts(tokenizer, tasks, training_sampling(config))
+    rewards: tuple[ModelReward, ...] = ()
+    if config.markovian.enabled:  # chains of thought rewarded by the frozen model's answer log-prob
+        prompts = markovian = MarkovianReward(config, tokenizer, tasks, crew)
+        rewards = (markovian,)
+        if a.actor_reward_weight > 0:
+            rollouts = RolloutBatches(rollouts.estimator, rollouts.drop_zero_variance, ActorRewardColumns(markovian, a.actor_reward_weight, a.advantage))
+    eval_prompts = {task_id: prompts.render(problems) for task_id, problems in tasks.eval_sets(split).items()}
+    evaluator: Evaluator = MarkovianEvaluator(markovian, crew, eval_prompts) if config.markovian.enabled else GreedyEvaluator(crew, eval_prompts, eval_sampling(config))
+    batches: BatchSource = rollouts
+    parts: list[Stateful] = []
+    participants: list[Participant] = []
+    if config.memory.enabled:  # the solution bank: banked each step; self-improvement rounds or bank-fed groups
+        bank = MemoryBank(config.memory)
+        parts.append(BankPart(bank))
+        sft = a.objective == "sft"
+        batches = BankRounds(bank, functools.partial(step_seed, config.run.seed)) if sft else BankedRollouts(bank, rollouts, config.memory.feed_groups)
+    if schedule.has_surgeon and set_scales is not None:  # the SAC surgeon on the attention scales
+        surgery = Surgery(config.surgeon, schedule, crew.learners.attention_scales(), config.run.seed, set_scales)
+        participants.append(surgery)
+        parts.append(surgery)
+    return Stages(prompts, batches, evaluator, schedule, rewards, tuple(participants), tuple(parts))

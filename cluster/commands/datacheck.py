@@ -85,7 +85,7 @@ def _indent(text: str, width: int = 600) -> str:
 
 def data_check(config: Config, out: TextIO = sys.stdout) -> int:
     """Print the check of every task; 1 if a task cannot be trained on, else 0."""
-    from cluster.wiring import build_tasks
+    from cluster.loop.wiring import build_tasks
 
     mixture = build_tasks(config)
     tokenizer = _tokenizer(config)

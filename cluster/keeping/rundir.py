@@ -5,7 +5,7 @@ runs/NAME/
   metrics.jsonl       one JSON object per step
   events.jsonl        the health monitor's events
   rollouts/step_000001.parquet
-  checkpoints/        see cluster.checkpoint
+  checkpoints/        see cluster.keeping.checkpoint
   final_adapter/      PEFT format (PeftModel.from_pretrained, vLLM LoRARequest)
 """
 
@@ -88,7 +88,7 @@ class RunDir:
         return self.path / "events.jsonl"
 
     def append_events(self, events: list) -> None:
-        """The health monitor's events, one JSON object each (``cluster.monitor.Event``)."""
+        """The health monitor's events, one JSON object each (``cluster.observe.monitor.Event``)."""
         if not events:
             return
         with self.events_path.open("a") as handle:

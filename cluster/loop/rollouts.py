@@ -1,4 +1,5 @@
-"""The rollout producer: a driver thread that keeps the generators and verifiers busy.
+"""The rollout stream: a run's verified rollouts, step by step (``RolloutStream``), and the
+producer thread that keeps the generators and verifiers busy (``RolloutProducer``).
 
 For each rollout step, in order, as soon as the queue lets it start (``RolloutQueue``: no
 run-ahead in synchronous mode, up to ``rollout.max_staleness`` steps in asynchronous mode):
@@ -16,13 +17,19 @@ another ``prompts_per_step`` prompts, up to ``rollout.max_sampling_rounds`` roun
 informative groups past the step's number are left out, and a step still short after the last
 round trains on what it has (``dynamic/shortfall`` counts the groups missing).
 
-The learner thread (``Trainer.step``) takes them in order. Ray calls are thread-safe; the
-verifier pool and the task mixture are guarded by locks because an evaluation in the learner
-thread uses them too.
+The learner thread (``Trainer.step``) takes them in order (``RolloutStream.rollout``). Ray
+calls are thread-safe; the verifier pool and the task mixture are guarded by locks because an
+evaluation and the curricula in the learner thread use them too.
+
+A run is reproducible step by step: each step's sampling seed is a function of the run's seed
+and the step (``step_seed``), and the stream records the data position before each step's
+prompts, so a run resumed from a checkpoint draws and samples exactly what the uninterrupted
+run would have.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -31,11 +38,116 @@ from typing import Callable
 
 from actors.generator import GeneratorPool, Request
 from actors.verifier import VerifierPool
+from cluster.config import SEEDS_PER_STEP, Config
+from cluster.stages import Crew, Prompts
 from learners.batch import group_indices, informative
 from contracts import Prompt, Sample, SamplingSettings, Verdict
+from rewards.shaping import shape_overlong
 from rollout.queue import Rollout, RolloutQueue
+from rollout.tasks import TaskMixture
 
 logger = logging.getLogger(__name__)
+
+
+def step_seed(run_seed: int, step: int) -> int:
+    """The sampler's seed for ``step``: the same in every run of this seed, resumed or not."""
+    return (run_seed * 1_000_003 + step) % 2**31 * SEEDS_PER_STEP
+
+
+class RolloutStream:
+    """Verified rollouts of steps in order, produced up to ``run_ahead`` steps ahead of the
+    step being learned (``rollout.max_staleness`` in async mode, 0 in sync mode): the queue,
+    its producer, each step's prompts and seeds, and the data positions a checkpoint reads."""
+
+    def __init__(self, config: Config, tasks: TaskMixture, prompts: Prompts, crew: Crew):
+        ro = config.rollout
+        self.tasks, self.prompts, self.crew = tasks, prompts, crew
+        self.prompts_per_step, self.run_seed, self.chunks = ro.prompts_per_step, config.run.seed, config.generator.num_generators
+        self.run_ahead = ro.max_staleness if ro.mode == "async" else 0
+        self.overlong = (ro.max_tokens, config.reward.overlong_buffer, config.reward.overlong_penalty)
+        self.dynamic = DynamicSampling(ro.prompts_per_step, ro.max_sampling_rounds) if ro.dynamic_sampling else None
+        self.last_step = config.run.steps
+        self.queue: RolloutQueue | None = None
+        self.producer: RolloutProducer | None = None
+        self._next_step = 0  # the step the learner takes next, if it goes on in order
+        self.positions: dict[int, dict] = {}  # step -> data position before its prompts were drawn
+        self._data_lock = threading.Lock()
+
+    def run_to(self, last_step: int) -> None:
+        self.last_step = last_step
+
+    # -- what the producer asks, in step order ----------------------------------------------
+
+    def draw(self, step: int, round: int = 0) -> list[Prompt]:
+        """Step ``step``'s prompts (of its ``round``-th round with dynamic sampling), recording
+        the data position before its first round."""
+        with self._data_lock:
+            if round == 0:
+                self.positions[step] = self.tasks.state()
+            return self.prompts.render(self.tasks.sample(self.prompts_per_step))
+
+    def sampling(self, step: int, round: int = 0) -> SamplingSettings:
+        """A round's sampling: its chunks' seeds (one per generator) follow the last round's."""
+        return dataclasses.replace(self.prompts.sampling, seed=step_seed(self.run_seed, step) + round * self.chunks)
+
+    def shape(self, samples: list[Sample], verdicts: list[Verdict]) -> list[Verdict]:
+        """The overlong penalty (DAPO's soft punishment of completions near the budget)."""
+        return shape_overlong(samples, verdicts, *self.overlong)
+
+    # -- what the learner thread asks -------------------------------------------------------
+
+    def rollout(self, step: int) -> Rollout:
+        """Step ``step``'s verified samples. Everything before ``step`` is done (its
+        evaluation, monitor and checkpoint too), so the producer may run ``run_ahead`` steps
+        past it; a step out of the producer's order (a first step, a resumed run) restarts it."""
+        if self.producer is None or step != self._next_step or self.producer.last_step < self.last_step:
+            self.last_step = max(self.last_step, step)
+            self._start(step)
+        self._next_step = step + 1
+        with self._data_lock:
+            for done in [s for s in self.positions if s < step]:
+                del self.positions[done]
+        self.queue.release(step - 1)
+        return self.queue.get(step)
+
+    def _start(self, first_step: int) -> None:
+        """The queue and its producer thread, from ``first_step`` to ``last_step``."""
+        self.stop()
+        self.queue = RolloutQueue(self.run_ahead, next_step=first_step)
+        shape = self.shape if self.overlong[1] > 0 else None
+        self.producer = RolloutProducer(
+            self.queue, self.crew.generators, self.crew.verifiers, self.draw, self.sampling, first_step, self.last_step, shape=shape, dynamic=self.dynamic
+        )  # fmt: skip
+        self.producer.start()
+
+    def stop(self) -> None:
+        if self.producer is not None:
+            self.queue.close()
+            self.producer.stop()
+            self.producer = None
+        self.positions.clear()
+
+    def depth(self) -> int:
+        """Rollout steps produced and waiting for the learner."""
+        return self.queue.depth() if self.queue is not None else 0
+
+    def update_curricula(self, accuracy: dict[str, float]) -> dict[str, float]:
+        """Each task's curriculum after a step's accuracy (the producer draws meanwhile)."""
+        with self._data_lock:
+            return self.tasks.update_curricula(accuracy)
+
+    # -- what a checkpoint reads and restores -----------------------------------------------
+
+    def position_after(self, step: int) -> dict:
+        """Where the data stream continues after ``step``: before the first prompts not yet
+        trained on (those the producer drew ahead are drawn again after a resume)."""
+        with self._data_lock:
+            return self.positions.get(step + 1) or self.tasks.state()
+
+    def seek(self, position: dict) -> None:
+        """Continue the data stream from ``position`` (the producer is stopped)."""
+        with self._data_lock:
+            self.tasks.load_state(position)
 
 
 @dataclass

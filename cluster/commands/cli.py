@@ -12,8 +12,8 @@ logger = logging.getLogger("raylight")
 
 def _train(args: argparse.Namespace) -> int:
     from cluster.config import load_config
-    from cluster.driver import Trainer
-    from cluster.rundir import RunDir
+    from cluster.loop.driver import Trainer
+    from cluster.keeping.rundir import RunDir
 
     overrides = list(args.overrides)
     if args.steps is not None:
@@ -31,7 +31,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _resume(args: argparse.Namespace) -> int:
-    from cluster.driver import Trainer
+    from cluster.loop.driver import Trainer
 
     return _run(Trainer.resume(args.run_dir, args.steps))
 
@@ -57,7 +57,7 @@ def _eval(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from cluster.config import load_config
-    from cluster.evaluate import evaluate_policy, summary_lines
+    from cluster.loop.evaluate import evaluate_policy, summary_lines
 
     config = load_config(args.config, args.overrides)
     metrics = evaluate_policy(config, args.adapter, args.split)
@@ -70,7 +70,7 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from cluster.report import write_report
+    from cluster.commands.report import write_report
 
     print(write_report(args.run_dir))
     return 0
@@ -81,8 +81,8 @@ def _score(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from cluster.config import ConfigError, load_config
-    from cluster.wiring import init_ray, start_verifiers
-    from cluster.score import SCORE_TASKS, score_file
+    from cluster.loop.wiring import init_ray, start_verifiers
+    from cluster.commands.score import SCORE_TASKS, score_file
     from rewards.scoring import ScorerSpec, build_scorer
 
     if args.task not in SCORE_TASKS:
@@ -102,13 +102,13 @@ def _score(args: argparse.Namespace) -> int:
 
 def _data(args: argparse.Namespace) -> int:
     from cluster.config import load_config
-    from cluster.datacheck import data_check
+    from cluster.commands.datacheck import data_check
 
     return data_check(load_config(args.config, args.overrides))
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from cluster.bench import bench_async, bench_faults, bench_generation, bench_learner, bench_step, bench_verifier
+    from cluster.commands.bench import bench_async, bench_faults, bench_generation, bench_learner, bench_step, bench_verifier
 
     if args.bench == "step":
         result = bench_step(args.config, args.steps, args.overrides, not args.no_engine_baseline)
@@ -221,7 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
     learn.add_argument("--prompt-tokens", type=int, default=64)
     learn.add_argument("--completion-tokens", type=int, default=48)
     learn.add_argument("--steps", type=int, default=2, help="timed steps per variant (after one warm-up)")
-    learn.add_argument("--variants", nargs="+", help="variants to time (default: all; see cluster/bench.py)")
+    learn.add_argument("--variants", nargs="+", help="variants to time (default: all; see cluster/commands/bench.py)")
     learn.set_defaults(func=_bench)
 
     ver = which.add_parser("verifier", help="sandboxed program runs vs plain subprocess runs of the same programs")
@@ -275,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
     from actors.generator import GeneratorsLost
     from actors.learner import LearnerFailure
     from actors.verifier import VerifierStartError
-    from cluster.checkpoint import CheckpointError
+    from cluster.keeping.checkpoint import CheckpointError
     from rollout.tasks import NoUsableRows
     from cluster.config import ConfigError
 

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import yaml
 
-from cluster.rundir import RunDir
+from cluster.keeping.rundir import RunDir
 
 logger = logging.getLogger(__name__)
 

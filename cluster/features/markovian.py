@@ -1,5 +1,8 @@
-"""Markovian chain-of-thought training on the run's actors: the reward, scored on the learner,
-and the informativeness evaluation (the pure parts: ``rollout.markovian``).
+"""Markovian chain-of-thought training on the run's actors (the pure parts:
+``rollout.markovian``), plugged into the loop's stages: ``MarkovianReward`` is the run's
+``Prompts`` (CoTs of exactly ``cot_length`` tokens) and its ``ModelReward``;
+``ActorRewardColumns`` fills the batch's answer rows (``algorithm.actor_reward_weight``);
+``MarkovianEvaluator`` is its ``Evaluator``.
 
 ``MarkovianReward.score`` replaces each verdict's reward by the frozen model's log-probability
 of the true answer given the sample's chain of thought alone (the learner's
@@ -13,7 +16,7 @@ for what it measures (``correct``: the CoT itself states the answer), its reward
 ``verifier_reward`` component beside ``answer_logprob``, ``baseline_logprob`` and
 ``actor_answer_logprob`` (the same answer under the trained policy).
 
-``MarkovianReward.evaluate`` is the held-out evaluation of a Markovian run: the policy writes a
+``MarkovianEvaluator.evaluate`` is the held-out evaluation of a Markovian run: the policy writes a
 CoT for each question (sampled at the training temperature, as the paper's evaluation does,
 with a fixed seed); the frozen model answers greedily after that CoT with the question
 redacted (the policy answers instead when ``algorithm.actor_reward_weight > 0``, which trains
@@ -26,12 +29,14 @@ from __future__ import annotations
 import collections
 import dataclasses
 
-from actors.generator import GeneratorPool
-from actors.learner import LearnerGroup
-from actors.verifier import VerifierPool
+from dataclasses import dataclass
+
 from cluster.config import Config
-from cluster.evaluate import sample_metrics, task_metrics
+from cluster.observe.samples import sample_metrics, task_metrics
+from cluster.stages import Crew
 from contracts import Problem, Prompt, Sample, SamplingSettings, Verdict
+from learners.algorithms import AdvantageEstimator
+from learners.batch import standardisation_scales
 from rollout.generator import BASE_POLICY
 from rollout.markovian import MarkovianPrompts, perturb
 from rollout.tasks import TaskMixture
@@ -40,9 +45,13 @@ BASELINE_CACHE_SIZE = 100_000  # problems whose baseline score is kept (the olde
 
 
 class MarkovianReward:
-    """The Markovian reward and evaluation of one run (``markovian.enabled``)."""
+    """The Markovian prompts and reward of one run (``markovian.enabled``): a ``Prompts`` and a
+    ``ModelReward`` stage."""
 
-    def __init__(self, config: Config, tokenizer, tasks: TaskMixture):
+    span = "markovian_reward"  # perf/markovian_reward_seconds
+
+    def __init__(self, config: Config, tokenizer, tasks: TaskMixture, crew: Crew):
+        self.crew = crew
         self.settings = s = config.markovian
         self.prompts = MarkovianPrompts(tokenizer, s)
         self.system_prompts = {task_id: task.system_prompt for task_id, task in tasks.tasks.items()}
@@ -53,25 +62,31 @@ class MarkovianReward:
         r = config.rollout
         self.cot_sampling = SamplingSettings(n=r.group_size, temperature=r.temperature, top_p=r.top_p, max_tokens=s.cot_length, min_tokens=s.cot_length)
 
+    @property
+    def sampling(self) -> SamplingSettings:
+        """A training step's sampling: chains of thought of exactly ``cot_length`` tokens."""
+        return self.cot_sampling
+
     # -- prompts ----------------------------------------------------------------------------
 
-    def _system(self, problem: Problem) -> str | None:
+    def system_prompt(self, problem: Problem) -> str | None:
         return self.system_prompts.get(problem.task)
 
     def render(self, problems: list[Problem]) -> list[Prompt]:
         """The questions as the policy sees them: the instruction, the question, the CoT header."""
-        return [self.prompts.question_prompt(p, self._system(p)) for p in problems]
+        return [self.prompts.question_prompt(p, self.system_prompt(p)) for p in problems]
 
     def answer_rows(self, samples: list[Sample]) -> tuple[list[tuple[int, ...]], list[tuple[int, ...]]]:
         """(answer contexts, answers) of each sample: its CoT with the question redacted."""
-        contexts = [self.prompts.answer_context(s.completion.token_ids, s.prompt.problem, self._system(s.prompt.problem)) for s in samples]
+        contexts = [self.prompts.answer_context(s.completion.token_ids, s.prompt.problem, self.system_prompt(s.prompt.problem)) for s in samples]
         return contexts, [self.prompts.answer_ids(s.prompt.problem) for s in samples]
 
     # -- the reward -------------------------------------------------------------------------
 
-    def score(self, samples: list[Sample], verdicts: list[Verdict], learners: LearnerGroup, generators: GeneratorPool) -> tuple[list[Verdict], dict[str, float]]:
+    def score(self, samples: list[Sample], verdicts: list[Verdict]) -> tuple[list[Verdict], dict[str, float]]:
         """The verdicts with the Markovian reward (infrastructure errors left as they are),
         and the step's metrics."""
+        learners = self.crew.learners
         valid = [i for i, v in enumerate(verdicts) if v.status == "ok"]
         if not valid:
             return verdicts, {}
@@ -81,7 +96,7 @@ class MarkovianReward:
         generated = 0
         baseline = [0.0] * len(valid)
         if self.settings.baseline:
-            generated = self._add_baselines([samples[i].prompt for i in valid], learners, generators)
+            generated = self._add_baselines([samples[i].prompt for i in valid])
             baseline = [self.baselines[samples[i].prompt.problem.uid] for i in valid]
         out = list(verdicts)
         for k, i in enumerate(valid):
@@ -91,44 +106,69 @@ class MarkovianReward:
             out[i] = dataclasses.replace(v, reward=score - baseline[k], components=components)
         return out, {"markovian/baselines_generated": float(generated), "markovian/baselines_cached": float(len(self.baselines))}
 
-    def _add_baselines(self, prompts: list[Prompt], learners: LearnerGroup, generators: GeneratorPool) -> int:
+    def _add_baselines(self, prompts: list[Prompt]) -> int:
         """Score the frozen model's greedy CoT' of each problem not yet cached; returns how
         many were generated."""
         missing = list({p.problem.uid: p for p in prompts if p.problem.uid not in self.baselines}.values())
         if not missing:
             return 0
         greedy = dataclasses.replace(self.cot_sampling, n=1, temperature=0.0, top_p=1.0)
-        cots = generators.generate(missing, greedy, BASE_POLICY)
+        cots = self.crew.generators.generate(missing, greedy, BASE_POLICY)
         contexts, targets = self.answer_rows(cots)
-        for cot, score in zip(cots, learners.sequence_logprob(contexts, targets, reference=True)):
+        for cot, score in zip(cots, self.crew.learners.sequence_logprob(contexts, targets, reference=True)):
             uid = cot.prompt.problem.uid
             self.baselines[uid] = score
             if len(self.baselines) > BASELINE_CACHE_SIZE:
                 self.baselines.popitem(last=False)
         return len(missing)
 
-    # -- evaluation -------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ActorRewardColumns:
+    """The batch's answer rows for the actor reward (``algorithm.actor_reward_weight``): each
+    trained sample's answer, its CoT context, and the chain rule's weight (the weight times
+    d A_i / d r_i of the advantage estimator)."""
 
-    def evaluate(self, prompts_by_task: dict[str, list[Prompt]], learners: LearnerGroup, generators: GeneratorPool, verifiers: VerifierPool) -> dict:
+    markovian: MarkovianReward
+    weight: float
+    estimator: AdvantageEstimator
+
+    def __call__(self, samples: list[Sample], verdicts: list[Verdict], advantages: list[float | None]) -> dict[str, tuple]:
+        contexts, answers = self.markovian.answer_rows([s for s, adv in zip(samples, advantages) if adv is not None])
+        weights = [self.weight * scale for scale in standardisation_scales(samples, verdicts, advantages, self.estimator)]
+        return {"answer_prompt_token_ids": tuple(contexts), "answer_token_ids": tuple(answers), "answer_weights": tuple(weights)}
+
+
+@dataclass
+class MarkovianEvaluator:
+    """A Markovian run's held-out evaluation (an ``Evaluator``; see the module docstring)."""
+
+    markovian: MarkovianReward
+    crew: Crew
+    prompts_by_task: dict[str, list[Prompt]]
+    needs_learners: bool = True  # the answers' log-probs
+
+    def evaluate(self) -> dict:
         """Held-out metrics: the answer's accuracy (every extraction method of the task's
         scorer) and log-prob after the policy's CoT, intact and perturbed."""
-        s = self.settings
+        m, prompts_by_task = self.markovian, self.prompts_by_task
+        generators, verifiers, learners = self.crew.generators, self.crew.verifiers, self.crew.learners
+        s = m.settings
         prompts = [p for task_prompts in prompts_by_task.values() for p in task_prompts]
         if not prompts:
             return {"eval/n": 0}
-        cots = generators.generate(prompts, dataclasses.replace(self.cot_sampling, n=1, seed=self.seed))
+        cots = generators.generate(prompts, dataclasses.replace(m.cot_sampling, n=1, seed=m.seed))
         texts = [c.completion.text for c in cots]
         variants = {"intact": [c.completion.token_ids for c in cots]}
         for kind in s.perturbations:
             fraction = s.delete_fraction if kind == "delete" else s.truncate_fraction
-            variants[kind] = [self.prompts.cot_ids(t) for t in perturb(texts, kind, fraction, self.seed)]
-        contexts = [self.prompts.answer_context(ids, p.problem, self._system(p.problem)) for ids_list in variants.values() for p, ids in zip(prompts, ids_list)]
+            variants[kind] = [m.prompts.cot_ids(t) for t in perturb(texts, kind, fraction, m.seed)]
+        contexts = [m.prompts.answer_context(ids, p.problem, m.system_prompt(p.problem)) for ids_list in variants.values() for p, ids in zip(prompts, ids_list)]
         problems = [p.problem for _ in variants for p in prompts]
-        answer_prompts = [Prompt(problem, self.prompts.tokenizer.decode(ids), ids) for problem, ids in zip(problems, contexts)]
+        answer_prompts = [Prompt(problem, m.prompts.tokenizer.decode(ids), ids) for problem, ids in zip(problems, contexts)]
         greedy = SamplingSettings(n=1, temperature=0.0, top_p=1.0, max_tokens=s.answer_tokens)
-        answers = generators.generate(answer_prompts, greedy, None if self.policy_answers else BASE_POLICY)
+        answers = generators.generate(answer_prompts, greedy, None if m.policy_answers else BASE_POLICY)
         verdicts = verifiers.score(answers)
-        logprobs = learners.sequence_logprob(contexts, [self.prompts.answer_ids(p) for p in problems], reference=not self.policy_answers)
+        logprobs = learners.sequence_logprob(contexts, [m.prompts.answer_ids(p) for p in problems], reference=not m.policy_answers)
         verdicts = [dataclasses.replace(v, components={**v.components, "answer_logprob": lp}) for v, lp in zip(verdicts, logprobs)]
         n = len(prompts)
         intact = slice(0, n)

@@ -28,7 +28,7 @@ from pathlib import Path
 import ray
 
 from cluster.config import Config
-from cluster.wiring import init_ray, start_generator
+from cluster.loop.wiring import init_ray, start_generator
 from learners.policy import Policy, LoraSettings
 from rollout.tasks.arithmetic import ArithmeticTask
 from contracts import PolicyRef, SamplingSettings, WeightUpdate
@@ -260,8 +260,8 @@ def bench_async(config_path: str, steps: int, overrides: list[str], threads: int
     import tempfile
 
     from cluster.config import load_config
-    from cluster.driver import Trainer
-    from cluster.rundir import RunDir
+    from cluster.loop.driver import Trainer
+    from cluster.keeping.rundir import RunDir
 
     results: dict[str, dict] = {}
     for name, mode in ASYNC_MODES:
@@ -324,8 +324,8 @@ def bench_faults(config_path: str, steps: int, overrides: list[str], faults: int
     import threading
 
     from cluster.config import load_config
-    from cluster.driver import Trainer
-    from cluster.rundir import RunDir
+    from cluster.loop.driver import Trainer
+    from cluster.keeping.rundir import RunDir
 
     rng = random.Random(seed)
     plan = sorted((rng.randint(1, max(1, steps - 1)), rng.random(), *rng.choice(FAULT_KINDS)) for _ in range(faults))
@@ -334,20 +334,20 @@ def bench_faults(config_path: str, steps: int, overrides: list[str], faults: int
 
     def chaos(trainer: Trainer, stop: threading.Event, step_seconds: float, started: float) -> None:
         for after_step, fraction, kind, signame in plan:
-            while trainer.step_done < after_step and not stop.is_set():
+            while trainer.run.step < after_step and not stop.is_set():
                 time.sleep(0.05)
             if stop.wait(fraction * step_seconds):
                 return
-            handles = {"generator": trainer.generators.handles, "learner": trainer.learners.actors, "verifier": trainer.verifiers.actors}[kind]
+            handles = {"generator": trainer.crew.generators.handles, "learner": trainer.crew.learners.actors, "verifier": trainer.crew.verifiers.actors}[kind]
             rank = rng.randrange(len(handles))
             try:
                 pid = ray.get(handles[rank].__ray_call__.remote(lambda actor: os.getpid()), timeout=10)
             except Exception as exc:  # noqa: BLE001 - already broken: record and go on
-                done.append({"kind": kind, "rank": rank, "signal": signame, "after_step": trainer.step_done, "skipped": type(exc).__name__})
+                done.append({"kind": kind, "rank": rank, "signal": signame, "after_step": trainer.run.step, "skipped": type(exc).__name__})
                 continue
             os.kill(pid, getattr(signal, signame))
-            done.append({"kind": kind, "rank": rank, "signal": signame, "after_step": trainer.step_done, "at_s": round(time.monotonic() - started, 1)})
-            logger.warning("bench faults: %s %d (pid %d) sent %s after step %d", kind, rank, pid, signame, trainer.step_done)
+            done.append({"kind": kind, "rank": rank, "signal": signame, "after_step": trainer.run.step, "at_s": round(time.monotonic() - started, 1)})
+            logger.warning("bench faults: %s %d (pid %d) sent %s after step %d", kind, rank, pid, signame, trainer.run.step)
 
     runs = {}
     for name in ("fault_free", "faults"):
@@ -394,7 +394,7 @@ MEMORY_ROLES = ("driver", "generators", "learners", "verifiers", "ray", "all")
 def bench_step(config_path: str, steps: int, overrides: list[str], engine_baseline: bool = True) -> dict:
     """A few steps of any config, as a user would run it: per phase the median seconds over
     steps 2.. (the first warms the engines up), the generator's and the learner's tokens per
-    second, and the peak memory of each process role at the end (``cluster.footprint``).
+    second, and the peak memory of each process role at the end (``cluster.observe.footprint``).
 
     ``engine_baseline``: then the same vLLM engine in this process, with the run's final
     weights, on one step's worth of prompts and the run's sampling, against the generator
@@ -402,9 +402,9 @@ def bench_step(config_path: str, steps: int, overrides: list[str], engine_baseli
     import tempfile
 
     from cluster.config import load_config
-    from cluster.driver import Trainer
-    from cluster.footprint import PssSampler
-    from cluster.rundir import RunDir
+    from cluster.loop.driver import Trainer
+    from cluster.observe.footprint import PssSampler
+    from cluster.keeping.rundir import RunDir
 
     run_dir = Path(tempfile.mkdtemp(prefix="raylight-bench-step-"))
     fixed = ["eval.at_start=false", "run.checkpoint_every=0", "run.metrics_export=false", f"run.steps={steps}", f"run.run_dir={run_dir}"]
@@ -414,11 +414,11 @@ def bench_step(config_path: str, steps: int, overrides: list[str], engine_baseli
         try:
             trainer.train(steps)
             if engine_baseline:
-                prompts = [p for task_prompts in trainer.eval_prompts.values() for p in task_prompts][: config.rollout.prompts_per_step]
-                sampling = dataclasses.replace(trainer.sampling, seed=config.run.seed)
-                update = trainer.learners.weight_update()
-                trainer.generators.generate(prompts, sampling)  # warm-up on this batch's shapes, as for the engine
-                actor_seconds, actor_tokens = _timed(trainer.generators.generate, prompts, sampling)
+                prompts = [p for task_prompts in trainer.stages.evaluator.prompts_by_task.values() for p in task_prompts][: config.rollout.prompts_per_step]
+                sampling = dataclasses.replace(trainer.stages.prompts.sampling, seed=config.run.seed)
+                update = trainer.crew.learners.weight_update()
+                trainer.crew.generators.generate(prompts, sampling)  # warm-up on this batch's shapes, as for the engine
+                actor_seconds, actor_tokens = _timed(trainer.crew.generators.generate, prompts, sampling)
         finally:
             trainer.shutdown()
     rows = [r for r in RunDir(run_dir).read_metrics() if r.get("step", 0) > 1 and "perf/step_seconds" in r]
