@@ -31,7 +31,7 @@ from learners.policy import LoraSettings
 from rewards.scoring import RewardSettings, SandboxSettings
 from rollout.engines import EngineSettings
 from rollout.markovian import MarkovianSettings
-from rollout.memory import MemorySettings
+from rollout.bank import BankSettings
 from rollout.tasks import TASK_NAMES
 
 
@@ -210,7 +210,7 @@ class Config:
     generator: GeneratorConfig = field(default_factory=GeneratorConfig)
     verifier: VerifierConfig = field(default_factory=VerifierConfig)
     algorithm: AlgorithmSettings = field(default_factory=AlgorithmSettings)
-    memory: MemorySettings = field(default_factory=MemorySettings)
+    bank: BankSettings = field(default_factory=BankSettings)  # the solution bank (README: "Self-improvement")
     markovian: MarkovianSettings = field(default_factory=MarkovianSettings)
     # the hybrid run's schedule (README: "The SAC surgeon"); empty: GRPO throughout
     phases: list[PhaseConfig] = field(default_factory=list)
@@ -320,6 +320,36 @@ def apply_override(data: dict, override: str) -> None:
         raise ConfigError(f"override {override!r}: '{last}' does not name a key or list item")
 
 
+# keys renamed since users first wrote them: old dotted key -> new. A config (or a saved run's
+# config.yaml) that still writes the old key works, with a warning naming the new one.
+RENAMED_KEYS = {"memory": "bank", "monitor.rules.memory_empty": "monitor.rules.bank_empty"}
+
+
+def _renamed_override(override: str) -> str:
+    dotted, _, value = override.partition("=")
+    for old, new in RENAMED_KEYS.items():
+        if dotted.strip() == old or dotted.strip().startswith(old + "."):
+            logger.warning("config key %s is now %s: read %s as %s", old, new, dotted.strip(), new + dotted.strip()[len(old) :])
+            return f"{new}{dotted.strip()[len(old):]}={value}"
+    return override
+
+
+def _rename_keys(data: dict) -> None:
+    """Move each renamed key of ``data`` to its new name (both given: a ConfigError)."""
+    for old, new in RENAMED_KEYS.items():
+        *parents, key = old.split(".")
+        node: Any = data
+        for parent in parents:
+            node = node.get(parent) if isinstance(node, dict) else None
+        if not isinstance(node, dict) or key not in node:
+            continue
+        new_key = new.rsplit(".", 1)[-1]
+        if new_key in node:
+            raise ConfigError(f"config keys '{old}' and '{new}' are both given: '{old}' is the old name of '{new}'; keep '{new}'")
+        logger.warning("config key %s is now %s: reading it as %s", old, new, new)
+        node[new_key] = node.pop(key)
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
     data: dict = {}
     if path is not None:
@@ -327,8 +357,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
         data = yaml.safe_load(path.read_text()) or {}
+    _rename_keys(data)
     for override in overrides:
-        apply_override(data, override)
+        apply_override(data, _renamed_override(override))
     config = _build(Config, data)
     check_config(config)
     return config
@@ -357,12 +388,12 @@ def check_config(config: Config) -> None:
         problems.append("algorithm.kl_target adapts algorithm.kl_coef, which must start above 0")
     if a.advantage not in ("gae", "reinforce++", "batch-std") and config.rollout.group_size < 2:
         problems.append(f"algorithm.advantage={a.advantage} needs rollout.group_size >= 2")
-    memory = config.memory
-    if a.objective == "sft" and not memory.enabled:
-        problems.append("algorithm.objective=sft fine-tunes on the memory bank's verified solutions: set memory.enabled=true")
-    if memory.feed_groups and (not memory.enabled or a.objective != "ppo"):
-        problems.append("memory.feed_groups adds banked solutions to GRPO groups: it needs memory.enabled=true and algorithm.objective=ppo")
-    problems += memory.problems()
+    bank = config.bank
+    if a.objective == "sft" and not bank.enabled:
+        problems.append("algorithm.objective=sft fine-tunes on the solution bank's verified solutions: set bank.enabled=true")
+    if bank.feed_groups and (not bank.enabled or a.objective != "ppo"):
+        problems.append("bank.feed_groups adds banked solutions to GRPO groups: it needs bank.enabled=true and algorithm.objective=ppo")
+    problems += bank.problems()
     problems += _markovian_problems(config)
     problems += _surgeon_problems(config)
     for key in ("ppo_epochs", "micro_batch_size", "sft_epochs"):
@@ -422,7 +453,7 @@ def _markovian_problems(config: Config) -> list[str]:
         problems.append("markovian.baseline has the frozen model write its own chain of thought beside the policy: set generator.adapter_mode=lora")
     clashes = {
         "algorithm.objective=sft": a.objective != "ppo",
-        "memory.enabled": config.memory.enabled,
+        "bank.enabled": config.bank.enabled,
         "rollout.dynamic_sampling": config.rollout.dynamic_sampling,
         "reward.overlong_buffer": config.reward.overlong_buffer > 0,
         "rollout.stop": bool(config.rollout.stop),

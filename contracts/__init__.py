@@ -109,7 +109,7 @@ class Completion:
 class Sample:
     """A completion tied to its prompt and to the policy that produced it.
 
-    ``replayed``: a stored solution (the memory bank's), not sampled by ``policy``; its
+    ``replayed``: a stored solution (the solution bank's), not sampled by ``policy``; its
     completion has no log-probs and the learner scores it under its current weights."""
 
     prompt: Prompt

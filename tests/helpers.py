@@ -1,12 +1,72 @@
-"""Helpers shared by test modules (importable: pytest puts tests/ on the path)."""
+"""Helpers shared by test modules (importable: pytest puts tests/ on the path): test learners,
+the tiny run's config and its reward, reading a run's final adapter, and drivers killed and
+resumed in separate processes."""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
+import pytest
+import ray
+
+from contracts import Verdict
 from learners.learner import Learner
 from learners.settings import AlgorithmSettings, LearnerSettings
 from learners.policy import LoraSettings
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "configs" / "tiny.yaml"
+
+# Ray workers cannot import the tests' modules: ship this module's functions (the scorers) by value
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+
+def spread_reward(completion: str, problem) -> Verdict:
+    """A random tiny model never solves arithmetic, so the numeric reward would be 0 for every
+    sample and the gradient exactly 0. This reward varies with the text (the share of ASCII
+    letters), so every group carries signal and the weights must move."""
+    letters = sum(c.isascii() and c.isalpha() for c in completion)
+    return Verdict(reward=letters / max(1, len(completion)), correct=False)
+
+
+def tiny_config(tiny_model_path: str, run_dir: str | Path, *overrides: str, recipe: Path = TINY):
+    """``recipe`` (the tiny config by default) on the tiny test model, writing to ``run_dir``."""
+    from cluster.config import load_config
+
+    return load_config(recipe, [f"model.path={tiny_model_path}", f"run.run_dir={run_dir}", *overrides])
+
+
+def tiny_trainer(tiny_model_path: str, run_dir: str | Path, *overrides: str, recipe: Path = TINY, scorer=spread_reward):
+    """A Trainer of ``tiny_config`` scored by ``scorer`` (``spread_reward``; None: the task's own)."""
+    from cluster.keeping.rundir import RunDir
+    from cluster.loop.driver import Trainer
+
+    return Trainer(tiny_config(tiny_model_path, run_dir, *overrides, recipe=recipe), RunDir(run_dir), scorer=scorer)
+
+
+# metrics computed from the engine's log-probs (the last bits of which vary between engines)
+ENGINE_NOISE = ("train/logprob_mean", "eval/logprob_mean", "train/logprob_mismatch", "train/ratio_mean", "train/ratio_max", "train/ratio_min")
+
+
+def learned(rows: list[dict], tolerant: bool = False) -> list[dict]:
+    """What must match between runs: every value that is not a timing or a pool statistic;
+    ``tolerant``: those made from the engine's log-probs as values within 1e-5."""
+    return [
+        {k: pytest.approx(v, rel=1e-5, abs=1e-5) if tolerant and k in ENGINE_NOISE else v for k, v in row.items() if not k.startswith(("perf/", "verifier/"))}
+        for row in rows
+    ]
+
+
+def adapter(run_dir: Path) -> dict:
+    return load_file(str(run_dir / "final_adapter" / "adapter_model.safetensors"))
+
+
+def final_adapter(run_dir: Path) -> dict:
+    """The tensors of the run's trained adapter."""
+    from safetensors.torch import load_file
+
+    return load_file(str(run_dir / "final_adapter" / "adapter_model.safetensors"))
 
 
 def learner_settings(
@@ -50,7 +110,7 @@ logging.basicConfig(level=logging.INFO)
 from cluster.config import load_config
 from cluster.loop.driver import Trainer
 from cluster.keeping.rundir import RunDir
-from {scorer_module} import spread_reward
+from helpers import spread_reward
 
 config = load_config({config!r}, {overrides!r})
 if {resume_if_exists!r}:  # what `raylight train --resume-if-exists` does
@@ -62,27 +122,24 @@ trainer.shutdown()
 """
 
 
-def driver_command(config: Path, overrides: list[str], scorer_module: str, resume_if_exists: bool = False) -> tuple[list[str], dict]:
+def driver_command(config: Path, overrides: list[str], resume_if_exists: bool = False) -> tuple[list[str], dict]:
     """A training driver as a separate process joined to this test's Ray cluster: (argv, env)."""
     import os
-    import sys
-
-    import ray
 
     tests = Path(__file__).resolve().parent
-    script = DRIVER_SCRIPT.format(tests=str(tests), scorer_module=scorer_module, config=str(config), overrides=overrides, resume_if_exists=resume_if_exists)
+    script = DRIVER_SCRIPT.format(tests=str(tests), config=str(config), overrides=overrides, resume_if_exists=resume_if_exists)
     return [sys.executable, "-c", script], {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
 
 
-def kill_driver_after(marker: Path, config: Path, overrides: list[str], scorer_module: str, timeout_s: float = 300.0, resume_if_exists: bool = False) -> None:
-    """Run a training driver in a separate process (joined to this test's Ray cluster) and
-    SIGKILL it, with its process group, as soon as ``marker`` exists."""
+def kill_driver_after(marker: Path, config: Path, overrides: list[str], timeout_s: float = 300.0, resume_if_exists: bool = False) -> None:
+    """Run a training driver (scored by ``spread_reward``) in a separate process joined to this
+    test's Ray cluster, and SIGKILL it, with its process group, as soon as ``marker`` exists."""
     import os
     import signal
     import subprocess
     import time
 
-    argv, env = driver_command(config, overrides, scorer_module, resume_if_exists)
+    argv, env = driver_command(config, overrides, resume_if_exists)
     driver = subprocess.Popen(argv, cwd=Path(__file__).resolve().parents[1], env=env, start_new_session=True)
     try:
         deadline = time.monotonic() + timeout_s

@@ -25,7 +25,7 @@ from cluster.config import load_config
 from cluster.loop.driver import Trainer
 from cluster.keeping.rundir import RunDir
 from contracts import Verdict
-from helpers import kill_driver_after
+from helpers import kill_driver_after, spread_reward, tiny_trainer
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,20 +35,11 @@ TIMING = ("perf/", "verifier/", "rollout/", "train/staleness/")
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 
-def spread_reward(completion: str, problem) -> Verdict:
-    """Varies with the text (the share of ASCII letters), so every group carries signal."""
-    letters = sum(c.isascii() and c.isalpha() for c in completion)
-    return Verdict(reward=letters / max(1, len(completion)), correct=False)
-
 
 def run(tmp_path: Path, tiny_model_path: str, *overrides: str) -> tuple[Trainer, RunDir, list[dict]]:
     run_dir = RunDir(tmp_path / "run")
-    config = load_config(
-        ROOT / "configs" / "tiny.yaml",
-        [f"model.path={tiny_model_path}", f"run.run_dir={run_dir.path}", "algorithm.lr=0.05", "algorithm.kl_coef=0.05", *overrides],
-    )
-    trainer = Trainer(config, run_dir, scorer=spread_reward)
-    trainer.train(config.run.steps)
+    trainer = tiny_trainer(tiny_model_path, run_dir.path, "algorithm.lr=0.05", "algorithm.kl_coef=0.05", *overrides)
+    trainer.train(trainer.config.run.steps)
     rows = run_dir.read_metrics()
     return trainer, run_dir, rows
 
@@ -97,7 +88,7 @@ def test_async_generators_overlap_the_learner_and_stale_samples_are_corrected(ra
         # the two generators shared the work, and generated while the learner learned
         intervals = list(trainer.crew.generators.intervals)
         assert {rank for rank, _, _ in intervals} == {0, 1}
-        learns = [(start, end) for phase, _, start, end in trainer.timeline if phase == "learn"]
+        learns = [(start, end) for span, _, start, end in trainer.timeline if span == "learn"]
         overlaps = [(g, l) for _, *g in intervals for l in learns if min(g[1], l[1]) - max(g[0], l[0]) > 0]
         assert overlaps, f"no generation overlapped learning: generation {intervals}, learning {learns}"
         assert all(0 <= r["perf/generator_busy_fraction"] <= 1.0 + 1e-6 for r in steps)
@@ -132,7 +123,7 @@ def test_async_run_killed_mid_step_resumes_without_losing_or_repeating_a_prompt(
 
     run_dir = tmp_path / "killed"
     marker = run_dir / "checkpoints" / "step_000002" / "COMPLETE.json"
-    kill_driver_after(marker, ROOT / "configs" / "tiny.yaml", [*common, f"run.run_dir={run_dir}"], "test_async")
+    kill_driver_after(marker, ROOT / "configs" / "tiny.yaml", [*common, f"run.run_dir={run_dir}"])
     assert not (run_dir / "final_adapter").exists()  # it really died mid-run
     resumed = Trainer.resume(run_dir, scorer=spread_reward)
     try:
@@ -155,11 +146,10 @@ def test_dynamic_sampling_fills_each_step_with_informative_groups(ray_cluster, t
     penalty (the tiny model writes to the 16-token cap, 8 tokens past the buffer's start) is
     on every reward, before the groups are judged."""
     run_dir = RunDir(tmp_path / "run")
-    config = load_config(ROOT / "configs" / "tiny.yaml", [
-        f"model.path={tiny_model_path}", f"run.run_dir={run_dir.path}", "run.steps=3", "eval.at_start=false", "eval.n=4",
-        "rollout.dynamic_sampling=true", "rollout.max_sampling_rounds=3", "reward.overlong_buffer=8", "algorithm.kl_coef=0.0",
-    ])  # fmt: skip
-    trainer = Trainer(config, run_dir, scorer=half_informative)
+    trainer = tiny_trainer(
+        tiny_model_path, run_dir.path, "run.steps=3", "eval.at_start=false", "eval.n=4", "rollout.dynamic_sampling=true",
+        "rollout.max_sampling_rounds=3", "reward.overlong_buffer=8", "algorithm.kl_coef=0.0", scorer=half_informative,
+    )  # fmt: skip
     try:
         trainer.train(3)
     finally:

@@ -66,8 +66,8 @@ def test_bench_learner_rejects_unknown_variant(capsys):
 
 
 @pytest.mark.slow
-def test_bench_step_reports_phases_throughput_and_memory_per_role(capsys, ray_cluster, tiny_model_path):
-    """`raylight bench step` on the tiny config: per-phase medians that add up to at most the
+def test_bench_step_reports_spans_throughput_and_memory_per_role(capsys, ray_cluster, tiny_model_path):
+    """`raylight bench step` on the tiny config: per-span medians that add up to at most the
     step, both tokens-per-second figures, every process role's peak memory, and the same
     engine timed in-process beside the generator."""
     import json

@@ -127,7 +127,7 @@ def test_grafana_dashboard_queries_only_metrics_the_exporter_emits(ray_cluster, 
     from cluster.config import load_config
     from cluster.loop.driver import Trainer
     from cluster.keeping.rundir import RunDir
-    from test_integration import spread_reward
+    from helpers import spread_reward
 
     names, patterns = dashboard_selectors()
     assert len(names) >= 25 and patterns

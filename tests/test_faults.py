@@ -22,11 +22,9 @@ import pytest
 import ray
 
 from actors.generator import GeneratorsLost, generator_actor
-from cluster.config import load_config
 from cluster.loop.driver import Trainer
 from cluster.keeping.rundir import RunDir
-from test_integration import spread_reward
-from test_resume import adapter
+from helpers import final_adapter, spread_reward, tiny_trainer
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,12 +33,10 @@ VARYING = ("perf/", "verifier/", "rollout/", "faults/", "monitor/actor_faults") 
 
 
 def trainer(tiny_model_path: str, run_dir: Path, *extra: str) -> Trainer:
-    overrides = [
-        f"model.path={tiny_model_path}", f"run.run_dir={run_dir}", f"run.steps={STEPS}", "run.checkpoint_every=1",
-        "generator.num_generators=2", "learner.num_learners=2", "algorithm.lr=0.05", "algorithm.kl_coef=0.05",
-        "eval.n=8", "run.metrics_export=false", *extra,
-    ]  # fmt: skip
-    return Trainer(load_config(ROOT / "configs/tiny.yaml", overrides), RunDir(run_dir), scorer=spread_reward)
+    return tiny_trainer(
+        tiny_model_path, run_dir, f"run.steps={STEPS}", "run.checkpoint_every=1", "generator.num_generators=2", "learner.num_learners=2",
+        "algorithm.lr=0.05", "algorithm.kl_coef=0.05", "eval.n=8", "run.metrics_export=false", *extra,
+    )  # fmt: skip
 
 
 def pid(handle) -> int:
@@ -87,7 +83,7 @@ def assert_same_as(run_dir: Path, reference: Path) -> dict:
     rows = RunDir(run_dir).read_metrics()
     assert [r["step"] for r in rows] == list(range(STEPS + 1))
     assert learned(run_dir) == learned(reference)
-    got, want = adapter(run_dir), adapter(reference)
+    got, want = final_adapter(run_dir), final_adapter(reference)
     assert got.keys() == want.keys() and all((got[k] == want[k]).all() for k in want)
     return rows[-1]
 

@@ -8,21 +8,17 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import sys
-from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 import ray
 import torch
 
-from cluster.config import load_config
-from cluster.loop.driver import Trainer
 from cluster.keeping.rundir import RunDir
-from contracts import DEFAULT_ADAPTER, PolicyRef, SamplingSettings, TrainBatch, Verdict, WeightUpdate
+from contracts import DEFAULT_ADAPTER, PolicyRef, SamplingSettings, TrainBatch, WeightUpdate
+from helpers import tiny_trainer
 
 pytestmark = pytest.mark.slow
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 STEPS = 3
 REQUIRED_KEYS = {
@@ -32,27 +28,14 @@ REQUIRED_KEYS = {
 }
 
 
-# Ray workers cannot import this test module: ship its functions (the scorer) by value
-ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
-
-def spread_reward(completion: str, problem) -> Verdict:
-    """A random tiny model never solves arithmetic, so the numeric reward would be 0 for every
-    sample and the gradient exactly 0. This reward varies with the text (the share of ASCII
-    letters), so every group carries signal and the weights must move."""
-    letters = sum(c.isascii() and c.isalpha() for c in completion)
-    return Verdict(reward=letters / max(1, len(completion)), correct=False)
 
 
 @pytest.fixture(scope="module")
 def trained(ray_cluster, tiny_model_path, tmp_path_factory):
     """Three steps of the tiny config; records greedy output and adapter before training."""
     run_dir = RunDir(tmp_path_factory.mktemp("run"))
-    config = load_config(
-        CONFIGS / "tiny.yaml",
-        [f"model.path={tiny_model_path}", f"run.run_dir={run_dir.path}", "algorithm.lr=0.05", "algorithm.kl_coef=0.05"],
-    )
-    trainer = Trainer(config, run_dir, scorer=spread_reward)
+    trainer = tiny_trainer(tiny_model_path, run_dir.path, "algorithm.lr=0.05", "algorithm.kl_coef=0.05")
     greedy = SamplingSettings(n=1, temperature=0.0, top_p=1.0, max_tokens=8)
     probe = trainer.stages.evaluator.prompts_by_task["arithmetic"][:4]
     before = {

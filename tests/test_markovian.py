@@ -145,7 +145,7 @@ def test_perturbations():
         (["markovian.enabled=true", "model.train=full", "generator.adapter_mode=merged"], "set model.train=lora"),
         (["markovian.enabled=true", "generator.adapter_mode=merged"], "set generator.adapter_mode=lora"),
         (["markovian.enabled=true", "generator.adapter_mode=lora", "rollout.dynamic_sampling=true"], "cannot run with rollout.dynamic_sampling"),
-        (["markovian.enabled=true", "generator.adapter_mode=lora", "memory.enabled=true"], "cannot run with memory.enabled"),
+        (["markovian.enabled=true", "generator.adapter_mode=lora", "bank.enabled=true"], "cannot run with bank.enabled"),
         (["markovian.enabled=true", "generator.adapter_mode=lora", "markovian.instruction=Think."], "must hold {question}"),
         (["markovian.enabled=true", "generator.adapter_mode=lora", "markovian.perturbations=[shuffle]"], "markovian.perturbations"),
     ],

@@ -70,7 +70,7 @@ def test_a_run_places_its_actors_in_their_bundles_and_completes(ray_cluster, tin
     asked to generate or load weights while asleep raises, so a finished run shows the order."""
     from cluster.loop.driver import Trainer
     from cluster.keeping.rundir import RunDir
-    from test_integration import spread_reward
+    from helpers import spread_reward
 
     config = load_config("configs/tiny.yaml", [
         f"model.path={tiny_model_path}", f"cluster.placement={layout}", "generator.engine=hf",

@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from cluster.commands.cli import main
-from cluster.commands.report import forecast, phases
+from cluster.commands.report import forecast, periods
 
 
 def write_run(folder, steps: int = 30) -> None:
@@ -46,7 +46,7 @@ def test_report_writes_markdown_and_readable_plots(tmp_path, capsys):
     write_run(run)
     assert main(["report", str(run)]) == 0
     report = (run / "report.md").read_text()
-    for section in ("## Configuration", "## Curves", "## Phases", "## Events", "## Forecast", "## Suggestions"):
+    for section in ("## Configuration", "## Curves", "## Periods", "## Events", "## Forecast", "## Suggestions"):
         assert section in report
     assert "held-out accuracy: 0.100 at step 0 -> 0.400 at step 30 (+30.0 points)" in report
     # eval accuracy rises 0.05 per evaluation (every 5 steps): 0.2 to go is 20 steps
@@ -62,7 +62,7 @@ def test_report_writes_markdown_and_readable_plots(tmp_path, capsys):
         assert f"![{png[:-4]}](plots/{png})" in report
 
 
-def test_forecast_interval_widens_with_noise_and_phases_split_at_rollbacks():
+def test_forecast_interval_widens_with_noise_and_periods_split_at_rollbacks():
     rows = [{"step": s, "m": 0.1 + 0.01 * s + (0.03 if s % 2 else -0.03)} for s in range(1, 21)]
     f = forecast(rows, "m", 0.5, window=20)
     # the steps go from the fitted line at step 20 (0.1 + 0.01 * 20, up to the zigzag's pull on
@@ -72,7 +72,7 @@ def test_forecast_interval_widens_with_noise_and_phases_split_at_rollbacks():
     assert f.low < f.steps < f.high
     assert forecast(rows[:2], "m", 0.5, window=20).sentence() == "`m`: fewer than 3 values, no trend to fit."
     events = [{"step": 7, "rule": "plateau", "evidence": {"rolled_back_to_step": 5}}]
-    assert phases(rows, events) == [(1, 7, "start"), (8, 20, "rollback to step 5 (plateau)")]
+    assert periods(rows, events) == [(1, 7, "start"), (8, 20, "rollback to step 5 (plateau)")]
 
 
 def test_report_on_a_folder_without_metrics_names_it(tmp_path, capsys):

@@ -22,14 +22,12 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from safetensors.torch import load_file
 
 from cluster.commands.cli import main
 from cluster.config import load_config
 from cluster.loop.driver import Trainer
 from cluster.keeping.rundir import RunDir
-from helpers import kill_driver_after
-from test_integration import spread_reward
+from helpers import final_adapter, kill_driver_after, learned, spread_reward
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,28 +46,11 @@ def train(tiny_model_path: str, run_dir: Path, steps: int) -> Trainer:
     return Trainer(config, RunDir(run_dir), scorer=spread_reward)
 
 
-# metrics computed from the engine's log-probs (the last bits of which vary between engines)
-ENGINE_NOISE = ("train/logprob_mean", "eval/logprob_mean", "train/logprob_mismatch", "train/ratio_mean", "train/ratio_max", "train/ratio_min")
-
-
-def learned(rows: list[dict], tolerant: bool = False) -> list[dict]:
-    """What must match between runs: every value that is not a timing or a pool statistic;
-    ``tolerant``: those made from the engine's log-probs as values within 1e-5."""
-    return [
-        {k: pytest.approx(v, rel=1e-5, abs=1e-5) if tolerant and k in ENGINE_NOISE else v for k, v in row.items() if not k.startswith(("perf/", "verifier/"))}
-        for row in rows
-    ]
-
-
-def adapter(run_dir: Path) -> dict:
-    return load_file(str(run_dir / "final_adapter" / "adapter_model.safetensors"))
-
-
 def assert_same_run(run_dir: Path, reference: Path) -> None:
     rows, expected = RunDir(run_dir).read_metrics(), RunDir(reference).read_metrics()
     assert [r["step"] for r in rows] == list(range(STEPS + 1))
     assert learned(rows) == learned(expected, tolerant=True)
-    got, want = adapter(run_dir), adapter(reference)
+    got, want = final_adapter(run_dir), final_adapter(reference)
     assert got.keys() == want.keys() and all((got[k] == want[k]).all() for k in want)
 
 
@@ -127,7 +108,7 @@ def test_run_killed_after_a_checkpoint_resumes_to_the_same_result(uninterrupted,
     checkpoint is complete; ``Trainer.resume`` continues from its newest checkpoint."""
     run_dir = tmp_path / "killed"
     marker = run_dir / "checkpoints" / "step_000002" / "COMPLETE.json"
-    kill_driver_after(marker, ROOT / "configs/tiny.yaml", overrides(tiny_model_path, run_dir), "test_integration")
+    kill_driver_after(marker, ROOT / "configs/tiny.yaml", overrides(tiny_model_path, run_dir))
     assert not (run_dir / "final_adapter").exists()  # it really died mid-run
     resumed = Trainer.resume(run_dir, scorer=spread_reward)
     try:
@@ -148,9 +129,9 @@ def test_a_job_run_again_after_its_driver_was_killed_resumes_and_finishes_the_sa
 
     run_dir = tmp_path / "retried"
     config, settings = ROOT / "configs/tiny.yaml", overrides(tiny_model_path, run_dir)
-    kill_driver_after(run_dir / "checkpoints" / "step_000002" / "COMPLETE.json", config, settings, "test_integration", resume_if_exists=True)
+    kill_driver_after(run_dir / "checkpoints" / "step_000002" / "COMPLETE.json", config, settings, resume_if_exists=True)
     assert not (run_dir / "final_adapter").exists()
-    argv, env = driver_command(config, settings, "test_integration", resume_if_exists=True)
+    argv, env = driver_command(config, settings, resume_if_exists=True)
     retried = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert retried.returncode == 0, retried.stderr[-3000:]
     assert "holds a run with a checkpoint: resuming it" in retried.stderr

@@ -1,11 +1,11 @@
-"""The self-improvement recipe and the memory bank in real runs (local Ray cluster, vLLM CPU
+"""The self-improvement recipe and the solution bank in real runs (local Ray cluster, vLLM CPU
 engine, verifier pool, tiny model).
 
 - ``configs/self_improve.yaml`` end to end with the tiny model and a text-dependent reward (a
   random model never writes passing code): each round banks solutions and fine-tunes on the
   bank; a driver SIGKILLed after its second checkpoint resumes to the same rounds and bank.
 - The same recipe with its real code scorer and sandbox: nothing passes, the bank stays empty
-  and the monitor says so (``memory_empty``), the run goes on.
+  and the monitor says so (``bank_empty``), the run goes on.
 - GRPO fed by the bank: groups with no correct sample (the real numeric scorer on GSM8K-style
   fixture rows) get the stored correct solution as an extra sample.
 """
@@ -23,9 +23,7 @@ from cluster.config import load_config
 from cluster.loop.driver import Trainer
 from cluster.keeping.rundir import RunDir
 from contracts import Completion, PolicyRef, Sample
-from helpers import kill_driver_after
-from test_integration import spread_reward
-from test_resume import learned
+from helpers import kill_driver_after, learned, spread_reward, tiny_trainer
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,19 +36,19 @@ def tiny(tiny_model_path: str, run_dir: Path, *more: str) -> list[str]:
     return [
         f"model.path={tiny_model_path}", f"run.run_dir={run_dir}", f"run.steps={ROUNDS}", "run.checkpoint_every=1",
         "rollout.prompts_per_step=4", "rollout.group_size=4", "rollout.max_tokens=16", "eval.n=8", "eval.max_tokens=16",
-        "generator.max_model_len=256", "generator.kv_cache_gib=1", "algorithm.lr=0.05", "memory.sft_max_samples=16", *more,
+        "generator.max_model_len=256", "generator.kv_cache_gib=1", "algorithm.lr=0.05", "bank.sft_max_samples=16", *more,
     ]  # fmt: skip
 
 
 def final_bank(run_dir: Path) -> dict:
-    return json.loads((run_dir / "checkpoints" / f"step_{ROUNDS:06d}" / "memory.json").read_text())
+    return json.loads((run_dir / "checkpoints" / f"step_{ROUNDS:06d}" / "bank.json").read_text())
 
 
 @pytest.fixture(scope="module")
 def rounds(ray_cluster, tiny_model_path, tmp_path_factory):
     """Four rounds of the recipe, uninterrupted; the reward is the share of letters (>= 0.3 banks)."""
     run_dir = tmp_path_factory.mktemp("self_improve")
-    config = load_config(RECIPE, tiny(tiny_model_path, run_dir, "memory.threshold=0.3"))
+    config = load_config(RECIPE, tiny(tiny_model_path, run_dir, "bank.threshold=0.3"))
     trainer = Trainer(config, RunDir(run_dir), scorer=spread_reward)
     try:
         trainer.train(ROUNDS)
@@ -63,18 +61,18 @@ def test_each_round_banks_verified_solutions_and_fine_tunes_on_the_bank(rounds):
     rows = RunDir(rounds).read_metrics()
     assert [r["step"] for r in rows] == list(range(ROUNDS + 1))
     trained = rows[1:]
-    sizes = [r["memory/size"] for r in trained]
+    sizes = [r["bank/size"] for r in trained]
     assert sizes[0] > 0 and sizes == sorted(sizes), sizes  # per_problem 2, new problems every round
-    assert all(r["memory/updates"] >= r["memory/size"] for r in trained)
+    assert all(r["bank/updates"] >= r["bank/size"] for r in trained)
     for r in trained:  # the per-round report: pass rate on the training problems, held-out accuracy, bank size
-        assert {"train/accuracy", "eval/accuracy", "memory/size"} <= r.keys()
-        assert math.isfinite(r["train/sft_loss"]) and r["train/batch_size"] == min(16, r["memory/size"])
+        assert {"train/accuracy", "eval/accuracy", "bank/size"} <= r.keys()
+        assert math.isfinite(r["train/sft_loss"]) and r["train/batch_size"] == min(16, r["bank/size"])
         assert r["train/updates"] >= 1
     assert trained[-1]["policy_version"] == ROUNDS
     bank = final_bank(rounds)
-    assert len(bank["solutions"]) == trained[-1]["memory/size"]
+    assert len(bank["solutions"]) == trained[-1]["bank/size"]
     assert all(e["reward"] >= 0.3 for e in bank["solutions"])
-    assert not [e for e in map(json.loads, (rounds / "events.jsonl").read_text().splitlines()) if e["rule"] == "memory_empty"]
+    assert not [e for e in map(json.loads, (rounds / "events.jsonl").read_text().splitlines()) if e["rule"] == "bank_empty"]
 
 
 def test_the_bank_survives_a_killed_driver_and_resume(rounds, tiny_model_path, tmp_path):
@@ -82,11 +80,11 @@ def test_the_bank_survives_a_killed_driver_and_resume(rounds, tiny_model_path, t
     holds that checkpoint's bank and ends with the uninterrupted run's rounds and bank."""
     run_dir = tmp_path / "killed"
     marker = run_dir / "checkpoints" / "step_000002" / "COMPLETE.json"
-    kill_driver_after(marker, RECIPE, tiny(tiny_model_path, run_dir, "memory.threshold=0.3"), "test_integration")
+    kill_driver_after(marker, RECIPE, tiny(tiny_model_path, run_dir, "bank.threshold=0.3"))
     assert not (run_dir / "final_adapter").exists()
     resumed = Trainer.resume(run_dir, scorer=spread_reward)
     try:
-        saved = json.loads((resumed.keeper.checkpoints.latest().path / "memory.json").read_text())
+        saved = json.loads((resumed.keeper.checkpoints.latest().path / "bank.json").read_text())
         assert resumed.stages.batches.bank.state() == saved and len(resumed.stages.batches.bank) > 0
         resumed.train(ROUNDS)
     finally:
@@ -97,7 +95,7 @@ def test_the_bank_survives_a_killed_driver_and_resume(rounds, tiny_model_path, t
 
 def test_code_mode_with_the_real_sandbox_reports_an_empty_bank(ray_cluster, tiny_model_path, tmp_path):
     """The recipe as shipped (infix puzzles in code mode, scored in the bubblewrap sandbox): the
-    random model's code never passes, the bank stays empty, ``memory_empty`` fires at its window
+    random model's code never passes, the bank stays empty, ``bank_empty`` fires at its window
     (3 in the recipe) and the rounds go on without an update."""
     run_dir = tmp_path / "empty"
     config = load_config(RECIPE, tiny(tiny_model_path, run_dir, "run.steps=3", "eval.at_start=false"))
@@ -108,10 +106,10 @@ def test_code_mode_with_the_real_sandbox_reports_an_empty_bank(ray_cluster, tiny
         trainer.shutdown()
     assert summary["stopped_by"] is None
     rows = RunDir(run_dir).read_metrics()
-    assert [(r["memory/size"], r["memory/updates"]) for r in rows] == [(0.0, 0.0)] * 3
+    assert [(r["bank/size"], r["bank/updates"]) for r in rows] == [(0.0, 0.0)] * 3
     assert rows[-1]["policy_version"] == 0 and rows[-1]["verifier/infra_errors"] == 0
     events = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
-    assert [(e["step"], e["rule"]) for e in events if e["rule"] == "memory_empty"] == [(3, "memory_empty")]
+    assert [(e["step"], e["rule"]) for e in events if e["rule"] == "bank_empty"] == [(3, "bank_empty")]
 
 
 def test_grpo_groups_without_a_correct_sample_get_the_banked_solution(ray_cluster, tiny_model_path, tmp_path):
@@ -125,12 +123,11 @@ def test_grpo_groups_without_a_correct_sample_get_the_banked_solution(ray_cluste
         rows = [{"question": f"Ann has {i} apples and buys 3 more. How many?", "answer": f"{i} + 3 = {i + 3}\n#### {i + 3}"} for i in range(offset, offset + 20)]
         (data / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     run_dir = tmp_path / "fed"
-    config = load_config(ROOT / "configs/tiny.yaml", [
-        f"model.path={tiny_model_path}", f"run.run_dir={run_dir}", "run.steps=2", "eval.at_start=false", "eval.n=4",
-        "tasks.0.name=gsm8k", f"tasks.0.source={data}", "tasks.0.difficulty=null", "algorithm.kl_coef=0.0",
-        "memory.enabled=true", "memory.feed_groups=true", "memory.threshold=1.0",
-    ])  # fmt: skip
-    trainer = Trainer(config, RunDir(run_dir))
+    trainer = tiny_trainer(
+        tiny_model_path, run_dir, "run.steps=2", "eval.at_start=false", "eval.n=4", "tasks.0.name=gsm8k", f"tasks.0.source={data}",
+        "tasks.0.difficulty=null", "algorithm.kl_coef=0.0", "bank.enabled=true", "bank.feed_groups=true", "bank.threshold=1.0",
+        scorer=None,
+    )  # fmt: skip
     try:
         problems = trainer.tasks.tasks["gsm8k"].load("train")
         prompts = trainer.stages.prompts.render(problems)
@@ -146,9 +143,9 @@ def test_grpo_groups_without_a_correct_sample_get_the_banked_solution(ray_cluste
     finally:
         trainer.shutdown()
     rows = RunDir(run_dir).read_metrics()
-    assert [r["memory/hits"] for r in rows] == [4.0, 8.0]  # every group of both steps
+    assert [r["bank/hits"] for r in rows] == [4.0, 8.0]  # every group of both steps
     assert all(r["train/accuracy"] == 0.0 and r["train/updates"] == 1.0 for r in rows)
     table = pq.read_table(run_dir / "rollouts" / "step_000001.parquet").to_pylist()
     replayed = [r for r in table if r["replayed"]]
-    assert len(replayed) == 4 and all(r["advantage"] > 0 and r["finish_reason"] == "memory" for r in replayed)
+    assert len(replayed) == 4 and all(r["advantage"] > 0 and r["finish_reason"] == "bank" for r in replayed)
     assert all(r["advantage"] < 0 for r in table if not r["replayed"])

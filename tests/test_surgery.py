@@ -9,19 +9,17 @@ use the session's Ray cluster, the vLLM engine and the verifier pool, as ``rayli
 
 import json
 import math
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-import ray
 import torch
 from transformers import AutoModelForCausalLM
 
 from cluster.config import ConfigError, load_config
 from cluster.phases import PhaseConfig, PhaseSchedule
-from contracts import ATTENTION_OUTPUT_SCALE, SamplingSettings, TrainBatch, Verdict
-from helpers import make_learner
+from contracts import ATTENTION_OUTPUT_SCALE, SamplingSettings, TrainBatch
+from helpers import make_learner, spread_reward, tiny_trainer
 from learners.policy import LoraSettings, pack
 from learners.surgeon_env import SurgeonEnv
 from learners.surgery import AttentionControls, apply_action, observation, window_mean
@@ -30,8 +28,6 @@ from rollout.lora_merge import fused_siblings
 
 ROOT = Path(__file__).resolve().parents[1]
 LORA = LoraSettings(rank=4, alpha=8, dropout=0.0)
-
-ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 
 # -- the controls' math ---------------------------------------------------------------------
@@ -248,13 +244,50 @@ def test_surgeon_learns_a_bandit_and_survives_a_checkpoint(ray_cluster):
     assert clone.buffer.rng.random() == surgeon.buffer.rng.random()
 
 
+@pytest.mark.slow
+def test_surgery_opens_windows_before_steps_and_judges_them_after(ray_cluster):
+    """The surgery as the loop's participant, with a real surgeon actor and the steps' rows
+    given by hand: a window opens before its first step (one action, new scales served) and is
+    judged after its last, its metrics riding on the next step's row; a phase's end cuts it; a
+    stop or a rollback inside a window leaves it without a transition. ``Scales`` stands in
+    for the learner group (only its attention scales are read)."""
+    from actors.surgeon import SurgeonSettings
+    from cluster.features.surgery import Surgery
+
+    class Scales:
+        def attention_scales(self):
+            return torch.ones(2, 2)
+
+    schedule = PhaseSchedule([PhaseConfig("grpo", 1), PhaseConfig("surgery", 4), PhaseConfig("joint")])
+    served = []
+    settings = SurgeonSettings(horizon=2, learning_starts=1, batch_size=2, hidden=[8, 8], max_delta=0.05)
+    surgery = Surgery(settings, schedule, torch.ones(2, 2), 0, served.append)
+
+    def step(s: int, stopping: bool = False) -> dict:
+        surgery.before_step(s, 10)
+        return surgery.after_step(s, {"step": s, "train/reward_mean": 0.1 * s}, stopping)
+
+    try:
+        assert step(1) == {} and not served  # GRPO's phase: the surgeon waits
+        assert step(2) == {} and len(served) == 1 and surgery.window.last_step == 3
+        assert step(3) == {} and len(served) == 1 and surgery.window is None  # one action per window; judged
+        added = step(4)  # a window of one step: the surgery phase ends at 4
+        assert len(served) == 2 and added["surgery/window_steps"] == 2.0 and added["sac/transitions"] == 1.0
+        assert step(5)["surgery/window_steps"] == 1.0 and surgery.window.last_step == 6
+        assert step(6, stopping=True) == {} and surgery.window is None and surgery.observation is None
+        step(7)
+        surgery.rewind(Scales(), restart=False)  # a rollback inside the window [7, 8]
+        assert surgery.window is None and len(served) == 4
+        assert step(8) == {} and len(served) == 5 and surgery.window.last_step == 9
+        assert step(9) == {} and step(10)["sac/transitions"] == 3.0  # windows 2-3, 4, 8-9: none from the stop or the rollback
+        saved = json.loads(surgery.state()["surgery.json"])
+        assert saved["phase"] == 2 and saved["recent"][-1]["step"] == 10
+    finally:
+        surgery.kill()
+
+
 # -- the three phases on real actors ----------------------------------------------------------
 
-
-def spread_reward(completion: str, problem) -> Verdict:
-    """Varies with the text (the share of ASCII letters), so every group carries signal."""
-    letters = sum(c.isascii() and c.isalpha() for c in completion)
-    return Verdict(reward=letters / max(1, len(completion)), correct=False)
 
 
 @pytest.mark.slow
@@ -269,13 +302,11 @@ def test_three_phases_run_end_to_end_and_resume(ray_cluster, tiny_model_path, tm
     from cluster.keeping.rundir import RunDir
 
     run_dir = RunDir(tmp_path / "run")
-    overrides = [
-        f"model.path={tiny_model_path}", f"run.run_dir={run_dir.path}", "run.steps=8", "run.checkpoint_every=4", "eval.n=4",
+    trainer = tiny_trainer(
+        tiny_model_path, run_dir.path, "run.steps=8", "run.checkpoint_every=4", "eval.n=4",
         "phases=[{name: grpo, until: 2}, {name: surgery, until: 6}, {name: joint}]", "surgeon.horizon=2",
         "surgeon.learning_starts=1", "surgeon.batch_size=2", "surgeon.max_delta=0.05", "algorithm.lr=0.05",
-    ]  # fmt: skip
-    config = load_config(ROOT / "configs" / "tiny.yaml", overrides)
-    trainer = Trainer(config, run_dir, scorer=spread_reward)
+    )  # fmt: skip
     try:
         trainer.train(8)
         scales = trainer.crew.learners.attention_scales()

@@ -67,7 +67,7 @@ def test_variant_runs_through_raylight_train(ray_cluster, tiny_model_path, tmp_p
 def test_full_weight_training_reaches_vllm(ray_cluster, tiny_model_path, tmp_path):
     """Full-weight updates go to vLLM through reload_weights: after training, the generator's
     sampled-token log-probs equal the learner's (the whole model moved, not an adapter)."""
-    from test_integration import spread_reward
+    from helpers import spread_reward
 
     from cluster.config import load_config
     from cluster.loop.driver import Trainer
@@ -104,7 +104,7 @@ def test_full_weight_training_reaches_vllm(ray_cluster, tiny_model_path, tmp_pat
 # the recipes of configs/ shrunk to the tiny model (their own tests: test_self_improve.py)
 RECIPES = {
     "dapo.yaml": ["reward.overlong_buffer=8"],
-    "grpo_memory.yaml": ["generator.max_model_len=1024", "eval.every=0"],
+    "grpo_bank.yaml": ["generator.max_model_len=1024", "eval.every=0"],
 }
 
 
@@ -112,7 +112,7 @@ RECIPES = {
 @pytest.mark.parametrize("recipe", list(RECIPES))
 def test_recipe_config_runs_end_to_end_on_the_tiny_model(ray_cluster, tiny_model_path, tmp_path, recipe):
     """The shipped recipe through ``raylight train``, only the sizes shrunk: its own task, scorer
-    (HumanEval in the sandbox for grpo_memory) and algorithm keys."""
+    (HumanEval in the sandbox for grpo_bank) and algorithm keys."""
     run_dir = tmp_path / "run"
     args = ["train", f"configs/{recipe}", "--run-dir", str(run_dir), "--steps", "2", f"model.path={tiny_model_path}",
             "rollout.prompts_per_step=4", "rollout.group_size=4", "rollout.max_tokens=16", "eval.at_start=false", "eval.n=4",
@@ -124,4 +124,4 @@ def test_recipe_config_runs_end_to_end_on_the_tiny_model(ray_cluster, tiny_model
     if recipe == "dapo.yaml":
         assert all(r["dynamic/rounds"] >= 1 for r in rows) and "train/reward/overlong" in rows[-1]
     else:  # a random model passes no HumanEval test: the bank stays empty and is reported
-        assert [r["memory/size"] for r in rows] == [0.0, 0.0] and rows[-1]["verifier/infra_errors"] == 0
+        assert [r["bank/size"] for r in rows] == [0.0, 0.0] and rows[-1]["verifier/infra_errors"] == 0

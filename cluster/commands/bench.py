@@ -7,7 +7,7 @@ once before it is timed. Tokens per second count the tokens each side actually g
 ``raylight bench verifier``: sandboxed program runs against plain subprocess runs of the same
 programs (HumanEval solutions with their test calls), in one run.
 
-``raylight bench step CONFIG``: a few steps of any config, per phase, with tokens per second
+``raylight bench step CONFIG``: a few steps of any config, per span of a step, with tokens per second
 and the peak memory of every process role, and the generator against the same engine in-process.
 
 ``raylight bench learner``: the cost of one learner step for each algorithm variant against
@@ -255,7 +255,7 @@ def bench_async(config_path: str, steps: int, overrides: list[str], threads: int
     """The same config for ``steps`` learner steps in sync mode and in async mode with k = 1
     and k = 2, one after the other in this process, generators and learner on ``threads``
     cores each in every mode. Steps per second are timed over steps 2.. (start-up, the first
-    step's warm-up and evaluations excluded); ``limit_ratio`` is the best overlap the sync run's own phase
+    step's warm-up and evaluations excluded); ``limit_ratio`` is the best overlap the sync run's own span
     times allow: (generate + verify + learn + sync) / max(generate + verify, learn + sync)."""
     import tempfile
 
@@ -276,17 +276,17 @@ def bench_async(config_path: str, steps: int, overrides: list[str], threads: int
         # the first step is left out in every mode: it warms the engines up (and fills the pipeline)
         rows = [r for r in RunDir(run_dir).read_metrics() if r.get("step", 0) > 1]
         seconds = sum(r["perf/step_seconds"] for r in rows)
-        phase = {p: _median([r[f"perf/{p}_seconds"] for r in rows]) for p in ("generate", "verify", "learn", "weight_sync")}
+        spans = {p: _median([r[f"perf/{p}_seconds"] for r in rows]) for p in ("generate", "verify", "learn", "weight_sync")}
         results[name] = {
             "steps_per_second": len(rows) / seconds,
-            "phases": phase,
+            "spans": spans,
             "generator_busy_fraction": sum(r["perf/generator_busy_fraction"] for r in rows) / len(rows),
             "learner_busy_fraction": sum(r["perf/learner_busy_fraction"] for r in rows) / len(rows),
             "train_reward_mean": sum(r["train/reward_mean"] for r in rows) / len(rows),
             "staleness_mean": sum(r["train/staleness_mean"] for r in rows) / len(rows),
         }
-        logger.info("bench async %s: %.3f steps/s, phases %s", name, results[name]["steps_per_second"], phase)
-    p = results["sync"]["phases"]
+        logger.info("bench async %s: %.3f steps/s, spans %s", name, results[name]["steps_per_second"], spans)
+    p = results["sync"]["spans"]
     limit = (p["generate"] + p["verify"] + p["learn"] + p["weight_sync"]) / max(p["generate"] + p["verify"], p["learn"] + p["weight_sync"])
     best = max(("async_k1", "async_k2"), key=lambda n: results[n]["steps_per_second"])
     ratio = results[best]["steps_per_second"] / results["sync"]["steps_per_second"]
@@ -295,7 +295,7 @@ def bench_async(config_path: str, steps: int, overrides: list[str], threads: int
         "config": config_path,
         "steps": steps,
         "threads": threads,
-        **{f"{n}_{k}": round(v, 4) for n, r in results.items() for k, v in r.items() if k != "phases"},
+        **{f"{n}_{k}": round(v, 4) for n, r in results.items() for k, v in r.items() if k != "spans"},
         **{f"sync_{k}_seconds": round(v, 3) for k, v in p.items()},
         "async_over_sync_ratio": round(ratio, 3),
         "async_k1_over_sync_ratio": round(results["async_k1"]["steps_per_second"] / results["sync"]["steps_per_second"], 3),
@@ -387,12 +387,12 @@ def bench_faults(config_path: str, steps: int, overrides: list[str], faults: int
     }
 
 
-STEP_PHASES = ("step", "wait", "generate", "verify", "advantages", "learn", "weight_sync")
+STEP_SPANS = ("step", "wait", "generate", "verify", "advantages", "learn", "weight_sync")
 MEMORY_ROLES = ("driver", "generators", "learners", "verifiers", "ray", "all")
 
 
 def bench_step(config_path: str, steps: int, overrides: list[str], engine_baseline: bool = True) -> dict:
-    """A few steps of any config, as a user would run it: per phase the median seconds over
+    """A few steps of any config, as a user would run it: per span of a step the median seconds over
     steps 2.. (the first warms the engines up), the generator's and the learner's tokens per
     second, and the peak memory of each process role at the end (``cluster.observe.footprint``).
 
@@ -430,7 +430,7 @@ def bench_step(config_path: str, steps: int, overrides: list[str], engine_baseli
         "config": config_path,
         "overrides": overrides,
         "steps_timed": len(rows),
-        **{f"{p}_seconds": round(_median([r[f"perf/{p}_seconds"] for r in rows if f"perf/{p}_seconds" in r]), 3) for p in STEP_PHASES},
+        **{f"{p}_seconds": round(_median([r[f"perf/{p}_seconds"] for r in rows if f"perf/{p}_seconds" in r]), 3) for p in STEP_SPANS},
         "generated_tokens_per_second": round(_median([r["perf/generated_tokens_per_second"] for r in rows]), 1),
         "learner_tokens_per_second": round(_median([r["perf/learner_tokens_per_second"] for r in rows]), 1),
         **{f"peak_rss_gib_{role}": round(last.get(f"perf/peak_rss_gib/{role}", 0.0), 2) for role in MEMORY_ROLES},

@@ -175,7 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     report = commands.add_parser(
         "report",
-        help="write RUN_DIR/report.md and plots: curves, phases, events, forecast, suggestions",
+        help="write RUN_DIR/report.md and plots: curves, periods, events, forecast, suggestions",
         description="Write a report of the run in RUN_DIR (report.md and plots/*.png); works on a finished, "
         "stopped or running run.",
     )
@@ -230,7 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
     ver.add_argument("--rounds", type=int, default=3, help="rounds each way, alternating")
     ver.set_defaults(func=_bench)
 
-    stp = which.add_parser("step", help="a few steps of a config: seconds per phase, tokens/s, peak memory per process role")
+    stp = which.add_parser("step", help="a few steps of a config: seconds per span of a step, tokens/s, peak memory per process role")
     stp.add_argument("config", help="YAML config")
     stp.add_argument("overrides", nargs="*", help="dotted.key=value config overrides")
     stp.add_argument("--steps", type=int, default=5, help="steps to run; the first (warm-up) is not timed")

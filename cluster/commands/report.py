@@ -2,9 +2,9 @@
 
 It writes RUN_DIR/report.md and PNG plots in RUN_DIR/plots/: the configuration; the headline
 numbers; curves of reward, accuracy (train and held-out), loss, KL, entropy, the importance
-ratio, throughput and weight-sync latency, with the monitor's events marked; the run's phases
-(split where a curriculum changed a task's difficulty or a rollback restored a checkpoint; the
-config has no other notion of phase); the events with their evidence; a forecast per target
+ratio, throughput and weight-sync latency, with the monitor's events marked; the run's periods
+(split where the phase schedule moved on, a curriculum changed a task's difficulty or a rollback
+restored a checkpoint); the events with their evidence; a forecast per target
 metric (``report.targets``), as a table: a straight line fitted to the recent window (the step
 at which it reaches the target, a 95% interval from the slope's standard error) beside a
 saturating curve (its plateau, and when it reaches the target, with an interval drawn from the
@@ -41,7 +41,7 @@ SUGGESTIONS = {
     "reward_hacking": "Training reward rose while held-out accuracy fell: read the rollouts for a shortcut the reward pays for, tighten the reward (`reward.required_format`, weights), raise `algorithm.kl_coef`, and keep the best checkpoint (`checkpoints/best`).",
     "frozen_parameters": "No update reached the weights: check `algorithm.lr` (and its schedule), skipped steps (non-finite values) and groups filtered for zero variance.",
     "grokking": "Held-out accuracy jumped after a plateau: a late improvement, keep training past the plateau in similar runs.",
-    "memory_empty": "The memory bank stayed empty: no verdict reached `memory.threshold`. Read the rollouts' rewards, lower the threshold (a partial-credit scorer), or start from easier problems (a curriculum).",
+    "bank_empty": "The solution bank stayed empty: no verdict reached `bank.threshold`. Read the rollouts' rewards, lower the threshold (a partial-credit scorer), or start from easier problems (a curriculum).",
 }
 
 CURVES = [
@@ -52,7 +52,7 @@ CURVES = [
     ("kl_entropy.png", "KL to the reference", "KL (nats per token)", [("train/kl", "KL"), ("train/kl_old", "KL of the sampler")],
      ("Entropy", "entropy (nats per token)", [("train/entropy", "entropy")])),
     ("ratio.png", "Importance ratio", "ratio new / old policy", [("train/ratio_max", "max"), ("train/ratio_mean", "mean"), ("train/ratio_min", "min")], None),
-    ("memory.png", "Memory bank", "verified solutions", [("memory/size", "banked"), ("memory/updates", "written (total)"), ("memory/hits", "fed into groups (total)")], None),
+    ("bank.png", "Solution bank", "verified solutions", [("bank/size", "banked"), ("bank/updates", "written (total)"), ("bank/hits", "fed into groups (total)")], None),
     ("markovian.png", "Answer log-prob given the CoT (training)", "log p(answer | CoT), summed over its tokens",
      [("train/reward/answer_logprob", "frozen model"), ("train/reward/actor_answer_logprob", "policy"), ("train/reward/baseline_logprob", "frozen model after its own CoT'")],
      ("Held-out: the CoT intact and perturbed", "log p(answer | CoT)",
@@ -303,8 +303,8 @@ def schedule_starts(rows: list[dict], names: list[str]) -> dict[int, str]:
     return starts
 
 
-def phases(rows: list[dict], events: list[dict], names: list[str] = ()) -> list[tuple[int, int, str]]:
-    """(first step, last step, what began it): a new phase where the schedule (``names``:
+def periods(rows: list[dict], events: list[dict], names: list[str] = ()) -> list[tuple[int, int, str]]:
+    """(first step, last step, what began it): a new period where the phase schedule (``names``:
     the config's ``phases``) moved on, a curriculum moved a task's difficulty or a rollback
     restored a checkpoint."""
     steps = [r["step"] for r in rows if r["step"] > 0]
@@ -409,7 +409,7 @@ def write_report(path: str | Path) -> Path:
     lines += _headline(rows, run_dir)
     lines += ["", "## Configuration", "", *_config_summary(config)]
     lines += ["", "## Curves", ""] + [f"![{p.stem}](plots/{p.name})" for p in plots]
-    lines += ["", "## Phases", "", *_phase_table(rows, events, names)]
+    lines += ["", "## Periods", "", *_period_table(rows, events, names)]
     if len(names) > 1:
         lines += ["", "### Per phase of the schedule", "", *_schedule_table(rows, names)]
     lines += ["", "## Events", "", *_event_table(events)]
@@ -456,15 +456,15 @@ def _config_summary(config: dict) -> list[str]:
         "| setting | value |", "|---|---|",
         f"| model | {model.get('path')} ({model.get('train')}, lora rank {config.get('lora', {}).get('rank')}) |",
         f"| tasks | {tasks} |",
-        f"| algorithm | {_algorithm_summary(algo, config.get('memory', {}), config.get('markovian', {}))} |",
+        f"| algorithm | {_algorithm_summary(algo, config.get('bank') or config.get('memory', {}), config.get('markovian', {}))} |",
         f"| rollout | {rollout.get('prompts_per_step')} prompts x {rollout.get('group_size')} samples, temperature {rollout.get('temperature')}, max_tokens {rollout.get('max_tokens')} |",
         f"| run | {run.get('steps')} steps, seed {run.get('seed')}, checkpoint every {run.get('checkpoint_every')} |",
     ]  # fmt: skip
 
 
-def _algorithm_summary(algo: dict, memory: dict, markovian: dict | None = None) -> str:
+def _algorithm_summary(algo: dict, bank: dict, markovian: dict | None = None) -> str:
     if algo.get("objective") == "sft":
-        text = f"self-improvement: supervised NLL on the memory bank ({memory.get('sft_on')}, at most {memory.get('sft_max_samples')} per round), {algo.get('sft_epochs')} epochs, lr {algo.get('lr')}"
+        text = f"self-improvement: supervised NLL on the solution bank ({bank.get('sft_on')}, at most {bank.get('sft_max_samples')} per round), {algo.get('sft_epochs')} epochs, lr {algo.get('lr')}"
     else:
         text = f"{algo.get('advantage')} advantages, {algo.get('policy_loss')} loss, lr {algo.get('lr')}, kl_coef {algo.get('kl_coef')}, clip {algo.get('clip_eps_low')}/{algo.get('clip_eps_high')}"
     if (markovian or {}).get("enabled"):
@@ -472,8 +472,8 @@ def _algorithm_summary(algo: dict, memory: dict, markovian: dict | None = None) 
         baseline = " minus the frozen model's after its own CoT'" if markovian.get("baseline") else ""
         text += (f"; Markovian: CoTs of {markovian.get('cot_length')} tokens rewarded by {scorer}'s answer log-prob{baseline}"
                  + (f", actor reward weight {algo.get('actor_reward_weight')}" if algo.get("actor_reward_weight") else ""))
-    if memory.get("enabled"):
-        text += f"; memory bank: threshold {memory.get('threshold')}, {memory.get('per_problem')} per problem, {memory.get('max_size')} in all" + (", fed into failed groups" if memory.get("feed_groups") else "")
+    if bank.get("enabled"):
+        text += f"; solution bank: threshold {bank.get('threshold')}, {bank.get('per_problem')} per problem, {bank.get('max_size')} in all" + (", fed into failed groups" if bank.get("feed_groups") else "")
     return text
 
 
@@ -503,10 +503,10 @@ def _schedule_table(rows: list[dict], names: list[str]) -> list[str]:
     return lines
 
 
-def _phase_table(rows: list[dict], events: list[dict], names: list[str] = ()) -> list[str]:
-    found = phases(rows, events, names)
+def _period_table(rows: list[dict], events: list[dict], names: list[str] = ()) -> list[str]:
+    found = periods(rows, events, names)
     if len(found) <= 1:
-        return ["One phase: no curriculum change and no rollback."] if found else ["No training steps."]
+        return ["One period: no curriculum change and no rollback."] if found else ["No training steps."]
     lines = ["| steps | began with | mean train reward | mean train accuracy | last held-out accuracy |", "|---|---|---|---|---|"]
     for start, end, why in found:
         inside = [r for r in rows if start <= r["step"] <= end]

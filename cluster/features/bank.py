@@ -1,12 +1,12 @@
-"""The solution bank in the loop (``memory.*``; the bank itself: ``rollout.memory``): two
+"""The solution bank in the loop (``bank.*``; the bank itself: ``rollout.bank``): two
 ``BatchSource`` stages and the bank's checkpoint part.
 
-- ``BankedRollouts`` (``memory.enabled`` with the PPO objective): each step banks its verified
-  solutions, then trains on the rollouts; with ``memory.feed_groups`` a group without a
+- ``BankedRollouts`` (``bank.enabled`` with the PPO objective): each step banks its verified
+  solutions, then trains on the rollouts; with ``bank.feed_groups`` a group without a
   correct sample first gets banked solutions of its problem (LUFFY-style guidance).
 - ``BankRounds`` (``algorithm.objective=sft``): every step is a self-improvement round that
   fine-tunes on the bank (expert iteration / STaR), not on the rollouts.
-- ``BankPart``: the bank's entries and counters in a checkpoint (``memory.json``); a run that
+- ``BankPart``: the bank's entries and counters in a checkpoint (``bank.json``); a run that
   starts again from step 0 starts with an empty bank, a rollback keeps it.
 """
 
@@ -20,16 +20,17 @@ from actors.learner import LearnerGroup
 from cluster.stages import Built, ReadFile, RolloutBatches
 from contracts import PolicyRef, Sample, Verdict
 from learners.batch import group_indices
-from rollout.memory import MemoryBank
+from rollout.bank import SolutionBank
 
-BANK_FILE = "memory.json"
+BANK_FILE = "bank.json"
+OLD_BANK_FILE = "memory.json"  # a checkpoint written before the bank had its name
 
 
 @dataclass(frozen=True)
 class BankedRollouts:
     """Bank each step's solutions, then build the rollout batch (bank-fed when ``feed``)."""
 
-    bank: MemoryBank
+    bank: SolutionBank
     rollouts: RolloutBatches
     feed: bool
 
@@ -46,7 +47,7 @@ class BankRounds:
     """Self-improvement: bank the step's solutions, fine-tune on the bank (or on the new ones);
     the rollouts are recorded, not trained on. ``seed(step)`` draws a round's subset."""
 
-    bank: MemoryBank
+    bank: SolutionBank
     seed: Callable[[int], int]
 
     def build(self, step: int, samples: list[Sample], verdicts: list[Verdict], policy: PolicyRef) -> Built:
@@ -59,14 +60,14 @@ class BankRounds:
 class BankPart:
     """The bank in a checkpoint (a ``Stateful`` part)."""
 
-    bank: MemoryBank
+    bank: SolutionBank
 
     def state(self) -> dict[str, bytes]:
         return {BANK_FILE: json.dumps(self.bank.state()).encode()}
 
     def load_state(self, read: ReadFile) -> None:
         self.bank.clear()
-        saved = read(BANK_FILE)
+        saved = read(BANK_FILE) or read(OLD_BANK_FILE)
         if saved is not None:
             self.bank.load_state(json.loads(saved))
 

@@ -120,16 +120,17 @@ class Surgery:
         return int(self.recent[-1]["step"]) if self.recent else 0
 
     def load_state(self, read: ReadFile) -> None:
+        """Continue from a checkpoint's surgeon and environment. A recovery inside a window
+        leaves it: the next window starts afresh (a reset, not the saved observation)."""
+        left = self.window is not None
         saved = read("surgery.json")
-        if saved is None:
-            return
-        env = json.loads(saved)
-        left = self.window is not None  # a recovery inside a window: it starts afresh
-        self.env.scales = np.asarray(env["scales"], np.float32)
-        self.env.baseline = env["baseline"] if env["baseline"] is not None else float("nan")
-        self.observation = None if env["observation"] is None else np.asarray(env["observation"], np.float32)
-        self.recent = env["recent"]
-        self.pending = env.get("pending", {})
+        if saved is not None:
+            env = json.loads(saved)
+            self.env.scales = np.asarray(env["scales"], np.float32)
+            self.env.baseline = env["baseline"] if env["baseline"] is not None else float("nan")
+            self.observation = None if env["observation"] is None else np.asarray(env["observation"], np.float32)
+            self.recent = env["recent"]
+            self.pending = env.get("pending", {})
         agent = read("surgeon.pkl")
         if agent is not None:
             ray.get(self.actor.load_state.remote(agent))

@@ -5,7 +5,12 @@ runs/NAME/checkpoints/
     adapter/            the policy adapter, PEFT format (LoRA runs)
     learner.pt          rank 0: trainable tensors, optimizer, scheduler, KL controller, counters, RNG
     learner_rank1.pt    further ranks: their RNG state (their weights equal rank 0's)
-    trainer.json        step, policy version, data position, curricula, monitor state, counters
+    trainer.json        the run's counters (step, policy version, learning-rate scale, rollbacks,
+                        evaluations) and the data position, curricula included
+    monitor.json        the health monitor's rows, evaluations and events
+    faults.json         running totals of absorbed faults, the verifier pool's counters
+    bank.json           the solution bank (bank.enabled)
+    surgery.json        the surgeon's environment; surgeon.pkl: the agent and its replay buffer
     COMPLETE.json       written last: the step, the eval metric, and a SHA-256 of every file
   best -> step_000010   the complete checkpoint with the best held-out metric
 

@@ -157,8 +157,7 @@ class RunKeeper:
     # -- the start and the end ----------------------------------------------------------------
 
     def open(self, placement: dict) -> None:
-        """Settle the run directory (a new run sets an earlier one aside), open the exporter,
-        and evaluate at step 0 (a new run)."""
+        """Settle the run directory (a new run sets an earlier one aside) and open the exporter."""
         if self.run.step == 0:
             previous = self.run_dir.set_aside_previous()
             if previous:
@@ -166,6 +165,9 @@ class RunKeeper:
         self.run_dir.write_config(self.config)  # a resume may have changed run.steps
         (self.run_dir.path / "placement.json").write_text(json.dumps(placement, indent=2))
         self.exporter = MetricsExporter(self.run_dir, self.config.run.metrics_export, self.config.run.tensorboard)
+
+    def evaluate_at_start(self) -> None:
+        """A new run's held-out evaluation at step 0 (``eval.at_start``)."""
         if self.run.step == 0:
             self.run.first_eval = self.run.last_eval = self.stages.evaluator.evaluate() if self.config.eval.at_start else {}
         if self.run.step == 0 and self.run.first_eval:

@@ -117,7 +117,7 @@ class RunDir:
                 "finish_reason": [s.completion.finish_reason for s in samples],
                 "policy_version": [s.policy.version for s in samples],
                 "group_index": [s.group_index for s in samples],
-                "replayed": [s.replayed for s in samples],  # a memory bank's solution, not sampled
+                "replayed": [s.replayed for s in samples],  # a solution bank's solution, not sampled
                 "reward": [v.reward for v in verdicts],
                 "correct": [v.correct for v in verdicts],
                 "verdict": [v.outcome for v in verdicts],  # passed/failed/timeout/... or correct/wrong

@@ -135,6 +135,7 @@ class Trainer:
         self.keeper.open(self.placement.describe())
         stopped_by = None
         try:
+            self.keeper.evaluate_at_start()
             with tqdm(desc="train", unit="step", dynamic_ncols=True, initial=self.run.step, total=steps) as bar:
                 while stopped_by is None and self.run.step < steps:
                     stopped_by = self.run_step(self.run.step + 1, steps, bar)

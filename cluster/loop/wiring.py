@@ -4,7 +4,7 @@ the stages of the loop.
 Everything a driver (training, ``raylight eval``, a benchmark) needs to start the parts of a
 run from its config; each setting object is built from the config's sections as they are.
 ``build_stages`` is the one place that reads which run-level features are on
-(``markovian.enabled``, ``memory.*``, ``algorithm.objective``, ``phases``) and chooses the
+(``markovian.enabled``, ``bank.*``, ``algorithm.objective``, ``phases``) and chooses the
 stages they plug into the loop (``cluster.stages``).
 """
 
@@ -36,7 +36,7 @@ from contracts import SamplingSettings
 from learners.settings import LearnerSettings
 from rewards.scoring import ScorerSpec, build_task_scorer
 from rollout.engines import EngineSettings
-from rollout.memory import MemoryBank
+from rollout.bank import SolutionBank
 from rollout.tasks import Curriculum, Split, Task, TaskMixture, build_task
 
 logger = logging.getLogger(__name__)
@@ -189,11 +189,11 @@ def build_stages(
     batches: BatchSource = rollouts
     parts: list[Stateful] = []
     participants: list[Participant] = []
-    if config.memory.enabled:  # the solution bank: banked each step; self-improvement rounds or bank-fed groups
-        bank = MemoryBank(config.memory)
+    if config.bank.enabled:  # the solution bank: banked each step; self-improvement rounds or bank-fed groups
+        bank = SolutionBank(config.bank)
         parts.append(BankPart(bank))
         sft = a.objective == "sft"
-        batches = BankRounds(bank, functools.partial(step_seed, config.run.seed)) if sft else BankedRollouts(bank, rollouts, config.memory.feed_groups)
+        batches = BankRounds(bank, functools.partial(step_seed, config.run.seed)) if sft else BankedRollouts(bank, rollouts, config.bank.feed_groups)
     if schedule.has_surgeon and set_scales is not None:  # the SAC surgeon on the attention scales
         surgery = Surgery(config.surgeon, schedule, crew.learners.attention_scales(), config.run.seed, set_scales)
         participants.append(surgery)

@@ -19,7 +19,7 @@ The rules and their defaults (``DEFAULT_RULES``; every threshold and window is c
 - ``reward_hacking``: training reward rising while held-out accuracy falls;
 - ``frozen_parameters``: no update applied (skipped, zero gradient or zero learning rate) over a window;
 - ``grokking``: held-out accuracy jumping after a long plateau (recorded, not a failure);
-- ``memory_empty``: the memory bank (``memory.enabled``) still holds no solution after
+- ``bank_empty``: the solution bank (``bank.enabled``) still holds no solution after
   ``window`` steps: its threshold never fired, so self-improvement has nothing to train on
   and GRPO nothing to fall back on;
 - ``actor_faults``: the run absorbed actor faults since the last step (generators replaced,
@@ -65,7 +65,7 @@ DEFAULT_RULES: dict[str, Rule] = {
     "frozen_parameters": Rule("warn", window=3),  # no applied update for this many steps
     "grokking": Rule("warn", threshold=0.1, window=3),  # eval jump above this after `window` flat evals
     "actor_faults": Rule("warn"),  # any faults/* counter rose since the previous step
-    "memory_empty": Rule("warn", window=10),  # memory/size still 0 after this many steps
+    "bank_empty": Rule("warn", window=10),  # bank/size still 0 after this many steps
     # a step's masked share (overall or of one task) at or above this; or its mean over the last
     # `window` steps above the mean of the `window` before by half of it
     "masked_share": Rule("warn", threshold=0.1, window=10),
@@ -254,13 +254,13 @@ def actor_faults(m: Monitor, rule: Rule, row: dict, previous: dict) -> Found:
     return None
 
 
-def memory_empty(m: Monitor, rule: Rule, row: dict, previous: dict) -> Found:
-    sizes = [r["memory/size"] for r in m.rows if _finite(r.get("memory/size"))]
-    if len(sizes) >= rule.window and max(sizes) == 0 and _finite(row.get("memory/size")):
+def bank_empty(m: Monitor, rule: Rule, row: dict, previous: dict) -> Found:
+    sizes = [r["bank/size"] for r in m.rows if _finite(r.get("bank/size"))]
+    if len(sizes) >= rule.window and max(sizes) == 0 and _finite(row.get("bank/size")):
         return (
-            f"the memory bank is still empty after {len(sizes)} steps: no verdict reached memory.threshold "
+            f"the solution bank is still empty after {len(sizes)} steps: no verdict reached bank.threshold "
             "(lower it, check the verifier's rewards in the rollouts, or start from easier problems)",
-            {"memory/size": 0.0, "memory/updates": row.get("memory/updates"), "train/reward_mean": row.get("train/reward_mean")},
+            {"bank/size": 0.0, "bank/updates": row.get("bank/updates"), "train/reward_mean": row.get("train/reward_mean")},
         )
     return None
 
@@ -302,7 +302,7 @@ RULES: dict[str, Callable[[Monitor, Rule, dict, dict], Found]] = {
     "frozen_parameters": frozen_parameters,
     "grokking": grokking,
     "actor_faults": actor_faults,
-    "memory_empty": memory_empty,
+    "bank_empty": bank_empty,
     "masked_share": masked_share,
 }
 ONE_SHOT = {"non_finite", "reward_hacking", "grokking", "actor_faults"}  # every occurrence is news

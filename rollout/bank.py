@@ -1,4 +1,4 @@
-"""A memory bank of verified solutions, per problem: what self-improvement trains on and what
+"""A solution bank of verified solutions, per problem: what self-improvement trains on and what
 GRPO can fall back on when a group has no correct sample.
 
 - **What enters.** A sample whose verdict is ``ok`` and whose reward reaches
@@ -14,9 +14,9 @@ GRPO can fall back on when a group has no correct sample.
   the learner scores them under its current weights, so they enter the loss as on-policy
   samples of ratio 1 with the group's advantage). Off-policy guidance in the manner of
   LUFFY (Yan et al. 2025), without its policy shaping.
-- **Counters.** ``memory/updates`` (solutions written), ``memory/hits`` (solutions read
-  back into groups), ``memory/size``, ``memory/problems``, ``memory/duplicates``,
-  ``memory/evictions``: running totals, kept in checkpoints with the entries (``state``).
+- **Counters.** ``bank/updates`` (solutions written), ``bank/hits`` (solutions read
+  back into groups), ``bank/size``, ``bank/problems``, ``bank/duplicates``,
+  ``bank/evictions``: running totals, kept in checkpoints with the entries (``state``).
 
 Pure data over the contracts: no model, no Ray.
 """
@@ -31,12 +31,13 @@ from typing import Literal
 
 from contracts import Completion, PolicyRef, Sample, TrainBatch, Verdict
 
-MEMORY_FINISH_REASON = "memory"  # a replayed sample's finish_reason, so rollout files show it
+BANK_FINISH_REASON = "bank"  # a replayed sample's finish_reason, so rollout files show it
 
 
 @dataclass(frozen=True)
-class MemorySettings:
-    """The memory bank: the run config's ``memory`` section (README: "Self-improvement")."""
+class BankSettings:
+    """The solution bank: the run config's ``bank`` section (README: "Self-improvement"; a config
+that still says ``memory`` is read as ``bank``)."""
 
     enabled: bool = False
     threshold: float = 1.0  # a verdict's reward at or above this banks the solution
@@ -54,11 +55,11 @@ class MemorySettings:
         """What cannot work, one sentence each naming the key."""
         out = []
         if self.per_problem < 1 or self.max_size < 1:
-            out.append(f"memory.per_problem ({self.per_problem}) and memory.max_size ({self.max_size}) must be at least 1")
+            out.append(f"bank.per_problem ({self.per_problem}) and bank.max_size ({self.max_size}) must be at least 1")
         if self.feed_per_group < 1:
-            out.append("memory.feed_per_group must be at least 1")
+            out.append("bank.feed_per_group must be at least 1")
         if self.sft_max_samples < 0:
-            out.append("memory.sft_max_samples must be >= 0 (0 = the whole set)")
+            out.append("bank.sft_max_samples must be >= 0 (0 = the whole set)")
         return out
 
 
@@ -80,12 +81,12 @@ class Solution:
         return hashlib.sha1(" ".join(self.text.split()).encode()).hexdigest()
 
 
-class MemoryBank:
+class SolutionBank:
     """Verified solutions per problem uid, with the counters the run reports."""
 
     COUNTERS = ("updates", "hits", "duplicates", "evictions")
 
-    def __init__(self, settings: MemorySettings):
+    def __init__(self, settings: BankSettings):
         self.settings = settings
         self.clear()
 
@@ -164,9 +165,9 @@ class MemoryBank:
                 continue
             first = samples[group[0]]
             for k, solution in enumerate(self.of(first.prompt.problem.uid)[: self.settings.feed_per_group]):
-                completion = Completion(solution.token_ids, solution.text, (), MEMORY_FINISH_REASON)
+                completion = Completion(solution.token_ids, solution.text, (), BANK_FINISH_REASON)
                 out_samples.append(Sample(first.prompt, completion, policy, len(group) + k, replayed=True))
-                out_verdicts.append(Verdict(reward=solution.reward, correct=True, outcome=MEMORY_FINISH_REASON))
+                out_verdicts.append(Verdict(reward=solution.reward, correct=True, outcome=BANK_FINISH_REASON))
                 self.counts["hits"] += 1
         return out_samples, out_verdicts
 
@@ -188,9 +189,9 @@ class MemoryBank:
 
     def metrics(self) -> dict[str, float]:
         return {
-            "memory/size": float(len(self)),
-            "memory/problems": float(len(self.solutions)),
-            **{f"memory/{name}": float(n) for name, n in self.counts.items()},
+            "bank/size": float(len(self)),
+            "bank/problems": float(len(self.solutions)),
+            **{f"bank/{name}": float(n) for name, n in self.counts.items()},
         }
 
     # -- checkpoints ----------------------------------------------------------------------
