@@ -30,6 +30,7 @@ from cluster.phases import PhaseSchedule
 from contracts import PolicyRef, Problem, Prompt, Sample, SamplingSettings, TrainBatch, Verdict
 from learners.algorithms import AdvantageEstimator
 from learners.batch import build_train_batch
+from learners.settings import ObjectiveName
 from rollout.prompts import render_prompts
 
 if TYPE_CHECKING:
@@ -74,15 +75,16 @@ class Crew:
 
 @dataclass(frozen=True)
 class Built:
-    """A step's batch: what the learner trains on, the samples and verdicts the rollout file
-    records (replayed ones included), each recorded sample's advantage (None: not trained on)
-    and the batch's metrics."""
+    """A step's batch: what the learner trains on and by which of its objectives, the samples
+    and verdicts the rollout file records (replayed ones included), each recorded sample's
+    advantage (None: not trained on) and the batch's metrics."""
 
     batch: TrainBatch
     samples: list[Sample]
     verdicts: list[Verdict]
     advantages: list[float | None]
     metrics: dict[str, float] = field(default_factory=dict)
+    objective: ObjectiveName = "ppo"  # the key of learners.objectives.OBJECTIVES the learner applies
 
 
 class Prompts(Protocol):

@@ -53,7 +53,7 @@ class BankRounds:
     def build(self, step: int, samples: list[Sample], verdicts: list[Verdict], policy: PolicyRef) -> Built:
         new = self.bank.write(samples, verdicts, step)
         batch = self.bank.sft_batch(new, self.seed(step))
-        return Built(batch, samples, verdicts, [None] * len(samples), {"train/batch_size": float(len(batch)), **self.bank.metrics()})
+        return Built(batch, samples, verdicts, [None] * len(samples), {"train/batch_size": float(len(batch)), **self.bank.metrics()}, objective="sft")
 
 
 @dataclass(frozen=True)

@@ -48,7 +48,8 @@ from cluster.loop.wiring import build_stages, build_tasks, init_ray, start_crew,
 from cluster.observe.footprint import MemoryProbe
 from cluster.observe.monitor import Event
 from cluster.observe.samples import sample_metrics, task_metrics
-from contracts import Sample, TrainBatch, Verdict
+from cluster.stages import Built
+from contracts import Sample, Verdict
 from learners.learner import REQUIRED_METRICS
 from rollout.models import resolve_model
 from rollout.queue import Rollout
@@ -175,7 +176,7 @@ class Trainer:
             with timer("advantages"):
                 built = self.stages.batches.build(step, samples, verdicts, self.run.policy)
             learns = self.stages.schedule.language_model_learns(step)  # a surgery phase pauses GRPO
-            learn_metrics = self.learn(step, built.batch if learns else None, timer)
+            learn_metrics = self.learn(step, built if learns else None, timer)
             if self.config.run.save_rollouts:
                 self.run_dir.write_rollouts(step, built.samples, built.verdicts, built.advantages)
         trained_tokens = sum(map(len, built.batch.prompt_token_ids)) + sum(map(len, built.batch.completion_token_ids)) if learns else 0
@@ -195,23 +196,23 @@ class Trainer:
             **self.keeper.faults.totals(),
         }
 
-    def learn(self, step: int, batch: TrainBatch | None, timer: StepTimer) -> dict[str, float]:
-        """The learner's update on ``batch`` (None: the language model does not learn this
-        step), then the new weights to the generators. In sleep mode the colocated generators
-        hand the memory to the learner meanwhile."""
+    def learn(self, step: int, built: Built | None, timer: StepTimer) -> dict[str, float]:
+        """The learner's update on the built batch, by its objective (None: the language model
+        does not learn this step), then the new weights to the generators. In sleep mode the
+        colocated generators hand the memory to the learner meanwhile."""
         if self.config.generator.sleep_mode:
             with timer("generator_sleep"):
                 self.crew.generators.sleep()
         learn_start = time.time()
         with timer("learn"):
-            metrics = self.crew.learners.step(batch, self.config.algorithm.objective) if batch is not None and len(batch) else EMPTY_LEARN_METRICS
+            metrics = self.crew.learners.step(built.batch, built.objective) if built is not None and len(built.batch) else EMPTY_LEARN_METRICS
         self.timeline.append(("learn", step, learn_start, time.time()))
         if self.config.generator.sleep_mode:
             with timer("generator_wake"):
                 self.crew.generators.wake()
         self.run.policy = self.crew.learners.policy_version()
         with timer("weight_sync"):
-            if batch is not None:
+            if built is not None:
                 self.publish()
         return metrics
 

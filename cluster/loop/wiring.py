@@ -179,13 +179,14 @@ def build_stages(
     rollouts = RolloutBatches(a.advantage, a.drop_zero_variance_groups or config.rollout.dynamic_sampling)
     prompts: Prompts = TaskPrompts(tokenizer, tasks, training_sampling(config))
     rewards: tuple[ModelReward, ...] = ()
+    markovian = None
     if config.markovian.enabled:  # chains of thought rewarded by the frozen model's answer log-prob
         prompts = markovian = MarkovianReward(config, tokenizer, tasks, crew)
         rewards = (markovian,)
         if a.actor_reward_weight > 0:
             rollouts = RolloutBatches(rollouts.estimator, rollouts.drop_zero_variance, ActorRewardColumns(markovian, a.actor_reward_weight, a.advantage))
     eval_prompts = {task_id: prompts.render(problems) for task_id, problems in tasks.eval_sets(split).items()}
-    evaluator: Evaluator = MarkovianEvaluator(markovian, crew, eval_prompts) if config.markovian.enabled else GreedyEvaluator(crew, eval_prompts, eval_sampling(config))
+    evaluator: Evaluator = GreedyEvaluator(crew, eval_prompts, eval_sampling(config)) if markovian is None else MarkovianEvaluator(markovian, crew, eval_prompts)
     batches: BatchSource = rollouts
     parts: list[Stateful] = []
     participants: list[Participant] = []
