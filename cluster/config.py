@@ -326,11 +326,14 @@ RENAMED_KEYS = {"memory": "bank", "monitor.rules.memory_empty": "monitor.rules.b
 
 
 def _renamed_override(override: str) -> str:
+    """``override`` with a renamed key's old name replaced by the new one."""
     dotted, _, value = override.partition("=")
+    dotted = dotted.strip()
     for old, new in RENAMED_KEYS.items():
-        if dotted.strip() == old or dotted.strip().startswith(old + "."):
-            logger.warning("config key %s is now %s: read %s as %s", old, new, dotted.strip(), new + dotted.strip()[len(old) :])
-            return f"{new}{dotted.strip()[len(old):]}={value}"
+        if dotted == old or dotted.startswith(old + "."):
+            renamed = new + dotted[len(old) :]
+            logger.warning("config key %s is now %s: read %s as %s", old, new, dotted, renamed)
+            return f"{renamed}={value}"
     return override
 
 

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from typing import Callable
@@ -39,7 +40,7 @@ class BankedRollouts:
         if self.feed:
             samples, verdicts = self.bank.feed(samples, verdicts, policy, group_indices(samples))
         built = self.rollouts.build(step, samples, verdicts, policy)
-        return Built(built.batch, built.samples, built.verdicts, built.advantages, built.metrics | self.bank.metrics())
+        return dataclasses.replace(built, metrics=built.metrics | self.bank.metrics())
 
 
 @dataclass(frozen=True)

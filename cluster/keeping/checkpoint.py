@@ -56,6 +56,11 @@ class Checkpoint:
     def file(self, name: str) -> Path:
         return self.path / name
 
+    def read(self, name: str) -> bytes | None:
+        """The bytes of file ``name``, or None where this checkpoint has no such file."""
+        path = self.file(name)
+        return path.read_bytes() if path.is_file() else None
+
 
 def _sha256(path: Path) -> str:
     digest = hashlib.sha256()

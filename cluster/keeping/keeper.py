@@ -271,9 +271,8 @@ class RunKeeper:
         saved = json.loads(checkpoint.file(RUN_FILE).read_text())
         self.run.policy = self.crew.learners.load_state_dicts(self._learner_states(checkpoint))
         self.stream.seek(saved["data"])
-        read = functools.partial(_read, checkpoint)
         for part in self.parts if parts is None else parts:
-            part.load_state(read)
+            part.load_state(checkpoint.read)
         self.run.load(saved)
         dropped = self.run_dir.forget_after(self.run.step)
         self.crew.broadcast(self.run.policy)
@@ -356,11 +355,6 @@ class RunKeeper:
         raise GeneratorsLost(
             f"{lost}. The run stopped after step {self.run.step}, checkpointed; continue it with `raylight resume {self.run_dir.path}` once generators can run"
         ) from lost
-
-
-def _read(checkpoint: Checkpoint, name: str) -> bytes | None:
-    path = checkpoint.file(name)
-    return path.read_bytes() if path.is_file() else None
 
 
 # -- where a run starts -----------------------------------------------------------------------

@@ -3,7 +3,7 @@ producer thread that keeps the generators and verifiers busy (``RolloutProducer`
 
 For each rollout step, in order, as soon as the queue lets it start (``RolloutQueue``: no
 run-ahead in synchronous mode, up to ``rollout.max_staleness`` steps in asynchronous mode):
-1. draw the step's prompts (the driver records the data position before each draw, so a
+1. draw the step's prompts (the stream records the data position before each draw, so a
    checkpoint can re-issue every prompt that was drawn but not yet trained on);
 2. submit them to the generator pool (chunks spread over the generators; a chunk whose
    generator dies or hangs is re-issued by the pool, with its seed);
@@ -30,6 +30,7 @@ run would have.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import threading
 import time
@@ -64,7 +65,9 @@ class RolloutStream:
         self.tasks, self.prompts, self.crew = tasks, prompts, crew
         self.prompts_per_step, self.run_seed, self.chunks = ro.prompts_per_step, config.run.seed, config.generator.num_generators
         self.run_ahead = ro.max_staleness if ro.mode == "async" else 0
-        self.overlong = (ro.max_tokens, config.reward.overlong_buffer, config.reward.overlong_penalty)
+        r = config.reward
+        # the overlong penalty (DAPO's soft punishment of completions near the budget), if any
+        self.shape = functools.partial(shape_overlong, max_tokens=ro.max_tokens, buffer=r.overlong_buffer, factor=r.overlong_penalty) if r.overlong_buffer > 0 else None
         self.dynamic = DynamicSampling(ro.prompts_per_step, ro.max_sampling_rounds) if ro.dynamic_sampling else None
         self.last_step = config.run.steps
         self.queue: RolloutQueue | None = None
@@ -90,10 +93,6 @@ class RolloutStream:
         """A round's sampling: its chunks' seeds (one per generator) follow the last round's."""
         return dataclasses.replace(self.prompts.sampling, seed=step_seed(self.run_seed, step) + round * self.chunks)
 
-    def shape(self, samples: list[Sample], verdicts: list[Verdict]) -> list[Verdict]:
-        """The overlong penalty (DAPO's soft punishment of completions near the budget)."""
-        return shape_overlong(samples, verdicts, *self.overlong)
-
     # -- what the learner thread asks -------------------------------------------------------
 
     def rollout(self, step: int) -> Rollout:
@@ -114,9 +113,8 @@ class RolloutStream:
         """The queue and its producer thread, from ``first_step`` to ``last_step``."""
         self.stop()
         self.queue = RolloutQueue(self.run_ahead, next_step=first_step)
-        shape = self.shape if self.overlong[1] > 0 else None
         self.producer = RolloutProducer(
-            self.queue, self.crew.generators, self.crew.verifiers, self.draw, self.sampling, first_step, self.last_step, shape=shape, dynamic=self.dynamic
+            self.queue, self.crew.generators, self.crew.verifiers, self.draw, self.sampling, first_step, self.last_step, shape=self.shape, dynamic=self.dynamic
         )  # fmt: skip
         self.producer.start()
 

@@ -14,12 +14,10 @@ import dataclasses
 import functools
 import logging
 import os
-
-import ray
-
 from typing import Callable
 
 import numpy as np
+import ray
 
 from actors.generator import GeneratorPool, generator_actor
 from actors.learner import LearnerGroup

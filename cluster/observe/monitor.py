@@ -3,7 +3,7 @@
 Each step's metrics row goes through every rule. A rule that fires yields an ``Event`` (the
 rule, the step, a sentence a person can act on, and the metric values behind it) and its
 action: ``warn`` (logged and recorded), ``stop`` (the run ends after this step) or ``rollback``
-(the driver restores the last good checkpoint and lowers the learning rate). Rules fire on
+(the run keeper restores the last good checkpoint and lowers the learning rate). Rules fire on
 the step a condition starts, not on every step it lasts, so ``events.jsonl`` reads as a story.
 
 The rules and their defaults (``DEFAULT_RULES``; every threshold and window is configurable):
