@@ -9,7 +9,10 @@ Failures, and what the sample gets:
   and the job's samples are retried one per job (so one hanging sample cannot take others down);
 - the scorer reports an infrastructure error (``sandbox_error``): the sample is retried;
 - after ``max_retries`` retries the sample keeps ``Verdict.infra_error``: it is masked out of the
-  advantages, never scored 0.
+  advantages, never scored 0;
+- a reward term from outside the project failed on a sample (``rewards.terms``): it has had its
+  own retries, so its ``masked`` verdict stands; a ``stop`` verdict (``on_error: stop``) stops
+  the run with ``RewardStopError``.
 
 ``stats`` holds the pool's metrics: queue depth, executions per second and verdict counts of
 the last call, and running totals of restarts, retries and infrastructure errors.
@@ -28,13 +31,14 @@ from typing import Callable
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
-from rewards.scoring import Scorer
+from rewards.scoring import BatchScorer, Scorer, as_batch
 from contracts import Problem, Sample, Verdict
 from contracts.footprint import peak_rss_gib
 
 logger = logging.getLogger(__name__)
 
-ScorerFactory = Callable[[], Scorer]
+# builds, in the verifier actor, a per-sample scorer or a judge of batches (``batch = True``)
+ScorerFactory = Callable[[], "Scorer | BatchScorer"]
 
 
 @dataclass(frozen=True)
@@ -56,11 +60,15 @@ class VerifierStartError(RuntimeError):
     """The verifier actors could not build their scorer; the message carries the scorer's error."""
 
 
+class RewardStopError(RuntimeError):
+    """A reward term configured with ``on_error: stop`` failed; the message is its error."""
+
+
 class Verifier:
     """Plain scorer host; ``ray.remote(Verifier)`` is the verifier actor."""
 
     def __init__(self, factory: ScorerFactory):
-        self.scorer = factory()
+        self.judge = as_batch(factory())
 
     def ready(self) -> bool:
         return True
@@ -70,15 +78,13 @@ class Verifier:
         return peak_rss_gib(children=True)
 
     def score(self, items: list[tuple[str, Problem]]) -> list[Verdict]:
-        """Score (completion text, problem) pairs; a scorer exception is this sample's infra error."""
-        verdicts = []
-        for completion, problem in items:
-            try:
-                verdicts.append(self.scorer(completion, problem))
-            except Exception as exc:  # noqa: BLE001 - one bad sample must not sink its job
-                logger.exception("scorer failed on problem %s", problem.uid)
-                verdicts.append(Verdict.infra_error(f"scorer raised {type(exc).__name__}: {exc}"[:500]))
-        return verdicts
+        """Score (completion text, problem) pairs; a scorer exception is its sample's infra
+        error (the judge's, every sample's)."""
+        try:
+            return self.judge(items)
+        except Exception as exc:  # noqa: BLE001 - the job's samples are retried
+            logger.exception("judge failed on %d samples", len(items))
+            return [Verdict.infra_error(f"judge raised {type(exc).__name__}: {exc}"[:500])] * len(items)
 
 
 @dataclass
@@ -210,6 +216,9 @@ class VerifierPool:
                     self._replace(job.actor)
                     retry(job.indices, f"verifier timed out after {job.deadline - job.started:.0f}s")
 
+        stopped = next((v for v in verdicts if v is not None and v.status == "stop"), None)
+        if stopped is not None:
+            raise RewardStopError(f"a reward configured to stop the run failed: {stopped.error}")
         if self._oversized_calls >= self.settings.scale_down_after:
             logger.info("verifier pool: shrinking from %d to %d actors", len(self.actors), desired)
             self._resize(desired)

@@ -82,7 +82,23 @@ class TaskConfig:
     mode: Literal["text", "code"] | None = None  # infix / rpn / brackets: answer in text or as code
     source: str | None = None  # datasets: a Hub name, a local JSONL/Parquet file, or a folder of split files
     fields: dict[str, str] | None = None  # datasets: our field name -> the file's field name
-    template: str | None = None  # the prompt template ({question}, or {expression} for arithmetic)
+    # the prompt template ({question}, or {expression} for arithmetic; the dataset task: any row field)
+    template: str | None = None
+    # the dataset task (your own data, docs/your-problem.md): the row's prompt, reference answer
+    # and chat (a list of {role, content}, instead of a prompt), how it is scored (numeric,
+    # choice, label, overlap, code, or reward: the run's reward terms alone), the label set of
+    # the label scorer, our split -> the dataset's (default: train only, the rest cut from it),
+    # and the Hub dataset's configuration
+    prompt_field: str | None = None
+    answer_field: str | None = None
+    messages_field: str | None = None
+    scorer: str | None = None
+    labels: list[str] | None = None
+    splits: dict[str, str] | None = None
+    subset: str | None = None
+    # the reward terms (names under reward.functions / reward.http) added to this task's reward;
+    # default: all of them
+    rewards: list[str] | None = None
     dataset: str | None = None  # reasoning_gym: the dataset name
     size: int | None = None  # reasoning_gym: entries generated
     gym_config: dict[str, int | float | str | bool] | None = None  # reasoning_gym: the dataset's settings
@@ -96,7 +112,8 @@ class TaskConfig:
     def settings(self, seed: int, eval_size: int) -> dict:
         """The task constructor's keyword arguments: what is set, plus the run's seed."""
         names = ("difficulty", "mode", "source", "fields", "template", "dataset", "size", "eval_percent",
-                 "validation_percent", "test_percent", "max_rows", "code_tests")  # fmt: skip
+                 "validation_percent", "test_percent", "max_rows", "code_tests", "prompt_field", "answer_field",
+                 "messages_field", "scorer", "labels", "splits", "subset")  # fmt: skip
         chosen = {n: getattr(self, n) for n in names if getattr(self, n) is not None}
         if self.gym_config is not None:
             chosen["config"] = self.gym_config
@@ -424,6 +441,7 @@ def check_config(config: Config) -> None:
     v = config.verifier
     if not 1 <= v.min_verifiers <= v.max_verifiers:
         problems.append(f"verifier pool size needs 1 <= verifier.min_verifiers ({v.min_verifiers}) <= verifier.max_verifiers ({v.max_verifiers})")
+    problems += _reward_problems(config)
     problems += _task_problems(config)
     from cluster.observe.monitor import DEFAULT_RULES
 
@@ -508,10 +526,33 @@ def _placement_problems(config: Config) -> list[str]:
     return problems
 
 
+def _reward_problems(config: Config) -> list[str]:
+    """Reward terms: unique names, functions that import (from the folder the run starts in,
+    as the verifier actors will), an HTTP server's address and limits."""
+    from rewards.terms import import_function
+
+    problems = []
+    names = [term.label for term in config.reward.terms()]
+    if len(set(names)) != len(names):
+        problems.append(f"reward terms need unique names (the components they report), got {names}: give each function a 'name'")
+    for i, function in enumerate(config.reward.functions):
+        try:
+            import_function(function.path, (*function.search, str(Path.cwd())))
+        except Exception as exc:  # noqa: BLE001 - whatever the user's module raises on import
+            problems.append(f"reward.functions[{i}].path: {exc}")
+    http = config.reward.http
+    if http is not None:
+        if not http.url.startswith(("http://", "https://")):
+            problems.append(f"reward.http.url must be an http:// or https:// address, got {http.url!r}")
+        if http.timeout_s <= 0 or http.max_concurrency < 1 or http.batch_size < 1 or http.retries < 0:
+            problems.append("reward.http needs timeout_s > 0, max_concurrency >= 1, batch_size >= 1 and retries >= 0")
+    return problems
+
+
 def _task_problems(config: Config) -> list[str]:
     """Tasks: unique ids, positive weights, curricula only where there is a difficulty, and
     reward weights that name components the task's scorer reports."""
-    from rewards.scoring import COMPONENTS
+    from rewards.scoring import COMPONENTS, TERMS_ONLY
     from rollout.tasks import build_task
 
     problems, ids = [], [t.id or t.name for t in config.tasks]
@@ -530,8 +571,18 @@ def _task_problems(config: Config) -> list[str]:
             continue
         if t.curriculum.enabled and not hasattr(task, "difficulty"):  # the test TaskMixture makes too
             problems.append(f"{key}.curriculum needs a task with a difficulty (arithmetic, infix, rpn, brackets)")
+        terms = [term.label for term in config.reward.terms()]
+        chosen = terms if t.rewards is None else t.rewards
+        if set(chosen) - set(terms):
+            problems.append(f"{key}.rewards names {sorted(set(chosen) - set(terms))}; the configured reward terms are {terms}")
+        if task.reward.scorer == TERMS_ONLY and not chosen:
+            problems.append(f"{key} is scored by reward terms alone (scorer: reward), and none is configured: set reward.functions or reward.http, or a scorer")
+            continue
+        if task.reward.scorer not in COMPONENTS and task.reward.scorer != TERMS_ONLY:
+            problems.append(f"{key}.scorer: {task.reward.scorer!r} is not one of {[*COMPONENTS, TERMS_ONLY]}")
+            continue
         weights = t.weights if t.weights is not None else config.reward.weights
-        known = set(COMPONENTS[task.reward.scorer]) | {"format_tags"}
+        known = set(COMPONENTS.get(task.reward.scorer, ())) | {"format_tags"}
         if weights is not None and set(weights) - known:
             source = f"{key}.weights" if t.weights is not None else "reward.weights"
             problems.append(f"{source} names {sorted(set(weights) - known)}, which the {task.reward.scorer} scorer of {ids[i]} does not report; it reports {sorted(known)}")

@@ -123,25 +123,35 @@ class Sample:
 class Verdict:
     """A verifier's judgement of one sample.
 
-    ``status == "infra_error"`` means the verifier itself failed: the sample is masked out of
-    the advantage computation and never scored as reward 0. ``outcome`` names the verdict for
-    counting: ``correct``/``wrong`` by default, the program's fate for code (``passed``,
-    ``failed``, ``error``, ``timeout``, ``memory``, ``output_limit``), ``sandbox_error`` or
-    ``infra_error`` when the verifier failed.
+    ``status`` says whether the sample is trained on:
+    - ``ok``: scored; ``reward`` counts.
+    - ``infra_error``: the verifier itself failed (a dead actor, a sandbox error); the pool
+      retries the sample, then masks it.
+    - ``masked``: a reward from outside the project failed on this sample after its own
+      handling (a user's function raised, an HTTP server kept failing, a judgement could not
+      be parsed); left out like an infrastructure error, not retried.
+    - ``stop``: such a reward failed and is configured to stop the run (``on_error: stop``).
+    A sample that is not ``ok`` is masked out of the advantage computation, never scored as
+    reward 0. ``outcome`` names the verdict for counting: ``correct``/``wrong`` by default,
+    the program's fate for code (``passed``, ``failed``, ``error``, ``timeout``, ``memory``,
+    ``output_limit``), ``sandbox_error`` or ``infra_error`` when the verifier failed,
+    ``reward_error`` when a reward term failed. ``faults`` names the reward terms that failed
+    on this sample, whatever their ``on_error`` made of it (counted per term).
     """
 
     reward: float
     correct: bool
     components: dict[str, float] = field(default_factory=dict, hash=False)
     extracted: str | None = None
-    status: Literal["ok", "infra_error"] = "ok"
+    status: Literal["ok", "infra_error", "masked", "stop"] = "ok"
     error: str | None = None
     outcome: str = ""
+    faults: tuple[str, ...] = ()
 
     def __post_init__(self):
         if not self.outcome:
-            default = "infra_error" if self.status == "infra_error" else "correct" if self.correct else "wrong"
-            object.__setattr__(self, "outcome", default)
+            default = {"infra_error": "infra_error", "masked": "reward_error", "stop": "reward_error"}.get(self.status)
+            object.__setattr__(self, "outcome", default or ("correct" if self.correct else "wrong"))
 
     @classmethod
     def infra_error(cls, error: str, outcome: str = "infra_error") -> "Verdict":

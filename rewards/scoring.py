@@ -1,13 +1,17 @@
-"""Scorers: (completion text, problem) -> Verdict, chosen by name.
+"""Scorers: (completion text, problem) -> Verdict, chosen by name; and judges, which score a
+batch of samples with a task's scorer plus the reward terms from outside the project
+(``rewards.terms``: a user's function, an HTTP server).
 
-``build_scorer`` runs inside each verifier actor: the code scorers open their own sandbox there
-(one uid leased per slot), so nothing unpicklable crosses Ray.
+``build_judge`` runs inside each verifier actor: the code scorers open their own sandbox there
+(one uid leased per slot) and the terms import the user's module there, so nothing
+unpicklable crosses Ray.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import re
 from dataclasses import dataclass, field
 from typing import Callable, Literal, Mapping
@@ -21,11 +25,17 @@ from rewards.label import label_reward
 from rewards.overlap import overlap_reward
 from rewards.numeric import ExtractionMethod, numeric_reward
 from rewards.sandbox import CgroupMode, Sandbox, SandboxLimits, SandboxMode
+from rewards.terms import FunctionReward, HttpReward, Item, TermSource, score_term
 from rewards.text import format_score
 from contracts import Problem, Verdict
 
+logger = logging.getLogger(__name__)
+
 ScorerName = Literal["numeric", "choice", "label", "overlap", "grid", "code", "humaneval", "reasoning_gym"]
+# a task scored by the run's reward terms alone (reward.functions, reward.http), no scorer of its own
+TERMS_ONLY = "reward"
 Scorer = Callable[[str, Problem], Verdict]
+BatchScorer = Callable[[list[Item]], list[Verdict]]  # (completion, problem) pairs -> verdicts, in order
 
 
 @dataclass(frozen=True)
@@ -71,6 +81,17 @@ class RewardSettings:
     # rollout.max_tokens cost up to overlong_penalty reward, linearly; 0 = off
     overlong_buffer: int = 0
     overlong_penalty: float = 1.0
+    # reward terms from outside the project (rewards.terms; docs/your-problem.md), added with their
+    # weights to every task's reward (a task's ``rewards`` picks some): the user's functions
+    functions: tuple[FunctionReward, ...] = ()
+    http: HttpReward | None = None  # an HTTP reward server
+    # a task scored by terms alone counts a sample correct when a term's dict says so
+    # (``correct``), else when the summed reward reaches this
+    correct_at: float = 1.0
+
+    def terms(self) -> tuple[FunctionReward | HttpReward, ...]:
+        """Every configured reward term, in the config's order."""
+        return (*self.functions, *((self.http,) if self.http is not None else ()))
 
 
 @dataclass(frozen=True)
@@ -78,11 +99,12 @@ class ScorerSpec:
     """Everything a verifier needs to build one task's scorer: which scorer, the run's reward
     settings, the sandbox, and the task's own options."""
 
-    scorer: ScorerName = "numeric"
+    scorer: ScorerName | Literal["reward"] = "numeric"  # "reward": the terms alone
     reward: RewardSettings = RewardSettings()
     sandbox: SandboxSettings = SandboxSettings()
     # scorer-specific: ``labels`` for ``label``; ``dataset``, ``size``, ``seed``, ``config`` for ``reasoning_gym``
     options: dict = field(default_factory=dict, hash=False)
+    terms: tuple[TermSource, ...] = ()  # the reward terms added to this task's reward, opened in the actor
 
 
 def _weights(spec: ScorerSpec, defaults: Mapping[str, float]) -> Mapping[str, float]:
@@ -226,13 +248,100 @@ def build_scorer(spec: ScorerSpec) -> Scorer:
     return with_format
 
 
-def build_task_scorer(specs_by_task: dict[str, ScorerSpec]) -> Scorer:
-    """One scorer for a mixture: each problem is judged by its task's scorer (``Problem.task``)."""
-    scorers = {task: build_scorer(spec) for task, spec in specs_by_task.items()}
+def per_item(scorer: Scorer) -> BatchScorer:
+    """``scorer`` on a batch: a sample whose scoring raised gets an infrastructure error (the
+    pool retries it), the others their verdicts."""
 
-    def score(completion: str, problem: Problem) -> Verdict:
-        if problem.task not in scorers:
-            raise ValueError(f"problem {problem.uid!r} is from task {problem.task!r}; this run scores {sorted(scorers)}")
-        return scorers[problem.task](completion, problem)
+    def score(items: list[Item]) -> list[Verdict]:
+        verdicts = []
+        for completion, problem in items:
+            try:
+                verdicts.append(scorer(completion, problem))
+            except Exception as exc:  # noqa: BLE001 - one bad sample must not sink its batch
+                logger.exception("scorer failed on problem %s", problem.uid)
+                verdicts.append(Verdict.infra_error(f"scorer raised {type(exc).__name__}: {exc}"[:500]))
+        return verdicts
 
     return score
+
+
+class Judge:
+    """One task's judge: its scorer's verdict (none where the task is scored by terms alone)
+    plus each reward term's ``weight * value``, the values reported as components; a term's
+    failure is handled by its ``on_error`` (``rewards.terms``)."""
+
+    batch = True  # scores a batch (a verifier calls it once per job)
+
+    def __init__(self, spec: ScorerSpec):
+        self.scorer = None if spec.scorer == TERMS_ONLY else per_item(build_scorer(spec))
+        if self.scorer is None and not spec.terms:
+            raise ValueError(f"scorer {TERMS_ONLY!r} scores with the run's reward terms, and none is configured (reward.functions, reward.http)")
+        self.terms = [source.open() for source in spec.terms]
+        self.correct_at = spec.reward.correct_at
+
+    def __call__(self, items: list[Item]) -> list[Verdict | None]:
+        base: list[Verdict | None] = self.scorer(items) if self.scorer else [None] * len(items)
+        judged = [i for i, v in enumerate(base) if v is None or v.status == "ok"]  # infrastructure errors are retried
+        results = [score_term(term, [items[i] for i in judged]) for term in self.terms]
+        verdicts = list(base)
+        for k, i in enumerate(judged):
+            verdicts[i] = self._combine(base[i], [r[k] for r in results])
+        return verdicts
+
+    def _combine(self, base: Verdict | None, scored: list) -> Verdict:
+        reward = base.reward if base else 0.0
+        components = dict(base.components) if base else {}
+        corrects, faults, masked, stop = [], [], None, None
+        for term, result in zip(self.terms, scored):
+            if result.failure is not None:
+                faults.append(term.name)
+                if term.on_error == "stop":
+                    stop = stop or result.failure
+                elif term.on_error == "mask":
+                    masked = masked or result.failure
+                else:  # zero: counted, not silent
+                    components[term.name] = 0.0
+                continue
+            reward += term.weight * result.reward
+            components[term.name] = result.reward
+            components |= {f"{term.name}/{key}": v for key, v in result.components.items()}
+            if "correct" in result.components:
+                corrects.append(result.components["correct"] > 0.5)
+        if stop is not None or masked is not None:
+            status = "stop" if stop is not None else "masked"
+            return Verdict(reward=0.0, correct=False, components=components, status=status, error=stop or masked, faults=tuple(faults))
+        if base is not None:
+            return dataclasses.replace(base, reward=reward, components=components, faults=tuple(faults))
+        correct = all(corrects) if corrects else reward >= self.correct_at
+        return Verdict(reward=reward, correct=correct, components=components, faults=tuple(faults))
+
+
+def build_judge(spec: ScorerSpec) -> Judge:
+    return Judge(spec)
+
+
+class TaskJudge:
+    """One judge for a mixture: each problem is judged by its task's (``Problem.task``)."""
+
+    batch = True
+
+    def __init__(self, specs_by_task: dict[str, ScorerSpec]):
+        self.judges = {task: Judge(spec) for task, spec in specs_by_task.items()}
+
+    def __call__(self, items: list[Item]) -> list[Verdict]:
+        verdicts: list[Verdict | None] = [None] * len(items)
+        by_task: dict[str, list[int]] = {}
+        for i, (_, problem) in enumerate(items):
+            if problem.task in self.judges:
+                by_task.setdefault(problem.task, []).append(i)
+            else:
+                verdicts[i] = Verdict.infra_error(f"problem {problem.uid!r} is from task {problem.task!r}; this run scores {sorted(self.judges)}")
+        for task, indices in by_task.items():
+            for i, verdict in zip(indices, self.judges[task]([items[i] for i in indices])):
+                verdicts[i] = verdict
+        return verdicts  # type: ignore[return-value]
+
+
+def as_batch(scorer: Scorer | BatchScorer) -> BatchScorer:
+    """A judge as it is (``batch = True``); a per-sample scorer through ``per_item``."""
+    return scorer if getattr(scorer, "batch", False) else per_item(scorer)  # type: ignore[arg-type]

@@ -9,7 +9,7 @@ import statistics
 
 import pytest
 
-from rewards.scoring import ScorerSpec, build_scorer, build_task_scorer
+from rewards.scoring import ScorerSpec, TaskJudge, build_scorer
 from rollout.tasks import Curriculum, TaskMixture, build_task
 from rollout.tasks.procedural import FAMILIES, LEVELS, ProceduralTask, nesting_depth
 
@@ -143,9 +143,9 @@ def test_mixture_draws_by_weight_and_scores_each_task_with_its_own_scorer():
     assert 0.68 < share < 0.82
     again = TaskMixture([build_task("infix", difficulty=2), build_task("brackets", difficulty=2)], [3.0, 1.0], seed=0)
     assert [p.uid for p in again.sample(50)] == [p.uid for p in problems[:50]]
-    scorer = build_task_scorer({t.id: ScorerSpec(scorer=t.reward.scorer, options=dict(t.reward.options)) for t in mixture.tasks.values()})
-    for problem in problems[:20]:
-        assert scorer(f"Answer: {problem.answer}", problem).correct
+    judge = TaskJudge({t.id: ScorerSpec(scorer=t.reward.scorer, options=dict(t.reward.options)) for t in mixture.tasks.values()})
+    verdicts = judge([(f"Answer: {problem.answer}", problem) for problem in problems[:20]])
+    assert all(v.correct for v in verdicts) and {p.task for p in problems[:20]} == {"infix", "brackets"}
     with pytest.raises(ValueError, match="unique"):
         TaskMixture([build_task("infix"), build_task("infix")], [1.0, 1.0])
 

@@ -1,6 +1,7 @@
 """``raylight data check CONFIG``: load every task of a config before spending a GPU-day on it.
 
-For each task and split: the usable and skipped rows (skips by kind), three rendered prompts
+For each task and split: the usable and skipped rows (skips by kind, the first skipped rows
+of each kind named by file and row), three rendered prompts
 with their expected answers, and the token-length distribution of the prompts. Only the
 tokenizer is loaded, never the model. The exit status is non-zero when a task has no usable
 row in a split training needs (train, validation).
@@ -67,6 +68,9 @@ def check_task(task: Task, split: str, tokenizer, out: TextIO) -> dict:
     texts = [p.text for p in prompts] if prompts else [p.question for p in problems]
     lengths = _lengths(tokenizer, texts)
     print(f"\n== {task.id} / {split}: usable {usable}, skipped {sum(skipped.values())}" + (f" {skipped}" if skipped else ""), file=out)
+    for kind, where in (report.bad_rows.items() if report else ()):
+        more = skipped[kind] - len(where)
+        print(f"   skipped {skipped[kind]} x {kind}: " + ", ".join(where) + (f" and {more} more" if more > 0 else ""), file=out)
     if error:
         print(f"   UNUSABLE: {error}", file=out)
     for problem, text in list(zip(problems, texts))[:SAMPLE_PROMPTS]:
@@ -75,7 +79,8 @@ def check_task(task: Task, split: str, tokenizer, out: TextIO) -> dict:
     if lengths:
         unit = "tokens" if tokenizer else "words"
         print(f"   prompt length ({unit}, {len(texts)} prompts): " + ", ".join(f"{k} {v:g}" for k, v in lengths.items()), file=out)
-    return {"task": task.id, "split": split, "usable": usable, "skipped": skipped, "lengths": lengths, "unusable": bool(error)}
+    bad_rows = dict(report.bad_rows) if report else {}
+    return {"task": task.id, "split": split, "usable": usable, "skipped": skipped, "bad_rows": bad_rows, "lengths": lengths, "unusable": bool(error)}
 
 
 def _indent(text: str, width: int = 600) -> str:
@@ -91,7 +96,7 @@ def data_check(config: Config, out: TextIO = sys.stdout) -> int:
     tokenizer = _tokenizer(config)
     rows = [check_task(task, split, tokenizer, out) for task in mixture.tasks.values() for split in SPLITS]
     unusable = sorted({r["task"] for r in rows if r["unusable"] and r["split"] in NEEDED})
-    summary = {"tasks": len(mixture.tasks), "unusable": unusable, "splits": [{k: r[k] for k in ("task", "split", "usable", "skipped")} for r in rows]}
+    summary = {"tasks": len(mixture.tasks), "unusable": unusable, "splits": [{k: r[k] for k in ("task", "split", "usable", "skipped", "bad_rows")} for r in rows]}
     print("\n" + json.dumps(summary, default=str), file=out)
     if unusable:
         print(f"raylight data check: no usable rows for training in {unusable}", file=sys.stderr)

@@ -409,6 +409,7 @@ def write_report(path: str | Path) -> Path:
     lines += _headline(rows, run_dir)
     lines += ["", "## Configuration", "", *_config_summary(config)]
     lines += ["", "## Curves", ""] + [f"![{p.stem}](plots/{p.name})" for p in plots]
+    lines += ["", "## Reward components", "", *_component_table(rows)]
     lines += ["", "## Periods", "", *_period_table(rows, events, names)]
     if len(names) > 1:
         lines += ["", "### Per phase of the schedule", "", *_schedule_table(rows, names)]
@@ -500,6 +501,26 @@ def _schedule_table(rows: list[dict], names: list[str]) -> list[str]:
             _, values = series(inside, metric)  # finite values only
             cells.append("-" if not values else f"{values[-1]:.4g}" if how == "last" else f"{statistics.mean(values):.4g}")
         lines.append(f"| {starts[first]} | {first}-{end} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _component_table(rows: list[dict]) -> list[str]:
+    """Each reward component of training (``train/reward/<name>``, a scorer's or a reward
+    term's), first quarter against last quarter, with the samples each term failed on."""
+    names = sorted({k.removeprefix("train/reward/") for r in rows for k in r if k.startswith("train/reward/") and k.count("/") >= 2})
+    errors = sorted({k.removeprefix("train/reward_errors/") for r in rows for k in r if k.startswith("train/reward_errors/")})
+    if not names and not errors:
+        return ["No reward components were recorded."]
+    lines = ["| component | first quarter | last quarter | samples it failed on |", "|---|---|---|---|"]
+    for name in sorted(set(names) | set(errors)):
+        _, values = series(rows, f"train/reward/{name}")
+        k = max(1, len(values) // 4)
+        failed = sum(r.get(f"train/reward_errors/{name}", 0) for r in rows)
+        cells = (_mean(values[:k]), _mean(values[-k:])) if values else ("-", "-")
+        lines.append(f"| `{name}` | {cells[0]} | {cells[1]} | {failed:.0f} |")
+    _, masked = series(rows, "train/masked_share")
+    if masked:
+        lines += ["", f"Masked share of training samples: mean {statistics.mean(masked):.1%}, last step {masked[-1]:.1%}."]
     return lines
 
 

@@ -121,10 +121,11 @@ class RunDir:
                 "reward": [v.reward for v in verdicts],
                 "correct": [v.correct for v in verdicts],
                 "verdict": [v.outcome for v in verdicts],  # passed/failed/timeout/... or correct/wrong
-                "status": [v.status for v in verdicts],  # ok, or infra_error (masked)
+                "status": [v.status for v in verdicts],  # ok; infra_error or masked: left out of training
                 "error": [v.error for v in verdicts],
                 "extracted": [v.extracted for v in verdicts],
                 "reward_components": [json.dumps(v.components) for v in verdicts],
+                "reward_faults": [list(v.faults) for v in verdicts],  # reward terms that failed on the sample
                 "advantage": advantages,
             }
         )

@@ -32,7 +32,8 @@ from cluster.phases import PhaseSchedule
 from cluster.stages import BatchSource, Crew, Evaluator, GreedyEvaluator, ModelReward, Participant, Prompts, RolloutBatches, Stages, Stateful, TaskPrompts
 from contracts import SamplingSettings
 from learners.settings import LearnerSettings
-from rewards.scoring import ScorerSpec, build_task_scorer
+from rewards.scoring import ScorerSpec, TaskJudge
+from rewards.terms import TermSource
 from rollout.engines import EngineSettings
 from rollout.bank import SolutionBank
 from rollout.tasks import Curriculum, Split, Task, TaskMixture, build_task
@@ -123,9 +124,21 @@ def learner_settings(config: Config, model_path: str) -> LearnerSettings:
 
 def scorer_spec(config: Config, task: Task, task_config: TaskConfig) -> ScorerSpec:
     """How ``task``'s samples are scored: its scorer and options, the run's reward settings
-    (with the task's own weights, if it has them) and the sandbox."""
+    (with the task's own weights, if it has them), the sandbox, and the reward terms it adds."""
     reward = config.reward if task_config.weights is None else dataclasses.replace(config.reward, weights=task_config.weights)
-    return ScorerSpec(task.reward.scorer, reward, config.verifier.sandbox, dict(task.reward.options))
+    terms = tuple(t for t in reward_terms(config) if task_config.rewards is None or t.label in task_config.rewards)
+    return ScorerSpec(task.reward.scorer, reward, config.verifier.sandbox, dict(task.reward.options), terms)
+
+
+def reward_terms(config: Config) -> tuple[TermSource, ...]:
+    """The run's reward terms as the verifier actors open them: functions also searched for in
+    the folder the run started in (a local run's actors do not start there), and an HTTP
+    server's concurrency shared out over the pool's largest size."""
+    terms: list[TermSource] = [dataclasses.replace(f, search=(*f.search, os.getcwd())) for f in config.reward.functions]
+    if config.reward.http is not None:
+        http = config.reward.http
+        terms.append(dataclasses.replace(http, per_actor=max(1, http.max_concurrency // config.verifier.max_verifiers)))
+    return tuple(terms)
 
 
 def build_tasks(config: Config) -> TaskMixture:
@@ -146,7 +159,7 @@ def start_verifiers(config: Config, mixture: TaskMixture | None = None, factory:
     if factory is None:
         mixture = mixture or build_tasks(config)
         specs = {t.id: scorer_spec(config, t, tc) for t, tc in zip(mixture.tasks.values(), config.tasks)}
-        factory = functools.partial(build_task_scorer, specs)
+        factory = functools.partial(TaskJudge, specs)
     return VerifierPool(factory, config.verifier)
 
 

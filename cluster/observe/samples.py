@@ -19,8 +19,9 @@ def task_metrics(samples: list[Sample], verdicts: list[Verdict], prefix: str) ->
 
 
 def sample_metrics(samples: list[Sample], verdicts: list[Verdict], prefix: str) -> dict[str, float]:
-    """Reward, accuracy, each reward component and completion length over valid verdicts, and
-    the share of samples masked (their verdict an infrastructure error)."""
+    """Reward, accuracy, each reward component and completion length over valid verdicts, the
+    share of samples masked (the verifier failed, or a reward term that masks), and how many
+    samples each reward term failed on (``reward_errors/<term>``, masked or not)."""
     valid = [(s, v) for s, v in zip(samples, verdicts) if v.status == "ok"]
     n = max(1, len(valid))
     metrics = {
@@ -36,4 +37,6 @@ def sample_metrics(samples: list[Sample], verdicts: list[Verdict], prefix: str) 
     }
     for name in sorted({k for _, v in valid for k in v.components}):
         metrics[f"{prefix}/reward/{name}"] = sum(v.components.get(name, 0.0) for _, v in valid) / n
+    for name in sorted({f for v in verdicts for f in v.faults}):
+        metrics[f"{prefix}/reward_errors/{name}"] = float(sum(name in v.faults for v in verdicts))
     return metrics

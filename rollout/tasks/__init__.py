@@ -16,11 +16,11 @@ from typing import Any, Iterator
 from contracts import Problem
 from rollout.tasks.arithmetic import ArithmeticTask
 from rollout.tasks.base import SPLITS, NoUsableRows, Split, Task, TaskReward, split_of
-from rollout.tasks.datasets import DATASETS, DatasetTask
+from rollout.tasks.datasets import DATASETS, GENERIC, DatasetTask
 from rollout.tasks.packaged import ArcTask, HumanEvalTask, ReasoningGymTask
 from rollout.tasks.procedural import FAMILIES, ProceduralTask
 
-TASK_NAMES = ("arithmetic", *FAMILIES, *DATASETS, "humaneval", "arc_agi", "reasoning_gym")
+TASK_NAMES = (GENERIC, "arithmetic", *FAMILIES, *DATASETS, "humaneval", "arc_agi", "reasoning_gym")
 
 __all__ = ["SPLITS", "TASK_NAMES", "Curriculum", "NoUsableRows", "Split", "Task", "TaskMixture", "TaskReward", "build_task", "split_of"]
 
@@ -32,7 +32,7 @@ def build_task(name: str, **settings: Any) -> Task:
         return _construct(ArithmeticTask, name, **settings)
     if name in FAMILIES:
         return _construct(ProceduralTask, name, family=name, **settings)
-    if name in DATASETS:
+    if name in DATASETS or name == GENERIC:
         return _construct(DatasetTask, name, dataset=name, **settings)
     if name == "humaneval":
         return _construct(HumanEvalTask, name, **settings)

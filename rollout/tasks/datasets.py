@@ -1,11 +1,15 @@
-"""Benchmark datasets behind the task interface: GSM8K, SVAMP, MMLU, ARC-Challenge, AQuA, MathQA
-and a wiki text-continuation task.
+"""Datasets behind the task interface: the user's own (the ``dataset`` task) and the benchmarks
+GSM8K, SVAMP, MMLU, ARC-Challenge, AQuA, MathQA and a wiki text-continuation task.
 
 Each is loaded by its Hugging Face dataset name (``datasets.load_dataset``, for real users) or
-from a local JSONL or Parquet file, or a folder of per-split files, in the dataset's own
-format (field names as on the Hub); ``fields`` remaps names for a copy that differs. Each row
-becomes a ``Problem`` with the answer type the scorer needs: a number (numeric extraction and
-math-verify), a letter (multiple choice), or free text (word overlap).
+from a local JSONL or Parquet file, or a folder of per-split files. A benchmark reads its own
+format (field names as on the Hub; ``fields`` remaps names for a copy that differs) and each
+row becomes a ``Problem`` with the answer type its scorer needs: a number (numeric extraction
+and math-verify), a letter (multiple choice), or free text (word overlap). The ``dataset``
+task reads any rows: the prompt from ``prompt_field`` (through ``template``, which may name
+other fields) or a chat from ``messages_field``, the reference answer from ``answer_field``,
+and it is scored by the scorer it names or by the run's reward terms; its rows' fields travel
+with each problem (``meta["example"]``) to the reward functions.
 
 Bad rows never stop a run: bad JSON, non-UTF-8 bytes, a missing field, an answer that cannot
 be parsed or an absurdly long row is skipped and counted, and one warning line per kind names
@@ -29,6 +33,7 @@ from rollout.tasks.base import SPLITS, NoUsableRows, Split, TaskReward, check_sp
 logger = logging.getLogger(__name__)
 
 MAX_ROW_CHARS = 20_000
+BAD_ROWS_KEPT = 5  # skipped rows named per kind of problem (raylight data check prints them)
 LETTERS = "ABCDEFGHIJ"
 
 
@@ -120,6 +125,64 @@ NUMERIC_INSTRUCTION = "Give the final answer as 'Answer: <number>'."
 CHOICE_INSTRUCTION = "Answer with the letter of the correct option, as 'Answer: <letter>'."
 WIKI_INSTRUCTION = "Continue this text from Wikipedia:\n\n"
 
+GENERIC = "dataset"  # the task name of the user's own dataset
+ROLES = ("system", "user", "assistant")
+# what a scorer needs from a row besides the prompt; "reward" (terms alone) needs nothing
+ANSWERED = ("numeric", "choice", "label", "overlap", "grid")
+
+
+def _messages(value: Any) -> list[dict]:
+    if not isinstance(value, list) or not value:
+        raise RowError("messages is not a list of turns")
+    turns = []
+    for turn in value:
+        if not isinstance(turn, dict) or turn.get("role") not in ROLES or not isinstance(turn.get("content"), str):
+            raise RowError("messages has a turn that is not {role: system|user|assistant, content: text}")
+        turns.append({"role": turn["role"], "content": turn["content"]})
+    return turns
+
+
+@dataclass(frozen=True)
+class Fields:
+    """Where the ``dataset`` task finds a row's parts."""
+
+    prompt: str = "prompt"
+    answer: str | None = None  # None: "answer", required only where the scorer needs one
+    messages: str | None = None  # a chat (a list of {role, content}) instead of a prompt
+    template: str = "{question}"  # the user turn: {question} is the prompt field, {<field>} any other
+    scorer: str = "reward"
+
+    def row(self, row: dict) -> tuple[str, str, dict]:
+        meta: dict = {"example": row}
+        reference = None
+        if self.messages is not None:
+            turns = _messages(_require(row, self.messages)[0])
+            if turns[-1]["role"] == "assistant":  # a reference reply, not part of the prompt
+                reference = turns.pop()["content"]
+            if not turns or turns[-1]["role"] != "user":
+                raise RowError("messages do not end with a user turn")
+            question, meta["messages"] = turns[-1]["content"], turns
+        else:
+            (prompt,) = _require(row, self.prompt)
+            try:
+                question = self.template.format_map({**row, "question": prompt})
+            except (KeyError, IndexError, ValueError) as exc:
+                raise RowError(f"template names a field the row lacks: {exc}") from None
+        needed = self.scorer in ANSWERED or self.answer is not None
+        name = self.answer or "answer"
+        if name in row and row[name] is not None:
+            answer = str(row[name]).strip()
+        elif reference is not None and self.answer is None:
+            answer = reference.strip()
+        elif needed:
+            raise RowError(f"missing field {name!r}")
+        else:
+            answer = ""
+        if self.scorer in ("code", "humaneval"):
+            entry_point, tests = _require(row, "entry_point", "tests")
+            meta |= {"entry_point": entry_point, "tests": tests}
+        return question, answer, meta
+
 
 @dataclass(frozen=True)
 class DatasetSpec:
@@ -159,13 +222,29 @@ DATASETS: dict[str, DatasetSpec] = {
 }  # fmt: skip
 
 
+def generic_spec(
+    source: str, scorer: str, prompt_field: str | None, answer_field: str | None, messages_field: str | None,
+    template: str | None, splits: dict[str, str] | None, subset: str | None, labels: list[str] | None,
+) -> DatasetSpec:  # fmt: skip
+    """The ``dataset`` task's spec: its rows read by ``Fields``, its splits as named (by default
+    one ``train`` split, validation and test cut from it by a hash of each prompt)."""
+    fields = Fields(prompt_field or "prompt", answer_field, messages_field, template or "{question}", scorer)
+    if messages_field is not None and (prompt_field or template):
+        raise ValueError("the dataset task takes a chat (messages_field) or a prompt (prompt_field, template), not both")
+    unknown = sorted(set(splits or {}) - set(SPLITS))
+    if unknown or (splits is not None and "train" not in splits):
+        raise ValueError(f"splits maps our splits {list(SPLITS)} to the dataset's and needs train; got {splits}")
+    options = {"labels": list(labels)} if labels else {}
+    return DatasetSpec(source, subset, dict(splits or {"train": "train"}), fields.row, TaskReward(scorer, options), "{question}")
+
+
 @dataclass
 class LoadReport:
     """Usable and skipped rows of one split, skips counted by kind."""
 
     usable: int = 0
     skipped: collections.Counter = field(default_factory=collections.Counter)
-    first_bad: dict[str, str] = field(default_factory=dict)  # kind -> "file:row"
+    bad_rows: dict[str, list[str]] = field(default_factory=dict)  # kind -> the first BAD_ROWS_KEPT "file:row"s
 
 
 def _local_rows(path: Path) -> Iterator[tuple[str, dict | RowError]]:
@@ -219,11 +298,30 @@ class DatasetTask:
         eval_size: int = 100,
         max_rows: int | None = None,
         system_prompt: str | None = None,
+        scorer: str | None = None,
+        prompt_field: str | None = None,
+        answer_field: str | None = None,
+        messages_field: str | None = None,
+        splits: dict[str, str] | None = None,
+        subset: str | None = None,
+        labels: list[str] | None = None,
     ):
-        if dataset not in DATASETS:
-            raise ValueError(f"unknown dataset {dataset!r}; known: {sorted(DATASETS)}")
-        self.dataset, self.spec = dataset, DATASETS[dataset]
         self.id = id or dataset
+        generic = {"scorer": scorer, "prompt_field": prompt_field, "answer_field": answer_field, "messages_field": messages_field,
+                   "splits": splits, "subset": subset, "labels": labels}  # fmt: skip
+        if dataset == GENERIC:
+            if not source:
+                raise ValueError(f"{self.id}: the dataset task needs a source (a Hub name, a JSONL or Parquet file, or a folder)")
+            self.spec = generic_spec(source, scorer or "reward", prompt_field, answer_field, messages_field, template, splits, subset, labels)
+            template = None
+        elif dataset in DATASETS:
+            given = sorted(k for k, v in generic.items() if v is not None)
+            if given:
+                raise ValueError(f"{self.id}: {given} are settings of the 'dataset' task, not of the {dataset} benchmark")
+            self.spec = DATASETS[dataset]
+        else:
+            raise ValueError(f"unknown dataset {dataset!r}; known: {[GENERIC, *sorted(DATASETS)]}")
+        self.dataset = dataset
         self.source = source
         self.fields = fields or {}
         self.template = template or self.spec.template
@@ -244,26 +342,28 @@ class DatasetTask:
         """Where ``split``'s rows come from, and which of them belong to it.
 
         A folder holds one file per split (named as the dataset names its splits, or as ours);
-        a single file is cut into all three splits by a hash of each question; a missing
-        validation split is cut from train the same way."""
-        hashed = lambda q: split_of(f"{self.id}:{q}", self.validation_percent, self.test_percent)  # noqa: E731
-        mine = lambda q: hashed(q) == split  # noqa: E731
-        everything = lambda q: True  # noqa: E731
+        a single file is cut into all three splits by a hash of each question; a validation or
+        test split the dataset lacks is cut from its train split the same way."""
         source = Path(self.source) if self.source else None
         if source is not None and source.is_file():
-            return _local_rows(source), mine
-        if source is not None and self.source.endswith((".jsonl", ".json", ".parquet")):
+            names: dict[str, str] = {}
+        elif source is not None and self.source.endswith((".jsonl", ".json", ".parquet")):
             raise FileNotFoundError(f"{self.id}: data file {source} does not exist")
-        names = dict(self.spec.splits)
-        carve = "validation" not in names
-        not_validation = lambda q: split_of(f"{self.id}:{q}", self.validation_percent, 0) != "validation"  # noqa: E731
-        only_validation = lambda q: not not_validation(q)  # noqa: E731
-        name = names["train"] if split == "validation" and carve else names.get(split)
-        keep = only_validation if split == "validation" and carve else not_validation if split == "train" and carve else everything
+        else:
+            names = dict(self.spec.splits)
+        carved = {s: s not in names for s in ("validation", "test")}
+        cut = lambda q: split_of(f"{self.id}:{q}", self.validation_percent * carved["validation"], self.test_percent * carved["test"])  # noqa: E731
+        if split in names and split != "train":
+            keep = lambda q: True  # noqa: E731
+        else:
+            keep = lambda q: cut(q) == split  # noqa: E731
+        if source is not None and source.is_file():
+            return _local_rows(source), keep
+        name = names.get(split) or names.get("train") if (split in names or carved.get(split)) else None
         if name is None:
             return iter(()), keep
         if source is not None and source.is_dir():
-            file = _split_file(source, name) or _split_file(source, split)
+            file = _split_file(source, name) or _split_file(source, split if split in names else "train")
             return (_local_rows(file) if file else iter(())), keep
         if source is not None and not source.exists() and "/" not in self.source:
             raise FileNotFoundError(f"{self.id}: data folder {source} does not exist")
@@ -273,7 +373,7 @@ class DatasetTask:
         from datasets import load_dataset  # for real users; tests use local files
 
         path = self.source or self.spec.hf_path
-        revision = None if self.source else self.spec.hf_revision
+        revision = None if self.source and self.dataset != GENERIC else self.spec.hf_revision
         rows = load_dataset(path, self.spec.hf_config, split=name, revision=revision)
         return ((f"{path}[{name}]:{i}", row) for i, row in enumerate(rows, start=1))
 
@@ -300,7 +400,9 @@ class DatasetTask:
             except RowError as exc:
                 kind = str(exc)
                 report.skipped[kind] += 1
-                report.first_bad.setdefault(kind, where)
+                kept = report.bad_rows.setdefault(kind, [])
+                if len(kept) < BAD_ROWS_KEPT:
+                    kept.append(where)
                 continue
             if not keep(question):
                 continue
@@ -309,7 +411,7 @@ class DatasetTask:
             problems.append(Problem(uid, self.template.format(question=question), answer, split, meta, task=self.id))
             report.usable += 1
         for kind, count in report.skipped.items():
-            logger.warning("%s/%s: skipped %d rows: %s (first at %s)", self.id, split, count, kind, report.first_bad[kind])
+            logger.warning("%s/%s: skipped %d rows: %s (first at %s)", self.id, split, count, kind, report.bad_rows[kind][0])
         self.reports[split] = report
         self._cache[split] = problems
         return problems
@@ -325,4 +427,4 @@ class DatasetTask:
         return endless(problems, self.seed)
 
 
-__all__ = ["DATASETS", "SPLITS", "DatasetTask", "LoadReport", "NoUsableRows", "RowError"]
+__all__ = ["DATASETS", "GENERIC", "SPLITS", "DatasetTask", "LoadReport", "NoUsableRows", "RowError"]
