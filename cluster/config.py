@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import logging
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -527,25 +528,61 @@ def _placement_problems(config: Config) -> list[str]:
 
 
 def _reward_problems(config: Config) -> list[str]:
-    """Reward terms: unique names, functions that import (from the folder the run starts in,
-    as the verifier actors will), an HTTP server's address and limits."""
-    from rewards.terms import import_function
+    """Reward terms: unique names, finite weights, functions that import and can be called
+    (from the folder the run starts in, as the verifier actors will), and servers whose
+    retries fit the verifier pool's deadline."""
+    from rewards.terms import FunctionTerm, import_function
 
     problems = []
-    names = [term.label for term in config.reward.terms()]
+    reward = config.reward
+    names = [term.label for term in reward.terms()]
     if len(set(names)) != len(names):
         problems.append(f"reward terms need unique names (the components they report), got {names}: give each function a 'name'")
-    for i, function in enumerate(config.reward.functions):
+    for term in reward.terms():
+        if not math.isfinite(term.weight):
+            problems.append(f"reward term {term.label}: weight must be a finite number, got {term.weight}")
+    if not math.isfinite(reward.correct_at):
+        problems.append(f"reward.correct_at must be a finite number, got {reward.correct_at}")
+    for i, function in enumerate(reward.functions):
         try:
-            import_function(function.path, (*function.search, str(Path.cwd())))
+            FunctionTerm(function, import_function(function.path, (*function.search, str(Path.cwd()))))
         except Exception as exc:  # noqa: BLE001 - whatever the user's module raises on import
             problems.append(f"reward.functions[{i}].path: {exc}")
-    http = config.reward.http
+    budget = config.verifier.timeout_s
+    for key, served in (("http", reward.http), ("model", reward.model), ("judge", reward.judge)):
+        if served is None:
+            continue
+        if served.timeout_s <= 0 or served.retries < 0:
+            problems.append(f"reward.{key} needs timeout_s > 0 and retries >= 0")
+        elif (served.retries + 1) * (served.timeout_s + 2) > budget:
+            problems.append(
+                f"reward.{key}: {served.retries + 1} tries of up to {served.timeout_s:g}s do not fit the verifier's deadline of "
+                f"verifier.timeout_s={budget:g}s per sample; lower reward.{key}.timeout_s or retries, or raise verifier.timeout_s"
+            )
+    http = reward.http
     if http is not None:
         if not http.url.startswith(("http://", "https://")):
             problems.append(f"reward.http.url must be an http:// or https:// address, got {http.url!r}")
-        if http.timeout_s <= 0 or http.max_concurrency < 1 or http.batch_size < 1 or http.retries < 0:
-            problems.append("reward.http needs timeout_s > 0, max_concurrency >= 1, batch_size >= 1 and retries >= 0")
+        if http.max_concurrency < 1 or http.batch_size < 1:
+            problems.append("reward.http needs max_concurrency >= 1 and batch_size >= 1")
+    model = reward.model
+    if model is not None:
+        if not model.path:
+            problems.append("reward.model.path: the reward model's folder, Hub name or 'tiny-classifier'")
+        if model.num_actors < 1 or model.batch_size < 1:
+            problems.append("reward.model needs num_actors >= 1 and batch_size >= 1")
+    judge = reward.judge
+    if judge is not None:
+        if not judge.model:
+            problems.append("reward.judge.model: the judge's model folder, 'smollm2', or 'base' (the run's own model)")
+        try:
+            judge.prompt.format(question="", completion="", reference="")
+        except (KeyError, IndexError, ValueError) as exc:
+            problems.append(f"reward.judge.prompt may name only {{question}}, {{completion}} and {{reference}}: {exc!r}")
+        if "{completion}" not in judge.prompt:
+            problems.append("reward.judge.prompt must show the judge the {completion}")
+        if judge.num_generators < 1 or judge.max_tokens < 1 or judge.scale <= 0 or len(set(judge.letters)) < 2:
+            problems.append("reward.judge needs num_generators >= 1, max_tokens >= 1, scale > 0 and at least two letters")
     return problems
 
 
@@ -576,13 +613,15 @@ def _task_problems(config: Config) -> list[str]:
         if set(chosen) - set(terms):
             problems.append(f"{key}.rewards names {sorted(set(chosen) - set(terms))}; the configured reward terms are {terms}")
         if task.reward.scorer == TERMS_ONLY and not chosen:
-            problems.append(f"{key} is scored by reward terms alone (scorer: reward), and none is configured: set reward.functions or reward.http, or a scorer")
+            problems.append(f"{key} is scored by reward terms alone (scorer: reward), and none is configured: set reward.functions, http, model or judge, or a scorer")
             continue
         if task.reward.scorer not in COMPONENTS and task.reward.scorer != TERMS_ONLY:
             problems.append(f"{key}.scorer: {task.reward.scorer!r} is not one of {[*COMPONENTS, TERMS_ONLY]}")
             continue
         weights = t.weights if t.weights is not None else config.reward.weights
         known = set(COMPONENTS.get(task.reward.scorer, ())) | {"format_tags"}
+        if set(chosen) & known:
+            problems.append(f"{key}: reward terms {sorted(set(chosen) & known)} have the names of components its {task.reward.scorer} scorer reports; rename them")
         if weights is not None and set(weights) - known:
             source = f"{key}.weights" if t.weights is not None else "reward.weights"
             problems.append(f"{source} names {sorted(set(weights) - known)}, which the {task.reward.scorer} scorer of {ids[i]} does not report; it reports {sorted(known)}")

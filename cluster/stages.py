@@ -36,6 +36,7 @@ from rollout.prompts import render_prompts
 if TYPE_CHECKING:
     from actors.generator import GeneratorPool
     from actors.learner import LearnerGroup
+    from actors.reward_models import RewardServices
     from actors.verifier import VerifierPool
     from rollout.tasks import TaskMixture
 
@@ -51,6 +52,7 @@ class Crew:
     generators: GeneratorPool
     verifiers: VerifierPool
     learners: LearnerGroup | None = None  # None: an evaluation that needs no learner
+    rewards: RewardServices | None = None  # a reward model's and a judge's actors, which the verifiers ask
 
     def broadcast(self, policy: PolicyRef) -> None:
         """The learner's weights to every generator through the object store; waits for each
@@ -64,13 +66,16 @@ class Crew:
 
     def roles(self) -> dict[str, list]:
         """The actors of each role (the memory probe asks them)."""
-        return {"learners": self.learners.actors, "generators": self.generators.handles, "verifiers": self.verifiers.actors}
+        roles = {"learners": self.learners.actors, "generators": self.generators.handles, "verifiers": self.verifiers.actors}
+        return roles | ({"reward_servers": self.rewards.actors} if self.rewards is not None else {})
 
     def kill(self) -> None:
         if self.learners is not None:
             self.learners.kill()
         self.generators.kill()
         self.verifiers.kill()
+        if self.rewards is not None:
+            self.rewards.kill()
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ from rewards.label import label_reward
 from rewards.overlap import overlap_reward
 from rewards.numeric import ExtractionMethod, numeric_reward
 from rewards.sandbox import CgroupMode, Sandbox, SandboxLimits, SandboxMode
-from rewards.terms import FunctionReward, HttpReward, Item, TermSource, score_term
+from rewards.terms import FunctionReward, HttpReward, Item, JudgeSettings, RewardModelSettings, TermSource, score_term
 from rewards.text import format_score
 from contracts import Problem, Verdict
 
@@ -85,13 +85,15 @@ class RewardSettings:
     # weights to every task's reward (a task's ``rewards`` picks some): the user's functions
     functions: tuple[FunctionReward, ...] = ()
     http: HttpReward | None = None  # an HTTP reward server
+    model: RewardModelSettings | None = None  # a reward model served by Ray actors
+    judge: JudgeSettings | None = None  # an LLM judge on its own vLLM actors
     # a task scored by terms alone counts a sample correct when a term's dict says so
     # (``correct``), else when the summed reward reaches this
     correct_at: float = 1.0
 
-    def terms(self) -> tuple[FunctionReward | HttpReward, ...]:
-        """Every configured reward term, in the config's order."""
-        return (*self.functions, *((self.http,) if self.http is not None else ()))
+    def terms(self) -> tuple[FunctionReward | HttpReward | RewardModelSettings | JudgeSettings, ...]:
+        """Every configured reward term's settings, in the order the terms apply."""
+        return (*self.functions, *(t for t in (self.http, self.model, self.judge) if t is not None))
 
 
 @dataclass(frozen=True)

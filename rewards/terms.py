@@ -30,8 +30,10 @@ import inspect
 import json
 import logging
 import math
+import numbers
 import os
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -87,9 +89,9 @@ def value_of(name: str, value: Any) -> tuple[float, dict[str, float]]:
     """A term's value for one sample as (its reward, its components): a finite number, or a
     dict whose ``reward`` is one and whose other entries are numbers (``correct`` among them
     says whether the sample is right). Anything else is a ``TermFailure`` naming what came."""
-    if isinstance(value, bool):
-        value = float(value)
-    if isinstance(value, (int, float)):
+    if isinstance(value, (bool, numbers.Real)) or (hasattr(value, "item") and hasattr(value, "dtype") and getattr(value, "size", 0) == 1):
+        value = float(value)  # numpy and torch scalars too
+    if isinstance(value, float):
         if not math.isfinite(value):
             raise TermFailure(f"reward {name} returned {value!r}, not a finite number")
         return float(value), {}
@@ -123,8 +125,10 @@ def import_function(path: str, search: Sequence[str] = ()) -> Callable:
         file = next((Path(root, module_name) for root in ("", *search) if Path(root, module_name).is_file()), None)
         if file is None:
             raise ValueError(f"reward function {path!r}: no file {module_name} (looked in {['.', *search]})")
-        spec = importlib.util.spec_from_file_location(f"raylight_reward_{file.stem}", file)
+        name = f"raylight_reward_{file.stem}"
+        spec = importlib.util.spec_from_file_location(name, file)
         module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module  # dataclasses and pickling look their module up there
         spec.loader.exec_module(module)
     else:
         try:
@@ -152,7 +156,8 @@ class FunctionReward:
     with the arguments it names among ``completion``, ``answer``, ``question``, ``task``,
     ``meta``, ``example`` (the dataset row's fields), or all of them if it takes ``**kwargs``.
     Batched: ``fn(completions, answers, ...) -> list``, the same names in the plural, one value
-    per sample in order. Either may be ``async def``."""
+    per sample in order (a list, a tuple or an array). Either may be ``async def`` (or return
+    an awaitable)."""
 
     path: str = ""  # "my_pkg.rewards:fn" or "rewards.py:fn"
     weight: float = 1.0
@@ -171,47 +176,87 @@ class FunctionReward:
 
 
 class FunctionTerm:
-    """A ``FunctionReward`` opened in the verifier: calls the function as it wants to be called."""
+    """A ``FunctionReward`` opened in the verifier: calls the function as it wants to be called.
+
+    Coroutines run on one event loop of the term's own, in a thread, for the life of the
+    verifier (a client or a semaphore the user's module made at import stays usable), at most
+    ``ASYNC_CONCURRENCY`` at once. A batched call that fails as a whole is repeated one sample
+    at a time, so one bad completion fails alone."""
 
     def __init__(self, settings: FunctionReward, function: Callable):
         self.name, self.weight, self.on_error = settings.label, settings.weight, settings.on_error
         self.batched = settings.batched
         self.function = function
-        self.is_async = inspect.iscoroutinefunction(function)
-        parameters = inspect.signature(function).parameters.values()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        parameters = list(inspect.signature(function).parameters.values())
         names = tuple(f"{n}s" if self.batched else n for n in SAMPLE_ARGUMENTS)
+        positional = [p.name for p in parameters if p.kind is inspect.Parameter.POSITIONAL_ONLY]
+        if positional:
+            raise ValueError(f"reward function {self.name}: it is called with keyword arguments, and {positional} are positional-only")
         if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
             self.wants = names
         else:
             self.wants = tuple(n for n in names if n in {p.name for p in parameters})
             unknown = [p.name for p in parameters if p.name not in names and p.default is inspect.Parameter.empty
-                       and p.kind not in (inspect.Parameter.VAR_POSITIONAL,)]  # fmt: skip
+                       and p.kind is not inspect.Parameter.VAR_POSITIONAL]  # fmt: skip
             if unknown:
                 raise ValueError(f"reward function {self.name}: parameters {unknown} are not among {list(names)}")
 
     def __call__(self, items: list[Item]) -> list[Any]:
-        if self.batched:
-            columns = {f"{n}s": [_arguments(c, p)[n] for c, p in items] for n in SAMPLE_ARGUMENTS}
-            kwargs = {n: columns[n] for n in self.wants}
-            values = asyncio.run(self.function(**kwargs)) if self.is_async else self.function(**kwargs)
-            if not isinstance(values, (list, tuple)) or len(values) != len(items):
-                got = f"{len(values)} values" if isinstance(values, (list, tuple)) else type(values).__name__
-                raise TermFailure(f"batched reward {self.name} returned {got} for {len(items)} samples")
-            return list(values)
-        calls = [{n: _arguments(c, p)[n] for n in self.wants} for c, p in items]
-        if self.is_async:
-            return asyncio.run(_gather(self.function, calls))
-        values = []
-        for kwargs in calls:
-            try:
-                values.append(self.function(**kwargs))
-            except Exception as exc:  # noqa: BLE001 - one sample's failure, handled by on_error
-                values.append(exc)
-        return values
+        if not self.batched:
+            return self._await([self._call({n: _arguments(c, p)[n] for n in self.wants}) for c, p in items])
+        try:
+            return self._batch(items)
+        except TermFailure as failure:  # the function's own fault (a wrong count), not a sample's
+            return [failure] * len(items)
+        except Exception as exc:  # noqa: BLE001 - find the sample that broke it
+            if len(items) == 1:
+                return [exc]
+            return [value for item in items for value in self(items=[item])]
+
+    def _batch(self, items: list[Item]) -> list[Any]:
+        columns = {f"{n}s": [_arguments(c, p)[n] for c, p in items] for n in SAMPLE_ARGUMENTS}
+        (values,) = self._await([self._call({n: columns[n] for n in self.wants})])
+        if isinstance(values, BaseException):
+            raise values
+        if hasattr(values, "tolist"):  # a numpy array or a tensor
+            values = values.tolist()
+        if not isinstance(values, (list, tuple)) or len(values) != len(items):
+            got = f"{len(values)} values" if isinstance(values, (list, tuple)) else type(values).__name__
+            raise TermFailure(f"batched reward {self.name} returned {got} for {len(items)} samples")
+        return list(values)
+
+    def _call(self, kwargs: dict) -> Any:
+        try:
+            return self.function(**kwargs)
+        except Exception as exc:  # noqa: BLE001 - one call's failure, handled by on_error
+            return exc
+
+    def _await(self, results: list[Any]) -> list[Any]:
+        """``results`` with every awaitable among them awaited (on the term's loop)."""
+        pending = [i for i, r in enumerate(results) if inspect.isawaitable(r)]
+        if not pending:
+            return results
+        if self._loop is None:
+            self._loop = asyncio.new_event_loop()
+            threading.Thread(target=self._loop.run_forever, name=f"reward-{self.name}", daemon=True).start()
+        done = asyncio.run_coroutine_threadsafe(_gather([results[i] for i in pending]), self._loop).result()
+        for i, value in zip(pending, done):
+            results[i] = value
+        return results
 
 
-async def _gather(function: Callable, calls: list[dict]) -> list[Any]:
-    return list(await asyncio.gather(*(function(**kwargs) for kwargs in calls), return_exceptions=True))
+ASYNC_CONCURRENCY = 32  # a per-sample async function's calls in flight at once, per verifier
+
+
+async def _gather(awaitables: list) -> list[Any]:
+    limit = asyncio.Semaphore(ASYNC_CONCURRENCY)
+
+    async def one(awaitable):
+        async with limit:
+            return await awaitable
+
+    return list(await asyncio.gather(*(one(a) for a in awaitables), return_exceptions=True))
 
 
 # -- an HTTP reward server --------------------------------------------------------------------
@@ -226,13 +271,15 @@ class HttpReward:
     ``{"rewards": [value, ...]}``, one value per sample in order: a number, or a dict with
     ``reward`` and further components. A request that fails (no connection, a status other
     than 200, past ``timeout_s``, a reply that is not that JSON) is retried ``retries`` times
-    with a short back-off; then its samples meet ``on_error``. ``max_concurrency`` bounds the
-    requests in flight from the whole verifier pool."""
+    with a short back-off (a client error, 4xx, is not: its samples are sent one by one);
+    then its samples meet ``on_error``. ``max_concurrency`` bounds the requests in flight from
+    the whole verifier pool (at least one per verifier actor). A verifier call holds
+    ``verifier.samples_per_call`` samples, so a request holds at most that many."""
 
     url: str = ""
     weight: float = 1.0
     name: str = "http"
-    timeout_s: float = 30.0
+    timeout_s: float = 10.0  # per request, in all; (retries + 1) * (timeout_s + 2) must fit verifier.timeout_s
     max_concurrency: int = 4
     batch_size: int = 16
     retries: int = 2
@@ -266,6 +313,8 @@ class HttpTerm:
         return values
 
     def _request(self, items: list[Item]) -> list[Any] | TermFailure:
+        """One request's rewards; a request the server refuses as a client error (4xx) is
+        split into single samples, so one sample it cannot take fails alone."""
         s = self.settings
         body = json.dumps({"samples": [{"uid": p.uid, "task": p.task, "question": p.question, "completion": c, "answer": p.answer,
                                         "example": _example(p)} for c, p in items]}, default=str).encode()  # fmt: skip
@@ -274,19 +323,126 @@ class HttpTerm:
             if attempt:
                 time.sleep(min(2.0, 0.2 * 2**attempt))
             try:
-                request = urllib.request.Request(s.url, data=body, headers={"Content-Type": "application/json"}, method="POST")
-                with urllib.request.urlopen(request, timeout=s.timeout_s) as reply:
-                    payload = json.loads(reply.read())
+                payload = json.loads(self._post(body))
                 rewards = payload.get("rewards") if isinstance(payload, dict) else None
-                if not isinstance(rewards, list) or len(rewards) != len(items):
-                    error = f"reply is not {{'rewards': [{len(items)} values]}}: {json.dumps(payload)[:120]}"
-                    continue
-                return rewards
+                if isinstance(rewards, list) and len(rewards) == len(items):
+                    return rewards
+                error = f"reply is not {{'rewards': [{len(items)} values]}}: {json.dumps(payload)[:120]}"
             except urllib.error.HTTPError as exc:
                 error = f"HTTP {exc.code} {exc.reason}"
-            except (OSError, ValueError) as exc:  # refused, reset, timed out; bad JSON
+                if 400 <= exc.code < 500 and exc.code not in (408, 429):  # the request's fault: no retry
+                    if len(items) > 1:
+                        return [value for item in items for value in self._one(item)]
+                    break
+            except Exception as exc:  # noqa: BLE001 - refused, reset, cut short, timed out, not JSON
                 error = f"{type(exc).__name__}: {exc}"
-        return TermFailure(f"reward server {s.url}: {error} (after {s.retries} retries)")
+        return TermFailure(f"reward server {s.url}: {error} (after {attempt} retries)")
+
+    def _one(self, item: Item) -> list[Any]:
+        result = self._request([item])
+        return result if isinstance(result, list) else [result]
+
+    def _post(self, body: bytes) -> bytes:
+        """The reply's body, within ``timeout_s`` in all (a server that trickles its reply out
+        is cut off, not only one that goes silent)."""
+        deadline = time.monotonic() + self.settings.timeout_s
+        request = urllib.request.Request(self.settings.url, data=body, headers={"Content-Type": "application/json"}, method="POST")
+        with urllib.request.urlopen(request, timeout=self.settings.timeout_s) as reply:
+            chunks = []
+            while chunk := reply.read(1 << 16):
+                chunks.append(chunk)
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"the reply took longer than {self.settings.timeout_s:.0f}s")
+            return b"".join(chunks)
+
+
+# -- models served by Ray actors (actors.reward_models serves them; settings only here) ------
+
+
+@dataclass(frozen=True)
+class RewardModelSettings:
+    """A reward model (the config's ``reward.model``): a Hugging Face sequence-classification
+    model (a causal LM's checkpoint with a score head loads as one) served by
+    ``num_actors`` Ray actors that batch the verifiers' requests. It scores the chat
+    [user: question, assistant: completion]; one label: its logit is the reward; several: the
+    probability of the last."""
+
+    path: str = ""  # a model folder, a Hub name, or "tiny-classifier" (a random one, for tests)
+    weight: float = 1.0
+    name: str = "reward_model"
+    num_actors: int = 1
+    num_gpus: float = 0.0  # per actor
+    num_cpus: float = 1.0
+    batch_size: int = 16  # samples per forward pass, gathered across verifiers
+    max_wait_ms: float = 20.0  # a partial batch waits this long for more requests
+    max_length: int = 1024  # tokens per sample; longer ones keep their end
+    dtype: str = "auto"  # auto: bfloat16 on a GPU, else float32
+    timeout_s: float = 20.0  # per request; (retries + 1) * (timeout_s + 2) must fit verifier.timeout_s
+    retries: int = 1
+    on_error: OnError = "mask"
+
+    @property
+    def label(self) -> str:
+        return self.name
+
+
+@dataclass(frozen=True)
+class JudgeSettings:
+    """An LLM judge (the config's ``reward.judge``): a model served by its own vLLM generator
+    actors reads ``prompt`` (with ``{question}``, ``{completion}``, ``{reference}``) and its
+    greedy reply is parsed into a reward: ``number`` (the first number, divided by ``scale``),
+    ``letter`` (the first of ``letters``, the first best: 1.0 down to 0.0) or ``yes_no`` (1/0).
+    A reply that does not parse is a failure (masked by default)."""
+
+    model: str = ""  # a model folder, "smollm2", or "base": the run's own model, frozen
+    prompt: str = (
+        "Rate the answer to the question from 0 (wrong) to 10 (perfect).\n\nQuestion: {question}\n\n"
+        "Reference answer: {reference}\n\nAnswer to rate:\n<<<\n{completion}\n>>>\n\nReply with the rating only."
+    )
+    parse: Literal["number", "letter", "yes_no"] = "number"
+    scale: float = 10.0
+    letters: str = "ABCDE"
+    max_tokens: int = 16
+    weight: float = 1.0
+    name: str = "judge"
+    num_generators: int = 1
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+    max_completion_chars: int = 4000  # a longer completion is judged by its head and tail
+    timeout_s: float = 25.0  # per request; (retries + 1) * (timeout_s + 2) must fit verifier.timeout_s
+    retries: int = 1
+    on_error: OnError = "mask"
+
+    @property
+    def label(self) -> str:
+        return self.name
+
+
+def parse_judgement(text: str, settings: JudgeSettings) -> float:
+    """The reward a judge's reply gives, or a ``TermFailure`` quoting the reply."""
+    import re
+
+    if settings.parse == "number":
+        found = re.search(r"-?\d+(?:\.\d+)?", text)
+        if found and 0.0 <= float(found.group()) <= settings.scale:
+            return float(found.group()) / settings.scale
+    elif settings.parse == "letter":
+        found = re.search(rf"\b([{re.escape(settings.letters)}])\b", text)
+        if found:
+            return 1.0 - settings.letters.index(found.group(1)) / max(1, len(settings.letters) - 1)
+    else:
+        found = re.search(r"\b(yes|no)\b", text, re.IGNORECASE)
+        if found:
+            return float(found.group(1).lower() == "yes")
+    raise TermFailure(f"judge reply does not parse as {settings.parse}: {text[:120]!r}")
+
+
+def judge_prompt(settings: JudgeSettings, completion: str, problem: Problem) -> str:
+    """The judge's prompt for one sample; an overlong completion keeps its head and tail."""
+    limit = settings.max_completion_chars
+    if len(completion) > limit:
+        completion = completion[: limit // 2] + "\n[... cut ...]\n" + completion[-limit // 2 :]
+    return settings.prompt.format(question=problem.question, completion=completion, reference=problem.answer or "(none)")
 
 
 # -- what the judge applies -------------------------------------------------------------------
@@ -310,7 +466,7 @@ def score_term(term: Term, items: list[Item]) -> list[Scored]:
     its traceback, once per process."""
     try:
         values = term(items)
-    except Exception as exc:  # noqa: BLE001 - the whole batch failed
+    except (Exception, asyncio.CancelledError) as exc:  # noqa: BLE001 - the whole batch failed
         values = [exc] * len(items)
     results = []
     for value in values:
@@ -322,7 +478,7 @@ def score_term(term: Term, items: list[Item]) -> list[Scored]:
         except TermFailure as exc:
             results.append(Scored(failure=str(exc)[:500]))
             _log_once(term.name, str(exc), None)
-        except Exception as exc:  # noqa: BLE001 - what the user's code raised
+        except (Exception, asyncio.CancelledError) as exc:  # noqa: BLE001 - what the user's code raised
             results.append(Scored(failure=f"reward {term.name} raised {type(exc).__name__}: {exc}"[:500]))
             _log_once(term.name, f"reward {term.name} raised", exc)
     return results

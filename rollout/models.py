@@ -124,6 +124,36 @@ def build_tiny_model(seed: int = 0, root: Path | None = None, **overrides) -> Pa
     return _atomic_build(target, build)
 
 
+def build_tiny_classifier(seed: int = 0, num_labels: int = 1, root: Path | None = None) -> Path:
+    """A random Llama-style sequence classifier (the tiny model's shape, SmolLM2's tokenizer):
+    a reward model for tests and benchmarks."""
+    settings = {**TINY_DEFAULTS, "seed": seed, "num_labels": num_labels}
+    key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
+    target = (root or cache_dir()) / f"tiny-classifier-{key}"
+    tokenizer_dir = prepare_smollm2(root)
+
+    def build(out: Path) -> None:
+        import torch
+        from transformers import AutoTokenizer, LlamaConfig, LlamaForSequenceClassification
+
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+        config = LlamaConfig(
+            vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+            num_labels=num_labels, torch_dtype="float32", **TINY_DEFAULTS,
+        )  # fmt: skip
+        torch.manual_seed(seed)
+        LlamaForSequenceClassification(config).save_pretrained(out)
+        tokenizer.save_pretrained(out)
+
+    return _atomic_build(target, build)
+
+
+def resolve_reward_model(spec: str) -> str:
+    """A reward model's path: ``tiny-classifier`` (built here) or what ``resolve_model`` takes."""
+    return str(build_tiny_classifier()) if spec == "tiny-classifier" else resolve_model(spec)
+
+
 HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 

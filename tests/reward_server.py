@@ -12,7 +12,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 class RewardServer:
     """``mode``: ``ok`` (reward = the completion's share of the letter 'a', plus a component),
-    ``hang``, ``500``, ``garbage``, ``short`` (one reward too few). ``die_after``: requests
+    ``hang``, ``500``, ``garbage``, ``short`` (one reward too few), ``413`` (more than one
+    sample is too large). ``die_after``: requests
     answered before the server stops listening."""
 
     def __init__(self, mode: str = "ok", die_after: int | None = None):
@@ -47,6 +48,9 @@ class RewardServer:
                     return
                 if server.mode == "500":
                     self.send_error(500, "reward model exploded")
+                    return
+                if server.mode == "413" and len(samples) > 1:
+                    self.send_error(413, "one sample at a time")
                     return
                 if server.mode == "garbage":
                     payload = b"<html>not json</html>"

@@ -58,6 +58,35 @@ def hang(completion):
 
 def needs_more(completion, temperature):
     return 1.0
+
+def positional(completion, /):
+    return 1.0
+
+LIMIT = asyncio.Semaphore(2)  # made at import: bound to the loop the term keeps
+
+async def limited(completion):
+    async with LIMIT:
+        await asyncio.sleep(0.001)
+        return 1.0
+
+class Scorer:
+    async def __call__(self, completion):
+        return 0.25
+
+scorer_object = Scorer()
+
+def numpy_values(completions):
+    import numpy as np
+    return np.array([np.float32(len(c)) for c in completions])
+
+def numpy_scalar(completion):
+    import numpy as np
+    return {"reward": np.float64(0.5), "hits": np.int64(2)}
+
+def batch_breaks_on_boom(completions):
+    if "boom" in completions:
+        raise RuntimeError("boom in the batch")
+    return [1.0] * len(completions)
 '''
 
 
@@ -134,6 +163,20 @@ def test_the_first_traceback_of_each_function_is_logged_once_per_process(user_di
     assert len(logged) == 1 and logged[0].exc_info is not None and "KeyError" in "".join(__import__("traceback").format_exception(*logged[0].exc_info))
 
 
+def test_a_batched_failure_is_narrowed_to_the_sample_that_caused_it(user_dir):
+    verdicts = judge(fn(user_dir, "batch_breaks_on_boom", batched=True))([("a", problem()), ("boom", problem()), ("c", problem())])
+    assert [v.status for v in verdicts] == ["ok", "masked", "ok"] and "boom in the batch" in verdicts[1].error
+
+
+def test_async_functions_share_one_loop_and_awaitables_and_numpy_values_count(user_dir):
+    j = judge(fn(user_dir, "limited"), fn(user_dir, "scorer_object", name="obj"), fn(user_dir, "numpy_values", batched=True, weight=0.0),
+              fn(user_dir, "numpy_scalar", name="np"))  # fmt: skip
+    for _ in range(3):  # the module's semaphore is bound to the term's loop: every call uses that loop
+        verdicts = j([("ab", problem()), ("abc", problem())])
+        assert [v.status for v in verdicts] == ["ok", "ok"], [v.error for v in verdicts]
+    assert verdicts[1].components == {"limited": 1.0, "obj": 0.25, "numpy_values": 3.0, "np": 0.5, "np/hits": 2.0}
+
+
 def test_a_batched_function_returning_the_wrong_count_fails_every_sample(user_dir):
     verdicts = judge(fn(user_dir, "batch_short", batched=True))([("a", problem()), ("b", problem())])
     assert [v.status for v in verdicts] == ["masked", "masked"] and "returned 1 values for 2 samples" in verdicts[0].error
@@ -148,6 +191,12 @@ def test_bad_paths_and_signatures_are_named_errors(user_dir, tmp_path):
         import_function("my_rewards.scores:nope", (user_dir,))
     with pytest.raises(ValueError, match=r"parameters \['temperature'\] are not among"):
         build_judge(ScorerSpec(scorer="reward", terms=(fn(user_dir, "needs_more"),)))
+    with pytest.raises(ValueError, match=r"\['completion'\] are positional-only"):
+        build_judge(ScorerSpec(scorer="reward", terms=(fn(user_dir, "positional"),)))
+    (tmp_path / "with_dataclass.py").write_text(
+        "from __future__ import annotations\nimport dataclasses\n@dataclasses.dataclass\nclass Hit:\n    score: float\n"
+        "def score(completion):\n    return Hit(0.75).score\n")
+    assert import_function("with_dataclass.py:score", (str(tmp_path),))("x") == 0.75
     (tmp_path / "loose.py").write_text("def score(completion):\n    return 0.25\n")
     assert import_function("loose.py:score", (str(tmp_path),))("x") == 0.25  # a file beside the config
     with pytest.raises(ValueError, match="scores with the run's reward terms, and none is configured"):
@@ -157,7 +206,10 @@ def test_bad_paths_and_signatures_are_named_errors(user_dir, tmp_path):
 def test_values_a_term_may_return():
     assert value_of("t", True) == (1.0, {}) and value_of("t", 3) == (3.0, {})
     assert value_of("t", {"reward": 0.5, "correct": False, "n": 2}) == (0.5, {"correct": 0.0, "n": 2.0})
-    for bad in (None, "1", [1.0], math.inf, {"reward": "x"}, {"reward": 1.0, "note": "text"}):
+    import numpy as np
+
+    assert value_of("t", np.float32(0.5)) == (0.5, {}) and value_of("t", np.bool_(True)) == (1.0, {})
+    for bad in (None, "1", [1.0], math.inf, np.float64("nan"), {"reward": "x"}, {"reward": 1.0, "note": "text"}):
         with pytest.raises(TermFailure):
             value_of("t", bad)
 
@@ -207,7 +259,8 @@ def test_an_http_server_that_answers_hangs_fails_returns_garbage_and_dies(ray_cl
             verdicts = p.score_items(batch)
             assert [v.reward for v in verdicts] == pytest.approx([1.0, 0.5, 0.0, 1.0, 0.5, 0.0])
             assert verdicts[0].components == {"http": 1.0, "http/length": 4.0} and all(v.status == "ok" for v in verdicts)
-            assert len(server.samples) == 6 and server.samples[0] | {"uid": "u7"} == {
+            sent = next(s for s in server.samples if s["completion"] == "aaaa")
+            assert len(server.samples) == 6 and sent == {
                 "uid": "u7", "task": "mine", "question": "What is 3 + 4?", "completion": "aaaa", "answer": "7", "example": {"id": 3}}
             assert server.most_in_flight <= 2  # two actors, one request each
             for mode, error in (("500", "HTTP 500"), ("garbage", "JSONDecodeError"), ("short", "is not {'rewards': [2 values]}"), ("hang", "timed out")):
@@ -218,6 +271,9 @@ def test_an_http_server_that_answers_hangs_fails_returns_garbage_and_dies(ray_cl
                 assert error in verdicts[0].error and "after 1 retries" in verdicts[0].error and verdicts[0].faults == ("http",)
                 assert server.requests == 2, mode  # the request and its one retry
                 assert time.monotonic() - started < 10
+            server.mode, server.requests = "413", 0
+            verdicts = p.score_items(batch[:2])  # too large for the server: sent again one sample at a time
+            assert [v.status for v in verdicts] == ["ok", "ok"] and server.requests == 3
             server.mode = "ok"
             server.stop()  # dies: connection refused
             verdicts = p.score_items(batch[:2])

@@ -106,6 +106,28 @@ def test_parquet_a_folder_of_splits_and_a_hub_name(tmp_path, monkeypatch):
     assert set(calls) == {("someone/sums", "easy", "train")}
 
 
+def test_answers_the_scorer_cannot_use_are_skipped_not_scored_zero(tmp_path):
+    rows = [{"prompt": f"Pick {i}", "answer": "B"} for i in range(20)] + [{"prompt": "p1", "answer": "Paris"}, {"prompt": "p2", "answer": ""}]
+    choice = build_task("dataset", source=str(write_jsonl(tmp_path / "c.jsonl", rows)), scorer="choice")
+    everything(choice)
+    skipped = {k: v for split in ("train", "validation", "test") for k, v in choice.reports[split].skipped.items()}
+    assert skipped == {"answer is not an option letter A-J": 1, "field 'answer' is empty": 1}
+    labels = [{"prompt": f"Is {i} even?", "answer": ["yes", "no"][i % 2]} for i in range(20)] + [{"prompt": "q", "answer": "maybe"}]
+    label = build_task("dataset", source=str(write_jsonl(tmp_path / "l.jsonl", labels)), scorer="label", labels=["yes", "no"])
+    everything(label)
+    assert {k for split in ("train", "validation", "test") for k in label.reports[split].skipped} == {"answer is not one of the labels ['yes', 'no']"}
+    assert label.reward.options == {"labels": ["yes", "no"]}
+
+
+def test_a_folder_with_split_files_by_our_names_uses_them(tmp_path):
+    rows = [{"prompt": f"{i} + 1 = ?", "answer": str(i + 1)} for i in range(30)]
+    write_jsonl(tmp_path / "train.jsonl", rows[:20])
+    write_jsonl(tmp_path / "validation.jsonl", rows[20:25])
+    write_jsonl(tmp_path / "test.jsonl", rows[25:])
+    splits = everything(build_task("dataset", source=str(tmp_path), scorer="numeric"))
+    assert [len(splits[s]) for s in ("train", "validation", "test")] == [20, 5, 5]
+
+
 def test_settings_are_checked_with_errors_naming_them(tmp_path):
     data = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "p", "answer": "1"}])
     with pytest.raises(ValueError, match="needs a source"):
@@ -116,6 +138,12 @@ def test_settings_are_checked_with_errors_naming_them(tmp_path):
         build_task("dataset", source=str(data), messages_field="m", prompt_field="p")
     with pytest.raises(ValueError, match="needs train"):
         build_task("dataset", source=str(data), splits={"test": "t"})
+    with pytest.raises(ValueError, match="would share rows"):
+        build_task("dataset", source="someone/data", splits={"train": "train", "test": "train"})
+    with pytest.raises(ValueError, match="is one file, cut into the splits .* it takes no splits or subset"):
+        build_task("dataset", source=str(data), splits={"train": "train"})
+    with pytest.raises(ValueError, match="at least two labels"):
+        build_task("dataset", source=str(data), scorer="label", labels=["yes"])
     with pytest.raises(ConfigError, match=r"scored by reward terms alone \(scorer: reward\), and none is configured"):
         load_config(None, [f"tasks=[{{name: dataset, source: {data}}}]"])
     with pytest.raises(ConfigError, match=r"tasks\[0\] \(dataset\).scorer: 'numerc' is not one of"):
@@ -126,6 +154,12 @@ def test_settings_are_checked_with_errors_naming_them(tmp_path):
         load_config(None, [f"tasks=[{{name: dataset, source: {data}, rewards: [typo]}}]", "reward.http={url: 'http://127.0.0.1:9/x'}"])
     with pytest.raises(ConfigError, match="unknown config key 'reward.http.adress'"):
         load_config(None, ["reward.http={adress: 'http://x'}"])
+    with pytest.raises(ConfigError, match="weight must be a finite number"):
+        load_config(None, ["reward.http={url: 'http://127.0.0.1:9/x', weight: .nan}"])
+    with pytest.raises(ConfigError, match=r"reward.http: 3 tries of up to 30s do not fit the verifier's deadline of verifier.timeout_s=60s"):
+        load_config(None, ["reward.http={url: 'http://127.0.0.1:9/x', timeout_s: 30}"])
+    with pytest.raises(ConfigError, match=r"reward terms \['correct'\] have the names of components its numeric scorer reports"):
+        load_config(None, ["reward.http={url: 'http://127.0.0.1:9/x', name: correct}"])
 
 
 def test_data_check_names_the_skipped_rows(tmp_path, capsys):

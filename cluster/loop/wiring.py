@@ -21,6 +21,7 @@ import ray
 
 from actors.generator import GeneratorPool, generator_actor
 from actors.learner import LearnerGroup
+from actors.reward_models import RewardServices
 from actors.verifier import ScorerFactory, VerifierPool
 from cluster.config import Config, TaskConfig
 from cluster.features.bank import BankedRollouts, BankPart, BankRounds
@@ -35,6 +36,7 @@ from learners.settings import LearnerSettings
 from rewards.scoring import ScorerSpec, TaskJudge
 from rewards.terms import TermSource
 from rollout.engines import EngineSettings
+from rollout.models import resolve_model
 from rollout.bank import SolutionBank
 from rollout.tasks import Curriculum, Split, Task, TaskMixture, build_task
 
@@ -122,23 +124,41 @@ def learner_settings(config: Config, model_path: str) -> LearnerSettings:
     )
 
 
-def scorer_spec(config: Config, task: Task, task_config: TaskConfig) -> ScorerSpec:
+def scorer_spec(config: Config, task: Task, task_config: TaskConfig, services: RewardServices | None = None) -> ScorerSpec:
     """How ``task``'s samples are scored: its scorer and options, the run's reward settings
     (with the task's own weights, if it has them), the sandbox, and the reward terms it adds."""
     reward = config.reward if task_config.weights is None else dataclasses.replace(config.reward, weights=task_config.weights)
-    terms = tuple(t for t in reward_terms(config) if task_config.rewards is None or t.label in task_config.rewards)
+    terms = tuple(t for t in reward_terms(config, services) if task_config.rewards is None or t.label in task_config.rewards)
     return ScorerSpec(task.reward.scorer, reward, config.verifier.sandbox, dict(task.reward.options), terms)
 
 
-def reward_terms(config: Config) -> tuple[TermSource, ...]:
+def reward_terms(config: Config, services: RewardServices | None = None) -> tuple[TermSource, ...]:
     """The run's reward terms as the verifier actors open them: functions also searched for in
-    the folder the run started in (a local run's actors do not start there), and an HTTP
-    server's concurrency shared out over the pool's largest size."""
+    the folder the run started in (a local run's actors do not start there), an HTTP server's
+    concurrency shared out over the pool's largest size, and the clients of the reward model's
+    and the judge's actors."""
     terms: list[TermSource] = [dataclasses.replace(f, search=(*f.search, os.getcwd())) for f in config.reward.functions]
     if config.reward.http is not None:
         http = config.reward.http
         terms.append(dataclasses.replace(http, per_actor=max(1, http.max_concurrency // config.verifier.max_verifiers)))
+    if services is not None:
+        terms += services.terms
     return tuple(terms)
+
+
+def start_reward_services(config: Config, model_path: str) -> RewardServices | None:
+    """The reward model's and the judge's actors ``config.reward`` asks for (None: neither).
+    The judge's engine runs as the generators' do, on its own CPUs; ``model: base`` judges with
+    the run's own model, frozen."""
+    model, judge = config.reward.model, config.reward.judge
+    if model is None and judge is None:
+        return None
+    judge_path, engine, env = "", None, None
+    if judge is not None:
+        judge_path = model_path if judge.model == "base" else resolve_model(judge.model)
+        engine = dataclasses.replace(config.generator, threads=max(1, int(judge.num_cpus)), num_gpus=judge.num_gpus)
+        env = generator_env(config) | {"OMP_NUM_THREADS": str(max(1, int(judge.num_cpus)))}
+    return RewardServices(model, judge, judge_path, engine, env, seed=config.run.seed)
 
 
 def build_tasks(config: Config) -> TaskMixture:
@@ -153,20 +173,23 @@ def build_tasks(config: Config) -> TaskMixture:
     return TaskMixture(tasks, [t.weight for t in config.tasks], config.run.seed, curricula)
 
 
-def start_verifiers(config: Config, mixture: TaskMixture | None = None, factory: ScorerFactory | None = None) -> VerifierPool:
-    """The verifier pool ``config`` asks for; each actor builds the scorers of ``mixture``'s
-    tasks (or runs ``factory``'s scorer)."""
+def start_verifiers(config: Config, mixture: TaskMixture | None = None, factory: ScorerFactory | None = None, services: RewardServices | None = None) -> VerifierPool:
+    """The verifier pool ``config`` asks for; each actor builds the judges of ``mixture``'s
+    tasks, with the reward terms (asking ``services``' actors), or runs ``factory``'s scorer."""
     if factory is None:
         mixture = mixture or build_tasks(config)
-        specs = {t.id: scorer_spec(config, t, tc) for t, tc in zip(mixture.tasks.values(), config.tasks)}
+        specs = {t.id: scorer_spec(config, t, tc, services) for t, tc in zip(mixture.tasks.values(), config.tasks)}
         factory = functools.partial(TaskJudge, specs)
     return VerifierPool(factory, config.verifier)
 
 
 def start_crew(config: Config, model_path: str, placement: Placement, tasks: TaskMixture, factory: ScorerFactory | None = None) -> Crew:
-    """The run's learner group, generator pool and verifier pool, in ``placement``'s bundles."""
+    """The run's learner group, generator pool and verifier pool, in ``placement``'s bundles,
+    and the reward model's and judge's actors the verifiers ask."""
     learners = start_learners(config, model_path, placement)
-    return Crew(start_generators(config, model_path, placement), start_verifiers(config, tasks, factory), learners)
+    generators = start_generators(config, model_path, placement)
+    services = start_reward_services(config, model_path) if factory is None else None
+    return Crew(generators, start_verifiers(config, tasks, factory, services), learners, services)
 
 
 def training_sampling(config: Config) -> SamplingSettings:

@@ -151,6 +151,7 @@ class Fields:
     messages: str | None = None  # a chat (a list of {role, content}) instead of a prompt
     template: str = "{question}"  # the user turn: {question} is the prompt field, {<field>} any other
     scorer: str = "reward"
+    labels: tuple[str, ...] = ("True", "False")  # the label scorer's
 
     def row(self, row: dict) -> tuple[str, str, dict]:
         meta: dict = {"example": row}
@@ -178,6 +179,14 @@ class Fields:
             raise RowError(f"missing field {name!r}")
         else:
             answer = ""
+        if needed and not answer:
+            raise RowError(f"field {name!r} is empty")
+        if self.scorer == "choice":
+            answer = answer.upper()
+            if len(answer) != 1 or answer not in LETTERS:
+                raise RowError(f"answer is not an option letter {LETTERS[0]}-{LETTERS[-1]}")
+        if self.scorer == "label" and answer not in self.labels:
+            raise RowError(f"answer is not one of the labels {list(self.labels)}")
         if self.scorer in ("code", "humaneval"):
             entry_point, tests = _require(row, "entry_point", "tests")
             meta |= {"entry_point": entry_point, "tests": tests}
@@ -228,12 +237,21 @@ def generic_spec(
 ) -> DatasetSpec:  # fmt: skip
     """The ``dataset`` task's spec: its rows read by ``Fields``, its splits as named (by default
     one ``train`` split, validation and test cut from it by a hash of each prompt)."""
-    fields = Fields(prompt_field or "prompt", answer_field, messages_field, template or "{question}", scorer)
+    if labels is not None and len(set(labels)) < 2:
+        raise ValueError(f"labels must name at least two labels, got {labels}")
+    fields = Fields(prompt_field or "prompt", answer_field, messages_field, template or "{question}", scorer, tuple(labels or ("True", "False")))
     if messages_field is not None and (prompt_field or template):
         raise ValueError("the dataset task takes a chat (messages_field) or a prompt (prompt_field, template), not both")
     unknown = sorted(set(splits or {}) - set(SPLITS))
     if unknown or (splits is not None and "train" not in splits):
         raise ValueError(f"splits maps our splits {list(SPLITS)} to the dataset's and needs train; got {splits}")
+    if splits is not None and len(set(splits.values())) != len(splits):
+        raise ValueError(f"splits maps two of our splits to one of the dataset's, so they would share rows: {splits}")
+    path = Path(source)
+    if path.is_file() and (splits is not None or subset is not None):
+        raise ValueError(f"{source} is one file, cut into the splits by a hash of each prompt: it takes no splits or subset")
+    if splits is None and path.is_dir():  # a folder: the split files it has, by our names
+        splits = {s: s for s in SPLITS if _split_file(path, s)} or {"train": "train"}
     options = {"labels": list(labels)} if labels else {}
     return DatasetSpec(source, subset, dict(splits or {"train": "train"}), fields.row, TaskReward(scorer, options), "{question}")
 

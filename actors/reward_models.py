@@ -1,0 +1,246 @@
+"""Rewards that need a model of their own, served by Ray actors and asked by the verifiers.
+
+- ``RewardModelServer``: a Hugging Face sequence-classification model (``reward.model``). An
+  async actor: the requests of every verifier queue up and are scored together, up to
+  ``batch_size`` per forward pass (a partial batch waits ``max_wait_ms`` for more).
+- ``JudgeServer``: an LLM judge (``reward.judge``) on its own vLLM engine, serving the base
+  model greedily; the reply is parsed in the verifier (``rewards.terms.parse_judgement``).
+
+Their clients are reward terms (``rewards.terms``): picklable, sent to every verifier actor,
+where each request has a deadline (``timeout_s``) and ``retries`` on the next actor; a sample
+whose request keeps failing meets the term's ``on_error`` (masked by default) and is counted,
+like every term's failure. The servers are restarted by Ray when they die (``max_restarts``);
+``RewardServices`` starts them for a run and kills them with it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import ray
+from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+
+from contracts import SamplingSettings
+from contracts.footprint import peak_rss_gib
+from rewards.terms import Item, JudgeSettings, OnError, RewardModelSettings, TermFailure, judge_prompt, parse_judgement
+
+logger = logging.getLogger(__name__)
+
+SERVER_RESTARTS = 2  # Ray restarts a dead server this many times (its requests fail meanwhile)
+
+
+def _conversation(tokenizer, question: str, completion: str) -> str:
+    if getattr(tokenizer, "chat_template", None):
+        messages = [{"role": "user", "content": question}, {"role": "assistant", "content": completion}]
+        return tokenizer.apply_chat_template(messages, tokenize=False)
+    return f"{question}\n{completion}"
+
+
+class RewardModelServer:
+    """One reward-model replica; ``ray.remote(RewardModelServer)`` is its (async) actor."""
+
+    def __init__(self, path: str, settings: RewardModelSettings):
+        import torch
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        self.settings = settings
+        torch.set_num_threads(max(1, int(settings.num_cpus)))
+        self.device = "cuda" if settings.num_gpus > 0 and torch.cuda.is_available() else "cpu"
+        dtype = (torch.bfloat16 if self.device == "cuda" else torch.float32) if settings.dtype == "auto" else getattr(torch, settings.dtype)
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        self.tokenizer.truncation_side = "left"  # an overlong sample keeps its end, where the answer is
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.model = AutoModelForSequenceClassification.from_pretrained(path, torch_dtype=dtype).to(self.device).eval()
+        self.model.config.pad_token_id = self.tokenizer.pad_token_id
+        self.pending: list[tuple[str, asyncio.Future]] = []
+        self.wakeup: asyncio.Event | None = None
+        self.batcher: asyncio.Task | None = None
+        self.stats = {"batches": 0, "samples": 0, "forward_seconds": 0.0}
+
+    def ready(self) -> bool:
+        return True
+
+    def peak_rss_gib(self) -> float:
+        return peak_rss_gib()
+
+    def counters(self) -> dict[str, float]:
+        return dict(self.stats)
+
+    async def score(self, pairs: list[tuple[str, str]]) -> list[float]:
+        """Rewards of (question, completion) pairs, scored with other callers' pairs."""
+        loop = asyncio.get_running_loop()
+        if self.batcher is None:
+            self.wakeup = asyncio.Event()
+            self.batcher = loop.create_task(self._batches())
+        futures = [loop.create_future() for _ in pairs]
+        self.pending.extend((_conversation(self.tokenizer, q, c), f) for (q, c), f in zip(pairs, futures))
+        self.wakeup.set()
+        return list(await asyncio.gather(*futures))
+
+    async def _batches(self) -> None:
+        loop = asyncio.get_running_loop()
+        size = max(1, self.settings.batch_size)
+        while True:
+            await self.wakeup.wait()
+            if len(self.pending) < size:
+                await asyncio.sleep(self.settings.max_wait_ms / 1000)  # let more requests join
+            batch, self.pending = self.pending[:size], self.pending[size:]
+            if not self.pending:
+                self.wakeup.clear()
+            try:
+                scores = await loop.run_in_executor(None, self._forward, [text for text, _ in batch])
+            except Exception as exc:  # noqa: BLE001 - this batch's callers get the error
+                logger.exception("reward model failed on a batch of %d", len(batch))
+                for _, future in batch:
+                    if not future.done():
+                        future.set_exception(exc)
+                continue
+            for (_, future), score in zip(batch, scores):
+                if not future.done():
+                    future.set_result(score)
+
+    def _forward(self, texts: list[str]) -> list[float]:
+        import torch
+
+        started = time.perf_counter()
+        encoded = self.tokenizer(texts, return_tensors="pt", padding=True, truncation=True, max_length=self.settings.max_length, add_special_tokens=False)
+        with torch.inference_mode():
+            logits = self.model(**encoded.to(self.device)).logits.float()
+        scores = logits[:, 0] if logits.shape[-1] == 1 else logits.softmax(-1)[:, -1]
+        self.stats["batches"] += 1
+        self.stats["samples"] += len(texts)
+        self.stats["forward_seconds"] += time.perf_counter() - started
+        return scores.cpu().tolist()
+
+
+class JudgeServer:
+    """One LLM-judge replica: its model on a vLLM engine, base weights, greedy replies."""
+
+    def __init__(self, path: str, engine_settings, seed: int = 0):
+        from transformers import AutoTokenizer
+
+        from rollout.engines import build_engine
+
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        self.engine = build_engine(path, engine_settings, seed=seed, max_lora_rank=8)
+        self.engine.serve_base()
+        self.max_model_len = engine_settings.max_model_len
+
+    def ready(self) -> bool:
+        return True
+
+    def peak_rss_gib(self) -> float:
+        return peak_rss_gib()
+
+    def judge(self, prompts: list[str], max_tokens: int) -> list[str]:
+        """The judge's greedy reply to each prompt (one user turn); a prompt too long for the
+        engine keeps its end (the rating instruction)."""
+        room = self.max_model_len - max_tokens
+        ids = []
+        for prompt in prompts:
+            text = _conversation_prompt(self.tokenizer, prompt)
+            tokens = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+            ids.append(tokens[-room:])
+        sampling = SamplingSettings(n=1, temperature=0.0, top_p=1.0, max_tokens=max_tokens)
+        return [completions[0].text for completions in self.engine.generate(ids, sampling, base=True)]
+
+
+def _conversation_prompt(tokenizer, prompt: str) -> str:
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+    return prompt + "\n"
+
+
+# -- the clients: reward terms opened in the verifier actors ---------------------------------
+
+
+@dataclass(frozen=True)
+class ServedTerm:
+    """A term whose model runs in ``handles`` (actors of one kind); it is its own opened form."""
+
+    name: str
+    weight: float
+    on_error: OnError
+    timeout_s: float
+    retries: int
+    handles: tuple = field(default=(), hash=False, compare=False)
+    judge: JudgeSettings | None = None  # an LLM judge's settings; None: a reward model
+
+    @property
+    def label(self) -> str:
+        return self.name
+
+    def open(self) -> ServedTerm:
+        return self
+
+    def __call__(self, items: list[Item]) -> list[Any]:
+        if self.judge is not None:
+            prompts = [judge_prompt(self.judge, completion, problem) for completion, problem in items]
+            replies = self._ask("judge", prompts, self.judge.max_tokens)
+            if isinstance(replies, TermFailure):
+                return [replies] * len(items)
+            return [_parsed(reply, self.judge) for reply in replies]
+        values = self._ask("score", [(problem.question, completion) for completion, problem in items])
+        return [values] * len(items) if isinstance(values, TermFailure) else values
+
+    def _ask(self, method: str, *args) -> list | TermFailure:
+        """``method`` on one actor after another (``retries`` more), each within ``timeout_s``."""
+        error, start = "", hash(time.monotonic_ns()) % len(self.handles)
+        for attempt in range(self.retries + 1):
+            handle = self.handles[(start + attempt) % len(self.handles)]
+            try:
+                return ray.get(getattr(handle, method).remote(*args), timeout=self.timeout_s)
+            except GetTimeoutError:
+                error = f"no answer within {self.timeout_s:.0f}s"
+            except (RayActorError, RayTaskError) as exc:
+                error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1][:200]}"
+                time.sleep(min(2.0, 0.5 * (attempt + 1)))  # a restarting server
+        return TermFailure(f"{self.name} server: {error} (after {self.retries} retries)")
+
+
+def _parsed(reply: str, settings: JudgeSettings) -> float | TermFailure:
+    try:
+        return parse_judgement(reply, settings)
+    except TermFailure as failure:
+        return failure
+
+
+# -- the servers of a run ---------------------------------------------------------------------
+
+
+class RewardServices:
+    """The reward model's and the judge's actors of one run, started before the verifiers."""
+
+    def __init__(self, model: RewardModelSettings | None, judge: JudgeSettings | None, judge_path: str = "", engine_settings=None,
+                 env: dict[str, str] | None = None, seed: int = 0, startup_s: float = 600.0):  # fmt: skip
+        self.terms: list[ServedTerm] = []
+        self.actors: list = []
+        if model is not None:
+            from rollout.models import resolve_reward_model
+
+            path = resolve_reward_model(model.path)
+            server = ray.remote(num_cpus=model.num_cpus, num_gpus=model.num_gpus, max_restarts=SERVER_RESTARTS)(RewardModelServer)
+            handles = tuple(server.remote(path, model) for _ in range(model.num_actors))
+            self.actors += handles
+            self.terms.append(ServedTerm(model.name, model.weight, model.on_error, model.timeout_s, model.retries, handles))
+        if judge is not None:
+            server = ray.remote(num_cpus=judge.num_cpus, num_gpus=judge.num_gpus, max_restarts=SERVER_RESTARTS)(JudgeServer)
+            options = {"runtime_env": {"env_vars": env}} if env else {}
+            handles = tuple(server.options(**options).remote(judge_path, engine_settings, seed) for _ in range(judge.num_generators))
+            self.actors += handles
+            self.terms.append(ServedTerm(judge.name, judge.weight, judge.on_error, judge.timeout_s, judge.retries, handles, judge))
+        try:
+            ray.get([actor.ready.remote() for actor in self.actors], timeout=startup_s)
+        except (GetTimeoutError, RayActorError) as exc:
+            self.kill()
+            raise RuntimeError(f"the reward model / judge actors did not start: {str(exc).strip().splitlines()[-1]}") from exc
+
+    def kill(self) -> None:
+        for actor in self.actors:
+            ray.kill(actor, no_restart=True)
+        self.actors = []
