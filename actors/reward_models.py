@@ -2,7 +2,8 @@
 
 - ``RewardModelServer``: a Hugging Face sequence-classification model (``reward.model``). An
   async actor: the requests of every verifier queue up and are scored together, up to
-  ``batch_size`` per forward pass (a partial batch waits ``max_wait_ms`` for more).
+  ``batch_size`` per forward pass (a partial batch waits for more while they keep coming, at
+  most ``max_wait_ms``).
 - ``JudgeServer``: an LLM judge (``reward.judge``) on its own vLLM engine, serving the base
   model greedily; the reply is parsed in the verifier (``rewards.terms.parse_judgement``).
 
@@ -31,6 +32,7 @@ from rewards.terms import Item, JudgeSettings, OnError, RewardModelSettings, Ter
 logger = logging.getLogger(__name__)
 
 SERVER_RESTARTS = 2  # Ray restarts a dead server this many times (its requests fail meanwhile)
+LULL_S = 0.003  # a reward model's partial batch stops waiting when no request came for this long
 
 
 def _conversation(tokenizer, question: str, completion: str) -> str:
@@ -87,8 +89,7 @@ class RewardModelServer:
         size = max(1, self.settings.batch_size)
         while True:
             await self.wakeup.wait()
-            if len(self.pending) < size:
-                await asyncio.sleep(self.settings.max_wait_ms / 1000)  # let more requests join
+            await self._gather(size)
             batch, self.pending = self.pending[:size], self.pending[size:]
             if not self.pending:
                 self.wakeup.clear()
@@ -103,6 +104,16 @@ class RewardModelServer:
             for (_, future), score in zip(batch, scores):
                 if not future.done():
                     future.set_result(score)
+
+    async def _gather(self, size: int) -> None:
+        """Let more requests join a partial batch: up to ``max_wait_ms``, and only while they
+        keep arriving (a lull of ``LULL_S`` ends the wait)."""
+        deadline = time.monotonic() + self.settings.max_wait_ms / 1000
+        while len(self.pending) < size and time.monotonic() < deadline:
+            before = len(self.pending)
+            await asyncio.sleep(LULL_S)
+            if len(self.pending) == before:
+                return
 
     def _forward(self, texts: list[str]) -> list[float]:
         import torch

@@ -59,7 +59,11 @@ def test_a_reward_model_scores_batches_across_verifiers_and_survives_a_killed_se
         assert [v.reward for v in verdicts] == pytest.approx(direct_scores(TEXTS), abs=1e-4)
         assert [v.components["reward_model"] for v in verdicts] == pytest.approx([v.reward for v in verdicts])
         counters = ray.get(services.actors[0].counters.remote())
-        assert counters["samples"] == len(TEXTS) and counters["batches"] < len(TEXTS) / 2  # 4 requests of 2, batched together
+        assert counters["samples"] == len(TEXTS)
+        requests = [services.actors[0].score.remote([(PROBLEM.question, t)]) for t in TEXTS]  # eight callers at once
+        assert [s for (s,) in ray.get(requests)] == pytest.approx(direct_scores(TEXTS), abs=1e-4)
+        batched = ray.get(services.actors[0].counters.remote())
+        assert batched["samples"] - counters["samples"] == 8 and batched["batches"] - counters["batches"] < 8  # gathered together
 
         ray.kill(services.actors[0], no_restart=False)  # Ray restarts it
         verdicts = verifiers.score_items([(t, PROBLEM) for t in TEXTS[:4]])

@@ -453,3 +453,141 @@ def bench_step(config_path: str, steps: int, overrides: list[str], engine_baseli
         }
     logger.info("bench step: %s", result)
     return result
+
+
+# the Python reward ``bench reward`` adds: what a TRL-style format-and-answer function does
+BENCH_REWARD = '''import re
+
+def format_and_answer(completion, answer):
+    found = re.search(r"Answer:\\s*(-?[\\d.]+)", completion)
+    return {"reward": float(bool(found) and found.group(1) == answer), "formatted": float(found is not None)}
+'''
+
+
+def _step_items(config: Config) -> list[tuple[str, object]]:
+    """A step's worth of (completion, problem) pairs of ``config``: ``prompts_per_step`` problems,
+    ``group_size`` completions each, half of them right, worded like a small model's."""
+    from cluster.loop.wiring import build_tasks
+
+    problems = build_tasks(config).sample(config.rollout.prompts_per_step)
+    rng = random.Random(0)
+    items = []
+    for problem in problems:
+        for k in range(config.rollout.group_size):
+            answer = problem.answer if k % 2 else str(rng.randint(0, 99))
+            items.append((f"Let me work it out step by step: the result is {answer}.\nAnswer: {answer}", problem))
+    return items
+
+
+def bench_reward(config_path: str, rounds: int, overrides: list[str]) -> dict:
+    """A step of ``config``'s samples scored through the verifier pool with its built-in scorer
+    alone, and with a Python reward function (``BENCH_REWARD``) added, in the same process,
+    ``rounds`` times each way, alternating: the function's cost per step."""
+    import tempfile
+
+    from cluster.config import load_config
+    from cluster.loop.wiring import start_verifiers
+
+    folder = Path(tempfile.mkdtemp(prefix="raylight-bench-reward-"))
+    (folder / "bench_reward.py").write_text(BENCH_REWARD)
+    function = f"reward.functions=[{{path: 'bench_reward.py:format_and_answer', search: ['{folder}'], weight: 0.5}}]"
+    configs = {"builtin": load_config(config_path, overrides), "function": load_config(config_path, [*overrides, function])}
+    items = _step_items(configs["builtin"])
+    init_ray(configs["builtin"])
+    pools = {name: start_verifiers(config) for name, config in configs.items()}
+    seconds: dict[str, list[float]] = {name: [] for name in pools}
+    try:
+        for pool in pools.values():
+            pool.score_items(items)  # warm-up: imports, the first verdicts
+        for _ in range(rounds):
+            for name, pool in pools.items():
+                start = time.perf_counter()
+                verdicts = pool.score_items(items)
+                seconds[name].append(time.perf_counter() - start)
+                assert all(v.status == "ok" for v in verdicts), [v.error for v in verdicts if v.status != "ok"][:3]
+    finally:
+        for pool in pools.values():
+            pool.kill()
+    builtin, function_s = _median(seconds["builtin"]), _median(seconds["function"])
+    logger.info("a step's %d samples: built-in scorer %.3f s, with a Python reward function %.3f s", len(items), builtin, function_s)
+    return {
+        "benchmark": "reward",
+        "config": config_path,
+        "samples_per_step": len(items),
+        "rounds": rounds,
+        "verifiers": configs["builtin"].verifier.max_verifiers,
+        "builtin_seconds_per_step": round(builtin, 4),
+        "with_function_seconds_per_step": round(function_s, 4),
+        "function_overhead_seconds_per_step": round(function_s - builtin, 4),
+        "ratio": round(function_s / builtin, 3),
+        "round_seconds": {name: [round(s, 4) for s in values] for name, values in seconds.items()},
+    }
+
+
+def bench_reward_model(model: str, samples: int, batch_size: int, actors: int, verifiers: int, rounds: int, samples_per_call: int = 4) -> dict:
+    """The reward model's samples per second through the verifier pool (``verifiers`` actors
+    asking ``actors`` replicas that batch across them), against the same model's plain batched
+    forward passes in this process, same texts, ``rounds`` times each way, alternating."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from actors.reward_models import RewardServices, _conversation
+    from actors.verifier import VerifierPool, VerifierPoolSettings
+    from contracts import Problem
+    from rewards.scoring import ScorerSpec, TaskJudge
+    from rewards.terms import RewardModelSettings
+    from rollout.models import resolve_reward_model
+
+    threads = max(1, (os.cpu_count() or 1) // actors)
+    settings = RewardModelSettings(path=model, num_actors=actors, batch_size=batch_size, num_cpus=threads, max_wait_ms=20)
+    rng = random.Random(0)
+    problem = Problem(uid="q", question="What is 17 + 25? Give the final answer as 'Answer: <number>'.", answer="42", task="bench")
+    items = [(" ".join(rng.choice(["the", "sum", "is", "42", "Answer:", "so", "we", "add"]) for _ in range(rng.randint(8, 40))), problem) for _ in range(samples)]
+    ray.init(num_cpus=max(2, os.cpu_count() or 1) + verifiers, include_dashboard=False) if not ray.is_initialized() else None
+    services = RewardServices(settings, None)
+    spec = ScorerSpec(scorer="reward", terms=tuple(services.terms))
+    pool = VerifierPool(lambda: TaskJudge({"bench": spec}), VerifierPoolSettings(min_verifiers=verifiers, max_verifiers=verifiers, samples_per_call=samples_per_call))
+    path = resolve_reward_model(model)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer.truncation_side = "left"
+    tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
+    plain = AutoModelForSequenceClassification.from_pretrained(path, torch_dtype=torch.float32).eval()
+    plain.config.pad_token_id = tokenizer.pad_token_id
+    texts = [_conversation(tokenizer, p.question, c) for c, p in items]
+
+    def served() -> float:
+        start = time.perf_counter()
+        verdicts = pool.score_items(items)
+        assert all(v.status == "ok" for v in verdicts), [v.error for v in verdicts if v.status != "ok"][:3]
+        return time.perf_counter() - start
+
+    def direct() -> float:
+        start = time.perf_counter()
+        with torch.inference_mode():
+            for i in range(0, len(texts), batch_size):
+                encoded = tokenizer(texts[i : i + batch_size], return_tensors="pt", padding=True, truncation=True, max_length=1024, add_special_tokens=False)
+                plain(**encoded)
+        return time.perf_counter() - start
+
+    try:
+        served(), direct()  # warm-up
+        times = [(served(), direct()) for _ in range(rounds)]
+        counters = ray.get(services.actors[0].counters.remote())
+    finally:
+        pool.kill()
+        services.kill()
+    served_s, direct_s = _median([t[0] for t in times]), _median([t[1] for t in times])
+    return {
+        "benchmark": "reward-model",
+        "model": model,
+        "samples": samples,
+        "batch_size": batch_size,
+        "actors": actors,
+        "verifiers": verifiers,
+        "samples_per_call": samples_per_call,
+        "served_samples_per_second": round(samples / served_s, 1),
+        "plain_forward_samples_per_second": round(samples / direct_s, 1),
+        "served_over_plain": round(direct_s / served_s, 3),
+        "mean_batch": round(counters["samples"] / max(1, counters["batches"]), 1),  # samples per forward pass, first replica
+        "round_seconds": [[round(s, 3), round(d, 3)] for s, d in times],
+    }

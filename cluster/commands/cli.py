@@ -108,7 +108,7 @@ def _data(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from cluster.commands.bench import bench_async, bench_faults, bench_generation, bench_learner, bench_step, bench_verifier
+    from cluster.commands.bench import bench_async, bench_faults, bench_generation, bench_learner, bench_reward, bench_reward_model, bench_step, bench_verifier
 
     if args.bench == "step":
         result = bench_step(args.config, args.steps, args.overrides, not args.no_engine_baseline)
@@ -120,6 +120,10 @@ def _bench(args: argparse.Namespace) -> int:
         result = bench_learner(args.model, args.rows, args.prompt_tokens, args.completion_tokens, args.steps, args.variants)
     elif args.bench == "verifier":
         result = bench_verifier(args.programs, args.slots, args.rounds)
+    elif args.bench == "reward":
+        result = bench_reward(args.config, args.rounds, args.overrides)
+    elif args.bench == "reward-model":
+        result = bench_reward_model(args.model, args.samples, args.batch_size, args.actors, args.verifiers, args.rounds, args.samples_per_call)
     else:
         result = bench_generation(args.model, args.prompts, args.n, args.max_tokens, args.dtype)
     print(json.dumps(result))
@@ -229,6 +233,22 @@ def build_parser() -> argparse.ArgumentParser:
     ver.add_argument("--slots", type=int, default=2, help="programs run at once")
     ver.add_argument("--rounds", type=int, default=3, help="rounds each way, alternating")
     ver.set_defaults(func=_bench)
+
+    rwd = which.add_parser("reward", help="a step of samples scored with the built-in scorer vs with a Python reward function added")
+    rwd.add_argument("--config", default="configs/demo.yaml", help="YAML config (default: the demo)")
+    rwd.add_argument("--rounds", type=int, default=10, help="timed steps each way, alternating")
+    rwd.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
+    rwd.set_defaults(func=_bench)
+
+    rwm = which.add_parser("reward-model", help="a reward model's samples/s through the verifier pool vs its plain forward pass")
+    rwm.add_argument("--model", default="tiny-classifier", help="'tiny-classifier' or a sequence-classification model folder")
+    rwm.add_argument("--samples", type=int, default=256)
+    rwm.add_argument("--batch-size", type=int, default=16)
+    rwm.add_argument("--actors", type=int, default=1, help="reward-model replicas")
+    rwm.add_argument("--verifiers", type=int, default=2, help="verifier actors asking them")
+    rwm.add_argument("--rounds", type=int, default=3)
+    rwm.add_argument("--samples-per-call", type=int, default=4, help="samples a verifier sends per request (verifier.samples_per_call)")
+    rwm.set_defaults(func=_bench)
 
     stp = which.add_parser("step", help="a few steps of a config: seconds per span of a step, tokens/s, peak memory per process role")
     stp.add_argument("config", help="YAML config")
