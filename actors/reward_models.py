@@ -6,6 +6,9 @@
   most ``max_wait_ms``).
 - ``JudgeServer``: an LLM judge (``reward.judge``) on its own vLLM engine, serving the base
   model greedily; the reply is parsed in the verifier (``rewards.terms.parse_judgement``).
+- ``TeacherServer`` / ``TeacherPool``: on-policy distillation's teacher (``reward.teacher``)
+  on its own vLLM engine, scoring the student's tokens; asked by the driver's
+  ``cluster.features.distill`` stage, not by the verifiers (it needs the token ids).
 
 Their clients are reward terms (``rewards.terms``): picklable, sent to every verifier actor,
 where each request has a deadline (``timeout_s``) and ``retries`` on the next actor; a sample
@@ -27,7 +30,7 @@ from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
 from contracts import SamplingSettings
 from contracts.footprint import peak_rss_gib
-from rewards.terms import Item, JudgeSettings, OnError, RewardModelSettings, TermFailure, judge_prompt, parse_judgement
+from rewards.terms import Item, JudgeSettings, OnError, RewardModelSettings, TeacherSettings, TermFailure, judge_prompt, parse_judgement
 
 logger = logging.getLogger(__name__)
 
@@ -161,6 +164,68 @@ class JudgeServer:
         return [completions[0].text for completions in self.engine.generate(ids, sampling, base=True)]
 
 
+class TeacherServer:
+    """One distillation teacher: its model on a vLLM engine, base weights, scoring tokens."""
+
+    def __init__(self, path: str, engine_settings, seed: int = 0):
+        from rollout.engines import build_engine
+
+        self.engine = build_engine(path, engine_settings, seed=seed, max_lora_rank=8)
+        self.engine.serve_base()
+
+    def ready(self) -> bool:
+        return True
+
+    def peak_rss_gib(self) -> float:
+        return peak_rss_gib()
+
+    def score_tokens(self, sequences: list[list[int]], starts: list[int]) -> list[list[float]]:
+        return self.engine.score_tokens(sequences, starts)
+
+
+class TeacherPool:
+    """The teacher's actors: a call's sequences split over them; a teacher that fails or runs
+    past ``timeout_s`` is restarted (by Ray) and the call repeated once, then it fails."""
+
+    def __init__(self, path: str, settings: TeacherSettings, engine_settings, env: dict[str, str] | None = None, seed: int = 0, startup_s: float = 600.0):
+        self.settings = settings
+        server = ray.remote(num_cpus=settings.num_cpus, num_gpus=settings.num_gpus, max_restarts=SERVER_RESTARTS)(TeacherServer)
+        options = {"runtime_env": {"env_vars": env}} if env else {}
+        self.actors = [server.options(**options).remote(path, engine_settings, seed) for _ in range(settings.num_generators)]
+        self.restarts = 0
+        try:
+            ray.get([actor.ready.remote() for actor in self.actors], timeout=startup_s)
+        except (GetTimeoutError, RayActorError) as exc:
+            self.kill()
+            raise RuntimeError(f"the distillation teacher's actors did not start: {str(exc).strip().splitlines()[-1]}") from exc
+
+    def score_tokens(self, sequences: list[list[int]], starts: list[int]) -> list[list[float]]:
+        """Each sequence's log-probs from its start on; raises ``RuntimeError`` when the
+        teachers fail twice."""
+        n = len(self.actors)
+        size = -(-len(sequences) // n) if sequences else 0
+        chunks = [(k, sequences[k * size : (k + 1) * size], starts[k * size : (k + 1) * size]) for k in range(n)]
+        chunks = [c for c in chunks if c[1]]
+        for attempt in range(2):
+            refs = [self.actors[k].score_tokens.remote(seqs, sts) for k, seqs, sts in chunks]
+            try:
+                return [row for part in ray.get(refs, timeout=self.settings.timeout_s) for row in part]
+            except (GetTimeoutError, RayActorError, RayTaskError) as exc:
+                error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1][:200]}"
+                logger.warning("distillation teacher failed (%s): %s", error, "restarting it, trying again" if attempt == 0 else "giving up")
+                for k, _, _ in chunks:
+                    ray.kill(self.actors[k], no_restart=False)  # Ray starts it anew
+                self.restarts += 1
+                if attempt == 0:
+                    ray.get([a.ready.remote() for a in self.actors], timeout=600)
+        raise RuntimeError(f"the distillation teacher failed twice: {error}")
+
+    def kill(self) -> None:
+        for actor in self.actors:
+            ray.kill(actor, no_restart=True)
+        self.actors = []
+
+
 def _conversation_prompt(tokenizer, prompt: str) -> str:
     if getattr(tokenizer, "chat_template", None):
         return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
@@ -225,12 +290,15 @@ def _parsed(reply: str, settings: JudgeSettings) -> float | TermFailure:
 
 
 class RewardServices:
-    """The reward model's and the judge's actors of one run, started before the verifiers."""
+    """The reward model's, the judge's and the distillation teacher's actors of one run,
+    started before the verifiers (which ask the first two; the driver asks the teacher)."""
 
-    def __init__(self, model: RewardModelSettings | None, judge: JudgeSettings | None, judge_path: str = "", engine_settings=None,
-                 env: dict[str, str] | None = None, seed: int = 0, startup_s: float = 600.0):  # fmt: skip
+    def __init__(self, model: RewardModelSettings | None = None, judge: JudgeSettings | None = None, judge_path: str = "",
+                 engine_settings=None, env: dict[str, str] | None = None, seed: int = 0, teacher: TeacherSettings | None = None,
+                 teacher_path: str = "", startup_s: float = 600.0):  # fmt: skip
         self.terms: list[ServedTerm] = []
         self.actors: list = []
+        self.teacher: TeacherPool | None = None
         if model is not None:
             from rollout.models import resolve_reward_model
 
@@ -247,11 +315,20 @@ class RewardServices:
             self.terms.append(ServedTerm(judge.name, judge.weight, judge.on_error, judge.timeout_s, judge.retries, handles, judge))
         try:
             ray.get([actor.ready.remote() for actor in self.actors], timeout=startup_s)
-        except (GetTimeoutError, RayActorError) as exc:
+            if teacher is not None:
+                self.teacher = TeacherPool(teacher_path, teacher, engine_settings, env, seed, startup_s)
+        except (GetTimeoutError, RayActorError, RuntimeError) as exc:
             self.kill()
-            raise RuntimeError(f"the reward model / judge actors did not start: {str(exc).strip().splitlines()[-1]}") from exc
+            raise RuntimeError(f"the reward model / judge / teacher actors did not start: {str(exc).strip().splitlines()[-1]}") from exc
+
+    @property
+    def handles(self) -> list:
+        """Every actor (the memory probe asks them)."""
+        return self.actors + (self.teacher.actors if self.teacher is not None else [])
 
     def kill(self) -> None:
         for actor in self.actors:
             ray.kill(actor, no_restart=True)
         self.actors = []
+        if self.teacher is not None:
+            self.teacher.kill()

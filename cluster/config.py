@@ -535,10 +535,10 @@ def _reward_problems(config: Config) -> list[str]:
 
     problems = []
     reward = config.reward
-    names = [term.label for term in reward.terms()]
+    names = [term.label for term in (*reward.terms(), *((reward.teacher,) if reward.teacher else ()))]
     if len(set(names)) != len(names):
         problems.append(f"reward terms need unique names (the components they report), got {names}: give each function a 'name'")
-    for term in reward.terms():
+    for term in (*reward.terms(), *((reward.teacher,) if reward.teacher else ())):
         if not math.isfinite(term.weight):
             problems.append(f"reward term {term.label}: weight must be a finite number, got {term.weight}")
     if not math.isfinite(reward.correct_at):
@@ -583,6 +583,16 @@ def _reward_problems(config: Config) -> list[str]:
             problems.append("reward.judge.prompt must show the judge the {completion}")
         if judge.num_generators < 1 or judge.max_tokens < 1 or judge.scale <= 0 or len(set(judge.letters)) < 2:
             problems.append("reward.judge needs num_generators >= 1, max_tokens >= 1, scale > 0 and at least two letters")
+    teacher = reward.teacher
+    if teacher is not None:
+        if not teacher.model:
+            problems.append("reward.teacher.model: the teacher's model folder, 'smollm2' or a Hub name (it must share the student's tokenizer)")
+        if teacher.num_generators < 1 or teacher.timeout_s <= 0:
+            problems.append("reward.teacher needs num_generators >= 1 and timeout_s > 0")
+        if config.markovian.enabled:
+            problems.append("reward.teacher distills the policy's own tokens; it cannot run with markovian.enabled (whose reward replaces them)")
+        if teacher.mode == "token" and config.algorithm.policy_loss == "sac":
+            problems.append("reward.teacher.mode=token adds to the policy-gradient advantages; algorithm.policy_loss=sac has none")
     return problems
 
 
@@ -612,7 +622,7 @@ def _task_problems(config: Config) -> list[str]:
         chosen = terms if t.rewards is None else t.rewards
         if set(chosen) - set(terms):
             problems.append(f"{key}.rewards names {sorted(set(chosen) - set(terms))}; the configured reward terms are {terms}")
-        if task.reward.scorer == TERMS_ONLY and not chosen:
+        if task.reward.scorer == TERMS_ONLY and not chosen and config.reward.teacher is None:
             problems.append(f"{key} is scored by reward terms alone (scorer: reward), and none is configured: set reward.functions, http, model or judge, or a scorer")
             continue
         if task.reward.scorer not in COMPONENTS and task.reward.scorer != TERMS_ONLY:

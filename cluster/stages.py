@@ -67,7 +67,7 @@ class Crew:
     def roles(self) -> dict[str, list]:
         """The actors of each role (the memory probe asks them)."""
         roles = {"learners": self.learners.actors, "generators": self.generators.handles, "verifiers": self.verifiers.actors}
-        return roles | ({"reward_servers": self.rewards.actors} if self.rewards is not None else {})
+        return roles | ({"reward_servers": self.rewards.handles} if self.rewards is not None else {})
 
     def kill(self) -> None:
         if self.learners is not None:

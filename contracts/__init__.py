@@ -169,6 +169,9 @@ class TrainBatch:
     ``answer_prompt_token_ids`` / ``answer_token_ids`` / ``answer_weights``: a Markovian row's
     answer, the context it is predicted from (its chain of thought without the question) and
     the weight of the actor-reward term -weight * log pi(answer | context); empty / 0 where
+    unused. ``teacher_logprobs`` / ``teacher_weights``: on-policy distillation's per-token
+    rewards, a teacher's log-prob of each completion token and the weight of
+    log pi_teacher - log pi_student, which the learner adds to the advantages; empty / 0 where
     unused.
     """
 
@@ -182,9 +185,12 @@ class TrainBatch:
     answer_prompt_token_ids: tuple[tuple[int, ...], ...] = ()
     answer_token_ids: tuple[tuple[int, ...], ...] = ()
     answer_weights: tuple[float, ...] = ()
+    teacher_logprobs: tuple[tuple[float, ...], ...] = ()
+    teacher_weights: tuple[float, ...] = ()
 
     def __post_init__(self):
-        defaults = {"rewards": 0.0, "replayed": False, "answer_prompt_token_ids": (), "answer_token_ids": (), "answer_weights": 0.0}
+        defaults = {"rewards": 0.0, "replayed": False, "answer_prompt_token_ids": (), "answer_token_ids": (), "answer_weights": 0.0,
+                    "teacher_logprobs": (), "teacher_weights": 0.0}  # fmt: skip
         for name, value in defaults.items():
             if not getattr(self, name):
                 object.__setattr__(self, name, (value,) * len(self.advantages))

@@ -184,12 +184,20 @@ class PolicyGradientObjective:
             if s.kl_mode == "reward":
                 kl_reward = self.kl_coef * kl_tokens
             metrics["train/kl_old"] = masked_mean(kl_tokens, mask).item()
+        # on-policy distillation: w * (log pi_teacher - log pi_student) per token, a dense reward
+        distill = torch.zeros_like(mask)
+        if any(batch.teacher_weights):
+            taught = torch.tensor([float(w != 0) for w in batch.teacher_weights]).unsqueeze(-1) * mask
+            gap = (padded([torch.tensor(t, dtype=torch.float32) for t in batch.teacher_logprobs], width) - old) * taught
+            distill = torch.tensor(batch.teacher_weights).unsqueeze(-1) * gap
+            metrics["train/teacher_reverse_kl"] = (-gap.sum() / taught.sum().clamp(min=1)).item()  # per token
         returns = None
         if s.advantage in OUTCOME_ESTIMATORS:
-            # the KL penalty's REINFORCE return (gamma = 1) on top of the outcome advantage
-            advantages = torch.tensor(batch.advantages).unsqueeze(-1) * mask - discounted_returns(kl_reward, mask)
+            # the KL penalty's REINFORCE return (gamma = 1) on top of the outcome advantage, and each
+            # token's own teacher reward (discount 0, as on-policy distillation does: low variance)
+            advantages = torch.tensor(batch.advantages).unsqueeze(-1) * mask - discounted_returns(kl_reward, mask) + distill
         else:
-            token_rewards = outcome_token_rewards(torch.tensor(batch.rewards), mask) - kl_reward
+            token_rewards = outcome_token_rewards(torch.tensor(batch.rewards), mask) - kl_reward + distill
             if s.advantage == "reinforce++":
                 advantages = discounted_returns(token_rewards, mask, s.gamma)
             elif s.advantage == "gae":

@@ -25,7 +25,7 @@ from rewards.label import label_reward
 from rewards.overlap import overlap_reward
 from rewards.numeric import ExtractionMethod, numeric_reward
 from rewards.sandbox import CgroupMode, Sandbox, SandboxLimits, SandboxMode
-from rewards.terms import FunctionReward, HttpReward, Item, JudgeSettings, RewardModelSettings, TermSource, score_term
+from rewards.terms import FunctionReward, HttpReward, Item, JudgeSettings, RewardModelSettings, TeacherSettings, TermSource, score_term
 from rewards.text import format_score
 from contracts import Problem, Verdict
 
@@ -87,6 +87,9 @@ class RewardSettings:
     http: HttpReward | None = None  # an HTTP reward server
     model: RewardModelSettings | None = None  # a reward model served by Ray actors
     judge: JudgeSettings | None = None  # an LLM judge on its own vLLM actors
+    # on-policy distillation: a teacher's log-probs of the student's tokens (scored beside the
+    # verifiers, before the advantages: cluster.features.distill)
+    teacher: TeacherSettings | None = None
     # a task scored by terms alone counts a sample correct when a term's dict says so
     # (``correct``), else when the summed reward reaches this
     correct_at: float = 1.0
@@ -276,8 +279,8 @@ class Judge:
 
     def __init__(self, spec: ScorerSpec):
         self.scorer = None if spec.scorer == TERMS_ONLY else per_item(build_scorer(spec))
-        if self.scorer is None and not spec.terms:
-            raise ValueError(f"scorer {TERMS_ONLY!r} scores with the run's reward terms, and none is configured (reward.functions, reward.http)")
+        if self.scorer is None and not spec.terms and spec.reward.teacher is None:
+            raise ValueError(f"scorer {TERMS_ONLY!r} scores with the run's reward terms, and none is configured (reward.functions, http, model, judge, teacher)")
         self.terms = [source.open() for source in spec.terms]
         self.correct_at = spec.reward.correct_at
 

@@ -418,6 +418,29 @@ class JudgeSettings:
         return self.name
 
 
+@dataclass(frozen=True)
+class TeacherSettings:
+    """On-policy distillation (the config's ``reward.teacher``): a teacher on its own vLLM
+    actors scores the student's own sampled tokens (its log-prob of each, given the tokens
+    before); the reward is the negative reverse KL, log pi_teacher - log pi_student of each
+    token. ``token``: per token, as dense rewards the learner adds to the advantages
+    (reward-to-go); ``sequence``: summed, added to the sample's reward before the advantages.
+    The teacher must share the student's tokenizer."""
+
+    model: str = ""  # a model folder, "smollm2", or a Hub name
+    mode: Literal["token", "sequence"] = "token"
+    weight: float = 1.0
+    name: str = "teacher"
+    num_generators: int = 1
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+    timeout_s: float = 120.0  # per call; a teacher past it is replaced and the call repeated once
+
+    @property
+    def label(self) -> str:
+        return self.name
+
+
 def parse_judgement(text: str, settings: JudgeSettings) -> float:
     """The reward a judge's reply gives, or a ``TermFailure`` quoting the reply."""
     import re

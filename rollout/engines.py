@@ -144,6 +144,11 @@ class GenerationEngine(Protocol):
         reachable: a merged adapter or full weights raise ``BaseUnavailable``."""
         ...
 
+    def score_tokens(self, sequences: Sequence[Sequence[int]], starts: Sequence[int]) -> list[list[float]]:
+        """The served model's log-prob (temperature 1) of each token of ``sequences[i]`` from
+        ``starts[i]`` on, given the tokens before it: a teacher's view of a student's tokens."""
+        ...
+
     def load_weights(self, update: WeightUpdate) -> None:
         """Serve ``update`` from now on."""
         ...
@@ -355,6 +360,17 @@ class VLLMEngine:
         outputs = self.llm.generate(prompts, params, lora_request=None if base else self._lora, use_tqdm=False)
         return [[self._completion(o) for o in out.outputs] for out in outputs]
 
+    def score_tokens(self, sequences: Sequence[Sequence[int]], starts: Sequence[int]) -> list[list[float]]:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        if not self._loaded:
+            raise RuntimeError("no adapter loaded: call load_weights(version 0) or serve_base before score_tokens")
+        params = SamplingParams(max_tokens=1, temperature=1.0, prompt_logprobs=0)
+        prompts = [TokensPrompt(prompt_token_ids=list(ids)) for ids in sequences]
+        outputs = self.llm.generate(prompts, params, lora_request=self._lora, use_tqdm=False)
+        return [[out.prompt_logprobs[i][ids[i]].logprob for i in range(max(1, start), len(ids))] for out, ids, start in zip(outputs, sequences, starts)]
+
     @staticmethod
     def _completion(output) -> Completion:
         ids = tuple(output.token_ids)
@@ -414,6 +430,19 @@ class HFEngine:
 
     def serve_base(self) -> None:
         self.model = self.base
+
+    def score_tokens(self, sequences: Sequence[Sequence[int]], starts: Sequence[int]) -> list[list[float]]:
+        import torch
+
+        if self.model is None:
+            raise RuntimeError("no adapter loaded: call load_weights(version 0) or serve_base before score_tokens")
+        scores = []
+        with torch.no_grad():
+            for ids, start in zip(sequences, starts):
+                logits = self.model(input_ids=torch.tensor([list(ids)])).logits[0, :-1].float()
+                logprobs = torch.log_softmax(logits, dim=-1).gather(-1, torch.tensor(ids[1:]).unsqueeze(-1)).squeeze(-1)
+                scores.append(logprobs[max(1, start) - 1 :].tolist())
+        return scores
 
     def generate(self, prompt_token_ids: Sequence[Sequence[int]], sampling: SamplingSettings, base: bool = False) -> list[list[Completion]]:
         import contextlib

@@ -124,6 +124,26 @@ def build_tiny_model(seed: int = 0, root: Path | None = None, **overrides) -> Pa
     return _atomic_build(target, build)
 
 
+def build_small_smollm2(layers: int = 2, root: Path | None = None) -> Path:
+    """SmolLM2-135M-Instruct cut to its first ``layers`` layers (its embeddings, tokenizer and
+    final norm kept): a small student that shares SmolLM2's tokenizer, for distillation."""
+    target = (root or cache_dir()) / f"smollm2-{layers}-layers"
+    source = prepare_smollm2(root)
+
+    def build(out: Path) -> None:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        model = AutoModelForCausalLM.from_pretrained(source, torch_dtype="float32")
+        model.model.layers = model.model.layers[:layers]
+        model.config.num_hidden_layers = layers
+        if getattr(model.config, "layer_types", None):
+            model.config.layer_types = model.config.layer_types[:layers]
+        model.save_pretrained(out)
+        AutoTokenizer.from_pretrained(source).save_pretrained(out)
+
+    return _atomic_build(target, build)
+
+
 def build_tiny_classifier(seed: int = 0, num_labels: int = 1, root: Path | None = None) -> Path:
     """A random Llama-style sequence classifier (the tiny model's shape, SmolLM2's tokenizer):
     a reward model for tests and benchmarks."""
@@ -158,13 +178,15 @@ HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 def resolve_model(spec: str) -> str:
-    """Turn a config's ``model.path`` into what every loader takes: the folder of ``smollm2``
-    or ``tiny`` (prepared here), a HF model folder, or a Hugging Face Hub name (``org/name``),
+    """Turn a config's ``model.path`` into what every loader takes: the folder of ``smollm2``,
+    ``tiny`` or ``smollm2-2-layers`` (prepared here), a HF model folder, or a Hugging Face Hub name (``org/name``),
     which each node fetches into its own HF cache when an actor there loads it."""
     if spec == "smollm2":
         return str(prepare_smollm2())
     if spec == "tiny":
         return str(build_tiny_model())
+    if spec == "smollm2-2-layers":
+        return str(build_small_smollm2(2))
     path = Path(spec).expanduser()
     if (path / "config.json").is_file():
         return str(path)

@@ -52,7 +52,7 @@ def evaluate_policy(config: Config, adapter: str, split: Split = "validation") -
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     init_ray(config)
     generator = start_generator(config, model_path)
-    services = start_reward_services(config, model_path)
+    services = start_reward_services(config, model_path, teacher=False)  # the teacher rewards training only
     crew = Crew(GeneratorPool([generator]), start_verifiers(config, tasks, services=services), rewards=services)
     try:
         evaluator = build_stages(config, tokenizer, tasks, crew, split=split).evaluator

@@ -4,7 +4,7 @@ the stages of the loop.
 Everything a driver (training, ``raylight eval``, a benchmark) needs to start the parts of a
 run from its config; each setting object is built from the config's sections as they are.
 ``build_stages`` is the one place that reads which run-level features are on
-(``markovian.enabled``, ``bank.*``, ``algorithm.objective``, ``phases``) and chooses the
+(``markovian.enabled``, ``bank.*``, ``reward.teacher``, ``algorithm.objective``, ``phases``) and chooses the
 stages they plug into the loop (``cluster.stages``).
 """
 
@@ -25,6 +25,7 @@ from actors.reward_models import RewardServices
 from actors.verifier import ScorerFactory, VerifierPool
 from cluster.config import Config, TaskConfig
 from cluster.features.bank import BankedRollouts, BankPart, BankRounds
+from cluster.features.distill import TeacherReward
 from cluster.features.markovian import ActorRewardColumns, MarkovianEvaluator, MarkovianReward
 from cluster.features.surgery import Surgery
 from cluster.loop.placement import Placement
@@ -146,19 +147,24 @@ def reward_terms(config: Config, services: RewardServices | None = None) -> tupl
     return tuple(terms)
 
 
-def start_reward_services(config: Config, model_path: str) -> RewardServices | None:
-    """The reward model's and the judge's actors ``config.reward`` asks for (None: neither).
-    The judge's engine runs as the generators' do, on its own CPUs; ``model: base`` judges with
-    the run's own model, frozen."""
-    model, judge = config.reward.model, config.reward.judge
-    if model is None and judge is None:
+def start_reward_services(config: Config, model_path: str, teacher: bool = True) -> RewardServices | None:
+    """The reward model's, the judge's and (with ``teacher``) the distillation teacher's actors
+    ``config.reward`` asks for (None: none of them). The judge's and the teacher's engines run
+    as the generators' do (the generator section's engine settings), on their own CPUs; a judge
+    with ``model: base`` judges with the run's own model, frozen."""
+    r = config.reward
+    distill = r.teacher if teacher else None
+    if r.model is None and r.judge is None and distill is None:
         return None
-    judge_path, engine, env = "", None, None
-    if judge is not None:
-        judge_path = model_path if judge.model == "base" else resolve_model(judge.model)
-        engine = dataclasses.replace(config.generator, threads=max(1, int(judge.num_cpus)), num_gpus=judge.num_gpus)
-        env = generator_env(config) | {"OMP_NUM_THREADS": str(max(1, int(judge.num_cpus)))}
-    return RewardServices(model, judge, judge_path, engine, env, seed=config.run.seed)
+    engine_of = r.judge or distill
+    engine, env = None, None
+    if engine_of is not None:
+        threads = max(1, int(engine_of.num_cpus))
+        engine = dataclasses.replace(config.generator, threads=threads, num_gpus=engine_of.num_gpus, adapter_mode="merged")
+        env = generator_env(config) | {"OMP_NUM_THREADS": str(threads)}
+    judge_path = (model_path if r.judge.model == "base" else resolve_model(r.judge.model)) if r.judge is not None else ""
+    teacher_path = resolve_model(distill.model) if distill is not None else ""
+    return RewardServices(r.model, r.judge, judge_path, engine, env, config.run.seed, distill, teacher_path)
 
 
 def build_tasks(config: Config) -> TaskMixture:
@@ -214,6 +220,11 @@ def build_stages(
     prompts: Prompts = TaskPrompts(tokenizer, tasks, training_sampling(config))
     rewards: tuple[ModelReward, ...] = ()
     markovian = None
+    if config.reward.teacher is not None:  # on-policy distillation: the teacher's log-probs of the student's tokens
+        teacher = TeacherReward(config.reward.teacher, crew.rewards.teacher if crew.rewards else None)
+        rewards = (teacher,)
+        if config.reward.teacher.mode == "token":
+            rollouts = RolloutBatches(rollouts.estimator, rollouts.drop_zero_variance, teacher.columns)
     if config.markovian.enabled:  # chains of thought rewarded by the frozen model's answer log-prob
         prompts = markovian = MarkovianReward(config, tokenizer, tasks, crew)
         rewards = (markovian,)
