@@ -360,24 +360,17 @@ class HttpTerm:
 
 
 @dataclass(frozen=True)
-class RewardModelSettings:
-    """A reward model (the config's ``reward.model``): a Hugging Face sequence-classification
-    model (a causal LM's checkpoint with a score head loads as one) served by
-    ``num_actors`` Ray actors that batch the verifiers' requests. It scores the chat
-    [user: question, assistant: completion]; one label: its logit is the reward; several: the
-    probability of the last."""
+class ServedReward:
+    """What every reward served by Ray actors has: its weight and name, each actor's
+    resources, and how a verifier's request to them fails (``timeout_s`` per request,
+    ``retries`` on the next actor, then ``on_error``;
+    ``(retries + 1) * (timeout_s + 2)`` must fit ``verifier.timeout_s``)."""
 
-    path: str = ""  # a model folder, a Hub name, or "tiny-classifier" (a random one, for tests)
     weight: float = 1.0
-    name: str = "reward_model"
-    num_actors: int = 1
+    name: str = "served"
+    num_cpus: float = 1.0  # per actor
     num_gpus: float = 0.0  # per actor
-    num_cpus: float = 1.0
-    batch_size: int = 16  # samples per forward pass, gathered across verifiers
-    max_wait_ms: float = 20.0  # a partial batch waits this long for more requests
-    max_length: int = 1024  # tokens per sample; longer ones keep their end
-    dtype: str = "auto"  # auto: bfloat16 on a GPU, else float32
-    timeout_s: float = 20.0  # per request; (retries + 1) * (timeout_s + 2) must fit verifier.timeout_s
+    timeout_s: float = 20.0
     retries: int = 1
     on_error: OnError = "mask"
 
@@ -387,7 +380,24 @@ class RewardModelSettings:
 
 
 @dataclass(frozen=True)
-class JudgeSettings:
+class RewardModelSettings(ServedReward):
+    """A reward model (the config's ``reward.model``): a Hugging Face sequence-classification
+    model (a causal LM's checkpoint with a score head loads as one) served by
+    ``num_actors`` Ray actors that batch the verifiers' requests. It scores the chat
+    [user: question, assistant: completion]; one label: its logit is the reward; several: the
+    probability of the last."""
+
+    path: str = ""  # a model folder, a Hub name, or "tiny-classifier" (a random one, for tests)
+    name: str = "reward_model"
+    num_actors: int = 1
+    batch_size: int = 16  # samples per forward pass, gathered across verifiers
+    max_wait_ms: float = 20.0  # a partial batch waits at most this long for more requests
+    max_length: int = 1024  # tokens per sample; longer ones keep their end
+    dtype: str = "auto"  # auto: bfloat16 on a GPU, else float32
+
+
+@dataclass(frozen=True)
+class JudgeSettings(ServedReward):
     """An LLM judge (the config's ``reward.judge``): a model served by its own vLLM generator
     actors reads ``prompt`` (with ``{question}``, ``{completion}``, ``{reference}``) and its
     greedy reply is parsed into a reward: ``number`` (the first number, divided by ``scale``),
@@ -403,19 +413,10 @@ class JudgeSettings:
     scale: float = 10.0
     letters: str = "ABCDE"
     max_tokens: int = 16
-    weight: float = 1.0
     name: str = "judge"
     num_generators: int = 1
-    num_cpus: float = 1.0
-    num_gpus: float = 0.0
     max_completion_chars: int = 4000  # a longer completion is judged by its head and tail
-    timeout_s: float = 25.0  # per request; (retries + 1) * (timeout_s + 2) must fit verifier.timeout_s
-    retries: int = 1
-    on_error: OnError = "mask"
-
-    @property
-    def label(self) -> str:
-        return self.name
+    timeout_s: float = 25.0
 
 
 @dataclass(frozen=True)

@@ -104,24 +104,23 @@ def build_tiny_model(seed: int = 0, root: Path | None = None, **overrides) -> Pa
 
     def build(out: Path) -> None:
         import torch
-        from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+        from transformers import AutoTokenizer, LlamaForCausalLM
 
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-        config = LlamaConfig(
-            vocab_size=len(tokenizer),
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-            tie_word_embeddings=True,
-            torch_dtype="float32",
-            **{k: v for k, v in settings.items() if k != "seed"},
-        )
         torch.manual_seed(seed)
-        model = LlamaForCausalLM(config)
-        model.save_pretrained(out)
+        LlamaForCausalLM(_llama_config(tokenizer, tie_word_embeddings=True, **{k: v for k, v in settings.items() if k != "seed"})).save_pretrained(out)
         tokenizer.save_pretrained(out)
 
     return _atomic_build(target, build)
+
+
+def _llama_config(tokenizer, **settings):
+    """A float32 Llama config over ``tokenizer``'s vocabulary and special tokens."""
+    from transformers import LlamaConfig
+
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return LlamaConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                       pad_token_id=pad, torch_dtype="float32", **settings)  # fmt: skip
 
 
 def build_small_smollm2(layers: int = 2, root: Path | None = None) -> Path:
@@ -154,16 +153,11 @@ def build_tiny_classifier(seed: int = 0, num_labels: int = 1, root: Path | None 
 
     def build(out: Path) -> None:
         import torch
-        from transformers import AutoTokenizer, LlamaConfig, LlamaForSequenceClassification
+        from transformers import AutoTokenizer, LlamaForSequenceClassification
 
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-        config = LlamaConfig(
-            vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
-            num_labels=num_labels, torch_dtype="float32", **TINY_DEFAULTS,
-        )  # fmt: skip
         torch.manual_seed(seed)
-        LlamaForSequenceClassification(config).save_pretrained(out)
+        LlamaForSequenceClassification(_llama_config(tokenizer, num_labels=num_labels, **TINY_DEFAULTS)).save_pretrained(out)
         tokenizer.save_pretrained(out)
 
     return _atomic_build(target, build)

@@ -141,40 +141,9 @@ def test_a_model_folder_a_node_cannot_read_stops_the_run_naming_it(two_nodes, tm
     assert f"model.path {hidden / 'tiny'} cannot be read on node" in done.stderr and f"(node id {worker_id})" in done.stderr
 
 
-def test_ray_job_submit_runs_a_training_job_with_token_auth(two_nodes, tiny_model_path, tmp_path):
-    _, dashboard, _, _ = two_nodes
+def run_job(dashboard: str, folder: Path, job: str, entrypoint: list[str]) -> tuple[str, str]:
+    """``ray job submit --working-dir .`` from ``folder``, waited for: (its status, its logs)."""
     ray = str(Path(sys.executable).parent / "ray")
-    run_dir = tmp_path / "job-run"
-    job = f"raylight-test-{os.getpid()}"
-    entrypoint = ["python", "-m", "cluster.commands.cli", "train", "configs/tiny.yaml", "--run-dir", str(run_dir), f"model.path={tiny_model_path}", *TINY_RUN]
-    submit = [ray, "job", "submit", "--address", dashboard, "--working-dir", ".", "--submission-id", job, "--no-wait", "--", *entrypoint]
-    submitted = subprocess.run(submit, cwd=ROOT, env=ray_env(), capture_output=True, text=True, timeout=120)
-    assert submitted.returncode == 0, submitted.stderr[-3000:]
-    deadline, status = time.monotonic() + 600, ""
-    while time.monotonic() < deadline:
-        status = subprocess.run([ray, "job", "status", "--address", dashboard, job], env=ray_env(), capture_output=True, text=True).stdout.lower()
-        if any(f"job '{job}' {word}" in status for word in ("succeeded", "failed", "stopped")):
-            break
-        time.sleep(3)
-    logs = subprocess.run([ray, "job", "logs", "--address", dashboard, job], env=ray_env(), capture_output=True, text=True).stdout
-    assert f"job '{job}' succeeded" in status, f"{status}\n{logs[-4000:]}"
-    assert f"run directory: {run_dir}" in logs
-    assert (run_dir / "config.yaml").is_file() and (run_dir / "final_adapter" / "adapter_model.safetensors").is_file()
-    assert [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()] == [1, 2]
-
-
-def test_the_worked_example_as_a_job_imports_the_users_reward_on_the_cluster(two_nodes, tiny_model_path, tmp_path):
-    """docs/your-problem.md's example, submitted from its own folder (outside the repository)
-    with ``--working-dir .``: the reward module travels with the job and the verifier actors
-    import it there."""
-    _, dashboard, _, _ = two_nodes
-    folder = shutil.copytree(ROOT / "docs" / "your-problem", tmp_path / "capitals")
-    ray = str(Path(sys.executable).parent / "ray")
-    run_dir = tmp_path / "capitals-run"
-    job = f"raylight-capitals-{os.getpid()}"
-    tiny = [f"model.path={tiny_model_path}", "generator.dtype=float32", "generator.max_model_len=256", "generator.kv_cache_gib=1",
-            "algorithm.autocast_dtype=float32", "model.dtype=float32", *TINY_RUN]  # fmt: skip
-    entrypoint = ["python", "-m", "cluster.commands.cli", "train", "config.yaml", "--run-dir", str(run_dir), *tiny]
     submit = [ray, "job", "submit", "--address", dashboard, "--working-dir", ".", "--submission-id", job, "--no-wait", "--", *entrypoint]
     submitted = subprocess.run(submit, cwd=folder, env=ray_env(), capture_output=True, text=True, timeout=120)
     assert submitted.returncode == 0, submitted.stderr[-3000:]
@@ -186,6 +155,30 @@ def test_the_worked_example_as_a_job_imports_the_users_reward_on_the_cluster(two
         time.sleep(3)
     logs = subprocess.run([ray, "job", "logs", "--address", dashboard, job], env=ray_env(), capture_output=True, text=True).stdout
     assert f"job '{job}' succeeded" in status, f"{status}\n{logs[-4000:]}"
+    return status, logs
+
+
+def test_ray_job_submit_runs_a_training_job_with_token_auth(two_nodes, tiny_model_path, tmp_path):
+    _, dashboard, _, _ = two_nodes
+    run_dir = tmp_path / "job-run"
+    entrypoint = ["python", "-m", "cluster.commands.cli", "train", "configs/tiny.yaml", "--run-dir", str(run_dir), f"model.path={tiny_model_path}", *TINY_RUN]
+    _, logs = run_job(dashboard, ROOT, f"raylight-test-{os.getpid()}", entrypoint)
+    assert f"run directory: {run_dir}" in logs
+    assert (run_dir / "config.yaml").is_file() and (run_dir / "final_adapter" / "adapter_model.safetensors").is_file()
+    assert [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+
+
+def test_the_worked_example_as_a_job_imports_the_users_reward_on_the_cluster(two_nodes, tiny_model_path, tmp_path):
+    """docs/your-problem.md's example, submitted from its own folder (outside the repository)
+    with ``--working-dir .``: the reward module travels with the job and the verifier actors
+    import it there."""
+    _, dashboard, _, _ = two_nodes
+    folder = shutil.copytree(ROOT / "docs" / "your-problem", tmp_path / "capitals")
+    run_dir = tmp_path / "capitals-run"
+    tiny = [f"model.path={tiny_model_path}", "generator.dtype=float32", "generator.max_model_len=256", "generator.kv_cache_gib=1",
+            "algorithm.autocast_dtype=float32", "model.dtype=float32", *TINY_RUN]  # fmt: skip
+    entrypoint = ["python", "-m", "cluster.commands.cli", "train", "config.yaml", "--run-dir", str(run_dir), *tiny]
+    run_job(dashboard, folder, f"raylight-capitals-{os.getpid()}", entrypoint)
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2]
     assert all({"train/reward/capital", "train/reward/capital/brief"} <= set(r) and r["train/masked_share"] == 0.0 for r in rows)
