@@ -35,6 +35,7 @@ from rewards.terms import Item, JudgeSettings, OnError, RewardModelSettings, Tea
 logger = logging.getLogger(__name__)
 
 SERVER_RESTARTS = 2  # Ray restarts a dead server this many times (its requests fail meanwhile)
+TEACHER_CHUNK = 32  # sequences per call to a distillation teacher
 LULL_S = 0.003  # a reward model's partial batch stops waiting when no request came for this long
 
 
@@ -78,6 +79,8 @@ class RewardModelServer:
 
     async def score(self, pairs: list[tuple[str, str]]) -> list[float]:
         """Rewards of (question, completion) pairs, scored with other callers' pairs."""
+        if not pairs:
+            return []
         loop = asyncio.get_running_loop()
         if self.batcher is None:
             self.wakeup = asyncio.Event()
@@ -153,13 +156,15 @@ class JudgeServer:
 
     def judge(self, prompts: list[str], max_tokens: int) -> list[str]:
         """The judge's greedy reply to each prompt (one user turn); a prompt too long for the
-        engine keeps its end (the rating instruction)."""
-        room = self.max_model_len - max_tokens
+        engine loses its middle (the completion's), keeping the rubric and the instruction."""
+        room = max(2, self.max_model_len - max_tokens - 1)
         ids = []
         for prompt in prompts:
             text = _conversation_prompt(self.tokenizer, prompt)
             tokens = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-            ids.append(tokens[-room:])
+            if len(tokens) > room:  # the rubric at the head and the instruction at the end both stay
+                tokens = tokens[: room // 2] + tokens[-(room - room // 2) :]
+            ids.append(tokens)
         sampling = SamplingSettings(n=1, temperature=0.0, top_p=1.0, max_tokens=max_tokens)
         return [completions[0].text for completions in self.engine.generate(ids, sampling, base=True)]
 
@@ -183,13 +188,20 @@ class TeacherServer:
         return self.engine.score_tokens(sequences, starts)
 
 
+class TeacherFailure(RuntimeError):
+    """The teacher could not score a step's tokens (the samples are masked, not scored 0)."""
+
+
 class TeacherPool:
-    """The teacher's actors: a call's sequences split over them; a teacher that fails or runs
-    past ``timeout_s`` is restarted (by Ray) and the call repeated once, then it fails."""
+    """The teacher's actors. A call's sequences go out in chunks of ``TEACHER_CHUNK``, spread
+    over the actors, each chunk within ``timeout_s``. A teacher that dies or runs past its
+    deadline is restarted (by Ray) and the call repeated once; an error the teacher raises
+    (its input, not its health) is not retried. Either way a failure is a ``TeacherFailure``."""
 
     def __init__(self, path: str, settings: TeacherSettings, engine_settings, env: dict[str, str] | None = None, seed: int = 0, startup_s: float = 600.0):
-        self.settings = settings
-        server = ray.remote(num_cpus=settings.num_cpus, num_gpus=settings.num_gpus, max_restarts=SERVER_RESTARTS)(TeacherServer)
+        self.settings, self.startup_s = settings, startup_s
+        self.max_model_len = engine_settings.max_model_len
+        server = ray.remote(num_cpus=settings.num_cpus, num_gpus=settings.num_gpus, max_restarts=-1)(TeacherServer)
         options = {"runtime_env": {"env_vars": env}} if env else {}
         self.actors = [server.options(**options).remote(path, engine_settings, seed) for _ in range(settings.num_generators)]
         self.restarts = 0
@@ -200,25 +212,36 @@ class TeacherPool:
             raise RuntimeError(f"the distillation teacher's actors did not start: {str(exc).strip().splitlines()[-1]}") from exc
 
     def score_tokens(self, sequences: list[list[int]], starts: list[int]) -> list[list[float]]:
-        """Each sequence's log-probs from its start on; raises ``RuntimeError`` when the
-        teachers fail twice."""
-        n = len(self.actors)
-        size = -(-len(sequences) // n) if sequences else 0
-        chunks = [(k, sequences[k * size : (k + 1) * size], starts[k * size : (k + 1) * size]) for k in range(n)]
-        chunks = [c for c in chunks if c[1]]
+        """Each sequence's log-probs from its start on."""
+        chunks = [(sequences[i : i + TEACHER_CHUNK], starts[i : i + TEACHER_CHUNK]) for i in range(0, len(sequences), TEACHER_CHUNK)]
+        error = ""
         for attempt in range(2):
-            refs = [self.actors[k].score_tokens.remote(seqs, sts) for k, seqs, sts in chunks]
+            refs = [self.actors[k % len(self.actors)].score_tokens.remote(seqs, sts) for k, (seqs, sts) in enumerate(chunks)]
+            rounds = -(-len(chunks) // len(self.actors))
             try:
-                return [row for part in ray.get(refs, timeout=self.settings.timeout_s) for row in part]
-            except (GetTimeoutError, RayActorError, RayTaskError) as exc:
+                return [row for part in ray.get(refs, timeout=self.settings.timeout_s * rounds) for row in part]
+            except RayTaskError as exc:  # the teacher refused the input: no restart would help
+                raise TeacherFailure(f"the distillation teacher failed on this step's tokens: {str(exc).strip().splitlines()[-1][:300]}") from exc
+            except (GetTimeoutError, RayActorError) as exc:
                 error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1][:200]}"
-                logger.warning("distillation teacher failed (%s): %s", error, "restarting it, trying again" if attempt == 0 else "giving up")
-                for k, _, _ in chunks:
-                    ray.kill(self.actors[k], no_restart=False)  # Ray starts it anew
-                self.restarts += 1
+                for ref in refs:
+                    ray.cancel(ref, force=True)
                 if attempt == 0:
-                    ray.get([a.ready.remote() for a in self.actors], timeout=600)
-        raise RuntimeError(f"the distillation teacher failed twice: {error}")
+                    logger.warning("distillation teacher failed (%s): restarting it and trying again", error)
+                    self._restart()
+        raise TeacherFailure(f"the distillation teacher failed twice: {error}")
+
+    def _restart(self) -> None:
+        self.restarts += 1
+        for actor in self.actors:
+            ray.kill(actor, no_restart=False)  # Ray starts it anew (max_restarts=-1)
+        deadline = time.monotonic() + self.startup_s
+        while time.monotonic() < deadline:
+            try:
+                ray.get([actor.ready.remote() for actor in self.actors], timeout=max(1.0, deadline - time.monotonic()))
+                return
+            except (GetTimeoutError, RayActorError):  # a call that reached the dying worker
+                time.sleep(1.0)
 
     def kill(self) -> None:
         for actor in self.actors:
@@ -269,9 +292,11 @@ class ServedTerm:
         error, start = "", hash(time.monotonic_ns()) % len(self.handles)
         for attempt in range(self.retries + 1):
             handle = self.handles[(start + attempt) % len(self.handles)]
+            ref = getattr(handle, method).remote(*args)
             try:
-                return ray.get(getattr(handle, method).remote(*args), timeout=self.timeout_s)
+                return ray.get(ref, timeout=self.timeout_s)
             except GetTimeoutError:
+                ray.cancel(ref)  # the server drops it when it can
                 error = f"no answer within {self.timeout_s:.0f}s"
             except (RayActorError, RayTaskError) as exc:
                 error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1][:200]}"
@@ -295,7 +320,7 @@ class RewardServices:
 
     def __init__(self, model: RewardModelSettings | None = None, judge: JudgeSettings | None = None, judge_path: str = "",
                  engine_settings=None, env: dict[str, str] | None = None, seed: int = 0, teacher: TeacherSettings | None = None,
-                 teacher_path: str = "", startup_s: float = 600.0):  # fmt: skip
+                 teacher_path: str = "", teacher_engine=None, teacher_env: dict[str, str] | None = None, startup_s: float = 600.0):  # fmt: skip
         self.terms: list[ServedTerm] = []
         self.actors: list = []
         self.teacher: TeacherPool | None = None
@@ -316,7 +341,7 @@ class RewardServices:
         try:
             ray.get([actor.ready.remote() for actor in self.actors], timeout=startup_s)
             if teacher is not None:
-                self.teacher = TeacherPool(teacher_path, teacher, engine_settings, env, seed, startup_s)
+                self.teacher = TeacherPool(teacher_path, teacher, teacher_engine or engine_settings, teacher_env or env, seed, startup_s)
         except (GetTimeoutError, RayActorError, RuntimeError) as exc:
             self.kill()
             raise RuntimeError(f"the reward model / judge / teacher actors did not start: {str(exc).strip().splitlines()[-1]}") from exc

@@ -583,6 +583,8 @@ def _reward_problems(config: Config) -> list[str]:
             problems.append("reward.judge.prompt must show the judge the {completion}")
         if judge.num_generators < 1 or judge.max_tokens < 1 or judge.scale <= 0 or len(set(judge.letters)) < 2:
             problems.append("reward.judge needs num_generators >= 1, max_tokens >= 1, scale > 0 and at least two letters")
+        if judge.max_tokens >= config.generator.max_model_len // 2:
+            problems.append(f"reward.judge.max_tokens ({judge.max_tokens}) must leave the judge's prompt most of generator.max_model_len ({config.generator.max_model_len})")
     teacher = reward.teacher
     if teacher is not None:
         if not teacher.model:
@@ -593,6 +595,13 @@ def _reward_problems(config: Config) -> list[str]:
             problems.append("reward.teacher distills the policy's own tokens; it cannot run with markovian.enabled (whose reward replaces them)")
         if teacher.mode == "token" and config.algorithm.policy_loss == "sac":
             problems.append("reward.teacher.mode=token adds to the policy-gradient advantages; algorithm.policy_loss=sac has none")
+        if config.rollout.temperature != 1.0 or config.rollout.top_p != 1.0:
+            problems.append("reward.teacher compares the student's and the teacher's log-probs at temperature 1: it needs rollout.temperature=1.0 and rollout.top_p=1.0")
+        if teacher.mode == "token" and (config.algorithm.drop_zero_variance_groups or config.rollout.dynamic_sampling):
+            problems.append("reward.teacher.mode=token teaches every token: groups whose verifier rewards tie must stay in the batch "
+                            "(algorithm.drop_zero_variance_groups=false, rollout.dynamic_sampling=false)")  # fmt: skip
+        if config.bank.enabled:
+            problems.append("reward.teacher scores the policy's own samples; the solution bank replays stored ones: turn one off")
     return problems
 
 

@@ -189,8 +189,7 @@ class PolicyGradientObjective:
         if any(batch.teacher_weights):
             taught = torch.tensor([float(w != 0) for w in batch.teacher_weights]).unsqueeze(-1) * mask
             gap = (padded([torch.tensor(t, dtype=torch.float32) for t in batch.teacher_logprobs], width) - old) * taught
-            distill = torch.tensor(batch.teacher_weights).unsqueeze(-1) * gap
-            metrics["train/teacher_reverse_kl"] = (-gap.sum() / taught.sum().clamp(min=1)).item()  # per token
+            distill = torch.tensor(batch.teacher_weights).unsqueeze(-1) * gap  # (no metric: a shard may have no taught row)
         returns = None
         if s.advantage in OUTCOME_ESTIMATORS:
             # the KL penalty's REINFORCE return (gamma = 1) on top of the outcome advantage, and each

@@ -424,9 +424,9 @@ class TeacherSettings:
     """On-policy distillation (the config's ``reward.teacher``): a teacher on its own vLLM
     actors scores the student's own sampled tokens (its log-prob of each, given the tokens
     before); the reward is the negative reverse KL, log pi_teacher - log pi_student of each
-    token. ``token``: per token, as dense rewards the learner adds to the advantages
-    (reward-to-go); ``sequence``: summed, added to the sample's reward before the advantages.
-    The teacher must share the student's tokenizer."""
+    token. ``token``: per token, as dense rewards the learner adds to each token's advantage;
+    ``sequence``: summed, added to the sample's reward before the advantages. The teacher must
+    share the student's tokenizer (checked when it starts)."""
 
     model: str = ""  # a model folder, "smollm2", or a Hub name
     mode: Literal["token", "sequence"] = "token"
@@ -435,27 +435,44 @@ class TeacherSettings:
     num_generators: int = 1
     num_cpus: float = 1.0
     num_gpus: float = 0.0
-    timeout_s: float = 120.0  # per call; a teacher past it is replaced and the call repeated once
+    timeout_s: float = 120.0  # per call of up to 32 sequences; a teacher past it is restarted and the call repeated once
 
     @property
     def label(self) -> str:
         return self.name
 
 
+NUMBER = r"(-?\d+(?:\.\d+)?)"
+# where a judge states its verdict: the reply's start, or after a label; never a number or a
+# letter quoted from the middle of its reasoning
+RATING_AT = (rf"^\W*{NUMBER}", rf"\b(?:rating|score|grade|verdict)\b\W{{0,3}}{NUMBER}", rf"{NUMBER}\s*(?:/|out of)\s*\d+")
+
+
 def parse_judgement(text: str, settings: JudgeSettings) -> float:
-    """The reward a judge's reply gives, or a ``TermFailure`` quoting the reply."""
+    """The reward a judge's reply gives, or a ``TermFailure`` quoting the reply. A number must
+    open the reply, follow ``rating``/``score``/``grade``/``verdict``, or come as ``N/10`` (a
+    reply with one number and nothing else to go by is read as that number); a letter must
+    follow such a label (or ``answer``), or be the whole reply, or open it in parentheses;
+    yes/no must open the reply or follow ``answer``/``verdict``."""
     import re
 
+    found = None
     if settings.parse == "number":
-        found = re.search(r"-?\d+(?:\.\d+)?", text)
-        if found and 0.0 <= float(found.group()) <= settings.scale:
-            return float(found.group()) / settings.scale
+        for pattern in RATING_AT:
+            found = found or re.search(pattern, text, re.IGNORECASE)
+        numbers = re.findall(NUMBER, text)
+        value = float(found.group(1)) if found else float(numbers[0]) if len(numbers) == 1 else None
+        if value is not None and 0.0 <= value <= settings.scale:
+            return value / settings.scale
     elif settings.parse == "letter":
-        found = re.search(rf"\b([{re.escape(settings.letters)}])\b", text)
+        letters = re.escape(settings.letters)
+        labelled = rf"\b(?:rating|score|grade|verdict|answer)\b\W{{0,3}}([{letters}])\b"
+        found = re.search(labelled, text, re.IGNORECASE) or re.search(rf"^\W*([{letters}])\W*$|^\W*\(([{letters}])\)", text)
         if found:
-            return 1.0 - settings.letters.index(found.group(1)) / max(1, len(settings.letters) - 1)
+            letter = next(g for g in found.groups() if g)
+            return 1.0 - settings.letters.index(letter) / max(1, len(settings.letters) - 1)
     else:
-        found = re.search(r"\b(yes|no)\b", text, re.IGNORECASE)
+        found = re.search(r"^\W*(yes|no)\b", text, re.IGNORECASE) or re.search(r"\b(?:answer|verdict)\b\W{0,3}(yes|no)\b", text, re.IGNORECASE)
         if found:
             return float(found.group(1).lower() == "yes")
     raise TermFailure(f"judge reply does not parse as {settings.parse}: {text[:120]!r}")

@@ -14,6 +14,7 @@ import json
 
 import pytest
 
+from actors.reward_models import TeacherFailure
 from cluster.features.distill import TeacherReward
 from contracts import Completion, PolicyRef, Problem, Prompt, Sample, Verdict
 from helpers import tiny_trainer
@@ -27,6 +28,7 @@ class StandIn:
     """A teacher pool's interface: each token's log-prob is -1, or it fails."""
 
     restarts = 0
+    max_model_len = 8
 
     def __init__(self, fail: bool = False):
         self.fail, self.calls = fail, []
@@ -34,7 +36,7 @@ class StandIn:
     def score_tokens(self, sequences, starts):
         self.calls.append((sequences, starts))
         if self.fail:
-            raise RuntimeError("the distillation teacher failed twice: RayActorError")
+            raise TeacherFailure("the distillation teacher failed twice: RayActorError")
         return [[-1.0] * (len(seq) - start) for seq, start in zip(sequences, starts)]
 
 
@@ -65,6 +67,11 @@ def test_a_failing_teacher_masks_the_steps_samples_never_scoring_them_zero():
     scored, _ = TeacherReward(TeacherSettings(model="t"), StandIn(fail=True)).score(samples, verdicts)
     assert scored[0].status == "masked" and scored[0].faults == ("teacher",) and "failed twice" in scored[0].error
     assert scored[1] is verdicts[1]
+    # a sample longer than the teacher's engine takes is masked alone; the others are scored
+    pool = StandIn()
+    scored, metrics = TeacherReward(TeacherSettings(model="t"), pool).score([sample((-1.0,) * 5), sample((-1.0,))], [Verdict(1.0, True)] * 2)
+    assert scored[0].status == "masked" and "do not fit the teacher's max_model_len 8" in scored[0].error and "(8 tokens)" in scored[0].error
+    assert scored[1].status == "ok" and len(pool.calls[0][0]) == 1 and metrics["teacher/masked"] == 1.0
 
 
 @pytest.mark.slow
@@ -79,5 +86,23 @@ def test_the_student_reverse_kl_to_the_teacher_falls(ray_cluster, tiny_model_pat
     kl = [r["teacher/reverse_kl"] for r in rows]
     assert len(kl) == 8 and all(r["train/masked_share"] == 0.0 for r in rows)
     assert sum(kl[-3:]) / 3 < sum(kl[:3]) / 3 - 0.5, kl  # measured: 5.37, 4.38, 4.47 ... 3.56, 3.71, 3.35
-    # the learner's view of the same tokens, before its first update: its log-probs are the generator's
-    assert rows[0]["train/teacher_reverse_kl"] == pytest.approx(kl[0], rel=1e-3)
+
+
+def test_settings_a_teacher_cannot_run_with_are_refused(tmp_path, tiny_model_path):
+    from cluster.config import ConfigError, load_config
+    from cluster.loop.wiring import same_tokenizer
+
+    base = ["reward.teacher={model: smollm2}", "algorithm.drop_zero_variance_groups=false"]
+    for extra, message in [("rollout.temperature=0.7", "temperature=1.0"), ("algorithm.drop_zero_variance_groups=true", "groups whose verifier rewards tie"),
+                           ("bank.enabled=true", "the solution bank replays"), ("markovian.enabled=true", "markovian")]:  # fmt: skip
+        with pytest.raises(ConfigError, match=message):
+            load_config("configs/tiny.yaml", [*base, extra])
+    from transformers import AutoTokenizer
+
+    other = AutoTokenizer.from_pretrained(tiny_model_path)
+    other.add_tokens(["<not-in-the-student>"])
+    other.save_pretrained(tmp_path / "other")
+    (tmp_path / "other" / "config.json").write_text("{}")
+    same_tokenizer(tiny_model_path, tiny_model_path)
+    with pytest.raises(ValueError, match="has another tokenizer than the student"):
+        same_tokenizer(tiny_model_path, str(tmp_path / "other"))

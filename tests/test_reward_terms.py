@@ -280,3 +280,21 @@ def test_an_http_server_that_answers_hangs_fails_returns_garbage_and_dies(ray_cl
             assert [v.status for v in verdicts] == ["masked", "masked"] and "Connection refused" in verdicts[0].error
         finally:
             p.kill()
+
+
+@pytest.mark.parametrize(
+    ("parse", "reply", "value"),
+    [("number", "7", 0.7), ("number", "Rating: 8", 0.8), ("number", "I rate it 7/10", 0.7), ("number", "Score - 9. Since 3 + 4 = 7", 0.9),
+     ("number", "The answer 12 is wrong: 2", None), ("number", "11", None), ("number", "no idea", None),
+     ("letter", "A clear answer. Grade: C", 0.5), ("letter", "B", 0.75), ("letter", "(D) because", 0.25), ("letter", "A good try", None),
+     ("yes_no", "Yes.", 1.0), ("yes_no", "Answer: no", 0.0), ("yes_no", "I think no one would", None)],
+)  # fmt: skip
+def test_a_judgement_is_read_where_a_judge_states_it_not_from_quoted_text(parse, reply, value):
+    """A number or a letter quoted from the judged text (or an article "A") is no verdict."""
+    from rewards.terms import JudgeSettings, parse_judgement
+
+    if value is None:
+        with pytest.raises(TermFailure, match=f"does not parse as {parse}"):
+            parse_judgement(reply, JudgeSettings(parse=parse))
+    else:
+        assert parse_judgement(reply, JudgeSettings(parse=parse)) == pytest.approx(value)

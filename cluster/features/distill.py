@@ -10,13 +10,15 @@ log pi_student, as in the on-policy distillation of verl, prime-rl, NeMo-RL, ARe
 
 - ``sequence``: its sum, times ``weight``, is added to the sample's reward (the component
   ``teacher`` is the sum itself), and the outcome estimator sees it like any reward;
-- ``token``: the learner adds ``weight`` times each token's reward-to-go to the advantages
-  (``TrainBatch.teacher_logprobs``; the student's side is the learner's own log-prob).
+- ``token``: the learner adds ``weight`` times each token's own reward to that token's
+  advantage (outcome estimators: discount 0; ``reinforce++`` / ``gae``: a token reward;
+  ``TrainBatch.teacher_logprobs``; the student's side is the learner's own log-prob).
 
 Either way the step reports ``teacher/reverse_kl`` (per token, over the judged samples): a
 student learning from its teacher sees it fall. A teacher that fails twice in a step masks the
-step's samples (``faults: teacher``), never scoring them 0. Replayed samples (the bank's) have
-no generator log-probs and are left to the verifiers' reward.
+step's samples (``faults: teacher``), never scoring them 0; so does a sample too long for the
+teacher's engine. Replayed samples (the bank's) have no generator log-probs and are left to
+the verifiers' reward.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import dataclasses
 import logging
 import time
 
-from actors.reward_models import TeacherPool
+from actors.reward_models import TeacherFailure, TeacherPool
 from contracts import Sample, Verdict
 from rewards.terms import TeacherSettings
 
@@ -47,20 +49,22 @@ class TeacherReward:
         if not judged:
             return verdicts, {}
         name = self.settings.name
+        out = list(verdicts)
+        length = lambda i: len(samples[i].prompt.token_ids) + len(samples[i].completion.token_ids)  # noqa: E731
+        overlong = [i for i in judged if length(i) >= self.teachers.max_model_len]  # the teacher's engine cannot take them
+        self._mask(out, overlong, f"prompt and completion ({{}} tokens) do not fit the teacher's max_model_len {self.teachers.max_model_len}", length)
+        judged = [i for i in judged if i not in set(overlong)]
         started = time.perf_counter()
         try:
             teacher = self.teachers.score_tokens(
                 [list(samples[i].prompt.token_ids) + list(samples[i].completion.token_ids) for i in judged],
                 [len(samples[i].prompt.token_ids) for i in judged],
-            )
-        except RuntimeError as exc:
+            ) if judged else []  # fmt: skip
+        except TeacherFailure as exc:
             logger.error("%s: masking the step's %d samples", exc, len(judged))
-            out = list(verdicts)
-            for i in judged:
-                v = verdicts[i]
-                out[i] = dataclasses.replace(v, reward=0.0, correct=False, status="masked", error=str(exc)[:500], outcome="reward_error", faults=(*v.faults, name))
-            return out, {f"{name}/restarts": float(self.teachers.restarts)}
-        out, gaps = list(verdicts), []
+            self._mask(out, judged, str(exc))
+            return out, {f"{name}/restarts": float(self.teachers.restarts), f"{name}/masked": float(len(judged) + len(overlong))}
+        gaps = []
         for i, logprobs in zip(judged, teacher):
             student = samples[i].completion.logprobs
             gap = sum(t - s for t, s in zip(logprobs, student))  # log pi_teacher - log pi_student, summed
@@ -73,12 +77,19 @@ class TeacherReward:
                 out[i] = dataclasses.replace(v, components=components)
                 self.by_completion[id(samples[i].completion)] = tuple(logprobs)
         metrics = {
-            f"{name}/reverse_kl": sum(gaps) / len(gaps),  # per token, the student's sampled tokens
+            f"{name}/reverse_kl": sum(gaps) / max(1, len(gaps)),  # per token, the student's sampled tokens
+            f"{name}/masked": float(len(overlong)),
             f"{name}/tokens_scored": float(sum(len(samples[i].completion.token_ids) for i in judged)),
             f"{name}/seconds": time.perf_counter() - started,
             f"{name}/restarts": float(self.teachers.restarts),
         }
         return out, metrics
+
+    def _mask(self, out: list[Verdict], indices: list[int], error: str, length=None) -> None:
+        for i in indices:
+            v = out[i]
+            text = error.format(length(i)) if length else error
+            out[i] = dataclasses.replace(v, reward=0.0, correct=False, status="masked", error=text[:500], outcome="reward_error", faults=(*v.faults, self.settings.name))
 
     def columns(self, samples: list[Sample], verdicts: list[Verdict], advantages: list[float | None]) -> dict[str, tuple]:
         """``token`` mode's batch columns: each trained sample's teacher log-probs and weight

@@ -97,6 +97,8 @@ class Trainer:
             self.crew = start_crew(config, self.model_path, self.placement, self.tasks, (lambda: scorer) if scorer else None)
             self.stages = build_stages(config, self.tokenizer, self.tasks, self.crew, set_scales=self.set_attention_scales)
         except BaseException:
+            if getattr(self, "crew", None) is not None:
+                self.crew.kill()  # the reward servers stand outside the placement group
             self.placement.remove()  # its actors go with it
             raise
         self.run = RunState()

@@ -150,21 +150,38 @@ def reward_terms(config: Config, services: RewardServices | None = None) -> tupl
 def start_reward_services(config: Config, model_path: str, teacher: bool = True) -> RewardServices | None:
     """The reward model's, the judge's and (with ``teacher``) the distillation teacher's actors
     ``config.reward`` asks for (None: none of them). The judge's and the teacher's engines run
-    as the generators' do (the generator section's engine settings), on their own CPUs; a judge
-    with ``model: base`` judges with the run's own model, frozen."""
+    as the generators' do (the generator section's engine settings), each on its own CPUs or
+    GPUs; a judge with ``model: base`` judges with the run's own model, frozen. A teacher whose
+    tokenizer is not the student's is refused here."""
     r = config.reward
     distill = r.teacher if teacher else None
     if r.model is None and r.judge is None and distill is None:
         return None
-    engine_of = r.judge or distill
-    engine, env = None, None
-    if engine_of is not None:
-        threads = max(1, int(engine_of.num_cpus))
-        engine = dataclasses.replace(config.generator, threads=threads, num_gpus=engine_of.num_gpus, adapter_mode="merged")
-        env = generator_env(config) | {"OMP_NUM_THREADS": str(threads)}
+
+    def engine(served) -> tuple:
+        if served is None:
+            return None, None
+        threads = max(1, int(served.num_cpus))
+        settings = dataclasses.replace(config.generator, threads=threads, num_gpus=served.num_gpus, adapter_mode="merged")
+        return settings, generator_env(config) | {"OMP_NUM_THREADS": str(threads)}
+
     judge_path = (model_path if r.judge.model == "base" else resolve_model(r.judge.model)) if r.judge is not None else ""
     teacher_path = resolve_model(distill.model) if distill is not None else ""
-    return RewardServices(r.model, r.judge, judge_path, engine, env, config.run.seed, distill, teacher_path)
+    if distill is not None:
+        same_tokenizer(model_path, teacher_path)
+    (judge_engine, judge_env), (teacher_engine, teacher_env) = engine(r.judge), engine(distill)
+    return RewardServices(r.model, r.judge, judge_path, judge_engine, judge_env, config.run.seed, distill, teacher_path, teacher_engine, teacher_env)
+
+
+def same_tokenizer(student: str, teacher: str) -> None:
+    """Distillation compares log-probs token by token: the two vocabularies must be one."""
+    from transformers import AutoTokenizer
+
+    ours, theirs = AutoTokenizer.from_pretrained(student).get_vocab(), AutoTokenizer.from_pretrained(teacher).get_vocab()
+    if ours != theirs:
+        differ = len(set(ours.items()) ^ set(theirs.items()))
+        raise ValueError(f"reward.teacher.model {teacher} has another tokenizer than the student {student} ({len(theirs)} vs {len(ours)} tokens, "
+                         f"{differ} entries differ): distillation scores the student's own token ids, so the teacher must share its tokenizer")  # fmt: skip
 
 
 def build_tasks(config: Config) -> TaskMixture:
@@ -194,8 +211,16 @@ def start_crew(config: Config, model_path: str, placement: Placement, tasks: Tas
     and the reward model's and judge's actors the verifiers ask."""
     learners = start_learners(config, model_path, placement)
     generators = start_generators(config, model_path, placement)
-    services = start_reward_services(config, model_path) if factory is None else None
-    return Crew(generators, start_verifiers(config, tasks, factory, services), learners, services)
+    services = None
+    try:
+        services = start_reward_services(config, model_path)
+        verifiers = start_verifiers(config, tasks, factory, services if factory is None else None)
+    except BaseException:
+        for part in (services, generators, learners):
+            if part is not None:
+                part.kill()
+        raise
+    return Crew(generators, verifiers, learners, services)
 
 
 def training_sampling(config: Config) -> SamplingSettings:
