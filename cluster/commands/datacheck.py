@@ -88,8 +88,10 @@ def _indent(text: str, width: int = 600) -> str:
     return "\n".join("   | " + line for line in text.splitlines())
 
 
-def data_check(config: Config, out: TextIO = sys.stdout) -> int:
-    """Print the check of every task; 1 if a task cannot be trained on, else 0."""
+def data_check(config: Config, out: TextIO | None = None) -> int:
+    """Print the check of every task (to ``out``, default the current stdout); 1 if a task
+    cannot be trained on, else 0."""
+    out = out or sys.stdout
     from cluster.loop.wiring import build_tasks
 
     mixture = build_tasks(config)

@@ -66,8 +66,10 @@ def read_samples(path: Path, task: ScoreTask, errors: TextIO) -> Iterator[tuple[
             yield number, completion, problem
 
 
-def score_file(task_name: str, path: Path, pool, out: TextIO = sys.stdout, errors: TextIO = sys.stderr, batch: int = 64) -> dict:
-    """Score every sample of ``path`` with ``pool``, printing as it goes; returns the summary."""
+def score_file(task_name: str, path: Path, pool, out: TextIO | None = None, errors: TextIO | None = None, batch: int = 64) -> dict:
+    """Score every sample of ``path`` with ``pool``, printing as it goes (to ``out`` and
+    ``errors``, default the current stdout and stderr); returns the summary."""
+    out, errors = out or sys.stdout, errors or sys.stderr
     task = SCORE_TASKS[task_name]  # the CLI has checked the task name and the file
     counts: collections.Counter[str] = collections.Counter()
     passed_sum, scored, masked = 0.0, 0, 0
