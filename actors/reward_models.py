@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,7 +29,7 @@ from typing import Any
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
-from contracts import SamplingSettings
+from contracts import Problem, SamplingSettings
 from contracts.footprint import peak_rss_gib
 from rewards.terms import Item, JudgeSettings, OnError, RewardModelSettings, TeacherSettings, TermFailure, judge_prompt, parse_judgement
 
@@ -100,7 +101,7 @@ class RewardModelServer:
             if not self.pending:
                 self.wakeup.clear()
             try:
-                scores = await loop.run_in_executor(None, self._forward, [text for text, _ in batch])
+                scores = await loop.run_in_executor(None, self.forward, [text for text, _ in batch])
             except Exception as exc:  # noqa: BLE001 - this batch's callers get the error
                 logger.exception("reward model failed on a batch of %d", len(batch))
                 for _, future in batch:
@@ -121,7 +122,8 @@ class RewardModelServer:
             if len(self.pending) == before:
                 return
 
-    def _forward(self, texts: list[str]) -> list[float]:
+    def forward(self, texts: list[str]) -> list[float]:
+        """One forward pass over ``texts`` (chats already rendered): their rewards."""
         import torch
 
         started = time.perf_counter()
@@ -157,11 +159,12 @@ class JudgeServer:
     def judge(self, prompts: list[str], max_tokens: int) -> list[str]:
         """The judge's greedy reply to each prompt (one user turn); a prompt too long for the
         engine loses its middle (the completion's), keeping the rubric and the instruction."""
+        from rollout.prompts import render_prompts
+
         room = max(2, self.max_model_len - max_tokens - 1)
         ids = []
-        for prompt in prompts:
-            text = _conversation_prompt(self.tokenizer, prompt)
-            tokens = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        for rendered in render_prompts(self.tokenizer, [Problem(uid="judge", question=p, answer="") for p in prompts], system_prompt=None):
+            tokens = list(rendered.token_ids)
             if len(tokens) > room:  # the rubric at the head and the instruction at the end both stay
                 tokens = tokens[: room // 2] + tokens[-(room - room // 2) :]
             ids.append(tokens)
@@ -249,12 +252,6 @@ class TeacherPool:
         self.actors = []
 
 
-def _conversation_prompt(tokenizer, prompt: str) -> str:
-    if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
-    return prompt + "\n"
-
-
 # -- the clients: reward terms opened in the verifier actors ---------------------------------
 
 
@@ -289,7 +286,7 @@ class ServedTerm:
 
     def _ask(self, method: str, *args) -> list | TermFailure:
         """``method`` on one actor after another (``retries`` more), each within ``timeout_s``."""
-        error, start = "", hash(time.monotonic_ns()) % len(self.handles)
+        error, start = "", random.randrange(len(self.handles))  # spread the verifiers over the replicas
         for attempt in range(self.retries + 1):
             handle = self.handles[(start + attempt) % len(self.handles)]
             ref = getattr(handle, method).remote(*args)

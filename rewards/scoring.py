@@ -2,7 +2,7 @@
 batch of samples with a task's scorer plus the reward terms from outside the project
 (``rewards.terms``: a user's function, an HTTP server).
 
-``build_judge`` runs inside each verifier actor: the code scorers open their own sandbox there
+A ``Judge`` is built inside each verifier actor: the code scorers open their own sandbox there
 (one uid leased per slot) and the terms import the user's module there, so nothing
 unpicklable crosses Ray.
 """
@@ -284,7 +284,7 @@ class Judge:
         self.terms = [source.open() for source in spec.terms]
         self.correct_at = spec.reward.correct_at
 
-    def __call__(self, items: list[Item]) -> list[Verdict | None]:
+    def __call__(self, items: list[Item]) -> list[Verdict]:
         base: list[Verdict | None] = self.scorer(items) if self.scorer else [None] * len(items)
         judged = [i for i, v in enumerate(base) if v is None or v.status == "ok"]  # infrastructure errors are retried
         results = [score_term(term, [items[i] for i in judged]) for term in self.terms]
@@ -319,10 +319,6 @@ class Judge:
             return dataclasses.replace(base, reward=reward, components=components, faults=tuple(faults))
         correct = all(corrects) if corrects else reward >= self.correct_at
         return Verdict(reward=reward, correct=correct, components=components, faults=tuple(faults))
-
-
-def build_judge(spec: ScorerSpec) -> Judge:
-    return Judge(spec)
 
 
 class TaskJudge:

@@ -204,7 +204,8 @@ class FunctionTerm:
 
     def __call__(self, items: list[Item]) -> list[Any]:
         if not self.batched:
-            return self._await([self._call({n: _arguments(c, p)[n] for n in self.wants}) for c, p in items])
+            arguments = [_arguments(c, p) for c, p in items]
+            return self._await([self._call({n: a[n] for n in self.wants}) for a in arguments])
         try:
             return self._batch(items)
         except TermFailure as failure:  # the function's own fault (a wrong count), not a sample's
@@ -215,8 +216,8 @@ class FunctionTerm:
             return [value for item in items for value in self(items=[item])]
 
     def _batch(self, items: list[Item]) -> list[Any]:
-        columns = {f"{n}s": [_arguments(c, p)[n] for c, p in items] for n in SAMPLE_ARGUMENTS}
-        (values,) = self._await([self._call({n: columns[n] for n in self.wants})])
+        arguments = [_arguments(c, p) for c, p in items]
+        (values,) = self._await([self._call({n: [a[n.removesuffix("s")] for a in arguments] for n in self.wants})])
         if isinstance(values, BaseException):
             raise values
         if hasattr(values, "tolist"):  # a numpy array or a tensor

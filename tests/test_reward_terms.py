@@ -16,7 +16,7 @@ import pytest
 from actors.verifier import RewardStopError, VerifierPool, VerifierPoolSettings
 from cluster.observe.samples import sample_metrics
 from contracts import Completion, PolicyRef, Problem, Prompt, Sample
-from rewards.scoring import RewardSettings, ScorerSpec, TaskJudge, build_judge
+from rewards.scoring import Judge, RewardSettings, ScorerSpec, TaskJudge
 from rewards.terms import FunctionReward, HttpReward, import_function, value_of, TermFailure
 from reward_server import RewardServer
 
@@ -190,9 +190,9 @@ def test_bad_paths_and_signatures_are_named_errors(user_dir, tmp_path):
     with pytest.raises(ValueError, match="has no function 'nope'"):
         import_function("my_rewards.scores:nope", (user_dir,))
     with pytest.raises(ValueError, match=r"parameters \['temperature'\] are not among"):
-        build_judge(ScorerSpec(scorer="reward", terms=(fn(user_dir, "needs_more"),)))
+        Judge(ScorerSpec(scorer="reward", terms=(fn(user_dir, "needs_more"),)))
     with pytest.raises(ValueError, match=r"\['completion'\] are positional-only"):
-        build_judge(ScorerSpec(scorer="reward", terms=(fn(user_dir, "positional"),)))
+        Judge(ScorerSpec(scorer="reward", terms=(fn(user_dir, "positional"),)))
     (tmp_path / "with_dataclass.py").write_text(
         "from __future__ import annotations\nimport dataclasses\n@dataclasses.dataclass\nclass Hit:\n    score: float\n"
         "def score(completion):\n    return Hit(0.75).score\n")
@@ -200,7 +200,7 @@ def test_bad_paths_and_signatures_are_named_errors(user_dir, tmp_path):
     (tmp_path / "loose.py").write_text("def score(completion):\n    return 0.25\n")
     assert import_function("loose.py:score", (str(tmp_path),))("x") == 0.25  # a file beside the config
     with pytest.raises(ValueError, match="scores with the run's reward terms, and none is configured"):
-        build_judge(ScorerSpec(scorer="reward"))
+        Judge(ScorerSpec(scorer="reward"))
 
 
 def test_values_a_term_may_return():

@@ -528,10 +528,7 @@ def bench_reward_model(model: str, samples: int, batch_size: int, actors: int, v
     """The reward model's samples per second through the verifier pool (``verifiers`` actors
     asking ``actors`` replicas that batch across them), against the same model's plain batched
     forward passes in this process, same texts, ``rounds`` times each way, alternating."""
-    import torch
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    from actors.reward_models import RewardServices, _conversation
+    from actors.reward_models import RewardModelServer, RewardServices, _conversation
     from actors.verifier import VerifierPool, VerifierPoolSettings
     from contracts import Problem
     from rewards.scoring import ScorerSpec, TaskJudge
@@ -547,13 +544,8 @@ def bench_reward_model(model: str, samples: int, batch_size: int, actors: int, v
     services = RewardServices(settings, None)
     spec = ScorerSpec(scorer="reward", terms=tuple(services.terms))
     pool = VerifierPool(lambda: TaskJudge({"bench": spec}), VerifierPoolSettings(min_verifiers=verifiers, max_verifiers=verifiers, samples_per_call=samples_per_call))
-    path = resolve_reward_model(model)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    tokenizer.truncation_side = "left"
-    tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
-    plain = AutoModelForSequenceClassification.from_pretrained(path, torch_dtype=torch.float32).eval()
-    plain.config.pad_token_id = tokenizer.pad_token_id
-    texts = [_conversation(tokenizer, p.question, c) for c, p in items]
+    plain = RewardModelServer(resolve_reward_model(model), settings)  # the actor's own class, in this process
+    texts = [_conversation(plain.tokenizer, p.question, c) for c, p in items]
 
     def served() -> float:
         start = time.perf_counter()
@@ -563,10 +555,8 @@ def bench_reward_model(model: str, samples: int, batch_size: int, actors: int, v
 
     def direct() -> float:
         start = time.perf_counter()
-        with torch.inference_mode():
-            for i in range(0, len(texts), batch_size):
-                encoded = tokenizer(texts[i : i + batch_size], return_tensors="pt", padding=True, truncation=True, max_length=1024, add_special_tokens=False)
-                plain(**encoded)
+        for i in range(0, len(texts), batch_size):
+            plain.forward(texts[i : i + batch_size])
         return time.perf_counter() - start
 
     try:

@@ -53,7 +53,7 @@ class TeacherReward:
         length = lambda i: len(samples[i].prompt.token_ids) + len(samples[i].completion.token_ids)  # noqa: E731
         overlong = [i for i in judged if length(i) >= self.teachers.max_model_len]  # the teacher's engine cannot take them
         self._mask(out, overlong, f"prompt and completion ({{}} tokens) do not fit the teacher's max_model_len {self.teachers.max_model_len}", length)
-        judged = [i for i in judged if i not in set(overlong)]
+        judged = [i for i in judged if length(i) < self.teachers.max_model_len]
         started = time.perf_counter()
         try:
             teacher = self.teachers.score_tokens(

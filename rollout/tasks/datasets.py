@@ -377,7 +377,7 @@ class DatasetTask:
             keep = lambda q: cut(q) == split  # noqa: E731
         if source is not None and source.is_file():
             return _local_rows(source), keep
-        name = names.get(split) or names.get("train") if (split in names or carved.get(split)) else None
+        name = names[split] if split in names else names["train"] if carved.get(split) else None
         if name is None:
             return iter(()), keep
         if source is not None and source.is_dir():
@@ -391,7 +391,7 @@ class DatasetTask:
         from datasets import load_dataset  # for real users; tests use local files
 
         path = self.source or self.spec.hf_path
-        revision = None if self.source and self.dataset != GENERIC else self.spec.hf_revision
+        revision = None if self.source else self.spec.hf_revision
         rows = load_dataset(path, self.spec.hf_config, split=name, revision=revision)
         return ((f"{path}[{name}]:{i}", row) for i, row in enumerate(rows, start=1))
 
