@@ -38,20 +38,20 @@ class SurgeonSettings:
     horizon: int = 2  # language-model steps per surgeon action (the reward's window)
     granularity: Granularity = "layer"  # "layer": one scale change per layer (all its heads); "head": one per head
     max_delta: float = 0.001  # the largest change of a scale per action
-    scale_min: float = 0.5
-    scale_max: float = 1.5
+    scale_min: float = 0.5  # the smallest attention scale
+    scale_max: float = 1.5  # the largest attention scale
     reward_metric: str = "train/reward_mean"  # its window mean's change is the surgeon's reward
-    gamma: float = 0.9
+    gamma: float = 0.9  # SAC's discount
     tau: float = 0.005  # target-network Polyak coefficient
-    actor_lr: float = 3e-4
-    critic_lr: float = 3e-4
-    alpha_lr: float = 3e-4
-    initial_alpha: float = 0.1
-    hidden: list[int] = field(default_factory=lambda: [64, 64])
+    actor_lr: float = 3e-4  # SAC's policy learning rate
+    critic_lr: float = 3e-4  # SAC's Q-networks' learning rate
+    alpha_lr: float = 3e-4  # SAC's entropy temperature's learning rate (tuned automatically)
+    initial_alpha: float = 0.1  # SAC's starting entropy temperature
+    hidden: list[int] = field(default_factory=lambda: [64, 64])  # the networks' hidden layer widths
     batch_size: int = 16  # transitions per SAC update
     learning_starts: int = 4  # transitions in the buffer before the first update
-    updates_per_transition: int = 4
-    buffer_capacity: int = 10_000
+    updates_per_transition: int = 4  # SAC updates per new transition
+    buffer_capacity: int = 10_000  # transitions the replay buffer keeps
     num_cpus: float = 0.0  # the actor's CPU request (it computes little next to the language model)
 
     def env_config(self, layers: int, heads: int) -> dict:

@@ -45,7 +45,7 @@ ScorerFactory = Callable[[], "Scorer | BatchScorer"]
 class VerifierPoolSettings:
     """The pool's size, batching and failure handling (the config's ``verifier`` section)."""
 
-    min_verifiers: int = 1
+    min_verifiers: int = 1  # verifier actors kept at all times
     max_verifiers: int = 2  # the pool grows toward this with the number of samples waiting
     samples_per_verifier: int = 16  # queue depth per actor before the pool grows
     samples_per_call: int = 4  # samples sent to an actor in one call

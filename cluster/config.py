@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.util
 import logging
 import math
 import types
@@ -26,6 +27,7 @@ from actors.generator import GeneratorPoolSettings
 from actors.learner import LearnerGroupSettings
 from actors.surgeon import SurgeonSettings
 from actors.verifier import VerifierPoolSettings
+from cluster.observe.wandb_logger import WandbSettings
 from cluster.phases import PhaseConfig, PhaseSchedule
 from learners.settings import AlgorithmSettings
 from learners.policy import LoraSettings
@@ -49,6 +51,8 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
+    """The policy's base model and which of its weights train."""
+
     path: str = "smollm2"  # "smollm2", "tiny", or a HF model folder
     dtype: str = "auto"  # the learner's parameter dtype: "auto" (bf16 for LoRA on bf16 hardware, else fp32), "float32", "bfloat16"
     train: Literal["lora", "full", "modules"] = "lora"  # a LoRA adapter, every weight, or trainable_modules only
@@ -60,23 +64,24 @@ class ModelConfig:
 class CurriculumConfig:
     """Procedural tasks: difficulty follows the task's recent training accuracy."""
 
-    enabled: bool = False
+    enabled: bool = False  # move the task's difficulty with its training accuracy
     raise_at: float = 0.8  # mean accuracy over `window` steps that raises the difficulty one level
     lower_at: float = 0.2  # ... and that lowers it
-    window: int = 4
-    min_difficulty: int = 1
-    max_difficulty: int = 10
+    window: int = 4  # steps of accuracy averaged
+    min_difficulty: int = 1  # the difficulty never goes below this
+    max_difficulty: int = 10  # ... nor above this
 
 
 @dataclass
 class TaskConfig:
-    """One task of the mixture (README: "Tasks"). Settings left null take the task's default;
+    """One task of the mixture (docs/tasks-and-rewards.md#tasks). Settings left null take the task's default;
     a setting the task does not take is an error naming it."""
 
+    # the task: a built-in one (arithmetic, gsm8k, ...) or `dataset` (your own data, docs/your-problem.md)
     name: Literal[TASK_NAMES] = "arithmetic"  # type: ignore[valid-type]
     id: str | None = None  # unique name in the mixture and in metrics (default: name)
     weight: float = 1.0  # share of each step's prompts
-    system_prompt: str | None = "You are a helpful assistant. Answer briefly."
+    system_prompt: str | None = "You are a helpful assistant. Answer briefly."  # null: no system turn
     weights: dict[str, float] | None = None  # reward weights for this task (default: reward.weights)
     curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
     difficulty: int | None = None  # arithmetic 1-5, infix / rpn / brackets 1-10
@@ -85,18 +90,16 @@ class TaskConfig:
     fields: dict[str, str] | None = None  # datasets: our field name -> the file's field name
     # the prompt template ({question}, or {expression} for arithmetic; the dataset task: any row field)
     template: str | None = None
-    # the dataset task (your own data, docs/your-problem.md): the row's prompt, reference answer
-    # and chat (a list of {role, content}, instead of a prompt), how it is scored (numeric,
-    # choice, label, overlap, code, or reward: the run's reward terms alone), the label set of
-    # the label scorer, our split -> the dataset's (default: train only, the rest cut from it),
-    # and the Hub dataset's configuration
-    prompt_field: str | None = None
-    answer_field: str | None = None
-    messages_field: str | None = None
+    # the dataset task (docs/your-problem.md):
+    prompt_field: str | None = None  # dataset: the row's field holding the prompt
+    answer_field: str | None = None  # dataset: the row's field holding the reference answer
+    messages_field: str | None = None  # dataset: a chat ([{role, content}, ...]) instead of a prompt
+    # dataset: numeric, choice, label, overlap, code, or reward (the run's reward terms alone)
     scorer: str | None = None
-    labels: list[str] | None = None
+    labels: list[str] | None = None  # dataset, scorer label: the allowed labels
+    # dataset: our split (train, validation, test) -> the dataset's; default: train only, the rest cut from it
     splits: dict[str, str] | None = None
-    subset: str | None = None
+    subset: str | None = None  # dataset: the Hub dataset's configuration name
     # the reward terms (names under reward.functions / reward.http) added to this task's reward;
     # default: all of them
     rewards: list[str] | None = None
@@ -104,8 +107,8 @@ class TaskConfig:
     size: int | None = None  # reasoning_gym: entries generated
     gym_config: dict[str, int | float | str | bool] | None = None  # reasoning_gym: the dataset's settings
     eval_percent: int | None = None  # arithmetic: share of expressions held out
-    validation_percent: int | None = None
-    test_percent: int | None = None
+    validation_percent: int | None = None  # dataset: share of train cut for validation when the data has none
+    test_percent: int | None = None  # dataset: share of train cut for test when the data has none
     eval_size: int | None = None  # held-out problems evaluated (default: eval.n)
     max_rows: int | None = None  # datasets: rows read per split
     code_tests: int | None = None  # code mode: held-out inputs per problem
@@ -124,36 +127,38 @@ class TaskConfig:
 
 @dataclass
 class RolloutConfig:
-    prompts_per_step: int = 16
-    group_size: int = 8
-    temperature: float = 1.0
-    top_p: float = 1.0
-    max_tokens: int = 64
+    """What each step samples: prompts, groups, sampling, and sync or async generation."""
+
+    prompts_per_step: int = 16  # prompts drawn per step
+    group_size: int = 8  # completions sampled per prompt (GRPO's group)
+    temperature: float = 1.0  # sampling temperature
+    top_p: float = 1.0  # nucleus sampling's probability mass
+    max_tokens: int = 64  # completion tokens at most
     stop: list[str] = field(default_factory=list)  # stop strings (sampling and evaluation)
     # sync: generate, verify, learn, broadcast in turn; async: the generators run up to
-    # max_staleness steps ahead of the learner (README: "Asynchronous mode")
+    # max_staleness steps ahead of the learner (docs/concepts.md#asynchronous-mode)
     mode: Literal["sync", "async"] = "sync"
     max_staleness: int = 0  # policy versions a trained sample may lag the learner (async: >= 1)
     # DAPO's dynamic sampling: draw more prompts until the step has prompts_per_step groups whose
-    # rewards differ, at most max_sampling_rounds rounds of prompts_per_step prompts (README: "DAPO")
+    # rewards differ, at most max_sampling_rounds rounds of prompts_per_step prompts (docs/algorithms.md#dapo)
     dynamic_sampling: bool = False
-    max_sampling_rounds: int = 3
+    max_sampling_rounds: int = 3  # see dynamic_sampling
 
 
 @dataclass(frozen=True)
 class GeneratorConfig(GeneratorPoolSettings, EngineSettings):
     """The generator actors: how many, what each asks of the cluster, their engine's own
-    settings and the pool's deadlines (README: "Faults")."""
+    settings and the pool's deadlines (docs/fault-tolerance.md#faults)."""
 
-    num_generators: int = 1
-    num_cpus: float = 0.5
+    num_generators: int = 1  # generator actors, each with its own engine
+    num_cpus: float = 0.5  # per generator
     num_gpus: float = 0.0  # per generator: on a GPU cluster, tensor_parallel_size
     resources: dict[str, float] = field(default_factory=dict)  # custom Ray resources per generator (pins them to nodes)
 
 
 @dataclass
 class ClusterConfig:
-    """Where the actors go (README: "Running on a cluster")."""
+    """Where the actors go (docs/cluster.md#where-the-actors-go)."""
 
     # disaggregated: learners and generators in bundles of their own; colocated: learner i and
     # generator i share a bundle (one GPU), handing memory over by a split or by sleep mode
@@ -172,25 +177,29 @@ class VerifierConfig(VerifierPoolSettings):
 
 @dataclass
 class EvalConfig:
+    """Held-out evaluation: greedy answers on each task's validation split."""
+
     every: int = 0  # steps between held-out evaluations; 0 = only at start and end
-    n: int = 100
-    max_tokens: int = 64
-    at_start: bool = True
+    n: int = 100  # held-out problems per evaluation (a task's eval_size overrides)
+    max_tokens: int = 64  # completion tokens per greedy answer
+    at_start: bool = True  # evaluate before the first step (step 0)
     best_metric: str = "eval/accuracy"  # higher is better; picks the "best" checkpoint
 
 
 @dataclass
 class RuleConfig:
-    """One health-monitor rule (README: "Health monitor"); null keeps the rule's default."""
+    """One health-monitor rule (docs/fault-tolerance.md#health-monitor); null keeps the rule's default."""
 
-    action: Literal["warn", "stop", "rollback", "off"] | None = None
-    threshold: float | None = None
-    window: int | None = None
+    action: Literal["warn", "stop", "rollback", "off"] | None = None  # what the rule does when it fires
+    threshold: float | None = None  # the rule's limit (its meaning depends on the rule)
+    window: int | None = None  # steps the rule looks back over
 
 
 @dataclass
 class MonitorConfig:
-    enabled: bool = True
+    """The health monitor: rules over each step's metrics that warn, stop or roll back."""
+
+    enabled: bool = True  # watch the run's metrics and act on the rules
     rules: dict[str, RuleConfig] = field(default_factory=dict)  # rule name -> overrides
     # a rule with action "rollback" restores the last good checkpoint and multiplies the learning rate by this
     rollback_lr_factor: float = 0.5
@@ -207,19 +216,25 @@ class ReportConfig:
 
 @dataclass
 class RunConfig:
-    steps: int = 20
-    seed: int = 0
-    run_dir: str = "runs/default"
-    save_rollouts: bool = True
+    """The run itself: its length, seed, directory, checkpoints and where metrics go."""
+
+    steps: int = 20  # training steps
+    seed: int = 0  # seeds data order, sampling and initialisation
+    run_dir: str = "runs/default"  # where metrics, rollouts, checkpoints and the report go
+    save_rollouts: bool = True  # write each step's samples to RUN_DIR/rollouts (Parquet)
     num_cpus: int | None = None  # CPUs of the embedded local Ray cluster (None: all)
     checkpoint_every: int = 10  # steps between checkpoints (and one at the end); 0 = only at the end
     keep_checkpoints: int = 3  # the newest kept, plus the best by eval.best_metric
     metrics_export: bool = True  # every metric as a Ray metric (the dashboard's Prometheus export)
     tensorboard: bool = False  # also write RUN_DIR/tensorboard (tensorboardX event files)
+    # also log the config and every step's metrics to Weights & Biases (docs/observability.md); null: off
+    wandb: WandbSettings | None = None
 
 
 @dataclass
 class Config:
+    """A run's whole config: one section per component (``raylight config`` prints it)."""
+
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraSettings = field(default_factory=LoraSettings)
     tasks: list[TaskConfig] = field(default_factory=lambda: [TaskConfig()])
@@ -228,9 +243,9 @@ class Config:
     generator: GeneratorConfig = field(default_factory=GeneratorConfig)
     verifier: VerifierConfig = field(default_factory=VerifierConfig)
     algorithm: AlgorithmSettings = field(default_factory=AlgorithmSettings)
-    bank: BankSettings = field(default_factory=BankSettings)  # the solution bank (README: "Self-improvement")
+    bank: BankSettings = field(default_factory=BankSettings)  # the solution bank (docs/algorithms.md#self-improvement-and-the-solution-bank)
     markovian: MarkovianSettings = field(default_factory=MarkovianSettings)
-    # the hybrid run's schedule (README: "The SAC surgeon"); empty: GRPO throughout
+    # the hybrid run's schedule (docs/algorithms.md#the-sac-surgeon); empty: GRPO throughout
     phases: list[PhaseConfig] = field(default_factory=list)
     surgeon: SurgeonSettings = field(default_factory=SurgeonSettings)
     learner: LearnerGroupSettings = field(default_factory=LearnerGroupSettings)
@@ -444,6 +459,8 @@ def check_config(config: Config) -> None:
         problems.append(f"verifier pool size needs 1 <= verifier.min_verifiers ({v.min_verifiers}) <= verifier.max_verifiers ({v.max_verifiers})")
     problems += _reward_problems(config)
     problems += _task_problems(config)
+    if config.run.wandb is not None and importlib.util.find_spec("wandb") is None:
+        problems.append("run.wandb logs to Weights & Biases: install the wandb package (pip install 'raylight[wandb]'), or remove run.wandb")
     from cluster.observe.monitor import DEFAULT_RULES
 
     unknown_rules = sorted(set(config.monitor.rules) - set(DEFAULT_RULES))
@@ -465,7 +482,7 @@ def _markovian_problems(config: Config) -> list[str]:
     if a.actor_reward_weight > 0 and a.policy_loss != "pg":
         logger.warning(
             "algorithm.actor_reward_weight with algorithm.policy_loss=%s: the Markovian experiments saw PPO with the actor reward "
-            "collapse into repeated tokens on ARC; the recipes use policy_loss=pg with it (README: Markovian chain-of-thought training)",
+            "collapse into repeated tokens on ARC; the recipes use policy_loss=pg with it (docs/algorithms.md#markovian-chain-of-thought-training)",
             a.policy_loss,
         )
     problems += mk.problems()

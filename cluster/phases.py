@@ -25,7 +25,7 @@ PHASE_AGENTS: dict[str, tuple[bool, bool]] = {"grpo": (True, False), "surgery": 
 class PhaseConfig:
     """One phase of the schedule (the config's ``phases`` list)."""
 
-    name: PhaseName = "grpo"
+    name: PhaseName = "grpo"  # grpo: the policy learns; surgery: the surgeon alone; joint: both
     until: int | None = None  # the phase's last step; None: to the run's end (the last phase only)
 
 

@@ -27,9 +27,12 @@ from learners.surgery import AttentionControls
 
 @dataclass(frozen=True)
 class LoraSettings:
-    rank: int = 16
-    alpha: int = 32
-    dropout: float = 0.0
+    """The LoRA adapter the policy trains (the config's ``lora`` section)."""
+
+    rank: int = 16  # r: the adapter matrices' inner dimension
+    alpha: int = 32  # the update is scaled by alpha / rank
+    dropout: float = 0.0  # dropout on the adapter's input while training
+    # the modules that get an adapter (the names of a Llama-style model's linear layers)
     target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -89,7 +92,7 @@ def weights_dtype(name: str, device: torch.device, lora: bool) -> torch.dtype:
     policy on a device with bf16 units (the frozen base needs no fp32 master copy; PEFT keeps
     the adapter in fp32), else float32. On this project's AMX CPU the learner's step of the
     TRL benchmark takes 11.0 s with bf16 weights, 11.3 s with fp32 weights under bf16
-    autocast, 21.2 s in fp32 (README: "Step speed and memory")."""
+    autocast, 21.2 s in fp32 (docs/benchmarks.md#step-speed-and-memory)."""
     if name == "auto":
         return torch.bfloat16 if lora and native_bf16(device) else torch.float32
     return getattr(torch, name)

@@ -40,7 +40,7 @@ BatchScorer = Callable[[list[Item]], list[Verdict]]  # (completion, problem) pai
 
 @dataclass(frozen=True)
 class SandboxSettings:
-    """Where model-written code runs (README: "Sandbox"): the config's ``verifier.sandbox``;
+    """Where model-written code runs (docs/sandbox.md): the config's ``verifier.sandbox``;
     the limits apply per program run."""
 
     mode: SandboxMode = "bwrap"  # rlimits: no isolation, warns on every run
@@ -67,7 +67,7 @@ def _open_sandbox(settings: SandboxSettings) -> Sandbox:
 
 @dataclass(frozen=True)
 class RewardSettings:
-    """How rewards are weighted and extracted (README: "Rewards"): the config's ``reward``
+    """How rewards are weighted and extracted (docs/tasks-and-rewards.md#rewards): the config's ``reward``
     section, for every task (a task's own ``weights`` replace these)."""
 
     # None: the scorer's own (numeric: correct 1.0 + format 0.1; code: all_passed 1.0; others: correct 1.0)
@@ -80,7 +80,7 @@ class RewardSettings:
     # DAPO's soft overlong punishment (rewards.shaping): the last overlong_buffer tokens before
     # rollout.max_tokens cost up to overlong_penalty reward, linearly; 0 = off
     overlong_buffer: int = 0
-    overlong_penalty: float = 1.0
+    overlong_penalty: float = 1.0  # the overlong punishment's largest cost (see overlong_buffer)
     # reward terms from outside the project (rewards.terms; docs/your-problem.md), added with their
     # weights to every task's reward (a task's ``rewards`` picks some): the user's functions
     functions: tuple[FunctionReward, ...] = ()

@@ -160,10 +160,10 @@ class FunctionReward:
     an awaitable)."""
 
     path: str = ""  # "my_pkg.rewards:fn" or "rewards.py:fn"
-    weight: float = 1.0
+    weight: float = 1.0  # the term's weight in the reward
     name: str | None = None  # the component's name; default: the function's
-    batched: bool = False
-    on_error: OnError = "mask"
+    batched: bool = False  # called once per verifier call with lists, instead of once per sample
+    on_error: OnError = "mask"  # a sample it fails on: mask (left out of training), zero (reward 0), stop (the run)
     # folders tried after sys.path when importing (filled by the run: the folder it started in)
     search: tuple[str, ...] = ()
 
@@ -277,14 +277,14 @@ class HttpReward:
     the whole verifier pool (at least one per verifier actor). A verifier call holds
     ``verifier.samples_per_call`` samples, so a request holds at most that many."""
 
-    url: str = ""
-    weight: float = 1.0
-    name: str = "http"
+    url: str = ""  # the server's http:// or https:// address (POSTed to)
+    weight: float = 1.0  # the term's weight in the reward
+    name: str = "http"  # the component's name (train/reward/<name>)
     timeout_s: float = 10.0  # per request, in all; (retries + 1) * (timeout_s + 2) must fit verifier.timeout_s
-    max_concurrency: int = 4
-    batch_size: int = 16
-    retries: int = 2
-    on_error: OnError = "mask"
+    max_concurrency: int = 4  # requests in flight from the whole verifier pool
+    batch_size: int = 16  # samples per request at most
+    retries: int = 2  # tries after the first, with back-off (not for 4xx answers)
+    on_error: OnError = "mask"  # a sample it fails on: mask (left out of training), zero (reward 0), stop (the run)
     # requests each verifier actor may have in flight (set by the run from max_concurrency and
     # the pool's size); 0: max_concurrency
     per_actor: int = 0
@@ -367,13 +367,13 @@ class ServedReward:
     ``retries`` on the next actor, then ``on_error``;
     ``(retries + 1) * (timeout_s + 2)`` must fit ``verifier.timeout_s``)."""
 
-    weight: float = 1.0
-    name: str = "served"
+    weight: float = 1.0  # the term's weight in the reward
+    name: str = "served"  # the component's name (train/reward/<name>)
     num_cpus: float = 1.0  # per actor
     num_gpus: float = 0.0  # per actor
-    timeout_s: float = 20.0
-    retries: int = 1
-    on_error: OnError = "mask"
+    timeout_s: float = 20.0  # per request
+    retries: int = 1  # tries after the first, each on the next actor
+    on_error: OnError = "mask"  # a sample it fails on: mask (left out of training), zero (reward 0), stop (the run)
 
     @property
     def label(self) -> str:
@@ -389,8 +389,8 @@ class RewardModelSettings(ServedReward):
     probability of the last."""
 
     path: str = ""  # a model folder, a Hub name, or "tiny-classifier" (a random one, for tests)
-    name: str = "reward_model"
-    num_actors: int = 1
+    name: str = "reward_model"  # the component's name (train/reward/<name>)
+    num_actors: int = 1  # Ray actors serving the model
     batch_size: int = 16  # samples per forward pass, gathered across verifiers
     max_wait_ms: float = 20.0  # a partial batch waits at most this long for more requests
     max_length: int = 1024  # tokens per sample; longer ones keep their end
@@ -406,16 +406,18 @@ class JudgeSettings(ServedReward):
     A reply that does not parse is a failure (masked by default)."""
 
     model: str = ""  # a model folder, "smollm2", or "base": the run's own model, frozen
+    # what the judge reads: {question}, {completion} and {reference} are filled in
     prompt: str = (
         "Rate the answer to the question from 0 (wrong) to 10 (perfect).\n\nQuestion: {question}\n\n"
         "Reference answer: {reference}\n\nAnswer to rate:\n<<<\n{completion}\n>>>\n\nReply with the rating only."
     )
+    # the judge's reply read as a number / scale, a letter of `letters` (the first best), or yes/no
     parse: Literal["number", "letter", "yes_no"] = "number"
-    scale: float = 10.0
-    letters: str = "ABCDE"
-    max_tokens: int = 16
-    name: str = "judge"
-    num_generators: int = 1
+    scale: float = 10.0  # parse=number: the reply divided by this is the reward
+    letters: str = "ABCDE"  # parse=letter: the grades, best first (1.0 down to 0.0)
+    max_tokens: int = 16  # the judge's greedy reply, at most
+    name: str = "judge"  # the component's name (train/reward/<name>)
+    num_generators: int = 1  # the judge's vLLM generator actors
     max_completion_chars: int = 4000  # a longer completion is judged by its head and tail
     timeout_s: float = 25.0
 
@@ -430,12 +432,13 @@ class TeacherSettings:
     share the student's tokenizer (checked when it starts)."""
 
     model: str = ""  # a model folder, "smollm2", or a Hub name
+    # token: each token's reward added to its advantage; sequence: summed into the sample's reward
     mode: Literal["token", "sequence"] = "token"
-    weight: float = 1.0
-    name: str = "teacher"
-    num_generators: int = 1
-    num_cpus: float = 1.0
-    num_gpus: float = 0.0
+    weight: float = 1.0  # the term's weight
+    name: str = "teacher"  # the component's name (train/reward/<name>)
+    num_generators: int = 1  # the teacher's vLLM actors
+    num_cpus: float = 1.0  # per actor
+    num_gpus: float = 0.0  # per actor
     timeout_s: float = 120.0  # per call of up to 32 sequences; a teacher past it is restarted and the call repeated once
 
     @property

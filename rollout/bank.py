@@ -36,17 +36,17 @@ BANK_FINISH_REASON = "bank"  # a replayed sample's finish_reason, so rollout fil
 
 @dataclass(frozen=True)
 class BankSettings:
-    """The solution bank: the run config's ``bank`` section (README: "Self-improvement"; a config
+    """The solution bank: the run config's ``bank`` section (docs/algorithms.md#self-improvement-and-the-solution-bank; a config
 that still says ``memory`` is read as ``bank``)."""
 
-    enabled: bool = False
+    enabled: bool = False  # keep verified solutions (the bank) during the run
     threshold: float = 1.0  # a verdict's reward at or above this banks the solution
     per_problem: int = 4  # solutions kept per problem
     max_size: int = 4096  # solutions kept in all
-    eviction: Literal["oldest", "lowest_reward"] = "oldest"
+    eviction: Literal["oldest", "lowest_reward"] = "oldest"  # which solution a full bank drops
     # GRPO: a group without a sample at the threshold gets up to feed_per_group stored solutions
     feed_groups: bool = False
-    feed_per_group: int = 1
+    feed_per_group: int = 1  # see feed_groups
     # algorithm.objective=sft: fine-tune each round on the whole bank or on this round's new solutions
     sft_on: Literal["bank", "new"] = "bank"
     sft_max_samples: int = 256  # a seeded draw when there are more (0 = all)

@@ -33,9 +33,9 @@ PERTURBATIONS: tuple[Perturbation, ...] = ("delete", "truncate", "swap")
 
 @dataclass(frozen=True)
 class MarkovianSettings:
-    """The config's ``markovian`` section (README: "Markovian chain-of-thought training")."""
+    """The config's ``markovian`` section (docs/algorithms.md#markovian-chain-of-thought-training)."""
 
-    enabled: bool = False
+    enabled: bool = False  # train chains of thought rewarded by the frozen model's answer log-prob
     cot_length: int = 100  # tokens of every chain of thought: sampled with min_tokens = max_tokens
     baseline: bool = True  # subtract the frozen model's score of its own greedy CoT' (normalised reward)
     # false: the paper's Non-Markovian comparison, the answer scored with the question in view

@@ -162,3 +162,43 @@ SELF_MASKING = [
     "    import os\n    os.dup2(os.open('/dev/null', os.O_WRONLY), 2)\n    raise SystemExit(3)\n",
     "    import os\n    os.ftruncate(2, 0)\n    return len(numbers) > 99\n",
 ]
+
+
+def wandb_records(run_dir: Path) -> list[tuple[str, object]]:
+    """The records of the offline W&B run(s) under ``run_dir``/wandb, in order, as
+    ``(kind, message)`` (``history``, ``config``, ``run``, ``exit``, ...). W&B's run file is a
+    LevelDB-style log (32 KiB blocks of chunks with a 7-byte header: CRC, length, type) of
+    ``wandb_internal_pb2.Record`` messages after a 7-byte file header; the wandb package has no
+    public reader for it."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2
+
+    records = []
+    for path in sorted(Path(run_dir, "wandb").glob("offline-run-*/run-*.wandb")):
+        data, pos, pending = path.read_bytes(), 7, b""
+        assert data[:4] == b":W&B", f"{path} is not a W&B run file"
+        while pos + 7 <= len(data):
+            if 32768 - pos % 32768 < 7:  # a block's tail too short for a header is padding
+                pos += 32768 - pos % 32768
+                continue
+            _crc, length, chunk = struct.unpack("<IHB", data[pos:pos + 7])
+            pending, pos = pending + data[pos + 7:pos + 7 + length], pos + 7 + length
+            if chunk in (1, 4):  # FULL or LAST: a whole record
+                record = wandb_internal_pb2.Record()
+                record.ParseFromString(pending)
+                records.append((record.WhichOneof("record_type"), record))
+                pending = b""
+    return records
+
+
+def wandb_history(run_dir: Path) -> list[dict]:
+    """Each ``log`` call of the offline W&B run(s) under ``run_dir``, W&B's own keys left out."""
+    import json
+
+    rows = []
+    for kind, record in wandb_records(run_dir):
+        if kind == "history":
+            items = {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item}
+            rows.append({k: v for k, v in items.items() if not k.startswith("_")})
+    return rows

@@ -25,9 +25,11 @@ import pytest
 
 from cluster.commands.cli import main
 from cluster.config import load_config
+from cluster.exits import ExitCode
+from cluster.observe.metrics import run_label
 from cluster.loop.driver import Trainer
 from cluster.keeping.rundir import RunDir
-from helpers import final_adapter, kill_driver_after, learned, spread_reward
+from helpers import final_adapter, kill_driver_after, learned, spread_reward, wandb_history, wandb_records
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
@@ -85,10 +87,11 @@ def test_run_resumed_after_two_steps_equals_the_uninterrupted_run(uninterrupted,
         first.train(2)
         # the run's metrics on the cluster's Prometheus endpoint, while the run's actors are up
         last = RunDir(run_dir).read_metrics()[-1]["train/reward_mean"]
-        assert scrape(ray_metrics_port, "ray_raylight_train_reward_mean", run_dir.name, last), "step 2's train/reward_mean never reached the Ray metrics endpoint"
-        for name in ("train_loss", "train_kl", "train_entropy", "train_ratio_max", "perf_weight_sync_seconds",
-                     "perf_generated_tokens_per_second", "verifier_queue_depth", "eval_accuracy"):  # fmt: skip
-            assert scrape(ray_metrics_port, f"ray_raylight_{name}", run_dir.name, timeout_s=5), name
+        label = run_label(run_dir)
+        assert scrape(ray_metrics_port, "ray_raylight_reward_mean", label, last), "step 2's train/reward_mean never reached the Ray metrics endpoint"
+        for name in ("train_loss", "train_kl", "train_entropy", "train_ratio_max", "span_seconds",
+                     "tokens_per_second", "verifier_queue_depth", "accuracy_ratio"):  # fmt: skip
+            assert scrape(ray_metrics_port, f"ray_raylight_{name}", label, timeout_s=5), name
     finally:
         first.shutdown()
     assert [c.step for c in first.keeper.checkpoints.complete()] == [1, 2]
@@ -142,15 +145,18 @@ def test_a_job_run_again_after_its_driver_was_killed_resumes_and_finishes_the_sa
     assert_same_run(run_dir, uninterrupted)
 
 
-def test_rollback_rule_restores_the_last_checkpoint_and_halves_the_lr(ray_cluster, tiny_model_path, tmp_path):
+def test_rollback_rule_restores_the_last_checkpoint_and_halves_the_lr(ray_cluster, tiny_model_path, tmp_path, monkeypatch):
     """``plateau`` with an impossible band fires at step 2 (its window): the run goes back to
     step 1's checkpoint with half the learning rate; at step 3 it fires again, the one allowed
-    rollback is used up, and the run stops."""
+    rollback is used up, and the run stops with the monitor's exit code."""
     run_dir = tmp_path / "rollback"
     argv = ["train", "configs/tiny.yaml", "--run-dir", str(run_dir), "--steps", "5", f"model.path={tiny_model_path}", "eval.n=4",
             "run.checkpoint_every=1", "monitor.max_rollbacks=1", "algorithm.lr=0.01", "run.tensorboard=true",
-            "monitor.rules={plateau: {action: rollback, threshold: 1000.0, window: 2}}"]  # fmt: skip
-    assert main(argv) == 0
+            "monitor.rules={plateau: {action: rollback, threshold: 1000.0, window: 2}}",
+            "run.wandb={project: raylight-test, mode: offline}"]  # fmt: skip
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb-config"))
+    assert main(argv) == ExitCode.MONITOR_STOP  # a RayJob must not report Succeeded
     events = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
     plateau = [e for e in events if e["rule"] == "plateau"]
     assert [(e["step"], e["action"]) for e in plateau] == [(2, "rollback"), (3, "rollback")]
@@ -162,6 +168,11 @@ def test_rollback_rule_restores_the_last_checkpoint_and_halves_the_lr(ray_cluste
     # step 2's update was undone: the old weights came back as a new version (versions only rise)
     assert [rows[s]["policy_version"] for s in (1, 2, 3)] == [1, 2, 4]
     assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))  # run.tensorboard
+    # run.wandb (offline): every recorded row against its step, steps run again after the rollback included
+    logged = wandb_history(run_dir)
+    assert [row["step"] for row in logged] == [r["step"] for r in RunDir(run_dir).read_metrics()]
+    assert logged[1]["train/lr"] == pytest.approx(0.01)
+    assert next(r for kind, r in wandb_records(run_dir) if kind == "exit").exit.exit_code == ExitCode.MONITOR_STOP
 
 
 

@@ -54,7 +54,7 @@ def test_data_check_counts_broken_rows_and_fails_only_without_rows(tmp_path, cap
     broken = tmp_path / "broken.jsonl"
     broken.write_text("{nope\n" + json.dumps({"question": "q"}) + "\n")
     config.write_text(f"model: {{path: tiny}}\ntasks:\n  - name: gsm8k\n    source: {broken}\n  - name: rpn\n")
-    assert main(["data", "check", str(config)]) == 1
+    assert main(["data", "check", str(config)]) == 2  # ExitCode.USAGE
     captured = capsys.readouterr()
     assert "no usable rows for training in ['gsm8k']" in captured.err
     assert '"usable": 0' in captured.out

@@ -1,4 +1,5 @@
-"""``raylight`` command line: train, resume, eval, report, score, data check, bench, prepare-model."""
+"""``raylight`` command line: train, resume, eval, report, score, data check, config, export,
+bench, prepare-model. Its exit codes are ``ExitCode`` (docs/exit-codes.md)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ import argparse
 import json
 import logging
 import sys
+
+from cluster.exits import ExitCode
 
 logger = logging.getLogger("raylight")
 
@@ -26,14 +29,14 @@ def _train(args: argparse.Namespace) -> int:
         overrides.append("cluster.dashboard=false")
     config = load_config(args.config, overrides)
     if args.resume_if_exists:
-        return _run(Trainer.resume_or_start(config))
+        return _run(Trainer.resume_or_start(config, override=args.override))
     return _run(Trainer(config, RunDir(config.run.run_dir)))
 
 
 def _resume(args: argparse.Namespace) -> int:
     from cluster.loop.driver import Trainer
 
-    return _run(Trainer.resume(args.run_dir, args.steps))
+    return _run(Trainer.resume(args.run_dir, args.steps, overrides=tuple(args.overrides), override=args.override))
 
 
 def _run(trainer) -> int:
@@ -50,7 +53,7 @@ def _run(trainer) -> int:
     if start is not None and end is not None:
         print(f"held-out accuracy (greedy, n={summary['eval_n']}): {start:.3f} at step 0 -> {end:.3f} at the end ({100 * (end - start):+.1f} points)")
     print(json.dumps(summary))
-    return 0
+    return ExitCode.MONITOR_STOP if summary.get("stopped_by") else ExitCode.OK
 
 
 def _eval(args: argparse.Namespace) -> int:
@@ -107,6 +110,32 @@ def _data(args: argparse.Namespace) -> int:
     return data_check(load_config(args.config, args.overrides))
 
 
+def _config(args: argparse.Namespace) -> int:
+    from cluster.commands.configure import main as describe
+
+    from pathlib import Path
+
+    mode = "reference" if args.reference else "keys" if args.keys else "diff" if args.diff else "yaml"
+    config, overrides = args.config, list(args.overrides)
+    if config is not None and "=" in config and not Path(config).exists():  # no CONFIG: the first word is an override
+        config, overrides = None, [config, *overrides]
+    print(describe(config, overrides, mode))
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from cluster.commands.export import export_run
+
+    try:
+        out = export_run(args.run_dir, args.out, merge=args.merge, checkpoint=args.checkpoint, push_to_hub=args.push_to_hub,
+                         dry_run=args.dry_run, private=args.private)  # fmt: skip
+    except ValueError as exc:  # what was asked cannot be exported as asked (the message says how)
+        print(f"raylight: {exc}", file=sys.stderr)
+        return ExitCode.USAGE
+    print(f"exported to {out}")
+    return ExitCode.OK
+
+
 def _bench(args: argparse.Namespace) -> int:
     from cluster.commands.bench import bench_async, bench_faults, bench_generation, bench_learner, bench_reward, bench_reward_model, bench_step, bench_verifier
 
@@ -150,6 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume-if-exists", action="store_true",
                        help="if the run directory holds a checkpoint, continue that run instead of starting over (a retried job resumes)")
     train.add_argument("--no-dashboard", action="store_true", help="start a local Ray cluster without its dashboard (cluster.dashboard=false)")
+    train.add_argument("--override", action="store_true",
+                       help="with --resume-if-exists: continue the saved run with this config where it differs (else an error names the keys)")
     train.add_argument("overrides", nargs="*", help="dotted.key=value config overrides, e.g. rollout.group_size=4")
     train.set_defaults(func=_train)
 
@@ -161,6 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     resume.add_argument("run_dir", help="the run directory (holds config.yaml and checkpoints/)")
     resume.add_argument("--steps", type=int, help="train to this step instead of run.steps")
+    resume.add_argument("--override", action="store_true", help="continue with OVERRIDES that change the saved config (else they are an error)")
+    resume.add_argument("overrides", nargs="*", help="dotted.key=value changes to the saved config; they need --override")
     resume.set_defaults(func=_resume)
 
     evaluate = commands.add_parser(
@@ -272,6 +305,36 @@ def build_parser() -> argparse.ArgumentParser:
     flt.add_argument("overrides", nargs="*", help="dotted.key=value config overrides")
     flt.set_defaults(func=_bench)
 
+    config = commands.add_parser(
+        "config",
+        help="print the resolved config with every key's default and meaning",
+        description="Print CONFIG (default: the built-in defaults) with OVERRIDES applied, as commented YAML; "
+        "--keys: one `key = value  # meaning` line per key; --diff: only the keys that differ from the defaults; "
+        "--reference: the Markdown reference of every key (docs/config-reference.md).",
+    )
+    config.add_argument("config", nargs="?", help="YAML config file (default: none, the defaults)")
+    shown = config.add_mutually_exclusive_group()
+    shown.add_argument("--keys", action="store_true", help="the flat list of keys with values and meanings")
+    shown.add_argument("--diff", action="store_true", help="the keys that differ from the defaults")
+    shown.add_argument("--reference", action="store_true", help="the Markdown reference page of every key")
+    config.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. rollout.group_size=4")
+    config.set_defaults(func=_config)
+
+    export = commands.add_parser(
+        "export",
+        help="write a trained policy as a folder transformers, PEFT and vLLM load, with a model card",
+        description="Export RUN_DIR's final adapter (or --checkpoint's) with the tokenizer and a model card: "
+        "the PEFT adapter, or with --merge the base model with the adapter folded in (safetensors shards).",
+    )
+    export.add_argument("run_dir", help="the run directory")
+    export.add_argument("--out", required=True, help="the folder to write (must not exist or be empty)")
+    export.add_argument("--merge", action="store_true", help="fold the adapter into the base weights: a plain model folder")
+    export.add_argument("--checkpoint", help="export this checkpoint (a step number, 'best' or 'latest') instead of the final adapter")
+    export.add_argument("--push-to-hub", metavar="REPO", help="also upload the folder to this Hugging Face Hub repo")
+    export.add_argument("--private", action="store_true", help="with --push-to-hub: create the repo private")
+    export.add_argument("--dry-run", action="store_true", help="with --push-to-hub: print what would be uploaded, upload nothing")
+    export.set_defaults(func=_export)
+
     prep = commands.add_parser("prepare-model", help="convert/cache a model folder and print its path")
     prep.add_argument("model", nargs="?", default="smollm2", help="'smollm2' or 'tiny'")
     prep.set_defaults(func=_prepare)
@@ -283,7 +346,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra:
-        if args.command not in ("train", "eval", "score", "data") or any(e.startswith("-") or "=" not in e for e in extra):
+        if args.command not in ("train", "resume", "eval", "score", "data", "config") or any(e.startswith("-") or "=" not in e for e in extra):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides = [*args.overrides, *extra]
     return args
@@ -300,19 +363,22 @@ def main(argv: list[str] | None = None) -> int:
     from cluster.config import ConfigError
 
     try:
-        return args.func(args)
+        return int(args.func(args))
     except ConfigError as exc:
         print(f"raylight: config error: {exc}", file=sys.stderr)
-        return 2
-    except FileNotFoundError as exc:
+        return ExitCode.USAGE
+    except (FileNotFoundError, FileExistsError) as exc:
         print(f"raylight: {exc}", file=sys.stderr)
-        return 2
+        return ExitCode.USAGE
     except (VerifierStartError, NoUsableRows, CheckpointError) as exc:  # no sandbox here; a task without data; nothing to resume
         print(f"raylight: {exc}", file=sys.stderr)
-        return 2
+        return ExitCode.USAGE
     except (GeneratorsLost, LearnerFailure) as exc:  # faults past what the run absorbs; it stopped with a checkpoint
         print(f"raylight: run stopped: {exc}", file=sys.stderr)
-        return 3
+        return ExitCode.FAULTS
+    except KeyboardInterrupt:
+        print("raylight: interrupted", file=sys.stderr)
+        return ExitCode.INTERRUPTED
 
 
 if __name__ == "__main__":

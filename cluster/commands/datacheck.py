@@ -17,6 +17,7 @@ import sys
 from typing import TextIO
 
 from cluster.config import Config
+from cluster.exits import ExitCode
 from rollout.prompts import render_prompts
 from rollout.tasks import SPLITS, NoUsableRows, Task
 
@@ -89,8 +90,8 @@ def _indent(text: str, width: int = 600) -> str:
 
 
 def data_check(config: Config, out: TextIO | None = None) -> int:
-    """Print the check of every task (to ``out``, default the current stdout); 1 if a task
-    cannot be trained on, else 0."""
+    """Print the check of every task (to ``out``, default the current stdout); the exit code:
+    ``ExitCode.USAGE`` if a task cannot be trained on, else ``OK``."""
     out = out or sys.stdout
     from cluster.loop.wiring import build_tasks
 
@@ -102,5 +103,5 @@ def data_check(config: Config, out: TextIO | None = None) -> int:
     print("\n" + json.dumps(summary, default=str), file=out)
     if unusable:
         print(f"raylight data check: no usable rows for training in {unusable}", file=sys.stderr)
-        return 1
-    return 0
+        return ExitCode.USAGE
+    return ExitCode.OK

@@ -34,11 +34,13 @@ import torch
 
 from actors.generator import GeneratorsLost
 from actors.learner import LearnerFailure, LearnerGroup
-from cluster.config import Config, dotted_items, load_config
+from cluster.config import Config, ConfigError, config_to_dict, dotted_items, load_config
+from cluster.exits import ExitCode
 from cluster.keeping.checkpoint import Checkpoint, CheckpointError, CheckpointStore
 from cluster.keeping.rundir import RunDir
 from cluster.observe.metrics import MetricsExporter
 from cluster.observe.monitor import Event, Monitor, rules_from_config
+from cluster.observe.wandb_logger import WandbLogger
 from cluster.stages import Crew, ReadFile, Stages, Stateful
 from contracts import DEFAULT_ADAPTER, PolicyRef
 from rollout.engines import write_adapter
@@ -151,7 +153,9 @@ class RunKeeper:
         self.faults = FaultCounts(crew)
         self.parts: tuple[Stateful, ...] = (MonitorPart(self.monitor), self.faults, *stages.parts)
         self.checkpoints = CheckpointStore(run_dir.checkpoints, config.run.keep_checkpoints)
-        self.exporter: MetricsExporter | None = None  # opened by open(), once the run directory is settled
+        # where each step's metrics go besides metrics.jsonl: Ray metrics and TensorBoard, W&B;
+        # opened by open(), once the run directory is settled
+        self.sinks: list[MetricsExporter | WandbLogger] = []
         self.start_data = stream.position_after(0)  # where a run without a checkpoint starts again
 
     # -- the start and the end ----------------------------------------------------------------
@@ -164,7 +168,9 @@ class RunKeeper:
                 logger.warning("%s held an earlier run: its files are now in %s (use raylight resume to continue a run)", self.run_dir.path, previous)
         self.run_dir.write_config(self.config)  # a resume may have changed run.steps
         (self.run_dir.path / "placement.json").write_text(json.dumps(placement, indent=2))
-        self.exporter = MetricsExporter(self.run_dir, self.config.run.metrics_export, self.config.run.tensorboard)
+        self.sinks = [MetricsExporter(self.run_dir, self.config.run.metrics_export, self.config.run.tensorboard)]
+        if self.config.run.wandb is not None:
+            self.sinks.append(WandbLogger(self.config.run.wandb, self.run_dir.path, config_to_dict(self.config)))
 
     def evaluate_at_start(self) -> None:
         """A new run's held-out evaluation at step 0 (``eval.at_start``)."""
@@ -174,13 +180,19 @@ class RunKeeper:
             logger.info("step 0 held-out accuracy %.3f (n=%d)", self.run.first_eval["eval/accuracy"], self.run.first_eval["eval/n"])
             self.record({"step": 0, "policy_version": self.run.policy.version, **self.run.first_eval}, [])
 
-    def close(self) -> None:
-        """The last checkpoint (every last step is evaluated) and the trained policy."""
+    def close(self, exit_code: int = 0) -> None:
+        """The last checkpoint (every last step is evaluated) and the trained policy;
+        ``exit_code`` is what the command will exit with (a W&B run records it)."""
         self.stream.stop()
         if self.run.step > self.run.saved_step:
             self.save(self.run.step, True)
         self.save_final()
-        self.exporter.close()
+        self.close_sinks(exit_code)
+
+    def close_sinks(self, exit_code: int) -> None:
+        for sink in self.sinks:
+            sink.close(exit_code)
+        self.sinks = []
 
     def summary(self, stopped_by: Event | None) -> dict:
         """What the run did and why it stopped (``stopped_by`` None: it ran all its steps)."""
@@ -239,7 +251,8 @@ class RunKeeper:
         """A step's metrics and events: to the run directory, the Ray metrics, TensorBoard."""
         self.run_dir.append_metrics(metrics)
         self.run_dir.append_events(events)
-        self.exporter.export(metrics)
+        for sink in self.sinks:
+            sink.export(metrics)
 
     # -- checkpoints ----------------------------------------------------------------------
 
@@ -351,7 +364,7 @@ class RunKeeper:
             self.save(self.run.step, False)
         self.stream.stop()
         self.run_dir.append_events([Event(self.run.step + 1, "generators_lost", "stop", str(lost))])
-        self.exporter.close()
+        self.close_sinks(ExitCode.FAULTS)
         raise GeneratorsLost(
             f"{lost}. The run stopped after step {self.run.step}, checkpointed; continue it with `raylight resume {self.run_dir.path}` once generators can run"
         ) from lost
@@ -360,31 +373,60 @@ class RunKeeper:
 # -- where a run starts -----------------------------------------------------------------------
 
 
-def resume_point(config: Config) -> tuple[RunDir, Config, Checkpoint | None]:
+# keys a resumed run may take from the command line without --override: where it is, how far
+# it goes, and whether a local cluster shows its dashboard
+RESUMABLE_KEYS = ("run.run_dir", "run.steps", "cluster.dashboard")
+
+
+def config_changes(saved: Config, given: Config) -> list[str]:
+    """``key: saved -> given`` for each key ``given`` sets otherwise than ``saved`` (beyond
+    ``RESUMABLE_KEYS``)."""
+    kept, asked = dotted_items(saved), dotted_items(given)
+    keys = sorted((set(kept) | set(asked)) - set(RESUMABLE_KEYS))
+    return [f"{key}: {kept.get(key)!r} -> {asked.get(key)!r}" for key in keys if kept.get(key) != asked.get(key)]
+
+
+def _check_changes(run_dir: RunDir, saved: Config, given: Config, override: bool) -> None:
+    """A resume whose command line asks for another config than the saved one: an error naming
+    the keys, or (``override``) a warning, the command line's values being used."""
+    changes = config_changes(saved, given)
+    if not changes:
+        return
+    if not override:
+        raise ConfigError(
+            f"{run_dir.path} holds a run whose saved config differs from this command's in {len(changes)} key(s): "
+            f"{'; '.join(changes)}. Resume without them, or pass --override to continue the run with the new values"
+        )
+    logger.warning("resuming %s with this command's config, which changes %s (--override)", run_dir.path, "; ".join(changes))
+
+
+def resume_point(config: Config, override: bool = False) -> tuple[RunDir, Config, Checkpoint | None]:
     """The run in ``config.run.run_dir`` and its newest checkpoint that verifies, with the
     run's saved config (to this command's ``run.steps``); no checkpoint: this config, from
-    step 0. What makes ``raylight train --resume-if-exists`` safe to retry."""
+    step 0. What makes ``raylight train --resume-if-exists`` safe to retry. A config that
+    differs from the saved one is a ConfigError naming the keys, unless ``override``."""
     run_dir = RunDir(config.run.run_dir)
     checkpoint = CheckpointStore(run_dir.checkpoints).latest() if run_dir.config_path.is_file() else None
     if checkpoint is None:
         return run_dir, config, None
     saved = load_config(run_dir.config_path, [f"run.run_dir={run_dir.path}", f"run.steps={config.run.steps}"])
-    given, kept = dotted_items(config), dotted_items(saved)
-    changed = sorted(key for key, value in given.items() if key != "run.run_dir" and kept.get(key) != value)
-    if changed:
-        logger.warning("resuming %s with its saved config; this command's config differs in %s (ignored)", run_dir.path, changed)
+    _check_changes(run_dir, saved, config, override)
     logger.info("%s holds a run with a checkpoint: resuming it", run_dir.path)
-    return run_dir, saved, checkpoint
+    return run_dir, (config if override else saved), checkpoint
 
 
-def saved_run(path: str | os.PathLike, steps: int | None = None) -> tuple[RunDir, Config, Checkpoint]:
+def saved_run(path: str | os.PathLike, steps: int | None = None, overrides: tuple[str, ...] = (), override: bool = False) -> tuple[RunDir, Config, Checkpoint]:
     """The run in ``path``, its saved config (to ``steps``, else the configured number) and its
-    newest checkpoint that verifies."""
+    newest checkpoint that verifies. ``overrides`` that change the saved config are a
+    ConfigError naming them, unless ``override``: then the run continues with them."""
     run_dir = RunDir(path)
     if not run_dir.config_path.is_file():
         raise FileNotFoundError(f"{run_dir.path} is not a run directory: it has no config.yaml")
     checkpoint = CheckpointStore(run_dir.checkpoints).latest()
     if checkpoint is None:
         raise CheckpointError(f"no usable checkpoint in {run_dir.checkpoints}: start the run again with raylight train")
-    overrides = [f"run.run_dir={run_dir.path}"] + ([f"run.steps={steps}"] if steps is not None else [])
-    return run_dir, load_config(run_dir.config_path, overrides), checkpoint
+    fixed = [f"run.run_dir={run_dir.path}"] + ([f"run.steps={steps}"] if steps is not None else [])
+    saved = load_config(run_dir.config_path, fixed)
+    given = load_config(run_dir.config_path, [*overrides, *fixed]) if overrides else saved
+    _check_changes(run_dir, saved, given, override)
+    return run_dir, given, checkpoint

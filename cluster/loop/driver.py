@@ -39,6 +39,7 @@ from actors.generator import GeneratorsLost, WeightUpdateLost
 from actors.learner import LearnerFailure
 from actors.verifier import Scorer
 from cluster.config import Config
+from cluster.exits import ExitCode
 from cluster.keeping.checkpoint import Checkpoint
 from cluster.keeping.keeper import RunKeeper, RunState, resume_point, saved_run
 from cluster.keeping.rundir import RunDir
@@ -111,17 +112,20 @@ class Trainer:
         self.crew.broadcast(self.run.policy)
 
     @classmethod
-    def resume_or_start(cls, config: Config, scorer: Scorer | None = None) -> Trainer:
+    def resume_or_start(cls, config: Config, scorer: Scorer | None = None, override: bool = False) -> Trainer:
         """Continue the run in ``config.run.run_dir`` from its newest checkpoint that verifies,
-        or start it when there is none (``raylight train --resume-if-exists``)."""
-        run_dir, config, checkpoint = resume_point(config)
+        or start it when there is none (``raylight train --resume-if-exists``); a config that
+        differs from the saved one is an error unless ``override``."""
+        run_dir, config, checkpoint = resume_point(config, override)
         return cls(config, run_dir, scorer) if checkpoint is None else cls._continue(run_dir, config, checkpoint, scorer)
 
     @classmethod
-    def resume(cls, path: str | os.PathLike, steps: int | None = None, scorer: Scorer | None = None) -> Trainer:
+    def resume(cls, path: str | os.PathLike, steps: int | None = None, scorer: Scorer | None = None,
+               overrides: tuple[str, ...] = (), override: bool = False) -> Trainer:  # fmt: skip
         """A Trainer continuing the run in ``path`` from its newest checkpoint that verifies
-        (to ``steps``, else to the configured number)."""
-        return cls._continue(*saved_run(path, steps), scorer)
+        (to ``steps``, else to the configured number); ``overrides`` that change its saved
+        config are an error unless ``override``."""
+        return cls._continue(*saved_run(path, steps, overrides, override), scorer)
 
     @classmethod
     def _continue(cls, run_dir: RunDir, config: Config, checkpoint: Checkpoint, scorer: Scorer | None) -> Trainer:
@@ -144,7 +148,7 @@ class Trainer:
                     stopped_by = self.run_step(self.run.step + 1, steps, bar)
         except GeneratorsLost as lost:
             self.keeper.stop_for_lost_generators(lost)
-        self.keeper.close()
+        self.keeper.close(ExitCode.OK if stopped_by is None else ExitCode.MONITOR_STOP)
         return self.keeper.summary(stopped_by)
 
     def run_step(self, step: int, last_step: int, bar: tqdm) -> Event | None:

@@ -72,12 +72,12 @@ class SandboxLimits:
     processes hold for the program's processes together; without one each process has the
     memory and CPU limits (``Sandbox.ceiling`` says what that allows)."""
 
-    wall_s: float = 10.0
-    cpu_s: int = 10
+    wall_s: float = 10.0  # seconds of wall-clock time per program run
+    cpu_s: int = 10  # seconds of CPU time per program run
     memory_mb: int = 1024  # with a cgroup, all processes and tmpfs writes; else each process's address space
     output_bytes: int = 1_000_000  # stdout, stderr and any single file
     tmpfs_mb: int = 32  # each of /tmp and /dev/shm
-    open_files: int = 64
+    open_files: int = 64  # file descriptors per process
     processes: int | None = None  # None: PROCESSES' figure for the sandbox's kind of limit
 
     @property
