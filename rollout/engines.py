@@ -31,13 +31,21 @@ EngineKind = Literal["vllm", "hf"]
 AdapterMode = Literal["merged", "lora"]
 
 
+# the named tensors an update carries besides the adapter (the surgeon's attention scales),
+# beside the PEFT files of an adapter folder; PEFT and vLLM ignore the file
+CONTROLS_FILE = "controls.safetensors"
+
+
 def write_adapter(update: WeightUpdate, folder: Path) -> Path:
-    """Write an adapter update as a PEFT folder (what vLLM's LoRARequest and PeftModel read)."""
+    """Write an adapter update as a PEFT folder (what vLLM's LoRARequest and PeftModel read),
+    with its controls, if any, in ``CONTROLS_FILE``."""
     from safetensors.torch import save_file
 
     folder.mkdir(parents=True, exist_ok=True)
     save_file(update.tensors, str(folder / "adapter_model.safetensors"))
     (folder / "adapter_config.json").write_text(json.dumps(update.config, indent=2))
+    if update.controls:
+        save_file({k: v.contiguous() for k, v in update.controls.items()}, str(folder / CONTROLS_FILE))
     return folder
 
 
@@ -51,7 +59,8 @@ def read_adapter(folder: str | Path, policy: PolicyRef = PolicyRef()) -> WeightU
         if not (folder / name).is_file():
             raise FileNotFoundError(f"{folder} is not a PEFT adapter folder: {name} is missing")
     config = json.loads((folder / "adapter_config.json").read_text())
-    return WeightUpdate(policy, load_file(str(folder / "adapter_model.safetensors")), config, "lora")
+    controls = load_file(str(folder / CONTROLS_FILE)) if (folder / CONTROLS_FILE).is_file() else {}
+    return WeightUpdate(policy, load_file(str(folder / "adapter_model.safetensors")), config, "lora", controls)
 
 
 def load_base_weights(model_path: str, names: set[str]) -> dict:
@@ -123,11 +132,11 @@ class EngineSettings:
     adds the number of generator actors and their CPUs). What the rest of the run decides, the
     model, the seed and the LoRA rank, is passed to ``build_engine`` beside it."""
 
-    engine: EngineKind = "vllm"
+    engine: EngineKind = "vllm"  # vllm, or hf (transformers' generate: slower, no vLLM needed)
     adapter_mode: AdapterMode = "merged"  # fold the adapter into the weights, or serve it as a vLLM LoRA
     dtype: str = "auto"  # "auto": bfloat16 on bf16 hardware (GPUs, AMX / AVX512-BF16 CPUs), else float32
     kv_cache_gib: int = 2  # vLLM's CPU KV cache
-    max_model_len: int = 1024
+    max_model_len: int = 1024  # prompt + completion tokens an engine holds per sequence
     threads: int = 0  # cores the engine computes on (HF: torch threads; vLLM: OMP_NUM_THREADS); 0 = all
     # GPU engines
     tensor_parallel_size: int = 1  # GPUs each engine is sharded over (vLLM)

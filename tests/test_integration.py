@@ -15,7 +15,7 @@ import ray
 import torch
 
 from cluster.keeping.rundir import RunDir
-from contracts import DEFAULT_ADAPTER, PolicyRef, SamplingSettings, TrainBatch, WeightUpdate
+from contracts import DEFAULT_ADAPTER, PolicyRef, SamplingSettings, TrainBatch
 from helpers import tiny_trainer
 
 pytestmark = pytest.mark.slow
@@ -119,9 +119,10 @@ def test_run_directory_contents(trained):
     assert table.num_rows == 4 * 4 and set(table.column("policy_version").to_pylist()) == {0}
 
 
-def test_final_adapter_loads_in_peft_and_vllm_lora(trained, tiny_model_path):
-    """final_adapter/ is a PEFT folder; vLLM's LoRA path serves it with the same greedy output
-    as the merged path that trained (a second engine, started only here)."""
+def test_final_adapter_loads_in_peft_and_vllm_lora(trained, tiny_model_path, tmp_path):
+    """final_adapter/ is a PEFT folder; ``raylight export`` of it is one too, and vLLM's LoRA
+    path serves the exported adapter with the same greedy output as the merged path that
+    trained (a second engine, started only here)."""
     trainer, run_dir, _, _, probe, greedy = trained
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -129,15 +130,12 @@ def test_final_adapter_loads_in_peft_and_vllm_lora(trained, tiny_model_path):
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_path), run_dir.final_adapter)
     assert any("lora_B" in name for name, _ in model.named_parameters())
 
+    from cluster.commands.export import export_run
     from cluster.loop.wiring import start_generator
+    from rollout.engines import read_adapter
 
-    from safetensors.torch import load_file
-
-    update = WeightUpdate(
-        PolicyRef(DEFAULT_ADAPTER, STEPS),
-        load_file(str(run_dir.final_adapter / "adapter_model.safetensors")),
-        json.loads((run_dir.final_adapter / "adapter_config.json").read_text()),
-    )
+    exported = export_run(run_dir.path, tmp_path / "exported")
+    update = read_adapter(exported, PolicyRef(DEFAULT_ADAPTER, STEPS))
     lora_generator = start_generator(trainer.config, tiny_model_path, settings=dataclasses.replace(trainer.config.generator, adapter_mode="lora"))
     try:
         assert ray.get(lora_generator.load_weights.remote(update)) == update.policy
