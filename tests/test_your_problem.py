@@ -18,6 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 import ray
 
+from cluster.observe.metrics import run_label
 from helpers import tiny_trainer
 from reward_server import RewardServer
 from test_resume import scrape
@@ -49,7 +50,7 @@ def test_the_worked_example_trains_with_raylight_train_from_its_folder(ray_clust
         assert {"train/reward/capital", "train/reward/capital/brief", "train/reward/capital/correct"} <= set(row)
         assert row["train/masked_share"] == 0.0
     table = pq.read_table(run_dir / "rollouts" / "step_000001.parquet").to_pylist()
-    components = [json.loads(r["reward_components"]) for r in table]
+    components = [r["reward_components"] for r in table]
     assert all({"capital", "capital/brief", "capital/correct"} <= set(c) for c in components)
     assert all(r["reward"] == pytest.approx(c["capital"]) for r, c in zip(table, components))  # weight 1, the only term
     assert "What is the capital of" in table[0]["prompt"]
@@ -84,4 +85,5 @@ def test_a_dying_reward_server_and_a_raising_function_mask_and_count_never_crash
     table = pq.read_table(tmp_path / "run" / "rollouts" / "step_000003.parquet").to_pylist()
     assert all(r["status"] == "masked" and "http" in r["reward_faults"] and r["advantage"] is None for r in table)
     assert "reward server" in table[0]["error"]
-    assert scrape(ray_metrics_port, "ray_raylight_train_reward_errors_http", "run", value=float(samples))
+    errors = float(sum(r.get("train/reward_errors/http", 0) for r in steps))  # a counter: the run's total
+    assert scrape(ray_metrics_port, "ray_raylight_reward_errors_total", run_label(tmp_path / "run"), value=errors)
