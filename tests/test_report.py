@@ -113,3 +113,95 @@ def test_target_table_and_the_early_warning_when_a_metric_leaves_its_trend():
     plateau = target_table([outlook(saturating_rows(20, plateau=0.6), "m", 0.7, window=20)])[2]
     assert "plateau 0.60" in plateau and plateau.endswith("| plateaus below the target |")
     assert target_table([outlook(line, "m", 0.05, window=10)])[2].endswith("| reached |")
+
+
+def write_history(folder, accuracy, target: float = 0.6, steps: int = 40) -> None:
+    """A run directory with no events and one target, ``eval/accuracy`` (``accuracy(step)``,
+    evaluated every 2 steps, with a small alternating wobble); ``train/kl`` is not recorded
+    (kl_coef 0), so the KL panel has nothing to plot, as in the demo run."""
+    folder.mkdir()
+    (folder / "config.yaml").write_text(yaml.safe_dump({"report": {"targets": {"eval/accuracy": target}, "forecast_window": 20}}))
+    rows = []
+    for step in range(steps + 1):
+        row = {"step": step, "policy_version": step, "train/reward_mean": 0.4, "train/entropy": 0.8, "train/kl": None}
+        if step % 2 == 0:
+            row["eval/accuracy"] = accuracy(step) + (0.004 if step % 4 else -0.004)
+        rows.append(row)
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def levelling_off(step: int) -> float:
+    """Rises toward 0.54 (0.3 below it at step 0, the gap shrinking 8% a step): at step 40 the
+    straight line through the window still climbs past 0.6, the curve never gets there."""
+    import math
+
+    return 0.54 - 0.3 * math.exp(-0.08 * step)
+
+
+def sections(report: str) -> tuple[str, str]:
+    """The report's forecast section and its suggestions section."""
+    forecast_part, suggestions = report.split("## Forecast")[1].split("## Suggestions")
+    return forecast_part, suggestions
+
+
+def test_a_target_that_plateaus_below_is_said_in_the_table_the_forecast_and_the_suggestions(tmp_path):
+    run = tmp_path / "run"
+    write_history(run, levelling_off)
+    assert main(["report", str(run)]) == 0
+    forecast_part, suggestions = sections((run / "report.md").read_text())
+    row = next(line for line in forecast_part.splitlines() if line.startswith("| `eval/accuracy`"))
+    assert "plateau 0.54" in row and row.endswith("| plateaus below the target |")
+    assert "reached in about" in forecast_part and "it plateaus below the target." in forecast_part  # the line climbs, the curve overrules it
+    assert "**eval/accuracy** (plateaus below the target, target 0.6)" in suggestions
+    assert "every target is reached or on its way" not in suggestions
+
+
+def test_a_target_reached_is_said_reached_in_the_table_and_the_suggestions(tmp_path):
+    run = tmp_path / "run"
+    write_history(run, lambda step: 0.3 + 0.01 * step)  # 0.7 at step 40
+    assert main(["report", str(run)]) == 0
+    forecast_part, suggestions = sections((run / "report.md").read_text())
+    row = next(line for line in forecast_part.splitlines() if line.startswith("| `eval/accuracy`"))
+    assert row.endswith("| reached |") and "target 0.600: reached." in forecast_part
+    assert suggestions.strip() == "- Nothing to fix: no monitor event, and every target is reached or on its way."
+
+
+def test_the_suggestions_follow_every_status_of_the_table():
+    from cluster.commands.report import STATUS_SUGGESTIONS, _suggestions, outlook, target_table
+
+    cases = {
+        "no data": [{"step": 1, "m": 0.1}],
+        "reached": [{"step": s, "m": 0.1 + 0.01 * s} for s in range(1, 11)],
+        "on track": [{"step": s, "m": 0.01 * s + (0.003 if s % 2 else -0.003)} for s in range(1, 11)],
+        "not heading there": [{"step": s, "m": 0.3 - 0.01 * s + (0.003 if s % 2 else -0.003)} for s in range(1, 11)],
+        "plateaus below the target": saturating_rows(20, plateau=0.6),
+        "off its forecast": [{"step": s, "m": 0.1 + 0.01 * s + (0.003 if s % 2 else -0.003)} for s in range(1, 11)] + [{"step": 11, "m": 0.12}],
+    }
+    targets = {"reached": 0.15, "plateaus below the target": 0.7}
+    for status, rows in cases.items():
+        o = outlook(rows, "m", targets.get(status, 0.5), window=20)
+        assert o.status == status and target_table([o])[2].endswith(f"| {status} |")
+        said = _suggestions([], [o])
+        if status in STATUS_SUGGESTIONS:
+            assert said == [f"- **m** ({status}, target {o.line.target:g}): {STATUS_SUGGESTIONS[status]}"]
+        else:
+            assert said == ["- Nothing to fix: no monitor event, and every target is reached or on its way."]
+
+
+@pytest.mark.parametrize("accuracy", [levelling_off, lambda step: 0.3 + 0.01 * step], ids=["plateau", "reached"])
+def test_the_report_and_its_plots_emit_no_warning(tmp_path, accuracy, caplog, capfd):
+    """matplotlib's "No artists with labels found to put in legend" is a UserWarning
+    (``_api.warn_external``); older matplotlib logs it instead: both are watched, and stderr."""
+    import logging
+    import warnings
+
+    run = tmp_path / "run"
+    write_history(run, accuracy)
+    caplog.set_level(logging.WARNING)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert main(["report", str(run)]) == 0
+    assert [str(w.message) for w in caught] == []
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
+    assert "legend" not in capfd.readouterr().err
+    assert (run / "plots" / "kl_entropy.png").exists()  # the panel with nothing to plot was drawn

@@ -21,6 +21,7 @@ import math
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import yaml
 
@@ -253,13 +254,39 @@ def off_forecast(rows: list[dict], metric: str, window: int) -> OffForecast | No
     return None
 
 
+Status = Literal["no data", "off its forecast", "reached", "not heading there", "plateaus below the target", "on track"]
+
+
 @dataclass
 class Outlook:
-    """Everything the report forecasts for one target metric."""
+    """Everything the report forecasts for one target metric, and the one status that the
+    table, the forecast's sentences and the suggestions all read."""
 
     line: Forecast
     curve: Saturation | None
     warning: OffForecast | None
+
+    @property
+    def status(self) -> Status:
+        """The early warning first; then the line (reached, or not heading there); a line on
+        track whose saturating curve levels off below the target plateaus below it."""
+        if self.line.current is None:
+            return "no data"
+        if self.warning is not None:
+            return "off its forecast"
+        if self.line.steps == 0:
+            return "reached"
+        if self.line.steps is None:
+            return "not heading there"
+        if self.curve is not None and self.curve.steps is None:
+            return "plateaus below the target"
+        return "on track"
+
+    def sentence(self) -> str:
+        """The line's sentence, and the curve's where it overrules the line."""
+        if self.status != "plateaus below the target":
+            return self.line.sentence()
+        return f"{self.line.sentence()} But the saturating fit levels off at {self.curve.plateau:.3f}: it plateaus below the target."
 
 
 def outlook(rows: list[dict], metric: str, target: float, window: int) -> Outlook:
@@ -273,21 +300,18 @@ def target_table(outlooks: list[Outlook]) -> list[str]:
     for o in outlooks:
         line, curve, metric, target = o.line, o.curve, o.line.metric, o.line.target
         if line.current is None:
-            lines.append(f"| `{metric}` | - | {target:g} | - | fewer than 3 values | - | no data |")
+            lines.append(f"| `{metric}` | - | {target:g} | - | fewer than 3 values | - | {o.status} |")
             continue
-        if line.steps == 0:
-            linear, status = "reached", "reached"
-        elif line.steps is None:
-            linear, status = "never at this trend", "not heading there"
-        else:
-            linear = f"{line.steps:.0f} ({line.low:.0f}-{line.high:.0f})" if line.high is not None else f"{line.steps:.0f} ({line.low:.0f}-never)"
-            status = "on track"
-        if curve is not None and curve.steps is None and status == "on track":
-            status = "plateaus below the target"
-        if o.warning is not None:
-            status = "off its forecast"
-        lines.append(f"| `{metric}` | {line.current:.3f} | {target:g} | {line.slope:+.4f} | {linear} | {curve.cell() if curve else 'no bend to fit'} | {status} |")
+        lines.append(f"| `{metric}` | {line.current:.3f} | {target:g} | {line.slope:+.4f} | {_linear_cell(line)} | {curve.cell() if curve else 'no bend to fit'} | {o.status} |")
     return lines
+
+
+def _linear_cell(line: Forecast) -> str:
+    if line.steps == 0:
+        return "reached"
+    if line.steps is None:
+        return "never at this trend"
+    return f"{line.steps:.0f} ({line.low:.0f}-{line.high:.0f})" if line.high is not None else f"{line.steps:.0f} ({line.low:.0f}-never)"
 
 
 def schedule_starts(rows: list[dict], names: list[str]) -> dict[int, str]:
@@ -369,7 +393,8 @@ def plot(rows: list[dict], events: list[dict], folder: Path, targets: dict[str, 
             ax.set_xlabel("training step")
             ax.set_ylabel(panel_ylabel)
             ax.grid(alpha=0.3)
-            ax.legend(fontsize=8)
+            if ax.get_legend_handles_labels()[0]:  # a panel of "not computed" text has nothing to name
+                ax.legend(fontsize=8)
         fig.tight_layout()
         path = folder / name
         fig.savefig(path, dpi=110)
@@ -415,13 +440,12 @@ def write_report(path: str | Path) -> Path:
         lines += ["", "### Per phase of the schedule", "", *_schedule_table(rows, names)]
     lines += ["", "## Events", "", *_event_table(events)]
     outlooks = [outlook(rows, metric, target, window) for metric, target in targets.items()]
-    forecasts = [o.line for o in outlooks]
     lines += ["", "## Forecast", ""]
     if outlooks:
         lines += [*target_table(outlooks), ""]
     lines += [f"- **Early warning**: {o.warning.sentence()}" for o in outlooks if o.warning is not None]
-    lines += [f"- {f.sentence()}" for f in forecasts] or ["No targets set (`report.targets` in the config, e.g. `{eval/accuracy: 0.6}`)."]
-    lines += ["", "## Suggestions", "", *_suggestions(events, forecasts)]
+    lines += [f"- {o.sentence()}" for o in outlooks] or ["No targets set (`report.targets` in the config, e.g. `{eval/accuracy: 0.6}`)."]
+    lines += ["", "## Suggestions", "", *_suggestions(events, outlooks)]
     out = run_dir.path / "report.md"
     out.write_text("\n".join(lines) + "\n")
     logger.info("report written to %s with %d plots", out, len(plots))
@@ -548,12 +572,21 @@ def _event_table(events: list[dict]) -> list[str]:
     return lines
 
 
-def _suggestions(events: list[dict], forecasts: list[Forecast]) -> list[str]:
+# what to try per target status (``Outlook.status``); "reached" and "on track" need nothing
+STATUS_SUGGESTIONS: dict[Status, str] = {
+    "no data": "has fewer than 3 values, so no forecast: check the name against metrics.jsonl, run longer, or evaluate more often (`eval.every`) for an `eval/` metric.",
+    "off its forecast": "fell below the forecast of its own recent trend: read the rollouts and the events of the last steps before training on; a `rollback` action restores the last good checkpoint.",
+    "not heading there": "more steps alone will not get there; see the suggestions above, or revisit the learning rate and the task's difficulty.",
+    "plateaus below the target": "its saturating fit levels off below it, so more steps at this setting will not get there even though the straight line still climbs: revisit `algorithm.lr`, the task's difficulty (a curriculum, `tasks[].curriculum.enabled`) or `rollout.group_size`.",
+}
+
+
+def _suggestions(events: list[dict], outlooks: list[Outlook]) -> list[str]:
     found = []
     for rule in dict.fromkeys(e["rule"] for e in events):
         steps = [e["step"] for e in events if e["rule"] == rule]
         found.append(f"- **{rule}** (step{'s' if len(steps) > 1 else ''} {', '.join(map(str, steps))}): {SUGGESTIONS.get(rule, 'see the event message.')}")
-    for f in forecasts:
-        if f.current is not None and f.steps is None:
-            found.append(f"- **{f.metric}** is not heading for its target {f.target:g}: more steps alone will not get there; see the suggestions above, or revisit the learning rate and the task's difficulty.")
+    for o in outlooks:
+        if o.status in STATUS_SUGGESTIONS:
+            found.append(f"- **{o.line.metric}** ({o.status}, target {o.line.target:g}): {STATUS_SUGGESTIONS[o.status]}")
     return found or ["- Nothing to fix: no monitor event, and every target is reached or on its way."]
