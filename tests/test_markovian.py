@@ -218,7 +218,7 @@ def test_markovian_recipe_runs_end_to_end_on_the_tiny_model(ray_cluster, tiny_mo
     assert len(table) == 8 and all(len(r["completion_token_ids"]) == 8 for r in table)
     baselines = {}
     for r in table:
-        parts = json.loads(r["reward_components"])
+        parts = r["reward_components"]
         assert r["reward"] == pytest.approx(parts["actor_answer_logprob"] - parts["baseline_logprob"], abs=1e-9)
         assert parts["answer_logprob"] < 0 and r["prompt"].endswith("Reasoning:")
         baselines.setdefault(r["prompt_uid"], set()).add(parts["baseline_logprob"])
