@@ -1,4 +1,4 @@
-"""The driver side of raylight, in rooms (docs/architecture.md; tests/test_layering.py keeps
+"""The driver side of raylight, in rooms (docs/concepts.md#the-rooms-of-cluster; tests/test_layering.py keeps
 each room to the rooms below it):
 
 - ground floor: ``config`` (the config tree), ``phases`` (the phase schedule), ``stages`` (the

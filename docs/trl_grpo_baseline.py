@@ -1,5 +1,5 @@
-"""TRL's GRPOTrainer on the work of configs/trl_grpo.yaml: the baseline of README "Step speed
-and memory". Not part of raylight (TRL is not a dependency); run it beside the project with
+"""TRL's GRPOTrainer on the work of configs/trl_grpo.yaml: the baseline of
+docs/benchmarks.md#step-speed-and-memory. Not part of raylight (TRL is not a dependency); run it beside the project with
 
     pip install --no-deps --target /tmp/trl trl==1.16.0     # accelerate and datasets: in .venv
     PYTHONPATH=/tmp/trl .venv/bin/python docs/trl_grpo_baseline.py [--steps 6]

@@ -1,4 +1,4 @@
-"""The layering rules of docs/architecture.md, read from the source's import statements.
+"""The layering rules of docs/concepts.md#folders-and-what-each-may-import, read from the source's import statements.
 
 contracts/ imports no other part of raylight; rollout/, rewards/ and learners/ never import
 ray, actors/ or cluster/; rollout/ and rewards/ never import each other; learners/ reaches
@@ -60,7 +60,7 @@ def test_layer_imports_only_what_design_allows(layer):
         for f in files
         if imported_packages(f) & FORBIDDEN[layer]
     }
-    assert not broken, f"{layer}/ imports what docs/architecture.md forbids it: {broken}"
+    assert not broken, f"{layer}/ imports what docs/concepts.md forbids it: {broken}"
 
 
 def test_the_check_sees_imports_inside_functions(tmp_path):
@@ -92,7 +92,7 @@ def test_cluster_rooms_import_only_their_room_and_below():
         above = {m for m in imported_modules(path) if m in modules and ROOMS.index(room(m)) > ROOMS.index(room(module))}
         if above:
             broken[module] = sorted(above)
-    assert not broken, f"cluster/ modules import a room above their own (docs/architecture.md): {broken}"
+    assert not broken, f"cluster/ modules import a room above their own (docs/concepts.md#the-rooms-of-cluster): {broken}"
 
 
 def test_cluster_has_no_import_circle():

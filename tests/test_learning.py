@@ -32,7 +32,7 @@ FAMILIES = {
     "token-sac": dict(lr=3e-3, critic_lr=3e-3, policy_loss="sac", sac_alpha=0.002, sac_lambda=1.0),
 }
 # the rise each family must show over the run: token-level SAC learns (~0.01 -> ~0.09) but far
-# more slowly than GRPO (~0.06 -> ~0.6; README: "SAC for the language model")
+# more slowly than GRPO (~0.06 -> ~0.6; docs/algorithms.md#sac-for-the-language-model)
 MARGINS = {"token-sac": 0.04}
 
 

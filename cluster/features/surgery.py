@@ -1,5 +1,5 @@
 """The SAC surgery: a participant of the loop that changes the policy's attention scales
-(README: "The SAC surgeon"; the phase schedule: ``cluster.phases``).
+(docs/algorithms.md#the-sac-surgeon; the phase schedule: ``cluster.phases``).
 
 In the phases where the surgeon acts, every ``surgeon.horizon`` steps a window opens before its
 first step: the surgeon's action changes the learner's attention scales (a new policy version,

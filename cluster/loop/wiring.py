@@ -108,7 +108,7 @@ def learner_settings(config: Config, model_path: str) -> LearnerSettings:
     c = config
     algorithm = c.algorithm
     if c.rollout.mode == "async" and algorithm.tis_cap is None:
-        # off-policy samples: correct them by default (README: "Asynchronous mode")
+        # off-policy samples: correct them by default (docs/concepts.md#asynchronous-mode)
         algorithm = dataclasses.replace(algorithm, tis_cap=ASYNC_TIS_CAP)
     return LearnerSettings(
         model_path=model_path,

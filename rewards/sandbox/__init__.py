@@ -48,7 +48,7 @@ heap, stack canary) and its hash seed. The caller decides correctness in the par
 serialised results, never from the exit code (a program can ``sys.exit(0)``, override
 ``__eq__`` or read its own source).
 
-Modes, and what each isolates (the README's sandbox section has the table):
+Modes, and what each isolates (docs/sandbox.md#modes has the table):
 
 - ``bwrap`` as root: all of the above;
 - ``bwrap`` without root: one slot, whose programs run as this process's own uid (sharing its
