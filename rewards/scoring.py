@@ -43,7 +43,9 @@ class SandboxSettings:
     """Where model-written code runs (docs/sandbox.md): the config's ``verifier.sandbox``;
     the limits apply per program run."""
 
-    mode: SandboxMode = "bwrap"  # rlimits: no isolation, warns on every run
+    # bwrap: namespaces, a read-only root and seccomp (docs/sandbox.md); rlimits: resource limits
+    # only, no isolation (for machines without user namespaces; warns on every run)
+    mode: SandboxMode = "bwrap"
     limits: SandboxLimits = SandboxLimits()
     python: str = "/usr/bin/python3"  # a system interpreter the unprivileged uid can read
     slots: int = 1  # programs one verifier runs at once (one uid each; more than 1 needs root)
@@ -72,8 +74,11 @@ class RewardSettings:
 
     # None: the scorer's own (numeric: correct 1.0 + format 0.1; code: all_passed 1.0; others: correct 1.0)
     weights: dict[str, float] | None = None
-    extraction: ExtractionMethod = "anchor"  # numeric answers
-    choice_extraction: ChoiceMethod = "word-boundary"  # multiple choice
+    # how a numeric answer is found in a completion: anchor (after "answer is", "####" or in
+    # \boxed{}, else the last number), last, first, or simple (the first number after the last
+    # "=", else the first number)
+    extraction: ExtractionMethod = "anchor"
+    choice_extraction: ChoiceMethod = "word-boundary"  # how a multiple-choice letter is found: word-boundary or legacy
     # regular expressions the completion must contain (e.g. "<think>.*</think>"); their share
     # is the ``format_tags`` component (give it a weight to pay)
     required_format: tuple[str, ...] = ()

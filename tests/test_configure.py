@@ -144,3 +144,18 @@ def test_monitor_stop_exits_non_zero(monkeypatch, capsys):
 
     assert cli._run(Stopped()) == ExitCode.MONITOR_STOP
     assert "stopped at step 3 by the health monitor (kl_spike)" in capsys.readouterr().out
+
+
+def test_a_retried_command_resumes_with_its_own_resumable_keys(tmp_path):
+    """``--resume-if-exists``: the command's run.steps and cluster.dashboard (``--no-dashboard``)
+    hold; a key the command leaves at its default (a default changed by a newer raylight, or a
+    config without the key) is not a change it asks for: the saved value holds."""
+    from cluster.keeping.keeper import resume_point
+
+    run_dir = _saved_run(tmp_path)
+    asked = load_config(None, [f"run.run_dir={run_dir.path}", "cluster.dashboard=false", "run.steps=9", "model.path=tiny"])
+    saved = load_config(run_dir.config_path)
+    assert asked.algorithm.lr != saved.algorithm.lr  # the command leaves lr at its default
+    _, config, checkpoint = resume_point(asked)
+    assert checkpoint.step == 1 and config.cluster.dashboard is False and config.run.steps == 9
+    assert config.algorithm.lr == saved.algorithm.lr

@@ -71,7 +71,8 @@ def test_adapter_export_loads_in_peft_with_the_same_outputs(run, tiny_model_path
     assert {"adapter_model.safetensors", "adapter_config.json", "README.md", "tokenizer_config.json"} <= {p.name for p in out.iterdir()}
     loaded = AutoPeftModelForCausalLM.from_pretrained(out, torch_dtype=torch.float32).eval()
     assert torch.allclose(_logits(loaded, tiny_model_path), _logits(trained, tiny_model_path), atol=1e-5)
-    assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == tiny_model_path
+    assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == str(Path(tiny_model_path).resolve())
+    assert not (tmp_path / ".out.partial").exists()
 
     card = (out / "README.md").read_text()
     assert card.startswith("---\nbase_model: ") and "library_name: peft" in card

@@ -143,6 +143,8 @@ def section_docs(cls: type | None = None, prefix: str = "") -> dict[str, str]:
             continue
         key = f"{prefix}{f.name}{suffix}"
         docs[key] = _doc(cls, f.name) or _summary(section)
+        if suffix:  # the list or mapping itself (``tasks``, ``monitor.rules``) has the field's meaning
+            docs[f"{prefix}{f.name}"] = _doc(cls, f.name) or docs[key]
         docs |= section_docs(section, f"{key}.")
     return docs
 
@@ -201,7 +203,7 @@ def keys_text(config, only_changed: bool = False) -> str:
     default beside a changed value; ``only_changed``: just the keys that differ from the defaults."""
     from cluster.config import Config
 
-    docs = {d.key: d.doc for d in key_docs()}
+    docs = section_docs() | {d.key: d.doc for d in key_docs()}
     defaults = leaves(Config())
     lines = []
     for key, value in leaves(config).items():
@@ -240,8 +242,9 @@ def _key_doc(key: str, docs: dict[str, str]) -> str:
     mapping such as ``tasks.0.weights.correct`` has its mapping's meaning)."""
     parts = _general_key(key).split(".")
     for end in range(len(parts), 0, -1):
-        if ".".join(parts[:end]) in docs:
-            return docs[".".join(parts[:end])]
+        for name in (".".join(parts[:end]), ".".join(parts[:end]) + "[]"):  # an empty list of sections: its section's meaning
+            if name in docs:
+                return docs[name]
     return ""
 
 
@@ -249,14 +252,14 @@ def yaml_text(config) -> str:
     """The resolved config as YAML, each section and leaf with its meaning as a comment."""
     from cluster.config import config_to_dict
 
-    docs = {d.key: d.doc for d in key_docs()} | section_docs()
+    docs = section_docs() | {d.key: d.doc for d in key_docs()}
     return "\n".join(_yaml_lines(config_to_dict(config), "", 0, docs)) + "\n"
 
 
 def _yaml_lines(tree: dict, prefix: str, depth: int, docs: dict[str, str]) -> list[str]:
     lines, pad = [], "  " * depth
     for key, value in tree.items():
-        doc = docs.get(_general_key(f"{prefix}{key}"), "")
+        doc = _key_doc(f"{prefix}{key}", docs) if not isinstance(value, dict) else docs.get(_general_key(f"{prefix}{key}"), "")
         if isinstance(value, dict) and value:
             if doc:
                 lines.append(f"{pad}# {doc}")

@@ -28,7 +28,7 @@ from contracts import ATTENTION_OUTPUT_SCALE
 logger = logging.getLogger(__name__)
 
 # model.path names the project prepares, and the Hub model each was made from
-KNOWN_BASES = {"smollm2": "HuggingFaceTB/SmolLM2-135M-Instruct", "smollm2-2-layers": "HuggingFaceTB/SmolLM2-135M-Instruct"}
+KNOWN_BASES = {"smollm2": "HuggingFaceTB/SmolLM2-135M-Instruct"}
 MAX_SHARD_SIZE = "2GB"
 
 
@@ -48,24 +48,38 @@ def export_run(run_dir: str | Path, out: str | Path, merge: bool = False, checkp
 
     base = resolve_model(config.model.path)
     scales = _attention_scales(source)
-    out.mkdir(parents=True, exist_ok=True)
-    if (source / "adapter_config.json").is_file() and not merge:
-        if scales is not None:
-            raise ValueError(
-                f"{source} carries the surgeon's attention scales, which change the base weights and cannot travel in a LoRA "
-                "adapter: export with --merge, which folds them into the model"
-            )
-        _write_adapter(source, out, config)
-        kind = "adapter"
+    kind = "adapter" if (source / "adapter_config.json").is_file() and not merge else "merged"
+    if kind == "adapter" and scales is not None:
+        raise ValueError(
+            f"{source} carries the surgeon's attention scales, which change the base weights and cannot travel in a LoRA "
+            "adapter: export with --merge, which folds them into the model"
+        )
+    partial = out.with_name(f".{out.name}.partial")  # a failed export leaves no half-written --out
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    if kind == "adapter":
+        _write_adapter(source, partial, hub_base(config.model.path, base))
     else:
-        _write_merged(source, base, out, scales)
-        kind = "merged"
-    _write_tokenizer(base, out)
-    (out / "README.md").write_text(model_card(config, run, kind, step, scales is not None))
+        _write_merged(source, base, partial, scales)
+    _write_tokenizer(base, partial)
+    (partial / "README.md").write_text(model_card(config, run, kind, step, scales is not None))
+    if out.exists():
+        out.rmdir()  # empty: checked above
+    partial.rename(out)
     logger.info("exported %s (%s, step %s) to %s", source, kind, step, out)
     if push_to_hub:
         upload(out, push_to_hub, private=private, dry_run=dry_run)
     return out
+
+
+def hub_base(model_path: str, resolved: str) -> str:
+    """What names the base model outside this machine: its Hub name where there is one, else
+    the absolute folder it was loaded from (a Hub upload of such an adapter warns)."""
+    from rollout.models import HUB_NAME
+
+    if model_path in KNOWN_BASES:
+        return KNOWN_BASES[model_path]
+    return resolved if HUB_NAME.match(resolved) and not Path(resolved).exists() else str(Path(resolved).resolve())
 
 
 def _policy_folder(run: RunDir, checkpoint: str | None) -> tuple[Path, int | str]:
@@ -103,11 +117,12 @@ def _attention_scales(folder: Path):
     return None if scales is None or bool((scales == 1).all()) else scales
 
 
-def _write_adapter(source: Path, out: Path, config: Config) -> None:
-    """The PEFT files, the adapter config naming the Hub base where the project knows it."""
+def _write_adapter(source: Path, out: Path, base: str) -> None:
+    """The PEFT files, the adapter config naming ``base`` (what ``AutoPeftModelForCausalLM``
+    loads under the adapter)."""
     shutil.copy2(source / "adapter_model.safetensors", out / "adapter_model.safetensors")
     adapter_config = json.loads((source / "adapter_config.json").read_text())
-    adapter_config["base_model_name_or_path"] = KNOWN_BASES.get(config.model.path, config.model.path)
+    adapter_config["base_model_name_or_path"] = base
     (out / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2))
 
 
@@ -117,10 +132,12 @@ def _write_merged(source: Path, base: str, out: Path, scales) -> None:
     base alone (the LoRA branch sees the unscaled input): ``o_proj = W_o diag(s) + B A``, so
     they go into the base weights before the adapter is merged."""
     import torch
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     lora = (source / "adapter_config.json").is_file()
-    model = AutoModelForCausalLM.from_pretrained(base if lora else str(source), torch_dtype=torch.float32)
+    folder = base if lora else str(source)
+    saved_dtype = AutoConfig.from_pretrained(folder).torch_dtype or torch.float32  # merged in fp32, saved as the base was
+    model = AutoModelForCausalLM.from_pretrained(folder, torch_dtype=torch.float32)
     if scales is not None:
         from rollout.engines import output_projection_names, scale_attention_output
 
@@ -133,7 +150,7 @@ def _write_merged(source: Path, base: str, out: Path, scales) -> None:
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, str(source)).merge_and_unload()
-    model.save_pretrained(out, safe_serialization=True, max_shard_size=MAX_SHARD_SIZE)
+    model.to(saved_dtype).save_pretrained(out, safe_serialization=True, max_shard_size=MAX_SHARD_SIZE)
 
 
 def _write_tokenizer(base: str, out: Path) -> None:
@@ -164,6 +181,7 @@ def model_card(config: Config, run: RunDir, kind: str, step: int | str, scaled: 
     load it, and the run's config."""
     a = config.algorithm
     base = KNOWN_BASES.get(config.model.path, config.model.path)
+    trained_steps = max((row["step"] for row in run.read_metrics()), default=0)
     tasks = ", ".join(t.id or t.name for t in config.tasks)
     meta = {"base_model": base, "library_name": "peft" if kind == "adapter" else "transformers",
             "tags": ["raylight", "reinforcement-learning", a.advantage, *(["lora"] if kind == "adapter" else [])]}  # fmt: skip
@@ -189,15 +207,22 @@ def model_card(config: Config, run: RunDir, kind: str, step: int | str, scaled: 
         "", "## Recipe", "",
         f"- tasks: {tasks}",
         f"- objective `{a.objective}`, advantage `{a.advantage}`, policy loss `{a.policy_loss}`, lr {a.lr:g}, KL coefficient {a.kl_coef:g}",
-        f"- {config.run.steps} steps of {config.rollout.prompts_per_step} prompts x {config.rollout.group_size} samples, up to {config.rollout.max_tokens} tokens each",
+        f"- {trained_steps} steps (of {config.run.steps} configured) of {config.rollout.prompts_per_step} prompts x {config.rollout.group_size} samples, up to {config.rollout.max_tokens} tokens each",
         f"- LoRA rank {config.lora.rank}, alpha {config.lora.alpha}" if config.model.train == "lora" else f"- trained weights: {config.model.train}",
         "", "## Evaluation", "", *evaluation_table(run),
         "", "## Loading", "", *loading,
         *(["", "## Notes", "", *[f"- {n}" for n in notes]] if notes else []),
         "", "## Config", "", "The run's resolved config (`raylight config` explains each key):", "",
-        "```yaml", yaml.safe_dump(config_to_dict(config), sort_keys=False).strip(), "```", "",
+        "```yaml", yaml.safe_dump(_shareable(config), sort_keys=False).strip(), "```", "",
     ]  # fmt: skip
     return "\n".join(lines)
+
+
+def _shareable(config: Config) -> dict:
+    """The config as the card shows it: the run directory by its name, not this machine's path."""
+    data = config_to_dict(config)
+    data["run"]["run_dir"] = Path(config.run.run_dir).name
+    return data
 
 
 def upload(folder: Path, repo: str, private: bool = False, dry_run: bool = False) -> list[str]:
@@ -212,6 +237,9 @@ def upload(folder: Path, repo: str, private: bool = False, dry_run: bool = False
         return files
     from huggingface_hub import HfApi
 
+    base = json.loads((folder / "adapter_config.json").read_text())["base_model_name_or_path"] if (folder / "adapter_config.json").is_file() else ""
+    if base.startswith("/"):
+        logger.warning("the adapter's base model is the local folder %s: on the Hub, loading it needs that base; say where it comes from in README.md", base)
     api = HfApi()
     api.create_repo(repo, private=private, exist_ok=True)
     api.upload_folder(folder_path=str(folder), repo_id=repo, commit_message="raylight export")

@@ -379,11 +379,19 @@ RESUMABLE_KEYS = ("run.run_dir", "run.steps", "cluster.dashboard")
 
 
 def config_changes(saved: Config, given: Config) -> list[str]:
-    """``key: saved -> given`` for each key ``given`` sets otherwise than ``saved`` (beyond
-    ``RESUMABLE_KEYS``)."""
-    kept, asked = dotted_items(saved), dotted_items(given)
+    """``key: saved -> given`` for each key ``given`` asks for otherwise than ``saved`` (beyond
+    ``RESUMABLE_KEYS``). A key ``given`` leaves at its default is not asked for: a default that
+    changed since the run was saved (a newer raylight) does not stop a retried job."""
+    kept, asked, defaults = dotted_items(saved), dotted_items(given), dotted_items(Config())
     keys = sorted((set(kept) | set(asked)) - set(RESUMABLE_KEYS))
-    return [f"{key}: {kept.get(key)!r} -> {asked.get(key)!r}" for key in keys if kept.get(key) != asked.get(key)]
+    changed = [key for key in keys if kept.get(key) != asked.get(key) and (key not in defaults or asked.get(key) != defaults[key])]
+    return [f"{key}: {kept.get(key)!r} -> {asked.get(key)!r}" for key in changed]
+
+
+def _resumable(config: Config) -> list[str]:
+    """``RESUMABLE_KEYS`` of ``config`` as overrides: what a resuming command may set."""
+    values = dotted_items(config)
+    return [f"{key}={json.dumps(values[key])}" for key in RESUMABLE_KEYS]
 
 
 def _check_changes(run_dir: RunDir, saved: Config, given: Config, override: bool) -> None:
@@ -409,7 +417,7 @@ def resume_point(config: Config, override: bool = False) -> tuple[RunDir, Config
     checkpoint = CheckpointStore(run_dir.checkpoints).latest() if run_dir.config_path.is_file() else None
     if checkpoint is None:
         return run_dir, config, None
-    saved = load_config(run_dir.config_path, [f"run.run_dir={run_dir.path}", f"run.steps={config.run.steps}"])
+    saved = load_config(run_dir.config_path, _resumable(config))
     _check_changes(run_dir, saved, config, override)
     logger.info("%s holds a run with a checkpoint: resuming it", run_dir.path)
     return run_dir, (config if override else saved), checkpoint

@@ -148,6 +148,10 @@ class Trainer:
                     stopped_by = self.run_step(self.run.step + 1, steps, bar)
         except GeneratorsLost as lost:
             self.keeper.stop_for_lost_generators(lost)
+        except BaseException as exc:  # the run ends here: the sinks close, W&B records how
+            lost_learners = isinstance(exc, LearnerFailure)
+            self.keeper.close_sinks(ExitCode.FAULTS if lost_learners else ExitCode.INTERRUPTED if isinstance(exc, KeyboardInterrupt) else ExitCode.ERROR)
+            raise
         self.keeper.close(ExitCode.OK if stopped_by is None else ExitCode.MONITOR_STOP)
         return self.keeper.summary(stopped_by)
 
