@@ -120,6 +120,21 @@ def test_running_totals_export_their_rise_and_never_fall():
     assert (a.labels, a.value, b.labels, b.value) == ({"fault": "weight_reloads"}, 1.0, {"fault": "requests_reissued"}, 4.0)
 
 
+def test_a_resumed_run_counts_from_its_recorded_totals(tmp_path):
+    """The checkpoint restores the totals (5 generator restarts); the new driver's counter must
+    count only what happens after the resume, not the restored 5 again."""
+    from cluster.observe.metrics import recorded_totals
+
+    (tmp_path / "metrics.jsonl").write_text(
+        json.dumps({"step": 1, "faults/generator_restarts": 2, "perf/peak_rss_gib/learner": 1.0}) + "\n"
+        + json.dumps({"step": 2, "faults/generator_restarts": 5}) + "\n"
+    )
+    totals = recorded_totals(tmp_path / "metrics.jsonl")
+    assert totals == {"faults/generator_restarts": 5.0}  # gauges are not totals
+    view = PrometheusView(totals)
+    assert [view.points({"faults/generator_restarts": v})[0].value for v in (5.0, 6.0)] == [0.0, 1.0]
+
+
 def test_event_counts_are_added_as_they_come():
     """monitor/<rule> is 1.0 on the steps its rule fires and absent otherwise; train/staleness/<lag>
     counts the step's samples at that lag: each row adds its count."""
@@ -218,6 +233,9 @@ def test_rays_real_metrics_take_every_row(tmp_path):
         exporter.export(row)
     assert {"raylight_step", "raylight_faults_total", "raylight_train_kl"} <= set(exporter.metrics)
     exporter.close()
+    from ray.util.metrics import Counter
+
+    assert callable(getattr(Counter, "_record", None)), "the exporter records a counter's first 0 through Counter._record"
 
 
 def produced_families() -> set[str]:
@@ -243,6 +261,8 @@ def test_the_dashboard_queries_only_families_the_exporter_produces_by_their_labe
             assert {w.strip() for w in by.split(",")} <= {"run", *route_of(name).labels}, expr
         for name in re.findall(r"\b(ray_raylight_\w+_total)\b", expr):
             assert re.search(rf"(increase|rate)\({name}\{{", expr), f"{expr}: a counter is read by its increase"
+            # a resumed driver's counter is a second series of the run (Ray keeps the first): summed by run
+            assert re.match(r"sum by \(run\b", expr), f"{expr}: a counter's series are summed by run"
         for pattern in re.findall(r'__name__=~"([^"]+)"', expr):
             assert any(re.fullmatch(pattern, name) for name in produced), pattern
 

@@ -56,16 +56,29 @@ def test_a_mixture_step_filters_by_task_and_component(tmp_path):
     assert run_dir.read_rollouts(1).equals(table)
 
 
-def test_a_step_without_components_writes_a_null_column_that_joins_the_other_steps(tmp_path):
+def test_later_steps_keep_the_runs_fields_and_the_folder_reads_as_one_table(tmp_path):
+    """A step without components keeps the fields of the steps before it (all null), a step
+    with a new component adds its field: pyarrow's dataset reader and DuckDB take the folder;
+    ``rollouts_table`` joins every step. Before any component, the column is null."""
     run_dir = RunDir(tmp_path)
-    mixture_step(run_dir)
+    run_dir.write_rollouts(1, [sample("infix", 1)], [Verdict(0.3, False)], [0.0])
+    assert pq.read_table(run_dir.rollouts_path(1)).schema.field("reward_components").type == pa.null()
+    mixture_step(run_dir)  # step 1 again, now with components
     run_dir.write_rollouts(2, [sample("infix", 1)], [Verdict(0.3, False)], [0.0])
-    table = run_dir.read_rollouts(2)
-    assert table.schema.field("reward_components").type == pa.null()
-    assert table["reward_components"].to_pylist() == [None] and table["reward"].to_pylist() == [0.3]
-    both = pa.concat_tables([run_dir.read_rollouts(1), table], promote_options="permissive")
-    assert both["reward_components"].type.names == ["correct", "format", "anchor"]
-    assert both["reward_components"].to_pylist()[-1] is None and both["difficulty"].to_pylist() == [None, None, 3, 3, 1]
+    run_dir.write_rollouts(3, [sample("infix", 2)], [Verdict(0.5, False, {"judge/brief": 0.5})], [0.1])
+    fields = ["correct", "format", "anchor"]
+    assert pq.read_table(run_dir.rollouts_path(2)).schema.field("reward_components").type.names == fields
+    assert pq.read_table(run_dir.rollouts_path(3)).schema.field("reward_components").type.names == [*fields, "judge/brief"]
+    assert run_dir.read_rollouts(2)["reward_components"].to_pylist() == [dict.fromkeys(fields)]
+
+    every = run_dir.rollouts_table()
+    assert every["step"].to_pylist() == [1, 1, 1, 1, 2, 3]
+    assert every["reward_components"].type.names == [*fields, "judge/brief"]
+    assert every["reward_components"].to_pylist()[-1] == {**dict.fromkeys(fields), "judge/brief": 0.5}
+    df = every.to_pandas(types_mapper=pd.ArrowDtype)
+    assert df[df.task == "infix"].difficulty.tolist() == [3, 3, 1, 2]
+    with pytest.raises(FileNotFoundError, match="holds no rollout files"):
+        RunDir(tmp_path / "empty").rollouts_table()
 
 
 def test_a_file_of_the_earlier_schema_reads_as_the_current_one(tmp_path):

@@ -268,14 +268,15 @@ class Outlook:
 
     @property
     def status(self) -> Status:
-        """The early warning first; then the line (reached, or not heading there); a line on
-        track whose saturating curve levels off below the target plateaus below it."""
+        """Reached first (a metric at its target is not called off course by one noisy dip);
+        then the early warning; then the line (not heading there); a line on track whose
+        saturating curve levels off below the target plateaus below it."""
         if self.line.current is None:
             return "no data"
-        if self.warning is not None:
-            return "off its forecast"
         if self.line.steps == 0:
             return "reached"
+        if self.warning is not None:
+            return "off its forecast"
         if self.line.steps is None:
             return "not heading there"
         if self.curve is not None and self.curve.steps is None:

@@ -32,6 +32,9 @@ class RunDir:
         self.path = Path(path).expanduser().resolve()
         self.path.mkdir(parents=True, exist_ok=True)
         (self.path / "rollouts").mkdir(exist_ok=True)
+        # the reward component names written so far: each step's struct holds them all, so the
+        # steps' files differ only by the fields a later step added
+        self.component_names: list[str] = []
 
     @property
     def metrics_path(self) -> Path:
@@ -114,19 +117,21 @@ class RunDir:
         for a replayed sample), finish_reason, policy_version, group_index, replayed, reward,
         correct, verdict, status, error, extracted, reward_components, reward_faults, advantage.
 
-        ``reward_components`` is a struct of float64 fields, one per component name found in
-        this step's verdicts (a field is null where a sample lacks it), so each step's file can
-        have its own fields; a step with no component at all has a null column (Parquet cannot
-        hold a struct without fields); several steps join with ``pa.concat_tables(tables,
-        promote_options="permissive")``. Read as ``pd.read_parquet(path, dtype_backend="pyarrow")``:
-        ``df[df.task == "gsm8k"]``, ``df.reward_components.struct.field("correct")``; DuckDB:
-        ``reward_components.correct``.
+        ``reward_components`` is a struct of float64 fields, one per component name this run has
+        written so far (a field is null where a sample lacks it): a step's file has the fields of
+        the steps before it plus any new one, so a later file's struct extends an earlier one's.
+        Until a step has a component the column is null (Parquet cannot hold a struct without
+        fields). ``rollouts_table`` joins every step. One step reads as
+        ``pd.read_parquet(path, dtype_backend="pyarrow")``: ``df[df.task == "gsm8k"]``,
+        ``df.reward_components.struct.field("correct")``; DuckDB reads the folder with
+        ``read_parquet('RUN_DIR/rollouts/*.parquet', union_by_name = true)``.
         """
         import pyarrow as pa
         import pyarrow.parquet as pq
 
         problems = [s.prompt.problem for s in samples]
-        components = components_array([v.components for v in verdicts])
+        components = components_array([v.components for v in verdicts], self.component_names)
+        self.component_names = [f.name for f in components.type] if pa.types.is_struct(components.type) else []
         columns = {
             "step": [step] * len(samples),
             "prompt_uid": [p.uid for p in problems],
@@ -172,13 +177,23 @@ class RunDir:
         columns["reward_components"] = components
         return pa.table(columns).cast(schema)
 
+    def rollouts_table(self) -> pa.Table:
+        """Every step's rollouts in one table (the reward components' struct holds every field
+        any step has; null where a step lacks it): ``.to_pandas()`` for pandas."""
+        import pyarrow as pa
 
-def components_array(components: list[dict[str, float]]) -> pa.Array:
-    """Each sample's reward components as a struct with a float64 field per name found (null
-    where a sample lacks it); a null array where no sample has one."""
+        steps = sorted(int(p.stem.removeprefix("step_")) for p in (self.path / "rollouts").glob("step_*.parquet"))
+        if not steps:
+            raise FileNotFoundError(f"{self.path / 'rollouts'} holds no rollout files (run.save_rollouts)")
+        return pa.concat_tables([self.read_rollouts(step) for step in steps], promote_options="permissive")
+
+
+def components_array(components: list[dict[str, float]], known: list[str] = ()) -> pa.Array:
+    """Each sample's reward components as a struct with a float64 field per name in ``known``
+    and per name found (null where a sample lacks it); a null array where there is none."""
     import pyarrow as pa
 
-    names = list(dict.fromkeys(name for c in components for name in c))
+    names = list(dict.fromkeys([*known, *(name for c in components for name in c)]))
     if not names:
         return pa.nulls(len(components))
     return pa.array(components, pa.struct([(name, pa.float64()) for name in names]))
