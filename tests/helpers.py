@@ -202,3 +202,42 @@ def wandb_history(run_dir: Path) -> list[dict]:
             items = {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item}
             rows.append({k: v for k, v in items.items() if not k.startswith("_")})
     return rows
+
+
+def run_as_nobody(argv: list[str], extra: dict[str, Path] | None = None, timeout: float = 120.0):
+    """Run ``argv`` with ``/usr/bin/python3`` as uid ``nobody`` (root only) over a copy of the
+    sandbox package and its bwrap that this uid can read (mode 755 under ``/tmp``), plus the
+    ``extra`` folders copied under their names; ``{tree}`` in ``argv`` is that copy. Returns
+    the ``CompletedProcess`` (text). The image runs as an unprivileged user, like this."""
+    import os
+    import shutil
+    import subprocess
+    import tempfile
+
+    from rewards.sandbox.filesystem import find_bwrap
+
+    root = Path(__file__).resolve().parents[1]
+    tree = Path(tempfile.mkdtemp(prefix="raylight-nobody-", dir="/tmp"))
+    try:
+        shutil.copytree(root / "rewards" / "sandbox", tree / "rewards" / "sandbox", ignore=shutil.ignore_patterns("__pycache__"))
+        (tree / "rewards" / "__init__.py").write_text("")
+        for name, source in (extra or {}).items():
+            shutil.copytree(source, tree / name, ignore=shutil.ignore_patterns("__pycache__", "grafana"))
+        bwrap = Path(find_bwrap()).resolve()
+        shutil.copytree(bwrap.parents[1], tree / "bin" / bwrap.parents[1].name)
+        libs = bwrap.parents[2] / f"{bwrap.parents[1].name}.libs"
+        if libs.is_dir():
+            shutil.copytree(libs, tree / "bin" / libs.name)
+        for item in [tree, *tree.rglob("*")]:
+            item.chmod(0o755)
+        env = {"PATH": f"{tree / 'bin' / bwrap.parent.relative_to(bwrap.parents[1].parent)}:/usr/bin:/bin", "PYTHONPATH": str(tree), "HOME": "/"}
+
+        def nobody() -> None:
+            os.setgroups([])
+            os.setgid(65534)
+            os.setuid(65534)
+
+        command = ["/usr/bin/python3", *(a.replace("{tree}", str(tree)) for a in argv)]
+        return subprocess.run(command, capture_output=True, text=True, cwd="/", env=env, preexec_fn=nobody, timeout=timeout)
+    finally:
+        shutil.rmtree(tree, ignore_errors=True)

@@ -20,7 +20,6 @@ import shlex
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 import tomllib
 import urllib.request
@@ -315,31 +314,9 @@ def test_the_sandbox_check_passes_as_an_unprivileged_user_like_the_images_ray_us
     where that uid can read them."""
     if os.geteuid() != 0:
         pytest.skip("needs root to become another user")
-    from rewards.sandbox.filesystem import find_bwrap
+    from helpers import run_as_nobody
 
-    folder = Path(tempfile.mkdtemp(prefix="raylight-deploy-", dir="/tmp"))
-    try:
-        shutil.copytree(ROOT / "rewards" / "sandbox", folder / "rewards" / "sandbox", ignore=shutil.ignore_patterns("__pycache__"))
-        (folder / "rewards" / "__init__.py").write_text("")
-        shutil.copytree(DEPLOY, folder / "deploy", ignore=shutil.ignore_patterns("__pycache__", "grafana"))
-        bwrap = Path(find_bwrap()).resolve()
-        shutil.copytree(bwrap.parents[1], folder / "bin" / bwrap.parents[1].name)
-        libs = bwrap.parents[2] / f"{bwrap.parents[1].name}.libs"
-        if libs.is_dir():
-            shutil.copytree(libs, folder / "bin" / libs.name)
-        for item in [folder, *folder.rglob("*")]:
-            item.chmod(0o755)
-        path = f"{folder / 'bin' / bwrap.parent.relative_to(bwrap.parents[1].parent)}:/usr/bin:/bin"
-
-        def nobody() -> None:
-            os.setgroups([])
-            os.setgid(65534)
-            os.setuid(65534)
-
-        done = subprocess.run(["/usr/bin/python3", str(folder / "deploy" / "sandbox_check.py")], capture_output=True, text=True, cwd="/",
-                              env={"PATH": path, "HOME": "/"}, preexec_fn=nobody, timeout=120)  # fmt: skip
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
+    done = run_as_nobody(["{tree}/deploy/sandbox_check.py"], extra={"deploy": DEPLOY})
     report = json.loads(done.stdout.strip().splitlines()[-1])
     assert done.returncode == 0 and report["sandbox"] == "ok" and report["cgroup"] is False, (report, done.stderr[-2000:])
     assert "sandbox as uid 65534, not root" in done.stderr

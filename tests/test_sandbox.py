@@ -659,44 +659,9 @@ def test_site_packages_inside_the_interpreters_standard_library_are_covered():
 def _as_nobody(source: str) -> str:
     """``source`` run by the system interpreter as uid ``nobody``, with this package and bwrap
     copied where that uid can read them (the checkout may sit in a mode-700 folder)."""
-    import shutil
-    import tempfile
-    from pathlib import Path
+    from helpers import run_as_nobody
 
-    root = Path(__file__).resolve().parents[1]
-    folder = Path(tempfile.mkdtemp(prefix="raylight-nobody-", dir="/tmp"))
-    try:
-        return _run_as_nobody(source, root, folder)
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
-
-
-def _run_as_nobody(source: str, root, folder) -> str:
-    """``_as_nobody`` inside ``folder`` (mode 755, under ``/tmp``)."""
-    import shutil
-    import subprocess
-    from pathlib import Path
-
-    from rewards.sandbox.filesystem import find_bwrap
-
-    tree = folder / "tree"
-    shutil.copytree(root / "rewards" / "sandbox", tree / "rewards" / "sandbox", ignore=shutil.ignore_patterns("__pycache__"))
-    (tree / "rewards" / "__init__.py").write_text("")
-    bwrap = Path(find_bwrap()).resolve()
-    shutil.copytree(bwrap.parents[1], tree / "bin" / bwrap.parents[1].name)
-    libs = bwrap.parents[2] / f"{bwrap.parents[1].name}.libs"
-    if libs.is_dir():
-        shutil.copytree(libs, tree / "bin" / libs.name)
-    for item in [folder, *folder.rglob("*")]:
-        item.chmod(0o755)
-    env = {"PATH": f"{tree / 'bin' / bwrap.parent.relative_to(bwrap.parents[1].parent)}:/usr/bin:/bin", "PYTHONPATH": str(tree), "HOME": "/"}
-
-    def nobody() -> None:
-        os.setgroups([])
-        os.setgid(65534)
-        os.setuid(65534)
-
-    done = subprocess.run(["/usr/bin/python3", "-c", source], capture_output=True, text=True, cwd="/", env=env, preexec_fn=nobody, timeout=60)
+    done = run_as_nobody(["-c", source], timeout=60)
     return done.stdout + done.stderr
 
 
