@@ -7,6 +7,7 @@ import json
 import pytest
 
 from cluster.commands.cli import main
+from cluster.exits import ExitCode
 
 pytestmark = pytest.mark.slow
 
@@ -54,7 +55,7 @@ def test_data_check_counts_broken_rows_and_fails_only_without_rows(tmp_path, cap
     broken = tmp_path / "broken.jsonl"
     broken.write_text("{nope\n" + json.dumps({"question": "q"}) + "\n")
     config.write_text(f"model: {{path: tiny}}\ntasks:\n  - name: gsm8k\n    source: {broken}\n  - name: rpn\n")
-    assert main(["data", "check", str(config)]) == 2  # ExitCode.USAGE
+    assert main(["data", "check", str(config)]) == ExitCode.USAGE
     captured = capsys.readouterr()
     assert "no usable rows for training in ['gsm8k']" in captured.err
     assert '"usable": 0' in captured.out
@@ -62,11 +63,12 @@ def test_data_check_counts_broken_rows_and_fails_only_without_rows(tmp_path, cap
 
 def test_a_stop_rule_ends_the_run_with_its_event(ray_cluster, tiny_model_path, tmp_path, capsys):
     """The monitor inside a real run: a rule set to stop (entropy below an impossible bar)
-    fires on step 1; the run ends there, saves its adapter and records the event."""
+    fires on step 1; the run ends there, saves its adapter, records the event and exits with
+    the monitor's code (a job the monitor stopped did not succeed)."""
     run_dir = tmp_path / "run"
     argv = ["train", "configs/tiny.yaml", "--run-dir", str(run_dir), "--steps", "3", f"model.path={tiny_model_path}",
             "monitor.rules={entropy_collapse: {action: stop, threshold: 1000.0}}", "eval.n=4"]  # fmt: skip
-    assert main(argv) == 0
+    assert main(argv) == ExitCode.MONITOR_STOP
     out = capsys.readouterr().out
     assert "stopped at step 1 by the health monitor (entropy_collapse)" in out
     events = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
