@@ -670,16 +670,21 @@ def config_to_dict(config: Config) -> dict:
 
 
 def dotted_items(config: Config) -> dict[str, Any]:
-    """Every leaf of the config under its dotted key (``rollout.group_size``), as the
-    overrides name them."""
-    return _flatten(config_to_dict(config))
+    """Every leaf of the config under its dotted key, as the overrides name them
+    (``rollout.group_size``; a list of sections numbers its items: ``tasks.0.name``)."""
+    return _flatten(config_to_dict(config), "")
 
 
-def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+def _flatten(tree: Any, prefix: str) -> dict[str, Any]:
+    if isinstance(tree, dict) and tree:
+        items = tree.items()
+    elif isinstance(tree, list) and tree and all(isinstance(v, dict) for v in tree):
+        items = ((str(i), v) for i, v in enumerate(tree))
+    else:
+        return {prefix.removesuffix("."): tree}
     flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        dotted = f"{prefix}{key}"
-        flat |= _flatten(value, f"{dotted}.") if isinstance(value, dict) and value else {dotted: value}
+    for key, value in items:
+        flat |= _flatten(value, f"{prefix}{key}.")
     return flat
 
 

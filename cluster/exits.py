@@ -15,3 +15,14 @@ class ExitCode(enum.IntEnum):
     FAULTS = 3  # faults past what the run absorbs (generators or learners lost); it stopped with a checkpoint
     MONITOR_STOP = 4  # the health monitor stopped the run (a stop rule fired, or rollbacks ran out)
     INTERRUPTED = 130  # Ctrl-C (SIGINT)
+
+
+def exit_code_of(exc: BaseException) -> ExitCode:
+    """What a run that ends by ``exc`` exits with: faults past what it absorbs, an interrupt,
+    or an unexpected error."""
+    from actors.generator import GeneratorsLost
+    from actors.learner import LearnerFailure
+
+    if isinstance(exc, (GeneratorsLost, LearnerFailure)):
+        return ExitCode.FAULTS
+    return ExitCode.INTERRUPTED if isinstance(exc, KeyboardInterrupt) else ExitCode.ERROR

@@ -9,8 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cluster.commands.cli import main
-from cluster.commands.configure import field_comments, key_docs, keys_text, leaves, reference_markdown, yaml_text
-from cluster.config import Config, config_to_dict, load_config
+from cluster.commands.configure import field_comments, key_docs, keys_text, reference_markdown, yaml_text
+from cluster.config import Config, config_to_dict, dotted_items, load_config
 from cluster.exits import ExitCode
 from cluster.keeping.checkpoint import CheckpointStore
 from cluster.keeping.keeper import config_changes
@@ -71,7 +71,7 @@ def test_keys_and_diff(capsys):
     lines = capsys.readouterr().out.splitlines()
     assert "rollout.group_size = 4 (default 8)  # completions sampled per prompt (GRPO's group)" in lines
     assert "rollout.top_p = 1.0  # nucleus sampling's probability mass" in lines
-    assert len(lines) == len(leaves(Config()))
+    assert len(lines) == len(dotted_items(Config()))
 
     assert main(["config", "--diff", "rollout.group_size=4", "tasks.0.name=gsm8k"]) == 0
     assert capsys.readouterr().out.splitlines() == [
@@ -159,3 +159,13 @@ def test_a_retried_command_resumes_with_its_own_resumable_keys(tmp_path):
     _, config, checkpoint = resume_point(asked)
     assert checkpoint.step == 1 and config.cluster.dashboard is False and config.run.steps == 9
     assert config.algorithm.lr == saved.algorithm.lr
+
+
+def test_a_run_ending_by_an_exception_exits_by_its_kind():
+    from actors.generator import GeneratorsLost
+    from actors.learner import LearnerFailure
+    from cluster.exits import exit_code_of
+
+    assert exit_code_of(GeneratorsLost("all gone")) == exit_code_of(LearnerFailure("rank 1")) == ExitCode.FAULTS
+    assert exit_code_of(KeyboardInterrupt()) == ExitCode.INTERRUPTED
+    assert exit_code_of(RuntimeError("a bug")) == ExitCode.ERROR

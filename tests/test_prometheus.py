@@ -125,11 +125,10 @@ def test_a_resumed_run_counts_from_its_recorded_totals(tmp_path):
     count only what happens after the resume, not the restored 5 again."""
     from cluster.observe.metrics import recorded_totals
 
-    (tmp_path / "metrics.jsonl").write_text(
-        json.dumps({"step": 1, "faults/generator_restarts": 2, "perf/peak_rss_gib/learner": 1.0}) + "\n"
-        + json.dumps({"step": 2, "faults/generator_restarts": 5}) + "\n"
-    )
-    totals = recorded_totals(tmp_path / "metrics.jsonl")
+    run_dir = RunDir(tmp_path)
+    run_dir.append_metrics({"step": 1, "faults/generator_restarts": 2, "perf/peak_rss_gib/learner": 1.0})
+    run_dir.append_metrics({"step": 2, "faults/generator_restarts": 5})
+    totals = recorded_totals(run_dir.read_metrics())
     assert totals == {"faults/generator_restarts": 5.0}  # gauges are not totals
     view = PrometheusView(totals)
     assert [view.points({"faults/generator_restarts": v})[0].value for v in (5.0, 6.0)] == [0.0, 1.0]

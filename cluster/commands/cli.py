@@ -8,7 +8,7 @@ import json
 import logging
 import sys
 
-from cluster.exits import ExitCode
+from cluster.exits import ExitCode, exit_code_of
 
 logger = logging.getLogger("raylight")
 
@@ -375,10 +375,10 @@ def main(argv: list[str] | None = None) -> int:
         return ExitCode.USAGE
     except (GeneratorsLost, LearnerFailure) as exc:  # faults past what the run absorbs; it stopped with a checkpoint
         print(f"raylight: run stopped: {exc}", file=sys.stderr)
-        return ExitCode.FAULTS
-    except KeyboardInterrupt:
+        return exit_code_of(exc)
+    except KeyboardInterrupt as exc:
         print("raylight: interrupted", file=sys.stderr)
-        return ExitCode.INTERRUPTED
+        return exit_code_of(exc)
 
 
 if __name__ == "__main__":

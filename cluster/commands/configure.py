@@ -12,6 +12,7 @@ key (``tasks[].difficulty``); mappings to sections (``monitor.rules``) with ``<n
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import functools
 import inspect
@@ -56,29 +57,19 @@ def field_comments(cls: type) -> dict[str, str]:
         if token.type == tokenize.COMMENT and not text.startswith(_NOT_DOCS):
             comments[token.start[0]] = text
     lines = source.splitlines()
+    alone = {n for n in comments if lines[n - 1].lstrip().startswith("#")}  # comment lines, not trailing comments
     docs: dict[str, str] = {}
-    for number, line in enumerate(lines, start=1):
-        name = _field_name(line)
-        if name is None:
+    for node in ast.parse(source).body[0].body:
+        if not (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)):
             continue
-        if number in comments and not line.lstrip().startswith("#"):
-            docs[name] = comments[number]
-            continue
-        above, row = [], number - 1
-        while row in comments and lines[row - 1].lstrip().startswith("#"):
+        trailing = next((comments[n] for n in range(node.lineno, node.end_lineno + 1) if n in comments and n not in alone), None)
+        above, row = [], node.lineno - 1
+        while row in alone:
             above.insert(0, comments[row])
             row -= 1
-        if above:
-            docs[name] = " ".join(above)
+        if trailing or above:
+            docs[node.target.id] = trailing or " ".join(above)
     return docs
-
-
-def _field_name(line: str) -> str | None:
-    """The field an annotated class-body line declares (four-space indent, ``name: type``)."""
-    if not line.startswith("    ") or line.startswith("     "):
-        return None
-    head = line.strip().split(":", 1)[0]
-    return head if head.isidentifier() and ":" in line and not line.strip().startswith(("def ", "class ", "#", "@")) else None
 
 
 def _doc(cls: type, name: str) -> str:
@@ -177,36 +168,15 @@ def _yaml_value(value: Any) -> str:
     return json.dumps(value) if "\n" in text else text
 
 
-def leaves(config) -> dict[str, Any]:
-    """Every leaf of ``config`` under its dotted key, list items numbered (``tasks.0.name``) as
-    the overrides name them."""
-    from cluster.config import config_to_dict
-
-    return _leaves(config_to_dict(config), "")
-
-
-def _leaves(tree: Any, prefix: str) -> dict[str, Any]:
-    if isinstance(tree, dict) and tree:
-        items = tree.items()
-    elif isinstance(tree, list) and tree and all(isinstance(v, dict) for v in tree):
-        items = ((str(i), v) for i, v in enumerate(tree))
-    else:
-        return {prefix.removesuffix("."): tree}
-    flat: dict[str, Any] = {}
-    for key, value in items:
-        flat |= _leaves(value, f"{prefix}{key}.")
-    return flat
-
-
 def keys_text(config, only_changed: bool = False) -> str:
     """``key = value  # meaning`` per leaf of ``config`` (its lists' items numbered), with the
     default beside a changed value; ``only_changed``: just the keys that differ from the defaults."""
-    from cluster.config import Config
+    from cluster.config import Config, dotted_items
 
     docs = section_docs() | {d.key: d.doc for d in key_docs()}
-    defaults = leaves(Config())
+    defaults = dotted_items(Config())
     lines = []
-    for key, value in leaves(config).items():
+    for key, value in dotted_items(config).items():
         changed = key not in defaults or defaults[key] != value
         if only_changed and not changed:
             continue

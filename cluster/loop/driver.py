@@ -39,7 +39,7 @@ from actors.generator import GeneratorsLost, WeightUpdateLost
 from actors.learner import LearnerFailure
 from actors.verifier import Scorer
 from cluster.config import Config
-from cluster.exits import ExitCode
+from cluster.exits import ExitCode, exit_code_of
 from cluster.keeping.checkpoint import Checkpoint
 from cluster.keeping.keeper import RunKeeper, RunState, resume_point, saved_run
 from cluster.keeping.rundir import RunDir
@@ -149,8 +149,7 @@ class Trainer:
         except GeneratorsLost as lost:
             self.keeper.stop_for_lost_generators(lost)
         except BaseException as exc:  # the run ends here: the sinks close, W&B records how
-            lost_learners = isinstance(exc, LearnerFailure)
-            self.keeper.close_sinks(ExitCode.FAULTS if lost_learners else ExitCode.INTERRUPTED if isinstance(exc, KeyboardInterrupt) else ExitCode.ERROR)
+            self.keeper.close_sinks(exit_code_of(exc))
             raise
         self.keeper.close(ExitCode.OK if stopped_by is None else ExitCode.MONITOR_STOP)
         return self.keeper.summary(stopped_by)

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import logging
 import math
 import re
@@ -199,7 +198,8 @@ class Point:
     value: float
 
 
-def _number(value) -> bool:
+def finite_number(value) -> bool:
+    """A metric value a chart can draw: a finite int or float, not a bool."""
     return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
 
 
@@ -219,7 +219,7 @@ class PrometheusView:
     def points(self, metrics: dict) -> list[Point]:
         points = []
         for key, value in metrics.items():
-            if _number(value):
+            if finite_number(value):
                 family, labels = route(key)
                 points.append(Point(family, dict(labels), self._value(key, family, float(value) * family.scale)))
         return points + self._zeros(points)
@@ -246,14 +246,12 @@ class PrometheusView:
         return zeros
 
 
-def recorded_totals(metrics_path: Path) -> dict[str, float]:
-    """The last value of each running total (kind total) in a run's metrics.jsonl: where a
+def recorded_totals(rows: list[dict]) -> dict[str, float]:
+    """The last value of each running total (kind total) in a run's metrics rows: where a
     resumed run's totals start."""
     totals: dict[str, float] = {}
-    if metrics_path.is_file():
-        for line in metrics_path.read_text().splitlines():
-            row = json.loads(line) if line.strip() else {}
-            totals |= {k: float(v) * route(k)[0].scale for k, v in row.items() if _number(v) and route(k)[0].kind == "total"}
+    for row in rows:
+        totals |= {k: float(v) * route(k)[0].scale for k, v in row.items() if finite_number(v) and route(k)[0].kind == "total"}
     return totals
 
 
@@ -266,7 +264,7 @@ class MetricsExporter:
         path = Path(run_dir.path)
         self.ray_metrics = ray_metrics
         self.run = run_label(path) if ray_metrics else path.name
-        self.view = PrometheusView(recorded_totals(path / "metrics.jsonl"))
+        self.view = PrometheusView(recorded_totals(run_dir.read_metrics()))
         self.metrics: dict[str, object] = {}  # family name -> ray.util.metrics Gauge or Counter
         self.writer = None
         if tensorboard:
@@ -283,7 +281,7 @@ class MetricsExporter:
         if self.writer is not None:
             step = int(metrics.get("step", 0))
             for key, value in metrics.items():
-                if key != "step" and _number(value):
+                if key != "step" and finite_number(value):
                     self.writer.add_scalar(key, value, step)
 
     def _send(self, point: Point) -> None:

@@ -13,11 +13,12 @@ nothing. Online runs need ``WANDB_API_KEY`` (or ``wandb login``) where the drive
 from __future__ import annotations
 
 import logging
-import math
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
+
+from cluster.observe.metrics import finite_number
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +37,7 @@ class WandbSettings:
 
 def loggable(metrics: dict) -> dict[str, float]:
     """The finite numbers of a metrics row (W&B would chart a None or a NaN as a gap or a string)."""
-    return {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+    return {k: v for k, v in metrics.items() if finite_number(v)}
 
 
 class WandbLogger:
