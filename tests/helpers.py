@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import ray
 
-from contracts import Verdict
+from contracts import TrainBatch, Verdict
 from learners.learner import Learner
 from learners.settings import AlgorithmSettings, LearnerSettings
 from learners.policy import LoraSettings
@@ -87,6 +87,20 @@ def learner_settings(
     KL, a token-mean loss and exact fp32 (no autocast; what the hand-computed checks assume)."""
     knobs = AlgorithmSettings(**{"kl_coef": 0.0, "loss_agg": "token-mean", "autocast_dtype": "float32", **algorithm})
     return LearnerSettings(model_path, knobs, lora, dtype, temperature, total_steps, seed, threads, gradient_checkpointing, trainable_modules, attention_controls)
+
+
+def engine_gap(learner: Learner, prompts: list[list[int]], completions: list, version: int = 0) -> float:
+    """The largest gap between an engine's sampled tokens' log-probs and the learner's own for
+    the same tokens; ``completions``: each prompt's, in order, as many per prompt."""
+    n = len(completions) // len(prompts)
+    batch = TrainBatch(
+        prompt_token_ids=tuple(tuple(p) for p in prompts for _ in range(n)),
+        completion_token_ids=tuple(c.token_ids for c in completions),
+        old_logprobs=tuple(c.logprobs for c in completions),
+        advantages=(0.0,) * len(completions),
+        policy_versions=(version,) * len(completions),
+    )
+    return max(abs(a - b) for c, row in zip(completions, learner.logprobs(batch)) for a, b in zip(c.logprobs, row))
 
 
 def free_port() -> int:

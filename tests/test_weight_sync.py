@@ -1,0 +1,68 @@
+"""Weight sync into the engines: the adapter's tensors in vLLM's LoRA manager, in memory, and
+the ``adapter_mode: auto`` choice (lora on GPUs, merged on CPUs and for full weights)."""
+
+from __future__ import annotations
+
+import dataclasses
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from cluster.loop.wiring import engine_settings
+from contracts import SamplingSettings
+from helpers import ROOT, engine_gap, make_learner
+from learners.policy import LoraSettings
+from rollout import engines
+from rollout.engines import IN_MEMORY, EngineSettings, build_engine, concrete
+
+
+def test_auto_is_lora_on_a_gpu_and_merged_on_a_cpu(monkeypatch):
+    monkeypatch.setattr(engines, "_gpu_platform", lambda: False)
+    on_cpu = concrete(EngineSettings(dtype="float32"))
+    assert (on_cpu.adapter_mode, on_cpu.dtype) == ("merged", "float32")
+    monkeypatch.setattr(engines, "_gpu_platform", lambda: True)
+    on_gpu = concrete(EngineSettings())
+    assert (on_gpu.adapter_mode, on_gpu.dtype) == ("lora", "bfloat16")
+    assert concrete(EngineSettings(adapter_mode="merged")).adapter_mode == "merged"  # a stated mode stays
+
+
+def test_the_run_decides_auto_where_the_device_cannot():
+    from cluster.config import load_config
+
+    tiny = ROOT / "configs" / "tiny.yaml"
+    assert engine_settings(load_config(tiny, [])).adapter_mode == "auto"
+    assert engine_settings(load_config(tiny, ["model.train=full"])).adapter_mode == "merged"
+    markovian = load_config(tiny, ["markovian.enabled=true", "algorithm.actor_reward_weight=0.5", "algorithm.policy_loss=pg"])
+    assert markovian.markovian.baseline and engine_settings(markovian).adapter_mode == "lora"
+    assert engine_settings(load_config(tiny, ["generator.adapter_mode=merged"])).adapter_mode == "merged"
+
+
+@pytest.mark.slow
+def test_in_memory_lora_serves_each_version_exactly(tiny_model_path, tmp_path, monkeypatch):
+    """Each load's adapter reaches the engine as tensors (no folder is written anywhere)
+    under its own id, the previous one removed; the sampled tokens' log-probs equal the
+    learner's own (fp32), load after load, a version served again included."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # any temporary folder would land here
+    learner = make_learner(tiny_model_path, LoraSettings(rank=8, alpha=16))
+    engine = build_engine(tiny_model_path, EngineSettings(adapter_mode="lora", dtype="float32", kv_cache_gib=1, max_model_len=256), seed=0, max_lora_rank=8)
+    prompts = [[1, 5, 9, 13, 17], [2, 4, 6, 8]]
+    sampling = SamplingSettings(n=2, temperature=1.0, top_p=1.0, max_tokens=8, seed=3)
+    outputs = []
+    # versions 1 and 2, then version 1 again with other weights (a resume re-trains it): every
+    # load gets its own id and name, so nothing computed for the first version 1 is served again
+    for load, (version, seed) in enumerate([(1, 1), (2, 2), (1, 3)], start=1):
+        with torch.no_grad():
+            for name, p in learner.policy.model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, 0.05, generator=torch.Generator().manual_seed(seed))
+        learner.policy_ref = dataclasses.replace(learner.policy_ref, version=version)
+        engine.load_weights(learner.weight_update())
+        assert engine._lora.lora_int_id == load and engine._lora.lora_path.startswith(IN_MEMORY)
+        assert engine.llm.llm_engine.list_loras() == {load}  # the previous one is gone
+        completions = [c for group in engine.generate(prompts, sampling) for c in group]
+        assert engine_gap(learner, prompts, completions, version) < 1e-4
+        outputs.append([c.logprobs for c in completions])
+    assert outputs[0] != outputs[1] and outputs[0] != outputs[2]
+    assert not any(Path(tmp_path).iterdir())  # nothing went through a folder
