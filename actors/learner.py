@@ -5,6 +5,9 @@ group (NCCL when Ray gave them GPUs, gloo on CPUs), hands each its contiguous sh
 batch and returns rank 0's (globally reduced) metrics. All ranks hold the same parameters
 after every step, so the weight broadcast to the generators is taken from rank 0 only: one
 ``ObjectRef``, sent once. Queries go to rank 0 through typed methods, never by method name.
+With ``sharding: fsdp`` each rank holds a shard of the weights, and a query that reads them
+(a forward pass, a weight export, a digest) is a collective: it goes to every rank with the
+same arguments, and rank 0's answer is returned.
 
 Every wait on the learners has a deadline (``learner.call_timeout_s``), and so has every
 collective inside the group: a rank that dies or hangs raises ``LearnerFailure`` in the
@@ -14,11 +17,13 @@ builds a new one from the newest checkpoint (``Trainer.recover_learners``).
 
 from __future__ import annotations
 
+import collections
 import ctypes
 import logging
 import socket
 import time
 from dataclasses import dataclass, field
+from typing import Literal
 
 import ray
 import torch
@@ -44,6 +49,7 @@ class LearnerActor:
     needs to find its peers."""
 
     def __init__(self, settings: LearnerSettings):
+        self.events: collections.deque[tuple[str, float]] = collections.deque([("start", time.time())], maxlen=1000)
         self.learner = Learner(settings, device=assigned_device())
 
     @ray.method(concurrency_group="health")
@@ -67,10 +73,18 @@ class LearnerActor:
         self.learner.init_distributed(address, port, rank, world_size, timeout_s)
 
     def step(self, batch: TrainBatch, objective: ObjectiveName = "ppo") -> dict[str, float]:
+        self.events.append(("step", time.time()))
         try:
             return self.learner.step(batch, objective)
         finally:
             release_free_memory()
+            self.events.append(("release memory", time.time()))
+
+    @ray.method(concurrency_group="health")
+    def recorded(self) -> list[tuple[str, float]]:
+        """When this rank started and each step began and released its memory (wall clock):
+        the colocated hand-over's order, for diagnosis and tests."""
+        return list(self.events)
 
     def policy_version(self) -> PolicyRef:
         return self.learner.policy_version()
@@ -99,7 +113,7 @@ class LearnerActor:
     def state_dict(self, weights: bool = True) -> dict:
         return self.learner.state_dict(weights)
 
-    def load_state_dict(self, state: dict, rng: torch.Tensor | None = None, policy_version: int | None = None) -> PolicyRef:
+    def load_state_dict(self, state: dict, rng: dict | torch.Tensor | None = None, policy_version: int | None = None) -> PolicyRef:
         return self.learner.load_state_dict(state, rng, policy_version)
 
     def scale_lr(self, factor: float) -> float:
@@ -107,9 +121,13 @@ class LearnerActor:
 
 
 def release_free_memory() -> None:
-    """Hand the memory a step freed back to the system (glibc's ``malloc_trim``). Batches of
-    other lengths every step leave glibc's heaps fragmented, and without it a learner actor's
-    peak grew from 6.8 to 9.8 GiB over 5 steps of the TRL benchmark's work. A no-op off glibc."""
+    """Hand the memory a step freed back: the GPU blocks torch's caching allocator keeps (a
+    colocated engine wakes into them next), and host memory to the system (glibc's
+    ``malloc_trim``: batches of other lengths every step leave glibc's heaps fragmented, and
+    without it a learner actor's peak grew from 6.8 to 9.8 GiB over 5 steps of the TRL
+    benchmark's work; a no-op off glibc)."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
@@ -127,6 +145,11 @@ class LearnerGroupSettings:
     """How many learner actors, and what each asks of the cluster (the config's ``learner`` section)."""
 
     num_learners: int = 1  # data-parallel learner actors (gradients all-reduced)
+    # none: every learner holds the whole model and optimizer state; fsdp: PyTorch FSDP2 shards
+    # parameters, gradients and optimizer state over the learners (docs/cluster.md#sharded-learners)
+    sharding: Literal["none", "fsdp"] = "none"
+    # sharding=fsdp: FSDP2's CPU offload, the shards, their gradients and the optimizer state in host memory (the step runs there)
+    offload_optimizer: bool = False
     num_cpus: float = 1.0  # per learner
     num_gpus: float = 0.0  # per learner: trains on the GPU Ray assigns (bf16 autocast, NCCL between learners)
     threads: int = 0  # torch threads per learner (0: every core, divided among the learners)
@@ -147,6 +170,7 @@ class LearnerGroup:
     def __init__(self, settings: LearnerSettings, group: LearnerGroupSettings = LearnerGroupSettings(), options: list[dict] | None = None):
         """``options``: each rank's ``.options(...)`` (its placement group bundle and share)."""
         self.timeout_s, self.heartbeat_s = group.call_timeout_s, group.heartbeat_s
+        sharded = settings.sharding == "fsdp" and group.num_learners > 1  # what the learners do (wiring copies learner.sharding)
         actor = learner_actor(num_cpus=group.num_cpus, num_gpus=group.num_gpus)
         self.actors = [(actor.options(**options[rank]) if options else actor).remote(settings) for rank in range(group.num_learners)]
         self._started = [a.alive.remote() for a in self.actors]  # ready once every rank has loaded its model
@@ -155,6 +179,8 @@ class LearnerGroup:
             address, port = self._get(self.actors[0].rendezvous.remote(), "the rendezvous", heartbeat=False)
             joins = [a.init_distributed.remote(address, port, rank, group.num_learners, self.timeout_s) for rank, a in enumerate(self.actors)]
             self._get(joins, "joining the process group", heartbeat=False)
+        # the ranks a query that reads the weights goes to: rank 0, or all of them when sharded
+        self.readers = self.actors if sharded else self.actors[:1]
 
     def _get(self, refs, what: str, heartbeat: bool = True):
         """``ray.get`` with the group's deadline. A rank that dies, or fails because a peer
@@ -182,6 +208,10 @@ class LearnerGroup:
                 raise LearnerFailure(f"learner {lost} during {what} ({type(exc).__name__})") from exc
         return ray.get(refs)
 
+    def wait_started(self) -> None:
+        """Wait until every rank has loaded its model (within ``call_timeout_s``)."""
+        self._get(self._started, "loading the model", heartbeat=False)
+
     def started(self) -> bool:
         """Whether every rank has loaded its model (before that, no rank answers a ping)."""
         return len(ray.wait(self._started, num_returns=len(self._started), timeout=0)[0]) == len(self._started)
@@ -206,27 +236,29 @@ class LearnerGroup:
         shards = batch.shards(len(self.actors))
         return self._get([a.step.remote(shard, objective) for a, shard in zip(self.actors, shards)], "a training step")[0]
 
-    # -- rank 0's answers (all ranks hold the same weights) ---------------------------------
+    # -- rank 0's answers (all ranks hold the same weights, or take part in reading them) ----
 
     def policy_version(self) -> PolicyRef:
         return self._get(self.actors[0].policy_version.remote(), "a policy query")
 
     def logprobs(self, batch: TrainBatch) -> list[list[float]]:
-        return self._get(self.actors[0].logprobs.remote(batch), "a log-prob query")
+        return self._get([a.logprobs.remote(batch) for a in self.readers], "a log-prob query")[0]
 
     def sequence_logprob(self, contexts: list[list[int]], targets: list[list[int]], reference: bool = False) -> list[float]:
-        return self._get(self.actors[0].sequence_logprob.remote(contexts, targets, reference), "a log-prob query")
+        return self._get([a.sequence_logprob.remote(contexts, targets, reference) for a in self.readers], "a log-prob query")[0]
 
     def parameter_digest(self) -> dict[str, str]:
-        return self._get(self.actors[0].parameter_digest.remote(), "a parameter digest")
+        return self._get([a.parameter_digest.remote() for a in self.readers], "a parameter digest")[0]
 
     def attention_scales(self) -> torch.Tensor | None:
-        return self._get(self.actors[0].attention_scales.remote(), "an attention-scale query")
+        return self._get([a.attention_scales.remote() for a in self.readers], "an attention-scale query")[0]
 
     def weight_update_ref(self, complete: bool = False) -> ray.ObjectRef:
         """Rank 0's weights as one object-store reference, to broadcast without a copy here
-        (``complete``: every parameter, not only the trained ones)."""
-        return self.actors[0].weight_update.remote(complete)
+        (``complete``: every parameter, not only the trained ones). Sharded, every rank takes
+        part in the gather; the others' (empty) answers are dropped, and each rank's next
+        call waits behind this one."""
+        return [a.weight_update.remote(complete) for a in self.readers][0]
 
     def weight_update(self, complete: bool = False) -> WeightUpdate:
         return self._get(self.weight_update_ref(complete), "a weight export")
@@ -243,7 +275,8 @@ class LearnerGroup:
         return self._get([a.set_attention_scales.remote(scales) for a in self.actors], "an attention-scale change")[0]
 
     def state_dicts(self) -> list[dict]:
-        """Rank 0's whole state, then each further rank's RNG state (for a checkpoint)."""
+        """Rank 0's whole state, then each further rank's RNG state (for a checkpoint; sharded,
+        every rank helps gather rank 0's whole tensors)."""
         return self._get([a.state_dict.remote(weights=rank == 0) for rank, a in enumerate(self.actors)], "a state export")
 
     def load_state_dicts(self, states: list[dict], policy_version: int | None = None) -> PolicyRef:

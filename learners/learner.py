@@ -12,8 +12,12 @@ verified solutions). A step reads top to bottom:
 Data parallelism: every rank holds its shard of the batch; losses are normalised by global
 token / sequence counts, gradients are summed with ``torch.distributed`` (NCCL between GPUs,
 gloo between CPUs), so after each update all ranks hold identical parameters and equal one
-learner that saw the whole batch. A plain object (no Ray): the learner actor wraps it and
-names its device from what Ray gave it; tests and the GPU smoke script drive it in-process.
+learner that saw the whole batch. How the ranks hold the weights is the layout chosen when
+the learner joins its group (``learners.sharding``): whole replicas whose gradients are
+all-reduced in flat buckets, or FSDP2 shards (``sharding="fsdp"``), where every rank takes
+part in every forward pass (as many as the busiest rank makes) and every read of whole
+tensors. A plain object (no Ray): the learner actor wraps it and names its device from what
+Ray gave it; tests and the GPU smoke script drive it in-process.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import hashlib
 import logging
 import math
 import os
+import socket
 
 import torch
 
@@ -31,6 +36,7 @@ from learners.algorithms import cosine_schedule
 from learners.objectives import OBJECTIVES, ObjectiveName, Prepared
 from learners.policy import Policy, pack
 from learners.settings import LearnerSettings
+from learners.sharding import Replicas, Shards
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +58,36 @@ def _on_cpu(value):
     if isinstance(value, (list, tuple)):
         return type(value)(_on_cpu(v) for v in value)
     return copy.deepcopy(value)
+
+
+def _replicated():
+    """Whole tensors may be copied into sharded parameters, each rank keeping its part
+    (DTensor's implicit replication); plain parameters are unaffected."""
+    from torch.distributed.tensor.experimental import implicit_replication
+
+    return implicit_replication()
+
+
+def rng_state() -> dict:
+    """torch's random state in this process: the CPU generator's, and every visible GPU's
+    (dropout and sampling draw from them; a resumed run must draw what it would have)."""
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict | torch.Tensor) -> None:
+    """Restore ``rng_state()``'s result (a bare tensor: a checkpoint from before the GPUs'
+    states were kept). GPU states are restored where this process sees as many GPUs."""
+    if isinstance(state, torch.Tensor):
+        state = {"cpu": state}
+    torch.set_rng_state(state["cpu"])
+    cuda = state.get("cuda")
+    if cuda is not None and torch.cuda.is_available() and torch.cuda.device_count() == len(cuda):
+        torch.cuda.set_rng_state_all(cuda)
+    elif cuda is not None:
+        logger.warning("the checkpoint holds the random state of %d GPUs, this process sees %d: theirs not restored", len(cuda), torch.cuda.device_count())
 
 
 def _extreme(key: str):
@@ -83,17 +119,23 @@ class Learner:
             trainable_modules=settings.trainable_modules,
             attention_controls=settings.attention_controls,
         )
-        groups = [{"params": self.policy.policy_parameters(), "lr": a.lr}]
-        if a.uses_critic:
-            groups.append({"params": self.policy.critic_parameters(), "lr": a.critic_lr or a.lr})
-        self.optimizer = torch.optim.AdamW(groups, lr=a.lr, betas=a.betas, weight_decay=a.weight_decay)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
+        self._build_optimizer()
         self.objectives = {name: make(a, settings.temperature) for name, make in OBJECTIVES.items()}
         self.policy_ref = PolicyRef(adapter, 0)
         self.steps_done = 0
         self.skipped_steps = 0
         self.skipped_updates = 0
         self.rank, self.world_size = 0, 1
+        self.layout: Replicas | Shards = Replicas()
+
+    def _build_optimizer(self) -> None:
+        """AdamW over the policy's (and the critic's) trainable parameters, and its schedule."""
+        a = self.algorithm
+        groups = [{"params": self.policy.policy_parameters(), "lr": a.lr}]
+        if a.uses_critic:
+            groups.append({"params": self.policy.critic_parameters(), "lr": a.critic_lr or a.lr})
+        self.optimizer = torch.optim.AdamW(groups, lr=a.lr, betas=a.betas, weight_decay=a.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
 
     def _check(self) -> None:
         a, s = self.algorithm, self.settings
@@ -118,19 +160,32 @@ class Learner:
 
     def init_distributed(self, address: str, port: int, rank: int, world_size: int, timeout_s: float = 1800.0) -> None:
         """Join the learners' process group (NCCL on GPUs, gloo on CPUs) and start from rank
-        0's parameters. A collective waiting longer than ``timeout_s`` on a peer fails
-        instead of waiting forever."""
+        0's parameters, then shard them if the settings say so (before any step: the
+        optimizer is rebuilt over the shards). A collective waiting longer than ``timeout_s``
+        on a peer fails instead of waiting forever."""
         import datetime
 
         import torch.distributed as dist
 
         backend = "nccl" if self.device.type == "cuda" else "gloo"
+        if backend == "nccl" and self.settings.offload_optimizer:
+            backend = "cuda:nccl,cpu:gloo"  # offloaded shards are host tensors: their collectives run on gloo
         timeout = datetime.timedelta(seconds=timeout_s)
         dist.init_process_group(backend, init_method=f"tcp://{address}:{port}", rank=rank, world_size=world_size, timeout=timeout)
         self.rank, self.world_size = rank, world_size
+        if not self.settings.threads:  # this node's cores, shared with the learners beside this one
+            hosts: list[str] = [""] * world_size
+            dist.all_gather_object(hosts, socket.gethostname())
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // hosts.count(socket.gethostname())))
         with torch.no_grad():
             for p in self.policy.trainable_parameters():
                 dist.broadcast(p.data, src=0)
+        if self.settings.sharding == "fsdp":
+            self.policy.shard(self.settings.offload_optimizer)
+            self._build_optimizer()
+            self.layout = Shards(rank, world_size)
+        else:
+            self.layout = Replicas(world_size)
 
     def all_reduce(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
         """Combine ``tensor`` over the ranks, in place; a CPU tensor travels through the
@@ -174,11 +229,16 @@ class Learner:
         size = self.algorithm.micro_batch_size
         length = lambda i: len(batch.prompt_token_ids[i]) + len(batch.completion_token_ids[i])  # noqa: E731
         ordered = sorted(indices, key=length, reverse=True)
-        return [ordered[start : start + size] for start in range(0, len(ordered), size)]
+        micro = [ordered[start : start + size] for start in range(0, len(ordered), size)]
+        # sharded: as many as the rank with the most, padded with empty fillers
+        return micro + [[]] * (self.layout.most(len(micro)) - len(micro))
 
     def packed_micro_batches(self, batch: TrainBatch):
         """(rows, their completion lengths, packed tensors) for each micro-batch of the whole batch."""
         for micro in self._micro_batches(batch, list(range(len(batch)))):
+            if not micro:  # a sharded rank's filler, scored for nothing
+                yield micro, [], self.policy.filler_batch()
+                continue
             part = batch.select(micro)
             packed = pack(part.prompt_token_ids, part.completion_token_ids, self.policy.pad_id)
             yield micro, [len(c) for c in part.completion_token_ids], packed
@@ -194,9 +254,12 @@ class Learner:
         sums: dict[str, float] = {}
         finite = True
         for micro in self._micro_batches(batch, rows):
+            if not micro:  # a sharded rank's filler: its peers' passes are collectives
+                self.policy.filler_pass()
+                continue
             loss, metrics = objective.loss(self, batch, micro, prepared, num_tokens, num_sequences)
             finite = finite and bool(torch.isfinite(loss))
-            if finite:
+            if finite or self.layout.sharded:  # a sharded backward is a collective: every rank runs it
                 loss.backward()
             share = sum(len(batch.completion_token_ids[i]) for i in micro) / num_tokens
             for key, value in metrics.items():
@@ -206,16 +269,12 @@ class Learner:
                     sums[key] = sums.get(key, 0.0) + (value if key.endswith("loss") else share * value)
             sums["train/loss"] = sums.get("train/loss", 0.0) + loss.item()
         finite = self._global(float(not finite))[0] == 0
-        if self.world_size > 1:
-            for p in self.policy.trainable_parameters():
-                if p.grad is None:  # a rank whose share of this mini-batch was empty
-                    p.grad = torch.zeros_like(p)
-                self.all_reduce(p.grad)
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.policy_parameters(), a.max_grad_norm)
+        self.layout.reduce_gradients(self.policy.trainable_parameters())
+        grad_norm = self.layout.clip(self.policy.policy_parameters(), a.max_grad_norm)
         if a.uses_critic:
-            sums["train/critic_grad_norm"] = torch.nn.utils.clip_grad_norm_(self.policy.critic_parameters(), a.max_grad_norm).item()
-        sums["train/grad_norm"] = grad_norm.item()
-        applied = finite and math.isfinite(grad_norm.item()) and math.isfinite(sums.get("train/critic_grad_norm", 0.0))
+            sums["train/critic_grad_norm"] = self.layout.clip(self.policy.critic_parameters(), a.max_grad_norm)
+        sums["train/grad_norm"] = grad_norm
+        applied = finite and math.isfinite(grad_norm) and math.isfinite(sums.get("train/critic_grad_norm", 0.0))
         if applied:
             self.optimizer.step()
         return applied, self.reduce_metrics(sums)
@@ -343,7 +402,8 @@ class Learner:
     def load_adapter(self, update: WeightUpdate) -> PolicyRef:
         """Serve a saved adapter (``raylight eval`` of a trained policy): its tensors become
         the policy's, its version the policy's; the optimizer is untouched."""
-        self.policy.load_adapter(update.tensors)
+        with _replicated():
+            self.policy.load_adapter(update.tensors)
         self.policy_ref = PolicyRef(self.policy_ref.adapter, update.policy.version)
         return self.policy_ref
 
@@ -352,8 +412,9 @@ class Learner:
         digests = {"trainable": hashlib.sha256(), "frozen": hashlib.sha256()}
         trainable = {id(p) for p in self.policy.trainable_parameters()}
         named = sorted(self.policy.model.named_parameters()) + [(n, p) for n, p in self.policy.named_trainable() if n.startswith("value_head")]
-        for name, p in named:
-            digests["trainable" if id(p) in trainable else "frozen"].update(p.detach().float().cpu().numpy().tobytes())
+        kinds = {name: "trainable" if id(p) in trainable else "frozen" for name, p in named}
+        for name, p in self.layout.whole(named):
+            digests[kinds[name]].update(p.detach().float().cpu().numpy().tobytes())
         return {k: v.hexdigest() for k, v in digests.items()}
 
     # -- checkpoints -----------------------------------------------------------------------
@@ -362,14 +423,22 @@ class Learner:
         """What this rank needs to continue exactly where it is: the trainable tensors (the
         adapter, or every weight, and the critic), optimizer, scheduler, the objectives' state
         (the adaptive KL coefficient), counters and torch RNG state. ``weights=False``: only
-        the RNG (the other ranks, whose weights and optimizer equal rank 0's)."""
-        state: dict = {"rank": self.rank, "rng": torch.get_rng_state()}
+        the RNG (the other ranks, whose weights and optimizer equal rank 0's).
+
+        Sharded, every rank must call it: the whole tensors are gathered to rank 0, the one
+        asked for ``weights``; the saved state has the same form as an unsharded learner's,
+        so a checkpoint resumes with or without sharding."""
+        state: dict = {"rank": self.rank, "rng": rng_state()}
+        if not (weights or self.layout.sharded):
+            return state
+        # CPU copies: the optimizer keeps updating its moment tensors in place, and the state
+        # travels to a driver that may have no GPU
+        trainable = {name: p.detach().to("cpu", copy=True) for name, p in self.layout.whole(self.policy.named_trainable())}
+        optimizer = _on_cpu(self.layout.whole_state(self.optimizer.state_dict()))
         if weights:
             state |= {
-                "trainable": _on_cpu(dict(self.policy.named_trainable())),
-                # CPU copies: the optimizer keeps updating its moment tensors in place, and the
-                # state travels to a driver that may have no GPU
-                "optimizer": _on_cpu(self.optimizer.state_dict()),
+                "trainable": trainable,
+                "optimizer": optimizer,
                 # the schedule's function is code, rebuilt from the settings: not saved
                 "scheduler": {k: copy.deepcopy(v) for k, v in self.scheduler.state_dict().items() if k != "lr_lambdas"},
                 **self.objectives["ppo"].state_dict(),
@@ -381,7 +450,7 @@ class Learner:
             }
         return state
 
-    def load_state_dict(self, state: dict, rng: torch.Tensor | None = None, policy_version: int | None = None) -> PolicyRef:
+    def load_state_dict(self, state: dict, rng: dict | torch.Tensor | None = None, policy_version: int | None = None) -> PolicyRef:
         """Continue from ``state`` (rank 0's), with this rank's ``rng`` state if given; a
         ``policy_version`` replaces the saved one (a rollback serves old weights as a new
         version). Returns the policy now held."""
@@ -394,10 +463,11 @@ class Learner:
                 f"checkpoint does not fit this policy: missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}, "
                 f"other shapes {sorted(reshaped)[:3]} (was it written with another model, lora.rank, lora.target_modules or model.trainable_modules?)"
             )
-        with torch.no_grad():
+        with torch.no_grad(), _replicated():
             for name, param in named.items():
-                param.copy_(saved[name])
+                param.copy_(saved[name])  # sharded: this rank's part of it
         self.optimizer.load_state_dict(state["optimizer"])
+        self.layout.shard_optimizer_state(self.optimizer)
         self.scheduler.load_state_dict({**state["scheduler"], "lr_lambdas": [None] * len(self.scheduler.lr_lambdas)})
         self.objectives["ppo"].load_state_dict(state)
         if self.policy.controls is not None and "attention_scales" in state:
@@ -405,7 +475,7 @@ class Learner:
         version = state["policy_version"] if policy_version is None else policy_version
         self.policy_ref = PolicyRef(self.policy_ref.adapter, version)
         self.steps_done, self.skipped_steps, self.skipped_updates = state["steps_done"], state["skipped_steps"], state["skipped_updates"]
-        torch.set_rng_state(rng if rng is not None else state["rng"])
+        set_rng_state(rng if rng is not None else state["rng"])
         return self.policy_ref
 
     def scale_lr(self, factor: float) -> float:
@@ -418,7 +488,8 @@ class Learner:
 
     def weight_update(self, complete: bool = False) -> WeightUpdate:
         """The policy's weights for the generators: the adapter, or the trained parameters
-        (all of them with ``complete``: a whole model, as the final folder needs)."""
+        (all of them with ``complete``: a whole model, as the final folder needs). Sharded,
+        every rank must call it; rank 0's holds the whole tensors, the others' none."""
         kind = "full" if self.policy.lora is None else "lora"
         controls = {} if self.policy.controls is None else {ATTENTION_OUTPUT_SCALE: self.attention_scales()}
-        return WeightUpdate(self.policy_ref, self.policy.weight_state(complete), self.policy.adapter_config(), kind, controls)
+        return WeightUpdate(self.policy_ref, self.policy.weight_state(complete, self.layout.whole), self.policy.adapter_config(), kind, controls)

@@ -9,6 +9,11 @@ The model lives on one device (a GPU, or the CPU). Packed batches are built on t
 moved in; the per-token results ([B, T] log-probs, entropies, values) come back to the CPU,
 where the objectives form their losses: they are small next to the model's work, and the
 backward pass runs back through the copy onto the device.
+
+Every forward pass enters the model through one module call, the ``Trunk`` (embeddings,
+decoder layers, final norm), and then reads the LM head's weight: what FSDP2 needs to
+all-gather a sharded policy's parameters in its hooks (``Policy.shard``,
+``learners.sharding``).
 """
 
 from __future__ import annotations
@@ -104,6 +109,20 @@ def weights_dtype(name: str, device: torch.device, lora: bool) -> torch.dtype:
 EAGER_ATTENTION_VALUES = 1 << 28
 
 
+class Trunk(torch.nn.Module):
+    """A causal LM's body as one module: its forward is the one call a policy's forward makes
+    into the model, so FSDP2 (whose root this is when sharded) gathers the embeddings, final
+    norm and LM head before it and keeps them gathered for the head that follows."""
+
+    def __init__(self, causal_lm: torch.nn.Module):
+        super().__init__()
+        self.causal_lm = causal_lm
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Final hidden states [B, L, H]."""
+        return self.causal_lm.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+
+
 class Policy:
     """A HF causal LM trained with a LoRA adapter (base frozen), in full (``lora=None``), or
     only in the modules named by ``trainable_modules`` (``lora=None``; parameter-name prefixes
@@ -176,6 +195,9 @@ class Policy:
                 torch.nn.init.zeros_(self.value_head.weight)
                 torch.nn.init.zeros_(self.value_head.bias)
         self.controls = AttentionControls(self.causal_lm) if attention_controls else None
+        self.trunk = Trunk(self.causal_lm)
+        self.reference_trunk = Trunk(self.reference_model) if self.reference_model is not None else None
+        self.sharded = False
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self.autocast_dtype = autocast_of(autocast_dtype, self.device)
 
@@ -216,17 +238,53 @@ class Policy:
             named += [(f"value_head.{n}", p) for n, p in self.value_head.named_parameters()]
         return named
 
-    def _hidden(self, batch: PackedBatch, causal_lm=None) -> torch.Tensor:
+    def shard(self, offload: bool = False) -> None:
+        """Shard the policy (and a full-weight reference copy) over the default process group
+        with FSDP2 (``learners.sharding.shard_trunk``): each decoder layer, then the trunk.
+        The caller builds its optimizer afterwards: the parameters become DTensors.
+
+        Not covered: a critic (its second adapter is switched by ``set_adapter``, which flips
+        ``requires_grad`` inside FSDP units), and chosen modules (their reference swaps
+        parameter storage); both are refused."""
+        from learners.sharding import shard_trunk
+
+        if self.value_head is not None or self.reference_weights:
+            raise ValueError(
+                "a sharded policy trains LoRA or every weight, without a critic: not model.train=modules, algorithm.advantage=gae or policy_loss=sac"
+            )
+        shard_trunk(self.trunk, self.causal_lm.model.layers, self.autocast_dtype, offload)
+        if self.reference_trunk is not None:
+            shard_trunk(self.reference_trunk, self.reference_model.model.layers, self.autocast_dtype, offload=False)
+        self.sharded = True
+        # FSDP2 fixes each unit's gradient dtypes at its first forward, from the parameters
+        # that require gradients then: make it now, before PEFT's disable_adapter (the LoRA
+        # reference) freezes the adapter for a while
+        with torch.no_grad():
+            self.forward(self.filler_batch())
+
+    def filler_batch(self) -> PackedBatch:
+        """One padding token scoring one: what a sharded rank short of micro-batches passes
+        through the model while its peers score theirs (``learners.sharding.Shards.most``)."""
+        return pack([[self.pad_id]], [[self.pad_id]], self.pad_id)
+
+    def filler_pass(self) -> None:
+        """A training pass that changes nothing: the filler batch's forward pass, and a
+        backward pass of zero (its reduce-scatters add nothing to the gradients)."""
+        logprobs, _ = self.forward(self.filler_batch())
+        (logprobs.sum() * 0.0).backward()
+
+    def _hidden(self, batch: PackedBatch, trunk: Trunk | None = None) -> torch.Tensor:
         """Final hidden states at the positions that predict each completion token: [B, T, H],
         on the policy's device."""
-        causal_lm = causal_lm or self.causal_lm
+        trunk = trunk or self.trunk
+        causal_lm = trunk.causal_lm
         input_ids, attention_mask = batch.input_ids.to(self.device), batch.attention_mask.to(self.device)
         attention = self._attention_kernel(causal_lm.config, *input_ids.shape)
         if causal_lm.config._attn_implementation != attention:
             causal_lm.set_attn_implementation(attention)
         autocast = self.autocast_dtype or torch.bfloat16
         with torch.autocast(self.device.type, dtype=autocast, enabled=self.autocast_dtype is not None):
-            hidden = causal_lm.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+            hidden = trunk(input_ids, attention_mask)
         index = batch.positions.to(self.device).unsqueeze(-1).expand(-1, -1, hidden.shape[-1])
         return hidden.gather(1, index)
 
@@ -239,13 +297,21 @@ class Policy:
         return "eager" if values <= EAGER_ATTENTION_VALUES else "sdpa"
 
     def forward(
-        self, batch: PackedBatch, temperature: float = 1.0, with_entropy: bool = False, entropy_grad: bool = False, causal_lm=None
+        self, batch: PackedBatch, temperature: float = 1.0, with_entropy: bool = False, entropy_grad: bool = False, trunk: Trunk | None = None
     ):
         """Log-probs [B, T] of the completion tokens (and entropy [B, T] if asked), under the
-        policy or under ``causal_lm`` (the full-weight reference copy); fp32, on the CPU."""
-        causal_lm = causal_lm or self.causal_lm
-        head = causal_lm.lm_head
-        hidden = self._hidden(batch, causal_lm)
+        policy or under ``trunk`` (the full-weight reference copy's); fp32, on the CPU."""
+        trunk = trunk or self.trunk
+        try:
+            return self._scores(batch, trunk, temperature, with_entropy, entropy_grad)
+        finally:
+            if self.sharded and not torch.is_grad_enabled():
+                # no backward will free the root's gathered weights; stale after the next update
+                trunk.reshard()
+
+    def _scores(self, batch: PackedBatch, trunk: Trunk, temperature: float, with_entropy: bool, entropy_grad: bool):
+        head = trunk.causal_lm.lm_head
+        hidden = self._hidden(batch, trunk)
         targets = batch.targets.to(self.device)
         grad = torch.is_grad_enabled()
         if head.bias is None and not (head.weight.requires_grad and grad) and not (with_entropy and entropy_grad and grad):
@@ -276,7 +342,7 @@ class Policy:
             if self.lora is None:
                 if self.reference_model is None:
                     raise RuntimeError("no reference model: build the Policy with reference=True")
-                return self.forward(batch, temperature, causal_lm=self.reference_model)[0]
+                return self.forward(batch, temperature, trunk=self.reference_trunk)[0]
             with self.model.disable_adapter():
                 return self.forward(batch, temperature)[0]
 
@@ -307,18 +373,19 @@ class Policy:
             for name, value in current.items():
                 named[name].data = value
 
-    def weight_state(self, complete: bool = False) -> dict[str, torch.Tensor]:
+    def weight_state(self, complete: bool = False, whole=iter) -> dict[str, torch.Tensor]:
         """What the generators need, as detached CPU copies: the policy adapter's tensors with
         PEFT's saved-file keys, or the trained parameters under their HF names (tied ones
-        once; every parameter with ``complete``, for a model folder)."""
+        once; every parameter with ``complete``, for a model folder). ``whole``: maps
+        (name, tensor) pairs to (name, whole tensor) pairs (a sharded learner's gather,
+        ``learners.sharding``)."""
         if self.lora is None:
-            return {
-                n: p.detach().to("cpu", copy=True).contiguous() for n, p in self.model.named_parameters() if complete or p.requires_grad
-            }
-        from peft import get_peft_model_state_dict
+            named = ((n, p) for n, p in self.model.named_parameters() if complete or p.requires_grad)
+        else:
+            from peft import get_peft_model_state_dict
 
-        state = get_peft_model_state_dict(self.model, adapter_name="default")
-        return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in state.items()}
+            named = get_peft_model_state_dict(self.model, adapter_name="default").items()
+        return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in whole(named)}
 
     def load_adapter(self, tensors: dict[str, torch.Tensor]) -> None:
         """Take a saved adapter's tensors (PEFT's file keys, what ``weight_state`` gives) as the

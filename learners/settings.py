@@ -102,7 +102,10 @@ class LearnerSettings:
     temperature: float  # rollout.temperature: log-probs of the distribution the generators sampled
     total_steps: int  # run.steps: the cosine schedule's length
     seed: int  # run.seed
-    threads: int  # torch threads; 0 = every core (Ray sets OMP_NUM_THREADS=1 in actors)
+    threads: int  # torch threads; 0 = every core of this node, divided among the learners on it
     gradient_checkpointing: bool  # learner.gradient_checkpointing: recompute activations in the backward pass
     trainable_modules: tuple[str, ...] = ()  # model.train: modules: the only modules trained (lora is None)
     attention_controls: bool = False  # a phase schedule with a surgeon: per-head attention-output scales
+    # learner.sharding: "fsdp" shards the policy over the data-parallel group (learners.sharding)
+    sharding: Literal["none", "fsdp"] = "none"
+    offload_optimizer: bool = False  # learner.offload_optimizer: sharded state in host memory
