@@ -35,7 +35,7 @@ import time
 from typing import Callable
 
 import ray
-from ray.exceptions import RayActorError
+from ray.exceptions import RayActorError, RayTaskError
 
 from contracts import PolicyRef, Prompt, Sample, SamplingSettings
 from rollout.generator import BASE_POLICY, Generator
@@ -113,9 +113,9 @@ class GeneratorPool:
     """N generator actors behind one ``submit``; thread-safe (a rollout thread and the
     evaluation may submit at once). See the module docstring for what it does on failure."""
 
-    def __init__(self, handles: list, settings: GeneratorPoolSettings = GeneratorPoolSettings(), factory: Callable[[int], object] | None = None):
-        """``factory(rank)`` starts a replacement for generator ``rank`` (without one, a
-        failed generator fails the pool's caller)."""
+    def __init__(self, handles: list, settings: GeneratorPoolSettings = GeneratorPoolSettings(), factory: Callable[[int, bool], object] | None = None):
+        """``factory(rank, asleep)`` starts a replacement for generator ``rank`` (without one,
+        a failed generator fails the pool's caller), asleep while the pool is."""
         if not handles:
             raise ValueError("a generator pool needs at least one generator")
         self.settings = settings
@@ -125,6 +125,7 @@ class GeneratorPool:
         self._calls: dict[ray.ObjectRef, _Call] = {}
         self._update: tuple[ray.ObjectRef, PolicyRef] | None = None  # the newest weights sent (a replacement loads them)
         self._down_since: float | None = None  # when the last generator up was lost
+        self.asleep = False  # the generators' memory is lent to colocated learners (sleep mode)
         self._last_failure = "none"
         self.stats = dict.fromkeys(("faults/generator_restarts", "faults/requests_reissued", "faults/generator_seconds_lost", "faults/weight_reloads"), 0.0)
         # (rank, engine start, engine end) of the latest finished chunks, wall clock
@@ -205,16 +206,37 @@ class GeneratorPool:
             self.poll(1.0)
 
     def broadcast(self, update: ray.ObjectRef, policy: PolicyRef) -> None:
-        """Push and wait (synchronous mode, start, resume, rollback)."""
+        """Push and wait (synchronous mode, start, resume, rollback); sleeping generators are
+        woken first (an asleep engine cannot load weights)."""
+        if self.asleep:
+            self.wake()
         self.push(update, policy)
         self.confirm()
 
     def sleep(self) -> None:
-        """Every generator hands its device memory over (colocated sleep mode), and waits."""
+        """Every generator hands its device memory over (colocated sleep mode), and waits. A
+        generator replaced from now until ``wake`` starts asleep: it takes no memory."""
+        self.asleep = True
         self._each("sleep", lambda handle: handle.sleep.remote())
 
     def wake(self) -> None:
-        self._each("wake", lambda handle: handle.wake.remote())
+        """Every generator takes its memory back, and waits; those replaced while asleep
+        build their engines now and then load the newest policy."""
+        self.asleep = False
+        # a generator replaced while asleep builds its engine now: it has its start-up time too
+        self._each("wake", lambda handle: handle.wake.remote(), self.settings.call_timeout_s + self.settings.startup_s)
+        with self._lock:
+            if not any(slot.up for slot in self.slots) and self._down_since is None:
+                self._down_since = time.monotonic()
+            if self._update is not None:
+                for rank, slot in enumerate(self.slots):
+                    if slot.sent != self._update[1]:
+                        self._load(rank)
+
+    def started(self, timeout_s: float) -> None:
+        """Wait until every generator has built its engine (what a colocated learner must not
+        start before, on a GPU: vLLM refuses to start without its share of free memory)."""
+        self._each("start", lambda handle: handle.ping.remote(), timeout_s)
 
     def kill(self) -> None:
         for slot in self.slots:
@@ -343,26 +365,27 @@ class GeneratorPool:
         if self.stats["faults/generator_restarts"] >= self.settings.max_restarts:
             raise GeneratorsLost(f"generator {rank} {why}, and generator.max_restarts={self.settings.max_restarts} replacements are used up")
         now = time.monotonic()
-        self.slots[rank] = _Slot(self.factory(rank), epoch=slot.epoch + 1)
+        self.slots[rank] = _Slot(self.factory(rank, self.asleep), epoch=slot.epoch + 1)
         self.stats["faults/generator_restarts"] += 1
-        if not any(s.up for s in self.slots) and self._down_since is None:
-            self._down_since = now
-        if self._update is not None:
+        if not any(s.up for s in self.slots) and self._down_since is None and not self.asleep:
+            self._down_since = now  # asleep, the clock starts at the wake (nothing can come up before)
+        if self._update is not None and not self.asleep:  # asleep: it loads when woken
             self._load(rank)
         for c in lost:
             if c.request is not None:
                 self._reissue(c, now)
 
-    def _each(self, method: str, call: Callable[[object], ray.ObjectRef]) -> None:
-        """``call`` (``method`` in messages) on every generator, and wait; a generator that
-        fails is replaced (its replacement starts awake)."""
+    def _each(self, method: str, call: Callable[[object], ray.ObjectRef], timeout_s: float | None = None) -> None:
+        """``call`` (``method`` in messages) on every generator, and wait up to ``timeout_s``
+        (default ``call_timeout_s``); a generator that fails is replaced (asleep if the pool is)."""
+        timeout_s = self.settings.call_timeout_s if timeout_s is None else timeout_s
         refs = {call(slot.handle): rank for rank, slot in enumerate(self.slots)}
-        ready, pending = ray.wait(list(refs), num_returns=len(refs), timeout=self.settings.call_timeout_s)
+        ready, pending = ray.wait(list(refs), num_returns=len(refs), timeout=timeout_s)
         with self._lock:
             for ref in ready:
                 try:
                     ray.get(ref)
-                except RayActorError as exc:
-                    self._replace(refs[ref], f"died in {method} ({type(exc).__name__})")
+                except (RayActorError, RayTaskError) as exc:  # dead, or its engine failed (to start, to sleep)
+                    self._replace(refs[ref], f"failed in {method} ({type(exc).__name__}: {str(exc).strip().splitlines()[-1][:200]})")
             for ref in pending:
-                self._replace(refs[ref], f"hung in {method} past {self.settings.call_timeout_s:.0f}s")
+                self._replace(refs[ref], f"hung in {method} past {timeout_s:.0f}s")

@@ -439,6 +439,7 @@ def check_config(config: Config) -> None:
         problems.append("learner.num_gpus must be >= 0")
     if config.learner.num_learners < 1:
         problems.append("learner.num_learners must be at least 1")
+    problems += _sharding_problems(config)
     ro = config.rollout
     if ro.mode == "async" and ro.max_staleness < 1:
         problems.append("rollout.mode=async needs rollout.max_staleness >= 1 (the steps the generators may run ahead); 0 is rollout.mode=sync")
@@ -470,6 +471,22 @@ def check_config(config: Config) -> None:
         raise ConfigError("; ".join(problems))
 
 
+def _sharding_problems(config: Config) -> list[str]:
+    """learner.sharding=fsdp (docs/cluster.md#sharded-learners): what it cannot shard."""
+    learner, a = config.learner, config.algorithm
+    if learner.sharding != "fsdp":
+        return ["learner.offload_optimizer offloads the sharded optimizer state: set learner.sharding=fsdp"] if learner.offload_optimizer else []
+    if learner.num_learners == 1:
+        logger.warning("learner.sharding=fsdp with learner.num_learners=1: nothing to shard over, the learner trains unsharded")
+    clashes = {
+        "a critic (algorithm.advantage=gae, algorithm.policy_loss=sac)": a.advantage == "gae" or a.policy_loss == "sac",
+        "model.train=modules (its reference swaps the trained modules' storage)": config.model.train == "modules",
+        # replayed rows are scored by the rank that holds them, alone: a sharded forward is a collective
+        "bank.feed_groups (replayed solutions are scored by one rank alone)": config.bank.feed_groups,
+    }
+    return [f"learner.sharding=fsdp cannot shard {what}: set learner.sharding=none" for what, clash in clashes.items() if clash]
+
+
 def _markovian_problems(config: Config) -> list[str]:
     """Markovian chain-of-thought training: what it needs, and what cannot run with it."""
     mk, a, problems = config.markovian, config.algorithm, []
@@ -488,7 +505,7 @@ def _markovian_problems(config: Config) -> list[str]:
     problems += mk.problems()
     if config.model.train != "lora":
         problems.append("markovian.enabled scores answers under the frozen model, the base with the adapter off: set model.train=lora")
-    if mk.baseline and config.generator.adapter_mode != "lora":
+    if mk.baseline and config.generator.adapter_mode == "merged":
         problems.append("markovian.baseline has the frozen model write its own chain of thought beside the policy: set generator.adapter_mode=lora")
     clashes = {
         "algorithm.objective=sft": a.objective != "ppo",
@@ -529,6 +546,8 @@ def _placement_problems(config: Config) -> list[str]:
         problems.append("generator.sleep_mode releases GPU memory: it needs GPU generators (generator.num_gpus > 0)")
     if g.sleep_mode and config.rollout.mode == "async":
         problems.append("generator.sleep_mode puts the generators to sleep while the learner steps: it needs rollout.mode=sync")
+    if g.sleep_level == 2 and config.model.train != "full":
+        problems.append(f"generator.sleep_level=2 discards the base weights at every sleep, and a model.train={config.model.train} broadcast does not carry them all: use generator.sleep_level=1 (or model.train=full)")
     if config.cluster.placement == "colocated":
         if learner.num_learners != g.num_generators:
             problems.append(f"cluster.placement=colocated pairs learner i with generator i: learner.num_learners ({learner.num_learners}) must equal generator.num_generators ({g.num_generators})")

@@ -5,6 +5,8 @@ A plain object; ``actors.generator`` wraps it as the Ray generator actor.
 
 from __future__ import annotations
 
+import collections
+import functools
 import logging
 import time
 
@@ -18,22 +20,45 @@ BASE_POLICY = PolicyRef("base", 0)
 
 
 class Generator:
-    """Serves one policy at a time; every sample records which one produced it."""
+    """Serves one policy at a time; every sample records which one produced it.
 
-    def __init__(self, model_path: str, settings: EngineSettings, *, seed: int, max_lora_rank: int, rank: int = 0):
+    In colocated sleep mode it hands its device's memory to the learner between rollouts
+    (``sleep`` / ``wake``); one started ``asleep`` (a replacement while the others sleep)
+    builds its engine only when woken, so it never takes memory the learner holds. ``events``
+    records when it started, slept, woke and loaded weights (wall clock): the hand-over's
+    order, for diagnosis and tests."""
+
+    def __init__(self, model_path: str, settings: EngineSettings, *, seed: int, max_lora_rank: int, rank: int = 0, asleep: bool = False):
         self.rank = rank
-        self.engine = build_engine(model_path, settings, seed=seed, max_lora_rank=max_lora_rank)
+        self._build = functools.partial(build_engine, model_path, settings, seed=seed, max_lora_rank=max_lora_rank)
+        self.events: collections.deque[tuple[str, float]] = collections.deque(maxlen=1000)
+        self.engine = None if asleep else self._build()
+        self._record("start asleep" if asleep else "start")
         self.policy: PolicyRef | None = None  # nothing served yet
-        self.asleep = False
+        self.asleep = asleep
+
+    def _record(self, event: str) -> None:
+        self.events.append((event, time.time()))
+
+    def recorded(self) -> list[tuple[str, float]]:
+        """The hand-over events so far: (what, when), in order."""
+        return list(self.events)
 
     def sleep(self) -> None:
         """Hand the device's memory over (to a colocated learner) until ``wake``."""
-        self.engine.sleep()
+        if self.engine is not None and not self.asleep:
+            self.engine.sleep()
         self.asleep = True
+        self._record("sleep")
 
     def wake(self) -> None:
-        self.engine.wake()
+        """Take the memory back (an engine started asleep is built now)."""
+        if self.engine is None:
+            self.engine = self._build()
+        elif self.asleep:
+            self.engine.wake()
         self.asleep = False
+        self._record("wake")
 
     def _awake(self, doing: str) -> None:
         if self.asleep:
@@ -44,10 +69,12 @@ class Generator:
         self._awake("load weights")
         self.engine.load_weights(update)
         self.policy = update.policy
+        self._record("load weights")
         return self.policy
 
     def serve_base(self) -> PolicyRef:
         """Serve the base model alone (``BASE_POLICY``), e.g. to evaluate the untrained model."""
+        self._awake("serve the base model")
         self.engine.serve_base()
         self.policy = BASE_POLICY
         return self.policy

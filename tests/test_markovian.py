@@ -265,9 +265,8 @@ def test_hf_engine_serves_the_base_model_beside_the_adapter(tiny_model_path, pro
     from rollout.generator import BASE_POLICY, Generator
 
     learner = trained_learner(tiny_model_path)
-    generator = Generator.__new__(Generator)  # a Generator around an HF engine (no vLLM)
-    generator.rank, generator.asleep, generator.policy = 0, False, None
-    generator.engine = HFEngine(tiny_model_path, EngineSettings(engine="hf", dtype="float32"), seed=0)
+    generator = Generator(tiny_model_path, EngineSettings(engine="hf", dtype="float32"), seed=0, max_lora_rank=8)  # no vLLM
+    assert isinstance(generator.engine, HFEngine)
     generator.load_weights(learner.weight_update())
     question = [prompts.question_prompt(problem("a", "Ann has 3 apples.", "3"), SYSTEM)]
     exact = SamplingSettings(n=2, temperature=1.0, top_p=1.0, max_tokens=6, min_tokens=6, seed=0)

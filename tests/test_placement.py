@@ -40,6 +40,8 @@ def test_colocated_pairs_a_learner_and_a_generator_on_one_device():
         (["generator.tensor_parallel_size=2"], "set generator.num_gpus=2"),
         (["generator.sleep_mode=true"], "generator.sleep_mode releases GPU memory: it needs GPU generators"),
         (["generator.sleep_mode=true", "generator.engine=hf", "rollout.mode=async", "rollout.max_staleness=1"], "needs rollout.mode=sync"),
+        (["generator.sleep_level=2"], "use generator.sleep_level=1"),
+        (["generator.sleep_level=3"], r"generator.sleep_level: 3 is not one of \[1, 2\]"),
     ],
 )
 def test_placements_that_cannot_work_name_the_keys(overrides, culprit):
@@ -90,9 +92,58 @@ def test_a_run_places_its_actors_in_their_bundles_and_completes(ray_cluster, tin
         if layout == "colocated":
             metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
             assert all("perf/generator_sleep_seconds" in m and "perf/generator_wake_seconds" in m for m in metrics if m["step"] > 0)
+            check_hand_over(trainer.crew)
     finally:
         trainer.shutdown()
     deadline = time.monotonic() + 30  # the group goes with the run (Ray removes it asynchronously)
     while f"CPU_group_{group}" in ray.available_resources() and time.monotonic() < deadline:
         time.sleep(0.2)
     assert f"CPU_group_{group}" not in ray.available_resources()
+
+
+def check_hand_over(crew) -> None:
+    """The colocated hand-over, from the calls the actors recorded: the engine starts (and
+    falls asleep) before the learner loads; every learner step runs while the engine sleeps,
+    releases its memory, and only then the engine wakes and loads the new weights."""
+    events = sorted(
+        [(t, "generator", what) for what, t in ray.get(crew.generators.handles[0].recorded.remote())]
+        + [(t, "learner", what) for what, t in ray.get(crew.learners.actors[0].recorded.remote())]
+    )
+    order = [f"{role} {what}" for _, role, what in events]
+    assert order[:3] == ["generator start", "generator sleep", "learner start"], order
+    steps = [i for i, name in enumerate(order) if name == "learner step"]
+    assert len(steps) == 2, order
+    for i in steps:
+        assert order[i - 1] == "generator sleep", order  # the engine sleeps through the step
+        assert order[i + 1 : i + 4] == ["learner release memory", "generator wake", "generator load weights"], order
+
+
+@pytest.mark.slow
+def test_a_generator_replaced_while_the_pool_sleeps_starts_asleep(ray_cluster, tiny_model_path):
+    """A generator that dies while the pool sleeps is replaced by one that takes no memory
+    (its engine is built only when woken), then loads the newest policy on waking."""
+    from actors.generator import GeneratorPool
+    from cluster.loop.wiring import start_generator
+    from contracts import PolicyRef, Problem, Prompt, SamplingSettings, WeightUpdate
+    from learners.policy import LoraSettings, Policy
+
+    config = load_config("configs/tiny.yaml", [f"model.path={tiny_model_path}", "generator.engine=hf"])
+    start = lambda rank, asleep: start_generator(config, tiny_model_path, rank=rank, asleep=asleep)  # noqa: E731
+    pool = GeneratorPool([start(0, False)], config.generator, factory=start)
+    try:
+        policy = Policy(tiny_model_path, LoraSettings(rank=config.lora.rank, alpha=config.lora.alpha))
+        update = WeightUpdate(PolicyRef("default", 3), policy.weight_state(), policy.adapter_config())
+        pool.broadcast(ray.put(update), update.policy)
+        pool.sleep()
+        ray.kill(pool.handles[0], no_restart=True)
+        pool.sleep()  # finds it dead: the replacement starts asleep, no weights sent
+        assert pool.stats["faults/generator_restarts"] == 1
+        assert [what for what, _ in ray.get(pool.handles[0].recorded.remote())] == ["start asleep"]
+        pool.wake()
+        pool.confirm()
+        assert [what for what, _ in ray.get(pool.handles[0].recorded.remote())] == ["start asleep", "wake", "load weights"]
+        prompt = Prompt(Problem(uid="p", question="2+2", answer="4"), "2+2", (1, 2, 3))
+        samples = pool.generate([prompt], SamplingSettings(n=2, temperature=1.0, top_p=1.0, max_tokens=4))
+        assert {s.policy for s in samples} == {update.policy}
+    finally:
+        pool.kill()

@@ -62,29 +62,48 @@ def init_ray(config: Config) -> None:
 
 
 def generator_env(config: Config) -> dict[str, str]:
-    """Environment for generator actors: the in-process vLLM engine (faster start, less memory),
-    computing on ``generator.threads`` cores (all by default). Ray would otherwise start a
-    fractional-CPU actor with OMP_NUM_THREADS=1, which halves generation on 2 cores."""
+    """Environment for generator actors: the in-process vLLM engine (faster start, less memory).
+    The engine takes its thread count itself, from the node it runs on (``generator.threads``,
+    0 = all of that node's cores; ``rollout.engines.VLLMEngine``)."""
     env = {
-        "OMP_NUM_THREADS": str(config.generator.threads or os.cpu_count() or 1),
         "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
         "VLLM_CPU_KVCACHE_SPACE": str(config.generator.kv_cache_gib),
         "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING"),
     }
+    if config.generator.tensor_parallel_size > 1:
+        # weight and adapter loads reach the engine's worker processes as functions with their
+        # tensors (collective_rpc), which vLLM pickles only when allowed; the workers are the
+        # actor's own children on its node
+        env["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"
     for name in ("VLLM_CACHE_ROOT", "VLLM_RPC_BASE_PATH", "TORCHINDUCTOR_CACHE_DIR", "TMPDIR", "RAYLIGHT_CACHE"):
         if name in os.environ:
             env[name] = os.environ[name]
     return env
 
 
-def start_generator(config: Config, model_path: str, rank: int = 0, settings: EngineSettings | None = None, placement: Placement | None = None):
+def start_generator(config: Config, model_path: str, rank: int = 0, settings: EngineSettings | None = None, placement: Placement | None = None, asleep: bool = False):
     """A generator actor serving ``model_path`` with the resources and environment ``config``
     asks for (in its bundle of ``placement``, if given); its engine runs as ``settings`` say
-    (default: the config's generator section)."""
+    (default: the config's generator section), built only when woken if ``asleep``."""
     g = config.generator
     options = placement.generator_options(rank) if placement else {"num_cpus": g.num_cpus, "num_gpus": g.num_gpus}
     actor = generator_actor().options(runtime_env={"env_vars": generator_env(config)}, **options)
-    return actor.remote(model_path, settings or g, seed=config.run.seed, max_lora_rank=config.lora.rank, rank=rank)
+    return actor.remote(model_path, settings or engine_settings(config), seed=config.run.seed, max_lora_rank=config.lora.rank, rank=rank, asleep=asleep)
+
+
+def engine_settings(config: Config) -> EngineSettings:
+    """The generators' engine settings, with what the run decides of ``adapter_mode: auto``:
+    full or chosen-module weights are reloaded in place (``merged``); a run whose frozen model
+    writes beside the policy (the Markovian baseline) needs the base reachable (``lora``);
+    otherwise each engine picks by its device (``rollout.engines.concrete``)."""
+    g = config.generator
+    if g.adapter_mode != "auto":
+        return g
+    if config.model.train != "lora":
+        return dataclasses.replace(g, adapter_mode="merged")
+    if config.markovian.enabled and config.markovian.baseline:
+        return dataclasses.replace(g, adapter_mode="lora")
+    return g
 
 
 def start_generators(config: Config, model_path: str, placement: Placement | None = None) -> GeneratorPool:
@@ -92,7 +111,7 @@ def start_generators(config: Config, model_path: str, placement: Placement | Non
     in its bundle."""
     start = functools.partial(start_generator, config, model_path, placement=placement)
     handles = [start(rank=i) for i in range(config.generator.num_generators)]
-    return GeneratorPool(handles, config.generator, factory=lambda rank: start(rank=rank))
+    return GeneratorPool(handles, config.generator, factory=lambda rank, asleep: start(rank=rank, asleep=asleep))
 
 
 def start_learners(config: Config, model_path: str, placement: Placement | None = None) -> LearnerGroup:
@@ -118,10 +137,12 @@ def learner_settings(config: Config, model_path: str) -> LearnerSettings:
         temperature=c.rollout.temperature,
         total_steps=c.run.steps,
         seed=c.run.seed,
-        threads=c.learner.threads or max(1, (os.cpu_count() or 1) // c.learner.num_learners),
+        threads=c.learner.threads,
         gradient_checkpointing=c.learner.gradient_checkpointing,
         trainable_modules=tuple(c.model.trainable_modules) if c.model.train == "modules" else (),
         attention_controls=PhaseSchedule(c.phases).has_surgeon,
+        sharding=c.learner.sharding,
+        offload_optimizer=c.learner.offload_optimizer,
     )
 
 
@@ -163,7 +184,7 @@ def start_reward_services(config: Config, model_path: str, teacher: bool = True)
             return None, None
         threads = max(1, int(served.num_cpus))
         settings = dataclasses.replace(config.generator, threads=threads, num_gpus=served.num_gpus, adapter_mode="merged")
-        return settings, generator_env(config) | {"OMP_NUM_THREADS": str(threads)}
+        return settings, generator_env(config)
 
     judge_path = (model_path if r.judge.model == "base" else resolve_model(r.judge.model)) if r.judge is not None else ""
     teacher_path = resolve_model(distill.model) if distill is not None else ""
@@ -208,11 +229,23 @@ def start_verifiers(config: Config, mixture: TaskMixture | None = None, factory:
 
 def start_crew(config: Config, model_path: str, placement: Placement, tasks: TaskMixture, factory: ScorerFactory | None = None) -> Crew:
     """The run's learner group, generator pool and verifier pool, in ``placement``'s bundles,
-    and the reward model's and judge's actors the verifiers ask."""
-    learners = start_learners(config, model_path, placement)
-    generators = start_generators(config, model_path, placement)
-    services = None
+    and the reward model's and judge's actors the verifiers ask.
+
+    Colocated, the generators start first and the learners only once every engine is up (and,
+    in sleep mode, asleep): vLLM sizes itself from the device's free memory, which a learner
+    started first would already hold (docs/cluster.md#colocation-on-one-gpu)."""
+    generators = learners = services = None
     try:
+        if config.cluster.placement == "colocated":
+            generators = start_generators(config, model_path, placement)
+            generators.started(config.generator.startup_s + config.generator.call_timeout_s)
+            if config.generator.sleep_mode:
+                generators.sleep()
+            learners = start_learners(config, model_path, placement)
+            learners.wait_started()  # its load peak passes while the engines sleep; they wake for the first broadcast
+        else:
+            learners = start_learners(config, model_path, placement)
+            generators = start_generators(config, model_path, placement)
         services = start_reward_services(config, model_path)
         verifiers = start_verifiers(config, tasks, factory, services if factory is None else None)
     except BaseException:
