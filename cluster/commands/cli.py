@@ -1,5 +1,5 @@
 """``raylight`` command line: train, resume, eval, report, score, data check, config, export,
-bench, prepare-model. Its exit codes are ``ExitCode`` (docs/exit-codes.md)."""
+bench, plan, prepare-model. Its exit codes are ``ExitCode`` (docs/exit-codes.md)."""
 
 from __future__ import annotations
 
@@ -137,7 +137,7 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from cluster.commands.bench import bench_async, bench_faults, bench_generation, bench_learner, bench_reward, bench_reward_model, bench_step, bench_verifier
+    from cluster.commands.bench import bench_async, bench_faults, bench_generation, bench_learner, bench_reward, bench_reward_model, bench_step, bench_sync, bench_verifier
 
     if args.bench == "step":
         result = bench_step(args.config, args.steps, args.overrides, not args.no_engine_baseline)
@@ -151,12 +151,26 @@ def _bench(args: argparse.Namespace) -> int:
         result = bench_verifier(args.programs, args.slots, args.rounds)
     elif args.bench == "reward":
         result = bench_reward(args.config, args.rounds, args.overrides)
+    elif args.bench == "sync":
+        result = bench_sync(args.models, args.ranks, args.prompts, args.n, args.max_tokens)
+    elif args.bench == "plan":
+        from cluster.commands.bench import bench_plan
+
+        result = bench_plan(args.models, args.rows, args.prompt_tokens, args.completion_tokens, args.kv_cache_gib)
     elif args.bench == "reward-model":
         result = bench_reward_model(args.model, args.samples, args.batch_size, args.actors, args.verifiers, args.rounds, args.samples_per_call)
     else:
         result = bench_generation(args.model, args.prompts, args.n, args.max_tokens, args.dtype)
     print(json.dumps(result))
     return 0
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from cluster.commands.plan import main as plan, parse_gib
+
+    machine = {"nodes": args.nodes, "cpus_per_node": args.cpus_per_node, "gpus_per_node": args.gpus_per_node,
+               "gpu_memory_gib": parse_gib(args.gpu_memory), "host_memory_gib": parse_gib(args.host_memory)}  # fmt: skip
+    return plan(args.config, list(args.overrides), machine, args.prompt_tokens, args.json)
 
 
 def _prepare(args: argparse.Namespace) -> int:
@@ -283,6 +297,22 @@ def build_parser() -> argparse.ArgumentParser:
     rwm.add_argument("--samples-per-call", type=int, default=4, help="samples a verifier sends per request (verifier.samples_per_call)")
     rwm.set_defaults(func=_bench)
 
+    syn = which.add_parser("sync", help="merged vs in-memory LoRA weight sync: seconds per adapter load and per step's generation")
+    syn.add_argument("--models", nargs="+", default=["smollm2", "random-qwen2.5-0.5b"], help="model names or folders")
+    syn.add_argument("--ranks", nargs="+", type=int, default=[8, 64], help="LoRA ranks")
+    syn.add_argument("--prompts", type=int, default=8)
+    syn.add_argument("--n", type=int, default=4, help="samples per prompt")
+    syn.add_argument("--max-tokens", type=int, default=32, help="tokens of every completion (fixed work)")
+    syn.set_defaults(func=_bench)
+
+    pln = which.add_parser("plan", help="the capacity planner's predicted peak memory of a learner and a generator vs measured, per model")
+    pln.add_argument("--models", nargs="+", default=["tiny", "smollm2", "random-qwen2.5-0.5b"], help="model names or folders")
+    pln.add_argument("--rows", type=int, default=8, help="sequences in the learner's micro-batch and prompts generated")
+    pln.add_argument("--prompt-tokens", type=int, default=64)
+    pln.add_argument("--completion-tokens", type=int, default=64)
+    pln.add_argument("--kv-cache-gib", type=int, default=1, help="the generator's KV cache (generator.kv_cache_gib)")
+    pln.set_defaults(func=_bench)
+
     stp = which.add_parser("step", help="a few steps of a config: seconds per span of a step, tokens/s, peak memory per process role")
     stp.add_argument("config", help="YAML config")
     stp.add_argument("overrides", nargs="*", help="dotted.key=value config overrides")
@@ -335,6 +365,25 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--dry-run", action="store_true", help="with --push-to-hub: print what would be uploaded, upload nothing")
     export.set_defaults(func=_export)
 
+    plan = commands.add_parser(
+        "plan",
+        help="whether a config fits the machines, before anything starts: memory and largest batch per actor, Ray CPUs and GPUs",
+        description="Plan CONFIG's actors (learners, generators, verifiers, reward services): each one's memory by part "
+        "(weights, gradients, optimizer state, activations, KV cache), the largest batch that fits, and the Ray CPUs and GPUs "
+        "they ask for. Without machine options: this machine as `raylight train` would use it. Exit code 2 when it does not "
+        "fit, each problem naming the key to change (docs/capacity.md).",
+    )
+    plan.add_argument("config", help="YAML config file")
+    plan.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
+    plan.add_argument("--nodes", type=int, help="nodes of the cluster")
+    plan.add_argument("--cpus-per-node", type=float, help="Ray's logical CPUs per node")
+    plan.add_argument("--gpus-per-node", type=int, help="GPUs per node")
+    plan.add_argument("--gpu-memory", help="memory of one GPU, e.g. 80GiB")
+    plan.add_argument("--host-memory", help="host memory of one node, e.g. 24GiB")
+    plan.add_argument("--prompt-tokens", type=int, default=256, help="the longest prompt, in tokens (default 256)")
+    plan.add_argument("--json", action="store_true", help="print the plan as one JSON object")
+    plan.set_defaults(func=_plan)
+
     prep = commands.add_parser("prepare-model", help="convert/cache a model folder and print its path")
     prep.add_argument("model", nargs="?", default="smollm2", help="'smollm2' or 'tiny'")
     prep.set_defaults(func=_prepare)
@@ -346,7 +395,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra:
-        if args.command not in ("train", "resume", "eval", "score", "data", "config") or any(e.startswith("-") or "=" not in e for e in extra):
+        if args.command not in ("train", "resume", "eval", "score", "data", "config", "plan") or any(e.startswith("-") or "=" not in e for e in extra):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides = [*args.overrides, *extra]
     return args

@@ -38,6 +38,7 @@ from tqdm import tqdm
 from actors.generator import GeneratorsLost, WeightUpdateLost
 from actors.learner import LearnerFailure
 from actors.verifier import Scorer
+from cluster.capacity.check import check_before_start, check_joined_cluster
 from cluster.config import Config
 from cluster.exits import ExitCode, exit_code_of
 from cluster.keeping.checkpoint import Checkpoint
@@ -91,7 +92,10 @@ class Trainer:
         from transformers import AutoTokenizer
 
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
+        local = check_before_start(config, self.model_path)  # a config that cannot fit stops here (docs/capacity.md)
         init_ray(config)
+        if not local:  # a running cluster: checked against what Ray says it has
+            check_joined_cluster(config, self.model_path)
         self.placement = place(config)
         try:
             check_model_on_nodes(self.model_path, self.placement.bundle_nodes())
