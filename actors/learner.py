@@ -107,14 +107,20 @@ class LearnerActor:
     def set_attention_scales(self, scales: torch.Tensor) -> PolicyRef:
         return self.learner.set_attention_scales(scales)
 
-    def weight_update(self, complete: bool = False) -> WeightUpdate:
-        return self.learner.weight_update(complete)
+    def weight_update(self, complete: bool = False, dtype: str | None = None) -> WeightUpdate:
+        return self.learner.weight_update(complete, dtype)
 
     def state_dict(self, weights: bool = True) -> dict:
         return self.learner.state_dict(weights)
 
     def load_state_dict(self, state: dict, rng: dict | torch.Tensor | None = None, policy_version: int | None = None) -> PolicyRef:
         return self.learner.load_state_dict(state, rng, policy_version)
+
+    def save_shards(self, folder: str) -> dict:
+        return self.learner.save_shards(folder)
+
+    def load_shards(self, folder: str, state: dict, rng: dict | torch.Tensor | None = None, policy_version: int | None = None) -> PolicyRef:
+        return self.learner.load_shards(folder, state, rng, policy_version)
 
     def scale_lr(self, factor: float) -> float:
         return self.learner.scale_lr(factor)
@@ -253,12 +259,12 @@ class LearnerGroup:
     def attention_scales(self) -> torch.Tensor | None:
         return self._get([a.attention_scales.remote() for a in self.readers], "an attention-scale query")[0]
 
-    def weight_update_ref(self, complete: bool = False) -> ray.ObjectRef:
+    def weight_update_ref(self, complete: bool = False, dtype: str | None = None) -> ray.ObjectRef:
         """Rank 0's weights as one object-store reference, to broadcast without a copy here
-        (``complete``: every parameter, not only the trained ones). Sharded, every rank takes
-        part in the gather; the others' (empty) answers are dropped, and each rank's next
-        call waits behind this one."""
-        return [a.weight_update.remote(complete) for a in self.readers][0]
+        (``complete``: every parameter, not only the trained ones; ``dtype``: model weights
+        sent in the generators' dtype). Sharded, every rank takes part in the gather; the
+        others' (empty) answers are dropped, and each rank's next call waits behind this one."""
+        return [a.weight_update.remote(complete, dtype) for a in self.readers][0]
 
     def weight_update(self, complete: bool = False) -> WeightUpdate:
         return self._get(self.weight_update_ref(complete), "a weight export")
@@ -281,11 +287,27 @@ class LearnerGroup:
 
     def load_state_dicts(self, states: list[dict], policy_version: int | None = None) -> PolicyRef:
         """Every rank continues from rank 0's state, with its own RNG state where saved."""
+        ref, rngs = self._spread(states)
+        return self._get([a.load_state_dict.remote(ref, rng, policy_version) for a, rng in zip(self.actors, rngs)], "a state restore")[0]
+
+    def save_shards(self, folder: str) -> list[dict]:
+        """Every rank writes its shards of the weights and optimizer state into ``folder``
+        (which each must be able to write: a shared file system); returns ``state_dicts``'s
+        list without those tensors."""
+        return self._get([a.save_shards.remote(folder) for a in self.actors], "a sharded checkpoint")
+
+    def load_shards(self, folder: str, states: list[dict], policy_version: int | None = None) -> PolicyRef:
+        """``load_state_dicts`` from ``save_shards``'s ``folder`` and states: every rank reads
+        its shards from the files (a group of another size reshards)."""
+        ref, rngs = self._spread(states)
+        return self._get([a.load_shards.remote(folder, ref, rng, policy_version) for a, rng in zip(self.actors, rngs)], "a sharded restore")[0]
+
+    def _spread(self, states: list[dict]) -> tuple[ray.ObjectRef, list]:
+        """Rank 0's state in the object store once, and each rank's saved RNG state (None for
+        a rank the checkpoint has none of: it takes rank 0's)."""
         if len(states) != len(self.actors):
             logger.warning("checkpoint has %d learner ranks, this run %d: ranks without a saved RNG state take rank 0's", len(states), len(self.actors))
-        ref = ray.put(states[0])
-        rngs = [states[r]["rng"] if r < len(states) else None for r in range(len(self.actors))]
-        return self._get([a.load_state_dict.remote(ref, rng, policy_version) for a, rng in zip(self.actors, rngs)], "a state restore")[0]
+        return ray.put(states[0]), [states[r]["rng"] if r < len(states) else None for r in range(len(self.actors))]
 
     def kill(self) -> None:
         for actor in self.actors:

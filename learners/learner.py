@@ -90,6 +90,17 @@ def set_rng_state(state: dict | torch.Tensor) -> None:
         logger.warning("the checkpoint holds the random state of %d GPUs, this process sees %d: theirs not restored", len(cuda), torch.cuda.device_count())
 
 
+def _check_fits(named: dict[str, torch.Size], saved: dict[str, torch.Size]) -> None:
+    """A ValueError unless a checkpoint's tensors (``saved``: name -> shape) are the policy's."""
+    missing, unexpected = set(named) - set(saved), set(saved) - set(named)
+    reshaped = [n for n in set(named) & set(saved) if tuple(named[n]) != tuple(saved[n])]
+    if missing or unexpected or reshaped:
+        raise ValueError(
+            f"checkpoint does not fit this policy: missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}, "
+            f"other shapes {sorted(reshaped)[:3]} (was it written with another model, lora.rank, lora.target_modules or model.trainable_modules?)"
+        )
+
+
 def _extreme(key: str):
     """How a metric combines across micro-batches, updates and ranks: max, min, or None (sum)."""
     return max if key.endswith("_max") else min if key.endswith("_min") else None
@@ -427,7 +438,8 @@ class Learner:
 
         Sharded, every rank must call it: the whole tensors are gathered to rank 0, the one
         asked for ``weights``; the saved state has the same form as an unsharded learner's,
-        so a checkpoint resumes with or without sharding."""
+        so a checkpoint resumes with or without sharding. ``save_shards`` writes the shards
+        where they are instead."""
         state: dict = {"rank": self.rank, "rng": rng_state()}
         if not (weights or self.layout.sharded):
             return state
@@ -436,19 +448,22 @@ class Learner:
         trainable = {name: p.detach().to("cpu", copy=True) for name, p in self.layout.whole(self.policy.named_trainable())}
         optimizer = _on_cpu(self.layout.whole_state(self.optimizer.state_dict()))
         if weights:
-            state |= {
-                "trainable": trainable,
-                "optimizer": optimizer,
-                # the schedule's function is code, rebuilt from the settings: not saved
-                "scheduler": {k: copy.deepcopy(v) for k, v in self.scheduler.state_dict().items() if k != "lr_lambdas"},
-                **self.objectives["ppo"].state_dict(),
-                "policy_version": self.policy_ref.version,
-                **({"attention_scales": self.attention_scales()} if self.policy.controls is not None else {}),
-                "steps_done": self.steps_done,
-                "skipped_steps": self.skipped_steps,
-                "skipped_updates": self.skipped_updates,
-            }
+            state |= {"trainable": trainable, "optimizer": optimizer, **self._progress()}
         return state
+
+    def _progress(self) -> dict:
+        """The state beside the tensors: scheduler, the objectives' state, policy version,
+        attention scales, counters (small: it travels through the driver)."""
+        return {
+            # the schedule's function is code, rebuilt from the settings: not saved
+            "scheduler": {k: copy.deepcopy(v) for k, v in self.scheduler.state_dict().items() if k != "lr_lambdas"},
+            **self.objectives["ppo"].state_dict(),
+            "policy_version": self.policy_ref.version,
+            **({"attention_scales": self.attention_scales()} if self.policy.controls is not None else {}),
+            "steps_done": self.steps_done,
+            "skipped_steps": self.skipped_steps,
+            "skipped_updates": self.skipped_updates,
+        }
 
     def load_state_dict(self, state: dict, rng: dict | torch.Tensor | None = None, policy_version: int | None = None) -> PolicyRef:
         """Continue from ``state`` (rank 0's), with this rank's ``rng`` state if given; a
@@ -456,18 +471,16 @@ class Learner:
         version). Returns the policy now held."""
         named = dict(self.policy.named_trainable())
         saved = state["trainable"]
-        missing, unexpected = set(named) - set(saved), set(saved) - set(named)
-        reshaped = [n for n in set(named) & set(saved) if named[n].shape != saved[n].shape]
-        if missing or unexpected or reshaped:
-            raise ValueError(
-                f"checkpoint does not fit this policy: missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}, "
-                f"other shapes {sorted(reshaped)[:3]} (was it written with another model, lora.rank, lora.target_modules or model.trainable_modules?)"
-            )
+        _check_fits({n: p.shape for n, p in named.items()}, {n: t.shape for n, t in saved.items()})
         with torch.no_grad(), _replicated():
             for name, param in named.items():
                 param.copy_(saved[name])  # sharded: this rank's part of it
         self.optimizer.load_state_dict(state["optimizer"])
         self.layout.shard_optimizer_state(self.optimizer)
+        return self._load_progress(state, rng, policy_version)
+
+    def _load_progress(self, state: dict, rng, policy_version: int | None) -> PolicyRef:
+        """The rest of ``load_state_dict``: what ``_progress`` saved, and the RNG state."""
         self.scheduler.load_state_dict({**state["scheduler"], "lr_lambdas": [None] * len(self.scheduler.lr_lambdas)})
         self.objectives["ppo"].load_state_dict(state)
         if self.policy.controls is not None and "attention_scales" in state:
@@ -478,6 +491,45 @@ class Learner:
         set_rng_state(rng if rng is not None else state["rng"])
         return self.policy_ref
 
+    # -- sharded checkpoints (torch.distributed.checkpoint) ----------------------------------
+
+    def _shards(self) -> dict:
+        """This rank's trainable tensors and optimizer state, as ``get_state_dict`` gives them
+        (DTensor shards keyed by parameter name): ``{"model": ..., "optim": ...}``."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+        model, optim = get_state_dict(self.policy.model, self.optimizer, options=StateDictOptions(ignore_frozen_params=True))
+        names = {name for name, _ in self.policy.named_trainable()}
+        # a frozen LM head tied to the embeddings comes back despite ignore_frozen_params
+        return {"model": {k: v for k, v in model.items() if k in names}, "optim": optim}
+
+    def save_shards(self, folder: str) -> dict:
+        """Write this rank's shards of the trainable tensors and optimizer state into
+        ``folder`` (``torch.distributed.checkpoint``: one ``.distcp`` file per rank and a
+        ``.metadata``, written by rank 0); returns what ``state_dict`` returns without those
+        tensors (rank 0: scheduler, counters, RNG; the others: their RNG). Every rank must
+        call it, with the same ``folder``, which every rank must be able to write."""
+        import torch.distributed.checkpoint as dcp
+
+        dcp.save(self._shards(), storage_writer=dcp.FileSystemWriter(folder))
+        state: dict = {"rank": self.rank, "rng": rng_state()}
+        return state | (self._progress() if self.rank == 0 else {})
+
+    def load_shards(self, folder: str, state: dict, rng: dict | torch.Tensor | None = None, policy_version: int | None = None) -> PolicyRef:
+        """``load_state_dict`` from the shards ``save_shards`` wrote into ``folder`` and rank
+        0's ``state`` (without tensors). Every rank must call it; each reads the parts of the
+        files its shards need, so a group of another size of the same FSDP layout reshards."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+        wanted = self._shards()
+        reader = dcp.FileSystemReader(folder)
+        saved = {k.removeprefix("model."): m.size for k, m in reader.read_metadata().state_dict_metadata.items() if k.startswith("model.")}
+        _check_fits({n: t.shape for n, t in wanted["model"].items()}, saved)
+        dcp.load(wanted, storage_reader=reader)
+        set_state_dict(self.policy.model, self.optimizer, model_state_dict=wanted["model"], optim_state_dict=wanted["optim"], options=StateDictOptions(strict=False))
+        return self._load_progress(state, rng, policy_version)
+
     def scale_lr(self, factor: float) -> float:
         """Multiply the learning rate (and its schedule) by ``factor``; returns the new rate."""
         self.scheduler.base_lrs = [lr * factor for lr in self.scheduler.base_lrs]
@@ -486,10 +538,17 @@ class Learner:
         self.scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]
         return self.scheduler.get_last_lr()[0]
 
-    def weight_update(self, complete: bool = False) -> WeightUpdate:
+    def weight_update(self, complete: bool = False, dtype: str | None = None) -> WeightUpdate:
         """The policy's weights for the generators: the adapter, or the trained parameters
-        (all of them with ``complete``: a whole model, as the final folder needs). Sharded,
-        every rank must call it; rank 0's holds the whole tensors, the others' none."""
+        (all of them with ``complete``: a whole model, as the final folder needs). ``dtype``:
+        the generators' weights dtype, which model weights are sent in (fp32 master weights
+        sent as bf16 halve what every generator receives); an adapter stays in its own dtype
+        (a merge folds it in fp32). Sharded, every rank must call it; rank 0's holds the whole
+        tensors, the others' none."""
         kind = "full" if self.policy.lora is None else "lora"
         controls = {} if self.policy.controls is None else {ATTENTION_OUTPUT_SCALE: self.attention_scales()}
-        return WeightUpdate(self.policy_ref, self.policy.weight_state(complete, self.layout.whole), self.policy.adapter_config(), kind, controls)
+        tensors = self.policy.weight_state(complete, self.layout.whole)
+        if kind == "full" and dtype is not None:
+            cast = getattr(torch, dtype)
+            tensors = {name: t.to(cast) if t.is_floating_point() else t for name, t in tensors.items()}
+        return WeightUpdate(self.policy_ref, tensors, self.policy.adapter_config(), kind, controls)

@@ -31,7 +31,10 @@ its backward reduce-scatters the gradients. Deviations from FSDP2's defaults:
 
 Reading whole tensors (a weight update, a checkpoint, a digest) is a collective: every rank
 all-gathers each tensor in turn (one parameter at a time, so at most one whole tensor is
-materialised beside the shards); rank 0 keeps the result, the others drop it.
+materialised beside the shards); rank 0 keeps the result, the others drop it. A checkpoint
+can avoid it: ``Learner.save_shards`` has each rank write its own shards
+(``torch.distributed.checkpoint``), and ``gathered_form`` turns their consolidation into the
+gathered form.
 """
 
 from __future__ import annotations
@@ -232,3 +235,18 @@ def shard_trunk(trunk: torch.nn.Module, layers: Iterable[torch.nn.Module], compu
     for unit in [*units, trunk]:
         unit.set_gradient_divide_factor(1.0)  # summed: the losses are normalised by global counts
         unit.set_force_sum_reduction_for_comms(True)  # plain SUM (gloo has no PREMUL_SUM)
+
+
+def gathered_form(saved: dict) -> dict:
+    """A consolidated ``torch.distributed.checkpoint`` state of ``Learner.save_shards``
+    (``{"model": name -> tensor, "optim": {"state": name -> moments, "param_groups": [...
+    "params": [names]]}}``, as ``get_state_dict`` keys it) in ``Learner.state_dict``'s form:
+    ``{"trainable": name -> tensor, "optimizer": torch.optim's state_dict}``, whose state and
+    groups name each parameter by its position over the groups in order."""
+    optim = saved["optim"]
+    position = {name: i for i, name in enumerate(n for group in optim["param_groups"] for n in group["params"])}
+    optimizer = {
+        "state": {position[name]: moments for name, moments in optim["state"].items()},
+        "param_groups": [{**group, "params": [position[n] for n in group["params"]]} for group in optim["param_groups"]],
+    }
+    return {"trainable": dict(saved["model"]), "optimizer": optimizer}

@@ -10,6 +10,7 @@ model); the checkpoint cross-load and the Ray group are marked slow.
 """
 
 import dataclasses
+import json
 import logging
 import sys
 from pathlib import Path
@@ -234,6 +235,112 @@ def test_a_sharded_learner_group_sends_every_weight_query_to_every_rank(ray_clus
         assert set(states[0]["trainable"]) == set(single.state_dict()["trainable"]) and "trainable" not in states[1]
         group.step(batches()[1])
         assert group.load_state_dicts(states).version == 1
+        assert group.parameter_digest() == digest
+    finally:
+        group.kill()
+
+
+def _dcp_rank(rank: int, world: int, ports: tuple[int, int], model_path: str, folder: str, out: str) -> None:
+    """Step 1, shards written, step 2 (the group that never stopped); then a new group (new
+    learners, a new process group) loads the shards and takes step 2 again."""
+    import torch.distributed as dist
+
+    first, second = batches()[:2]
+    learner = make(model_path, "full", "fsdp")
+    learner.init_distributed("127.0.0.1", ports[0], rank, world, timeout_s=120)
+    learner.step(first.shards(world)[rank])
+    small = learner.save_shards(folder)
+    learner.step(second.shards(world)[rank])
+    uninterrupted = learner.weight_update(complete=True).tensors
+    dist.destroy_process_group()
+    fresh = make(model_path, "full", "fsdp")
+    fresh.init_distributed("127.0.0.1", ports[1], rank, world, timeout_s=120)
+    version = fresh.load_shards(folder, rank0s(fresh, small), rng=small["rng"])
+    fresh.step(second.shards(world)[rank])
+    resumed = fresh.weight_update(complete=True).tensors
+    if rank == 0:
+        torch.save({"small": small, "version": version.version, "uninterrupted": uninterrupted, "resumed": resumed}, out)
+    dist.destroy_process_group()
+
+
+def test_two_fsdp_ranks_resume_from_their_own_shards(tiny_model_path, tmp_path):
+    """Every weight trained: each rank writes its own shards (``torch.distributed.checkpoint``),
+    a new group of two loads them and repeats the next step exactly; the shards consolidated
+    on the driver resume one unsharded learner to the same weights (the tolerance of
+    sharded training)."""
+    import torch.multiprocessing as mp
+
+    from cluster.keeping.checkpoint import Checkpoint
+    from cluster.keeping.learner_states import consolidated
+
+    folder, out = tmp_path / "learner-dcp", str(tmp_path / "dcp.pt")
+    mp.spawn(_dcp_rank, args=(2, (free_port(), free_port()), tiny_model_path, str(folder), out), nprocs=2, join=True)
+    result = torch.load(out, weights_only=False)
+    assert result["version"] == 1 and "trainable" not in result["small"] and "optimizer" not in result["small"]
+    for key, tensor in result["uninterrupted"].items():
+        assert torch.equal(result["resumed"][key], tensor), key
+    # per-rank shards: each file about half of the tensors and moments, none the whole
+    shards = sorted(folder.glob("*.distcp"))
+    assert [p.name for p in shards] == ["__0_0.distcp", "__1_0.distcp"] and (folder / ".metadata").is_file()
+    state = consolidated(Checkpoint(tmp_path, 1, None), result["small"] | {"shards": folder.name})
+    whole = sum(t.numel() * t.element_size() for t in state["trainable"].values())
+    whole += sum(v.numel() * v.element_size() for m in state["optimizer"]["state"].values() for k, v in m.items() if k != "step")
+    assert all(0.4 * whole < p.stat().st_size < 0.6 * whole for p in shards), ([p.stat().st_size for p in shards], whole)
+    learner = Learner(settings(tiny_model_path, "full"), device="cpu")
+    assert learner.load_state_dict(state).version == 1
+    learner.step(batches()[1])
+    unsharded = learner.weight_update(complete=True).tensors
+    for key, tensor in result["uninterrupted"].items():
+        torch.testing.assert_close(unsharded[key], tensor, rtol=0, atol=1e-3)
+
+
+def test_sharded_checkpoints_fall_back_to_the_driver_where_a_node_cannot_share_the_folder(tmp_path, caplog):
+    """The run directory must be one folder that the driver and every learner's node write;
+    where it is not, the learners' state is gathered to the driver, with one warning."""
+    from cluster.keeping.learner_states import Gathered, Sharded, learner_states
+    from cluster.loop.placement import check_shared_folder, shared_probe
+
+    (tmp_path / "file").write_text("")
+    assert "the driver cannot write" in check_shared_folder(str(tmp_path / "file" / "run"), ["node-a"])  # before asking any node
+    assert shared_probe(str(tmp_path), ".shared-probe-x", "node-a") == f"{tmp_path} does not hold the file the driver wrote there"
+    (tmp_path / ".shared-probe-x").write_text("driver")
+    (tmp_path / ".shared-probe-x.node-b").mkdir()  # where node b's file goes cannot be written
+    assert shared_probe(str(tmp_path), ".shared-probe-x", "node-a") is None and (tmp_path / ".shared-probe-x.node-a").is_file()
+    assert shared_probe(str(tmp_path), ".shared-probe-x", "node-b").startswith(f"{tmp_path} is not writable")
+    assert isinstance(learner_states(True, None), Sharded) and isinstance(learner_states(False, None), Gathered)
+    with caplog.at_level(logging.WARNING):
+        assert isinstance(learner_states(True, "on node 10.0.0.2: /runs does not hold the file the driver wrote there"), Gathered)
+    assert "gathered to the driver" in caplog.text and "on node 10.0.0.2" in caplog.text and "file system every learner's node shares" in caplog.text
+
+
+@pytest.mark.slow
+def test_a_sharded_learner_group_checkpoints_in_shards_through_the_keepers_store(ray_cluster, tiny_model_path, tmp_path):
+    """Through Ray actors and the checkpoint store: the shards are written by the ranks into
+    the checkpoint, checksummed with it; a restore in place repeats the next step exactly."""
+    import ray
+
+    from actors.learner import LearnerGroup, LearnerGroupSettings
+    from cluster.keeping.checkpoint import CheckpointStore
+    from cluster.keeping.learner_states import Sharded, read_states
+    from cluster.loop.placement import check_shared_folder
+
+    assert check_shared_folder(str(tmp_path), [ray.get_runtime_context().get_node_id()]) is None  # one node: always
+    assert not list(tmp_path.iterdir())  # the probe files are gone
+    group = LearnerGroup(settings(tiny_model_path, "lora", "fsdp"), LearnerGroupSettings(num_learners=2, num_cpus=0.5, sharding="fsdp", call_timeout_s=120))
+    try:
+        first, second = batches()[:2]
+        group.step(first)
+        store, states = CheckpointStore(tmp_path / "checkpoints"), Sharded()
+        checkpoint = store.save(1, states.files(group))
+        assert store.problem(checkpoint.path) is None
+        marker = json.loads((checkpoint.path / "COMPLETE.json").read_text())
+        assert {"learner-dcp/__0_0.distcp", "learner-dcp/__1_0.distcp", "learner-dcp/.metadata", "learner.pt", "learner_rank1.pt"} <= set(marker["files"])
+        saved = read_states(checkpoint)
+        assert saved[0]["shards"] == "learner-dcp" and "trainable" not in saved[0] and set(saved[1]) == {"rank", "rng"}
+        group.step(second)
+        digest = group.parameter_digest()
+        assert states.load(group, checkpoint, policy_version=5).version == 5
+        group.step(second)
         assert group.parameter_digest() == digest
     finally:
         group.kill()

@@ -5,6 +5,9 @@ runs/NAME/checkpoints/
     adapter/            the policy adapter, PEFT format (LoRA runs)
     learner.pt          rank 0: trainable tensors, optimizer, scheduler, KL controller, counters, RNG
     learner_rank1.pt    further ranks: their RNG state (their weights equal rank 0's)
+    learner-dcp/        sharded learners on a shared file system: each rank's shards of the
+                        tensors and optimizer state, which learner.pt then lacks
+                        (cluster.keeping.learner_states)
     trainer.json        the run's counters (step, policy version, learning-rate scale, rollbacks,
                         evaluations) and the data position, curricula included
     monitor.json        the health monitor's rows, evaluations and events

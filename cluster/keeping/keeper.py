@@ -30,13 +30,12 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
-import torch
-
 from actors.generator import GeneratorsLost
 from actors.learner import LearnerFailure, LearnerGroup
 from cluster.config import Config, ConfigError, config_to_dict, dotted_items, load_config
 from cluster.exits import ExitCode
 from cluster.keeping.checkpoint import Checkpoint, CheckpointError, CheckpointStore
+from cluster.keeping.learner_states import Gathered, LearnerStates
 from cluster.keeping.rundir import RunDir
 from cluster.observe.metrics import MetricsExporter
 from cluster.observe.monitor import Event, Monitor, rules_from_config
@@ -145,10 +144,12 @@ class RunKeeper:
     docstring). ``start_learners()`` builds a new learner group in the run's bundles."""
 
     def __init__(
-        self, config: Config, run_dir: RunDir, run: RunState, crew: Crew, stream: DataStream, stages: Stages, model_path: str, start_learners: Callable[[], LearnerGroup]
-    ):
+        self, config: Config, run_dir: RunDir, run: RunState, crew: Crew, stream: DataStream, stages: Stages, model_path: str, start_learners: Callable[[], LearnerGroup],
+        learner_states: LearnerStates = Gathered(),
+    ):  # fmt: skip
+        """``learner_states``: how the learners' state is checkpointed (``cluster.keeping.learner_states``)."""
         self.config, self.run_dir, self.run, self.crew, self.stream, self.stages = config, run_dir, run, crew, stream, stages
-        self.model_path, self.start_learners = model_path, start_learners
+        self.model_path, self.start_learners, self.learner_states = model_path, start_learners, learner_states
         self.monitor = Monitor(rules_from_config(config.monitor.rules)) if config.monitor.enabled else Monitor.off()
         self.faults = FaultCounts(crew)
         self.parts: tuple[Stateful, ...] = (MonitorPart(self.monitor), self.faults, *stages.parts)
@@ -258,9 +259,7 @@ class RunKeeper:
 
     def save(self, step: int, evaluated: bool) -> Checkpoint:
         """Everything needed to continue after ``step`` exactly (see cluster.keeping.checkpoint)."""
-        states = self.crew.learners.state_dicts()
-        files: dict = {"learner.pt": functools.partial(torch.save, states[0])}
-        files |= {f"learner_rank{rank}.pt": functools.partial(torch.save, state) for rank, state in enumerate(states[1:], 1)}
+        files: dict = self.learner_states.files(self.crew.learners)
         if self.config.model.train == "lora":
             files["adapter"] = functools.partial(write_adapter, self.crew.learners.weight_update())
         files[RUN_FILE] = self.run.to_json(self.stream.position_after(step))
@@ -271,18 +270,12 @@ class RunKeeper:
         self.run.saved_step = step
         return checkpoint
 
-    @staticmethod
-    def _learner_states(checkpoint: Checkpoint) -> list[dict]:
-        """Rank 0's state, then the further ranks' (our own checksummed files: tensors only)."""
-        ranks = sorted(checkpoint.path.glob("learner_rank*.pt"), key=lambda p: int(p.stem.removeprefix("learner_rank")))
-        return [torch.load(p, weights_only=True) for p in [checkpoint.file("learner.pt"), *ranks]]
-
     def restore(self, checkpoint: Checkpoint, parts: tuple[Stateful, ...] | None = None) -> None:
         """Continue from ``checkpoint``: learners, data position, run counters and ``parts``
         (default: all); the metrics of later steps (a killed run's) are dropped, those steps
         run again."""
         saved = json.loads(checkpoint.file(RUN_FILE).read_text())
-        self.run.policy = self.crew.learners.load_state_dicts(self._learner_states(checkpoint))
+        self.run.policy = self.learner_states.load(self.crew.learners, checkpoint)
         self.stream.seek(saved["data"])
         for part in self.parts if parts is None else parts:
             part.load_state(checkpoint.read)
@@ -319,7 +312,7 @@ class RunKeeper:
             return False
         saved = json.loads(checkpoint.file(RUN_FILE).read_text())
         # old weights, served as a new version: versions only ever rise
-        self.run.policy = self.crew.learners.load_state_dicts(self._learner_states(checkpoint), policy_version=self.run.policy.version + 1)
+        self.run.policy = self.learner_states.load(self.crew.learners, checkpoint, policy_version=self.run.policy.version + 1)
         self.run.lr_scale *= m.rollback_lr_factor
         lr = self.crew.learners.scale_lr(self.run.lr_scale / saved["lr_scale"])
         self.run.rollbacks += 1

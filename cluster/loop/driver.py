@@ -43,8 +43,9 @@ from cluster.config import Config
 from cluster.exits import ExitCode, exit_code_of
 from cluster.keeping.checkpoint import Checkpoint
 from cluster.keeping.keeper import RunKeeper, RunState, resume_point, saved_run
+from cluster.keeping.learner_states import LearnerStates, learner_states
 from cluster.keeping.rundir import RunDir
-from cluster.loop.placement import check_model_on_nodes, place
+from cluster.loop.placement import Placement, check_model_on_nodes, check_shared_folder, place
 from cluster.loop.rollouts import RolloutStream
 from cluster.loop.wiring import build_stages, build_tasks, init_ray, start_crew, start_learners
 from cluster.observe.footprint import MemoryProbe
@@ -79,6 +80,14 @@ class StepTimer:
             self.seconds[f"perf/{span}_seconds"] = time.perf_counter() - start
 
 
+def checkpointed_learners(config: Config, run_dir: RunDir, placement: Placement) -> LearnerStates:
+    """Sharded learners write their own checkpoint shards where every learner's node shares the
+    run directory with the driver; else the driver writes the gathered state (one warning)."""
+    sharded = config.learner.sharding == "fsdp" and config.learner.num_learners > 1
+    unshared = check_shared_folder(str(run_dir.path), placement.learner_nodes()) if sharded else None
+    return learner_states(sharded, unshared)
+
+
 class Trainer:
     """Owns the actors of one run and drives its steps."""
 
@@ -109,7 +118,8 @@ class Trainer:
         self.run = RunState()
         self.stream = RolloutStream(config, self.tasks, self.stages.prompts, self.crew)
         relearn = functools.partial(start_learners, config, self.model_path, self.placement)
-        self.keeper = RunKeeper(config, run_dir, self.run, self.crew, self.stream, self.stages, self.model_path, relearn)
+        states = checkpointed_learners(config, run_dir, self.placement)
+        self.keeper = RunKeeper(config, run_dir, self.run, self.crew, self.stream, self.stages, self.model_path, relearn, states)
         self.memory_probe = MemoryProbe()  # perf/peak_rss_gib/<role>
         self.timeline: list[tuple[str, int, float, float]] = []  # (span, step, start, end), wall clock
         self._last_step_end = time.time()

@@ -76,6 +76,11 @@ class Placement:
         table = placement_group_table(self.group)
         return [table["bundles_to_node_id"][i] for i in range(len(table["bundles"]))]
 
+    def learner_nodes(self) -> list[str]:
+        """The node id of each learner rank."""
+        nodes = self.bundle_nodes()
+        return [nodes[bundle] for bundle, _ in self.learners]
+
     def describe(self) -> list[dict]:
         """Each actor's role, rank, bundle and node: what the run directory records."""
         nodes = self.bundle_nodes()
@@ -182,3 +187,46 @@ def check_model_on_nodes(model_path: str, node_ids: list[str], timeout_s: float 
                 "generators: put the model on a path every node can read (a shared file system), prepare it on each "
                 "node, or give model.path as a Hugging Face name that each node downloads"
             )
+
+
+def shared_probe(folder: str, token: str, node: str) -> str | None:
+    """On one node: why ``folder`` is not the driver's (it lacks the driver's probe file
+    ``token``) or not writable here, or None after writing ``token.<node>``."""
+    seen = Path(folder) / token
+    if not seen.is_file():
+        return f"{folder} does not hold the file the driver wrote there"
+    try:
+        (Path(folder) / f"{token}.{node}").write_bytes(b"ok")
+    except OSError as exc:
+        return f"{folder} is not writable ({exc.strerror})"
+    return None
+
+
+@ray.remote(num_cpus=0)
+def _shared_probe(folder: str, token: str, node: str) -> tuple[str | None, str]:
+    return shared_probe(folder, token, node), ray.util.get_node_ip_address()
+
+
+def check_shared_folder(folder: str, node_ids: list[str], timeout_s: float = 60.0) -> str | None:
+    """Why ``folder`` (a folder on the driver) is not one that every node in ``node_ids``
+    sees and writes, naming the first node that does not, or None when they all do (always on
+    one node). Each node must see a file the driver wrote, and the driver each node's file;
+    the probe files are removed."""
+    token = f".shared-probe-{uuid.uuid4().hex[:8]}"
+    probe = Path(folder) / token
+    try:
+        probe.write_bytes(b"driver")
+    except OSError as exc:
+        return f"the driver cannot write {folder} ({exc.strerror})"
+    try:
+        nodes = sorted(set(node_ids))
+        refs = [_shared_probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote(folder, token, node) for node in nodes]
+        for node, (problem, address) in zip(nodes, ray.get(refs, timeout=timeout_s)):
+            if problem is None and not (Path(folder) / f"{token}.{node}").is_file():
+                problem = f"the driver does not see what node {address} wrote into {folder}"
+            if problem is not None:
+                return f"on node {address} (node id {node}): {problem}"
+        return None
+    finally:
+        for path in Path(folder).glob(f"{token}*"):
+            path.unlink(missing_ok=True)
