@@ -188,3 +188,20 @@ def test_a_joined_cluster_is_planned_node_by_node():
 
     assert plan_config(config, machine).gpus == (16, 16)
     assert machine_of_nodes([{"CPU": 2}], 2).nodes == 1  # a CPU cluster: its nodes
+
+
+def test_train_plans_with_the_runs_own_longest_prompt(tiny_model_path):
+    """`raylight train` measures its prompts (held-out problems, rendered as the run renders
+    them) instead of assuming 256 tokens: the demo's are under 60."""
+    from transformers import AutoTokenizer
+
+    from cluster.loop.driver import PROMPT_MARGIN, longest_prompt
+    from cluster.loop.wiring import build_tasks
+    from cluster.stages import TaskPrompts
+    from cluster.loop.wiring import training_sampling
+
+    config = load_config("configs/demo.yaml", [f"model.path={tiny_model_path}", "eval.n=20"])
+    tokenizer, tasks = AutoTokenizer.from_pretrained(tiny_model_path), build_tasks(config)
+    rendered = TaskPrompts(tokenizer, tasks, training_sampling(config)).render(tasks.eval_sets("validation")[next(iter(tasks.tasks))])
+    longest = max(len(p.token_ids) for p in rendered)
+    assert longest_prompt(tokenizer, tasks, config) == math.ceil(PROMPT_MARGIN * longest) < 100

@@ -104,7 +104,7 @@ def refuse_unless_fits(problems: tuple[Problem, ...] | list[Problem]) -> None:
                           + "; ".join(f"{p.key}: {p.message}" for p in problems))  # fmt: skip
 
 
-def problems_on(config: Config, model_path: str, machine: Machine) -> tuple[Problem, ...]:
+def problems_on(config: Config, model_path: str, machine: Machine, prompt_tokens: int = PROMPT_TOKENS) -> tuple[Problem, ...]:
     """What stops ``config`` on ``machine``. A policy whose shape cannot be read offline (a Hub
     name neither cached nor in the table: each node downloads it at start) is checked for CPUs
     and GPUs only."""
@@ -113,10 +113,10 @@ def problems_on(config: Config, model_path: str, machine: Machine) -> tuple[Prob
     except FileNotFoundError as exc:
         logger.warning("capacity check: %s; checking CPUs and GPUs only", exc)
         return (*cpu_problems(config, machine), *gpu_problems(config, machine))
-    return make_plan(config, shapes, machine, PROMPT_TOKENS).problems
+    return make_plan(config, shapes, machine, prompt_tokens).problems
 
 
-def check_before_start(config: Config, model_path: str) -> bool:
+def check_before_start(config: Config, model_path: str, prompt_tokens: int = PROMPT_TOKENS) -> bool:
     """Before ``raylight train`` starts a local Ray cluster: ``config`` must fit this machine
     (``run.num_cpus``, its memory and GPUs). Returns False, having checked nothing, when the
     run joins a cluster (``RAY_ADDRESS``, or Ray already running in this process): then
@@ -125,11 +125,11 @@ def check_before_start(config: Config, model_path: str) -> bool:
 
     if os.environ.get("RAY_ADDRESS") or ray.is_initialized():
         return False
-    refuse_unless_fits(problems_on(config, model_path, local_machine(config)))
+    refuse_unless_fits(problems_on(config, model_path, local_machine(config), prompt_tokens))
     return True
 
 
-def check_joined_cluster(config: Config, model_path: str) -> None:
+def check_joined_cluster(config: Config, model_path: str, prompt_tokens: int = PROMPT_TOKENS) -> None:
     """Connected to a running cluster: its CPUs and GPUs must hold the actors, before the
     placement group is asked for."""
-    refuse_unless_fits(problems_on(config, model_path, joined_machine()))
+    refuse_unless_fits(problems_on(config, model_path, joined_machine(), prompt_tokens))

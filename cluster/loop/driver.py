@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -38,7 +39,7 @@ from tqdm import tqdm
 from actors.generator import GeneratorsLost, WeightUpdateLost
 from actors.learner import LearnerFailure
 from actors.verifier import Scorer
-from cluster.capacity.check import check_before_start, check_joined_cluster
+from cluster.capacity.check import PROMPT_TOKENS, check_before_start, check_joined_cluster
 from cluster.config import Config
 from cluster.exits import ExitCode, exit_code_of
 from cluster.keeping.checkpoint import Checkpoint
@@ -47,11 +48,11 @@ from cluster.keeping.learner_states import LearnerStates, learner_states
 from cluster.keeping.rundir import RunDir
 from cluster.loop.placement import Placement, check_model_on_nodes, check_shared_folder, place
 from cluster.loop.rollouts import RolloutStream
-from cluster.loop.wiring import build_stages, build_tasks, init_ray, start_crew, start_learners
+from cluster.loop.wiring import build_stages, build_tasks, init_ray, start_crew, start_learners, training_sampling
 from cluster.observe.footprint import MemoryProbe
 from cluster.observe.monitor import Event
 from cluster.observe.samples import sample_metrics, task_metrics
-from cluster.stages import Built
+from cluster.stages import Built, TaskPrompts
 from contracts import Sample, Verdict
 from learners.learner import REQUIRED_METRICS
 from rollout.models import resolve_model
@@ -88,6 +89,20 @@ def checkpointed_learners(config: Config, run_dir: RunDir, placement: Placement)
     return learner_states(sharded, unshared)
 
 
+# held-out problems per task whose prompts are measured for the capacity check, and the room
+# left above the longest of them (a curriculum lengthens its prompts as the run goes)
+PROMPT_SAMPLE, PROMPT_MARGIN = 64, 1.25
+
+
+def longest_prompt(tokenizer, tasks, config: Config) -> int:
+    """The tokens of the longest prompt among up to ``PROMPT_SAMPLE`` held-out problems of each
+    task, rendered as the run renders them, plus ``PROMPT_MARGIN``: what the capacity check
+    sizes the learner's rows with (the planner's 256 without it was twice the demo's)."""
+    problems = [p for task_problems in tasks.eval_sets("validation").values() for p in task_problems[:PROMPT_SAMPLE]]
+    rendered = TaskPrompts(tokenizer, tasks, training_sampling(config)).render(problems)
+    return math.ceil(PROMPT_MARGIN * max((len(p.token_ids) for p in rendered), default=0)) or PROMPT_TOKENS
+
+
 class Trainer:
     """Owns the actors of one run and drives its steps."""
 
@@ -101,10 +116,11 @@ class Trainer:
         from transformers import AutoTokenizer
 
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
-        local = check_before_start(config, self.model_path)  # a config that cannot fit stops here (docs/capacity.md)
+        prompt_tokens = longest_prompt(self.tokenizer, self.tasks, config)
+        local = check_before_start(config, self.model_path, prompt_tokens)  # a config that cannot fit stops here (docs/capacity.md)
         init_ray(config)
         if not local:  # a running cluster: checked against what Ray says it has
-            check_joined_cluster(config, self.model_path)
+            check_joined_cluster(config, self.model_path, prompt_tokens)
         self.placement = place(config)
         try:
             check_model_on_nodes(self.model_path, self.placement.bundle_nodes())
