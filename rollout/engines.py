@@ -300,22 +300,16 @@ class VLLMEngine:
     def load_weights(self, update: WeightUpdate) -> None:
         """The update's adapter (or weights), and its attention scales where they changed (the
         base ``o_proj`` weights reloaded in place, W_o diag(s))."""
-        import torch
-
         scaled = self._scales.changed_weights(update)
-        if update.kind == "full":
-            self._load_full(update)
-        elif self.settings.adapter_mode == "lora":
-            if scaled:  # base weights first: vLLM's reload drops the LoRA manager's adapters
-                self._reload({name: weight.to(getattr(torch, self.settings.dtype)) for name, weight in scaled.items()})
-                scaled = {}
-            self._load_lora(update)
+        if update.kind == "lora" and self.settings.adapter_mode != "lora":
+            self._load_merged(update, scaled)  # the scaled weights go with the merged reload
         else:
-            self._load_merged(update, scaled)
-            scaled = {}  # merged into the reload
-        if scaled:
-            dtype = getattr(torch, self.settings.dtype)
-            self._reload({name: weight.to(dtype) for name, weight in scaled.items()})
+            if update.kind == "full":
+                self._load_full(update)
+            if scaled:  # before an adapter: vLLM's reload drops the LoRA manager's adapters
+                self._reload(scaled)
+            if update.kind == "lora":
+                self._load_lora(update)
         self._loaded = True
 
     def serve_base(self) -> None:
@@ -354,14 +348,16 @@ class VLLMEngine:
 
     def _load_full(self, update: WeightUpdate) -> None:
         """Full-weight training: every parameter, loaded in place under its HF name."""
-        import torch
-
         if self.settings.adapter_mode == "lora":
             raise ValueError("full-weight updates cannot be served as a LoRA: set generator.adapter_mode to 'merged'")
-        dtype = getattr(torch, self.settings.dtype)
-        self._reload({name: tensor.to(dtype) for name, tensor in update.tensors.items()})
+        self._reload(update.tensors)
 
     def _reload(self, weights: dict) -> None:
+        """Base weights by HF name, in the engine's dtype, loaded in place by every worker."""
+        import torch
+
+        dtype = getattr(torch, self.settings.dtype)
+        weights = {name: tensor.to(dtype) for name, tensor in weights.items()}
         self._base_overwritten = True
 
         def reload(worker, weights=weights):
@@ -387,7 +383,7 @@ class VLLMEngine:
         base = self._base | {k: v for k, v in self._scales.served.items() if k in self._base}
         merged = merge_lora(base, update.tensors, update.config, dtype)
         # the unadapted parts of fused matrices go with them; scaled weights the adapter lacks too
-        self._reload(merged | {k: v.to(dtype) for k, v in (base | scaled).items() if k not in merged})
+        self._reload(merged | {k: v for k, v in (base | scaled).items() if k not in merged})
 
     def generate(self, prompt_token_ids: Sequence[Sequence[int]], sampling: SamplingSettings, base: bool = False) -> list[list[Completion]]:
         from vllm import SamplingParams
