@@ -109,6 +109,13 @@ def weights_dtype(name: str, device: torch.device, lora: bool) -> torch.dtype:
 EAGER_ATTENTION_VALUES = 1 << 28
 
 
+def eager_attention_fits(config, rows: int, length: int) -> bool:
+    """Whether a CPU batch of ``rows`` x ``length`` tokens keeps few enough attention
+    probabilities for eager attention (``EAGER_ATTENTION_VALUES``); ``config``: anything with a
+    HF config's ``num_attention_heads`` and ``num_hidden_layers`` (the capacity planner's shapes too)."""
+    return rows * config.num_attention_heads * length * length * config.num_hidden_layers <= EAGER_ATTENTION_VALUES
+
+
 class Trunk(torch.nn.Module):
     """A causal LM's body as one module: its forward is the one call a policy's forward makes
     into the model, so FSDP2 (whose root this is when sharded) gathers the embeddings, final
@@ -293,8 +300,7 @@ class Policy:
         (``EAGER_ATTENTION_VALUES``), torch's fused SDPA otherwise and on GPUs."""
         if self.device.type != "cpu":
             return "sdpa"
-        values = rows * config.num_attention_heads * length * length * config.num_hidden_layers
-        return "eager" if values <= EAGER_ATTENTION_VALUES else "sdpa"
+        return "eager" if eager_attention_fits(config, rows, length) else "sdpa"
 
     def forward(
         self, batch: PackedBatch, temperature: float = 1.0, with_entropy: bool = False, entropy_grad: bool = False, trunk: Trunk | None = None

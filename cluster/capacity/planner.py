@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from cluster.capacity import memory as m
 from cluster.capacity.shapes import ModelShape, linear_shapes, lora_parameter_count, modules_parameter_count, parameter_count
 from cluster.config import Config
+from learners.policy import eager_attention_fits
 
 GIB = m.GIB
 
@@ -43,8 +44,6 @@ VLLM_GPU_BATCHED_TOKENS = 8192  # vLLM's default max_num_batched_tokens: its pro
 VLLM_MAX_NUM_SEQS = 256  # vLLM's default max_num_seqs: sequences of one decode step
 CUDA_LEARNER_HOST_GIB = 2.5  # a GPU learner's host process: torch with its CUDA libraries
 CUDA_GENERATOR_HOST_GIB = 3.0  # a GPU vLLM engine's host process
-# learners.policy.EAGER_ATTENTION_VALUES: a CPU learner's attention is eager up to this many probabilities
-EAGER_ATTENTION_VALUES = 1 << 28
 
 
 @dataclass(frozen=True)
@@ -187,7 +186,7 @@ def learner_terms(config: Config, shapes: Shapes, on_gpu: bool, bf16_cpu: bool, 
         reference = (parameter_count(shape) if config.model.train == "full" else trainable) * weight
     length, eager = lengths.sequence, False
     if not on_gpu:
-        eager = rows * shape.num_attention_heads * length * length * shape.num_hidden_layers <= EAGER_ATTENTION_VALUES
+        eager = eager_attention_fits(shape, rows, length)  # as the CPU learner picks its kernel
     lora = config.model.train == "lora"
     activations = m.activation_bytes(shape, act, rows, length, eager, learner.gradient_checkpointing,
                                      config.lora.rank if lora else 0, tuple(config.lora.target_modules) if lora else (), weight)  # fmt: skip
