@@ -112,6 +112,25 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def kill_actor(handle, timeout_s: float = 30.0) -> None:
+    """Kill a Ray actor for good and return once its process is gone: ``ray.kill`` only asks,
+    a call sent just after it may still be answered, and the objects it owns stay readable
+    until its process exits (well after Ray reports the actor dead)."""
+    import os
+    import time
+
+    pid = ray.get(handle.__ray_call__.remote(lambda actor: os.getpid()))  # an actor on this machine
+    ray.kill(handle, no_restart=True)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        assert time.monotonic() < deadline, f"the killed actor {handle} (pid {pid}) still runs after {timeout_s:.0f} s"
+        time.sleep(0.1)
+
+
 def make_learner(model_path: str, lora: LoraSettings | None, **settings) -> Learner:
     return Learner(learner_settings(model_path, lora, **settings))
 

@@ -125,6 +125,7 @@ def test_a_generator_replaced_while_the_pool_sleeps_starts_asleep(ray_cluster, t
     from actors.generator import GeneratorPool
     from cluster.loop.wiring import start_generator
     from contracts import PolicyRef, Problem, Prompt, SamplingSettings, WeightUpdate
+    from helpers import kill_actor
     from learners.policy import LoraSettings, Policy
 
     config = load_config("configs/tiny.yaml", [f"model.path={tiny_model_path}", "generator.engine=hf"])
@@ -135,7 +136,7 @@ def test_a_generator_replaced_while_the_pool_sleeps_starts_asleep(ray_cluster, t
         update = WeightUpdate(PolicyRef("default", 3), policy.weight_state(), policy.adapter_config())
         pool.broadcast(ray.put(update), update.policy)
         pool.sleep()
-        ray.kill(pool.handles[0], no_restart=True)
+        kill_actor(pool.handles[0])
         pool.sleep()  # finds it dead: the replacement starts asleep, no weights sent
         assert pool.stats["faults/generator_restarts"] == 1
         assert [what for what, _ in ray.get(pool.handles[0].recorded.remote())] == ["start asleep"]

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import sys
-import time
 
 import pytest
 import ray
@@ -16,6 +15,7 @@ import ray
 from actors.reward_models import RewardServices, ServedTerm
 from actors.verifier import VerifierPool, VerifierPoolSettings
 from contracts import Problem
+from helpers import kill_actor
 from rewards.scoring import ScorerSpec, TaskJudge
 from rewards.terms import JudgeSettings, RewardModelSettings
 from rollout.engines import EngineSettings
@@ -112,15 +112,7 @@ def test_a_judge_server_that_is_gone_masks_its_samples(ray_cluster):
     assert ray.get(handle.judge.remote(["any prompt"], 4)) == ["Score: 7"]
     term = ServedTerm("judge", 1.0, "mask", 5.0, 1, (handle,), JudgeSettings(model="x"))
     assert term([("4", PROBLEM)]) == [pytest.approx(0.7)]  # the reply "parsed" as a rating
-    ray.kill(handle, no_restart=True)
-    deadline = time.monotonic() + 30
-    while True:  # until the kill has landed (a call sent just after it may still be answered)
-        try:
-            ray.get(handle.judge.remote([], 1), timeout=5)
-        except ray.exceptions.RayActorError:
-            break
-        assert time.monotonic() < deadline, "the killed judge still answers"
-        time.sleep(0.2)
+    kill_actor(handle)
     values = term([("4", PROBLEM), ("5", PROBLEM)])
     assert len(values) == 2 and all("judge server:" in str(v) and "after 1 retries" in str(v) for v in values), values
 
