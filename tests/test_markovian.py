@@ -318,20 +318,20 @@ def test_vllm_lora_engine_serves_the_base_model_beside_the_adapter(ray_cluster, 
 @pytest.mark.slow
 def test_smollm2_markovian_run_raises_the_answer_logprob_given_the_cot(ray_cluster, tmp_path):
     """SmolLM2-135M-Instruct on GSM8K-format rows with configs/markovian/gsm8k.yaml (policy
-    gradient + actor reward, KL 0.1), shortened to 6 steps of 2 questions x 6 CoTs of 24 tokens
+    gradient + actor reward, KL 0.1), shortened to 3 steps of 2 questions x 6 CoTs of 24 tokens
     at a higher learning rate: the held-out answer's log-prob given the policy's CoT (question
     redacted, the same questions and CoT seed at both ends) rises by more than a nat."""
     from cluster.commands.cli import main
 
     data = write_apples(tmp_path / "gsm8k", n=80)
     run_dir = tmp_path / "run"
-    args = ["train", "configs/markovian/gsm8k.yaml", "--run-dir", str(run_dir), "--steps", "6", f"tasks.0.source={data}",
+    args = ["train", "configs/markovian/gsm8k.yaml", "--run-dir", str(run_dir), "--steps", "3", f"tasks.0.source={data}",
             "rollout.prompts_per_step=2", "rollout.group_size=6", "markovian.cot_length=24", "algorithm.lr=1e-3", "eval.n=8",
             "eval.every=0", "run.checkpoint_every=0", "run.save_rollouts=false"]  # fmt: skip
     assert main(args) == 0
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     start, end = rows[0], rows[-1]
-    assert start["step"] == 0 and end["step"] == 6 and end["eval/n"] == start["eval/n"] == 8
+    assert start["step"] == 0 and end["step"] == 3 and end["eval/n"] == start["eval/n"] == 8
     rise = end["eval/markovian/intact/answer_logprob"] - start["eval/markovian/intact/answer_logprob"]
     assert rise > 1.0, (start["eval/markovian/intact/answer_logprob"], end["eval/markovian/intact/answer_logprob"])
     assert all(r["train/updates"] == 1.0 and r["train/kl"] < 1.0 for r in rows[1:])
