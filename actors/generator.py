@@ -35,10 +35,11 @@ import time
 from typing import Callable
 
 import ray
-from ray.exceptions import RayActorError, RayTaskError
+from ray.exceptions import ObjectLostError, RayActorError, RayTaskError
 
 from contracts import PolicyRef, Prompt, Sample, SamplingSettings
-from rollout.generator import BASE_POLICY, Generator
+from rollout import generator
+from rollout.generator import BASE_POLICY
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +54,14 @@ class WeightUpdateLost(WeightSyncError):
 
 class GeneratorsLost(RuntimeError):
     """The pool cannot go on: no generator up for ``grace_s``, or ``max_restarts`` used up."""
+
+
+class Generator(generator.Generator):
+    """``rollout.generator.Generator`` as a Ray actor: a streamed weight update's buckets are
+    fetched from the object store one at a time."""
+
+    def _fetch(self, bucket: ray.ObjectRef) -> dict:
+        return ray.get(bucket)
 
 
 def generator_actor(num_cpus: float = 1.0, num_gpus: float = 0.0):
@@ -297,6 +306,8 @@ class GeneratorPool:
             slot = self.slots[call.rank]
             try:
                 value = ray.get(ref)
+            except ObjectLostError as exc:  # a bucket of a streamed update: the learner that put it is gone
+                raise WeightUpdateLost(f"generator {call.rank} could not fetch the weight update: {exc}") from exc
             except RayActorError as exc:
                 if exc.actor_id not in (None, slot.handle._actor_id.hex()):
                     # an argument's maker died: the weight update's learner, not this generator

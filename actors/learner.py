@@ -107,8 +107,10 @@ class LearnerActor:
     def set_attention_scales(self, scales: torch.Tensor) -> PolicyRef:
         return self.learner.set_attention_scales(scales)
 
-    def weight_update(self, complete: bool = False, dtype: str | None = None) -> WeightUpdate:
-        return self.learner.weight_update(complete, dtype)
+    def weight_update(self, complete: bool = False, dtype: str | None = None, bucket_bytes: int = 0) -> WeightUpdate:
+        """``bucket_bytes``: model weights in buckets, each put in the object store as it fills
+        (owned by this actor: lost with it, which a receiver reports)."""
+        return self.learner.weight_update(complete, dtype, bucket_bytes, keep=ray.put)
 
     def state_dict(self, weights: bool = True) -> dict:
         return self.learner.state_dict(weights)
@@ -161,6 +163,9 @@ class LearnerGroupSettings:
     threads: int = 0  # torch threads per learner (0: every core, divided among the learners)
     gradient_checkpointing: bool = False  # recompute activations in the backward pass: less memory, ~1/3 more compute
     resources: dict[str, float] = field(default_factory=dict)  # custom Ray resources per learner (pins them to nodes)
+    # model.train=full: the weights stream to the generators in buckets of this many MB, and
+    # neither the learner nor a generator holds more than one at a time (0: all in one piece)
+    weight_bucket_mb: float = 512.0
     call_timeout_s: float = 1800.0  # a learner call (a step, a checkpoint) or collective running longer: the rank is lost
     heartbeat_s: float = 30.0  # a rank that does not answer a ping for this long while it works is frozen: lost
     max_recoveries: int = 3  # lost learner groups rebuilt from the newest checkpoint in one run; one more stops it
@@ -176,6 +181,7 @@ class LearnerGroup:
     def __init__(self, settings: LearnerSettings, group: LearnerGroupSettings = LearnerGroupSettings(), options: list[dict] | None = None):
         """``options``: each rank's ``.options(...)`` (its placement group bundle and share)."""
         self.timeout_s, self.heartbeat_s = group.call_timeout_s, group.heartbeat_s
+        self.bucket_bytes = int(group.weight_bucket_mb * 2**20)
         sharded = settings.sharding == "fsdp" and group.num_learners > 1  # what the learners do (wiring copies learner.sharding)
         actor = learner_actor(num_cpus=group.num_cpus, num_gpus=group.num_gpus)
         self.actors = [(actor.options(**options[rank]) if options else actor).remote(settings) for rank in range(group.num_learners)]
@@ -259,12 +265,15 @@ class LearnerGroup:
     def attention_scales(self) -> torch.Tensor | None:
         return self._get([a.attention_scales.remote() for a in self.readers], "an attention-scale query")[0]
 
-    def weight_update_ref(self, complete: bool = False, dtype: str | None = None) -> ray.ObjectRef:
+    def weight_update_ref(self, complete: bool = False, dtype: str | None = None, streamed: bool = False) -> ray.ObjectRef:
         """Rank 0's weights as one object-store reference, to broadcast without a copy here
         (``complete``: every parameter, not only the trained ones; ``dtype``: model weights
-        sent in the generators' dtype). Sharded, every rank takes part in the gather; the
-        others' (empty) answers are dropped, and each rank's next call waits behind this one."""
-        return [a.weight_update.remote(complete, dtype) for a in self.readers][0]
+        sent in the generators' dtype; ``streamed``: model weights in buckets of
+        ``learner.weight_bucket_mb``, for generators to load one at a time). Sharded, every
+        rank takes part in the gather; the others' (empty) answers are dropped, and each
+        rank's next call waits behind this one."""
+        bucket_bytes = self.bucket_bytes if streamed else 0
+        return [a.weight_update.remote(complete, dtype, bucket_bytes) for a in self.readers][0]
 
     def weight_update(self, complete: bool = False) -> WeightUpdate:
         return self._get(self.weight_update_ref(complete), "a weight export")

@@ -439,6 +439,8 @@ def check_config(config: Config) -> None:
         problems.append("learner.num_gpus must be >= 0")
     if config.learner.num_learners < 1:
         problems.append("learner.num_learners must be at least 1")
+    if config.learner.weight_bucket_mb < 0:
+        problems.append("learner.weight_bucket_mb must be >= 0 (0: the weights in one piece)")
     problems += _sharding_problems(config)
     ro = config.rollout
     if ro.mode == "async" and ro.max_staleness < 1:

@@ -56,14 +56,15 @@ class Crew:
     update_dtype: str | None = None  # model weights are sent in the generators' dtype, where it is known
 
     def broadcast(self, policy: PolicyRef) -> None:
-        """The learner's weights to every generator through the object store; waits for each
-        to confirm them and fails fast (``WeightSyncError``)."""
-        self.generators.broadcast(self.learners.weight_update_ref(dtype=self.update_dtype), policy)
+        """The learner's weights to every generator through the object store (model weights in
+        buckets, loaded one at a time); waits for each to confirm them and fails fast
+        (``WeightSyncError``)."""
+        self.generators.broadcast(self.learners.weight_update_ref(dtype=self.update_dtype, streamed=True), policy)
 
     def push(self, policy: PolicyRef) -> None:
         """The learner's weights queued behind the work each generator holds (async mode;
         confirmed by the next push)."""
-        self.generators.push(self.learners.weight_update_ref(dtype=self.update_dtype), policy)
+        self.generators.push(self.learners.weight_update_ref(dtype=self.update_dtype, streamed=True), policy)
 
     def roles(self) -> dict[str, list]:
         """The actors of each role (the memory probe asks them)."""

@@ -9,7 +9,8 @@ it), so a rollout, a reward or a learner never pulls in another layer to name it
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, fields, replace
 from typing import Literal
 
 
@@ -234,6 +235,9 @@ class WeightUpdate:
     model under its Hugging Face name (full-weight training); ``config`` is empty.
     ``controls``: named tensors that transform the frozen base weights, versioned with the
     adapter (``ATTENTION_OUTPUT_SCALE``, the SAC surgeon's); empty: the base as it is.
+    ``buckets``: model weights streamed in pieces (``tensors`` is empty then), each a dict of
+    tensors or a handle the receiver fetches one by (an object-store reference), loaded one
+    after another: neither the sender nor a receiver holds the whole model at once.
     """
 
     policy: PolicyRef
@@ -241,3 +245,14 @@ class WeightUpdate:
     config: dict = field(hash=False, compare=False)
     kind: Literal["lora", "full"] = "lora"
     controls: dict = field(default_factory=dict, hash=False, compare=False)
+    buckets: tuple = field(default=(), hash=False, compare=False)
+
+    def pieces(self, fetch: Callable[[object], dict] = lambda bucket: bucket) -> Iterator[WeightUpdate]:
+        """The update as updates to load one after another: itself, or one per bucket (fetched
+        as it is reached); the controls go with the last, once every weight is in."""
+        if not self.buckets:
+            yield self
+            return
+        last = len(self.buckets) - 1
+        for i, bucket in enumerate(self.buckets):
+            yield replace(self, tensors=fetch(bucket), buckets=(), controls=self.controls if i == last else {})

@@ -27,6 +27,7 @@ import hashlib
 import logging
 import math
 import os
+import re
 import socket
 
 import torch
@@ -538,17 +539,47 @@ class Learner:
         self.scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]
         return self.scheduler.get_last_lr()[0]
 
-    def weight_update(self, complete: bool = False, dtype: str | None = None) -> WeightUpdate:
+    def weight_update(self, complete: bool = False, dtype: str | None = None, bucket_bytes: int = 0, keep=None) -> WeightUpdate:
         """The policy's weights for the generators: the adapter, or the trained parameters
         (all of them with ``complete``: a whole model, as the final folder needs). ``dtype``:
         the generators' weights dtype, which model weights are sent in (fp32 master weights
         sent as bf16 halve what every generator receives); an adapter stays in its own dtype
         (a merge folds it in fp32). Sharded, every rank must call it; rank 0's holds the whole
-        tensors, the others' none."""
+        tensors, the others' none.
+
+        ``bucket_bytes`` (model weights; 0: one dict): the weights streamed in buckets of that
+        many bytes or a little more (whole decoder layers), each handed to ``keep`` (the
+        actor's object store) once it is full;
+        the update's ``buckets`` are what ``keep`` returned, and one bucket is held here at a
+        time."""
         kind = "full" if self.policy.lora is None else "lora"
         controls = {} if self.policy.controls is None else {ATTENTION_OUTPUT_SCALE: self.attention_scales()}
-        tensors = self.policy.weight_state(complete, self.layout.whole)
-        if kind == "full" and dtype is not None:
-            cast = getattr(torch, dtype)
-            tensors = {name: t.to(cast) if t.is_floating_point() else t for name, t in tensors.items()}
-        return WeightUpdate(self.policy_ref, tensors, self.policy.adapter_config(), kind, controls)
+        cast = getattr(torch, dtype) if kind == "full" and dtype is not None else None
+        items = self.policy.weight_items(complete, self.layout.whole, cast)
+        if kind == "lora" or bucket_bytes <= 0:
+            return WeightUpdate(self.policy_ref, dict(items), self.policy.adapter_config(), kind, controls)
+        buckets = tuple((keep or dict)(bucket) for bucket in in_buckets(items, bucket_bytes))
+        return WeightUpdate(self.policy_ref, {}, self.policy.adapter_config(), kind, controls, buckets)
+
+
+def in_buckets(items, bucket_bytes: int):
+    """(name, tensor) pairs gathered into dicts, each yielded once it holds ``bucket_bytes``
+    or more and the next weight starts another decoder layer; the rest last. A layer is never
+    split: vLLM fuses sibling projections (q/k/v, gate/up) into one matrix, and an in-place
+    reload that gets part of a fused matrix fills the rest with garbage."""
+    bucket, size, unit = {}, 0, None
+    for name, tensor in items:
+        if size >= bucket_bytes and layer_of(name) != unit:
+            yield bucket
+            bucket, size = {}, 0
+        bucket[name] = tensor
+        size += tensor.numel() * tensor.element_size()
+        unit = layer_of(name)
+    if bucket:
+        yield bucket
+
+
+def layer_of(name: str) -> str:
+    """The decoder layer a weight belongs to (``model.layers.3``), else its module."""
+    match = re.match(r"(.*\.layers\.\d+)\.", name)
+    return match.group(1) if match else name.rpartition(".")[0]

@@ -21,7 +21,7 @@ from __future__ import annotations
 import contextlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import torch
 
@@ -385,13 +385,20 @@ class Policy:
         once; every parameter with ``complete``, for a model folder). ``whole``: maps
         (name, tensor) pairs to (name, whole tensor) pairs (a sharded learner's gather,
         ``learners.sharding``)."""
+        return dict(self.weight_items(complete, whole))
+
+    def weight_items(self, complete: bool = False, whole=iter, dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+        """``weight_state``'s (name, tensor) pairs one at a time, each copied to the CPU as it
+        comes (floating-point ones cast to ``dtype`` on the way): only the one in hand is held."""
         if self.lora is None:
             named = ((n, p) for n, p in self.model.named_parameters() if complete or p.requires_grad)
         else:
             from peft import get_peft_model_state_dict
 
             named = get_peft_model_state_dict(self.model, adapter_name="default").items()
-        return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in whole(named)}
+        for name, tensor in whole(named):
+            cast = dtype if dtype is not None and tensor.is_floating_point() else tensor.dtype
+            yield name, tensor.detach().to("cpu", cast, copy=True).contiguous()
 
     def load_adapter(self, tensors: dict[str, torch.Tensor]) -> None:
         """Take a saved adapter's tensors (PEFT's file keys, what ``weight_state`` gives) as the

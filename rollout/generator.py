@@ -67,10 +67,16 @@ class Generator:
     def load_weights(self, update: WeightUpdate) -> PolicyRef:
         """Serve ``update`` from now on; returns the policy now live."""
         self._awake("load weights")
-        self.engine.load_weights(update)
+        for piece in update.pieces(self._fetch):  # a streamed update: one bucket in memory at a time
+            self.engine.load_weights(piece)
         self.policy = update.policy
         self._record("load weights")
         return self.policy
+
+    def _fetch(self, bucket) -> dict:
+        """A streamed update's bucket: here the tensors themselves (the Ray actor,
+        ``actors.generator``, fetches each from the object store)."""
+        return bucket
 
     def serve_base(self) -> PolicyRef:
         """Serve the base model alone (``BASE_POLICY``), e.g. to evaluate the untrained model."""

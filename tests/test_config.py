@@ -71,6 +71,7 @@ def test_missing_file(tmp_path):
         (["algorithm.kl_target=0.01", "algorithm.kl_coef=0"], "algorithm.kl_target"),
         (["algorithm.advantage=rloo", "rollout.group_size=1"], "rollout.group_size"),
         (["learner.num_gpus=-1"], "learner.num_gpus must be >= 0"),
+        (["learner.weight_bucket_mb=-1"], "learner.weight_bucket_mb must be >= 0"),
         (["algorithm.advantage=ppo"], "algorithm.advantage"),
         (["verifier.min_verifiers=3", "verifier.max_verifiers=2"], "verifier.min_verifiers (3)"),
         # a task setting the task does not take, and reward weights its scorer does not report

@@ -75,6 +75,7 @@ def train(learner: Learner, rank: int, world: int) -> dict:
         "metrics": metrics,
         "bytes": training_state_bytes(learner.policy.model, learner.optimizer),
         "weights": learner.weight_update(complete=True).tensors,
+        "streamed": learner.weight_update(dtype="bfloat16", bucket_bytes=2**17).buckets,  # full weights: in buckets
         "logprobs": learner.logprobs(last),
         "digest": learner.parameter_digest(),
     }
@@ -106,7 +107,7 @@ def _rank(rank: int, world: int, port: int, model_path: str, case: str, sharding
     if rank == 0:
         torch.save(result, out)
     else:
-        torch.save({"bytes": result["bytes"], "weights": result["weights"]}, f"{out}.rank{rank}")
+        torch.save({"bytes": result["bytes"], "weights": result["weights"], "streamed": result["streamed"]}, f"{out}.rank{rank}")
     dist.destroy_process_group()
 
 
@@ -166,7 +167,11 @@ def test_two_fsdp_ranks_train_as_one_unsharded_learner(tiny_model_path, tmp_path
     sharded, other = run_ranks(tmp_path, tiny_model_path, case, "fsdp")
     single = single_learner(tiny_model_path, case)
     assert_same_training(sharded, single, *((1e-2, 1e-3, 2e-2) if "bf16" in case else (1e-3, 1e-5, 1e-4)))
-    assert other["weights"] == {}  # the whole tensors went to rank 0 only
+    assert other["weights"] == {} and other["streamed"] == ()  # the whole tensors went to rank 0 only
+    if case == "full":  # streamed in buckets as gathered: the same weights, in the generators' dtype
+        streamed = {name: t for bucket in sharded["streamed"] for name, t in bucket.items()}
+        assert len(sharded["streamed"]) > 2 and streamed.keys() == sharded["weights"].keys()
+        assert all(torch.equal(t, sharded["weights"][name].to(torch.bfloat16)) for name, t in streamed.items())
     # resume: the checkpoint before the last step, loaded into the same ranks, repeats it exactly
     for key, tensor in sharded["weights"].items():
         assert torch.equal(sharded["replayed"][key], tensor), key

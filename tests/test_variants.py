@@ -65,10 +65,14 @@ def test_variant_runs_through_raylight_train(ray_cluster, tiny_model_path, tmp_p
 
 @pytest.mark.slow
 def test_full_weight_training_reaches_vllm(ray_cluster, tiny_model_path, tmp_path):
-    """Full-weight updates go to vLLM through reload_weights: after training, the generator's
-    sampled-token log-probs equal the learner's (the whole model moved, not an adapter)."""
-    from helpers import spread_reward
+    """Full-weight updates go to vLLM through reload_weights, streamed in buckets (128 KiB here:
+    a bucket per decoder layer): after training, the generator's sampled-token log-probs equal the
+    learner's (the whole model moved, not an adapter). The buckets belong to the learner
+    that made them: once it is gone, a generator's load of them is a ``WeightUpdateLost``
+    (which the driver answers by rebuilding the learners), not a generator's fault."""
+    from helpers import kill_actor, spread_reward
 
+    from actors.generator import WeightUpdateLost
     from cluster.config import load_config
     from cluster.loop.driver import Trainer
     from cluster.keeping.rundir import RunDir
@@ -76,7 +80,7 @@ def test_full_weight_training_reaches_vllm(ray_cluster, tiny_model_path, tmp_pat
 
     config = load_config("configs/tiny.yaml", [
         f"model.path={tiny_model_path}", "model.train=full", "algorithm.lr=1e-3", "algorithm.kl_coef=0.0",
-        "eval.at_start=false", "eval.n=4", "run.save_rollouts=false",
+        "eval.at_start=false", "eval.n=4", "run.save_rollouts=false", "learner.weight_bucket_mb=0.125",
     ])
     trainer = Trainer(config, RunDir(tmp_path / "run"), scorer=spread_reward)
     try:
@@ -95,8 +99,16 @@ def test_full_weight_training_reaches_vllm(ray_cluster, tiny_model_path, tmp_pat
         from transformers import AutoModelForCausalLM
 
         saved = AutoModelForCausalLM.from_pretrained(trainer.run_dir.final_adapter).state_dict()
-        for name, tensor in trainer.crew.learners.weight_update().tensors.items():
+        whole = trainer.crew.learners.weight_update().tensors
+        for name, tensor in whole.items():
             torch.testing.assert_close(saved[name], tensor, rtol=0, atol=0)
+        streamed = trainer.crew.learners.weight_update_ref(streamed=True)
+        buckets = [ray_cluster.get(bucket) for bucket in ray_cluster.get(streamed).buckets]
+        assert len(buckets) == 4 and {name for bucket in buckets for name in bucket} == set(whole)
+        kill_actor(trainer.crew.learners.actors[0])
+        with pytest.raises(WeightUpdateLost, match="could not fetch the weight update"):
+            trainer.crew.generators.broadcast(streamed, trainer.run.policy)
+        assert trainer.crew.generators.stats["faults/generator_restarts"] == 0
     finally:
         trainer.shutdown()
 

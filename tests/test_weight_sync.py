@@ -13,6 +13,7 @@ import torch
 from cluster.loop.wiring import engine_settings
 from contracts import SamplingSettings
 from helpers import ROOT, engine_gap, make_learner
+from learners.learner import layer_of
 from learners.policy import LoraSettings
 from rollout import engines
 from rollout.engines import IN_MEMORY, EngineSettings, build_engine, concrete
@@ -90,3 +91,47 @@ def test_model_weights_travel_in_the_generators_dtype_and_adapters_in_their_own(
     assert update_dtype(load_config(tiny, ["generator.dtype=auto"])) is None  # each CPU engine decides by its node
     assert update_dtype(load_config(tiny, ["generator.dtype=float32"])) == "float32"
     assert update_dtype(load_config(tiny, ["generator.dtype=auto", "generator.num_gpus=1"])) == "bfloat16"
+
+
+def test_model_weights_stream_in_buckets_that_rebuild_the_update(tiny_model_path):
+    """``bucket_bytes``: the same tensors as the one-piece update, cut into buckets of at least
+    that many bytes, never inside a decoder layer (vLLM loads fused q/k/v and gate/up matrices
+    whole), each handed to ``keep`` as it fills; the attention controls go with the last piece
+    only. Adapters stay one piece."""
+    full = make_learner(tiny_model_path, None)
+    whole = full.weight_update(dtype="bfloat16").tensors
+    kept = []
+    update = full.weight_update(dtype="bfloat16", bucket_bytes=2**17, keep=lambda bucket: kept.append(bucket) or len(kept) - 1)
+    assert update.tensors == {} and update.buckets == tuple(range(len(kept))) and len(kept) == 4  # embeddings, 2 layers, norm
+    assert all(sum(t.numel() * t.element_size() for t in bucket.values()) >= 2**17 for bucket in kept[:-1])
+    layers = [{layer_of(name) for name in bucket} for bucket in kept]
+    assert all(not (a & b) for i, a in enumerate(layers) for b in layers[i + 1 :]) and {"model.layers.0", "model.layers.1"} <= set().union(*layers)
+    assert [len(b) for b in kept[1:3]] == [9, 9] and [layer_of(n) for n in kept[1]] == ["model.layers.0"] * 9
+    assert [name for bucket in kept for name in bucket] == list(whole)  # each weight once, in order
+    assert all(torch.equal(bucket[name], whole[name]) for bucket in kept for name in bucket)
+    scaled = dataclasses.replace(update, buckets=tuple(kept), controls={"scales": torch.ones(2)})
+    pieces = list(scaled.pieces())
+    assert [p.tensors for p in pieces] == kept and [bool(p.controls) for p in pieces] == [False] * (len(kept) - 1) + [True]
+    lora = make_learner(tiny_model_path, LoraSettings(rank=4, alpha=8))
+    assert lora.weight_update(bucket_bytes=1024).buckets == ()
+
+
+def test_a_generator_loads_a_streamed_update_bucket_by_bucket(tiny_model_path):
+    """The HF engine loads each bucket in turn and then serves the learner's weights: its
+    log-probs of sampled tokens equal the learner's."""
+    from rollout.generator import Generator
+
+    learner = make_learner(tiny_model_path, None)
+    with torch.no_grad():
+        for p in learner.policy.model.parameters():
+            p.add_(torch.randn_like(p), alpha=0.02)
+    generator = Generator(tiny_model_path, EngineSettings(engine="hf", dtype="float32"), seed=0, max_lora_rank=8)
+    loaded = []
+    engine_load = generator.engine.load_weights
+    generator.engine.load_weights = lambda piece: loaded.append(len(piece.tensors)) or engine_load(piece)
+    update = learner.weight_update(bucket_bytes=2**17)
+    generator.load_weights(update)
+    assert len(loaded) == len(update.buckets) > 2 and sum(loaded) == len(learner.weight_update().tensors)
+    prompts = [[1, 5, 9, 13, 17], [2, 4, 6, 8]]
+    completions = [c for group in generator.engine.generate(prompts, SamplingSettings(n=2, temperature=1.0, top_p=1.0, max_tokens=8, seed=1)) for c in group]
+    assert engine_gap(learner, prompts, completions) < 1e-4

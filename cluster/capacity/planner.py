@@ -19,7 +19,7 @@ import math
 from dataclasses import dataclass, field
 
 from cluster.capacity import memory as m
-from cluster.capacity.shapes import ModelShape, linear_shapes, lora_parameter_count, modules_parameter_count, parameter_count
+from cluster.capacity.shapes import ModelShape, layer_parameters, linear_shapes, lora_parameter_count, modules_parameter_count, parameter_count
 from cluster.config import Config
 from learners.policy import eager_attention_fits
 
@@ -317,7 +317,9 @@ def update_bytes(config: Config, shape: ModelShape, gen_bytes: int, learner_weig
     either way vLLM's layerwise reload then materialises the reloaded layers anew before
     copying them into its own tensors: one more copy in the engine's dtype (measured: the
     0.5B engine grew by 7.6 bytes per adapted parameter on loading, SmolLM2's by 8.6; counted
-    4 + 2 x 2). A vLLM LoRA holds the adapter (fp32 as sent, and per adapter slot)."""
+    4 + 2 x 2). Model weights come in buckets of ``learner.weight_bucket_mb`` (whole decoder
+    layers), loaded one at a time: only one bucket's weights are held so. A vLLM LoRA holds
+    the adapter (fp32 as sent, and per adapter slot)."""
     if config.model.train == "lora":
         adapter = lora_parameter_count(shape, config.lora.rank, config.lora.target_modules) * 4
         if adapter_mode(config, on_gpu) == "lora":
@@ -328,7 +330,9 @@ def update_bytes(config: Config, shape: ModelShape, gen_bytes: int, learner_weig
     trained = parameter_count(shape) if config.model.train == "full" else modules_parameter_count(shape, config.model.trainable_modules)
     # sent in the generators' dtype where the driver knows it (cluster.loop.wiring.update_dtype)
     sent = gen_bytes if config.generator.dtype != "auto" or on_gpu else learner_weight_bytes
-    return trained * (sent + 2 * gen_bytes)
+    bucket = config.learner.weight_bucket_mb * 2**20
+    held = trained if bucket <= 0 else min(trained, bucket / sent + layer_parameters(shape))  # a bucket ends after a whole layer
+    return held * (sent + 2 * gen_bytes)
 
 
 def sequences_per_generator(config: Config) -> int:
