@@ -122,11 +122,17 @@ class ArithmeticTask:
         """``n`` distinct held-out problems, the same for every run of this difficulty."""
         problems: dict[str, Problem] = {}
         stream = self._problems(split, seed=10_007)
+        repeats = 0
         for _ in range(200 * n):
             problem = next(stream)
+            repeats = repeats + 1 if problem.uid in problems else 0
             problems.setdefault(problem.uid, problem)
             if len(problems) == n:
                 return list(problems.values())
+            # k problems found and 20 (k + 1) draws in a row repeat them: were there one more,
+            # a draw would miss it with odds under e^-20
+            if repeats > 20 * (len(problems) + 1):
+                break
         raise ValueError(f"difficulty has fewer than {n} distinct held-out problems ({len(problems)} found)")
 
     def problems(self, split: str) -> Iterator[Problem]:
