@@ -103,6 +103,7 @@ class _Call:
     sent: float
     expect: PolicyRef | None  # the policy the generator must serve for this call (None: unknown)
     request: Request | None = None  # None for a weight load
+    update: ray.ObjectRef | None = None  # a weight load's update
 
 
 @dataclasses.dataclass
@@ -264,12 +265,12 @@ class GeneratorPool:
         epoch = self.slots[rank].epoch
         return sorted((c for c in self._calls.values() if c.rank == rank and c.epoch == epoch), key=lambda c: c.sent)
 
-    def _track(self, rank: int, ref: ray.ObjectRef, expect: PolicyRef | None, request: Request | None = None) -> None:
+    def _track(self, rank: int, ref: ray.ObjectRef, expect: PolicyRef | None, request: Request | None = None, update: ray.ObjectRef | None = None) -> None:
         slot = self.slots[rank]
         now = time.monotonic()
         if not self._outstanding(rank):
             slot.mark = now  # an idle generator starts this call now
-        self._calls[ref] = _Call(rank, slot.epoch, ref, now, expect, request)
+        self._calls[ref] = _Call(rank, slot.epoch, ref, now, expect, request, update)
 
     def _send(self, request: Request, rank: int) -> None:
         slot = self.slots[rank]
@@ -282,7 +283,7 @@ class GeneratorPool:
         update, policy = self._update
         slot = self.slots[rank]
         slot.sent = policy
-        self._track(rank, slot.handle.load_weights.remote(update), policy)
+        self._track(rank, slot.handle.load_weights.remote(update), policy, update=update)
 
     def poll(self, timeout: float) -> None:
         """Collect finished calls (waiting up to ``timeout`` for one), then check deadlines."""
@@ -306,13 +307,17 @@ class GeneratorPool:
             slot = self.slots[call.rank]
             try:
                 value = ray.get(ref)
-            except ObjectLostError as exc:  # a bucket of a streamed update: the learner that put it is gone
-                raise WeightUpdateLost(f"generator {call.rank} could not fetch the weight update: {exc}") from exc
             except RayActorError as exc:
                 if exc.actor_id not in (None, slot.handle._actor_id.hex()):
-                    # an argument's maker died: the weight update's learner, not this generator
-                    raise WeightUpdateLost(f"generator {call.rank} could not fetch the weight update: {exc}") from exc
-                self._replace(call.rank, f"died ({type(exc).__name__})", call)
+                    self._update_lost(call, exc)  # an argument's maker died: the update's learner, not this generator
+                else:
+                    self._replace(call.rank, f"died ({type(exc).__name__})", call)
+                return
+            except ObjectLostError as exc:
+                if call.request is None:
+                    self._update_lost(call, exc)  # a bucket of a streamed update: the learner that put it is gone
+                else:
+                    self._replace(call.rank, f"lost its result ({type(exc).__name__})", call)
                 return
             slot.mark, slot.up, self._down_since = time.monotonic(), True, None
             served = value if call.request is None else (value[0][0].policy if value[0] else call.expect)
@@ -324,6 +329,17 @@ class GeneratorPool:
                 samples, started, finished = value
                 call.request.samples = samples
                 self.intervals.append((call.rank, started, finished))
+
+    def _update_lost(self, call: _Call, exc: Exception) -> None:
+        """A weight load failed because its update is gone with the learner that made it. An
+        older update's load is dropped: the newest is queued behind it on that generator (a
+        recovery's broadcast finds the lost update's other loads so). The newest's is the
+        run's to answer: ``WeightUpdateLost`` (the driver rebuilds the learners, whose restored
+        policy is broadcast anew)."""
+        if self._update is not None and call.update != self._update[0]:
+            logger.info("generator %d: the load of an older policy (%s) failed, its update gone with its learner: the newest follows", call.rank, call.expect)
+            return
+        raise WeightUpdateLost(f"generator {call.rank} could not fetch the weight update: {exc}") from exc
 
     def _reload(self, call: _Call, served: PolicyRef) -> None:
         """Generator ``call.rank`` serves ``served``, not the policy it was sent: send it the

@@ -163,8 +163,8 @@ class LearnerGroupSettings:
     threads: int = 0  # torch threads per learner (0: every core, divided among the learners)
     gradient_checkpointing: bool = False  # recompute activations in the backward pass: less memory, ~1/3 more compute
     resources: dict[str, float] = field(default_factory=dict)  # custom Ray resources per learner (pins them to nodes)
-    # model.train=full: the weights stream to the generators in buckets of this many MB, and
-    # neither the learner nor a generator holds more than one at a time (0: all in one piece)
+    # model weights (model.train: full or modules) stream to the generators in buckets of this
+    # many MB; the learner and each generator process hold one at a time (0: all in one piece)
     weight_bucket_mb: float = 512.0
     call_timeout_s: float = 1800.0  # a learner call (a step, a checkpoint) or collective running longer: the rank is lost
     heartbeat_s: float = 30.0  # a rank that does not answer a ping for this long while it works is frozen: lost

@@ -558,8 +558,16 @@ class Learner:
         items = self.policy.weight_items(complete, self.layout.whole, cast)
         if kind == "lora" or bucket_bytes <= 0:
             return WeightUpdate(self.policy_ref, dict(items), self.policy.adapter_config(), kind, controls)
-        buckets = tuple((keep or dict)(bucket) for bucket in in_buckets(items, bucket_bytes))
-        return WeightUpdate(self.policy_ref, {}, self.policy.adapter_config(), kind, controls, buckets)
+        kept = []
+        try:
+            for bucket in in_buckets(items, bucket_bytes):
+                kept.append((keep or dict)(bucket))
+                del bucket  # before the next one fills
+        except BaseException:
+            for _ in items:  # the other ranks wait in this gather's collectives: finish them
+                pass
+            raise
+        return WeightUpdate(self.policy_ref, {}, self.policy.adapter_config(), kind, controls, tuple(kept))
 
 
 def in_buckets(items, bucket_bytes: int):
@@ -580,6 +588,7 @@ def in_buckets(items, bucket_bytes: int):
 
 
 def layer_of(name: str) -> str:
-    """The decoder layer a weight belongs to (``model.layers.3``), else its module."""
-    match = re.match(r"(.*\.layers\.\d+)\.", name)
+    """The numbered block a weight belongs to (a decoder layer: ``model.layers.3``,
+    ``transformer.h.3``), else its module."""
+    match = re.match(r"(.*?\.\d+)\.", name)  # the first number: a layer's experts stay with it
     return match.group(1) if match else name.rpartition(".")[0]

@@ -6,6 +6,7 @@ A plain object; ``actors.generator`` wraps it as the Ray generator actor.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import functools
 import logging
 import time
@@ -65,10 +66,19 @@ class Generator:
             raise RuntimeError(f"generator {self.rank} is asleep (its memory is lent to the learner): wake it before it can {doing}")
 
     def load_weights(self, update: WeightUpdate) -> PolicyRef:
-        """Serve ``update`` from now on; returns the policy now live."""
+        """Serve ``update`` from now on; returns the policy now live. A load that fails part
+        way (a streamed update's bucket lost) leaves a mix of two policies' weights: until the
+        next load, the generator tags its samples with an unknown version (-1), which the pool
+        never accepts as the policy it sent."""
         self._awake("load weights")
-        for piece in update.pieces(self._fetch):  # a streamed update: one bucket in memory at a time
-            self.engine.load_weights(piece)
+        try:
+            for piece in update.pieces(self._fetch):  # a streamed update: one bucket in memory at a time
+                self.engine.load_weights(piece)
+                del piece
+        except BaseException:
+            if self.policy is not None:
+                self.policy = dataclasses.replace(self.policy, version=-1)
+            raise
         self.policy = update.policy
         self._record("load weights")
         return self.policy

@@ -131,6 +131,21 @@ def kill_actor(handle, timeout_s: float = 30.0) -> None:
         time.sleep(0.1)
 
 
+def wait_until_lost(ref, timeout_s: float = 30.0) -> None:
+    """Return once ``ref``'s object is gone with its owner: for a while after the owner's
+    process exits, the node's object store may still hand it out."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            ray.get(ref, timeout=5)
+        except ray.exceptions.ObjectLostError:
+            return
+        assert time.monotonic() < deadline, f"{ref} is still readable {timeout_s:.0f} s after its owner died"
+        time.sleep(0.2)
+
+
 def make_learner(model_path: str, lora: LoraSettings | None, **settings) -> Learner:
     return Learner(learner_settings(model_path, lora, **settings))
 

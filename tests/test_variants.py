@@ -70,7 +70,7 @@ def test_full_weight_training_reaches_vllm(ray_cluster, tiny_model_path, tmp_pat
     learner's (the whole model moved, not an adapter). The buckets belong to the learner
     that made them: once it is gone, a generator's load of them is a ``WeightUpdateLost``
     (which the driver answers by rebuilding the learners), not a generator's fault."""
-    from helpers import kill_actor, spread_reward
+    from helpers import kill_actor, spread_reward, wait_until_lost
 
     from actors.generator import WeightUpdateLost
     from cluster.config import load_config
@@ -106,6 +106,7 @@ def test_full_weight_training_reaches_vllm(ray_cluster, tiny_model_path, tmp_pat
         buckets = [ray_cluster.get(bucket) for bucket in ray_cluster.get(streamed).buckets]
         assert len(buckets) == 4 and {name for bucket in buckets for name in bucket} == set(whole)
         kill_actor(trainer.crew.learners.actors[0])
+        wait_until_lost(ray_cluster.get(streamed).buckets[0])
         with pytest.raises(WeightUpdateLost, match="could not fetch the weight update"):
             trainer.crew.generators.broadcast(streamed, trainer.run.policy)
         assert trainer.crew.generators.stats["faults/generator_restarts"] == 0

@@ -4,10 +4,12 @@ the ``adapter_mode: auto`` choice (lora on GPUs, merged on CPUs and for full wei
 from __future__ import annotations
 
 import dataclasses
+import sys
 import tempfile
 from pathlib import Path
 
 import pytest
+import ray
 import torch
 
 from cluster.loop.wiring import engine_settings
@@ -17,6 +19,9 @@ from learners.learner import layer_of
 from learners.policy import LoraSettings
 from rollout import engines
 from rollout.engines import IN_MEMORY, EngineSettings, build_engine, concrete
+
+# Ray workers cannot import this test module: ship its classes by value
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 
 def test_auto_is_lora_on_a_gpu_and_merged_on_a_cpu(monkeypatch):
@@ -135,3 +140,56 @@ def test_a_generator_loads_a_streamed_update_bucket_by_bucket(tiny_model_path):
     prompts = [[1, 5, 9, 13, 17], [2, 4, 6, 8]]
     completions = [c for group in generator.engine.generate(prompts, SamplingSettings(n=2, temperature=1.0, top_p=1.0, max_tokens=8, seed=1)) for c in group]
     assert engine_gap(learner, prompts, completions) < 1e-4
+
+
+class _BucketMaker:
+    """Puts a model's weights in the object store as a streamed update's buckets, as a learner
+    actor does (the buckets are this actor's: lost with it)."""
+
+    def __init__(self, path: str):
+        from learners.policy import Policy
+
+        self.weights = Policy(path, None).weight_state(complete=True)
+
+    def update(self, policy):
+        import ray
+
+        from contracts import WeightUpdate
+        from learners.learner import in_buckets
+
+        return WeightUpdate(policy, {}, {}, "full", buckets=tuple(ray.put(b) for b in in_buckets(self.weights.items(), 2**17)))
+
+
+@pytest.mark.slow
+def test_a_streamed_update_lost_with_its_maker_is_the_runs_to_answer_and_a_newer_one_loads(ray_cluster, tiny_model_path):
+    """Once the actor that put the buckets is gone, loading them is a ``WeightUpdateLost`` (the
+    run rebuilds its learners), never a generator's fault; the other generator's load of the
+    lost update, still pending then, is dropped when the newer update comes, and both
+    generators serve the newer one."""
+    from actors.generator import GeneratorPool, WeightUpdateLost
+    from cluster.config import load_config
+    from cluster.loop.wiring import start_generator
+    from contracts import PolicyRef, Problem, Prompt, WeightUpdate
+    from helpers import kill_actor, wait_until_lost
+    from learners.policy import Policy
+
+    config = load_config("configs/tiny.yaml", [f"model.path={tiny_model_path}", "generator.engine=hf", "generator.num_generators=2"])
+    start = lambda rank, asleep: start_generator(config, tiny_model_path, rank=rank, asleep=asleep)  # noqa: E731
+    pool = GeneratorPool([start(0, False), start(1, False)], config.generator, factory=start)
+    maker = ray_cluster.remote(num_cpus=0)(_BucketMaker).remote(tiny_model_path)
+    try:
+        lost = maker.update.remote(PolicyRef("default", 1))
+        buckets = ray_cluster.get(lost).buckets
+        assert len(buckets) == 4
+        kill_actor(maker)
+        wait_until_lost(buckets[0])
+        with pytest.raises(WeightUpdateLost, match="could not fetch the weight update"):
+            pool.broadcast(lost, PolicyRef("default", 1))
+        newer = WeightUpdate(PolicyRef("default", 2), Policy(tiny_model_path, None).weight_state(complete=True), {}, "full")
+        pool.broadcast(ray_cluster.put(newer), newer.policy)
+        assert pool.stats["faults/generator_restarts"] == 0
+        prompt = Prompt(Problem(uid="p", question="2+2", answer="4"), "2+2", (1, 2, 3))
+        samples = [s for _ in range(4) for s in pool.generate([prompt], SamplingSettings(n=2, temperature=1.0, top_p=1.0, max_tokens=4))]
+        assert {s.policy for s in samples} == {newer.policy}
+    finally:
+        pool.kill()

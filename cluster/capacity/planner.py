@@ -331,7 +331,8 @@ def update_bytes(config: Config, shape: ModelShape, gen_bytes: int, learner_weig
     # sent in the generators' dtype where the driver knows it (cluster.loop.wiring.update_dtype)
     sent = gen_bytes if config.generator.dtype != "auto" or on_gpu else learner_weight_bytes
     bucket = config.learner.weight_bucket_mb * 2**20
-    held = trained if bucket <= 0 else min(trained, bucket / sent + layer_parameters(shape))  # a bucket ends after a whole layer
+    # a bucket ends after a whole layer, or after the embeddings or the head (larger, in Llama 3 and Qwen)
+    held = trained if bucket <= 0 else min(trained, bucket / sent + max(layer_parameters(shape), shape.vocab_size * shape.hidden_size))
     return held * (sent + 2 * gen_bytes)
 
 
