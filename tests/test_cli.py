@@ -1,5 +1,6 @@
 """The command line: argument order, help, and config errors that name the culprit."""
 
+import json
 import subprocess
 import sys
 
@@ -50,14 +51,22 @@ def test_eval_names_an_adapter_folder_it_cannot_use(capsys, tmp_path):
 
 def test_bench_learner_times_variants_against_grpo(capsys):
     """The learner benchmark on the tiny model: one JSON line, GRPO as the 1.0 baseline."""
-    import json
-
     assert main(["bench", "learner", "--model", "tiny", "--rows", "4", "--prompt-tokens", "8", "--completion-tokens", "4",
                  "--steps", "1", "--variants", "grpo", "ppo-gae-critic"]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["benchmark"] == "learner" and result["ratio_to_grpo"]["grpo"] == 1.0 and result["baseline_drift"] > 0
     assert set(result["seconds_per_step"]) == {"grpo", "ppo-gae-critic"}
     assert all(v > 0 for v in result["seconds_per_step"].values())
+
+
+@pytest.mark.slow
+def test_bench_stream_loads_the_weights_bucket_by_bucket(capsys):
+    """In a fresh engine: the tiny model's weights in one bucket per decoder layer (plus the
+    embeddings and the final norm), with the load's time and the memory it added."""
+    assert main(["bench", "stream", "--model", "tiny", "--bucket-mb", "0.125"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert [(r["bucket_mb"], r["buckets"]) for r in result["rows"]] == [(0.125, 4)]
+    assert result["rows"][0]["load_s"] > 0 and result["rows"][0]["added_gib"] >= 0 and result["weights_gib"] > 0
 
 
 def test_bench_learner_rejects_unknown_variant(capsys):
@@ -70,8 +79,6 @@ def test_bench_step_reports_spans_throughput_and_memory_per_role(capsys, ray_clu
     """`raylight bench step` on the tiny config: per-span medians that add up to at most the
     step, both tokens-per-second figures, every process role's peak memory, and the same
     engine timed in-process beside the generator."""
-    import json
-
     assert main(["bench", "step", "configs/tiny.yaml", f"model.path={tiny_model_path}", "--steps", "3"]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["benchmark"] == "step" and result["steps_timed"] == 2

@@ -13,6 +13,10 @@ and the peak memory of every process role, and the generator against the same en
 ``raylight bench sync``: merged against in-memory LoRA weight sync into the vLLM engine, per
 model and adapter rank: seconds per adapter load and per step's generation on fixed work.
 
+``raylight bench stream``: a full-weight update loaded into the vLLM engine in one piece
+against in buckets (``learner.weight_bucket_mb``), each in a fresh process: seconds and the
+peak memory the load adds.
+
 ``raylight bench learner``: the cost of one learner step for each algorithm variant against
 plain GRPO, in the same process, on the same synthetic batch (what a critic, a reference pass,
 importance-sampling recomputation or extra PPO epochs cost).
@@ -657,6 +661,96 @@ def bench_sync(models: list[str], ranks: list[int], n_prompts: int = 8, n: int =
                             "step_lora_over_merged": round(by[m, k, "lora"]["step_s"] / max(by[m, k, "merged"]["step_s"], 1e-4), 3)}
               for m in models for k in ranks}  # fmt: skip
     return {"benchmark": "sync", "rows": rows, "ratios": ratios}
+
+
+# -- raylight bench stream: full weights in one piece against in buckets ------------------------
+
+
+def bench_stream(model: str, bucket_mbs: list[float], dtype: str = "bfloat16") -> dict:
+    """The model's weights (``dtype``, what a learner sends to bf16 generators) loaded into the
+    in-process vLLM engine as a full-weight update, once per bucket size (0: one piece), each
+    in a fresh process: the load's seconds and the most memory it adds above the process's
+    memory just before it (sampled every 2 ms). Each bucket is read from its own file when
+    the engine reaches it, as a generator actor fetches it from the object store."""
+    import concurrent.futures
+    import multiprocessing
+    import tempfile
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from learners.learner import in_buckets
+
+    path = str(resolve_model(model))
+    weights = {}
+    for file in sorted(Path(path).glob("*.safetensors")):
+        weights |= {name: t.to(getattr(torch, dtype)) for name, t in load_file(file).items()}
+    weights = {name: weights[name] for name in sorted(weights, key=_layer_order)}  # as named_parameters gives them
+    spawn = multiprocessing.get_context("spawn")
+    rows = []
+    with tempfile.TemporaryDirectory() as folder:
+        for bucket_mb in bucket_mbs:
+            files = []
+            buckets = in_buckets(weights.items(), int(bucket_mb * 2**20)) if bucket_mb > 0 else [weights]
+            for i, bucket in enumerate(buckets):
+                files.append(f"{folder}/{bucket_mb}-{i}.safetensors")
+                save_file(bucket, files[-1])
+            with concurrent.futures.ProcessPoolExecutor(1, mp_context=spawn) as pool:  # a fresh process: its own memory
+                measured = pool.submit(_streamed_load, path, tuple(files), dtype).result()
+            row = {"model": model, "bucket_mb": bucket_mb, "buckets": len(files), **measured}
+            logger.info("bench stream: %s", row)
+            rows.append(row)
+    whole = next((r for r in rows if r["bucket_mb"] == 0), rows[0])
+    return {"benchmark": "stream", "dtype": dtype, "weights_gib": round(sum(t.numel() * t.element_size() for t in weights.values()) / 2**30, 3), "rows": rows,
+            "added_memory_over_one_piece": {r["bucket_mb"]: round(r["added_gib"] / max(whole["added_gib"], 1e-6), 3) for r in rows},
+            "seconds_over_one_piece": {r["bucket_mb"]: round(r["load_s"] / max(whole["load_s"], 1e-6), 3) for r in rows}}  # fmt: skip
+
+
+def _layer_order(name: str) -> tuple:
+    """Embeddings, then the decoder layers in order, then the rest: a learner's parameter order."""
+    import re
+
+    match = re.match(r".*\.layers\.(\d+)\.", name)
+    return (1, int(match.group(1)), name) if match else (0 if "embed" in name else 2, 0, name)
+
+
+class _FileBuckets(Generator):
+    """A generator whose streamed update's buckets are files, read when the engine reaches each."""
+
+    def _fetch(self, bucket: str) -> dict:
+        from safetensors.torch import load_file
+
+        return load_file(bucket)
+
+
+def _streamed_load(path: str, files: tuple[str, ...], dtype: str) -> dict:
+    """Load the buckets in ``files`` as one full-weight update into a fresh engine: seconds,
+    and the peak resident memory above the memory just before the load (GiB)."""
+    import threading
+
+    os.environ.update({"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1"})
+    generator = _FileBuckets(path, EngineSettings(adapter_mode="merged", dtype=dtype, kv_cache_gib=1, max_model_len=512), seed=0, max_lora_rank=8)
+    page = os.sysconf("SC_PAGE_SIZE")
+
+    def resident() -> int:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * page
+
+    before, peak, done = resident(), [0], threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            peak[0] = max(peak[0], resident())
+            time.sleep(0.002)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    started = time.perf_counter()
+    generator.load_weights(WeightUpdate(PolicyRef("default", 1), {}, {}, "full", buckets=files))
+    seconds = time.perf_counter() - started
+    done.set()
+    sampler.join()
+    return {"load_s": round(seconds, 3), "added_gib": round((max(peak[0], resident()) - before) / 2**30, 3), "before_gib": round(before / 2**30, 3)}
 
 
 # -- raylight bench plan: the capacity planner's predictions against measured peaks ------------

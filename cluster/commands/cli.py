@@ -153,6 +153,10 @@ def _bench(args: argparse.Namespace) -> int:
         result = bench_reward(args.config, args.rounds, args.overrides)
     elif args.bench == "sync":
         result = bench_sync(args.models, args.ranks, args.prompts, args.n, args.max_tokens)
+    elif args.bench == "stream":
+        from cluster.commands.bench import bench_stream
+
+        result = bench_stream(args.model, args.bucket_mb, args.dtype)
     elif args.bench == "plan":
         from cluster.commands.bench import bench_plan
 
@@ -304,6 +308,12 @@ def build_parser() -> argparse.ArgumentParser:
     syn.add_argument("--n", type=int, default=4, help="samples per prompt")
     syn.add_argument("--max-tokens", type=int, default=32, help="tokens of every completion (fixed work)")
     syn.set_defaults(func=_bench)
+
+    stm = which.add_parser("stream", help="a full-weight update loaded into vLLM in one piece vs in buckets: seconds and memory added")
+    stm.add_argument("--model", default="random-qwen2.5-0.5b", help="model name or folder")
+    stm.add_argument("--bucket-mb", nargs="+", type=float, default=[0, 64], help="bucket sizes (MB; 0: one piece)")
+    stm.add_argument("--dtype", default="bfloat16", help="the weights' and the engine's dtype")
+    stm.set_defaults(func=_bench)
 
     pln = which.add_parser("plan", help="the capacity planner's predicted peak memory of a learner and a generator vs measured, per model")
     pln.add_argument("--models", nargs="+", default=["tiny", "smollm2", "random-qwen2.5-0.5b"], help="model names or folders")
