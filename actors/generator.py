@@ -39,6 +39,7 @@ from ray.exceptions import ObjectLostError, RayActorError, RayTaskError
 
 from contracts import PolicyRef, Prompt, Sample, SamplingSettings
 from rollout import generator
+from rollout.engines import SLEEP_PARTS
 from rollout.generator import BASE_POLICY
 
 logger = logging.getLogger(__name__)
@@ -216,12 +217,17 @@ class GeneratorPool:
             self.poll(1.0)
 
     def broadcast(self, update: ray.ObjectRef, policy: PolicyRef) -> None:
-        """Push and wait (synchronous mode, start, resume, rollback); sleeping generators are
-        woken first (an asleep engine cannot load weights)."""
-        if self.asleep:
-            self.wake()
+        """Push and wait (synchronous mode, start, resume, rollback). Sleeping generators wake
+        in verl's order: the weights, the load, then the KV cache, so that the load's transient
+        buffers never compete with the KV cache for the device."""
+        staged = self.asleep
+        if staged:
+            self.wake(("weights",))
         self.push(update, policy)
         self.confirm()
+        if staged:
+            self.wake(("kv_cache",))
+            self.confirm()  # a generator replaced meanwhile is built at this wake, and loads now
 
     def sleep(self) -> None:
         """Every generator hands its device memory over (colocated sleep mode), and waits. A
@@ -229,12 +235,15 @@ class GeneratorPool:
         self.asleep = True
         self._each("sleep", lambda handle: handle.sleep.remote())
 
-    def wake(self) -> None:
-        """Every generator takes its memory back, and waits; those replaced while asleep
-        build their engines now and then load the newest policy."""
-        self.asleep = False
+    def wake(self, parts: tuple[str, ...] = SLEEP_PARTS) -> None:
+        """Every generator takes its memory back (or ``parts`` of it: the pool stays asleep
+        until the KV cache is back), and waits; once awake, those replaced while asleep, whose
+        engines are built at the wake, load the newest policy."""
+        self.asleep = "kv_cache" not in parts
         # a generator replaced while asleep builds its engine now: it has its start-up time too
-        self._each("wake", lambda handle: handle.wake.remote(), self.settings.call_timeout_s + self.settings.startup_s)
+        self._each("wake", lambda handle: handle.wake.remote(parts), self.settings.call_timeout_s + self.settings.startup_s)
+        if self.asleep:
+            return
         with self._lock:
             if not any(slot.up for slot in self.slots) and self._down_since is None:
                 self._down_since = time.monotonic()

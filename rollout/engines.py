@@ -153,6 +153,10 @@ class EngineSettings:
     sleep_level: Literal[1, 2] = 1
 
 
+# what an engine in sleep mode releases, and takes back in this order (vLLM's sleep-mode tags)
+SLEEP_PARTS = ("weights", "kv_cache")
+
+
 class GenerationEngine(Protocol):
     def generate(self, prompt_token_ids: Sequence[Sequence[int]], sampling: SamplingSettings, base: bool = False) -> list[list[Completion]]:
         """``n`` completions for each prompt, in prompt order; ``base``: from the base model
@@ -179,8 +183,9 @@ class GenerationEngine(Protocol):
         ``wake``; for a learner sharing the device (colocated placement)."""
         ...
 
-    def wake(self) -> None:
-        """Take the memory back; then the weights are loaded again."""
+    def wake(self, parts: tuple[str, ...] = SLEEP_PARTS) -> None:
+        """Take the memory back, all of it or the ``parts`` named ("weights", "kv_cache"): the
+        weights first, to load new ones before the KV cache takes its share (verl's order)."""
         ...
 
 
@@ -294,8 +299,8 @@ class VLLMEngine:
         comes back with the next full-weight update)."""
         self.llm.sleep(level=self.settings.sleep_level)
 
-    def wake(self) -> None:
-        self.llm.wake_up()
+    def wake(self, parts: tuple[str, ...] = SLEEP_PARTS) -> None:
+        self.llm.wake_up(tags=list(parts))  # fully awake (both parts): vLLM resumes its scheduler
 
     def load_weights(self, update: WeightUpdate) -> None:
         """The update's adapter (or weights), and its attention scales where they changed (the
@@ -452,7 +457,7 @@ class HFEngine:
     def sleep(self) -> None:
         """Nothing to release: this engine computes on the CPU."""
 
-    def wake(self) -> None:
+    def wake(self, parts: tuple[str, ...] = SLEEP_PARTS) -> None:
         """Nothing to take back (see ``sleep``)."""
 
     def load_weights(self, update: WeightUpdate) -> None:

@@ -13,7 +13,7 @@ import time
 
 from contracts import PolicyRef, Prompt, Sample, SamplingSettings, WeightUpdate
 from contracts.footprint import peak_rss_gib
-from rollout.engines import EngineSettings, build_engine
+from rollout.engines import SLEEP_PARTS, EngineSettings, build_engine
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +36,11 @@ class Generator:
         self.engine = None if asleep else self._build()
         self._record("start asleep" if asleep else "start")
         self.policy: PolicyRef | None = None  # nothing served yet
-        self.asleep = asleep
+        self.sleeping = set(SLEEP_PARTS) if asleep else set()  # the parts of its memory lent out
+
+    @property
+    def asleep(self) -> bool:
+        return bool(self.sleeping)
 
     def _record(self, event: str) -> None:
         self.events.append((event, time.time()))
@@ -47,22 +51,24 @@ class Generator:
 
     def sleep(self) -> None:
         """Hand the device's memory over (to a colocated learner) until ``wake``."""
-        if self.engine is not None and not self.asleep:
+        if self.engine is not None and not self.sleeping:
             self.engine.sleep()
-        self.asleep = True
+        self.sleeping = set(SLEEP_PARTS)
         self._record("sleep")
 
-    def wake(self) -> None:
-        """Take the memory back (an engine started asleep is built now)."""
+    def wake(self, parts: tuple[str, ...] = SLEEP_PARTS) -> None:
+        """Take the memory back, all of it or ``parts`` of it (the weights before a load, the
+        KV cache after it); an engine started asleep is built now, whole."""
         if self.engine is None:
             self.engine = self._build()
-        elif self.asleep:
-            self.engine.wake()
-        self.asleep = False
-        self._record("wake")
+            self.sleeping = set()
+        elif woken := tuple(p for p in SLEEP_PARTS if p in parts and p in self.sleeping):
+            self.engine.wake(woken)
+            self.sleeping -= set(woken)
+        self._record("wake" if set(parts) >= set(SLEEP_PARTS) else f"wake {' '.join(parts)}")
 
-    def _awake(self, doing: str) -> None:
-        if self.asleep:
+    def _awake(self, doing: str, needs: tuple[str, ...] = SLEEP_PARTS) -> None:
+        if self.sleeping & set(needs):
             raise RuntimeError(f"generator {self.rank} is asleep (its memory is lent to the learner): wake it before it can {doing}")
 
     def load_weights(self, update: WeightUpdate) -> PolicyRef:
@@ -70,7 +76,7 @@ class Generator:
         way (a streamed update's bucket lost) leaves a mix of two policies' weights: until the
         next load, the generator tags its samples with an unknown version (-1), which the pool
         never accepts as the policy it sent."""
-        self._awake("load weights")
+        self._awake("load weights", needs=("weights",))
         try:
             for piece in update.pieces(self._fetch):  # a streamed update: one bucket in memory at a time
                 self.engine.load_weights(piece)

@@ -91,7 +91,7 @@ def test_a_run_places_its_actors_in_their_bundles_and_completes(ray_cluster, tin
         assert [(p["role"], p["bundle"]) for p in placed] == ([("learner", 0), ("generator", 0)] if layout == "colocated" else [("learner", 0), ("generator", 1)])
         if layout == "colocated":
             metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-            assert all("perf/generator_sleep_seconds" in m and "perf/generator_wake_seconds" in m for m in metrics if m["step"] > 0)
+            assert all("perf/generator_sleep_seconds" in m and "perf/weight_sync_seconds" in m for m in metrics if m["step"] > 0)
             check_hand_over(trainer.crew)
     finally:
         trainer.shutdown()
@@ -104,7 +104,8 @@ def test_a_run_places_its_actors_in_their_bundles_and_completes(ray_cluster, tin
 def check_hand_over(crew) -> None:
     """The colocated hand-over, from the calls the actors recorded: the engine starts (and
     falls asleep) before the learner loads; every learner step runs while the engine sleeps,
-    releases its memory, and only then the engine wakes and loads the new weights."""
+    releases its memory, and only then the engine wakes its weights, loads the new ones and
+    wakes its KV cache."""
     events = sorted(
         [(t, "generator", what) for what, t in ray.get(crew.generators.handles[0].recorded.remote())]
         + [(t, "learner", what) for what, t in ray.get(crew.learners.actors[0].recorded.remote())]
@@ -115,7 +116,32 @@ def check_hand_over(crew) -> None:
     assert len(steps) == 2, order
     for i in steps:
         assert order[i - 1] == "generator sleep", order  # the engine sleeps through the step
-        assert order[i + 1 : i + 4] == ["learner release memory", "generator wake", "generator load weights"], order
+        # verl's order: the weights wake, the new ones load, then the KV cache comes back
+        assert order[i + 1 : i + 5] == ["learner release memory", "generator wake weights", "generator load weights", "generator wake kv_cache"], order
+
+
+def test_a_generator_wakes_its_weights_loads_then_wakes_its_kv_cache(tiny_model_path):
+    """Woken in parts: with only its weights back it loads a policy but refuses to generate;
+    with its KV cache back too it generates from the policy it loaded."""
+    from contracts import PolicyRef, Problem, Prompt, SamplingSettings, WeightUpdate
+    from learners.policy import LoraSettings, Policy
+    from rollout.engines import EngineSettings
+    from rollout.generator import Generator
+
+    generator = Generator(tiny_model_path, EngineSettings(engine="hf", dtype="float32"), seed=0, max_lora_rank=8)
+    policy = Policy(tiny_model_path, LoraSettings(rank=8, alpha=16))
+    generator.sleep()
+    with pytest.raises(RuntimeError, match="asleep"):
+        generator.load_weights(WeightUpdate(PolicyRef("default", 1), policy.weight_state(), policy.adapter_config()))
+    generator.wake(("weights",))
+    assert generator.load_weights(WeightUpdate(PolicyRef("default", 1), policy.weight_state(), policy.adapter_config())) == PolicyRef("default", 1)
+    sampling = SamplingSettings(n=1, temperature=1.0, top_p=1.0, max_tokens=2)
+    prompts = [Prompt(Problem(uid="p", question="2+2", answer="4"), "2+2", (1, 2, 3))]
+    with pytest.raises(RuntimeError, match="asleep .* before it can generate"):
+        generator.generate(prompts, sampling)
+    generator.wake(("kv_cache",))
+    assert not generator.asleep and [s.policy for s in generator.generate(prompts, sampling)] == [PolicyRef("default", 1)]
+    assert [what for what, _ in generator.recorded()] == ["start", "sleep", "wake weights", "load weights", "wake kv_cache"]
 
 
 @pytest.mark.slow

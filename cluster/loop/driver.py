@@ -238,7 +238,8 @@ class Trainer:
     def learn(self, step: int, built: Built | None, timer: StepTimer) -> dict[str, float]:
         """The learner's update on the built batch, by its objective (None: the language model
         does not learn this step), then the new weights to the generators. In sleep mode the
-        colocated generators hand the memory to the learner meanwhile."""
+        colocated generators hand the memory to the learner meanwhile, and the broadcast wakes
+        them: the weights, the load, then the KV cache."""
         if self.config.generator.sleep_mode:
             with timer("generator_sleep"):
                 self.crew.generators.sleep()
@@ -246,13 +247,13 @@ class Trainer:
         with timer("learn"):
             metrics = self.crew.learners.step(built.batch, built.objective) if built is not None and len(built.batch) else EMPTY_LEARN_METRICS
         self.timeline.append(("learn", step, learn_start, time.time()))
-        if self.config.generator.sleep_mode:
-            with timer("generator_wake"):
-                self.crew.generators.wake()
         self.run.policy = self.crew.learners.policy_version()
         with timer("weight_sync"):
             if built is not None:
                 self.publish()
+        if self.crew.generators.asleep:  # nothing was learned, nothing sent: woken whole
+            with timer("generator_wake"):
+                self.crew.generators.wake()
         return metrics
 
     def publish(self) -> None:
