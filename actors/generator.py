@@ -118,6 +118,7 @@ class _Slot:
     sent: PolicyRef | None = None  # the newest policy sent to it (what its next call serves)
     mark: float = dataclasses.field(default_factory=time.monotonic)  # when its running call began, about
     wrong: int = 0  # consecutive reports of a wrong policy
+    dormant: bool = False  # started asleep and not woken since: no engine yet, nothing can be loaded
 
 
 class GeneratorPool:
@@ -240,8 +241,11 @@ class GeneratorPool:
         until the KV cache is back), and waits; once awake, those replaced while asleep, whose
         engines are built at the wake, load the newest policy."""
         self.asleep = "kv_cache" not in parts
+        epochs = [slot.epoch for slot in self.slots]
         # a generator replaced while asleep builds its engine now: it has its start-up time too
         self._each("wake", lambda handle: handle.wake.remote(parts), self.settings.call_timeout_s + self.settings.startup_s)
+        for slot, epoch in zip(self.slots, epochs):
+            slot.dormant = slot.dormant and slot.epoch != epoch  # woken (built), unless replaced during the wake
         if self.asleep:
             return
         with self._lock:
@@ -288,9 +292,11 @@ class GeneratorPool:
         self._track(rank, slot.handle.timed_generate.remote(request.prompts, request.sampling, request.adapter), expect, request)
 
     def _load(self, rank: int) -> None:
-        """Send the newest weights to generator ``rank``."""
+        """Send the newest weights to generator ``rank`` (a dormant one loads once woken)."""
         update, policy = self._update
         slot = self.slots[rank]
+        if slot.dormant:
+            return
         slot.sent = policy
         self._track(rank, slot.handle.load_weights.remote(update), policy, update=update)
 
@@ -401,7 +407,7 @@ class GeneratorPool:
         if self.stats["faults/generator_restarts"] >= self.settings.max_restarts:
             raise GeneratorsLost(f"generator {rank} {why}, and generator.max_restarts={self.settings.max_restarts} replacements are used up")
         now = time.monotonic()
-        self.slots[rank] = _Slot(self.factory(rank, self.asleep), epoch=slot.epoch + 1)
+        self.slots[rank] = _Slot(self.factory(rank, self.asleep), epoch=slot.epoch + 1, dormant=self.asleep)
         self.stats["faults/generator_restarts"] += 1
         if not any(s.up for s in self.slots) and self._down_since is None and not self.asleep:
             self._down_since = now  # asleep, the clock starts at the wake (nothing can come up before)

@@ -300,7 +300,10 @@ class VLLMEngine:
         self.llm.sleep(level=self.settings.sleep_level)
 
     def wake(self, parts: tuple[str, ...] = SLEEP_PARTS) -> None:
-        self.llm.wake_up(tags=list(parts))  # fully awake (both parts): vLLM resumes its scheduler
+        # fully awake (both parts back), vLLM resumes its scheduler; short of that it would not
+        # schedule a request, and generate would wait until the pool's deadline
+        if not self.llm.wake_up(tags=list(parts)) and "kv_cache" in parts:
+            raise RuntimeError(f"vLLM is not fully awake after waking {list(parts)}: its scheduler stays paused")
 
     def load_weights(self, update: WeightUpdate) -> None:
         """The update's adapter (or weights), and its attention scales where they changed (the

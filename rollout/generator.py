@@ -51,7 +51,7 @@ class Generator:
 
     def sleep(self) -> None:
         """Hand the device's memory over (to a colocated learner) until ``wake``."""
-        if self.engine is not None and not self.sleeping:
+        if self.engine is not None and "weights" not in self.sleeping:  # awake, or woken in part
             self.engine.sleep()
         self.sleeping = set(SLEEP_PARTS)
         self._record("sleep")

@@ -147,7 +147,8 @@ def test_a_generator_wakes_its_weights_loads_then_wakes_its_kv_cache(tiny_model_
 @pytest.mark.slow
 def test_a_generator_replaced_while_the_pool_sleeps_starts_asleep(ray_cluster, tiny_model_path):
     """A generator that dies while the pool sleeps is replaced by one that takes no memory
-    (its engine is built only when woken), then loads the newest policy on waking."""
+    (its engine is built only when woken), then loads the newest policy on waking, whether the
+    pool is woken whole or by a broadcast (weights, load, KV cache)."""
     from actors.generator import GeneratorPool
     from cluster.loop.wiring import start_generator
     from contracts import PolicyRef, Problem, Prompt, SamplingSettings, WeightUpdate
@@ -172,5 +173,14 @@ def test_a_generator_replaced_while_the_pool_sleeps_starts_asleep(ray_cluster, t
         prompt = Prompt(Problem(uid="p", question="2+2", answer="4"), "2+2", (1, 2, 3))
         samples = pool.generate([prompt], SamplingSettings(n=2, temperature=1.0, top_p=1.0, max_tokens=4))
         assert {s.policy for s in samples} == {update.policy}
+        # one that dies while the learner steps is found at the broadcast's weights wake: its
+        # replacement is built at the KV-cache wake and loads the new policy then
+        pool.sleep()
+        kill_actor(pool.handles[0])
+        newer = WeightUpdate(PolicyRef("default", 4), policy.weight_state(), policy.adapter_config())
+        pool.broadcast(ray.put(newer), newer.policy)
+        assert pool.stats["faults/generator_restarts"] == 2 and not pool.asleep
+        assert [what for what, _ in ray.get(pool.handles[0].recorded.remote())] == ["start asleep", "wake kv_cache", "load weights"]
+        assert {s.policy for s in pool.generate([prompt], SamplingSettings(n=2, temperature=1.0, top_p=1.0, max_tokens=4))} == {newer.policy}
     finally:
         pool.kill()
