@@ -549,9 +549,8 @@ class Learner:
 
         ``bucket_bytes`` (model weights; 0: one dict): the weights streamed in buckets of that
         many bytes or a little more (whole decoder layers), each handed to ``keep`` (the
-        actor's object store) once it is full;
-        the update's ``buckets`` are what ``keep`` returned, and one bucket is held here at a
-        time."""
+        actor's object store) once it is full; the update's ``buckets`` are what ``keep``
+        returned, and one bucket is held here at a time."""
         kind = "full" if self.policy.lora is None else "lora"
         controls = {} if self.policy.controls is None else {ATTENTION_OUTPUT_SCALE: self.attention_scales()}
         cast = getattr(torch, dtype) if kind == "full" and dtype is not None else None
@@ -577,12 +576,13 @@ def in_buckets(items, bucket_bytes: int):
     reload that gets part of a fused matrix fills the rest with garbage."""
     bucket, size, unit = {}, 0, None
     for name, tensor in items:
-        if size >= bucket_bytes and layer_of(name) != unit:
+        layer = layer_of(name)
+        if size >= bucket_bytes and layer != unit:
             yield bucket
             bucket, size = {}, 0
         bucket[name] = tensor
         size += tensor.numel() * tensor.element_size()
-        unit = layer_of(name)
+        unit = layer
     if bucket:
         yield bucket
 

@@ -685,7 +685,7 @@ def bench_stream(model: str, bucket_mbs: list[float], dtype: str = "bfloat16") -
     weights = {}
     for file in sorted(Path(path).glob("*.safetensors")):
         weights |= {name: t.to(getattr(torch, dtype)) for name, t in load_file(file).items()}
-    weights = {name: weights[name] for name in sorted(weights, key=_layer_order)}  # as named_parameters gives them
+    weights = dict(sorted(weights.items()))  # by name: each layer's tensors together, as in_buckets needs them
     spawn = multiprocessing.get_context("spawn")
     rows = []
     with tempfile.TemporaryDirectory() as folder:
@@ -704,14 +704,6 @@ def bench_stream(model: str, bucket_mbs: list[float], dtype: str = "bfloat16") -
     return {"benchmark": "stream", "dtype": dtype, "weights_gib": round(sum(t.numel() * t.element_size() for t in weights.values()) / 2**30, 3), "rows": rows,
             "added_memory_over_one_piece": {r["bucket_mb"]: round(r["added_gib"] / max(whole["added_gib"], 1e-6), 3) for r in rows},
             "seconds_over_one_piece": {r["bucket_mb"]: round(r["load_s"] / max(whole["load_s"], 1e-6), 3) for r in rows}}  # fmt: skip
-
-
-def _layer_order(name: str) -> tuple:
-    """Embeddings, then the decoder layers in order, then the rest: a learner's parameter order."""
-    import re
-
-    match = re.match(r".*\.layers\.(\d+)\.", name)
-    return (1, int(match.group(1)), name) if match else (0 if "embed" in name else 2, 0, name)
 
 
 class _FileBuckets(Generator):
