@@ -152,7 +152,7 @@ class VerifierPool:
     # -- scoring --------------------------------------------------------------------------
 
     def score(self, samples: list[Sample]) -> list[Verdict]:
-        return self.score_items([(s.completion.text, s.prompt.problem) for s in samples])
+        return self.score_items([(s.answer_text, s.prompt.problem) for s in samples])
 
     def score_items(self, items: list[tuple[str, Problem]]) -> list[Verdict]:
         """Verdicts for (completion, problem) pairs, in their order."""

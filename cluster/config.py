@@ -31,6 +31,7 @@ from cluster.observe.wandb_logger import WandbSettings
 from cluster.phases import PhaseConfig, PhaseSchedule
 from learners.settings import AlgorithmSettings
 from learners.policy import LoraSettings
+from rewards.environments import EnvironmentSettings
 from rewards.scoring import RewardSettings, SandboxSettings
 from rollout.engines import EngineSettings
 from rollout.markovian import MarkovianSettings
@@ -245,6 +246,7 @@ class Config:
     algorithm: AlgorithmSettings = field(default_factory=AlgorithmSettings)
     bank: BankSettings = field(default_factory=BankSettings)  # the solution bank (docs/algorithms.md#self-improvement-and-the-solution-bank)
     markovian: MarkovianSettings = field(default_factory=MarkovianSettings)
+    env: EnvironmentSettings = field(default_factory=EnvironmentSettings)  # multi-turn episodes (docs/multi-turn.md)
     # the hybrid run's schedule (docs/algorithms.md#the-sac-surgeon); empty: GRPO throughout
     phases: list[PhaseConfig] = field(default_factory=list)
     surgeon: SurgeonSettings = field(default_factory=SurgeonSettings)
@@ -401,6 +403,22 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
     return config
 
 
+def _env_problems(config: Config) -> list[str]:
+    env = config.env
+    if env.name is None:
+        return []
+    problems = []
+    others = [key for key, on in (("markovian.enabled", config.markovian.enabled), ("bank.enabled", config.bank.enabled),
+                                  ("reward.teacher", config.reward.teacher is not None), ("phases", bool(config.phases))) if on]  # fmt: skip
+    if others:
+        problems.append(f"env.name={env.name} (multi-turn episodes) does not combine with {', '.join(others)} yet")
+    if config.reward.overlong_buffer > 0:
+        problems.append("reward.overlong_buffer shapes single completions by their length; set it to 0 with env.name")
+    if env.tool_hosts < 1 or env.max_parallel_steps < 1:
+        problems.append("env.tool_hosts and env.max_parallel_steps must be at least 1")
+    return problems
+
+
 def check_config(config: Config) -> None:
     """Combinations of keys that cannot run together, named in a ConfigError."""
     a = config.algorithm
@@ -431,6 +449,7 @@ def check_config(config: Config) -> None:
         problems.append("bank.feed_groups adds banked solutions to GRPO groups: it needs bank.enabled=true and algorithm.objective=ppo")
     problems += bank.problems()
     problems += _markovian_problems(config)
+    problems += _env_problems(config)
     problems += _surgeon_problems(config)
     for key in ("ppo_epochs", "micro_batch_size", "sft_epochs"):
         if getattr(a, key) < 1:

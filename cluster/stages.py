@@ -37,6 +37,7 @@ if TYPE_CHECKING:
     from actors.generator import GeneratorPool
     from actors.learner import LearnerGroup
     from actors.reward_models import RewardServices
+    from actors.tools import ToolPool
     from actors.verifier import VerifierPool
     from rollout.tasks import TaskMixture
 
@@ -54,6 +55,7 @@ class Crew:
     learners: LearnerGroup | None = None  # None: an evaluation that needs no learner
     rewards: RewardServices | None = None  # a reward model's and a judge's actors, which the verifiers ask
     update_dtype: str | None = None  # model weights are sent in the generators' dtype, where it is known
+    tools: ToolPool | None = None  # the sandbox hosts of an environment's tool calls
 
     def broadcast(self, policy: PolicyRef) -> None:
         """The learner's weights to every generator through the object store (model weights in
@@ -69,7 +71,8 @@ class Crew:
     def roles(self) -> dict[str, list]:
         """The actors of each role (the memory probe asks them)."""
         roles = {"learners": self.learners.actors, "generators": self.generators.handles, "verifiers": self.verifiers.actors}
-        return roles | ({"reward_servers": self.rewards.handles} if self.rewards is not None else {})
+        roles |= {"reward_servers": self.rewards.handles} if self.rewards is not None else {}
+        return roles | ({"tool_hosts": self.tools.hosts} if self.tools is not None else {})
 
     def kill(self) -> None:
         if self.learners is not None:
@@ -78,6 +81,8 @@ class Crew:
         self.verifiers.kill()
         if self.rewards is not None:
             self.rewards.kill()
+        if self.tools is not None:
+            self.tools.kill()
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,8 @@
 
 problem (task) -> Prompt (tokenised) -> Completion (engine) -> Sample (+ PolicyRef)
 -> Verdict (verifier) -> the learner's TrainBatch; the learner's WeightUpdate -> generators.
+A multi-turn sample is an episode: its ``Episode`` record says which of its completion's
+tokens are the policy's, and an ``Environment`` gives the turns between them.
 
 Every layer imports these and this module imports no other part of raylight (a test pins
 it), so a rollout, a reward or a learner never pulls in another layer to name its data.
@@ -11,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, fields, replace
-from typing import Literal
+from typing import Literal, Protocol
 
 
 DEFAULT_ADAPTER = "policy"
@@ -107,17 +109,90 @@ class Completion:
 
 
 @dataclass(frozen=True)
+class Episode:
+    """What makes a sample multi-turn: its completion holds every token after the prompt,
+    the policy's turns and the observations between them, as the generators saw them.
+
+    ``loss_mask[i]`` is 1 where completion token i is the policy's (trained on; its log-prob
+    is the generator's) and 0 where the environment wrote it (an observation, a tool's output,
+    the chat template's turn markers; log-prob 0). ``policies``: the policy of each turn (the
+    sample's ``policy`` is the oldest, which bounds its staleness). ``final_text``: the last
+    turn's text, what a task's scorer judges. ``reward``: the environment's own verdict where
+    it judges the episode (None: the task's scorer does). The rest are counts for metrics:
+    tool calls, those that failed (an error in the program, not the sandbox) and those that
+    ran out of time, the seconds the tools took, whether the episode ran out of turns or
+    tokens (``truncated``), and ``infra_error`` when the infrastructure failed it (masked).
+    """
+
+    loss_mask: tuple[int, ...]
+    policies: tuple[PolicyRef, ...]
+    final_text: str
+    reward: float | None = None
+    correct: bool = False
+    tool_calls: int = 0
+    tool_errors: int = 0
+    tool_timeouts: int = 0
+    tool_seconds: float = 0.0
+    truncated: bool = False
+    infra_error: str | None = None
+
+    @property
+    def turns(self) -> int:
+        return len(self.policies)
+
+
+@dataclass(frozen=True)
+class EnvStep:
+    """What an environment answers to one assistant turn.
+
+    ``messages``: the observation as chat messages (``{"role": "tool" | "user", "content": ...}``),
+    rendered after the turn; ``done``: the episode is over; ``reward`` / ``correct``: the
+    environment's own verdict if the episode ends with this turn (done, or out of turns or
+    tokens); None: the task's scorer judges the last turn.
+    ``tool``: how a tool call in the turn ended, the sandbox's word for it (``ok``, ``error``,
+    ``timeout``, ``memory``, ``output_limit``) or None when the turn called no tool;
+    ``tool_seconds`` its time. ``infra_error``: the infrastructure failed (a sandbox that could
+    not run, a lost tool host): the episode is masked, never scored.
+    """
+
+    messages: tuple[dict, ...] = ()
+    done: bool = False
+    reward: float | None = None
+    correct: bool = False
+    tool: str | None = None
+    tool_seconds: float = 0.0
+    infra_error: str | None = None
+
+
+class Environment(Protocol):
+    """One episode's world: ``reset`` gives the first messages (the prompt; a system message of
+    its own or none), ``step`` answers each assistant turn. One instance per episode; ``step``
+    may block (a tool call), and runs beside the other episodes' generation."""
+
+    def reset(self, problem: Problem) -> list[dict]: ...
+
+    def step(self, turn: str) -> EnvStep: ...
+
+
+@dataclass(frozen=True)
 class Sample:
     """A completion tied to its prompt and to the policy that produced it.
 
     ``replayed``: a stored solution (the solution bank's), not sampled by ``policy``; its
-    completion has no log-probs and the learner scores it under its current weights."""
+    completion has no log-probs and the learner scores it under its current weights.
+    ``episode``: set for a multi-turn sample (its turns' policies, which tokens are trained)."""
 
     prompt: Prompt
     completion: Completion
     policy: PolicyRef
     group_index: int
     replayed: bool = False
+    episode: Episode | None = None
+
+    @property
+    def answer_text(self) -> str:
+        """What a scorer judges: the completion, or an episode's last turn."""
+        return self.episode.final_text if self.episode is not None else self.completion.text
 
 
 @dataclass(frozen=True)
@@ -173,7 +248,8 @@ class TrainBatch:
     unused. ``teacher_logprobs`` / ``teacher_weights``: on-policy distillation's per-token
     rewards, a teacher's log-prob of each completion token and the weight of
     log pi_teacher - log pi_student, which the learner adds to the advantages; empty / 0 where
-    unused.
+    unused. ``loss_masks``: which completion tokens are trained (an episode's policy turns,
+    ``Episode.loss_mask``); empty: all of them.
     """
 
     prompt_token_ids: tuple[tuple[int, ...], ...]
@@ -188,16 +264,28 @@ class TrainBatch:
     answer_weights: tuple[float, ...] = ()
     teacher_logprobs: tuple[tuple[float, ...], ...] = ()
     teacher_weights: tuple[float, ...] = ()
+    loss_masks: tuple[tuple[int, ...], ...] = ()
 
     def __post_init__(self):
         defaults = {"rewards": 0.0, "replayed": False, "answer_prompt_token_ids": (), "answer_token_ids": (), "answer_weights": 0.0,
-                    "teacher_logprobs": (), "teacher_weights": 0.0}  # fmt: skip
+                    "teacher_logprobs": (), "teacher_weights": 0.0, "loss_masks": ()}  # fmt: skip
         for name, value in defaults.items():
             if not getattr(self, name):
                 object.__setattr__(self, name, (value,) * len(self.advantages))
         lengths = {len(getattr(self, f.name)) for f in fields(self)}
         if len(lengths) != 1:
             raise ValueError(f"TrainBatch columns have different lengths: {sorted(lengths)}")
+        for i, mask in enumerate(self.loss_masks):
+            if mask and len(mask) != len(self.completion_token_ids[i]):
+                raise ValueError(f"TrainBatch row {i}: a loss mask of {len(mask)} tokens for a completion of {len(self.completion_token_ids[i])}")
+
+    def loss_mask(self, i: int) -> tuple[int, ...]:
+        """Row ``i``'s trained tokens: 1 per completion token the policy wrote."""
+        return self.loss_masks[i] or (1,) * len(self.completion_token_ids[i])
+
+    def trained_tokens(self, i: int) -> int:
+        """How many of row ``i``'s completion tokens are trained."""
+        return sum(self.loss_masks[i]) if self.loss_masks[i] else len(self.completion_token_ids[i])
 
     @classmethod
     def from_samples(cls, samples: "list[Sample]", advantages: "list[float]", rewards: "list[float] | None" = None, **columns: tuple) -> "TrainBatch":
@@ -211,6 +299,7 @@ class TrainBatch:
             policy_versions=tuple(s.policy.version for s in samples),
             rewards=tuple(rewards) if rewards is not None else (),
             replayed=tuple(s.replayed for s in samples),
+            loss_masks=tuple(s.episode.loss_mask if s.episode is not None else () for s in samples),
             **columns,
         )
 

@@ -137,20 +137,23 @@ WHITENED_BY_DEFINITION = ("reinforce++-baseline", "reinforce++", "gae")
 
 
 def outcome_token_rewards(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Place each sequence's scalar score on its last response token: [B], [B, T] -> [B, T]."""
+    """Place each sequence's scalar score on its last response token (the last the mask keeps:
+    an episode's last policy token): [B], [B, T] -> [B, T]."""
     rewards = torch.zeros_like(mask, dtype=torch.float32)
-    last = (mask.sum(dim=-1).long() - 1).clamp(min=0)
+    positions = torch.arange(1, mask.shape[-1] + 1, dtype=torch.float32)
+    last = ((mask > 0).float() * positions).argmax(dim=-1)
     rewards[torch.arange(mask.shape[0]), last] = scores.float() * (mask.sum(dim=-1) > 0)
     return rewards
 
 
 def discounted_returns(token_rewards: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0) -> torch.Tensor:
     """G_t = sum_{k>=t} gamma^(k-t) r_k over the masked tokens (REINFORCE++'s advantage before
-    whitening): [B, T] -> [B, T]."""
+    whitening): [B, T] -> [B, T]. Tokens the mask leaves out (an episode's observations, the
+    padding) neither add a reward nor a discount step: the return passes over them."""
     returns = torch.zeros_like(token_rewards)
     running = torch.zeros(token_rewards.shape[0], dtype=token_rewards.dtype)
     for t in reversed(range(token_rewards.shape[1])):
-        running = token_rewards[:, t] + gamma * running * mask[:, t]
+        running = torch.where(mask[:, t] > 0, token_rewards[:, t] + gamma * running, running)
         returns[:, t] = running
     return returns * mask
 

@@ -252,14 +252,14 @@ class Learner:
                 yield micro, [], self.policy.filler_batch()
                 continue
             part = batch.select(micro)
-            packed = pack(part.prompt_token_ids, part.completion_token_ids, self.policy.pad_id)
+            packed = pack(part.prompt_token_ids, part.completion_token_ids, self.policy.pad_id, part.loss_masks)
             yield micro, [len(c) for c in part.completion_token_ids], packed
 
     def _update(self, objective, batch: TrainBatch, rows: list[int], prepared: Prepared) -> tuple[bool, dict[str, float]]:
         """One optimizer update over ``rows`` of this rank (all ranks call it in lockstep)."""
         a = self.algorithm
-        local_tokens = sum(len(batch.completion_token_ids[i]) for i in rows)
-        local_sequences = sum(1 for i in rows if batch.completion_token_ids[i])  # an empty completion is not counted
+        local_tokens = sum(batch.trained_tokens(i) for i in rows)
+        local_sequences = sum(1 for i in rows if batch.trained_tokens(i))  # an empty completion is not counted
         num_tokens, num_sequences = self._global(local_tokens, local_sequences)
         num_tokens, num_sequences = max(1.0, num_tokens), max(1.0, num_sequences)
         self.optimizer.zero_grad(set_to_none=False)
@@ -273,7 +273,7 @@ class Learner:
             finite = finite and bool(torch.isfinite(loss))
             if finite or self.layout.sharded:  # a sharded backward is a collective: every rank runs it
                 loss.backward()
-            share = sum(len(batch.completion_token_ids[i]) for i in micro) / num_tokens
+            share = sum(batch.trained_tokens(i) for i in micro) / num_tokens
             for key, value in metrics.items():
                 if _extreme(key):
                     sums[key] = _extreme(key)(sums.get(key, value), value)

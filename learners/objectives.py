@@ -173,9 +173,8 @@ class PolicyGradientObjective:
     def _advantages(self, learner: Learner, batch: TrainBatch, rows: dict) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, float]]:
         """Per-token advantages [B, T] (and GAE returns) for this rank's rows."""
         s = self.settings
-        lengths = [len(c) for c in batch.completion_token_ids]
-        width = max(1, max(lengths))
-        mask = padded([torch.ones(n) for n in lengths], width)
+        width = max(1, max(len(c) for c in batch.completion_token_ids))
+        mask = padded([torch.tensor(batch.loss_mask(i), dtype=torch.float32) for i in range(len(batch))], width)
         old = padded(rows.get("learner", rows["generator"]), width)
         metrics: dict[str, float] = {}
         kl_reward = torch.zeros_like(mask)
@@ -214,7 +213,7 @@ class PolicyGradientObjective:
     def loss(self, learner: Learner, batch: TrainBatch, rows: list[int], prepared: Prepared, num_tokens: float, num_sequences: float):
         s, prep = self.settings, prepared.rows
         part = batch.select(rows)
-        packed = pack(part.prompt_token_ids, part.completion_token_ids, learner.policy.pad_id)
+        packed = pack(part.prompt_token_ids, part.completion_token_ids, learner.policy.pad_id, part.loss_masks)
         mask = packed.response_mask
         width = mask.shape[1]
         generator = padded([prep["generator"][i] for i in rows], width)
@@ -317,7 +316,7 @@ class SoftActorCriticObjective:
 
     def loss(self, learner: Learner, batch: TrainBatch, rows: list[int], prepared: Prepared, num_tokens: float, num_sequences: float):
         part = batch.select(rows)
-        packed = pack(part.prompt_token_ids, part.completion_token_ids, learner.policy.pad_id)
+        packed = pack(part.prompt_token_ids, part.completion_token_ids, learner.policy.pad_id, part.loss_masks)
         mask = packed.response_mask
         width = mask.shape[1]
         logprobs, entropy = learner.policy.forward(packed, self.temperature, with_entropy=True)
@@ -361,7 +360,7 @@ class SupervisedObjective:
 
     def loss(self, learner: Learner, batch: TrainBatch, rows: list[int], prepared: Prepared, num_tokens: float, num_sequences: float):
         part = batch.select(rows)
-        packed = pack(part.prompt_token_ids, part.completion_token_ids, learner.policy.pad_id)
+        packed = pack(part.prompt_token_ids, part.completion_token_ids, learner.policy.pad_id, part.loss_masks)
         mask = packed.response_mask
         logprobs, entropy = learner.policy.forward(packed, 1.0, with_entropy=True)
         # NLL = -(1 / N_tokens) * sum_t log pi(y_t | y_<t, x)

@@ -56,7 +56,9 @@ class PackedBatch:
     response_mask: torch.Tensor
 
 
-def pack(prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]], pad_id: int) -> PackedBatch:
+def pack(prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]], pad_id: int, masks: Sequence[Sequence[int]] = ()) -> PackedBatch:
+    """``masks``: each completion's trained tokens (``TrainBatch.loss_masks``; an empty row or
+    none at all: every token), the response mask."""
     rows = [list(p) + list(c) for p, c in zip(prompts, completions)]
     length = max(len(r) for r in rows)
     width = max(1, max(len(c) for c in completions))
@@ -72,7 +74,7 @@ def pack(prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]],
         # logits at position p-1+t predict completion token t
         positions[i, :n] = torch.arange(len(prompt) - 1, len(prompt) - 1 + n)
         targets[i, :n] = torch.tensor(completion, dtype=torch.long)
-        response_mask[i, :n] = 1.0
+        response_mask[i, :n] = torch.tensor(masks[i], dtype=torch.float32) if i < len(masks) and masks[i] else 1.0
     return PackedBatch(input_ids, attention_mask, positions, targets, response_mask)
 
 

@@ -103,14 +103,19 @@ def prompts_by_step(run_dir: Path) -> dict[int, list[str]]:
     return {int(p.stem.split("_")[1]): pq.read_table(p).column("prompt_uid").to_pylist() for p in sorted((run_dir / "rollouts").glob("step_*.parquet"))}
 
 
-def test_async_run_killed_mid_step_resumes_without_losing_or_repeating_a_prompt(ray_cluster, tiny_model_path, tmp_path):
+EPISODES = ("env.name=guess_number", "env.max_turns=2", "env.max_episode_tokens=40", "rollout.max_tokens=8", "eval.max_tokens=8")
+
+
+@pytest.mark.parametrize("episodes", [(), EPISODES], ids=["completions", "episodes"])
+def test_async_run_killed_mid_step_resumes_without_losing_or_repeating_a_prompt(ray_cluster, tiny_model_path, tmp_path, episodes):
     """An async run (k = 1) is SIGKILLed after its second checkpoint, while the producer holds
-    prompts drawn ahead; resumed, every step trains on exactly the prompts of the uninterrupted
-    run: the checkpoint keeps the data position of the first prompt not yet trained on, and the
-    prompts drawn ahead are drawn again."""
+    prompts drawn ahead (with ``episodes``: multi-turn episodes in flight); resumed, every step
+    trains on exactly the prompts of the uninterrupted run: the checkpoint keeps the data
+    position of the first prompt not yet trained on, and the prompts drawn ahead are drawn
+    again."""
     steps = 4
     common = [f"model.path={tiny_model_path}", "rollout.mode=async", "rollout.max_staleness=1", "run.checkpoint_every=1",
-              f"run.steps={steps}", "eval.n=4", "rollout.prompts_per_step=3"]  # fmt: skip
+              f"run.steps={steps}", "eval.n=4", "rollout.prompts_per_step=3", *episodes]  # fmt: skip
     reference_dir = tmp_path / "uninterrupted"
     config = load_config(ROOT / "configs" / "tiny.yaml", [*common, f"run.run_dir={reference_dir}"])
     trainer = Trainer(config, RunDir(reference_dir), scorer=spread_reward)

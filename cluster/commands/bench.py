@@ -826,3 +826,97 @@ def _generator_peak(path: str, config: Config, update: WeightUpdate, rows: int, 
     sampling = SamplingSettings(n=1, temperature=1.0, top_p=1.0, max_tokens=completion_tokens, min_tokens=completion_tokens)
     generator.engine.generate(prompts, sampling)
     return {"peak_gib": peak_rss_gib()}
+
+
+class _ToolTurns:
+    """``bench multiturn``'s environment: every turn is a tool call (``program`` in the sandbox,
+    through the tool hosts), its output the observation, until ``turns`` turns were taken. A
+    random model writes no code, so the bench runs the tool itself: the scheduling it measures
+    is the real one (tool time in the sandbox beside the other episodes' generation)."""
+
+    def __init__(self, tools, turns: int, program: str):
+        self.tools, self.turns, self.program, self.taken = tools, turns, program, 0
+
+    def reset(self, problem) -> list[dict]:
+        return [{"role": "user", "content": problem.question}]
+
+    def step(self, turn: str):
+        from contracts import EnvStep
+
+        self.taken += 1
+        if self.taken >= self.turns:
+            return EnvStep(done=True, reward=0.0)
+        execution = self.tools.run(self.program)
+        return EnvStep(messages=({"role": "tool", "content": execution.stdout[:200]},), tool=execution.status, tool_seconds=execution.wall_s)
+
+
+def bench_multiturn(model: str, n_prompts: int, n: int, turn_tokens: int, turns: list[int], tool_seconds: float, tool_hosts: int, tool_slots: int) -> dict:
+    """Episodes of k turns (each turn ``turn_tokens`` tokens, each observation a tool call of
+    about ``tool_seconds`` in the sandbox) against single completions of k * ``turn_tokens``
+    tokens, the same prompts on the same generator, one after the other: policy tokens per
+    second, episodes per second and the generator's busy fraction. The goal: multi-turn token
+    throughput at least 0.8x single-turn, the tools' time hidden behind other episodes' turns."""
+    from actors.tools import ToolPool
+    from cluster.config import load_config
+    from cluster.loop.episodes import EpisodeRunner
+    from cluster.loop.wiring import start_generators, start_verifiers
+    from rewards.environments import EnvironmentSettings
+    from rollout.episodes import ChatDelta
+    from transformers import AutoTokenizer
+
+    path = str(resolve_model(model))
+    config = load_config(None, [f"model.path={path}", "generator.max_model_len=1024", f"verifier.sandbox.slots={tool_slots}"])
+    init_ray(config)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    problems = ArithmeticTask(2).eval_set(n_prompts)
+    pool = start_generators(config, path)
+    verifiers = start_verifiers(config)
+    tools = ToolPool(config.verifier.sandbox, tool_hosts)
+    program = f"import time\ntime.sleep({tool_seconds})\nprint('done')"
+    results: dict[str, float] = {}
+    try:
+        ray.get([handle.serve_base.remote() for handle in pool.handles])
+        delta = ChatDelta(tokenizer)
+        prompts = [delta.prompt(p, [{"role": "user", "content": p.question}]) for p in problems]
+        warm = SamplingSettings(n=n, temperature=1.0, top_p=1.0, max_tokens=turn_tokens)
+        pool.generate(prompts, warm)  # vLLM's first batch of a size is slower
+        for k in turns:
+            total = k * turn_tokens
+            single = SamplingSettings(n=n, temperature=1.0, top_p=1.0, max_tokens=total, min_tokens=total, seed=1)
+            start = time.time()
+            samples = pool.generate(prompts, single)
+            end = time.time()
+            tokens = sum(len(s.completion.token_ids) for s in samples)
+            results[f"single_{k}x_tokens_per_second"] = tokens / (end - start)
+            results[f"single_{k}x_busy_fraction"] = pool.busy_seconds(start, end) / (end - start) / len(pool)
+
+            settings = EnvironmentSettings(name="python_tool", max_turns=k, max_episode_tokens=1024 - 128, max_parallel_steps=64)
+            runner = EpisodeRunner(pool, verifiers, lambda problem, k=k: _ToolTurns(tools, k, program), delta, settings, 1024)
+            sampling = SamplingSettings(n=n, temperature=1.0, top_p=1.0, max_tokens=turn_tokens, min_tokens=turn_tokens, seed=1)
+            start = time.time()
+            episodes, _ = runner.run(prompts, sampling)
+            end = time.time()
+            runner.close()
+            tokens = sum(sum(e.episode.loss_mask) for e in episodes)
+            results[f"multi_{k}turn_tokens_per_second"] = tokens / (end - start)
+            results[f"multi_{k}turn_episodes_per_second"] = len(episodes) / (end - start)
+            results[f"multi_{k}turn_busy_fraction"] = pool.busy_seconds(start, end) / (end - start) / len(pool)
+            results[f"multi_{k}turn_tool_seconds"] = sum(e.episode.tool_seconds for e in episodes)
+            results[f"multi_{k}turn_wall_seconds"] = end - start
+            results[f"multi_over_single_{k}turn_ratio"] = results[f"multi_{k}turn_tokens_per_second"] / results[f"single_{k}x_tokens_per_second"]
+            logger.info("bench multiturn %d turns: %.1f tokens/s multi-turn vs %.1f single", k, results[f"multi_{k}turn_tokens_per_second"], results[f"single_{k}x_tokens_per_second"])
+    finally:
+        tools.kill()
+        verifiers.kill()
+        pool.kill()
+    return {
+        "benchmark": "multiturn",
+        "model": model,
+        "prompts": n_prompts,
+        "n": n,
+        "turn_tokens": turn_tokens,
+        "tool_seconds": tool_seconds,
+        "tool_hosts": tool_hosts,
+        "tool_slots": tool_slots,
+        **{key: round(value, 3) for key, value in results.items()},
+    }

@@ -157,6 +157,10 @@ def _bench(args: argparse.Namespace) -> int:
         from cluster.commands.bench import bench_stream
 
         result = bench_stream(args.model, args.bucket_mb, args.dtype)
+    elif args.bench == "multiturn":
+        from cluster.commands.bench import bench_multiturn
+
+        result = bench_multiturn(args.model, args.prompts, args.n, args.turn_tokens, args.turns, args.tool_seconds, args.tool_hosts, args.tool_slots)
     elif args.bench == "plan":
         from cluster.commands.bench import bench_plan
 
@@ -314,6 +318,17 @@ def build_parser() -> argparse.ArgumentParser:
     stm.add_argument("--bucket-mb", nargs="+", type=float, default=[0, 64], help="bucket sizes (MB; 0: one piece)")
     stm.add_argument("--dtype", default="bfloat16", help="the weights' and the engine's dtype")
     stm.set_defaults(func=_bench)
+
+    mtn = which.add_parser("multiturn", help="episodes of k turns with a tool call between turns vs single completions of the same tokens: tokens/s, busy fraction")
+    mtn.add_argument("--model", default="smollm2", help="model name or folder")
+    mtn.add_argument("--prompts", type=int, default=8)
+    mtn.add_argument("--n", type=int, default=4, help="episodes per prompt")
+    mtn.add_argument("--turn-tokens", type=int, default=32, help="tokens of every turn (fixed work)")
+    mtn.add_argument("--turns", nargs="+", type=int, default=[2, 4], help="turns per episode")
+    mtn.add_argument("--tool-seconds", type=float, default=0.5, help="how long each tool call takes (a sleep in the sandbox)")
+    mtn.add_argument("--tool-hosts", type=int, default=2, help="sandbox actors running tool calls")
+    mtn.add_argument("--tool-slots", type=int, default=8, help="tool calls each host runs at once (verifier.sandbox.slots)")
+    mtn.set_defaults(func=_bench)
 
     pln = which.add_parser("plan", help="the capacity planner's predicted peak memory of a learner and a generator vs measured, per model")
     pln.add_argument("--models", nargs="+", default=["tiny", "smollm2", "random-qwen2.5-0.5b"], help="model names or folders")

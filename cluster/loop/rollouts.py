@@ -6,9 +6,10 @@ run-ahead in synchronous mode, up to ``rollout.max_staleness`` steps in asynchro
 1. draw the step's prompts (the stream records the data position before each draw, so a
    checkpoint can re-issue every prompt that was drawn but not yet trained on);
 2. submit them to the generator pool (chunks spread over the generators; a chunk whose
-   generator dies or hangs is re-issued by the pool, with its seed);
-3. score each chunk in the verifier pool as soon as it is generated, while the other chunks
-   (and the next steps' chunks) are still being generated;
+   generator dies or hangs is re-issued by the pool, with its seed), or start them as
+   multi-turn episodes (``EpisodeSource``, with an environment);
+3. score each chunk in the verifier pool as soon as it is generated (or its episodes are
+   over), while the other chunks (and the next steps' chunks) are still being generated;
 4. put the step's verified samples, in prompt order, on the queue.
 
 With dynamic sampling (DAPO, ``rollout.dynamic_sampling``), a step whose verified groups hold
@@ -35,11 +36,12 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Protocol
 
 from actors.generator import GeneratorPool, Request
 from actors.verifier import VerifierPool
 from cluster.config import SEEDS_PER_STEP, Config
+from cluster.loop.episodes import EpisodeBatch, EpisodeRunner
 from cluster.stages import Crew, Prompts
 from learners.batch import group_indices, informative
 from contracts import Prompt, Sample, SamplingSettings, Verdict
@@ -113,10 +115,14 @@ class RolloutStream:
         """The queue and its producer thread, from ``first_step`` to ``last_step``."""
         self.stop()
         self.queue = RolloutQueue(self.run_ahead, next_step=first_step)
-        self.producer = RolloutProducer(
-            self.queue, self.crew.generators, self.crew.verifiers, self.draw, self.sampling, first_step, self.last_step, shape=self.shape, dynamic=self.dynamic
-        )  # fmt: skip
+        self.producer = RolloutProducer(self.queue, self.source(), self.draw, self.sampling, first_step, self.last_step, shape=self.shape, dynamic=self.dynamic)
         self.producer.start()
+
+    def source(self) -> SampleSource:
+        """Where the producer's scored samples come from: episodes where the prompts are an
+        environment's, single completions otherwise."""
+        runner = getattr(self.prompts, "runner", None)
+        return EpisodeSource(runner) if runner is not None else Completions(self.crew.generators, self.crew.verifiers)
 
     def stop(self) -> None:
         if self.producer is not None:
@@ -148,11 +154,57 @@ class RolloutStream:
             self.tasks.load_state(position)
 
 
+class SampleSource(Protocol):
+    """How the producer turns a round's prompts into scored samples: ``start`` sends them
+    (handles, one per chunk), ``finished`` hands back the chunks done among ``handles`` with
+    their samples, verdicts and scoring seconds, waiting up to ``timeout`` for one."""
+
+    def start(self, prompts: list[Prompt], sampling: SamplingSettings) -> list[object]: ...
+
+    def finished(self, handles: list[object], timeout: float) -> list[tuple[object, list[Sample], list[Verdict], float]]: ...
+
+
+@dataclass(frozen=True)
+class Completions:
+    """One completion per sample: chunks spread over the generators (a chunk whose generator
+    dies or hangs is re-issued by the pool, with its seed), each scored in the verifier pool
+    as soon as it is generated."""
+
+    generators: GeneratorPool
+    verifiers: VerifierPool
+
+    def start(self, prompts: list[Prompt], sampling: SamplingSettings) -> list[Request]:
+        return self.generators.submit(prompts, sampling)
+
+    def finished(self, handles: list[Request], timeout: float) -> list[tuple[Request, list[Sample], list[Verdict], float]]:
+        done = []
+        for request in self.generators.wait(handles, timeout=timeout):
+            start = time.perf_counter()
+            verdicts = self.verifiers.score(request.samples)
+            done.append((request, request.samples, verdicts, time.perf_counter() - start))
+        return done
+
+
+@dataclass(frozen=True)
+class EpisodeSource:
+    """Multi-turn episodes (``cluster.loop.episodes``): a round's prompts are one batch of
+    episodes, handed back scored once every episode in it is over."""
+
+    runner: EpisodeRunner
+
+    def start(self, prompts: list[Prompt], sampling: SamplingSettings) -> list[EpisodeBatch]:
+        return [self.runner.start(prompts, sampling)]
+
+    def finished(self, handles: list[EpisodeBatch], timeout: float) -> list[tuple[EpisodeBatch, list[Sample], list[Verdict], float]]:
+        over = set(self.runner.advance(timeout))
+        return [(batch, batch.samples, batch.verdicts, batch.verify_seconds) for batch in handles if batch in over]
+
+
 @dataclass
 class _Pending:
     """A step whose chunks are still being generated or scored."""
 
-    requests: list[Request]
+    requests: list[object]
     started: float
     samples: dict[int, list[Sample]] = field(default_factory=dict)  # chunk -> samples
     verdicts: dict[int, list[Verdict]] = field(default_factory=dict)
@@ -170,8 +222,7 @@ class RolloutProducer(threading.Thread):
     def __init__(
         self,
         queue: RolloutQueue,
-        generators: GeneratorPool,
-        verifiers: VerifierPool,
+        source: SampleSource,
         draw: Callable[[int, int], list[Prompt]],
         sampling: Callable[[int, int], SamplingSettings],
         first_step: int,
@@ -182,12 +233,12 @@ class RolloutProducer(threading.Thread):
         """``draw(step, round)`` and ``sampling(step, round)`` give a round's prompts and
         sampling; ``shape`` adjusts each chunk's verdicts (the overlong penalty)."""
         super().__init__(name="rollout-producer", daemon=True)
-        self.queue, self.generators, self.verifiers = queue, generators, verifiers
+        self.queue, self.source = queue, source
         self.draw, self.sampling, self.shape, self.dynamic = draw, sampling, shape, dynamic
         self.next_step, self.last_step = first_step, last_step
         self.stopping = threading.Event()
         self._pending: dict[int, _Pending] = {}
-        self._chunk_of: dict[Request, tuple[int, int]] = {}
+        self._chunk_of: dict[object, tuple[int, int]] = {}
 
     def stop(self, timeout: float = 30.0) -> None:
         self.stopping.set()
@@ -218,23 +269,20 @@ class RolloutProducer(threading.Thread):
 
     def _submit(self, step: int, round: int) -> None:
         pending = self._pending[step]
-        requests = self.generators.submit(self.draw(step, round), self.sampling(step, round))
+        requests = self.source.start(self.draw(step, round), self.sampling(step, round))
         for chunk, request in enumerate(requests, start=len(pending.requests)):
             self._chunk_of[request] = (step, chunk)
         pending.requests += requests
 
     def _collect(self) -> None:
         """Score the chunks that finished; hand every completed step over, in order."""
-        for request in self.generators.wait(list(self._chunk_of), timeout=0.2):
+        for request, samples, verdicts, verify_seconds in self.source.finished(list(self._chunk_of), timeout=0.2):
             step, chunk = self._chunk_of.pop(request)
             pending = self._pending[step]
-            samples = request.samples
-            pending.generated = time.time()
-            start = time.perf_counter()
-            verdicts = self.verifiers.score(samples)
+            pending.generated = time.time() - verify_seconds
             if self.shape is not None:
                 verdicts = self.shape(samples, verdicts)
-            pending.verify_seconds += time.perf_counter() - start
+            pending.verify_seconds += verify_seconds
             pending.samples[chunk], pending.verdicts[chunk] = samples, verdicts
         for step in sorted(self._pending):
             pending = self._pending[step]

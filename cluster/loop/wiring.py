@@ -22,21 +22,25 @@ import ray
 from actors.generator import GeneratorPool, generator_actor
 from actors.learner import LearnerGroup
 from actors.reward_models import RewardServices
+from actors.tools import ToolPool
 from actors.verifier import ScorerFactory, VerifierPool
 from cluster.config import Config, TaskConfig
 from cluster.features.bank import BankedRollouts, BankPart, BankRounds
 from cluster.features.distill import TeacherReward
 from cluster.features.markovian import ActorRewardColumns, MarkovianEvaluator, MarkovianReward
 from cluster.features.surgery import Surgery
+from cluster.loop.episodes import EpisodeEvaluator, EpisodePrompts, EpisodeRunner
 from cluster.loop.placement import Placement
 from cluster.loop.rollouts import step_seed
 from cluster.phases import PhaseSchedule
 from cluster.stages import BatchSource, Crew, Evaluator, GreedyEvaluator, ModelReward, Participant, Prompts, RolloutBatches, Stages, Stateful, TaskPrompts
-from contracts import SamplingSettings
+from contracts import Problem, SamplingSettings
 from learners.settings import LearnerSettings
+from rewards.environments import environment_factory
 from rewards.scoring import ScorerSpec, TaskJudge
 from rewards.terms import TermSource
 from rollout.engines import EngineSettings
+from rollout.episodes import ChatDelta
 from rollout.models import resolve_model
 from rollout.bank import SolutionBank
 from rollout.tasks import Curriculum, Split, Task, TaskMixture, build_task
@@ -248,12 +252,22 @@ def start_crew(config: Config, model_path: str, placement: Placement, tasks: Tas
             generators = start_generators(config, model_path, placement)
         services = start_reward_services(config, model_path)
         verifiers = start_verifiers(config, tasks, factory, services if factory is None else None)
+        tools = start_tools(config)
     except BaseException:
         for part in (services, generators, learners):
             if part is not None:
                 part.kill()
         raise
-    return Crew(generators, verifiers, learners, services, update_dtype(config))
+    return Crew(generators, verifiers, learners, services, update_dtype(config), tools)
+
+
+def start_tools(config: Config) -> ToolPool | None:
+    """The sandbox hosts of an environment that runs code (``env.name``), with the code
+    rewards' sandbox settings; None where the environment runs none."""
+    env = config.env
+    if env.name not in ("python_tool", "code_repair"):
+        return None
+    return ToolPool(config.verifier.sandbox, env.tool_hosts, env.tool_timeout_s, startup_s=config.verifier.startup_s)
 
 
 def update_dtype(config: Config) -> str | None:
@@ -277,6 +291,17 @@ def eval_sampling(config: Config) -> SamplingSettings:
     return SamplingSettings(n=1, temperature=0.0, top_p=1.0, max_tokens=config.eval.max_tokens, stop=tuple(r.stop))
 
 
+def episode_runner(config: Config, tokenizer, tasks: TaskMixture, crew: Crew) -> EpisodeRunner:
+    """Episodes in ``env.name``'s environment, each opened with its task's system prompt."""
+
+    def system_prompt(problem: Problem) -> str | None:
+        task = tasks.tasks.get(problem.task)
+        return task.system_prompt if task is not None else None
+
+    make_env = environment_factory(config.env, crew.tools, system_prompt)
+    return EpisodeRunner(crew.generators, crew.verifiers, make_env, ChatDelta(tokenizer), config.env, config.generator.max_model_len)
+
+
 def build_stages(
     config: Config, tokenizer, tasks: TaskMixture, crew: Crew, set_scales: Callable[[np.ndarray], None] | None = None, split: Split = "validation"
 ) -> Stages:
@@ -297,8 +322,15 @@ def build_stages(
         rewards = (markovian,)
         if a.actor_reward_weight > 0:
             rollouts = RolloutBatches(rollouts.estimator, rollouts.drop_zero_variance, ActorRewardColumns(markovian, a.actor_reward_weight, a.advantage))
+    if config.env.name is not None:  # multi-turn episodes in an environment
+        prompts = EpisodePrompts(episode_runner(config, tokenizer, tasks, crew), training_sampling(config))
     eval_prompts = {task_id: prompts.render(problems) for task_id, problems in tasks.eval_sets(split).items()}
-    evaluator: Evaluator = GreedyEvaluator(crew, eval_prompts, eval_sampling(config)) if markovian is None else MarkovianEvaluator(markovian, crew, eval_prompts)
+    if config.env.name is not None:
+        evaluator: Evaluator = EpisodeEvaluator(episode_runner(config, tokenizer, tasks, crew), eval_prompts, eval_sampling(config))
+    elif markovian is None:
+        evaluator = GreedyEvaluator(crew, eval_prompts, eval_sampling(config))
+    else:
+        evaluator = MarkovianEvaluator(markovian, crew, eval_prompts)
     batches: BatchSource = rollouts
     parts: list[Stateful] = []
     participants: list[Participant] = []

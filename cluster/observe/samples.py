@@ -30,8 +30,8 @@ def sample_metrics(samples: list[Sample], verdicts: list[Verdict], prefix: str) 
         f"{prefix}/accuracy": sum(v.correct for _, v in valid) / n,
         f"{prefix}/completion_length": sum(len(s.completion.token_ids) for s, _ in valid) / n,
         f"{prefix}/truncated_fraction": sum(s.completion.finish_reason == "length" for s, _ in valid) / n,
-        # mean log-prob of the sampled tokens (the monitor watches it crash)
-        f"{prefix}/logprob_mean": sum(sum(s.completion.logprobs) / max(1, len(s.completion.logprobs)) for s, _ in valid) / n,
+        # mean log-prob of the sampled tokens (the monitor watches it crash); an episode's policy tokens
+        f"{prefix}/logprob_mean": sum(policy_logprob_mean(s) for s, _ in valid) / n,
         # answers the scorer could not find (code verdicts name the program's fate instead)
         f"{prefix}/extraction_failed": sum(v.extracted is None and v.outcome in ("correct", "wrong") for _, v in valid) / n,
     }
@@ -39,4 +39,38 @@ def sample_metrics(samples: list[Sample], verdicts: list[Verdict], prefix: str) 
         metrics[f"{prefix}/reward/{name}"] = sum(v.components.get(name, 0.0) for _, v in valid) / n
     for name in sorted({f for v in verdicts for f in v.faults}):
         metrics[f"{prefix}/reward_errors/{name}"] = float(sum(name in v.faults for v in verdicts))
+    if any(s.episode is not None for s in samples):
+        metrics |= episode_metrics(samples, verdicts, prefix)
+    return metrics
+
+
+def policy_logprob_mean(sample: Sample) -> float:
+    """The mean log-prob of the tokens the policy sampled (an episode's turns, not its observations)."""
+    logprobs = sample.completion.logprobs
+    if sample.episode is not None:
+        logprobs = [lp for lp, keep in zip(logprobs, sample.episode.loss_mask) if keep]
+    return sum(logprobs) / max(1, len(logprobs))
+
+
+def episode_metrics(samples: list[Sample], verdicts: list[Verdict], prefix: str) -> dict[str, float]:
+    """Multi-turn episodes: turns (mean, max), tool calls, tool errors and time-outs and the
+    tools' seconds per episode, the share truncated (out of turns or tokens), and the mean
+    reward of the valid episodes that took k turns (``reward_by_turns/<k>``)."""
+    episodes = [s.episode for s in samples if s.episode is not None]
+    n = max(1, len(episodes))
+    metrics = {
+        f"{prefix}/turns_mean": sum(e.turns for e in episodes) / n,
+        f"{prefix}/turns_max": float(max((e.turns for e in episodes), default=0)),
+        f"{prefix}/tool_calls": sum(e.tool_calls for e in episodes) / n,
+        f"{prefix}/tool_errors": sum(e.tool_errors for e in episodes) / n,
+        f"{prefix}/tool_timeouts": sum(e.tool_timeouts for e in episodes) / n,
+        f"{prefix}/tool_seconds": sum(e.tool_seconds for e in episodes) / n,
+        f"{prefix}/episodes_truncated": sum(e.truncated for e in episodes) / n,
+    }
+    by_turns: dict[int, list[float]] = {}
+    for sample, verdict in zip(samples, verdicts):
+        if sample.episode is not None and verdict.status == "ok":
+            by_turns.setdefault(sample.episode.turns, []).append(verdict.reward)
+    for turns, rewards in sorted(by_turns.items()):
+        metrics[f"{prefix}/reward_by_turns/{turns}"] = sum(rewards) / len(rewards)
     return metrics
