@@ -6,9 +6,11 @@ runner's threads, and each call takes a free sandbox slot (``verifier.sandbox.sl
 host; it waits for one while all are busy). The limits are the config's ``verifier.sandbox``,
 exactly as for code rewards.
 
-A host that dies, or does not answer within ``timeout_s`` (past the sandbox's own wall-clock
-limit, which turns a slow program into a ``timeout`` result), is replaced, and the call comes
-back as ``sandbox_error``: the environment masks that episode, it is never the program's fault.
+A host that dies, or does not answer within ``timeout_s`` (well past the sandbox's own
+wall-clock limit, which turns a slow program into a ``timeout`` result: the config refuses a
+``env.tool_timeout_s`` that could cut a program's own time-out short), is replaced and the call
+retried once on the fresh host; a second failure comes back as ``sandbox_error``, and the
+environment masks that episode: it is never the program's fault.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import threading
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
+from contracts.footprint import peak_rss_gib
 from rewards.sandbox import Execution
 from rewards.scoring import SandboxSettings
 
@@ -34,6 +37,10 @@ class ToolHost:
 
     def ready(self) -> bool:
         return True
+
+    def peak_rss_gib(self) -> float:
+        """This actor's peak memory plus its largest sandbox process's, GiB."""
+        return peak_rss_gib(children=True)
 
     def run(self, source: str) -> Execution:
         return self.sandbox.run(source)
@@ -51,7 +58,7 @@ class ToolPool:
         self.hosts = [self._actor_class.remote(settings) for _ in range(size)]
         self._free: queue.Queue[int] = queue.Queue()
         self._lock = threading.Lock()
-        self.stats = {"tools/host_restarts": 0.0}
+        self.stats = {"tools/host_restarts": 0.0, "tools/retries": 0.0}
         try:
             ray.get([host.ready.remote() for host in self.hosts], timeout=startup_s)
         except (GetTimeoutError, RayActorError) as exc:
@@ -62,7 +69,15 @@ class ToolPool:
                 self._free.put(i)
 
     def run(self, source: str) -> Execution:
-        """Run ``source`` in a free host's sandbox; a lost or hung host is a ``sandbox_error``."""
+        """Run ``source`` in a free host's sandbox; a host lost or hung twice in a row on it is
+        a ``sandbox_error`` (the first time, the call is retried on a fresh host)."""
+        execution = self._run_once(source)
+        if execution.status == "sandbox_error":
+            self.stats["tools/retries"] += 1
+            execution = self._run_once(source)
+        return execution
+
+    def _run_once(self, source: str) -> Execution:
         index = self._free.get()
         try:
             with self._lock:

@@ -403,6 +403,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
     return config
 
 
+# past the sandbox's wall-clock limit: its interpreter's grace to kill and answer (5 s) and a
+# slot's restart after a broken program (up to 30 s), with room to spare
+TOOL_TIMEOUT_MARGIN_S = 45.0
+
+
 def _env_problems(config: Config) -> list[str]:
     env = config.env
     if env.name is None:
@@ -416,6 +421,12 @@ def _env_problems(config: Config) -> list[str]:
         problems.append("reward.overlong_buffer shapes single completions by their length; set it to 0 with env.name")
     if env.tool_hosts < 1 or env.max_parallel_steps < 1:
         problems.append("env.tool_hosts and env.max_parallel_steps must be at least 1")
+    if config.algorithm.policy_loss == "sac":
+        problems.append("algorithm.policy_loss=sac's soft values end at every turn's end: it does not train episodes (env.name) yet")
+    wall = config.verifier.sandbox.limits.wall_s
+    if env.tool_timeout_s < wall + TOOL_TIMEOUT_MARGIN_S:
+        # a host cut off before the sandbox stops the program would mask an episode the program lost
+        problems.append(f"env.tool_timeout_s ({env.tool_timeout_s:g}) must be at least verifier.sandbox.limits.wall_s ({wall:g}) + {TOOL_TIMEOUT_MARGIN_S:g}")
     return problems
 
 

@@ -229,16 +229,23 @@ class RolloutBatches:
 class GreedyEvaluator:
     """Greedy held-out metrics on each task's evaluation problems (fixed at the start: a
     curriculum's later difficulty does not change them): accuracy, reward and each reward
-    component, completion length; over all tasks and per task when several."""
+    component, completion length (and an episode's turns and tool calls); over all tasks and
+    per task when several."""
 
     crew: Crew
     prompts_by_task: dict[str, list[Prompt]]
     sampling: SamplingSettings
     needs_learners: bool = False
+    # runs the prompts as multi-turn episodes (an environment's ``EpisodeRunner.run``), scored;
+    # None: single completions
+    episodes: Callable[[list[Prompt], SamplingSettings], tuple[list[Sample], list[Verdict]]] | None = None
 
     def evaluate(self) -> dict[str, float]:
         prompts = [prompt for task_prompts in self.prompts_by_task.values() for prompt in task_prompts]
-        samples = self.crew.generators.generate(prompts, self.sampling)
-        verdicts = self.crew.verifiers.score(samples)
+        if self.episodes is not None:
+            samples, verdicts = self.episodes(prompts, self.sampling)
+        else:
+            samples = self.crew.generators.generate(prompts, self.sampling)
+            verdicts = self.crew.verifiers.score(samples)
         per_task = task_metrics(samples, verdicts, "eval") if len(self.prompts_by_task) > 1 else {}
         return {"eval/n": len(samples), **sample_metrics(samples, verdicts, prefix="eval"), **per_task}

@@ -124,9 +124,9 @@ class Episode:
     tokens (``truncated``), and ``infra_error`` when the infrastructure failed it (masked).
     """
 
-    loss_mask: tuple[int, ...]
-    policies: tuple[PolicyRef, ...]
-    final_text: str
+    loss_mask: tuple[int, ...] = ()
+    policies: tuple[PolicyRef, ...] = ()
+    final_text: str = ""
     reward: float | None = None
     correct: bool = False
     tool_calls: int = 0

@@ -28,22 +28,27 @@ class ChatDelta:
 
     ``closing(turn)``: what ends the sampled turn as the template would have ended it (its
     end-of-turn token, where the turn ran out of tokens before it, and the separator the
-    template writes after it); ``observation(messages)``: the messages and the next assistant
-    header. Without a chat template (a base model), an observation is its text between blank
-    lines and a turn needs no closing.
+    template writes after it), read from the template's own rendering of an assistant turn
+    rather than from the tokenizer's ``eos`` (which for some checkpoints is another token);
+    ``observation(messages)``: the messages and the next assistant header, rendered after the
+    fixed conversation in the same call as the conversation alone (a template that prints
+    today's date renders both alike). Without a chat template (a base model), an observation
+    is its text between blank lines and a turn needs no closing.
     """
 
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
         self.chat = bool(getattr(tokenizer, "chat_template", None))
-        self.end: tuple[int, ...] = ()
-        self.separator: tuple[int, ...] = ()
+        self.end: tuple[int, ...] = ()  # the template's end-of-turn token, and
+        self.separator: tuple[int, ...] = ()  # what it writes after it
         if self.chat:
-            self._base = self._ids(list(_BASE), generation=False)
-            eos = tokenizer.eos_token_id
-            if eos in self._base:  # the assistant turn's end token, then what the template writes after it
-                last = len(self._base) - 1 - self._base[::-1].index(eos)
-                self.end, self.separator = (eos,), tuple(self._base[last + 1 :])
+            header = self._ids(list(_BASE[:2]), generation=True)
+            turn = self._ids(list(_BASE), generation=False)
+            content = self.tokenizer(_BASE[2]["content"], add_special_tokens=False)["input_ids"]
+            after = turn[len(header) :]
+            if turn[: len(header)] == header and after[: len(content)] == content and len(after) > len(content):
+                closing = tuple(after[len(content) :])
+                self.end, self.separator = closing[:1], closing[1:]
 
     def _ids(self, messages: list[dict], generation: bool) -> list[int]:
         text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation)
@@ -66,13 +71,15 @@ class ChatDelta:
         if not self.chat:
             text = "\n\n" + "\n\n".join(m["content"] for m in messages) + "\n\n"
             return tuple(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        base = self._ids(list(_BASE), generation=False)
         full = self._ids([*_BASE, *messages], generation=True)
-        if full[: len(self._base)] != self._base:
+        if full[: len(base)] != base:
             raise ValueError(
-                "this chat template renders a conversation's earlier turns differently once more turns follow, so an "
-                "observation cannot be appended as tokens; use a model whose template appends turns (ChatML, Llama 3)"
+                "this chat template renders a conversation's earlier turns differently once more turns follow (or refuses "
+                f"the roles {sorted({m['role'] for m in messages})}), so an observation cannot be appended as tokens; use a "
+                "model whose template appends turns (ChatML, Llama 3) or another env.observation_role"
             )
-        return tuple(full[len(self._base) :])
+        return tuple(full[len(base) :])
 
 
 @dataclass
@@ -90,14 +97,8 @@ class EpisodeBuilder:
     texts: list[str] = field(default_factory=list)  # the turns and the observations' text, in order
     last_turn_ids: tuple[int, ...] = ()
     finish_reason: str = ""
-    tool_calls: int = 0
-    tool_errors: int = 0
-    tool_timeouts: int = 0
-    tool_seconds: float = 0.0
-    truncated: bool = False
-    reward: float | None = None
-    correct: bool = False
-    infra_error: str | None = None
+    # the verdict and the tool counts so far (``sample`` adds the mask, the policies, the text)
+    result: Episode = field(default_factory=Episode)
     done: bool = False
 
     def context(self) -> tuple[int, ...]:
@@ -129,27 +130,25 @@ class EpisodeBuilder:
     def count_tool(self, step: EnvStep) -> None:
         if step.tool is None:
             return
-        self.tool_calls += 1
-        self.tool_seconds += step.tool_seconds
-        self.tool_errors += step.tool != "ok"
-        self.tool_timeouts += step.tool == "timeout"
+        r = self.result
+        self.result = dataclasses.replace(
+            r, tool_calls=r.tool_calls + 1, tool_seconds=r.tool_seconds + step.tool_seconds,
+            tool_errors=r.tool_errors + (step.tool != "ok"), tool_timeouts=r.tool_timeouts + (step.tool == "timeout"),
+        )  # fmt: skip
 
     def finish(self, step: EnvStep | None = None, truncated: bool = False, infra_error: str | None = None) -> None:
-        self.done, self.truncated = True, truncated
-        self.infra_error = infra_error or (step.infra_error if step is not None else None)
+        self.done = True
+        infra_error = infra_error or (step.infra_error if step is not None else None)
+        self.result = dataclasses.replace(self.result, truncated=truncated, infra_error=infra_error)
         if step is not None:  # the environment's verdict on the last turn, where it judges
-            self.reward, self.correct = step.reward, step.correct
+            self.result = dataclasses.replace(self.result, reward=step.reward, correct=step.correct)
 
     def sample(self) -> Sample:
         """The episode as one sample, its oldest turn's policy its own (staleness is bounded by it)."""
         completion = Completion(
             token_ids=tuple(self.ids), text="".join(self.texts), logprobs=tuple(self.logprobs),
-            finish_reason="truncated" if self.truncated else self.finish_reason,
+            finish_reason="truncated" if self.result.truncated else self.finish_reason,
         )  # fmt: skip
-        episode = Episode(
-            loss_mask=tuple(self.mask), policies=tuple(self.policies), final_text=self.turns[-1] if self.turns else "",
-            reward=self.reward, correct=self.correct, tool_calls=self.tool_calls, tool_errors=self.tool_errors,
-            tool_timeouts=self.tool_timeouts, tool_seconds=self.tool_seconds, truncated=self.truncated, infra_error=self.infra_error,
-        )  # fmt: skip
+        episode = dataclasses.replace(self.result, loss_mask=tuple(self.mask), policies=tuple(self.policies), final_text=self.turns[-1] if self.turns else "")
         oldest = min(self.policies, key=lambda p: p.version) if self.policies else PolicyRef()
         return Sample(prompt=self.prompt, completion=completion, policy=oldest, group_index=self.group_index, episode=episode)

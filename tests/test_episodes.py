@@ -176,3 +176,44 @@ def test_environments_are_chosen_by_name_and_code_ones_need_the_sandbox():
     with pytest.raises(ValueError, match="needs the sandbox"):
         environment_factory(EnvironmentSettings(name="python_tool"), None, lambda problem: None)
     assert clip("abcdefghij", 4) == "ab\n... [6 characters cut] ...\nij"
+
+
+def test_the_turns_end_comes_from_the_template_not_the_tokenizers_eos(tokenizer):
+    """A checkpoint whose eos is another token than its template's end of turn (Qwen2.5 base:
+    <|endoftext|>; Llama 3: <|end_of_text|> against <|eot_id|>) still closes turns as the
+    template does."""
+    other = AutoTokenizer.from_pretrained(tokenizer.name_or_path)
+    other.eos_token = "<|endoftext|>"
+    delta = ChatDelta(other)
+    assert delta.end == (other.convert_tokens_to_ids("<|im_end|>"),) and other.decode(delta.separator) == "\n"
+
+
+def test_turn_budgets_near_an_episodes_end_fall_to_powers_of_two():
+    from cluster.loop.episodes import turn_tokens
+
+    assert [turn_tokens(room, 96) for room in (500, 96, 95, 64, 63, 33, 1, 0)] == [96, 96, 64, 64, 32, 32, 1, 0]
+
+
+def test_a_problem_the_environment_cannot_open_is_masked_and_named(tokenizer):
+    from cluster.loop.episodes import EpisodeRunner
+    from contracts import SamplingSettings
+
+    settings = EnvironmentSettings(name="guess_number")
+    runner = EpisodeRunner(None, None, lambda problem: GuessNumber(), ChatDelta(tokenizer), settings, 1024)
+    words = Problem("w", "Name a colour.", "blue")
+    prompts = runner.prompts([words, PROBLEM])
+    assert "Name a colour." in prompts[0].text  # rendered from the question alone
+    batch = runner.start(prompts, SamplingSettings(n=2, temperature=1.0, top_p=1.0, max_tokens=8))
+    masked = [e.sample().episode.infra_error for e in batch.episodes[:2]]
+    assert all("cannot open this problem" in m and "numeric answer" in m for m in masked)
+    assert not any(e.done for e in batch.episodes[2:])
+    runner.close()
+
+
+def test_env_settings_that_could_mask_a_programs_loss_or_mistrain_are_refused(tiny_model_path):
+    from cluster.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="tool_timeout_s"):
+        load_config(None, [f"model.path={tiny_model_path}", "env.name=python_tool", "env.tool_timeout_s=20"])
+    with pytest.raises(ConfigError, match="policy_loss=sac"):
+        load_config(None, [f"model.path={tiny_model_path}", "env.name=guess_number", "algorithm.policy_loss=sac"])

@@ -46,6 +46,11 @@ def test_a_run_in_an_environment_trains_on_episodes_and_reports_them(trainer):
         assert any(key.startswith("train/reward_by_turns/") for key in row)
     evals = [r for r in rows if "eval/turns_mean" in r]
     assert evals and 1 <= evals[-1]["eval/turns_mean"] <= 3
+    from cluster.commands.report import write_report
+
+    write_report(trainer.run_dir.path)
+    plots = trainer.run_dir.path / "plots"
+    assert (plots / "episodes.png").stat().st_size > 10_000 and (plots / "reward_by_turns.png").stat().st_size > 10_000
 
 
 def test_the_learner_trains_on_exactly_the_tokens_and_logprobs_the_generators_sampled(trainer):
@@ -112,8 +117,14 @@ def test_tool_hosts_run_tool_calls_and_replace_a_lost_host(ray_cluster):
         assert tools.run("print(2 ** 10)").stdout == "1024\n"
         assert tools.run("while True: pass").status == "timeout"
         kill_actor(tools.hosts[0])
-        lost = tools.run("print(1)")
-        assert lost.status == "sandbox_error" and tools.stats["tools/host_restarts"] == 1
-        assert tools.run("print(3)").stdout == "3\n"  # the replacement
+        retried = tools.run("print(1)")  # on the lost host, then again on its replacement
+        assert retried.stdout == "1\n" and tools.stats["tools/host_restarts"] == 1 and tools.stats["tools/retries"] == 1
+        assert tools.run("print(3)").stdout == "3\n"
     finally:
         tools.kill()
+    hung = ToolPool(settings, size=1, timeout_s=1.0)  # a host that answers later than its deadline, twice
+    try:
+        failed = hung.run("import time\ntime.sleep(1.5)")
+        assert failed.status == "sandbox_error" and "did not answer" in failed.detail and hung.stats["tools/host_restarts"] == 2
+    finally:
+        hung.kill()

@@ -532,7 +532,9 @@ def host_total_gib(actors: list[ActorPlan]) -> float:
 
 def make_plan(config: Config, shapes: Shapes, machine: Machine, prompt_tokens: int) -> Plan:
     """The plan for ``config`` on ``machine``: every actor's row and every problem."""
-    lengths = Lengths(prompt_tokens, config.rollout.max_tokens, config.generator.max_model_len)
+    # an episode's completion is every turn and observation after its first prompt
+    completion = config.env.max_episode_tokens if config.env.name is not None else config.rollout.max_tokens
+    lengths = Lengths(prompt_tokens, completion, config.generator.max_model_len)
     generator, generator_issues = generator_plan(config, shapes, machine, lengths)
     services = service_plans(config, shapes, machine, lengths)
     others = [generator, *services]

@@ -29,7 +29,6 @@ from typing import Callable
 
 from actors.generator import GeneratorPool, Request
 from actors.verifier import VerifierPool
-from cluster.observe.samples import sample_metrics, task_metrics
 from contracts import Environment, EnvStep, Problem, Prompt, Sample, SamplingSettings, Verdict
 from rewards.environments import EnvironmentSettings
 from rollout.episodes import ChatDelta, EpisodeBuilder
@@ -37,6 +36,15 @@ from rollout.episodes import ChatDelta, EpisodeBuilder
 logger = logging.getLogger(__name__)
 
 _TURN_SEED_STRIDE = 7919  # a batch's k-th generate call samples with seed + k * stride
+
+
+def turn_tokens(room: int, cap: int) -> int:
+    """A turn's token budget: ``cap``, or where the episode has less ``room`` left, the largest
+    power of two within it, so that episodes near their end still share a few generate calls
+    instead of one each."""
+    if room >= cap:
+        return cap
+    return 1 << (room.bit_length() - 1) if room > 0 else 0
 
 
 @dataclass(eq=False)
@@ -81,24 +89,40 @@ class EpisodeRunner:
 
     # -- what a driver calls ------------------------------------------------------------------
 
+    def fresh(self) -> EpisodeRunner:
+        """A runner like this one with no episode in flight (a restarted rollout producer's)."""
+        return EpisodeRunner(self.generators, self.verifiers, self.make_env, self.delta, self.settings, self.context_limit)
+
     def prompts(self, problems: list[Problem]) -> list[Prompt]:
-        """Each problem's first prompt, as its environment opens the episode."""
-        return [self.delta.prompt(problem, self.make_env(problem).reset(problem)) for problem in problems]
+        """Each problem's first prompt, as its environment opens the episode (the question
+        alone where the environment cannot open it: its episodes are masked, ``start``)."""
+        return [self.delta.prompt(problem, self._opening(problem)) for problem in problems]
+
+    def _opening(self, problem: Problem) -> list[dict]:
+        try:
+            return self.make_env(problem).reset(problem)
+        except Exception:  # noqa: BLE001 - named when its episodes start
+            return [{"role": "user", "content": problem.question}]
 
     def start(self, prompts: list[Prompt], sampling: SamplingSettings) -> EpisodeBatch:
         """``sampling.n`` episodes per prompt, from its first turn."""
         episodes, envs = [], []
         for prompt in prompts:
             for g in range(sampling.n):
-                env = self.make_env(prompt.problem)
-                env.reset(prompt.problem)
-                episodes.append(EpisodeBuilder(prompt, g))
+                episode, env = EpisodeBuilder(prompt, g), None
+                try:
+                    env = self.make_env(prompt.problem)
+                    env.reset(prompt.problem)
+                except Exception as exc:  # noqa: BLE001 - a problem the environment cannot take: masked, named
+                    logger.warning("the environment cannot open problem %s: %s: %s", prompt.problem.uid, type(exc).__name__, exc)
+                    episode.finish(infra_error=f"the environment cannot open this problem: {type(exc).__name__}: {exc}"[:500])
+                episodes.append(episode)
                 envs.append(env)
         batch = EpisodeBatch(episodes, envs, sampling)
         self._batches.append(batch)
         if not self._ready:
             self._ready_since = time.monotonic()
-        self._ready += [(batch, i) for i in range(len(episodes))]
+        self._ready += [(batch, i) for i, episode in enumerate(episodes) if not episode.done]
         return batch
 
     def advance(self, timeout: float) -> list[EpisodeBatch]:
@@ -139,7 +163,7 @@ class EpisodeRunner:
             return
         calls: dict[tuple[int, int], list[tuple[EpisodeBatch, int]]] = {}
         for batch, i in self._ready:
-            max_tokens = min(batch.sampling.max_tokens, self._room(batch.episodes[i]))
+            max_tokens = turn_tokens(self._room(batch.episodes[i]), batch.sampling.max_tokens)
             calls.setdefault((id(batch), max_tokens), []).append((batch, i))
         self._ready = []
         for (_, max_tokens), members in calls.items():
@@ -167,7 +191,7 @@ class EpisodeRunner:
 
     def _collect_turns(self, timeout: float) -> None:
         for request in self.generators.wait(list(self._generating), timeout):
-            for (batch, i), sample in zip(self._generating.pop(request), request.samples):
+            for (batch, i), sample in zip(self._generating.pop(request), request.samples, strict=True):
                 episode = batch.episodes[i]
                 episode.add_turn(sample.completion, sample.policy)
                 self._stepping[self._threads.submit(batch.envs[i].step, sample.completion.text)] = (batch, i)
@@ -234,20 +258,3 @@ class EpisodePrompts:
 
     def render(self, problems: list[Problem]) -> list[Prompt]:
         return self.runner.prompts(problems)
-
-
-@dataclass
-class EpisodeEvaluator:
-    """Greedy held-out episodes on each task's evaluation problems: the plain run's metrics
-    (``GreedyEvaluator``) and the episodes' own (turns, tool calls, reward by turns)."""
-
-    runner: EpisodeRunner
-    prompts_by_task: dict[str, list[Prompt]]
-    sampling: SamplingSettings
-    needs_learners: bool = False
-
-    def evaluate(self) -> dict[str, float]:
-        prompts = [prompt for task_prompts in self.prompts_by_task.values() for prompt in task_prompts]
-        samples, verdicts = self.runner.run(prompts, self.sampling)
-        per_task = task_metrics(samples, verdicts, "eval") if len(self.prompts_by_task) > 1 else {}
-        return {"eval/n": len(samples), **sample_metrics(samples, verdicts, prefix="eval"), **per_task}

@@ -53,8 +53,9 @@ def evaluate_policy(config: Config, adapter: str, split: Split = "validation") -
     init_ray(config)
     generator = start_generator(config, model_path)
     services = start_reward_services(config, model_path, teacher=False)  # the teacher rewards training only
-    crew = Crew(GeneratorPool([generator]), start_verifiers(config, tasks, services=services), rewards=services, tools=start_tools(config))
+    crew = Crew(GeneratorPool([generator]), start_verifiers(config, tasks, services=services), rewards=services)
     try:
+        crew.tools = start_tools(config)
         evaluator = build_stages(config, tokenizer, tasks, crew, split=split).evaluator
         if evaluator.needs_learners:
             crew.learners = start_learners(config, model_path)

@@ -122,7 +122,7 @@ class RolloutStream:
         """Where the producer's scored samples come from: episodes where the prompts are an
         environment's, single completions otherwise."""
         runner = getattr(self.prompts, "runner", None)
-        return EpisodeSource(runner) if runner is not None else Completions(self.crew.generators, self.crew.verifiers)
+        return EpisodeSource(runner.fresh()) if runner is not None else Completions(self.crew.generators, self.crew.verifiers)
 
     def stop(self) -> None:
         if self.producer is not None:
@@ -163,6 +163,10 @@ class SampleSource(Protocol):
 
     def finished(self, handles: list[object], timeout: float) -> list[tuple[object, list[Sample], list[Verdict], float]]: ...
 
+    def close(self) -> None:
+        """The producer stopped: drop what is still in flight."""
+        ...
+
 
 @dataclass(frozen=True)
 class Completions:
@@ -184,6 +188,9 @@ class Completions:
             done.append((request, request.samples, verdicts, time.perf_counter() - start))
         return done
 
+    def close(self) -> None:
+        pass  # the pool's calls finish on their own; their samples are not collected
+
 
 @dataclass(frozen=True)
 class EpisodeSource:
@@ -198,6 +205,9 @@ class EpisodeSource:
     def finished(self, handles: list[EpisodeBatch], timeout: float) -> list[tuple[EpisodeBatch, list[Sample], list[Verdict], float]]:
         over = set(self.runner.advance(timeout))
         return [(batch, batch.samples, batch.verdicts, batch.verify_seconds) for batch in handles if batch in over]
+
+    def close(self) -> None:
+        self.runner.close()
 
 
 @dataclass
@@ -245,6 +255,7 @@ class RolloutProducer(threading.Thread):
         self.join(timeout)
         if self.is_alive():
             logger.warning("the rollout producer did not stop within %.0fs", timeout)
+        self.source.close()
 
     def run(self) -> None:
         try:

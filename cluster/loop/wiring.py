@@ -24,12 +24,12 @@ from actors.learner import LearnerGroup
 from actors.reward_models import RewardServices
 from actors.tools import ToolPool
 from actors.verifier import ScorerFactory, VerifierPool
-from cluster.config import Config, TaskConfig
+from cluster.config import Config, ConfigError, TaskConfig
 from cluster.features.bank import BankedRollouts, BankPart, BankRounds
 from cluster.features.distill import TeacherReward
 from cluster.features.markovian import ActorRewardColumns, MarkovianEvaluator, MarkovianReward
 from cluster.features.surgery import Surgery
-from cluster.loop.episodes import EpisodeEvaluator, EpisodePrompts, EpisodeRunner
+from cluster.loop.episodes import EpisodePrompts, EpisodeRunner
 from cluster.loop.placement import Placement
 from cluster.loop.rollouts import step_seed
 from cluster.phases import PhaseSchedule
@@ -46,6 +46,8 @@ from rollout.bank import SolutionBank
 from rollout.tasks import Curriculum, Split, Task, TaskMixture, build_task
 
 logger = logging.getLogger(__name__)
+
+CODE_SCORERS = ("code", "humaneval")  # scorers that run a program against tests
 
 # truncated importance sampling cap used in async mode when algorithm.tis_cap is not set
 ASYNC_TIS_CAP = 2.0
@@ -238,7 +240,7 @@ def start_crew(config: Config, model_path: str, placement: Placement, tasks: Tas
     Colocated, the generators start first and the learners only once every engine is up (and,
     in sleep mode, asleep): vLLM sizes itself from the device's free memory, which a learner
     started first would already hold (docs/cluster.md#colocation-on-one-gpu)."""
-    generators = learners = services = None
+    generators = learners = services = verifiers = None
     try:
         if config.cluster.placement == "colocated":
             generators = start_generators(config, model_path, placement)
@@ -254,7 +256,7 @@ def start_crew(config: Config, model_path: str, placement: Placement, tasks: Tas
         verifiers = start_verifiers(config, tasks, factory, services if factory is None else None)
         tools = start_tools(config)
     except BaseException:
-        for part in (services, generators, learners):
+        for part in (verifiers, services, generators, learners):
             if part is not None:
                 part.kill()
         raise
@@ -298,8 +300,15 @@ def episode_runner(config: Config, tokenizer, tasks: TaskMixture, crew: Crew) ->
         task = tasks.tasks.get(problem.task)
         return task.system_prompt if task is not None else None
 
+    code = sorted(t.id for t in tasks.tasks.values() if t.reward.scorer in CODE_SCORERS)
+    if config.env.name == "python_tool" and code:
+        raise ConfigError(f"env.name=python_tool ends an episode at a turn without code, which a code scorer fails: use env.name=code_repair for {code}")
+    if config.env.name == "code_repair" and len(code) != len(tasks.tasks):
+        raise ConfigError(f"env.name=code_repair runs each problem's tests: {sorted(set(tasks.tasks) - set(code))} are not code tasks")
     make_env = environment_factory(config.env, crew.tools, system_prompt)
-    return EpisodeRunner(crew.generators, crew.verifiers, make_env, ChatDelta(tokenizer), config.env, config.generator.max_model_len)
+    delta = ChatDelta(tokenizer)
+    delta.observation([{"role": config.env.observation_role, "content": "probe"}])  # a template that cannot append turns fails now, not mid-run
+    return EpisodeRunner(crew.generators, crew.verifiers, make_env, delta, config.env, config.generator.max_model_len)
 
 
 def build_stages(
@@ -325,10 +334,9 @@ def build_stages(
     if config.env.name is not None:  # multi-turn episodes in an environment
         prompts = EpisodePrompts(episode_runner(config, tokenizer, tasks, crew), training_sampling(config))
     eval_prompts = {task_id: prompts.render(problems) for task_id, problems in tasks.eval_sets(split).items()}
-    if config.env.name is not None:
-        evaluator: Evaluator = EpisodeEvaluator(episode_runner(config, tokenizer, tasks, crew), eval_prompts, eval_sampling(config))
-    elif markovian is None:
-        evaluator = GreedyEvaluator(crew, eval_prompts, eval_sampling(config))
+    if markovian is None:  # episodes in the environment's own runner: an evaluation runs beside the rollouts
+        episodes = episode_runner(config, tokenizer, tasks, crew).run if config.env.name is not None else None
+        evaluator: Evaluator = GreedyEvaluator(crew, eval_prompts, eval_sampling(config), episodes=episodes)
     else:
         evaluator = MarkovianEvaluator(markovian, crew, eval_prompts)
     batches: BatchSource = rollouts
