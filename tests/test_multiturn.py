@@ -6,6 +6,8 @@ then its generator pool and learner group for the token-identity check."""
 
 from __future__ import annotations
 
+import os
+import signal
 import sys
 
 import pytest
@@ -108,6 +110,28 @@ def test_the_learner_trains_on_exactly_the_tokens_and_logprobs_the_generators_sa
     gap = max(abs(a - b) for row, lrow, mask in zip(batch.old_logprobs, learner_logprobs, batch.loss_masks) for a, b, m in zip(row, lrow, mask) if m)
     assert gap < 1e-3, f"the learner scores the episodes' policy tokens {gap} away from the generators"
     assert crew.learners.policy_version() == samples[0].policy
+
+
+def test_a_generator_killed_mid_episode_costs_only_the_turn_it_held(trainer):
+    """The generator is SIGKILLed while it holds the second turn of every episode: the pool
+    replaces it (with the newest policy) and re-issues that turn; every episode ends, none masked."""
+    crew, config = trainer.crew, trainer.config
+    pool = crew.generators
+    runner = EpisodeRunner(pool, crew.verifiers, lambda problem: GuessNumber(), ChatDelta(trainer.tokenizer), config.env, config.generator.max_model_len)
+    problems = [Problem(f"k{i}", f"What is {i} + 1?", str(i + 1)) for i in range(2)]
+    batch = runner.start(runner.prompts(problems), trainer.stages.prompts.sampling)
+    restarts, reissued = pool.stats["faults/generator_restarts"], pool.stats["faults/requests_reissued"]
+    while not any(e.turns and not e.done for e in batch.episodes):  # a first turn back, its episode going on
+        runner.advance(0.2)
+    while not runner._generating:  # the next turns sent
+        runner.advance(0.05)
+    pid = ray.get(pool.handles[0].__ray_call__.remote(lambda actor: os.getpid()))
+    os.kill(pid, signal.SIGKILL)
+    while batch.samples is None:
+        runner.advance(0.2)
+    assert pool.stats["faults/generator_restarts"] == restarts + 1 and pool.stats["faults/requests_reissued"] >= reissued + 1
+    assert all(v.status == "ok" for v in batch.verdicts) and max(s.episode.turns for s in batch.samples) > 1
+    runner.close()
 
 
 def test_tool_hosts_run_tool_calls_and_replace_a_lost_host(ray_cluster):
