@@ -9,7 +9,8 @@ exactly as for code rewards.
 A host that dies, or does not answer within ``timeout_s`` (well past the sandbox's own
 wall-clock limit, which turns a slow program into a ``timeout`` result: the config refuses a
 ``env.tool_timeout_s`` that could cut a program's own time-out short), is replaced and the call
-retried once on the fresh host; a second failure comes back as ``sandbox_error``, and the
+retried once (on the next free host: the replacement or another); a second failure comes back
+as ``sandbox_error``, and the
 environment masks that episode: it is never the program's fault.
 """
 
@@ -52,7 +53,8 @@ class ToolPool:
     def __init__(self, settings: SandboxSettings, size: int = 1, timeout_s: float = 60.0, num_cpus: float = 0.1, startup_s: float = 60.0):
         if size < 1:
             raise ValueError(f"a tool pool needs at least one host, not {size}")
-        self.settings, self.timeout_s = settings, timeout_s
+        self.settings, self.timeout_s, self.startup_s = settings, timeout_s, startup_s
+        self._fresh: set[int] = set()  # hosts replaced and not yet answered (still opening their sandbox)
         # a host runs as many calls at once as its sandbox has slots
         self._actor_class = ray.remote(num_cpus=num_cpus, max_restarts=0, max_concurrency=settings.slots)(ToolHost)
         self.hosts = [self._actor_class.remote(settings) for _ in range(size)]
@@ -69,8 +71,8 @@ class ToolPool:
                 self._free.put(i)
 
     def run(self, source: str) -> Execution:
-        """Run ``source`` in a free host's sandbox; a host lost or hung twice in a row on it is
-        a ``sandbox_error`` (the first time, the call is retried on a fresh host)."""
+        """Run ``source`` in a free host's sandbox; hosts lost or hung twice in a row on it are
+        a ``sandbox_error`` (the first time, the call is retried on the next free host)."""
         execution = self._run_once(source)
         if execution.status == "sandbox_error":
             self.stats["tools/retries"] += 1
@@ -81,8 +83,11 @@ class ToolPool:
         index = self._free.get()
         try:
             with self._lock:
-                host = self.hosts[index]
-            return ray.get(host.run.remote(source), timeout=self.timeout_s)
+                host, fresh = self.hosts[index], index in self._fresh
+            # a replacement's first call also waits for its sandbox to open
+            execution = ray.get(host.run.remote(source), timeout=self.timeout_s + (self.startup_s if fresh else 0.0))
+            self._fresh.discard(index)
+            return execution
         except (GetTimeoutError, RayActorError, RayTaskError) as exc:
             why = "did not answer within %.0fs" % self.timeout_s if isinstance(exc, GetTimeoutError) else f"failed ({type(exc).__name__})"
             logger.warning("tool host %d %s: replacing it", index, why)
@@ -98,6 +103,7 @@ class ToolPool:
                 return
             ray.kill(host, no_restart=True)
             self.hosts[index] = self._actor_class.remote(self.settings)
+            self._fresh.add(index)
             self.stats["tools/host_restarts"] += 1
 
     def kill(self) -> None:

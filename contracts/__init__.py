@@ -119,9 +119,10 @@ class Episode:
     sample's ``policy`` is the oldest, which bounds its staleness). ``final_text``: the last
     turn's text, what a task's scorer judges. ``reward``: the environment's own verdict where
     it judges the episode (None: the task's scorer does). The rest are counts for metrics:
-    tool calls, those that failed (an error in the program, not the sandbox) and those that
-    ran out of time, the seconds the tools took, whether the episode ran out of turns or
-    tokens (``truncated``), and ``infra_error`` when the infrastructure failed it (masked).
+    tool calls, those that did not end ``ok`` (the program's error, a limit, or the sandbox's
+    failure) and those that ran out of time, the seconds the tools took, whether the episode
+    ran out of turns or tokens (``truncated``), and ``infra_error`` when the infrastructure
+    failed it (masked).
     """
 
     loss_mask: tuple[int, ...] = ()

@@ -49,7 +49,7 @@ class EnvironmentSettings:
     tool_output_chars: int = 1000  # a tool's stdout and stderr shown to the model, each cut to this (head and tail)
     observation_role: str = "tool"  # the chat role of a tool's output (guess_number's feedback is the user's)
     tool_hosts: int = 1  # sandbox actors that run tool calls
-    tool_timeout_s: float = 60.0  # a tool host past this on one call is replaced; the episode is masked
+    tool_timeout_s: float = 60.0  # a tool host past this on one call is replaced and the call retried once; twice: the episode is masked
     max_parallel_steps: int = 16  # environment steps running at once in the driver (tool calls wait for a host)
     # a due turn waits up to this long for the environment steps still running, while they
     # outnumber the due turns, so turns reach the engine in batches rather than one by one

@@ -217,3 +217,16 @@ def test_env_settings_that_could_mask_a_programs_loss_or_mistrain_are_refused(ti
         load_config(None, [f"model.path={tiny_model_path}", "env.name=python_tool", "env.tool_timeout_s=20"])
     with pytest.raises(ConfigError, match="policy_loss=sac"):
         load_config(None, [f"model.path={tiny_model_path}", "env.name=guess_number", "algorithm.policy_loss=sac"])
+
+
+def test_a_huge_int_against_a_float_test_fails_the_attempt_not_the_judge(sandbox):
+    """10**400 has no float: comparing it must not raise (the judge's failure would mask the
+    episode, a mask the program chose) but fail the test."""
+    from rewards import wire
+
+    assert wire.same(10**400, 1.5) is False
+    problem = Problem("c1", "Write half(x).", "", meta={"entry_point": "half", "tests": [[[3], 1.5]]})
+    env = CodeRepair(sandbox, EnvironmentSettings(name="code_repair"))
+    env.reset(problem)
+    step = env.step("```python\ndef half(x):\n    return 10**400\n```")
+    assert step.infra_error is None and not step.done and step.reward == 0.0

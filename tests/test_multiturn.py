@@ -146,9 +146,13 @@ def test_tool_hosts_run_tool_calls_and_replace_a_lost_host(ray_cluster):
         assert tools.run("print(3)").stdout == "3\n"
     finally:
         tools.kill()
-    hung = ToolPool(settings, size=1, timeout_s=1.0)  # a host that answers later than its deadline, twice
+    # hosts that answer past their deadline: 1 s, and for a replacement 1 s + 5 s to open its sandbox
+    slow = SandboxSettings(limits=SandboxLimits(wall_s=10.0, cpu_s=2, memory_mb=256))
+    hung = ToolPool(slow, size=1, timeout_s=1.0, startup_s=5.0)
     try:
-        failed = hung.run("import time\ntime.sleep(1.5)")
-        assert failed.status == "sandbox_error" and "did not answer" in failed.detail and hung.stats["tools/host_restarts"] == 2
+        assert hung.run("import time\ntime.sleep(2)").stdout == ""  # past 1 s, within the replacement's 6 s
+        assert hung.stats["tools/host_restarts"] == 1
+        failed = hung.run("import time\ntime.sleep(8)")  # past both deadlines
+        assert failed.status == "sandbox_error" and "did not answer" in failed.detail and hung.stats["tools/host_restarts"] == 3
     finally:
         hung.kill()

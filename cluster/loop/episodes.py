@@ -214,7 +214,11 @@ class EpisodeRunner:
         if step.done or step.infra_error:
             episode.finish(step)
             return
-        observation = self.delta.closing(episode.last_turn_ids) + self.delta.observation(step.messages)
+        try:
+            observation = self.delta.closing(episode.last_turn_ids) + self.delta.observation(step.messages)
+        except Exception as exc:  # noqa: BLE001 - an observation the template cannot render masks its episode, named
+            episode.finish(step, infra_error=f"the chat template cannot render the observation: {type(exc).__name__}: {exc}"[:500])
+            return
         if len(episode.turns) >= self.settings.max_turns or self._room(episode) - len(observation) < 1:
             episode.finish(step, truncated=True)
             return
@@ -231,7 +235,7 @@ class EpisodeRunner:
         for k, sample in enumerate(samples):
             ep = sample.episode
             if ep.infra_error:
-                verdicts[k] = Verdict.infra_error(ep.infra_error, "sandbox_error")
+                verdicts[k] = Verdict.infra_error(ep.infra_error, "env_error")
             elif ep.reward is not None:
                 verdicts[k] = Verdict(reward=ep.reward, correct=ep.correct, components={"env": ep.reward}, extracted=ep.final_text.strip()[:200])
         judged = [k for k, v in enumerate(verdicts) if v is None]

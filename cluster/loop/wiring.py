@@ -303,11 +303,13 @@ def episode_runner(config: Config, tokenizer, tasks: TaskMixture, crew: Crew) ->
     code = sorted(t.id for t in tasks.tasks.values() if t.reward.scorer in CODE_SCORERS)
     if config.env.name == "python_tool" and code:
         raise ConfigError(f"env.name=python_tool ends an episode at a turn without code, which a code scorer fails: use env.name=code_repair for {code}")
-    if config.env.name == "code_repair" and len(code) != len(tasks.tasks):
-        raise ConfigError(f"env.name=code_repair runs each problem's tests: {sorted(set(tasks.tasks) - set(code))} are not code tasks")
+    tested = [t.id for t in tasks.tasks.values() if t.reward.scorer == "code"]  # problems that carry their tests (meta.tests)
+    if config.env.name == "code_repair" and len(tested) != len(tasks.tasks):
+        raise ConfigError(f"env.name=code_repair runs each problem's own tests (meta.entry_point, meta.tests): {sorted(set(tasks.tasks) - set(tested))} carry none")
     make_env = environment_factory(config.env, crew.tools, system_prompt)
     delta = ChatDelta(tokenizer)
-    delta.observation([{"role": config.env.observation_role, "content": "probe"}])  # a template that cannot append turns fails now, not mid-run
+    for role in sorted({config.env.observation_role, "user"}):  # a template that cannot append turns fails now, not mid-run
+        delta.observation([{"role": role, "content": "probe"}])
     return EpisodeRunner(crew.generators, crew.verifiers, make_env, delta, config.env, config.generator.max_model_len)
 
 
