@@ -9,8 +9,8 @@
   scorer judges.
 - ``code_repair``: a code task's tests run on each attempt; a failed attempt's result (the
   tests passed, the program's error) comes back and the model tries again; the reward is the
-  last attempt's (tests passed, as the code reward counts them), ``env.turn_penalty`` per
-  extra turn.
+  last attempt's (the fraction of tests passed), ``env.turn_penalty`` per extra turn.
+- ``custom``: the user's own (``env.factory``), built per episode with the same arguments.
 
 Tool calls go through ``tools``, anything with the sandbox's ``run(source) -> Execution``
 (``actors.tools.ToolPool`` in a run: sandbox hosts beside the verifiers, with deadlines).
@@ -20,6 +20,7 @@ program does not hold (the sandbox's own account of how it ended, the harness ou
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 from typing import Callable, Literal, Protocol
@@ -27,8 +28,9 @@ from typing import Callable, Literal, Protocol
 from contracts import Environment, EnvStep, Problem
 from rewards.code import FENCE, extract_code, run_tests
 from rewards.sandbox import Execution
+from rewards.terms import import_function
 
-EnvironmentName = Literal["guess_number", "python_tool", "code_repair"]
+EnvironmentName = Literal["guess_number", "python_tool", "code_repair", "custom"]
 
 PYTHON_TOOL_PROMPT = (
     "You can run Python: write one block ```python ... ``` and you will get its output. "
@@ -43,6 +45,9 @@ class EnvironmentSettings:
     each sample is one completion."""
 
     name: EnvironmentName | None = None  # the environment of every episode; None: single completions
+    # with name custom: your environment class or function, "package.module:name" or "file.py:name",
+    # called as factory(tools=..., settings=..., system_prompt=...) once per episode (docs/multi-turn.md)
+    factory: str | None = None
     max_turns: int = 4  # assistant turns per episode; an episode still going then is truncated
     max_episode_tokens: int = 1024  # tokens after the first prompt (the turns and observations)
     turn_penalty: float = 0.0  # subtracted from the reward per turn past the first
@@ -58,6 +63,13 @@ class EnvironmentSettings:
     def __post_init__(self):
         if self.max_turns < 1 or self.max_episode_tokens < 1:
             raise ValueError(f"env needs max_turns >= 1 and max_episode_tokens >= 1, not {self.max_turns} and {self.max_episode_tokens}")
+        if (self.name == "custom") != (self.factory is not None):
+            raise ValueError("env.name=custom names its environment in env.factory ('package.module:name' or 'file.py:name'), and only it takes one")
+
+    @property
+    def runs_code(self) -> bool:
+        """Whether its episodes may run programs: tool hosts are started (a custom one may)."""
+        return self.name in ("python_tool", "code_repair", "custom")
 
 
 class Tools(Protocol):
@@ -172,6 +184,9 @@ def environment_factory(settings: EnvironmentSettings, tools: Tools | None, syst
         "python_tool": lambda problem: PythonTool(tools, settings, system_prompt(problem)),
         "code_repair": lambda problem: CodeRepair(tools, settings, system_prompt(problem)),
     }
+    if settings.name == "custom":
+        make = import_function(settings.factory, search=(os.getcwd(),), what="environment factory")
+        builders["custom"] = lambda problem: make(tools=tools, settings=settings, system_prompt=system_prompt(problem))
     if settings.name not in builders:
         raise ValueError(f"unknown env.name {settings.name!r}; choose one of {sorted(builders)}")
     return builders[settings.name]

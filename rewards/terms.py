@@ -114,17 +114,17 @@ def value_of(name: str, value: Any) -> tuple[float, dict[str, float]]:
 # -- a user's function ------------------------------------------------------------------------
 
 
-def import_function(path: str, search: Sequence[str] = ()) -> Callable:
+def import_function(path: str, search: Sequence[str] = (), what: str = "reward function") -> Callable:
     """The function ``path`` names: ``package.module:function`` (importable here, e.g. from the
     job's working directory) or ``file.py:function``. ``search``: folders tried after
-    ``sys.path`` (the folder the run was started in)."""
+    ``sys.path`` (the folder the run was started in); ``what`` names it in errors."""
     module_name, sep, attr = path.rpartition(":")
     if not sep or not module_name or not attr:
-        raise ValueError(f"reward function path {path!r} must be 'package.module:function' or 'file.py:function'")
+        raise ValueError(f"{what} path {path!r} must be 'package.module:function' or 'file.py:function'")
     if module_name.endswith(".py"):
         file = next((Path(root, module_name) for root in ("", *search) if Path(root, module_name).is_file()), None)
         if file is None:
-            raise ValueError(f"reward function {path!r}: no file {module_name} (looked in {['.', *search]})")
+            raise ValueError(f"{what} {path!r}: no file {module_name} (looked in {['.', *search]})")
         name = f"raylight_reward_{file.stem}"
         spec = importlib.util.spec_from_file_location(name, file)
         module = importlib.util.module_from_spec(spec)
@@ -136,15 +136,15 @@ def import_function(path: str, search: Sequence[str] = ()) -> Callable:
         except ModuleNotFoundError as exc:
             extra = [root for root in search if root not in sys.path and Path(root).is_dir()]
             if not extra or exc.name is None or not module_name.startswith(exc.name):
-                raise ValueError(f"reward function {path!r}: cannot import {module_name}: {exc}") from None
+                raise ValueError(f"{what} {path!r}: cannot import {module_name}: {exc}") from None
             sys.path.extend(extra)
             try:
                 module = importlib.import_module(module_name)
             except ModuleNotFoundError as again:
-                raise ValueError(f"reward function {path!r}: cannot import {module_name}: {again} (searched sys.path and {extra})") from None
+                raise ValueError(f"{what} {path!r}: cannot import {module_name}: {again} (searched sys.path and {extra})") from None
     function = getattr(module, attr, None)
     if not callable(function):
-        raise ValueError(f"reward function {path!r}: {module_name} has no function {attr!r}")
+        raise ValueError(f"{what} {path!r}: {module_name} has no function {attr!r}")
     return function
 
 

@@ -230,3 +230,26 @@ def test_a_huge_int_against_a_float_test_fails_the_attempt_not_the_judge(sandbox
     env.reset(problem)
     step = env.step("```python\ndef half(x):\n    return 10**400\n```")
     assert step.infra_error is None and not step.done and step.reward == 0.0
+
+
+def test_a_custom_environment_comes_from_the_users_file(tmp_path, monkeypatch):
+    (tmp_path / "my_env.py").write_text(
+        "from contracts import EnvStep\n"
+        "class Countdown:\n"
+        "    def __init__(self, tools, settings, system_prompt):\n"
+        "        self.left = settings.max_turns\n"
+        "    def reset(self, problem):\n"
+        "        return [{'role': 'user', 'content': problem.question}]\n"
+        "    def step(self, turn):\n"
+        "        self.left -= 1\n"
+        "        return EnvStep(messages=({'role': 'user', 'content': f'{self.left} left'},), done=self.left == 0, reward=float(self.left == 0))\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    settings = EnvironmentSettings(name="custom", factory="my_env.py:Countdown", max_turns=2)
+    env = environment_factory(settings, None, lambda problem: None)(PROBLEM)
+    assert env.reset(PROBLEM)[0]["content"] == PROBLEM.question
+    assert env.step("a").messages[0]["content"] == "1 left" and env.step("b").done
+    with pytest.raises(ValueError, match="environment factory 'my_env.py:Nothing'"):
+        environment_factory(EnvironmentSettings(name="custom", factory="my_env.py:Nothing"), None, lambda problem: None)
+    with pytest.raises(ValueError, match="env.factory"):
+        EnvironmentSettings(name="custom")

@@ -267,7 +267,7 @@ def start_tools(config: Config) -> ToolPool | None:
     """The sandbox hosts of an environment that runs code (``env.name``), with the code
     rewards' sandbox settings; None where the environment runs none."""
     env = config.env
-    if env.name not in ("python_tool", "code_repair"):
+    if not env.runs_code:
         return None
     return ToolPool(config.verifier.sandbox, env.tool_hosts, env.tool_timeout_s, startup_s=config.verifier.startup_s)
 
