@@ -10,8 +10,7 @@ A host that dies, or does not answer within ``timeout_s`` (well past the sandbox
 wall-clock limit, which turns a slow program into a ``timeout`` result: the config refuses a
 ``env.tool_timeout_s`` that could cut a program's own time-out short), is replaced and the call
 retried once (on the next free host: the replacement or another); a second failure comes back
-as ``sandbox_error``, and the
-environment masks that episode: it is never the program's fault.
+as ``sandbox_error``, and the environment masks that episode: it is never the program's fault.
 """
 
 from __future__ import annotations
@@ -84,12 +83,12 @@ class ToolPool:
         try:
             with self._lock:
                 host, fresh = self.hosts[index], index in self._fresh
-            # a replacement's first call also waits for its sandbox to open
-            execution = ray.get(host.run.remote(source), timeout=self.timeout_s + (self.startup_s if fresh else 0.0))
+            deadline = self.timeout_s + (self.startup_s if fresh else 0.0)  # a replacement's first call also waits for its sandbox to open
+            execution = ray.get(host.run.remote(source), timeout=deadline)
             self._fresh.discard(index)
             return execution
         except (GetTimeoutError, RayActorError, RayTaskError) as exc:
-            why = "did not answer within %.0fs" % self.timeout_s if isinstance(exc, GetTimeoutError) else f"failed ({type(exc).__name__})"
+            why = f"did not answer within {deadline:.0f}s" if isinstance(exc, GetTimeoutError) else f"failed ({type(exc).__name__})"
             logger.warning("tool host %d %s: replacing it", index, why)
             self._replace(index, host)
             return Execution(status="sandbox_error", returncode=None, stdout="", stderr="", wall_s=0.0, detail=f"tool host {why}")

@@ -1,9 +1,9 @@
 """Multi-turn episodes over the generator pool: each turn a request, interleaved across episodes.
 
 ``EpisodeRunner`` keeps every episode of the batches it was given moving on its own:
-1. an episode whose next turn is due joins the next generate call (the ready turns of all
-   episodes go out together whenever a generator has nothing queued, so the engine batches
-   them; each turn is the episode's ids so far, never re-tokenised);
+1. an episode whose next turn is due joins the next generate call (a batch's due turns go out
+   together whenever fewer calls are outstanding than the pool has generators, so the engine
+   batches them; each turn is the episode's ids so far, never re-tokenised);
 2. a finished turn goes to the episode's environment (``contracts.Environment.step``) in a
    thread of its own, so a slow tool call holds up only its own episode while the other
    episodes' turns are generated;
@@ -24,7 +24,7 @@ import dataclasses
 import logging
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 from actors.generator import GeneratorPool, Request
@@ -58,7 +58,6 @@ class EpisodeBatch:
     samples: list[Sample] | None = None
     verdicts: list[Verdict] | None = None
     verify_seconds: float = 0.0  # the task scorer's time on its last turns
-    started: float = field(default_factory=time.monotonic)
 
     def over(self) -> bool:
         return all(e.done for e in self.episodes)
@@ -120,9 +119,7 @@ class EpisodeRunner:
                 envs.append(env)
         batch = EpisodeBatch(episodes, envs, sampling)
         self._batches.append(batch)
-        if not self._ready:
-            self._ready_since = time.monotonic()
-        self._ready += [(batch, i) for i, episode in enumerate(episodes) if not episode.done]
+        self._due([(batch, i) for i, episode in enumerate(episodes) if not episode.done])
         return batch
 
     def advance(self, timeout: float) -> list[EpisodeBatch]:
@@ -144,13 +141,16 @@ class EpisodeRunner:
             self.advance(0.2)
         return batch.samples, batch.verdicts
 
-    def busy(self) -> bool:
-        return bool(self._batches)
-
     def close(self) -> None:
         self._threads.shutdown(wait=False, cancel_futures=True)
 
     # -- the turns ----------------------------------------------------------------------------
+
+    def _due(self, turns: list[tuple[EpisodeBatch, int]]) -> None:
+        """Episodes whose next turn is due (the oldest's time is what ``_gathering`` waits from)."""
+        if turns and not self._ready:
+            self._ready_since = time.monotonic()
+        self._ready += turns
 
     def _room(self, episode: EpisodeBuilder) -> int:
         """Tokens the episode's next turn may take."""
@@ -223,9 +223,7 @@ class EpisodeRunner:
             episode.finish(step, truncated=True)
             return
         episode.add_observation(observation, self.delta.tokenizer.decode(observation))
-        if not self._ready:
-            self._ready_since = time.monotonic()
-        self._ready.append((batch, i))
+        self._due([(batch, i)])
 
     # -- the verdicts -------------------------------------------------------------------------
 
