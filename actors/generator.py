@@ -59,17 +59,34 @@ class GeneratorsLost(RuntimeError):
 
 class Generator(generator.Generator):
     """``rollout.generator.Generator`` as a Ray actor: a streamed weight update's buckets are
-    fetched from the object store one at a time."""
+    fetched from the object store one at a time. A streaming generator's pool sends the
+    update's reference inside a list, so that the load call starts at once and takes its place
+    among the calls by its number, while its update is fetched (a call Ray held back until
+    its argument arrived could come after calls sent behind it)."""
+
+    def load_weights(self, update, seq: int | None = None) -> PolicyRef:
+        if isinstance(update, list):
+            try:
+                update = ray.get(update[0])
+            except BaseException:
+                self.skip(seq)
+                raise
+        return super().load_weights(update, seq)
 
     def _fetch(self, bucket: ray.ObjectRef) -> dict:
         return ray.get(bucket)
 
 
-def generator_actor(num_cpus: float = 1.0, num_gpus: float = 0.0):
+# a streaming generator's calls at once: each generate call holds a thread until its samples are done
+STREAM_CONCURRENCY = 256
+
+
+def generator_actor(num_cpus: float = 1.0, num_gpus: float = 0.0, streaming: bool = False):
     """The Ray actor class for a generator, with its resource request (``.options`` may
     replace it, with a placement group bundle). Ray does not restart it: the pool replaces a
-    failed generator itself, and sends the replacement the newest policy."""
-    return ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=0)(Generator)
+    failed generator itself, and sends the replacement the newest policy. A streaming one
+    takes its calls on many threads (``rollout.serving``)."""
+    return ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=0, max_concurrency=STREAM_CONCURRENCY if streaming else 1)(Generator)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,18 +136,26 @@ class _Slot:
     mark: float = dataclasses.field(default_factory=time.monotonic)  # when its running call began, about
     wrong: int = 0  # consecutive reports of a wrong policy
     dormant: bool = False  # started asleep and not woken since: no engine yet, nothing can be loaded
+    calls: int = 0  # calls sent to its actor: the next one's number (``seq``), the order a streaming one runs them in
+
+    def number(self) -> int:
+        self.calls += 1
+        return self.calls - 1
 
 
 class GeneratorPool:
     """N generator actors behind one ``submit``; thread-safe (a rollout thread and the
     evaluation may submit at once). See the module docstring for what it does on failure."""
 
-    def __init__(self, handles: list, settings: GeneratorPoolSettings = GeneratorPoolSettings(), factory: Callable[[int, bool], object] | None = None):
+    def __init__(self, handles: list, settings: GeneratorPoolSettings = GeneratorPoolSettings(), factory: Callable[[int, bool], object] | None = None, streaming: bool = False):
         """``factory(rank, asleep)`` starts a replacement for generator ``rank`` (without one,
-        a failed generator fails the pool's caller), asleep while the pool is."""
+        a failed generator fails the pool's caller), asleep while the pool is. ``streaming``:
+        the generators batch calls as they come (``rollout.serving``): any number of calls may
+        be outstanding on one, and the pool numbers them so that each runs in its place."""
         if not handles:
             raise ValueError("a generator pool needs at least one generator")
         self.settings = settings
+        self.streaming = streaming
         self.factory = factory
         self.slots = [_Slot(handle) for handle in handles]
         self._lock = threading.RLock()
@@ -191,9 +216,18 @@ class GeneratorPool:
         return [sample for request in self.submit(prompts, sampling, policy) for sample in self.result(request)]
 
     def busy_seconds(self, since: float, until: float) -> float:
-        """Engine time of all generators inside [since, until] (summed over generators)."""
+        """Engine time of all generators inside [since, until], summed over generators; a
+        generator's calls that overlap (streaming) count once."""
         with self._lock:
-            return sum(max(0.0, min(end, until) - max(start, since)) for _, start, end in self.intervals)
+            spans = sorted((rank, max(start, since), min(end, until)) for rank, start, end in self.intervals if min(end, until) > max(start, since))
+        total, last = 0.0, None  # last: (rank, end of the union so far)
+        for rank, start, end in spans:
+            if last is not None and last[0] == rank:
+                start = max(start, last[1])
+                end = max(end, last[1])
+            total += end - start
+            last = (rank, end)
+        return total
 
     # -- weights ----------------------------------------------------------------------------
 
@@ -289,7 +323,7 @@ class GeneratorPool:
         slot = self.slots[rank]
         # base-model samples name BASE_POLICY whatever the generator serves: nothing to check
         expect = None if request.adapter == BASE_POLICY.adapter else slot.sent
-        self._track(rank, slot.handle.timed_generate.remote(request.prompts, request.sampling, request.adapter), expect, request)
+        self._track(rank, slot.handle.timed_generate.remote(request.prompts, request.sampling, request.adapter, slot.number()), expect, request)
 
     def _load(self, rank: int) -> None:
         """Send the newest weights to generator ``rank`` (a dormant one loads once woken)."""
@@ -298,7 +332,7 @@ class GeneratorPool:
         if slot.dormant:
             return
         slot.sent = policy
-        self._track(rank, slot.handle.load_weights.remote(update), policy, update=update)
+        self._track(rank, slot.handle.load_weights.remote([update] if self.streaming else update, slot.number()), policy, update=update)
 
     def poll(self, timeout: float) -> None:
         """Collect finished calls (waiting up to ``timeout`` for one), then check deadlines."""

@@ -144,6 +144,10 @@ class RolloutConfig:
     # rewards differ, at most max_sampling_rounds rounds of prompts_per_step prompts (docs/algorithms.md#dapo)
     dynamic_sampling: bool = False
     max_sampling_rounds: int = 3  # see dynamic_sampling
+    # partial rollouts: a weight update aborts the sequences being generated and resumes them on
+    # the new weights, each token tagged with its policy version (needs generator.serving=stream
+    # or auto; docs/concepts.md#partial-rollouts)
+    partial: bool = False
 
 
 @dataclass(frozen=True)
@@ -430,6 +434,18 @@ def _env_problems(config: Config) -> list[str]:
     return problems
 
 
+def _serving_problems(config: Config) -> list[str]:
+    """Continuous batching (generator.serving) and the partial rollouts built on it."""
+    g, problems = config.generator, []
+    if g.serving == "stream" and g.engine != "vllm":
+        problems.append(f"generator.serving=stream batches requests as they come, which only vLLM does: set generator.engine=vllm (not {g.engine}) or generator.serving=batch")
+    if config.rollout.partial and (g.serving == "batch" or g.engine != "vllm"):
+        problems.append("rollout.partial interrupts the sequences being generated at a weight update: it needs generator.engine=vllm and generator.serving=stream (or auto)")
+    if config.rollout.partial and g.sleep_mode:
+        problems.append("rollout.partial resumes sequences across weight updates, but sleep mode drops their KV cache between steps: set one of them off")
+    return problems
+
+
 def check_config(config: Config) -> None:
     """Combinations of keys that cannot run together, named in a ConfigError."""
     a = config.algorithm
@@ -477,6 +493,7 @@ def check_config(config: Config) -> None:
         problems.append("rollout.mode=async needs rollout.max_staleness >= 1 (the steps the generators may run ahead); 0 is rollout.mode=sync")
     if ro.max_staleness < 0:
         problems.append("rollout.max_staleness must be >= 0")
+    problems += _serving_problems(config)
     if ro.max_sampling_rounds < 1 or ro.max_sampling_rounds * config.generator.num_generators > SEEDS_PER_STEP:
         problems.append(f"rollout.max_sampling_rounds must be at least 1 and at most {SEEDS_PER_STEP} / generator.num_generators")
     if not 0 <= config.reward.overlong_buffer < ro.max_tokens:

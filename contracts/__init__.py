@@ -99,13 +99,17 @@ class Completion:
     """One sampled continuation as an engine returns it.
 
     ``logprobs[i]`` is the log-prob of ``token_ids[i]`` under the sampling distribution at
-    temperature 1 (raw logits), the quantity the learner recomputes.
+    temperature 1 (raw logits), the quantity the learner recomputes. ``versions[i]``: the
+    policy version that sampled ``token_ids[i]``, where a weight update landed while the
+    sequence was being generated (a partial rollout, ``rollout.partial``); empty when every
+    token is the sample's policy's.
     """
 
     token_ids: tuple[int, ...]
     text: str
     logprobs: tuple[float, ...]
     finish_reason: str
+    versions: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)

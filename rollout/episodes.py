@@ -93,6 +93,7 @@ class EpisodeBuilder:
     mask: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     policies: list[PolicyRef] = field(default_factory=list)
+    versions: list[int] = field(default_factory=list)  # the policy version of each id (observations: the turn's before them)
     turns: list[str] = field(default_factory=list)
     texts: list[str] = field(default_factory=list)  # the turns and the observations' text, in order
     last_turn_ids: tuple[int, ...] = ()
@@ -115,6 +116,7 @@ class EpisodeBuilder:
         self.ids += completion.token_ids
         self.mask += [1] * len(completion.token_ids)
         self.logprobs += completion.logprobs
+        self.versions += completion.versions or [policy.version] * len(completion.token_ids)
         self.policies.append(policy)
         self.turns.append(completion.text)
         self.texts.append(completion.text)
@@ -126,6 +128,7 @@ class EpisodeBuilder:
         self.ids += ids
         self.mask += [0] * len(ids)
         self.logprobs += [0.0] * len(ids)
+        self.versions += self.versions[-1:] * len(ids)
 
     def count_tool(self, step: EnvStep) -> None:
         if step.tool is None:
@@ -148,6 +151,7 @@ class EpisodeBuilder:
         completion = Completion(
             token_ids=tuple(self.ids), text="".join(self.texts), logprobs=tuple(self.logprobs),
             finish_reason="truncated" if self.result.truncated else self.finish_reason,
+            versions=tuple(self.versions) if len(set(self.versions)) > 1 else (),
         )  # fmt: skip
         episode = dataclasses.replace(self.result, loss_mask=tuple(self.mask), policies=tuple(self.policies), final_text=self.turns[-1] if self.turns else "")
         oldest = min(self.policies, key=lambda p: p.version) if self.policies else PolicyRef()

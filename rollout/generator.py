@@ -1,6 +1,10 @@
 """Generator: owns a generation engine, tags every sample with the policy it served.
 
-A plain object; ``actors.generator`` wraps it as the Ray generator actor.
+A plain object; ``actors.generator`` wraps it as the Ray generator actor. It serves in one of
+two ways (``EngineSettings.serving``): ``batch``, one blocking engine call per generate call,
+in the order they come; or ``stream``, continuous batching on an engine thread
+(``rollout.serving.Stream``), where generate calls run side by side and a weight load takes
+its place among them by the sequence number the pool gave it (``seq``).
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import time
 from contracts import PolicyRef, Prompt, Sample, SamplingSettings, WeightUpdate
 from contracts.footprint import peak_rss_gib
 from rollout.engines import SLEEP_PARTS, EngineSettings, build_engine
+from rollout.serving import Stream
 
 logger = logging.getLogger(__name__)
 
@@ -29,14 +34,23 @@ class Generator:
     records when it started, slept, woke and loaded weights (wall clock): the hand-over's
     order, for diagnosis and tests."""
 
-    def __init__(self, model_path: str, settings: EngineSettings, *, seed: int, max_lora_rank: int, rank: int = 0, asleep: bool = False):
+    def __init__(self, model_path: str, settings: EngineSettings, *, seed: int, max_lora_rank: int, rank: int = 0, asleep: bool = False, partial: bool = False):
+        """``partial``: a weight load aborts the sequences running and resumes them on the new
+        weights (stream serving only; ``rollout.serving``)."""
+        streaming = settings.serving == "stream"
+        if streaming and settings.engine != "vllm":
+            raise ValueError(f"generator.serving=stream needs generator.engine=vllm, not {settings.engine!r} (only vLLM batches requests as they come)")
+        if partial and not streaming:
+            raise ValueError("partial rollouts need generator.serving=stream (a batch engine call cannot be interrupted)")
         self.rank = rank
+        self.partial = partial
         self._build = functools.partial(build_engine, model_path, settings, seed=seed, max_lora_rank=max_lora_rank)
         self.events: collections.deque[tuple[str, float]] = collections.deque(maxlen=1000)
         self.engine = None if asleep else self._build()
         self._record("start asleep" if asleep else "start")
         self.policy: PolicyRef | None = None  # nothing served yet
         self.sleeping = set(SLEEP_PARTS) if asleep else set()  # the parts of its memory lent out
+        self._stream = Stream(self.engine, lambda: self.policy.version if self.policy else -1) if streaming else None
 
     @property
     def asleep(self) -> bool:
@@ -49,8 +63,16 @@ class Generator:
         """The hand-over events so far: (what, when), in order."""
         return list(self.events)
 
+    def _serve(self, fn, seq: int | None = None, idle: bool = True):
+        """``fn()`` where the engine may be touched: here (batch serving: calls come one at a
+        time), or on the stream's engine thread in ``seq``'s place, once nothing runs."""
+        return fn() if self._stream is None else self._stream.run(seq, fn, idle=idle)
+
     def sleep(self) -> None:
         """Hand the device's memory over (to a colocated learner) until ``wake``."""
+        self._serve(self._sleep)
+
+    def _sleep(self) -> None:
         if self.engine is not None and "weights" not in self.sleeping:  # awake, or woken in part
             self.engine.sleep()
         self.sleeping = set(SLEEP_PARTS)
@@ -59,9 +81,14 @@ class Generator:
     def wake(self, parts: tuple[str, ...] = SLEEP_PARTS) -> None:
         """Take the memory back, all of it or ``parts`` of it (the weights before a load, the
         KV cache after it); an engine started asleep is built now, whole."""
+        self._serve(lambda: self._wake(parts))
+
+    def _wake(self, parts: tuple[str, ...]) -> None:
         if self.engine is None:
             self.engine = self._build()
             self.sleeping = set()
+            if self._stream is not None:
+                self._stream.engine = self.engine
         elif woken := tuple(p for p in SLEEP_PARTS if p in parts and p in self.sleeping):
             self.engine.wake(woken)
             self.sleeping -= set(woken)
@@ -71,11 +98,22 @@ class Generator:
         if self.sleeping & set(needs):
             raise RuntimeError(f"generator {self.rank} is asleep (its memory is lent to the learner): wake it before it can {doing}")
 
-    def load_weights(self, update: WeightUpdate) -> PolicyRef:
+    def load_weights(self, update: WeightUpdate, seq: int | None = None) -> PolicyRef:
         """Serve ``update`` from now on; returns the policy now live. A load that fails part
         way (a streamed update's bucket lost) leaves a mix of two policies' weights: until the
         next load, the generator tags its samples with an unknown version (-1), which the pool
-        never accepts as the policy it sent."""
+        never accepts as the policy it sent. Streaming, the load waits for the sequences
+        running (or, ``partial``, interrupts them: ``rollout.serving``)."""
+        if self._stream is None:
+            return self._load(update)
+        return self._stream.load(seq, lambda: self._load(update), partial=self.partial)
+
+    def skip(self, seq: int | None) -> None:
+        """Let the calls numbered after ``seq`` go on: call ``seq`` failed before it could
+        take its place (its weight update could not be fetched)."""
+        self._serve(lambda: None, seq, idle=False)
+
+    def _load(self, update: WeightUpdate) -> PolicyRef:
         self._awake("load weights", needs=("weights",))
         try:
             for piece in update.pieces(self._fetch):  # a streamed update: one bucket in memory at a time
@@ -96,6 +134,9 @@ class Generator:
 
     def serve_base(self) -> PolicyRef:
         """Serve the base model alone (``BASE_POLICY``), e.g. to evaluate the untrained model."""
+        return self._serve(self._serve_base)
+
+    def _serve_base(self) -> PolicyRef:
         self._awake("serve the base model")
         self.engine.serve_base()
         self.policy = BASE_POLICY
@@ -105,31 +146,47 @@ class Generator:
         """This process's peak memory (the engine's weights and KV cache included), GiB."""
         return peak_rss_gib()
 
-    def generate(self, prompts: list[Prompt], sampling: SamplingSettings, adapter: str | None = None) -> list[Sample]:
+    def generate(self, prompts: list[Prompt], sampling: SamplingSettings, adapter: str | None = None, seq: int | None = None) -> list[Sample]:
         """``sampling.n`` samples per prompt, each group contiguous, tagged with the live policy
         (which must be of ``adapter``, when one is named). ``adapter == BASE_POLICY.adapter``
         asks for the base model with the adapter off, beside the live policy (a frozen
-        model's text); those samples are tagged ``BASE_POLICY``."""
+        model's text); those samples are tagged ``BASE_POLICY``. Streaming, a sample's policy
+        is the one live when it started (its tokens' own versions, where a partial rollout's
+        load came between them, are in ``Completion.versions``)."""
+        return self.timed_generate(prompts, sampling, adapter, seq)[0]
+
+    def _policy_for(self, adapter: str | None) -> PolicyRef:
+        """The policy a request for ``adapter`` is served by now (checked)."""
         self._awake("generate")
         if self.policy is None:
             raise RuntimeError(f"generator {self.rank} has no policy loaded yet")
-        base = adapter == BASE_POLICY.adapter
-        policy = BASE_POLICY if base else self.policy
+        policy = BASE_POLICY if adapter == BASE_POLICY.adapter else self.policy
         if adapter is not None and policy.adapter != adapter:
             raise ValueError(f"generator {self.rank} serves {policy}, not adapter {adapter!r}")
-        outputs = self.engine.generate([p.token_ids for p in prompts], sampling, base=base)
-        return [
+        return policy
+
+    def timed_generate(self, prompts: list[Prompt], sampling: SamplingSettings, adapter: str | None = None, seq: int | None = None) -> tuple[list[Sample], float, float]:
+        """``generate``, with the wall-clock times (``time.time()``) its engine work started and
+        finished: what the pool's busy fraction and the overlap checks are measured from
+        (streaming, calls overlap: the pool counts their union)."""
+        ids = [p.token_ids for p in prompts]
+        base = adapter == BASE_POLICY.adapter
+        if self._stream is None:
+            started = time.time()
+            policy = self._policy_for(adapter)
+            outputs = self.engine.generate(ids, sampling, base=base)
+        else:
+            policy, started, outputs = self._stream.generate(seq, ids, sampling, base, opening=lambda: (self._policy_for(adapter), time.time()))
+        samples = [
             Sample(prompt=prompt, completion=completion, policy=policy, group_index=i)
             for prompt, completions in zip(prompts, outputs)
             for i, completion in enumerate(completions)
         ]
-
-    def timed_generate(self, prompts: list[Prompt], sampling: SamplingSettings, adapter: str | None = None) -> tuple[list[Sample], float, float]:
-        """``generate``, with the wall-clock times (``time.time()``) the engine started and
-        finished: what the pool's busy fraction and the overlap checks are measured from."""
-        started = time.time()
-        samples = self.generate(prompts, sampling, adapter)
         return samples, started, time.time()
+
+    def stream_stats(self) -> dict[str, int]:
+        """Streaming: sequences resumed on new weights (partial rollouts), call numbers skipped."""
+        return dict(self._stream.stats) if self._stream is not None else {}
 
     def ping(self) -> PolicyRef | None:
         return self.policy

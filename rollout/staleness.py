@@ -3,7 +3,9 @@
 Every sample records the policy that produced it. In synchronous mode every sample is
 on-policy (lag 0); in asynchronous mode the generators run ahead by up to ``max_staleness``
 versions, and anything older (possible after a rollback, which serves old weights as a new
-version) is dropped and counted, never trained on.
+version) is dropped and counted, never trained on. A sample's policy is its oldest token's
+(a partial rollout's tokens, or an episode's turns, may come from several versions:
+``Completion.versions``), so the bound holds for every token.
 """
 
 from __future__ import annotations
@@ -17,7 +19,9 @@ def filter_stale(
     samples: list[Sample], verdicts: list[Verdict], learner: PolicyRef, max_staleness: int
 ) -> tuple[list[Sample], list[Verdict], dict[str, float]]:
     """Keep samples (and their verdicts) at most ``max_staleness`` versions behind the
-    learner; report the lags: mean, max, dropped, and a histogram ``train/staleness/<lag>``."""
+    learner; report the lags: mean, max, dropped, a histogram ``train/staleness/<lag>``, and
+    where tokens of one sample come from several versions, how many samples do
+    (``train/multi_version_samples``) and the mean lag per token of those kept."""
     foreign = [s.policy for s in samples if s.policy.adapter != learner.adapter]
     if foreign:
         raise ValueError(f"samples of {foreign[0]} cannot train {learner}: they belong to another adapter")
@@ -29,4 +33,9 @@ def filter_stale(
         "train/stale_dropped": float(len(samples) - len(kept)),
         **{f"train/staleness/{lag}": float(n) for lag, n in sorted(collections.Counter(lags).items())},
     }
+    mixed = [s for s in samples if s.completion.versions]
+    if mixed:
+        token_lags = [learner.version - v for i in kept for v in samples[i].completion.versions or (samples[i].policy.version,) * len(samples[i].completion.token_ids)]
+        metrics["train/multi_version_samples"] = float(len(mixed))
+        metrics["train/token_staleness_mean"] = sum(token_lags) / max(1, len(token_lags))
     return [samples[i] for i in kept], [verdicts[i] for i in kept], metrics

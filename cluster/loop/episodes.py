@@ -1,9 +1,11 @@
 """Multi-turn episodes over the generator pool: each turn a request, interleaved across episodes.
 
 ``EpisodeRunner`` keeps every episode of the batches it was given moving on its own:
-1. an episode whose next turn is due joins the next generate call (a batch's due turns go out
-   together whenever fewer calls are outstanding than the pool has generators, so the engine
-   batches them; each turn is the episode's ids so far, never re-tokenised);
+1. an episode whose next turn is due joins the next generate call (each turn is the
+   episode's ids so far, never re-tokenised). On a streaming pool (``generator.serving``) due
+   turns go out at once and join the engine's running batch; on a batch pool a batch's due
+   turns go out together whenever fewer calls are outstanding than the pool has generators,
+   so the engine batches them;
 2. a finished turn goes to the episode's environment (``contracts.Environment.step``) in a
    thread of its own, so a slow tool call holds up only its own episode while the other
    episodes' turns are generated;
@@ -157,9 +159,11 @@ class EpisodeRunner:
         return min(self.settings.max_episode_tokens - len(episode.ids), self.context_limit - len(episode.context()))
 
     def _generate(self) -> None:
-        """The ready turns, in one call per batch and turn length, once no generate call is
-        outstanding for more than the pool can run at once."""
-        if not self._ready or len(self._generating) >= len(self.generators) or self._gathering():
+        """The ready turns, in one call per batch and turn length: at once on a streaming pool,
+        else once no generate call is outstanding for more than the pool can run at once."""
+        if not self._ready:
+            return
+        if not self.generators.streaming and (len(self._generating) >= len(self.generators) or self._gathering()):
             return
         calls: dict[tuple[int, int], list[tuple[EpisodeBatch, int]]] = {}
         for batch, i in self._ready:

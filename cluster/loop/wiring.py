@@ -92,17 +92,26 @@ def start_generator(config: Config, model_path: str, rank: int = 0, settings: En
     asks for (in its bundle of ``placement``, if given); its engine runs as ``settings`` say
     (default: the config's generator section), built only when woken if ``asleep``."""
     g = config.generator
+    settings = settings or engine_settings(config)
+    streaming = settings.serving == "stream"
     options = placement.generator_options(rank) if placement else {"num_cpus": g.num_cpus, "num_gpus": g.num_gpus}
-    actor = generator_actor().options(runtime_env={"env_vars": generator_env(config)}, **options)
-    return actor.remote(model_path, settings or engine_settings(config), seed=config.run.seed, max_lora_rank=config.lora.rank, rank=rank, asleep=asleep)
+    actor = generator_actor(streaming=streaming).options(runtime_env={"env_vars": generator_env(config)}, **options)
+    partial = config.rollout.partial and streaming
+    return actor.remote(model_path, settings, seed=config.run.seed, max_lora_rank=config.lora.rank, rank=rank, asleep=asleep, partial=partial)
 
 
 def engine_settings(config: Config) -> EngineSettings:
-    """The generators' engine settings, with what the run decides of ``adapter_mode: auto``:
-    full or chosen-module weights are reloaded in place (``merged``); a run whose frozen model
-    writes beside the policy (the Markovian baseline) needs the base reachable (``lora``);
-    otherwise each engine picks by its device (``rollout.engines.concrete``)."""
+    """The generators' engine settings, with what the run decides of the ``auto`` choices.
+    ``serving``: ``stream`` (continuous batching) for a vLLM run whose requests come one by
+    one (an environment's turns) or are interrupted (``rollout.partial``), else ``batch``.
+    ``adapter_mode``: full or chosen-module weights are reloaded in place (``merged``); a run
+    whose frozen model writes beside the policy (the Markovian baseline) needs the base
+    reachable (``lora``); otherwise each engine picks by its device
+    (``rollout.engines.concrete``)."""
     g = config.generator
+    if g.serving == "auto":  # continuous batching where requests come one by one: episodes' turns, partial rollouts
+        streams = g.engine == "vllm" and (config.env.name is not None or config.rollout.partial)
+        g = dataclasses.replace(g, serving="stream" if streams else "batch")
     if g.adapter_mode != "auto":
         return g
     if config.model.train != "lora":
@@ -117,7 +126,8 @@ def start_generators(config: Config, model_path: str, placement: Placement | Non
     in its bundle."""
     start = functools.partial(start_generator, config, model_path, placement=placement)
     handles = [start(rank=i) for i in range(config.generator.num_generators)]
-    return GeneratorPool(handles, config.generator, factory=lambda rank, asleep: start(rank=rank, asleep=asleep))
+    streaming = engine_settings(config).serving == "stream"
+    return GeneratorPool(handles, config.generator, factory=lambda rank, asleep: start(rank=rank, asleep=asleep), streaming=streaming)
 
 
 def start_learners(config: Config, model_path: str, placement: Placement | None = None) -> LearnerGroup:

@@ -1,0 +1,256 @@
+"""Continuous batching: one thread drives a generator's engine, requests join as they come.
+
+A generator serving in ``stream`` mode (``generator.serving``) adds each generate call's
+sequences to the engine's running batch (``VLLMEngine.start``) and steps the engine while
+any sequence runs; a call returns as soon as its own sequences are done, whatever else runs
+beside them, and a call that comes in while others run joins them at the next step (vLLM's
+scheduler fits the newcomers' prefill beside the running sequences' decoding).
+
+Everything that touches the engine runs on that one thread, in the order the pool sent it:
+each call carries the pool's sequence number for its generator (``seq``). The generator actor
+takes calls on several threads at once (a generate call blocks its thread until its samples
+are done), so without the numbers a weight load could land before a request sent ahead of it,
+or after one sent behind it.
+
+A weight load (``Stream.load``):
+- by default waits for the sequences running to finish on the old weights (the calls sent
+  after it wait for it): every sample is one policy's, as in batch serving;
+- ``partial`` (partial rollouts, ``rollout.partial``): aborts the running sequences, loads, and
+  starts each again on the new weights from where it stopped (its tokens so far become its
+  prompt's tail, so their KV cache is recomputed under the new weights). Each token records
+  the policy version that sampled it (``Completion.versions``), and its log-prob is that
+  policy's: the learner's per-token correction (truncated IS against the generator's
+  log-probs, or the PPO ratio) sees exactly which policy drew each token.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import itertools
+import logging
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Callable, Sequence, TypeVar
+
+from contracts import Completion, SamplingSettings
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+GAP_S = 30.0  # a sequence number not seen by then, while later ones wait, is skipped (its call never came)
+
+
+@dataclass(eq=False)
+class _Command:
+    run: Callable[[], object]
+    idle: bool  # runs only once no sequence is running
+    future: Future = field(default_factory=Future)
+    arrived: float = field(default_factory=time.monotonic)
+
+
+@dataclass(eq=False)
+class _Call:
+    """One generate call: its sequences' completions, filled as they finish."""
+
+    outputs: list[Completion | None]
+    future: Future = field(default_factory=Future)
+
+    def finish(self, index: int, completion: Completion) -> None:
+        self.outputs[index] = completion
+        if all(o is not None for o in self.outputs):
+            self.future.set_result(self.outputs)
+
+
+@dataclass(eq=False)
+class _Sequence:
+    """One sequence being generated, in one or more pieces (one per policy that sampled it)."""
+
+    call: _Call
+    index: int
+    prompt: tuple[int, ...]
+    sampling: SamplingSettings  # n = 1
+    base: bool
+    version: int  # the policy version sampling its current piece
+    pieces: list[tuple[Completion, int]] = field(default_factory=list)
+
+    def generated(self) -> tuple[int, ...]:
+        return tuple(t for c, _ in self.pieces for t in c.token_ids)
+
+    def rest(self) -> SamplingSettings:
+        """The sampling of its next piece: what is left of the token budget."""
+        done = len(self.generated())
+        return dataclasses.replace(self.sampling, max_tokens=self.sampling.max_tokens - done, min_tokens=max(0, self.sampling.min_tokens - done))
+
+    def completion(self) -> Completion:
+        """The pieces as one completion; ``versions`` per token when more than one policy
+        sampled it."""
+        if len(self.pieces) == 1:
+            return self.pieces[0][0]
+        pieces = [c for c, _ in self.pieces]
+        versions = tuple(v for c, v in self.pieces for _ in c.token_ids)
+        return Completion(
+            token_ids=self.generated(),
+            text="".join(c.text for c in pieces),
+            logprobs=tuple(x for c in pieces for x in c.logprobs),
+            finish_reason=pieces[-1].finish_reason,
+            versions=versions if len(set(versions)) > 1 else (),
+        )
+
+
+class Stream:
+    """One engine, one thread; see the module docstring. ``version()`` is the policy version
+    the engine serves now (read on the engine thread, where loads happen)."""
+
+    def __init__(self, engine, version: Callable[[], int]):
+        self.engine, self.version = engine, version
+        self._cond = threading.Condition()
+        self._ordered: dict[int, _Command] = {}
+        self._next = 0  # the sequence number whose command runs next
+        self._unordered: collections.deque[_Command] = collections.deque()
+        self._running: dict[str, _Sequence] = {}
+        self._keys = itertools.count()
+        self._closed = False
+        self.stats = collections.Counter()  # resumed sequences, skipped sequence numbers
+        self._thread = threading.Thread(target=self._loop, name="engine-stream", daemon=True)
+        self._thread.start()
+
+    # -- what the generator calls (any thread) -------------------------------------------------
+
+    def run(self, seq: int | None, fn: Callable[[], T], *, idle: bool = False) -> T:
+        """``fn()`` on the engine thread, after every command numbered below ``seq`` (None:
+        as soon as it comes); ``idle``: once no sequence is running (those running finish
+        first). Returns its result or raises its error."""
+        command = _Command(fn, idle)
+        with self._cond:
+            if self._closed:
+                raise RuntimeError("the engine's stream is closed")
+            if seq is None:
+                self._unordered.append(command)
+            elif seq < self._next or seq in self._ordered:
+                raise ValueError(f"sequence number {seq} came twice (next expected: {self._next})")
+            else:
+                self._ordered[seq] = command
+            self._cond.notify()
+        return command.future.result()
+
+    def generate(self, seq: int | None, prompts: Sequence[Sequence[int]], sampling: SamplingSettings, base: bool = False, opening: Callable[[], tuple[T, ...]] = tuple) -> tuple:
+        """``sampling.n`` completions per prompt, generated beside whatever else runs:
+        ``(*opening(), completions)``, where ``opening()`` runs on the engine thread as the
+        sequences start (what the generator serves then; it may refuse by raising)."""
+        call, opened = self.run(seq, lambda: self._start(prompts, sampling, base, opening))
+        outputs = call.future.result()
+        return (*opened, [outputs[i : i + sampling.n] for i in range(0, len(outputs), sampling.n)])
+
+    def load(self, seq: int | None, fn: Callable[[], T], *, partial: bool) -> T:
+        """A weight load ``fn()`` in its place; see the module docstring for ``partial``."""
+        if not partial:
+            return self.run(seq, fn, idle=True)
+        return self.run(seq, lambda: self._swap(fn))
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
+        self._thread.join(timeout=10)
+
+    # -- the engine thread ---------------------------------------------------------------------
+
+    def _start(self, prompts: Sequence[Sequence[int]], sampling: SamplingSettings, base: bool, opening: Callable[[], tuple]) -> tuple[_Call, tuple]:
+        opened = opening()
+        call = _Call([None] * (len(prompts) * sampling.n))
+        one = dataclasses.replace(sampling, n=1)
+        for p, prompt in enumerate(prompts):
+            for i in range(sampling.n):
+                self._begin(_Sequence(call, p * sampling.n + i, tuple(prompt), one, base, self.version()))
+        if not call.outputs:
+            call.future.set_result([])
+        return call, opened
+
+    def _begin(self, sequence: _Sequence) -> None:
+        key = str(next(self._keys))
+        self.engine.start(key, sequence.prompt + sequence.generated(), sequence.rest(), sequence.base)
+        self._running[key] = sequence
+
+    def _swap(self, load: Callable[[], T]) -> T:
+        """Abort the running sequences, load, start them again from where they stopped."""
+        stopped = self.engine.abort(list(self._running))
+        sequences = [self._running.pop(key) for key in stopped]
+        try:
+            return load()
+        finally:
+            version = self.version()
+            for sequence, key in zip(sequences, stopped):
+                sequence.pieces.append((stopped[key], sequence.version))
+                sequence.version = version
+                if sequence.rest().max_tokens < 1:
+                    self._done(sequence, "length")
+                else:
+                    self._begin(sequence)
+                    self.stats["resumed"] += 1
+
+    def _done(self, sequence: _Sequence, finish_reason: str | None = None) -> None:
+        completion = sequence.completion()
+        if finish_reason is not None:
+            completion = dataclasses.replace(completion, finish_reason=finish_reason)
+        sequence.call.finish(sequence.index, completion)
+
+    def _step(self) -> None:
+        try:
+            finished = self.engine.step()
+        except BaseException as exc:  # the engine failed: every call running fails with it
+            logger.exception("the engine failed in a step; failing the %d sequences running", len(self._running))
+            for sequence in self._running.values():
+                if not sequence.call.future.done():
+                    sequence.call.future.set_exception(exc)
+            self._running.clear()
+            return
+        for key, completion in finished:
+            sequence = self._running.pop(key)
+            sequence.pieces.append((completion, sequence.version))
+            self._done(sequence)
+
+    def _take(self) -> _Command | None:
+        """The next command that may run now (None: step the engine); waits while there is
+        neither."""
+        with self._cond:
+            while True:
+                command = self._ready()
+                if command is not None or self._running:
+                    return command
+                if self._closed:
+                    raise SystemExit
+                self._cond.wait(timeout=1.0)
+
+    def _ready(self) -> _Command | None:
+        now = time.monotonic()
+        if self._next not in self._ordered and self._ordered and now - min(c.arrived for c in self._ordered.values()) > GAP_S:
+            logger.warning("generate stream: call %d never came; going on with %d", self._next, min(self._ordered))
+            self.stats["skipped"] += min(self._ordered) - self._next
+            self._next = min(self._ordered)
+        for queue, head in ((self._ordered, self._ordered.get(self._next)), (self._unordered, self._unordered[0] if self._unordered else None)):
+            if head is not None and not (head.idle and self._running):
+                if queue is self._ordered:
+                    del self._ordered[self._next]
+                    self._next += 1
+                else:
+                    self._unordered.popleft()
+                return head
+        return None
+
+    def _loop(self) -> None:
+        while True:
+            try:
+                command = self._take()
+            except SystemExit:
+                return
+            if command is None:
+                self._step()
+                continue
+            try:
+                command.future.set_result(command.run())
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller
+                command.future.set_exception(exc)
