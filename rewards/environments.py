@@ -56,8 +56,8 @@ class EnvironmentSettings:
     tool_hosts: int = 1  # sandbox actors that run tool calls
     tool_timeout_s: float = 60.0  # a tool host past this on one call is replaced and the call retried once; twice: the episode is masked
     max_parallel_steps: int = 16  # environment steps running at once in the driver (tool calls wait for a host)
-    # a due turn waits up to this long for the environment steps still running, while they
-    # outnumber the due turns, so turns reach the engine in batches rather than one by one
+    # generator.serving=batch only: a due turn waits up to this long for the environment steps
+    # still running, while they outnumber the due turns, so turns reach the engine in batches
     batch_wait_s: float = 0.2
 
     def __post_init__(self):

@@ -46,11 +46,21 @@ class Generator:
         self.partial = partial
         self._build = functools.partial(build_engine, model_path, settings, seed=seed, max_lora_rank=max_lora_rank)
         self.events: collections.deque[tuple[str, float]] = collections.deque(maxlen=1000)
-        self.engine = None if asleep else self._build()
-        self._record("start asleep" if asleep else "start")
         self.policy: PolicyRef | None = None  # nothing served yet
         self.sleeping = set(SLEEP_PARTS) if asleep else set()  # the parts of its memory lent out
-        self._stream = Stream(self.engine, lambda: self.policy.version if self.policy else -1) if streaming else None
+        self._stream = Stream(lambda: self.policy.version if self.policy else -1) if streaming else None
+        self.engine = None
+        if not asleep:
+            self._serve(self._start_engine)
+        self._record("start asleep" if asleep else "start")
+
+    def _start_engine(self) -> None:
+        """Build the engine, on the thread that will drive it: vLLM's CPU worker binds its
+        OpenMP threads to the thread that builds it, and its attention kernels check that the
+        thread running them has as many."""
+        self.engine = self._build()
+        if self._stream is not None:
+            self._stream.engine = self.engine
 
     @property
     def asleep(self) -> bool:
@@ -85,10 +95,8 @@ class Generator:
 
     def _wake(self, parts: tuple[str, ...]) -> None:
         if self.engine is None:
-            self.engine = self._build()
+            self._start_engine()
             self.sleeping = set()
-            if self._stream is not None:
-                self._stream.engine = self.engine
         elif woken := tuple(p for p in SLEEP_PARTS if p in parts and p in self.sleeping):
             self.engine.wake(woken)
             self.sleeping -= set(woken)

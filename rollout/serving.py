@@ -103,10 +103,12 @@ class _Sequence:
 
 class Stream:
     """One engine, one thread; see the module docstring. ``version()`` is the policy version
-    the engine serves now (read on the engine thread, where loads happen)."""
+    the engine serves now (read on the engine thread, where loads happen). The engine is
+    built by a command of its own (``run``), on the thread that drives it, and set as
+    ``engine``."""
 
-    def __init__(self, engine, version: Callable[[], int]):
-        self.engine, self.version = engine, version
+    def __init__(self, version: Callable[[], int]):
+        self.engine, self.version = None, version
         self._cond = threading.Condition()
         self._ordered: dict[int, _Command] = {}
         self._next = 0  # the sequence number whose command runs next

@@ -253,6 +253,8 @@ ASYNC_MODES = (
     ("sync", ("rollout.mode=sync", "rollout.max_staleness=0")),
     ("async_k1", ("rollout.mode=async", "rollout.max_staleness=1")),
     ("async_k2", ("rollout.mode=async", "rollout.max_staleness=2")),
+    # partial rollouts: a weight update interrupts the sequences running (stream serving)
+    ("partial_k1", ("rollout.mode=async", "rollout.max_staleness=1", "rollout.partial=true")),
 )
 
 
@@ -262,11 +264,13 @@ def _median(values: list[float]) -> float:
 
 
 def bench_async(config_path: str, steps: int, overrides: list[str], threads: int = 1) -> dict:
-    """The same config for ``steps`` learner steps in sync mode and in async mode with k = 1
-    and k = 2, one after the other in this process, generators and learner on ``threads``
-    cores each in every mode. Steps per second are timed over steps 2.. (start-up, the first
-    step's warm-up and evaluations excluded); ``limit_ratio`` is the best overlap the sync run's own span
-    times allow: (generate + verify + learn + sync) / max(generate + verify, learn + sync)."""
+    """The same config for ``steps`` learner steps in sync mode, in async mode with k = 1
+    and k = 2, and with partial rollouts at k = 1, one after the other in this process,
+    generators and learner on ``threads`` cores each in every mode. Steps per second are timed
+    over steps 2.. (start-up, the first step's warm-up and evaluations excluded);
+    ``limit_ratio`` is the best overlap the sync run's own span times allow: (generate +
+    verify + learn + sync) / max(generate + verify, learn + sync). Partial rollouts report the
+    samples whose tokens span two policies and the mean lag per token."""
     import tempfile
 
     from cluster.config import load_config
@@ -294,6 +298,8 @@ def bench_async(config_path: str, steps: int, overrides: list[str], threads: int
             "learner_busy_fraction": sum(r["perf/learner_busy_fraction"] for r in rows) / len(rows),
             "train_reward_mean": sum(r["train/reward_mean"] for r in rows) / len(rows),
             "staleness_mean": sum(r["train/staleness_mean"] for r in rows) / len(rows),
+            "multi_version_samples": sum(r.get("train/multi_version_samples", 0.0) for r in rows),
+            "token_staleness_mean": sum(r.get("train/token_staleness_mean", r["train/staleness_mean"]) for r in rows) / len(rows),
         }
         logger.info("bench async %s: %.3f steps/s, spans %s", name, results[name]["steps_per_second"], spans)
     p = results["sync"]["spans"]
@@ -309,6 +315,7 @@ def bench_async(config_path: str, steps: int, overrides: list[str], threads: int
         **{f"sync_{k}_seconds": round(v, 3) for k, v in p.items()},
         "async_over_sync_ratio": round(ratio, 3),
         "async_k1_over_sync_ratio": round(results["async_k1"]["steps_per_second"] / results["sync"]["steps_per_second"], 3),
+        "partial_k1_over_async_k1_ratio": round(results["partial_k1"]["steps_per_second"] / results["async_k1"]["steps_per_second"], 3),
         "limit_ratio": round(limit, 3),
         "ratio_of_limit": round(ratio / limit, 3),
         "generator_busy_fraction": round(results[best]["generator_busy_fraction"], 3),
@@ -850,12 +857,13 @@ class _ToolTurns:
         return EnvStep(messages=({"role": "tool", "content": execution.stdout[:200]},), tool=execution.status, tool_seconds=execution.wall_s)
 
 
-def bench_multiturn(model: str, n_prompts: int, n: int, turn_tokens: int, turns: list[int], tool_seconds: float, tool_hosts: int, tool_slots: int) -> dict:
+def bench_multiturn(model: str, n_prompts: int, n: int, turn_tokens: int, turns: list[int], tool_seconds: float, tool_hosts: int, tool_slots: int, serving: str = "stream", block_size: int = 32) -> dict:
     """Episodes of k turns (each turn ``turn_tokens`` tokens, each observation a tool call of
     about ``tool_seconds`` in the sandbox) against single completions of k * ``turn_tokens``
-    tokens, the same prompts on the same generator, one after the other: policy tokens per
-    second, episodes per second and the generator's busy fraction. The goal: multi-turn token
-    throughput at least 0.8x single-turn, the tools' time hidden behind other episodes' turns."""
+    tokens, the same prompts on the same generator (``serving``: stream, continuous
+    batching, or batch; KV blocks of ``block_size`` tokens, the prefix cache's unit), one after
+    the other: policy tokens per second, episodes per second and the generator's busy fraction. The goal: multi-turn token throughput at least 0.8x
+    single-turn, the tools' time hidden behind other episodes' turns."""
     from actors.tools import ToolPool
     from cluster.config import load_config
     from cluster.loop.episodes import EpisodeRunner
@@ -865,7 +873,7 @@ def bench_multiturn(model: str, n_prompts: int, n: int, turn_tokens: int, turns:
     from transformers import AutoTokenizer
 
     path = str(resolve_model(model))
-    config = load_config(None, [f"model.path={path}", "generator.max_model_len=1024", f"verifier.sandbox.slots={tool_slots}"])
+    config = load_config(None, [f"model.path={path}", "generator.max_model_len=1024", f"verifier.sandbox.slots={tool_slots}", f"generator.serving={serving}", f"generator.block_size={block_size}"])
     init_ray(config)
     tokenizer = AutoTokenizer.from_pretrained(path)
     problems = ArithmeticTask(2).eval_set(n_prompts)
@@ -912,6 +920,8 @@ def bench_multiturn(model: str, n_prompts: int, n: int, turn_tokens: int, turns:
     return {
         "benchmark": "multiturn",
         "model": model,
+        "serving": serving,
+        "block_size": block_size,
         "prompts": n_prompts,
         "n": n,
         "turn_tokens": turn_tokens,

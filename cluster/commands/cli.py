@@ -160,7 +160,7 @@ def _bench(args: argparse.Namespace) -> int:
     elif args.bench == "multiturn":
         from cluster.commands.bench import bench_multiturn
 
-        result = bench_multiturn(args.model, args.prompts, args.n, args.turn_tokens, args.turns, args.tool_seconds, args.tool_hosts, args.tool_slots)
+        result = bench_multiturn(args.model, args.prompts, args.n, args.turn_tokens, args.turns, args.tool_seconds, args.tool_hosts, args.tool_slots, args.serving, args.block_size)
     elif args.bench == "plan":
         from cluster.commands.bench import bench_plan
 
@@ -327,7 +327,9 @@ def build_parser() -> argparse.ArgumentParser:
     mtn.add_argument("--turns", nargs="+", type=int, default=[2, 4], help="turns per episode")
     mtn.add_argument("--tool-seconds", type=float, default=0.5, help="how long each tool call takes (a sleep in the sandbox)")
     mtn.add_argument("--tool-hosts", type=int, default=2, help="sandbox actors running tool calls")
-    mtn.add_argument("--tool-slots", type=int, default=8, help="tool calls each host runs at once (verifier.sandbox.slots)")
+    mtn.add_argument("--tool-slots", type=int, default=16, help="tool calls each host runs at once (verifier.sandbox.slots)")
+    mtn.add_argument("--block-size", type=int, default=32, help="tokens per KV-cache block (generator.block_size; 0: vLLM's default, 128 on CPUs)")
+    mtn.add_argument("--serving", choices=["stream", "batch"], default="stream", help="the generator's serving (generator.serving): continuous batching, or one engine call per generate call")
     mtn.set_defaults(func=_bench)
 
     pln = which.add_parser("plan", help="the capacity planner's predicted peak memory of a learner and a generator vs measured, per model")
@@ -345,7 +347,7 @@ def build_parser() -> argparse.ArgumentParser:
     stp.add_argument("--no-engine-baseline", action="store_true", help="skip timing the same vLLM engine in-process afterwards")
     stp.set_defaults(func=_bench)
 
-    asy = which.add_parser("async", help="the same config in sync mode and in async mode (k=1, k=2), steps per second")
+    asy = which.add_parser("async", help="the same config in sync mode, async mode (k=1, k=2) and with partial rollouts (k=1): steps per second")
     asy.add_argument("--config", default="configs/demo.yaml", help="YAML config (default: the demo)")
     asy.add_argument("--steps", type=int, default=8, help="learner steps per mode")
     asy.add_argument("--threads", type=int, default=1, help="cores for the generators and for the learner, in every mode")
