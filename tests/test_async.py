@@ -74,11 +74,24 @@ def test_sync_mode_gives_the_synchronous_loops_results(ray_cluster, tiny_model_p
     assert (got_all - want_all).norm() <= ADAPTER_RTOL * want_all.norm()
 
 
-def test_async_generators_overlap_the_learner_and_stale_samples_are_corrected(ray_cluster, tiny_model_path, tmp_path):
+# partial rollouts: completions long enough (the random model rarely ends one) that the learner's
+# update lands while the next step's are being generated
+PARTIAL = ("rollout.partial=true", "rollout.max_tokens=160", "generator.max_model_len=512")
+
+
+@pytest.mark.parametrize("partial", [(), PARTIAL], ids=["whole", "partial"])
+def test_async_generators_overlap_the_learner_and_stale_samples_are_corrected(ray_cluster, tiny_model_path, tmp_path, partial):
+    """With ``partial``: the updates interrupt the sequences running, which resume on the new
+    weights; their tokens' versions span two policies, none older than k."""
     trainer, _, rows = run(
-        tmp_path, tiny_model_path, "rollout.mode=async", "rollout.max_staleness=1", "generator.num_generators=2", "run.steps=4"
+        tmp_path, tiny_model_path, "rollout.mode=async", "rollout.max_staleness=1", "generator.num_generators=2", "run.steps=4", *partial
     )
     try:
+        if partial:
+            stats = ray.get([h.stream_stats.remote() for h in trainer.crew.generators.handles])
+            assert sum(s.get("resumed", 0) for s in stats) > 0, stats
+            assert sum(r.get("train/multi_version_samples", 0) for r in rows) > 0
+            assert all(r.get("train/token_staleness_mean", 0) <= 1 for r in rows)
         steps = [r for r in rows if r["step"] > 0]
         assert [r["policy_version"] for r in steps] == [1, 2, 3, 4]
         # never older than k; some samples one version old were trained on, with their weights
