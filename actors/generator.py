@@ -66,6 +66,7 @@ class Generator(generator.Generator):
 
     def load_weights(self, update, seq: int | None = None) -> PolicyRef:
         if isinstance(update, list):
+            seq = self.hold(seq)  # the calls sent after this one wait while its update is fetched
             try:
                 update = ray.get(update[0])
             except BaseException:
@@ -137,6 +138,7 @@ class _Slot:
     wrong: int = 0  # consecutive reports of a wrong policy
     dormant: bool = False  # started asleep and not woken since: no engine yet, nothing can be loaded
     calls: int = 0  # calls sent to its actor: the next one's number (``seq``), the order a streaming one runs them in
+    loaded: float = 0.0  # when the newest load was sent to it
 
     def number(self) -> int:
         self.calls += 1
@@ -331,7 +333,7 @@ class GeneratorPool:
         slot = self.slots[rank]
         if slot.dormant:
             return
-        slot.sent = policy
+        slot.sent, slot.loaded = policy, time.monotonic()
         self._track(rank, slot.handle.load_weights.remote([update] if self.streaming else update, slot.number()), policy, update=update)
 
     def poll(self, timeout: float) -> None:
@@ -394,6 +396,12 @@ class GeneratorPool:
         """Generator ``call.rank`` serves ``served``, not the policy it was sent: send it the
         newest again (twice in a row: replace it) and re-issue the request."""
         slot = self.slots[call.rank]
+        if slot.loaded > call.sent and slot.sent == self._update[1]:
+            # the newest policy was sent after this call (a streaming generator's calls side by
+            # side all report the failed load before it): it serves that now, only re-issue
+            if call.request is not None:
+                self._reissue(call, time.monotonic())
+            return
         slot.wrong += 1
         if slot.wrong > 2:
             self._replace(call.rank, f"reports policy {served} after reloads of {call.expect}", call)

@@ -474,8 +474,16 @@ class VLLMEngine:
 
     def abort(self, keys: Sequence[str]) -> dict[str, Completion]:
         """Stop the running sequences ``keys``: what each has produced so far (finish reason
-        ``abort``)."""
+        ``abort``), its text whole: with stop strings, vLLM holds back the last few characters
+        of a running sequence's text (a stop string may still be completing) and an abort
+        would drop them."""
         keys = [k for k in keys if k in self._streams]
+        processor = self.llm.llm_engine.output_processor
+        for key in keys:
+            for internal in processor.external_req_ids.get(key, ()):
+                state = processor.request_states.get(internal)
+                if state is not None and state.detokenizer is not None:
+                    self._streams[key][2].append(state.detokenizer.get_next_output_text(finished=True, delta=True))
         self.llm.llm_engine.abort_request(keys)
         return {k: Completion(tuple(ids), "".join(text), tuple(lps), "abort") for k in keys for ids, lps, text in [self._streams.pop(k)]}
 

@@ -128,7 +128,7 @@ class EpisodeBuilder:
         self.ids += ids
         self.mask += [0] * len(ids)
         self.logprobs += [0.0] * len(ids)
-        self.versions += self.versions[-1:] * len(ids)
+        self.versions += [self.versions[-1] if self.versions else self.policies[-1].version if self.policies else 0] * len(ids)
 
     def count_tool(self, step: EnvStep) -> None:
         if step.tool is None:

@@ -116,9 +116,14 @@ class Generator:
             return self._load(update)
         return self._stream.load(seq, lambda: self._load(update), partial=self.partial)
 
-    def skip(self, seq: int | None) -> None:
+    def hold(self, seq: int | None):
+        """Streaming: hold call ``seq``'s place while what it runs is fetched (a weight
+        update); the place is what ``load_weights`` or ``skip`` then takes as ``seq``."""
+        return self._stream.hold(seq) if self._stream is not None else seq
+
+    def skip(self, seq) -> None:
         """Let the calls numbered after ``seq`` go on: call ``seq`` failed before it could
-        take its place (its weight update could not be fetched)."""
+        run (its weight update could not be fetched)."""
         self._serve(lambda: None, seq, idle=False)
 
     def _load(self, update: WeightUpdate) -> PolicyRef:
@@ -184,7 +189,9 @@ class Generator:
             policy = self._policy_for(adapter)
             outputs = self.engine.generate(ids, sampling, base=base)
         else:
-            policy, started, outputs = self._stream.generate(seq, ids, sampling, base, opening=lambda: (self._policy_for(adapter), time.time()))
+            policy, started, outputs, interrupted = self._stream.generate(seq, ids, sampling, base, opening=lambda: (self._policy_for(adapter), time.time()))
+            if interrupted:  # a failed load stopped some of its sequences: neither policy's (the pool reloads and re-issues)
+                policy = dataclasses.replace(policy, version=-1)
         samples = [
             Sample(prompt=prompt, completion=completion, policy=policy, group_index=i)
             for prompt, completions in zip(prompts, outputs)

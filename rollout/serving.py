@@ -10,7 +10,9 @@ Everything that touches the engine runs on that one thread, in the order the poo
 each call carries the pool's sequence number for its generator (``seq``). The generator actor
 takes calls on several threads at once (a generate call blocks its thread until its samples
 are done), so without the numbers a weight load could land before a request sent ahead of it,
-or after one sent behind it.
+or after one sent behind it. A load holds its place as soon as its call starts, while its
+update is still being fetched (``Stream.hold``); a number that never comes (a call that failed
+before it reached the actor) is skipped after ``GAP_S``.
 
 A weight load (``Stream.load``):
 - by default waits for the sequences running to finish on the old weights (the calls sent
@@ -46,10 +48,15 @@ GAP_S = 30.0  # a sequence number not seen by then, while later ones wait, is sk
 
 @dataclass(eq=False)
 class _Command:
-    run: Callable[[], object]
+    run: Callable[[], object] | None  # None: a place held (``Stream.hold``), not filled yet
     idle: bool  # runs only once no sequence is running
     future: Future = field(default_factory=Future)
     arrived: float = field(default_factory=time.monotonic)
+
+
+class Interrupted(RuntimeError):
+    """A weight load failed while it had the running sequences stopped: they end where they
+    stopped, on weights that are neither policy's (the generator tags them version -1)."""
 
 
 @dataclass(eq=False)
@@ -58,11 +65,16 @@ class _Call:
 
     outputs: list[Completion | None]
     future: Future = field(default_factory=Future)
+    interrupted: bool = False  # a failed load stopped some of its sequences (``Interrupted``)
 
     def finish(self, index: int, completion: Completion) -> None:
         self.outputs[index] = completion
-        if all(o is not None for o in self.outputs):
+        if all(o is not None for o in self.outputs) and not self.future.done():
             self.future.set_result(self.outputs)
+
+    def fail(self, exc: BaseException) -> None:
+        if not self.future.done():
+            self.future.set_exception(exc)
 
 
 @dataclass(eq=False)
@@ -77,6 +89,9 @@ class _Sequence:
     version: int  # the policy version sampling its current piece
     pieces: list[tuple[Completion, int]] = field(default_factory=list)
 
+    def __post_init__(self):
+        self.started = self.version  # the sample's policy: its tokens' versions are told where they differ
+
     def generated(self) -> tuple[int, ...]:
         return tuple(t for c, _ in self.pieces for t in c.token_ids)
 
@@ -86,9 +101,9 @@ class _Sequence:
         return dataclasses.replace(self.sampling, max_tokens=self.sampling.max_tokens - done, min_tokens=max(0, self.sampling.min_tokens - done))
 
     def completion(self) -> Completion:
-        """The pieces as one completion; ``versions`` per token when more than one policy
-        sampled it."""
-        if len(self.pieces) == 1:
+        """The pieces as one completion; ``versions`` per token where any token's policy is
+        not the one the sequence started with (the sample's)."""
+        if len(self.pieces) == 1 and self.pieces[0][1] == self.started:
             return self.pieces[0][0]
         pieces = [c for c, _ in self.pieces]
         versions = tuple(v for c, v in self.pieces for _ in c.token_ids)
@@ -97,7 +112,7 @@ class _Sequence:
             text="".join(c.text for c in pieces),
             logprobs=tuple(x for c in pieces for x in c.logprobs),
             finish_reason=pieces[-1].finish_reason,
-            versions=versions if len(set(versions)) > 1 else (),
+            versions=versions if any(v != self.started for v in versions) else (),
         )
 
 
@@ -112,6 +127,7 @@ class Stream:
         self._cond = threading.Condition()
         self._ordered: dict[int, _Command] = {}
         self._next = 0  # the sequence number whose command runs next
+        self._advanced = time.monotonic()  # when _next last moved on (a gap is timed from then)
         self._unordered: collections.deque[_Command] = collections.deque()
         self._running: dict[str, _Sequence] = {}
         self._keys = itertools.count()
@@ -122,30 +138,51 @@ class Stream:
 
     # -- what the generator calls (any thread) -------------------------------------------------
 
-    def run(self, seq: int | None, fn: Callable[[], T], *, idle: bool = False) -> T:
-        """``fn()`` on the engine thread, after every command numbered below ``seq`` (None:
-        as soon as it comes); ``idle``: once no sequence is running (those running finish
-        first). Returns its result or raises its error."""
-        command = _Command(fn, idle)
+    def hold(self, seq: int | None) -> _Command | int | None:
+        """Hold call ``seq``'s place at once, for a call that must first fetch what it runs
+        (a weight update): the calls numbered after it wait, the running sequences do not.
+        ``run`` fills the place."""
+        if seq is None:
+            return None
+        return self._place(seq, _Command(None, False))
+
+    def _place(self, seq: int | None, command: _Command) -> _Command:
         with self._cond:
             if self._closed:
                 raise RuntimeError("the engine's stream is closed")
             if seq is None:
                 self._unordered.append(command)
-            elif seq < self._next or seq in self._ordered:
-                raise ValueError(f"sequence number {seq} came twice (next expected: {self._next})")
+            elif seq in self._ordered:
+                raise ValueError(f"sequence number {seq} came twice")
+            elif seq < self._next:  # its place was skipped (it came later than GAP_S): run it now
+                logger.warning("generate stream: call %d came after its place was given up; running it now", seq)
+                self._unordered.append(command)
             else:
                 self._ordered[seq] = command
             self._cond.notify()
+        return command
+
+    def run(self, seq: int | _Command | None, fn: Callable[[], T], *, idle: bool = False) -> T:
+        """``fn()`` on the engine thread, after every command numbered below ``seq`` (None:
+        as soon as it comes; a place from ``hold``: there); ``idle``: once no sequence is
+        running (those running finish first). Returns its result or raises its error."""
+        if isinstance(seq, _Command):
+            command = seq
+            with self._cond:
+                command.idle, command.run = idle, fn
+                self._cond.notify()
+        else:
+            command = self._place(seq, _Command(fn, idle))
         return command.future.result()
 
     def generate(self, seq: int | None, prompts: Sequence[Sequence[int]], sampling: SamplingSettings, base: bool = False, opening: Callable[[], tuple[T, ...]] = tuple) -> tuple:
         """``sampling.n`` completions per prompt, generated beside whatever else runs:
-        ``(*opening(), completions)``, where ``opening()`` runs on the engine thread as the
-        sequences start (what the generator serves then; it may refuse by raising)."""
+        ``(*opening(), completions, interrupted)``, where ``opening()`` runs on the engine
+        thread as the sequences start (what the generator serves then; it may refuse by
+        raising), and ``interrupted`` says a failed load stopped some of them."""
         call, opened = self.run(seq, lambda: self._start(prompts, sampling, base, opening))
         outputs = call.future.result()
-        return (*opened, [outputs[i : i + sampling.n] for i in range(0, len(outputs), sampling.n)])
+        return (*opened, [outputs[i : i + sampling.n] for i in range(0, len(outputs), sampling.n)], call.interrupted)
 
     def load(self, seq: int | None, fn: Callable[[], T], *, partial: bool) -> T:
         """A weight load ``fn()`` in its place; see the module docstring for ``partial``."""
@@ -178,21 +215,34 @@ class Stream:
         self._running[key] = sequence
 
     def _swap(self, load: Callable[[], T]) -> T:
-        """Abort the running sequences, load, start them again from where they stopped."""
-        stopped = self.engine.abort(list(self._running))
-        sequences = [self._running.pop(key) for key in stopped]
+        """Abort the running sequences, load, start them again from where they stopped. The
+        base model's sequences run on: a load changes the policy, not the base. If the load
+        fails, the stopped sequences end where they stopped and their calls are marked
+        ``interrupted``."""
+        stopped = self.engine.abort([key for key, sequence in self._running.items() if not sequence.base])
+        sequences = [(self._running.pop(key), completion) for key, completion in stopped.items()]
+        for sequence, completion in sequences:
+            sequence.pieces.append((completion, sequence.version))
         try:
-            return load()
-        finally:
-            version = self.version()
-            for sequence, key in zip(sequences, stopped):
-                sequence.pieces.append((stopped[key], sequence.version))
-                sequence.version = version
-                if sequence.rest().max_tokens < 1:
-                    self._done(sequence, "length")
-                else:
-                    self._begin(sequence)
-                    self.stats["resumed"] += 1
+            result = load()
+        except BaseException:
+            for sequence, _ in sequences:
+                sequence.call.interrupted = True
+                self._done(sequence, "abort")
+            raise
+        version = self.version()
+        for sequence, _ in sequences:
+            sequence.version = version
+            if sequence.rest().max_tokens < 1:
+                self._done(sequence, "length")
+                continue
+            try:
+                self._begin(sequence)
+            except Exception as exc:  # noqa: BLE001 - this sequence's call fails, the others go on
+                sequence.call.fail(exc)
+                continue
+            self.stats["resumed"] += 1
+        return result
 
     def _done(self, sequence: _Sequence, finish_reason: str | None = None) -> None:
         completion = sequence.completion()
@@ -203,17 +253,21 @@ class Stream:
     def _step(self) -> None:
         try:
             finished = self.engine.step()
-        except BaseException as exc:  # the engine failed: every call running fails with it
+        except Exception as exc:  # noqa: BLE001 - the engine failed: every call running fails with it
             logger.exception("the engine failed in a step; failing the %d sequences running", len(self._running))
-            for sequence in self._running.values():
-                if not sequence.call.future.done():
-                    sequence.call.future.set_exception(exc)
-            self._running.clear()
+            running, self._running = self._running, {}
+            for sequence in running.values():
+                sequence.call.fail(exc)
+            try:
+                self.engine.abort(list(running))
+            except Exception:  # noqa: BLE001 - a broken engine; its generator's calls fail from now on
+                logger.exception("the engine could not drop the failed sequences")
             return
         for key, completion in finished:
-            sequence = self._running.pop(key)
-            sequence.pieces.append((completion, sequence.version))
-            self._done(sequence)
+            sequence = self._running.pop(key, None)
+            if sequence is not None:  # None: a sequence of a failed step the engine finished after all
+                sequence.pieces.append((completion, sequence.version))
+                self._done(sequence)
 
     def _take(self) -> _Command | None:
         """The next command that may run now (None: step the engine); waits while there is
@@ -228,19 +282,21 @@ class Stream:
                 self._cond.wait(timeout=1.0)
 
     def _ready(self) -> _Command | None:
-        now = time.monotonic()
-        if self._next not in self._ordered and self._ordered and now - min(c.arrived for c in self._ordered.values()) > GAP_S:
-            logger.warning("generate stream: call %d never came; going on with %d", self._next, min(self._ordered))
-            self.stats["skipped"] += min(self._ordered) - self._next
-            self._next = min(self._ordered)
-        for queue, head in ((self._ordered, self._ordered.get(self._next)), (self._unordered, self._unordered[0] if self._unordered else None)):
-            if head is not None and not (head.idle and self._running):
-                if queue is self._ordered:
-                    del self._ordered[self._next]
-                    self._next += 1
-                else:
-                    self._unordered.popleft()
-                return head
+        if self._next not in self._ordered and self._ordered:
+            waiting = max(self._advanced, min(c.arrived for c in self._ordered.values()))
+            if time.monotonic() - waiting > GAP_S:  # call _next never came (a .remote() that failed)
+                logger.warning("generate stream: call %d never came; going on with %d", self._next, min(self._ordered))
+                self.stats["skipped"] += min(self._ordered) - self._next
+                self._next = min(self._ordered)
+        head = self._ordered.get(self._next)
+        if head is not None and head.run is not None and not (head.idle and self._running):
+            del self._ordered[self._next]
+            self._next += 1
+            self._advanced = time.monotonic()
+            return head
+        head = self._unordered[0] if self._unordered else None
+        if head is not None and not (head.idle and self._running):
+            return self._unordered.popleft()
         return None
 
     def _loop(self) -> None:

@@ -19,8 +19,8 @@ def filter_stale(
     samples: list[Sample], verdicts: list[Verdict], learner: PolicyRef, max_staleness: int
 ) -> tuple[list[Sample], list[Verdict], dict[str, float]]:
     """Keep samples (and their verdicts) at most ``max_staleness`` versions behind the
-    learner; report the lags: mean, max, dropped, a histogram ``train/staleness/<lag>``, and
-    where tokens of one sample come from several versions, how many samples do
+    learner; report the lags: mean, max, dropped, a histogram ``train/staleness/<lag>``, the
+    samples whose tokens come from more than the sample's own version
     (``train/multi_version_samples``) and the mean lag per token of those kept."""
     foreign = [s.policy for s in samples if s.policy.adapter != learner.adapter]
     if foreign:
@@ -33,9 +33,7 @@ def filter_stale(
         "train/stale_dropped": float(len(samples) - len(kept)),
         **{f"train/staleness/{lag}": float(n) for lag, n in sorted(collections.Counter(lags).items())},
     }
-    mixed = [s for s in samples if s.completion.versions]
-    if mixed:
-        token_lags = [learner.version - v for i in kept for v in samples[i].completion.versions or (samples[i].policy.version,) * len(samples[i].completion.token_ids)]
-        metrics["train/multi_version_samples"] = float(len(mixed))
-        metrics["train/token_staleness_mean"] = sum(token_lags) / max(1, len(token_lags))
+    token_lags = [learner.version - v for i in kept for v in samples[i].completion.versions or (samples[i].policy.version,) * len(samples[i].completion.token_ids)]
+    metrics["train/multi_version_samples"] = float(sum(1 for s in samples if s.completion.versions))
+    metrics["train/token_staleness_mean"] = sum(token_lags) / max(1, len(token_lags))
     return [samples[i] for i in kept], [verdicts[i] for i in kept], metrics

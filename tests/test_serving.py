@@ -120,10 +120,15 @@ def test_a_load_waits_for_the_running_sequences_unless_partial(served):
     thread.join()
     assert {s.policy.version for s in out["value"]} == {10}
     assert all(s.completion.versions == () for s in out["value"])
+    tokenizer = generator.engine.llm.get_tokenizer()
+    assert all(s.completion.text == tokenizer.decode(s.completion.token_ids, skip_special_tokens=True) for s in out["value"])
 
     generator.partial = True
     resumed = generator.stream_stats().get("resumed", 0)
-    thread, out = in_thread(lambda: generator.generate(PROMPTS, LONG, seq=seq.take()))
+    # a stop string that never matches: vLLM holds back its length of text while a sequence
+    # runs, which the abort must not lose
+    stopping = dataclasses.replace(LONG, stop=("@@@@@@@@@@@@",))
+    thread, out = in_thread(lambda: generator.generate(PROMPTS, stopping, seq=seq.take()))
     time.sleep(0.5)
     generator.load_weights(update(policy, 12, noise=0.5), seq=seq.take())
     thread.join()
@@ -134,6 +139,7 @@ def test_a_load_waits_for_the_running_sequences_unless_partial(served):
         assert sample.policy.version == 11 and len(c.token_ids) == len(c.logprobs) == len(c.versions) == 160
         switch = c.versions.index(12)
         assert 0 < switch and set(c.versions[:switch]) == {11} and set(c.versions[switch:]) == {12}
+        assert c.text == tokenizer.decode(c.token_ids, skip_special_tokens=True)
     # each token scored again under the policy that sampled it, and under the other one
     sequences = [s.prompt.token_ids + s.completion.token_ids for s in samples]
     starts = [len(s.prompt.token_ids) for s in samples]

@@ -298,8 +298,8 @@ def bench_async(config_path: str, steps: int, overrides: list[str], threads: int
             "learner_busy_fraction": sum(r["perf/learner_busy_fraction"] for r in rows) / len(rows),
             "train_reward_mean": sum(r["train/reward_mean"] for r in rows) / len(rows),
             "staleness_mean": sum(r["train/staleness_mean"] for r in rows) / len(rows),
-            "multi_version_samples": sum(r.get("train/multi_version_samples", 0.0) for r in rows),
-            "token_staleness_mean": sum(r.get("train/token_staleness_mean", r["train/staleness_mean"]) for r in rows) / len(rows),
+            "multi_version_samples": sum(r["train/multi_version_samples"] for r in rows),
+            "token_staleness_mean": sum(r["train/token_staleness_mean"] for r in rows) / len(rows),
         }
         logger.info("bench async %s: %.3f steps/s, spans %s", name, results[name]["steps_per_second"], spans)
     p = results["sync"]["spans"]

@@ -17,7 +17,7 @@ import ray
 
 from actors.generator import GeneratorPool
 from cluster.config import Config
-from cluster.loop.wiring import build_stages, build_tasks, init_ray, start_generator, start_learners, start_reward_services, start_tools, start_verifiers
+from cluster.loop.wiring import build_stages, build_tasks, engine_settings, init_ray, start_generator, start_learners, start_reward_services, start_tools, start_verifiers
 from cluster.stages import Crew
 from rollout.engines import read_adapter
 from rollout.models import resolve_model
@@ -53,7 +53,8 @@ def evaluate_policy(config: Config, adapter: str, split: Split = "validation") -
     init_ray(config)
     generator = start_generator(config, model_path)
     services = start_reward_services(config, model_path, teacher=False)  # the teacher rewards training only
-    crew = Crew(GeneratorPool([generator]), start_verifiers(config, tasks, services=services), rewards=services)
+    streaming = engine_settings(config).serving == "stream"
+    crew = Crew(GeneratorPool([generator], streaming=streaming), start_verifiers(config, tasks, services=services), rewards=services)
     try:
         crew.tools = start_tools(config)
         evaluator = build_stages(config, tokenizer, tasks, crew, split=split).evaluator
