@@ -70,8 +70,9 @@ class Generator:
         self.events.append((event, time.time()))
 
     def recorded(self) -> list[tuple[str, float]]:
-        """The hand-over events so far: (what, when), in order."""
-        return list(self.events)
+        """The hand-over events so far: (what, when), in order (read between two of the
+        engine thread's commands, which record them)."""
+        return self._serve(lambda: list(self.events), idle=False)
 
     def _serve(self, fn, seq: int | None = None, idle: bool = True):
         """``fn()`` where the engine may be touched: here (batch serving: calls come one at a

@@ -263,22 +263,26 @@ def _median(values: list[float]) -> float:
     return ordered[len(ordered) // 2] if ordered else float("nan")
 
 
-def bench_async(config_path: str, steps: int, overrides: list[str], threads: int = 1) -> dict:
+def bench_async(config_path: str, steps: int, overrides: list[str], threads: int = 1, modes: list[str] | None = None) -> dict:
     """The same config for ``steps`` learner steps in sync mode, in async mode with k = 1
     and k = 2, and with partial rollouts at k = 1, one after the other in this process,
     generators and learner on ``threads`` cores each in every mode. Steps per second are timed
     over steps 2.. (start-up, the first step's warm-up and evaluations excluded);
     ``limit_ratio`` is the best overlap the sync run's own span times allow: (generate +
     verify + learn + sync) / max(generate + verify, learn + sync). Partial rollouts report the
-    samples whose tokens span two policies and the mean lag per token."""
+    samples whose tokens span two policies and the mean lag per token. ``modes``: a subset of
+    ``ASYNC_MODES`` by name (the ratios are given where both of their modes ran)."""
     import tempfile
 
     from cluster.config import load_config
     from cluster.loop.driver import Trainer
     from cluster.keeping.rundir import RunDir
 
+    known = [name for name, _ in ASYNC_MODES]
+    if unknown := sorted(set(modes or known) - set(known)):
+        raise ValueError(f"unknown bench async modes {unknown}; choose from {known}")
     results: dict[str, dict] = {}
-    for name, mode in ASYNC_MODES:
+    for name, mode in [(n, m) for n, m in ASYNC_MODES if n in (modes or known)]:
         run_dir = Path(tempfile.mkdtemp(prefix=f"raylight-bench-{name}-"))
         fixed = [f"generator.threads={threads}", f"learner.threads={threads}", "eval.at_start=false", "run.checkpoint_every=0", "run.metrics_export=false"]
         config = load_config(config_path, [*overrides, *fixed, *mode, f"run.steps={steps}", f"run.run_dir={run_dir}"])
@@ -302,24 +306,33 @@ def bench_async(config_path: str, steps: int, overrides: list[str], threads: int
             "token_staleness_mean": sum(r["train/token_staleness_mean"] for r in rows) / len(rows),
         }
         logger.info("bench async %s: %.3f steps/s, spans %s", name, results[name]["steps_per_second"], spans)
-    p = results["sync"]["spans"]
-    limit = (p["generate"] + p["verify"] + p["learn"] + p["weight_sync"]) / max(p["generate"] + p["verify"], p["learn"] + p["weight_sync"])
-    best = max(("async_k1", "async_k2"), key=lambda n: results[n]["steps_per_second"])
-    ratio = results[best]["steps_per_second"] / results["sync"]["steps_per_second"]
+    def ratio(a: str, b: str) -> dict:
+        if a not in results or b not in results:
+            return {}
+        return {f"{a}_over_{b}_ratio": round(results[a]["steps_per_second"] / results[b]["steps_per_second"], 3)}
+
+    summary = {**ratio("async_k1", "sync"), **ratio("async_k2", "sync"), **ratio("partial_k1", "async_k1")}
+    if "sync" in results:
+        p = results["sync"]["spans"]
+        limit = (p["generate"] + p["verify"] + p["learn"] + p["weight_sync"]) / max(p["generate"] + p["verify"], p["learn"] + p["weight_sync"])
+        summary |= {f"sync_{k}_seconds": round(v, 3) for k, v in p.items()} | {"limit_ratio": round(limit, 3)}
+        if ran := [n for n in ("async_k1", "async_k2") if n in results]:
+            best = max(ran, key=lambda n: results[n]["steps_per_second"])
+            best_ratio = results[best]["steps_per_second"] / results["sync"]["steps_per_second"]
+            summary |= {
+                "async_over_sync_ratio": round(best_ratio, 3),
+                "ratio_of_limit": round(best_ratio / limit, 3),
+                "generator_busy_fraction": round(results[best]["generator_busy_fraction"], 3),
+                "learner_busy_fraction": round(results[best]["learner_busy_fraction"], 3),
+            }
     return {
         "benchmark": "async",
         "config": config_path,
         "steps": steps,
         "threads": threads,
         **{f"{n}_{k}": round(v, 4) for n, r in results.items() for k, v in r.items() if k != "spans"},
-        **{f"sync_{k}_seconds": round(v, 3) for k, v in p.items()},
-        "async_over_sync_ratio": round(ratio, 3),
-        "async_k1_over_sync_ratio": round(results["async_k1"]["steps_per_second"] / results["sync"]["steps_per_second"], 3),
-        "partial_k1_over_async_k1_ratio": round(results["partial_k1"]["steps_per_second"] / results["async_k1"]["steps_per_second"], 3),
-        "limit_ratio": round(limit, 3),
-        "ratio_of_limit": round(ratio / limit, 3),
-        "generator_busy_fraction": round(results[best]["generator_busy_fraction"], 3),
-        "learner_busy_fraction": round(results[best]["learner_busy_fraction"], 3),
+        **{f"{n}_{k}_seconds": round(v, 3) for n, r in results.items() if n != "sync" for k, v in r["spans"].items()},
+        **summary,
     }
 
 
