@@ -78,8 +78,9 @@ class Generator(generator.Generator):
         return ray.get(bucket)
 
 
-# a streaming generator's calls at once: each generate call holds a thread until its samples are done
-STREAM_CONCURRENCY = 256
+# a streaming generator's calls at once: each generate call holds a thread until its samples are
+# done (a multi-turn run has one call per due turn); a call past it waits in Ray's queue
+STREAM_CONCURRENCY = 1024
 
 
 def generator_actor(num_cpus: float = 1.0, num_gpus: float = 0.0, streaming: bool = False):

@@ -148,11 +148,11 @@ class EpisodeBuilder:
 
     def sample(self) -> Sample:
         """The episode as one sample, its oldest turn's policy its own (staleness is bounded by it)."""
+        oldest = min(self.policies, key=lambda p: p.version) if self.policies else PolicyRef()
         completion = Completion(
             token_ids=tuple(self.ids), text="".join(self.texts), logprobs=tuple(self.logprobs),
             finish_reason="truncated" if self.result.truncated else self.finish_reason,
-            versions=tuple(self.versions) if len(set(self.versions)) > 1 else (),
+            versions=tuple(self.versions) if any(v != oldest.version for v in self.versions) else (),
         )  # fmt: skip
         episode = dataclasses.replace(self.result, loss_mask=tuple(self.mask), policies=tuple(self.policies), final_text=self.turns[-1] if self.turns else "")
-        oldest = min(self.policies, key=lambda p: p.version) if self.policies else PolicyRef()
         return Sample(prompt=self.prompt, completion=completion, policy=oldest, group_index=self.group_index, episode=episode)

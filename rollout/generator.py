@@ -13,6 +13,7 @@ import collections
 import dataclasses
 import functools
 import logging
+import threading
 import time
 
 from contracts import PolicyRef, Prompt, Sample, SamplingSettings, WeightUpdate
@@ -46,6 +47,7 @@ class Generator:
         self.partial = partial
         self._build = functools.partial(build_engine, model_path, settings, seed=seed, max_lora_rank=max_lora_rank)
         self.events: collections.deque[tuple[str, float]] = collections.deque(maxlen=1000)
+        self._events_lock = threading.Lock()
         self.policy: PolicyRef | None = None  # nothing served yet
         self.sleeping = set(SLEEP_PARTS) if asleep else set()  # the parts of its memory lent out
         self._stream = Stream(lambda: self.policy.version if self.policy else -1) if streaming else None
@@ -67,12 +69,13 @@ class Generator:
         return bool(self.sleeping)
 
     def _record(self, event: str) -> None:
-        self.events.append((event, time.time()))
+        with self._events_lock:
+            self.events.append((event, time.time()))
 
     def recorded(self) -> list[tuple[str, float]]:
-        """The hand-over events so far: (what, when), in order (read between two of the
-        engine thread's commands, which record them)."""
-        return self._serve(lambda: list(self.events), idle=False)
+        """The hand-over events so far: (what, when), in order."""
+        with self._events_lock:  # streaming, the engine thread records them
+            return list(self.events)
 
     def _serve(self, fn, seq: int | None = None, idle: bool = True):
         """``fn()`` where the engine may be touched: here (batch serving: calls come one at a

@@ -54,10 +54,6 @@ class _Command:
     arrived: float = field(default_factory=time.monotonic)
 
 
-class Interrupted(RuntimeError):
-    """A weight load failed while it had the running sequences stopped: they end where they
-    stopped, on weights that are neither policy's (the generator tags them version -1)."""
-
 
 @dataclass(eq=False)
 class _Call:
@@ -65,7 +61,7 @@ class _Call:
 
     outputs: list[Completion | None]
     future: Future = field(default_factory=Future)
-    interrupted: bool = False  # a failed load stopped some of its sequences (``Interrupted``)
+    interrupted: bool = False  # a failed load stopped some of its sequences where they were
 
     def finish(self, index: int, completion: Completion) -> None:
         self.outputs[index] = completion
@@ -138,7 +134,7 @@ class Stream:
 
     # -- what the generator calls (any thread) -------------------------------------------------
 
-    def hold(self, seq: int | None) -> _Command | int | None:
+    def hold(self, seq: int | None) -> _Command | None:
         """Hold call ``seq``'s place at once, for a call that must first fetch what it runs
         (a weight update): the calls numbered after it wait, the running sequences do not.
         ``run`` fills the place."""
@@ -154,8 +150,8 @@ class Stream:
                 self._unordered.append(command)
             elif seq in self._ordered:
                 raise ValueError(f"sequence number {seq} came twice")
-            elif seq < self._next:  # its place was skipped (it came later than GAP_S): run it now
-                logger.warning("generate stream: call %d came after its place was given up; running it now", seq)
+            elif seq < self._next:  # its place was skipped (it came later than GAP_S): run it as it comes
+                logger.warning("generate stream: call %d came after its place was given up; running it as it comes", seq)
                 self._unordered.append(command)
             else:
                 self._ordered[seq] = command
@@ -202,12 +198,25 @@ class Stream:
         opened = opening()
         call = _Call([None] * (len(prompts) * sampling.n))
         one = dataclasses.replace(sampling, n=1)
-        for p, prompt in enumerate(prompts):
-            for i in range(sampling.n):
-                self._begin(_Sequence(call, p * sampling.n + i, tuple(prompt), one, base, self.version()))
+        try:
+            for p, prompt in enumerate(prompts):
+                for i in range(sampling.n):
+                    self._begin(_Sequence(call, p * sampling.n + i, tuple(prompt), one, base, self.version()))
+        except Exception:  # noqa: BLE001 - the call fails whole: its sequences already started stop
+            self._drop(call)
+            raise
         if not call.outputs:
             call.future.set_result([])
         return call, opened
+
+    def _drop(self, call: _Call, exc: BaseException | None = None) -> None:
+        """Stop ``call``'s running sequences (and fail it with ``exc``, if given)."""
+        keys = [key for key, sequence in self._running.items() if sequence.call is call]
+        for key in keys:
+            del self._running[key]
+        self.engine.abort(keys)
+        if exc is not None:
+            call.fail(exc)
 
     def _begin(self, sequence: _Sequence) -> None:
         key = str(next(self._keys))
@@ -215,11 +224,11 @@ class Stream:
         self._running[key] = sequence
 
     def _swap(self, load: Callable[[], T]) -> T:
-        """Abort the running sequences, load, start them again from where they stopped. The
-        base model's sequences run on: a load changes the policy, not the base. If the load
-        fails, the stopped sequences end where they stopped and their calls are marked
+        """Abort the running sequences, load, start them again from where they stopped (the
+        base model's sequences too: a load may change base weights, the attention scales'). If
+        the load fails, the stopped sequences end where they stopped and their calls are marked
         ``interrupted``."""
-        stopped = self.engine.abort([key for key, sequence in self._running.items() if not sequence.base])
+        stopped = self.engine.abort(list(self._running))
         sequences = [(self._running.pop(key), completion) for key, completion in stopped.items()]
         for sequence, completion in sequences:
             sequence.pieces.append((completion, sequence.version))
@@ -232,14 +241,17 @@ class Stream:
             raise
         version = self.version()
         for sequence, _ in sequences:
-            sequence.version = version
+            if sequence.call.future.done():  # its call failed meanwhile (another of its sequences could not resume)
+                continue
+            if not sequence.base:  # the base model's tokens are the base's, whatever the policy
+                sequence.version = version
             if sequence.rest().max_tokens < 1:
                 self._done(sequence, "length")
                 continue
             try:
                 self._begin(sequence)
-            except Exception as exc:  # noqa: BLE001 - this sequence's call fails, the others go on
-                sequence.call.fail(exc)
+            except Exception as exc:  # noqa: BLE001 - this call fails, the others go on
+                self._drop(sequence.call, exc)
                 continue
             self.stats["resumed"] += 1
         return result
@@ -288,15 +300,20 @@ class Stream:
                 logger.warning("generate stream: call %d never came; going on with %d", self._next, min(self._ordered))
                 self.stats["skipped"] += min(self._ordered) - self._next
                 self._next = min(self._ordered)
+        # an unnumbered command (or a late one) first; one that waits for the running sequences
+        # to drain holds back everything else meanwhile, so that it cannot starve
+        unnumbered = next((c for c in self._unordered if c.run is not None), None)
+        if unnumbered is not None:
+            if unnumbered.idle and self._running:
+                return None
+            self._unordered.remove(unnumbered)
+            return unnumbered
         head = self._ordered.get(self._next)
         if head is not None and head.run is not None and not (head.idle and self._running):
             del self._ordered[self._next]
             self._next += 1
             self._advanced = time.monotonic()
             return head
-        head = self._unordered[0] if self._unordered else None
-        if head is not None and not (head.idle and self._running):
-            return self._unordered.popleft()
         return None
 
     def _loop(self) -> None:

@@ -19,9 +19,9 @@ def filter_stale(
     samples: list[Sample], verdicts: list[Verdict], learner: PolicyRef, max_staleness: int
 ) -> tuple[list[Sample], list[Verdict], dict[str, float]]:
     """Keep samples (and their verdicts) at most ``max_staleness`` versions behind the
-    learner; report the lags: mean, max, dropped, a histogram ``train/staleness/<lag>``, the
-    samples whose tokens come from more than the sample's own version
-    (``train/multi_version_samples``) and the mean lag per token of those kept."""
+    learner; report the lags: mean, max, dropped, a histogram ``train/staleness/<lag>``, and of
+    those kept, the samples with tokens of another version than their own
+    (``train/multi_version_samples``) and the mean lag of the tokens trained on."""
     foreign = [s.policy for s in samples if s.policy.adapter != learner.adapter]
     if foreign:
         raise ValueError(f"samples of {foreign[0]} cannot train {learner}: they belong to another adapter")
@@ -33,7 +33,15 @@ def filter_stale(
         "train/stale_dropped": float(len(samples) - len(kept)),
         **{f"train/staleness/{lag}": float(n) for lag, n in sorted(collections.Counter(lags).items())},
     }
-    token_lags = [learner.version - v for i in kept for v in samples[i].completion.versions or (samples[i].policy.version,) * len(samples[i].completion.token_ids)]
-    metrics["train/multi_version_samples"] = float(sum(1 for s in samples if s.completion.versions))
+    token_lags = [learner.version - v for i in kept for v in _trained_versions(samples[i])]
+    metrics["train/multi_version_samples"] = float(sum(1 for i in kept if samples[i].completion.versions))
     metrics["train/token_staleness_mean"] = sum(token_lags) / max(1, len(token_lags))
     return [samples[i] for i in kept], [verdicts[i] for i in kept], metrics
+
+
+def _trained_versions(sample: Sample) -> list[int]:
+    """The policy version of each token the learner trains on (an episode's observations out)."""
+    versions = sample.completion.versions or (sample.policy.version,) * len(sample.completion.token_ids)
+    if sample.episode is None or not sample.episode.loss_mask:
+        return list(versions)
+    return [v for v, m in zip(versions, sample.episode.loss_mask) if m]

@@ -87,21 +87,52 @@ def test_a_call_joins_the_running_batch_and_returns_before_it(served):
     assert long_out["at"] > done
 
 
-def test_calls_run_in_the_order_the_pool_numbered_them(served):
-    """A generate call that arrives before the load numbered ahead of it waits for the load;
-    a number that never comes is skipped, so the calls behind it still run."""
+def test_calls_run_in_the_order_the_pool_numbered_them(served, monkeypatch):
+    """A generate call that arrives before the load numbered ahead of it waits for the load,
+    also while the load's place is only held (its update still being fetched); a load that
+    gives up its place lets the calls behind it run; a number that never comes is skipped
+    after ``GAP_S``, and the call, if it comes after all, runs as it comes."""
+    from rollout import serving
+
     generator, policy = served
     seq = Numbered(generator)
     load_at, generate_at = seq.take(), seq.take()
     short = dataclasses.replace(LONG, n=1, max_tokens=3, min_tokens=0)
     thread, out = in_thread(lambda: generator.generate(PROMPTS[:1], short, seq=generate_at))
+    place = generator.hold(load_at)
     time.sleep(0.3)
     assert thread.is_alive()
-    assert generator.load_weights(update(policy, 7), seq=load_at).version == 7
+    assert generator.load_weights(update(policy, 7), seq=place).version == 7
     thread.join()
     assert out["value"][0].policy.version == 7
-    generator.skip(seq.take())  # a load whose update could not be fetched gives up its place
+    generator.skip(generator.hold(seq.take()))  # a load whose update could not be fetched gives up its place
     assert generator.generate(PROMPTS[:1], short, seq=seq.take())[0].policy.version == 7
+
+    monkeypatch.setattr(serving, "GAP_S", 0.5)
+    lost, behind = seq.take(), seq.take()
+    assert generator.generate(PROMPTS[:1], short, seq=behind)[0].policy.version == 7  # waited GAP_S for `lost`
+    assert generator.stream_stats()["skipped"] >= 1
+    assert generator.generate(PROMPTS[:1], short, seq=lost)[0].policy.version == 7
+
+
+def test_a_failed_partial_load_ends_the_stopped_sequences_as_neither_policys(served, monkeypatch):
+    """A partial-rollout load that fails after it stopped the running sequences (a streamed
+    update's bucket lost) ends them where they were, tagged version -1 (the pool reloads and
+    re-issues such a call); the generator serves the next load as usual."""
+    generator, policy = served
+    seq = Numbered(generator)
+    generator.load_weights(update(policy, 20), seq=seq.take())
+    thread, out = in_thread(lambda: generator.generate(PROMPTS[:1], LONG, seq=seq.take()))
+    time.sleep(0.5)
+    with monkeypatch.context() as patched:
+        patched.setattr(generator.engine, "load_weights", lambda update: (_ for _ in ()).throw(RuntimeError("a bucket was lost")))
+        with pytest.raises(RuntimeError, match="a bucket was lost"):
+            generator.load_weights(update(policy, 21), seq=seq.take())
+    thread.join()
+    assert {s.policy.version for s in out["value"]} == {-1}
+    assert all(s.completion.finish_reason == "abort" and 0 < len(s.completion.token_ids) < 160 for s in out["value"])
+    assert generator.load_weights(update(policy, 22), seq=seq.take()).version == 22
+    assert {s.policy.version for s in generator.generate(PROMPTS[:1], dataclasses.replace(LONG, max_tokens=4, min_tokens=4), seq=seq.take())} == {22}
 
 
 def test_a_load_waits_for_the_running_sequences_unless_partial(served):

@@ -351,7 +351,7 @@ def build_parser() -> argparse.ArgumentParser:
     asy.add_argument("--config", default="configs/demo.yaml", help="YAML config (default: the demo)")
     asy.add_argument("--steps", type=int, default=8, help="learner steps per mode")
     asy.add_argument("--threads", type=int, default=1, help="cores for the generators and for the learner, in every mode")
-    asy.add_argument("--modes", nargs="+", default=None, help="which modes to run (default all): sync async_k1 async_k2 partial_k1")
+    asy.add_argument("--modes", type=lambda text: text.split(","), default=None, help="which modes to run, by comma (default all): sync,async_k1,async_k2,partial_k1")
     asy.add_argument("overrides", nargs="*", help="dotted.key=value config overrides")
     asy.set_defaults(func=_bench)
 
