@@ -487,9 +487,6 @@ class VLLMEngine:
         self.llm.llm_engine.abort_request(keys)
         return {k: Completion(tuple(ids), "".join(text), tuple(lps), "abort") for k in keys for ids, lps, text in [self._streams.pop(k)]}
 
-    def running(self) -> int:
-        """Sequences started and not yet finished or aborted."""
-        return len(self._streams)
 
     def score_tokens(self, sequences: Sequence[Sequence[int]], starts: Sequence[int]) -> list[list[float]]:
         from vllm import SamplingParams

@@ -228,19 +228,20 @@ class Stream:
         base model's sequences too: a load may change base weights, the attention scales'). If
         the load fails, the stopped sequences end where they stopped and their calls are marked
         ``interrupted``."""
-        stopped = self.engine.abort(list(self._running))
-        sequences = [(self._running.pop(key), completion) for key, completion in stopped.items()]
-        for sequence, completion in sequences:
+        sequences = []
+        for key, completion in self.engine.abort(list(self._running)).items():
+            sequence = self._running.pop(key)
             sequence.pieces.append((completion, sequence.version))
+            sequences.append(sequence)
         try:
             result = load()
         except BaseException:
-            for sequence, _ in sequences:
+            for sequence in sequences:
                 sequence.call.interrupted = True
                 self._done(sequence, "abort")
             raise
         version = self.version()
-        for sequence, _ in sequences:
+        for sequence in sequences:
             if sequence.call.future.done():  # its call failed meanwhile (another of its sequences could not resume)
                 continue
             if not sequence.base:  # the base model's tokens are the base's, whatever the policy
