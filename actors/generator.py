@@ -50,7 +50,12 @@ class WeightSyncError(RuntimeError):
 
 
 class WeightUpdateLost(WeightSyncError):
-    """The weight update itself could not be fetched (the learner that made it is gone)."""
+    """The weight update itself could not be fetched (the learner that made it is gone);
+    ``adapter``: whose update it was (a shared pool tells that run alone)."""
+
+    def __init__(self, message: str, adapter: str | None = None):
+        super().__init__(message)
+        self.adapter = adapter
 
 
 class GeneratorsLost(RuntimeError):
@@ -64,7 +69,7 @@ class Generator(generator.Generator):
     among the calls by its number, while its update is fetched (a call Ray held back until
     its argument arrived could come after calls sent behind it)."""
 
-    def load_weights(self, update, seq: int | None = None) -> PolicyRef:
+    def load_weights(self, update, seq: int | None = None, adapter: str | None = None) -> PolicyRef:
         if isinstance(update, list):
             seq = self.hold(seq)  # the calls sent after this one wait while its update is fetched
             try:
@@ -72,7 +77,7 @@ class Generator(generator.Generator):
             except BaseException:
                 self.skip(seq)
                 raise
-        return super().load_weights(update, seq)
+        return super().load_weights(update, seq, adapter)
 
     def _fetch(self, bucket: ray.ObjectRef) -> dict:
         return ray.get(bucket)
@@ -111,6 +116,7 @@ class Request:
     sampling: SamplingSettings
     adapter: str | None
     samples: list[Sample] | None = None
+    span: tuple[float, float] | None = None  # when its engine work started and finished (wall clock)
 
 
 @dataclasses.dataclass(eq=False)
@@ -134,12 +140,12 @@ class _Slot:
     epoch: int = 0
     started: float = dataclasses.field(default_factory=time.monotonic)
     up: bool = False  # has finished a call since it started
-    sent: PolicyRef | None = None  # the newest policy sent to it (what its next call serves)
+    sent: dict[str, PolicyRef] = dataclasses.field(default_factory=dict)  # each adapter's newest policy sent to it (what its next call serves)
     mark: float = dataclasses.field(default_factory=time.monotonic)  # when its running call began, about
     wrong: int = 0  # consecutive reports of a wrong policy
     dormant: bool = False  # started asleep and not woken since: no engine yet, nothing can be loaded
     calls: int = 0  # calls sent to its actor: the next one's number (``seq``), the order a streaming one runs them in
-    loaded: float = 0.0  # when the newest load was sent to it
+    loaded: dict[str, float] = dataclasses.field(default_factory=dict)  # when each adapter's newest load was sent to it
 
     def number(self) -> int:
         self.calls += 1
@@ -163,7 +169,9 @@ class GeneratorPool:
         self.slots = [_Slot(handle) for handle in handles]
         self._lock = threading.RLock()
         self._calls: dict[ray.ObjectRef, _Call] = {}
-        self._update: tuple[ray.ObjectRef, PolicyRef] | None = None  # the newest weights sent (a replacement loads them)
+        # each adapter's newest weights sent (a replacement loads them); one adapter but on a
+        # shared pool (actors.pool), where each run's is its own
+        self._updates: dict[str, tuple[ray.ObjectRef, PolicyRef]] = {}
         self._down_since: float | None = None  # when the last generator up was lost
         self.asleep = False  # the generators' memory is lent to colocated learners (sleep mode)
         self._last_failure = "none"
@@ -232,27 +240,61 @@ class GeneratorPool:
             last = (rank, end)
         return total
 
+    def metrics(self, since: float, until: float) -> dict[str, float]:
+        """Figures of the run's share of a shared pool (``actors.pool.PoolClient``); none here:
+        the generators are the run's own."""
+        return {}
+
     # -- weights ----------------------------------------------------------------------------
 
-    def push(self, update: ray.ObjectRef, policy: PolicyRef) -> None:
+    def push(self, update: ray.ObjectRef, policy: PolicyRef, collect: bool = True) -> None:
         """Send ``policy``'s weights to every generator, behind the work it already holds;
-        does not wait (``confirm`` does)."""
+        does not wait (``confirm`` does); ``collect``: then collect the calls finished (a
+        shared pool leaves that to its own thread)."""
         with self._lock:
-            self._update = (update, policy)
+            self._updates[policy.adapter] = (update, policy)
             for rank in range(len(self.slots)):
-                self._load(rank)
-        self.poll(0.0)
+                self._load(rank, policy.adapter)
+        if collect:
+            self.poll(0.0)
+
+    def loading(self, adapter: str | None = None) -> bool:
+        """A weight load (of ``adapter``'s, if named) is outstanding on a generator that is up
+        (or on any, while none is): what ``confirm`` waits out."""
+        with self._lock:
+            up = any(slot.up for slot in self.slots)
+            return any(call.request is None and (adapter is None or (call.expect is not None and call.expect.adapter == adapter)) and (self.slots[call.rank].up or not up)
+                       for call in self._calls.values())  # fmt: skip
 
     def confirm(self) -> None:
         """Wait until every generator that is up has loaded the newest policy (replacing those
         that fail or time out on the way), or raise GeneratorsLost. A replacement still
         starting is not waited for: its load runs before any work it is given."""
-        while True:
-            with self._lock:
-                up = any(slot.up for slot in self.slots)
-                if not any(call.request is None and (self.slots[call.rank].up or not up) for call in self._calls.values()):
-                    return
+        while self.loading():
             self.poll(1.0)
+
+    def drop(self, adapter: str) -> None:
+        """Stop serving ``adapter`` on every generator (a shared pool's run that left): its
+        updates are forgotten and each generator frees it behind the work it holds."""
+        with self._lock:
+            self._updates.pop(adapter, None)
+            for rank, slot in enumerate(self.slots):
+                if slot.sent.pop(adapter, None) is not None and not slot.dormant:
+                    slot.loaded.pop(adapter, None)
+                    self._track(rank, slot.handle.drop_adapter.remote(adapter, slot.number()), None)
+
+    def send(self, request: Request, rank: int | None = None) -> int:
+        """Send ``request`` whole to generator ``rank`` (default: the least loaded); its rank.
+        ``submit`` splits and sends at once; a shared pool's scheduler sends one at a time."""
+        with self._lock:
+            rank = self._least_loaded() if rank is None else rank
+            self._send(request, rank)
+            return rank
+
+    def outstanding(self, rank: int) -> int:
+        """Generate calls outstanding on generator ``rank``."""
+        with self._lock:
+            return sum(c.request is not None for c in self._outstanding(rank))
 
     def broadcast(self, update: ray.ObjectRef, policy: PolicyRef) -> None:
         """Push and wait (synchronous mode, start, resume, rollback). Sleeping generators wake
@@ -288,10 +330,10 @@ class GeneratorPool:
         with self._lock:
             if not any(slot.up for slot in self.slots) and self._down_since is None:
                 self._down_since = time.monotonic()
-            if self._update is not None:
+            for adapter, (_, policy) in self._updates.items():
                 for rank, slot in enumerate(self.slots):
-                    if slot.sent != self._update[1]:
-                        self._load(rank)
+                    if slot.sent.get(adapter) != policy:
+                        self._load(rank, adapter)
 
     def started(self, timeout_s: float) -> None:
         """Wait until every generator has built its engine (what a colocated learner must not
@@ -322,20 +364,26 @@ class GeneratorPool:
             slot.mark = now  # an idle generator starts this call now
         self._calls[ref] = _Call(rank, slot.epoch, ref, now, expect, request, update)
 
+    def _adapter(self, request: Request) -> str | None:
+        """The adapter ``request`` runs on: the one it names, else the pool's only one."""
+        if request.adapter is not None or len(self._updates) != 1:
+            return request.adapter
+        return next(iter(self._updates))
+
     def _send(self, request: Request, rank: int) -> None:
         slot = self.slots[rank]
         # base-model samples name BASE_POLICY whatever the generator serves: nothing to check
-        expect = None if request.adapter == BASE_POLICY.adapter else slot.sent
+        expect = None if request.adapter == BASE_POLICY.adapter else slot.sent.get(self._adapter(request))
         self._track(rank, slot.handle.timed_generate.remote(request.prompts, request.sampling, request.adapter, slot.number()), expect, request)
 
-    def _load(self, rank: int) -> None:
-        """Send the newest weights to generator ``rank`` (a dormant one loads once woken)."""
-        update, policy = self._update
+    def _load(self, rank: int, adapter: str) -> None:
+        """Send ``adapter``'s newest weights to generator ``rank`` (a dormant one loads once woken)."""
+        update, policy = self._updates[adapter]
         slot = self.slots[rank]
         if slot.dormant:
             return
-        slot.sent, slot.loaded = policy, time.monotonic()
-        self._track(rank, slot.handle.load_weights.remote([update] if self.streaming else update, slot.number()), policy, update=update)
+        slot.sent[adapter], slot.loaded[adapter] = policy, time.monotonic()
+        self._track(rank, slot.handle.load_weights.remote([update] if self.streaming else update, slot.number(), adapter), policy, update=update)
 
     def poll(self, timeout: float) -> None:
         """Collect finished calls (waiting up to ``timeout`` for one), then check deadlines."""
@@ -379,7 +427,7 @@ class GeneratorPool:
             slot.wrong = 0
             if call.request is not None:
                 samples, started, finished = value
-                call.request.samples = samples
+                call.request.span, call.request.samples = (started, finished), samples  # span first: samples say done
                 self.intervals.append((call.rank, started, finished))
 
     def _update_lost(self, call: _Call, exc: Exception) -> None:
@@ -388,16 +436,21 @@ class GeneratorPool:
         recovery's broadcast finds the lost update's other loads so). The newest's is the
         run's to answer: ``WeightUpdateLost`` (the driver rebuilds the learners, whose restored
         policy is broadcast anew)."""
-        if self._update is not None and call.update != self._update[0]:
+        adapter = call.expect.adapter if call.expect is not None else None
+        newest = self._updates.get(adapter)
+        if newest is None or call.update != newest[0]:
             logger.info("generator %d: the load of an older policy (%s) failed, its update gone with its learner: the newest follows", call.rank, call.expect)
             return
-        raise WeightUpdateLost(f"generator {call.rank} could not fetch the weight update: {exc}") from exc
+        raise WeightUpdateLost(f"generator {call.rank} could not fetch the weight update of {call.expect}: {exc}", adapter) from exc
 
     def _reload(self, call: _Call, served: PolicyRef) -> None:
         """Generator ``call.rank`` serves ``served``, not the policy it was sent: send it the
         newest again (twice in a row: replace it) and re-issue the request."""
         slot = self.slots[call.rank]
-        if slot.loaded > call.sent and slot.sent == self._update[1]:
+        adapter = call.expect.adapter
+        if adapter not in self._updates:  # a shared pool's run that left: nothing to serve
+            return
+        if slot.loaded.get(adapter, 0.0) > call.sent and slot.sent.get(adapter) == self._updates[adapter][1]:
             # the newest policy was sent after this call (a streaming generator's calls side by
             # side all report the failed load before it): it serves that now, only re-issue
             if call.request is not None:
@@ -407,9 +460,9 @@ class GeneratorPool:
         if slot.wrong > 2:
             self._replace(call.rank, f"reports policy {served} after reloads of {call.expect}", call)
             return
-        logger.warning("generator %d serves %s, not %s: sending it %s again", call.rank, served, call.expect, self._update[1])
+        logger.warning("generator %d serves %s, not %s: sending it %s again", call.rank, served, call.expect, self._updates[adapter][1])
         self.stats["faults/weight_reloads"] += 1
-        self._load(call.rank)
+        self._load(call.rank, adapter)
         if call.request is not None:
             self._reissue(call, time.monotonic())
 
@@ -454,8 +507,9 @@ class GeneratorPool:
         self.stats["faults/generator_restarts"] += 1
         if not any(s.up for s in self.slots) and self._down_since is None and not self.asleep:
             self._down_since = now  # asleep, the clock starts at the wake (nothing can come up before)
-        if self._update is not None and not self.asleep:  # asleep: it loads when woken
-            self._load(rank)
+        if not self.asleep:  # asleep: it loads when woken
+            for adapter in self._updates:
+                self._load(rank, adapter)
         for c in lost:
             if c.request is not None:
                 self._reissue(c, now)

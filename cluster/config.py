@@ -159,6 +159,11 @@ class GeneratorConfig(GeneratorPoolSettings, EngineSettings):
     num_cpus: float = 0.5  # per generator
     num_gpus: float = 0.0  # per generator: on a GPU cluster, tensor_parallel_size
     resources: dict[str, float] = field(default_factory=dict)  # custom Ray resources per generator (pins them to nodes)
+    # a shared generator pool (`raylight pool start CONFIG --name NAME`) this run attaches to
+    # instead of starting generators of its own; its adapter is one of the pool's (docs/shared-pool.md)
+    pool: str | None = None
+    share: float = 1.0  # on a shared pool: this run's weight in the fair share of its generators
+    max_in_flight: int = 4  # on a shared pool: this run's requests on the generators at once
 
 
 @dataclass
@@ -443,6 +448,24 @@ def _serving_problems(config: Config) -> list[str]:
         problems.append("rollout.partial interrupts the sequences being generated at a weight update: it needs generator.engine=vllm and generator.serving=stream (or auto)")
     if config.rollout.partial and g.sleep_mode:
         problems.append("rollout.partial resumes sequences across weight updates, but sleep mode drops their KV cache between steps: set one of them off")
+    if g.pool is not None:
+        problems += _pool_problems(config)
+    return problems
+
+
+def _pool_problems(config: Config) -> list[str]:
+    """A run attached to a shared generator pool (generator.pool)."""
+    g, problems = config.generator, []
+    if not g.pool or not g.pool.replace("-", "").replace("_", "").isalnum():
+        problems.append(f"generator.pool names a shared pool: letters, digits, - and _ (got {g.pool!r})")
+    if config.model.train != "lora":
+        problems.append(f"generator.pool serves each run as a LoRA adapter on one base model: model.train must be lora, not {config.model.train}")
+    if g.sleep_mode or config.cluster.placement == "colocated":
+        problems.append("generator.pool: a shared pool's generators serve other runs too, so they never sleep or share a run's device: set generator.sleep_mode=false and cluster.placement=disaggregated")
+    if config.rollout.partial:
+        problems.append("generator.pool does not combine with rollout.partial yet (an update of one run would interrupt the others' sequences)")
+    if g.share <= 0 or g.max_in_flight < 1:
+        problems.append(f"generator.share must be > 0 and generator.max_in_flight >= 1 (got {g.share}, {g.max_in_flight})")
     return problems
 
 

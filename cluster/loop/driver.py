@@ -301,6 +301,7 @@ class Trainer:
             "perf/learner_busy_fraction": learn_seconds / elapsed,
             "perf/learner_idle_fraction": 1.0 - learn_seconds / elapsed,
             "rollout/queue_depth": float(self.stream.depth()),
+            **self.crew.generators.metrics(since, now),  # on a shared pool: this run's queue, share and waits there
         }
 
     # -- the end --------------------------------------------------------------------------

@@ -100,6 +100,8 @@ class Placement:
 def bundles(config: Config) -> tuple[list[dict], list[tuple[int, Request]], list[tuple[int, Request]]]:
     """The bundles ``config`` asks for, and each learner's and generator's (bundle, request)."""
     learner, generator = config.learner, config.generator
+    if generator.pool is not None:  # a shared pool's generators are the pool's, placed when it started
+        generator = dataclasses.replace(generator, num_generators=0)
     if config.cluster.placement == "disaggregated":
         learner_bundle = _bundle(learner.num_cpus, learner.num_gpus, learner.resources)
         generator_bundle = _bundle(generator.num_cpus, generator.num_gpus, generator.resources)

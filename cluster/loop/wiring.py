@@ -12,14 +12,18 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import logging
 import os
+import shutil
+import subprocess
 from typing import Callable
 
 import numpy as np
 import ray
 
 from actors.generator import GeneratorPool, generator_actor
+from actors.pool import NAMESPACE, PoolClient, Tenancy, find_pool, pool_actor_name, pool_server_actor
 from actors.learner import LearnerGroup
 from actors.reward_models import RewardServices
 from actors.tools import ToolPool
@@ -61,10 +65,32 @@ def init_ray(config: Config) -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address="auto", log_to_driver=True)
         return
+    if config.generator.pool:  # a shared pool runs on a cluster that outlives its runs: join it
+        join_cluster()
+        return
     dashboard = config.cluster.dashboard
     context = ray.init(num_cpus=config.run.num_cpus, include_dashboard=dashboard, dashboard_host="127.0.0.1", log_to_driver=True)
     if dashboard and context.dashboard_url:
         logger.info("Ray dashboard: http://%s (turn it off with --no-dashboard)", context.dashboard_url)
+
+
+def join_cluster(config: Config | None = None, start: bool = False) -> None:
+    """Join the running Ray cluster (``RAY_ADDRESS``, else the one started on this machine);
+    with ``start``, start one on this machine when none runs (``ray start --head``), which
+    outlives this process: a pool must outlive the command that started it."""
+    if ray.is_initialized():
+        return
+    try:
+        ray.init(address=os.environ.get("RAY_ADDRESS", "auto"), namespace=NAMESPACE, log_to_driver=False)
+        return
+    except ConnectionError:
+        if not start:
+            raise ConnectionError("no Ray cluster runs here: start a pool first (`raylight pool start CONFIG --name NAME` starts a local cluster), or set RAY_ADDRESS") from None
+    ray_cli = shutil.which("ray") or "ray"
+    cpus = (config.run.num_cpus if config is not None and config.run.num_cpus else None) or os.cpu_count() or 1
+    logger.info("no Ray cluster runs here: starting one on this machine (`ray stop` stops it)")
+    subprocess.run([ray_cli, "start", "--head", f"--num-cpus={cpus}", "--include-dashboard=false", "--disable-usage-stats"], check=True, capture_output=True)
+    ray.init(address="auto", namespace=NAMESPACE, log_to_driver=False)
 
 
 def generator_env(config: Config) -> dict[str, str]:
@@ -128,6 +154,42 @@ def start_generators(config: Config, model_path: str, placement: Placement | Non
     handles = [start(rank=i) for i in range(config.generator.num_generators)]
     streaming = engine_settings(config).serving == "stream"
     return GeneratorPool(handles, config.generator, factory=lambda rank, asleep: start(rank=rank, asleep=asleep), streaming=streaming)
+
+
+def _pool_generator(config: Config, model_path: str, rank: int, asleep: bool):
+    return start_generator(config, model_path, rank=rank, asleep=asleep)
+
+
+def start_pool(config: Config, model_path: str, name: str, detach_after_s: float = 60.0):
+    """A shared generator pool named ``name``: a detached actor that outlives this process,
+    with ``config``'s generators serving its runs' adapters as LoRAs (``actors.pool``).
+    Returns its actor once every engine is up."""
+    if config.model.train != "lora":
+        raise ConfigError(f"a shared pool serves LoRA adapters on one base model: model.train must be lora, not {config.model.train}")
+    if config.generator.adapter_mode == "merged" or config.generator.engine != "vllm":
+        raise ConfigError("a shared pool holds several adapters at once, which only vLLM does as LoRAs: set generator.engine=vllm and generator.adapter_mode=lora (or auto)")
+    g = dataclasses.replace(config.generator, adapter_mode="lora", pool=None, sleep_mode=False)
+    config = dataclasses.replace(config, generator=g)
+    streaming = engine_settings(config).serving == "stream"
+    factory = functools.partial(_pool_generator, config, model_path)
+    server = pool_server_actor().options(name=pool_actor_name(name), namespace=NAMESPACE, lifetime="detached")
+    server = server.remote(name, model_path, config.lora.rank, g.max_loras, factory, g.num_generators, g, streaming, detach_after_s)
+    try:
+        ray.get(server.status.remote(), timeout=g.startup_s + g.call_timeout_s)
+    except BaseException:
+        ray.kill(server, no_restart=True)
+        raise
+    return server
+
+
+def attach_pool(config: Config, model_path: str) -> PoolClient:
+    """This run's place on the shared pool ``generator.pool``, its adapter named after its
+    run folder (a resumed run takes its own place again)."""
+    g = config.generator
+    run_dir = os.path.abspath(config.run.run_dir)
+    adapter = f"{os.path.basename(run_dir)}-{hashlib.sha1(run_dir.encode()).hexdigest()[:6]}"
+    tenancy = Tenancy(run_dir, adapter, model_path, config.lora.rank, g.share, g.max_in_flight)
+    return PoolClient(find_pool(g.pool), tenancy)
 
 
 def start_learners(config: Config, model_path: str, placement: Placement | None = None) -> LearnerGroup:
@@ -261,7 +323,7 @@ def start_crew(config: Config, model_path: str, placement: Placement, tasks: Tas
             learners.wait_started()  # its load peak passes while the engines sleep; they wake for the first broadcast
         else:
             learners = start_learners(config, model_path, placement)
-            generators = start_generators(config, model_path, placement)
+            generators = attach_pool(config, model_path) if config.generator.pool else start_generators(config, model_path, placement)
         services = start_reward_services(config, model_path)
         verifiers = start_verifiers(config, tasks, factory, services if factory is None else None)
         tools = start_tools(config)

@@ -1,0 +1,156 @@
+"""A shared generator pool (``actors.pool``) on the session's real Ray cluster, with the real
+vLLM CPU engine serving the tiny random model's adapters as LoRAs (fp32):
+
+- runs attach with their own adapters; each request runs on its run's adapter, and samples
+  come back under the run's own adapter name and version; an attach past ``max_loras`` or for
+  another base model is refused with a clear error;
+- weighted fair sharing: a run that queues 10x the work of another does not starve it;
+- a detached run's adapter leaves every engine while the other run goes on;
+- training runs as separate driver processes share one pool; one is SIGKILLed mid-run, the
+  other two finish every step without a fault, and the killed run's adapter is dropped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import ray
+import torch
+
+from actors.pool import PoolClient, PoolRefused, Tenancy
+from cluster.config import load_config
+from cluster.loop.wiring import start_pool
+from contracts import PolicyRef, Problem, Prompt, SamplingSettings, WeightUpdate
+from helpers import driver_command
+from learners.policy import LoraSettings, Policy
+from rollout.generator import BASE_POLICY
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[1]
+
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+PROBLEM = Problem(uid="p", question="q", answer="1")
+PROMPTS = [Prompt(PROBLEM, "q", (1, 5, 9, 13 + i)) for i in range(2)]
+GREEDY = SamplingSettings(n=1, temperature=0.0, top_p=1.0, max_tokens=12, min_tokens=12)
+
+
+def adapter_update(policy: Policy, version: int, noise: float) -> WeightUpdate:
+    """``policy``'s adapter as version ``version`` of the run's own adapter name, its LoRA B
+    matrices ``noise``-random (0: the base model exactly)."""
+    state = policy.weight_state()
+    if noise:
+        gen = torch.Generator().manual_seed(version)
+        state = {k: torch.randn(v.shape, generator=gen) * noise if "lora_B" in k else v for k, v in state.items()}
+    return WeightUpdate(PolicyRef("policy", version), state, policy.adapter_config())
+
+
+def pool_config(tiny_model_path: str, *overrides: str):
+    return load_config(ROOT / "configs" / "tiny.yaml", [f"model.path={tiny_model_path}", "generator.max_loras=2", *overrides])
+
+
+@pytest.fixture(scope="module")
+def pool(ray_cluster, tiny_model_path):
+    name = f"test-{uuid.uuid4().hex[:6]}"
+    server = start_pool(pool_config(tiny_model_path), tiny_model_path, name, detach_after_s=15.0)
+    yield name, server
+    ray.get(server.stop.remote())
+    ray.kill(server)
+
+
+def tenancy(tiny_model_path: str, run: str, **kw) -> Tenancy:
+    return Tenancy(run, run, tiny_model_path, 8, **kw)
+
+
+def test_runs_get_their_own_adapters_and_a_fair_share(pool, tiny_model_path):
+    name, server = pool
+    policy = Policy(tiny_model_path, LoraSettings(rank=8, alpha=16))
+    plain = PoolClient(server, tenancy(tiny_model_path, "plain"))
+    noisy = PoolClient(server, tenancy(tiny_model_path, "noisy"))
+    try:
+        plain.broadcast(ray.put(adapter_update(policy, 3, 0.0)), PolicyRef("policy", 3))
+        noisy.broadcast(ray.put(adapter_update(policy, 7, 0.5)), PolicyRef("policy", 7))
+        with pytest.raises(PoolRefused, match="max_loras"):
+            PoolClient(server, tenancy(tiny_model_path, "third"))
+        with pytest.raises(PoolRefused, match="base model"):
+            PoolClient(server, Tenancy("other", "other", "/elsewhere/model", 8))
+
+        base = plain.generate(PROMPTS, GREEDY, BASE_POLICY)
+        mine, theirs = plain.generate(PROMPTS, GREEDY), noisy.generate(PROMPTS, GREEDY)
+        assert {s.policy for s in mine} == {PolicyRef("policy", 3)} and {s.policy for s in theirs} == {PolicyRef("policy", 7)}
+        # the zero adapter is the base model exactly; the noisy run's adapter changes the text
+        assert [s.completion.token_ids for s in mine] == [s.completion.token_ids for s in base]
+        assert [s.completion.token_ids for s in theirs] != [s.completion.token_ids for s in base]
+
+        # one run queues 10x the other's work at once, the other comes just after: it is
+        # served within the first few calls, not behind all ten
+        heavy = [plain.submit(PROMPTS, GREEDY)[0] for _ in range(10)]
+        light = noisy.submit(PROMPTS, GREEDY)[0]
+        noisy.result(light)
+        finished = sum(r.samples is not None for r in plain.wait(heavy, 0.0))
+        assert finished <= 4, f"{finished} of the heavy run's 10 calls ran before the light run's one"
+        for request in heavy:
+            plain.result(request)
+        now = time.time()
+        light_metrics, heavy_metrics = noisy.metrics(now - 120, now), plain.metrics(now - 120, now)
+        assert light_metrics["pool/noisy/wait_seconds"] < heavy_metrics["pool/plain/wait_seconds"]
+        assert 0 < light_metrics["pool/noisy/busy_share"] < heavy_metrics["pool/plain/busy_share"]
+
+        # a run that leaves takes its adapter with it; the other goes on
+        noisy.kill()
+        status = ray.get(server.status.remote())
+        assert list(status["runs"]) == ["plain"] and [g["adapters"] for g in status["generators"]] == [{"plain": 3}]
+        assert [s.completion.token_ids for s in plain.generate(PROMPTS, GREEDY)] == [s.completion.token_ids for s in base]
+    finally:
+        plain.kill()
+        noisy.kill()
+
+
+def test_three_runs_share_a_pool_and_one_killed_leaves_the_others_unharmed(ray_cluster, tiny_model_path, tmp_path):
+    """Three training drivers (separate processes, the tiny config, 3 steps) attach to one pool;
+    the first is SIGKILLed once it has trained a step (mid-run: it was to train 50). The other two finish every step, with
+    no generator fault, and the killed run's adapter leaves the pool once it is not heard from."""
+    name = f"test-{uuid.uuid4().hex[:6]}"
+    server = start_pool(pool_config(tiny_model_path, "generator.max_loras=3"), tiny_model_path, name, detach_after_s=10.0)
+    drivers = {}
+    try:
+        for run in ("killed", "a", "b"):
+            steps = 50 if run == "killed" else 3  # the killed run is surely mid-run when it dies
+            overrides = [f"model.path={tiny_model_path}", f"generator.pool={name}", f"run.run_dir={tmp_path / run}", "eval.n=4", f"run.steps={steps}"]
+            argv, env = driver_command(ROOT / "configs" / "tiny.yaml", overrides)
+            drivers[run] = subprocess.Popen(argv, cwd=ROOT, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=open(tmp_path / f"{run}.log", "w"))
+        marker = tmp_path / "killed" / "metrics.jsonl"
+        deadline = time.monotonic() + 300
+        while not (marker.exists() and len(marker.read_text().splitlines()) >= 2) and time.monotonic() < deadline and drivers["killed"].poll() is None:
+            time.sleep(0.2)  # its first step trained
+        assert marker.exists() and len(marker.read_text().splitlines()) >= 2, (tmp_path / "killed.log").read_text()[-3000:]
+        os.killpg(drivers["killed"].pid, signal.SIGKILL)
+        for run in ("a", "b"):
+            assert drivers[run].wait(timeout=600) == 0, (tmp_path / f"{run}.log").read_text()[-3000:]
+            rows = [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+            steps = [r for r in rows if "train/reward_mean" in r]
+            assert [r["step"] for r in steps] == [1, 2, 3]
+            assert all(r.get("faults/generator_restarts", 0) == 0 and r.get("faults/requests_reissued", 0) == 0 for r in steps)
+            assert any(k.startswith("pool/") and k.endswith("/busy_share") for k in steps[-1])
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            status = ray.get(server.status.remote())
+            if not any(run.endswith("killed") for run in status["runs"]):
+                break
+            time.sleep(1)
+        assert not any(run.endswith("killed") for run in status["runs"])
+        assert not any(a.startswith("killed-") for g in status["generators"] for a in g["adapters"])
+    finally:
+        for driver in drivers.values():
+            if driver.poll() is None:
+                os.killpg(driver.pid, signal.SIGKILL)
+        ray.get(server.stop.remote())
+        ray.kill(server)
