@@ -400,7 +400,7 @@ class PoolClient:
 
     @property
     def handles(self) -> list:
-        return ray.get(self.server.handles.remote())
+        return self._call(self.server.handles.remote())
 
     def _call(self, ref, timeout: float | None = None):
         """A server call's answer; its error raised as the run's exception."""

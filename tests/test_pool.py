@@ -154,3 +154,72 @@ def test_three_runs_share_a_pool_and_one_killed_leaves_the_others_unharmed(ray_c
                 os.killpg(driver.pid, signal.SIGKILL)
         ray.get(server.stop.remote())
         ray.kill(server)
+
+
+def test_a_run_whose_pool_dies_stops_with_a_checkpoint_and_resumes_on_a_new_pool(ray_cluster, tiny_model_path, tmp_path):
+    """The pool's actor is killed once the attached run has trained a step: the run stops as a
+    run that lost its generators does (checkpoint, ``raylight resume`` named); resumed once a
+    pool of the same name runs again, it takes its place there and trains the remaining steps
+    exactly once each."""
+    import threading
+
+    from actors.generator import GeneratorsLost
+    from cluster.keeping.rundir import RunDir
+    from cluster.loop.driver import Trainer
+    from helpers import spread_reward
+
+    name = f"test-{uuid.uuid4().hex[:6]}"
+    config_overrides = [f"generator.pool={name}", f"run.run_dir={tmp_path / 'run'}", "eval.n=4", "run.steps=4", "run.checkpoint_every=1"]
+    server = start_pool(pool_config(tiny_model_path), tiny_model_path, name, detach_after_s=15.0)
+    metrics = tmp_path / "run" / "metrics.jsonl"
+
+    def kill_after_a_step():
+        while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
+            time.sleep(0.1)
+        ray.kill(server)
+
+    killer = threading.Thread(target=kill_after_a_step, daemon=True)
+    killer.start()
+    trainer = Trainer(pool_config(tiny_model_path, *config_overrides), RunDir(tmp_path / "run"), scorer=spread_reward)
+    try:
+        with pytest.raises(GeneratorsLost, match="raylight resume"):
+            trainer.train(4)
+    finally:
+        trainer.shutdown()
+    stopped_at = trainer.run.step
+    assert 1 <= stopped_at < 4 and (tmp_path / "run" / "checkpoints" / f"step_{stopped_at:06d}" / "COMPLETE.json").exists()
+
+    server = start_pool(pool_config(tiny_model_path), tiny_model_path, name, detach_after_s=15.0)
+    try:
+        resumed = Trainer.resume(tmp_path / "run", scorer=spread_reward)
+        try:
+            resumed.train(4)
+        finally:
+            resumed.shutdown()
+        rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+        assert [r["step"] for r in rows if "train/reward_mean" in r] == [1, 2, 3, 4]
+    finally:
+        ray.get(server.stop.remote())
+        ray.kill(server)
+
+
+def test_a_sweep_runs_its_grid_at_once_on_one_pool_and_compares_the_runs(ray_cluster, tiny_model_path, tmp_path):
+    """``raylight sweep`` with ``--pool``: it starts the pool (none of that name runs), runs the
+    grid's two runs at once attached to it, stops it, and writes the comparison."""
+    from actors.pool import find_pool
+
+    name = f"sweep-{uuid.uuid4().hex[:6]}"
+    argv = [sys.executable, "-m", "cluster.commands.cli", "sweep", str(ROOT / "configs" / "tiny.yaml"), "--grid", "algorithm.lr=1e-3,5e-3",
+            "--pool", name, "--out", str(tmp_path / "sweep"), f"model.path={tiny_model_path}", "eval.n=4", "run.steps=2"]  # fmt: skip
+    _, env = driver_command(ROOT / "configs" / "tiny.yaml", [])
+    done = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    for run in ("lr=1e-3", "lr=5e-3"):
+        rows = [json.loads(line) for line in (tmp_path / "sweep" / run / "metrics.jsonl").read_text().splitlines()]
+        steps = [r for r in rows if "train/reward_mean" in r]
+        assert [r["step"] for r in steps] == [1, 2] and steps[-1]["pool/runs"] >= 1
+        assert steps[-1]["train/lr"] == pytest.approx(float(run.split("=")[1]), rel=0.5)  # each run trained with its own value
+    table = (tmp_path / "sweep" / "comparison.md").read_text()
+    assert "| lr=1e-3 | 0.001 |" in table and "| lr=5e-3 | 0.005 |" in table
+    with pytest.raises(PoolRefused, match="no generator pool"):
+        find_pool(name)  # the sweep started it, so it stopped it

@@ -205,3 +205,36 @@ def test_the_report_and_its_plots_emit_no_warning(tmp_path, accuracy, caplog, ca
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
     assert "legend" not in capfd.readouterr().err
     assert (run / "plots" / "kl_entropy.png").exists()  # the panel with nothing to plot was drawn
+
+
+def test_several_runs_are_compared_side_by_side(tmp_path):
+    """``raylight report A B``: one table naming what differs between the configs, each run's
+    figures, and each curve overlaid with a line per run."""
+    write_run(tmp_path / "low", steps=12)
+    write_run(tmp_path / "high", steps=10)
+    config = yaml.safe_load((tmp_path / "high" / "config.yaml").read_text())
+    config["algorithm"]["lr"] = 3e-4
+    (tmp_path / "high" / "config.yaml").write_text(yaml.safe_dump(config))
+    assert main(["report", str(tmp_path / "low"), str(tmp_path / "high"), "--out", str(tmp_path / "both")]) == 0
+    table = [line for line in (tmp_path / "both" / "comparison.md").read_text().splitlines() if line.startswith("|")]
+    # differing keys only: algorithm.lr and run.steps, not the model or the rollout
+    assert table[0].startswith("| run | algorithm.lr | run.steps | steps |") and "rollout" not in table[0]
+    assert table[2].startswith("| low | 5e-05 | 12 | 12 |") and table[3].startswith("| high | 0.0003 | 10 | 10 |")
+    assert "0.100 -> 0.200" in table[3] and "| 0.033 |" in table[2]  # held-out accuracy; 1 / 30 s steps per second
+    plots = sorted(p.name for p in (tmp_path / "both" / "plots").iterdir())
+    assert plots == ["eval_accuracy.png", "train_entropy.png", "train_loss.png", "train_reward_mean.png"]
+    assert main(["report", str(tmp_path / "low"), str(tmp_path / "nothing")]) == 2  # not a run directory: named
+
+
+def test_a_sweep_grid_expands_to_named_runs_and_refuses_a_malformed_item():
+    from cluster.commands.sweep import expand, parse_grid
+
+    grid = parse_grid(["algorithm.lr=1e-3,3e-3", "run.seed=1,2"])
+    runs = expand(grid)
+    assert [r.name for r in runs] == ["lr=1e-3,seed=1", "lr=1e-3,seed=2", "lr=3e-3,seed=1", "lr=3e-3,seed=2"]
+    assert runs[1].overrides == ("algorithm.lr=1e-3", "run.seed=2")
+    for bad in (["algorithm.lr"], ["algorithm.lr=1e-3,"], ["=1,2"]):
+        with pytest.raises(ValueError, match="key=value1,value2"):
+            parse_grid(bad)
+    with pytest.raises(ValueError, match="twice"):
+        parse_grid(["run.seed=1", "run.seed=2"])

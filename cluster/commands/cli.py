@@ -1,5 +1,5 @@
 """``raylight`` command line: train, resume, eval, report, score, data check, config, export,
-bench, plan, prepare-model, pool. Its exit codes are ``ExitCode`` (docs/exit-codes.md)."""
+bench, plan, prepare-model, pool, sweep. Its exit codes are ``ExitCode`` (docs/exit-codes.md)."""
 
 from __future__ import annotations
 
@@ -73,10 +73,32 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from cluster.commands.report import write_report
+    from pathlib import Path
 
-    print(write_report(args.run_dir))
+    from cluster.commands.report import write_comparison, write_report
+
+    if len(args.run_dir) == 1 and args.out is None:
+        print(write_report(args.run_dir[0]))
+    else:
+        print(write_comparison(args.run_dir, args.out or Path(args.run_dir[0]).resolve().parent))
     return 0
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from cluster.commands.sweep import parse_grid, sweep
+
+    try:
+        grid = parse_grid(args.grid)
+    except ValueError as exc:
+        print(f"raylight: {exc}", file=sys.stderr)
+        return ExitCode.USAGE
+    out = Path(args.out or f"runs/sweep-{Path(args.config).stem}")
+    codes = sweep(args.config, grid, out, args.pool, args.ray_jobs, list(args.overrides))
+    for name, code in codes.items():
+        print(f"{name}: exit code {code}")
+    return ExitCode.OK if all(code == 0 for code in codes.values()) else max(codes.values())
 
 
 def _score(args: argparse.Namespace) -> int:
@@ -165,6 +187,10 @@ def _bench(args: argparse.Namespace) -> int:
         from cluster.commands.bench import bench_plan
 
         result = bench_plan(args.models, args.rows, args.prompt_tokens, args.completion_tokens, args.kv_cache_gib)
+    elif args.bench == "pool":
+        from cluster.commands.bench import bench_pool
+
+        result = bench_pool(args.config, args.runs, args.steps, args.overrides)
     elif args.bench == "reward-model":
         result = bench_reward_model(args.model, args.samples, args.batch_size, args.actors, args.verifiers, args.rounds, args.samples_per_call)
     else:
@@ -256,8 +282,22 @@ def build_parser() -> argparse.ArgumentParser:
         description="Write a report of the run in RUN_DIR (report.md and plots/*.png); works on a finished, "
         "stopped or running run.",
     )
-    report.add_argument("run_dir", help="the run directory")
+    report.add_argument("run_dir", nargs="+", help="the run directory; several: compare them side by side (comparison.md and overlaid curves)")
+    report.add_argument("--out", help="where the comparison of several runs is written (default: the first run's parent folder)")
     report.set_defaults(func=_report)
+
+    swp = commands.add_parser(
+        "sweep",
+        help="every combination of a grid of config values as one run, all at once (on one shared pool with --pool), then a comparison",
+        description="Run a grid of configs at once (docs/shared-pool.md#sweeps).",
+    )
+    swp.add_argument("config", help="YAML config file every run starts from")
+    swp.add_argument("--grid", action="append", required=True, help="key=value1,value2 (repeat for more keys: every combination runs)")
+    swp.add_argument("--pool", help="attach every run to this shared generator pool (started from CONFIG if none of that name runs, and stopped at the end)")
+    swp.add_argument("--out", help="the folder of the runs and the comparison (default runs/sweep-<config name>)")
+    swp.add_argument("--ray-jobs", action="store_true", help="submit each run as a Ray job (RAY_ADDRESS: the dashboard's address) instead of a local driver process")
+    swp.add_argument("overrides", nargs="*", help="dotted.key=value overrides for every run")
+    swp.set_defaults(func=_sweep)
 
     score = commands.add_parser(
         "score",
@@ -336,6 +376,13 @@ def build_parser() -> argparse.ArgumentParser:
     stm.add_argument("--bucket-mb", nargs="+", type=float, default=[0, 64], help="bucket sizes (MB; 0: one piece)")
     stm.add_argument("--dtype", default="bfloat16", help="the weights' and the engine's dtype")
     stm.set_defaults(func=_bench)
+
+    pol = which.add_parser("pool", help="N runs at once on one shared generator pool vs each with its own generator: samples/s, generators' memory, reward, pool busy fraction")
+    pol.add_argument("--config", default="configs/tiny.yaml", help="YAML config every run starts from (run i is seeded i)")
+    pol.add_argument("--runs", type=int, default=4)
+    pol.add_argument("--steps", type=int, default=6, help="steps per run (steps 2.. are timed)")
+    pol.add_argument("overrides", nargs="*", help="dotted.key=value overrides for every run")
+    pol.set_defaults(func=_bench)
 
     mtn = which.add_parser("multiturn", help="episodes of k turns with a tool call between turns vs single completions of the same tokens: tokens/s, busy fraction")
     mtn.add_argument("--model", default="smollm2", help="model name or folder")
@@ -454,7 +501,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra:
-        if args.command not in ("train", "resume", "eval", "score", "data", "config", "plan", "pool") or any(e.startswith("-") or "=" not in e for e in extra):
+        if args.command not in ("train", "resume", "eval", "score", "data", "config", "plan", "pool", "sweep") or any(e.startswith("-") or "=" not in e for e in extra):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides = [*args.overrides, *extra]
     return args

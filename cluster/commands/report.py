@@ -596,3 +596,89 @@ def _suggestions(events: list[dict], outlooks: list[Outlook]) -> list[str]:
         if o.status in STATUS_SUGGESTIONS:
             found.append(f"- **{o.line.metric}** ({o.status}, target {o.line.target:g}): {STATUS_SUGGESTIONS[o.status]}")
     return found or ["- Nothing to fix: no monitor event, and every target is reached or on its way."]
+
+
+# what the side-by-side comparison of several runs (``raylight report A B ...``) overlays and tabulates
+COMPARED_CURVES = [
+    ("train/reward_mean", "training reward (mean per sample)"),
+    ("eval/accuracy", "held-out accuracy (greedy)"),
+    ("train/loss", "loss"),
+    ("train/entropy", "entropy (nats per token)"),
+]
+
+
+def _differences(configs: list[dict]) -> list[dict[str, object]]:
+    """Each run's config keys (dotted) whose values differ between the runs (the run folder aside)."""
+
+    def flat(tree: dict, prefix: str = "") -> dict[str, object]:
+        out = {}
+        for key, value in tree.items():
+            if isinstance(value, dict):
+                out |= flat(value, f"{prefix}{key}.")
+            else:
+                out[f"{prefix}{key}"] = value
+        return out
+
+    flats = [flat(c) for c in configs]
+    keys = sorted({k for f in flats for k in f if k != "run.run_dir" and len({json.dumps(g.get(k), sort_keys=True, default=str) for g in flats}) > 1})
+    return [{k: f.get(k) for k in keys} for f in flats]
+
+
+def write_comparison(paths: list[str | Path], out: str | Path) -> Path:
+    """Several runs side by side: ``out``/comparison.md (one table: what differs in their
+    configs, steps, training reward at the start and end, held-out accuracy, steps per second,
+    the generators' busy fraction) and ``out``/plots/*.png (each curve of ``COMPARED_CURVES``
+    overlaid, one line per run)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = [RunDir(p) for p in paths]
+    for run in runs:
+        if not run.metrics_path.is_file():
+            raise FileNotFoundError(f"{run.path} has no metrics.jsonl: is it a run directory?")
+    rows = [sorted(run.read_metrics(), key=lambda r: r.get("step", 0)) for run in runs]
+    configs = [yaml.safe_load(run.config_path.read_text()) if run.config_path.exists() else {} for run in runs]
+    differ = _differences(configs)
+    out = Path(out)
+    (out / "plots").mkdir(parents=True, exist_ok=True)
+    names = [run.path.name for run in runs]
+    plots = []
+    for metric, label in COMPARED_CURVES:
+        if not any(series(r, metric)[0] for r in rows):
+            continue
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for name, r in zip(names, rows):
+            x, y = series(r, metric)
+            if x:
+                ax.plot(x, y, "o-" if metric.startswith("eval/") else "-", label=name, markersize=3)
+        ax.set_title(label)
+        ax.set_xlabel("training step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        path = out / "plots" / (metric.replace("/", "_") + ".png")
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        plots.append(path)
+    keys = sorted({k for d in differ for k in d})
+    head = ["run", *keys, "steps", "train reward (first / last quarter)", "held-out accuracy (start -> end)", "steps/s", "generator busy"]
+    lines = [f"# {len(runs)} runs side by side", "", "| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    for name, r, d in zip(names, rows, differ):
+        steps = [row for row in r if row.get("step", 0) > 0]
+        _, reward = series(r, "train/reward_mean")
+        k = max(1, len(reward) // 4)
+        _, acc = series(r, "eval/accuracy")
+        seconds = [row["perf/step_seconds"] for row in steps if "perf/step_seconds" in row]
+        busy = [row["perf/generator_busy_fraction"] for row in steps if "perf/generator_busy_fraction" in row]
+        cells = [name, *(str(d.get(key, "")) for key in keys), str(steps[-1]["step"] if steps else 0),
+                 f"{_mean(reward[:k])} / {_mean(reward[-k:])}" if reward else "-",
+                 f"{acc[0]:.3f} -> {acc[-1]:.3f}" if acc else "-",
+                 f"{len(seconds) / sum(seconds):.3f}" if seconds and sum(seconds) else "-", _mean(busy) if busy else "-"]  # fmt: skip
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "## Curves", "", *[f"![{p.stem}](plots/{p.name})" for p in plots]]
+    report = out / "comparison.md"
+    report.write_text("\n".join(lines) + "\n")
+    logger.info("comparison of %d runs written to %s with %d plots", len(runs), report, len(plots))
+    return report
