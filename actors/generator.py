@@ -117,6 +117,7 @@ class Request:
     adapter: str | None
     samples: list[Sample] | None = None
     span: tuple[float, float] | None = None  # when its engine work started and finished (wall clock)
+    error: str | None = None  # a shared pool: the generator's call failed (what the run is told)
 
 
 @dataclasses.dataclass(eq=False)
@@ -142,7 +143,7 @@ class _Slot:
     up: bool = False  # has finished a call since it started
     sent: dict[str, PolicyRef] = dataclasses.field(default_factory=dict)  # each adapter's newest policy sent to it (what its next call serves)
     mark: float = dataclasses.field(default_factory=time.monotonic)  # when its running call began, about
-    wrong: int = 0  # consecutive reports of a wrong policy
+    wrong: collections.Counter = dataclasses.field(default_factory=collections.Counter)  # consecutive reports of a wrong policy, by adapter
     dormant: bool = False  # started asleep and not woken since: no engine yet, nothing can be loaded
     calls: int = 0  # calls sent to its actor: the next one's number (``seq``), the order a streaming one runs them in
     loaded: dict[str, float] = dataclasses.field(default_factory=dict)  # when each adapter's newest load was sent to it
@@ -156,11 +157,16 @@ class GeneratorPool:
     """N generator actors behind one ``submit``; thread-safe (a rollout thread and the
     evaluation may submit at once). See the module docstring for what it does on failure."""
 
-    def __init__(self, handles: list, settings: GeneratorPoolSettings = GeneratorPoolSettings(), factory: Callable[[int, bool], object] | None = None, streaming: bool = False):
+    def __init__(self, handles: list, settings: GeneratorPoolSettings = GeneratorPoolSettings(), factory: Callable[[int, bool], object] | None = None, streaming: bool = False,
+                 on_error: Callable[[Request | None, PolicyRef | None, Exception], None] | None = None):  # fmt: skip
         """``factory(rank, asleep)`` starts a replacement for generator ``rank`` (without one,
         a failed generator fails the pool's caller), asleep while the pool is. ``streaming``:
         the generators batch calls as they come (``rollout.serving``): any number of calls may
-        be outstanding on one, and the pool numbers them so that each runs in its place."""
+        be outstanding on one, and the pool numbers them so that each runs in its place.
+        ``on_error(request, policy, exc)``: where an error a generator raised in a call goes
+        (a generate call's request, or a load's policy), instead of to whoever waits on the
+        pool: a shared pool tells the run that sent it."""
+        self.on_error = on_error
         if not handles:
             raise ValueError("a generator pool needs at least one generator")
         self.settings = settings
@@ -419,12 +425,19 @@ class GeneratorPool:
                 else:
                     self._replace(call.rank, f"lost its result ({type(exc).__name__})", call)
                 return
+            except RayTaskError as exc:  # the generator raised: its caller's error, not the generator's fault
+                if self.on_error is None:
+                    raise
+                slot.mark, slot.up, self._down_since = time.monotonic(), True, None
+                self.on_error(call.request, call.expect, exc)
+                return
             slot.mark, slot.up, self._down_since = time.monotonic(), True, None
             served = value if call.request is None else (value[0][0].policy if value[0] else call.expect)
             if call.expect is not None and served != call.expect:
                 self._reload(call, served)
                 return
-            slot.wrong = 0
+            if call.expect is not None:
+                slot.wrong[call.expect.adapter] = 0
             if call.request is not None:
                 samples, started, finished = value
                 call.request.span, call.request.samples = (started, finished), samples  # span first: samples say done
@@ -456,8 +469,8 @@ class GeneratorPool:
             if call.request is not None:
                 self._reissue(call, time.monotonic())
             return
-        slot.wrong += 1
-        if slot.wrong > 2:
+        slot.wrong[adapter] += 1
+        if slot.wrong[adapter] > 2:
             self._replace(call.rank, f"reports policy {served} after reloads of {call.expect}", call)
             return
         logger.warning("generator %d serves %s, not %s: sending it %s again", call.rank, served, call.expect, self._updates[adapter][1])

@@ -14,7 +14,10 @@ rest of the run sees the generator pool's interface (``submit``, ``wait``, ``pus
   load runs on that load's weights, and the pool checks the version each sample reports). The
   engines hold ``generator.max_loras`` adapters; an attach that would need more is refused.
   A run that detaches, or is not heard from for ``detach_after_s`` (its driver killed), loses
-  its queue and its adapter; the other runs' work goes on untouched.
+  its queue and its adapter; the other runs' work is never interrupted (on a streaming pool a
+  load or a drop waits for the sequences running, as every load there does). Each attach has
+  a token, so an earlier life of a resumed run can neither detach nor feed the new one.
+  A generator's error in a run's call fails that run alone.
 - **Fair sharing.** Each run's requests wait in its own queue here and go to the generators
   a few at a time (``depth`` per generator), the next one always from the run with the least
   work served per unit of share (weighted fair queueing on token budgets: prompts × n ×
@@ -53,6 +56,7 @@ from rollout.generator import BASE_POLICY
 logger = logging.getLogger(__name__)
 
 NAMESPACE = "raylight"  # the Ray namespace the named pools live in
+HEARTBEAT_S = 5.0  # how often a run tells its pool it lives
 
 
 class PoolRefused(ValueError):
@@ -91,6 +95,7 @@ class _Run:
     queue: collections.deque = dataclasses.field(default_factory=collections.deque)
     in_flight: dict = dataclasses.field(default_factory=dict)  # job id -> job
     done: dict = dataclasses.field(default_factory=dict)  # job id -> samples, until collected
+    token: int = 0  # which attach of the run this is: a call from an earlier one (a resumed run's old driver) is refused
     charged: float = 0.0  # work served per unit of share (its virtual time)
     seen: float = dataclasses.field(default_factory=time.monotonic)
     error: tuple[str, str] | None = None  # (kind, message): raised in the run at its next call
@@ -111,10 +116,14 @@ class PoolServer:
         self.name, self.model, self.lora_rank, self.max_loras = name, model, lora_rank, max_loras
         self.detach_after_s = detach_after_s
         self.depth = depth or (8 if streaming else 2)
-        self.pool = GeneratorPool([factory(rank, False) for rank in range(num_generators)], settings, factory=factory, streaming=streaming)
+        self._failures: collections.deque = collections.deque()  # (request, policy, error) a generator raised, for _collect
+        self.pool = GeneratorPool([factory(rank, False) for rank in range(num_generators)], settings, factory=factory, streaming=streaming,
+                                  on_error=lambda request, policy, exc: self._failures.append((request, policy, exc)))  # fmt: skip
+        self.pool.started(settings.startup_s + settings.call_timeout_s)  # every engine is up before a run attaches
         self.started = time.time()
         self._runs: dict[str, _Run] = {}
         self._ids = itertools.count()
+        self._tokens = itertools.count(1)
         self._cond = threading.Condition()
         self._fatal: str | None = None
         self._closed = False
@@ -134,9 +143,9 @@ class PoolServer:
                 return {"error": ("refused", problem)}
             if tenancy.run in self._runs:
                 self._detach(tenancy.run, "attached again (resumed)")
-            self._runs[tenancy.run] = _Run(tenancy, charged=self._level())
+            state = self._runs[tenancy.run] = _Run(tenancy, token=next(self._tokens), charged=self._level())
             logger.info("pool %s: run %s attached as adapter %s (share %g), %d runs", self.name, tenancy.run, tenancy.adapter, tenancy.share, len(self._runs))
-            return {"generators": len(self.pool), "streaming": self.pool.streaming, "max_loras": self.max_loras}
+            return {"generators": len(self.pool), "streaming": self.pool.streaming, "max_loras": self.max_loras, "token": state.token}
 
     def _refusal(self, tenancy: Tenancy) -> str | None:
         if tenancy.model != self.model:
@@ -153,14 +162,16 @@ class PoolServer:
                     f"({', '.join(r.tenancy.adapter for r in others)}): this run needs one more; start the pool with a larger generator.max_loras")  # fmt: skip
         return None
 
-    def detach(self, run: str) -> None:
+    def detach(self, run: str, token: int) -> None:
         with self._cond:
-            self._detach(run, "detached")
+            state = self._runs.get(run)
+            if state is not None and state.token == token:  # an earlier attach's driver leaving does not detach the run's new life
+                self._detach(run, "detached")
 
-    def submit(self, run: str, requests: list[tuple[list[Prompt], SamplingSettings, str | None]]) -> list[int] | dict:
+    def submit(self, run: str, token: int, requests: list[tuple[list[Prompt], SamplingSettings, str | None]]) -> list[int] | dict:
         """Queue ``run``'s requests; their ids (collected with ``collect``)."""
         with self._cond:
-            state = self._touch(run)
+            state = self._touch(run, token)
             if not isinstance(state, _Run):
                 return state
             if not state.queue and not state.in_flight:
@@ -173,13 +184,14 @@ class PoolServer:
             self._cond.notify_all()
             return ids
 
-    def collect(self, run: str, ids: list[int], timeout: float) -> dict:
-        """The samples of those of ``ids`` that are done, waiting up to ``timeout`` seconds for
-        one when none is: ``{"done": {id: samples}}`` or ``{"error": ...}``."""
+    def collect(self, run: str, token: int, ids: list[int], timeout: float) -> dict:
+        """The samples (and engine spans) of those of ``ids`` that are done, waiting up to
+        ``timeout`` seconds for one when none is: ``{"done": {id: (samples, span)}}``, or
+        ``{"error": ...}`` (one of them failed on its generator, or the run's pool failed)."""
         deadline = time.monotonic() + timeout
         with self._cond:
             while True:
-                state = self._touch(run)
+                state = self._touch(run, token)
                 if not isinstance(state, _Run):
                     return state
                 done = {i: state.done.pop(i) for i in ids if i in state.done}
@@ -187,24 +199,24 @@ class PoolServer:
                     return {"done": done}
                 self._cond.wait(timeout=max(0.0, min(1.0, deadline - time.monotonic())))
 
-    def push(self, run: str, update: list, policy: PolicyRef) -> dict:
+    def push(self, run: str, token: int, update: list, policy: PolicyRef) -> dict:
         """``run``'s new weights (the update's reference inside a list, so that it travels
         unfetched) to every generator, behind the work each holds."""
-        with self._cond:
-            state = self._touch(run)
+        with self._cond:  # held while sending: a detach cannot slip in between and leave the adapter behind
+            state = self._touch(run, token)
             if not isinstance(state, _Run):
                 return state
             if policy.adapter != state.tenancy.adapter:
                 return {"error": ("refused", f"run {run} serves as adapter {state.tenancy.adapter}, not {policy.adapter}")}
-        self.pool.push(update[0], policy, collect=False)
+            self.pool.push(update[0], policy, collect=False)
         return {}
 
-    def confirm(self, run: str, timeout: float) -> dict:
+    def confirm(self, run: str, token: int, timeout: float) -> dict:
         """Whether every generator up has loaded ``run``'s newest weights (waiting up to ``timeout``)."""
         deadline = time.monotonic() + timeout
         while True:
             with self._cond:
-                state = self._touch(run)
+                state = self._touch(run, token)
                 if not isinstance(state, _Run):
                     return state
                 loading = self.pool.loading(state.tenancy.adapter)
@@ -212,10 +224,11 @@ class PoolServer:
                     return {"confirmed": not loading}
                 self._cond.wait(timeout=0.2)
 
-    def beat(self, run: str) -> bool:
-        """A sign of life; False if the pool no longer knows ``run`` (it was detached)."""
+    def beat(self, run: str, token: int) -> bool:
+        """A sign of life; False if the pool no longer knows ``run`` (it was detached). An
+        error waiting for the run stays for its next call."""
         with self._cond:
-            return isinstance(self._touch(run), _Run)
+            return isinstance(self._touch(run, token, consume=False), _Run)
 
     def metrics(self, run: str, since: float, until: float) -> dict[str, float]:
         """``run``'s figures on the pool over [since, until] (wall clock), under ``pool/<adapter>/``."""
@@ -244,10 +257,18 @@ class PoolServer:
         return self.pool.handles
 
     def status(self) -> dict:
-        """What ``raylight pool status`` prints: the generators and the adapters each serves,
-        and each run's queue, share and figures over the last minute."""
+        """What ``raylight pool status`` prints: the generators and the adapters each serves
+        (None: it did not answer within 10 s, busy with a long call or starting), and each
+        run's queue, share and figures over the last minute."""
         now = time.time()
-        adapters = ray.get([h.adapters.remote() for h in self.pool.handles], timeout=30)
+        refs = [h.adapters.remote() for h in self.pool.handles]
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=10)
+        adapters = []
+        for ref in refs:
+            try:
+                adapters.append(ray.get(ref) if ref in ready else None)
+            except Exception:  # noqa: BLE001 - a generator being replaced
+                adapters.append(None)
         with self._cond:
             runs = {run: {"adapter": r.tenancy.adapter, "share": r.tenancy.share, "queued": len(r.queue), "in_flight": len(r.in_flight),
                           "seen_seconds_ago": round(time.monotonic() - r.seen, 1), **self.metrics(run, now - 60, now)}
@@ -255,7 +276,8 @@ class PoolServer:
             busy = self.pool.busy_seconds(now - 60, now) / (60 * len(self.pool))
         return {
             "name": self.name, "model": self.model, "max_loras": self.max_loras, "uptime_seconds": round(now - self.started),
-            "generators": [{"rank": rank, "adapters": {a: p.version for a, p in served.items()}, "outstanding": self.pool.outstanding(rank)} for rank, served in enumerate(adapters)],
+            "generators": [{"rank": rank, "adapters": None if served is None else {a: p.version for a, p in served.items()}, "outstanding": self.pool.outstanding(rank)}
+                           for rank, served in enumerate(adapters)],
             "busy_fraction_last_minute": round(busy, 3), "runs": runs, "stats": dict(self.pool.stats), "lost": self._fatal,
         }  # fmt: skip
 
@@ -290,10 +312,19 @@ class PoolServer:
                 self._expire()
 
     def _collect(self) -> None:
+        while self._failures:  # a generator raised in a run's call: that run is told (its next call raises)
+            request, policy, exc = self._failures.popleft()
+            message = str(exc).strip().splitlines()[-1][:500] if str(exc).strip() else type(exc).__name__
+            for state in self._runs.values():
+                if (request is not None and any(j.request is request for j in state.in_flight.values())) or (request is None and policy is not None and policy.adapter == state.tenancy.adapter):
+                    what = "a generate call" if request is not None else f"loading {policy}"
+                    state.error = ("failed", f"the shared pool's generator failed in {what} of this run: {message}")
+                    state.in_flight = {i: j for i, j in state.in_flight.items() if j.request is not request}
+            self._cond.notify_all()
         for state in self._runs.values():
             for job in [j for j in state.in_flight.values() if j.request.samples is not None]:
                 del state.in_flight[job.id]
-                state.done[job.id] = job.request.samples
+                state.done[job.id] = (job.request.samples, job.request.span)
                 if job.request.span is not None:
                     state.spans.append(job.request.span)
                 self._cond.notify_all()
@@ -301,7 +332,8 @@ class PoolServer:
     def _dispatch(self) -> None:
         """Fill every generator up to ``depth`` requests, each time from the run with the
         least work served per unit of share among those with work and room in flight."""
-        for rank in range(len(self.pool)):
+        up = [rank for rank, slot in enumerate(self.pool.slots) if slot.up]
+        for rank in up or range(len(self.pool)):  # a replacement still starting takes work once up (unless none is)
             while self.pool.outstanding(rank) < self.depth:
                 ready = [s for s in self._runs.values() if s.queue and len(s.in_flight) < s.tenancy.max_in_flight]
                 if not ready:
@@ -322,18 +354,28 @@ class PoolServer:
     # -- helpers (under the lock) ----------------------------------------------------------
 
     def _level(self) -> float:
-        """The least work-per-share among the runs with work: where a run (re)entering starts."""
-        active = [s.charged for s in self._runs.values() if s.queue or s.in_flight]
-        return min(active) if active else max((s.charged for s in self._runs.values()), default=0.0)
+        """Where a run (re)entering starts: the least work-per-share among the runs served now
+        (work queued and room in flight; a run held back by its in-flight limit lags without
+        banking anything for the others), else among those with work, else the most any run has."""
+        runs = self._runs.values()
+        for level in ([s.charged for s in runs if s.queue and len(s.in_flight) < s.tenancy.max_in_flight], [s.charged for s in runs if s.queue or s.in_flight]):
+            if level:
+                return min(level)
+        return max((s.charged for s in runs), default=0.0)
 
-    def _touch(self, run: str) -> _Run | dict:
+    def _touch(self, run: str, token: int | None = None, consume: bool = True) -> _Run | dict:
+        """``run``'s state, seen now; or the error its call gets: the pool failed, the run is
+        not (or no longer, or under another attach) served, or an error waits for it (kept,
+        unless ``consume``)."""
+        if self._fatal:
+            return {"error": ("lost", self._fatal)}
         state = self._runs.get(run)
-        if state is None:
-            if self._fatal:
-                return {"error": ("lost", self._fatal)}
-            return {"error": ("detached", f"pool {self.name!r} no longer serves run {run} (it was detached): attach again")}
+        if state is None or (token is not None and state.token != token):
+            return {"error": ("detached", f"pool {self.name!r} no longer serves this attach of run {run} (it was detached, or attached again): resume the run")}
         state.seen = time.monotonic()
         if state.error is not None:
+            if not consume:
+                return state
             error, state.error = state.error, None
             return {"error": error}
         return state
@@ -366,7 +408,7 @@ def _union(spans, since: float, until: float) -> float:
 
 def pool_server_actor():
     """The pool's actor class: detached and named by the caller (``.options``), many calls at once."""
-    return ray.remote(num_cpus=0, max_restarts=0, max_concurrency=64)(PoolServer)
+    return ray.remote(num_cpus=0, max_restarts=0, max_concurrency=256)(PoolServer)
 
 
 def find_pool(name: str):
@@ -382,10 +424,10 @@ class PoolClient:
     producer, the evaluation and the weight broadcast call). Samples come back under the
     run's own adapter name; a heartbeat thread keeps the run attached while it lives."""
 
-    def __init__(self, server, tenancy: Tenancy, beat_s: float = 5.0):
+    def __init__(self, server, tenancy: Tenancy, beat_s: float = HEARTBEAT_S):
         self.server, self.tenancy = server, tenancy
         info = self._call(server.attach.remote(tenancy))
-        self._size, self.streaming = info["generators"], info["streaming"]
+        self._size, self.streaming, self._token = info["generators"], info["streaming"], info["token"]
         self.asleep = False
         self.stats = dict.fromkeys(("faults/generator_restarts", "faults/requests_reissued", "faults/generator_seconds_lost", "faults/weight_reloads"), 0.0)
         self._local: str | None = None  # the adapter name the run's own policies carry
@@ -414,13 +456,15 @@ class PoolClient:
                 raise WeightUpdateLost(message, self.tenancy.adapter)
             if kind == "refused":
                 raise PoolRefused(message)
+            if kind == "failed":
+                raise RuntimeError(message)
             raise GeneratorsLost(message)
         return answer
 
     def _beating(self, every: float) -> None:
         while not self._stop.wait(every):
             try:
-                ray.get(self.server.beat.remote(self.tenancy.run), timeout=30)
+                ray.get(self.server.beat.remote(self.tenancy.run, self._token), timeout=30)
             except Exception:  # noqa: BLE001 - the next call to the pool tells the run
                 logger.warning("heartbeat to the generator pool failed", exc_info=True)
 
@@ -438,7 +482,7 @@ class PoolClient:
         chunks = [prompts[i * size : (i + 1) * size] for i in range(self._size)]
         adapter = self._adapter(policy)
         requests = [Request(chunk, dataclasses.replace(sampling, seed=None if sampling.seed is None else sampling.seed + k), adapter) for k, chunk in enumerate(chunks) if chunk]
-        ids = self._call(self.server.submit.remote(self.tenancy.run, [(r.prompts, r.sampling, r.adapter) for r in requests]))
+        ids = self._call(self.server.submit.remote(self.tenancy.run, self._token, [(r.prompts, r.sampling, r.adapter) for r in requests]))
         with self._lock:
             self._pending.update(zip(ids, requests))
         return requests
@@ -456,12 +500,12 @@ class PoolClient:
         if not ids:
             time.sleep(min(timeout, 0.05))
             return
-        done = self._call(self.server.collect.remote(self.tenancy.run, ids, timeout))["done"]
+        done = self._call(self.server.collect.remote(self.tenancy.run, self._token, ids, timeout))["done"]
         with self._lock:
-            for i, samples in done.items():
+            for i, (samples, span) in done.items():
                 request = self._pending.pop(i, None)
                 if request is not None:
-                    request.samples = [self._local_sample(s) for s in samples]
+                    request.span, request.samples = span, [self._local_sample(s) for s in samples]
 
     def _local_sample(self, sample: Sample) -> Sample:
         if sample.policy.adapter != self.tenancy.adapter or self._local is None:
@@ -480,17 +524,19 @@ class PoolClient:
         return self._call(self.server.busy_seconds.remote(since, until))
 
     def metrics(self, since: float, until: float) -> dict[str, float]:
-        """This run's figures on the pool (``pool/<adapter>/...``)."""
+        """This run's figures on the pool (``pool/<adapter>/...``); ``stats`` takes the pool's
+        fault counters (all its runs' together: a replaced generator held every run's work)."""
+        self.stats.update(self._call(self.server.stats.remote()))
         return self._call(self.server.metrics.remote(self.tenancy.run, since, until))
 
     # -- weights ----------------------------------------------------------------------------
 
     def push(self, update: ray.ObjectRef, policy: PolicyRef) -> None:
         self._local = policy.adapter
-        self._call(self.server.push.remote(self.tenancy.run, [update], PolicyRef(self.tenancy.adapter, policy.version)))
+        self._call(self.server.push.remote(self.tenancy.run, self._token, [update], PolicyRef(self.tenancy.adapter, policy.version)))
 
     def confirm(self) -> None:
-        while not self._call(self.server.confirm.remote(self.tenancy.run, 5.0))["confirmed"]:
+        while not self._call(self.server.confirm.remote(self.tenancy.run, self._token, 5.0))["confirmed"]:
             pass
 
     def broadcast(self, update: ray.ObjectRef, policy: PolicyRef) -> None:
@@ -509,6 +555,6 @@ class PoolClient:
         """Detach: the pool drops this run's queue and adapter, and goes on for the others."""
         self._stop.set()
         try:
-            ray.get(self.server.detach.remote(self.tenancy.run), timeout=30)
+            ray.get(self.server.detach.remote(self.tenancy.run, self._token), timeout=30)
         except Exception:  # noqa: BLE001 - a pool already gone has nothing to drop
             logger.warning("could not detach from the generator pool", exc_info=True)

@@ -90,19 +90,26 @@ def test_runs_get_their_own_adapters_and_a_fair_share(pool, tiny_model_path):
         assert [s.completion.token_ids for s in mine] == [s.completion.token_ids for s in base]
         assert [s.completion.token_ids for s in theirs] != [s.completion.token_ids for s in base]
 
-        # one run queues 10x the other's work at once, the other comes just after: it is
-        # served within the first few calls, not behind all ten
-        heavy = [plain.submit(PROMPTS, GREEDY)[0] for _ in range(10)]
-        light = noisy.submit(PROMPTS, GREEDY)[0]
+        # one run queues 10x the other's work, the other comes just after: its call starts on
+        # the engine within the first few, not behind all ten (first come, first served)
+        long = SamplingSettings(n=1, temperature=0.0, top_p=1.0, max_tokens=64, min_tokens=64)
+        heavy = [plain.submit(PROMPTS, long)[0] for _ in range(10)]
+        light = noisy.submit(PROMPTS, long)[0]
         noisy.result(light)
-        finished = sum(r.samples is not None for r in plain.wait(heavy, 0.0))
-        assert finished <= 4, f"{finished} of the heavy run's 10 calls ran before the light run's one"
         for request in heavy:
             plain.result(request)
+        before = sum(r.span[0] < light.span[0] for r in heavy)
+        assert before <= 4, f"{before} of the heavy run's 10 calls started before the light run's one"
         now = time.time()
         light_metrics, heavy_metrics = noisy.metrics(now - 120, now), plain.metrics(now - 120, now)
         assert light_metrics["pool/noisy/wait_seconds"] < heavy_metrics["pool/plain/wait_seconds"]
         assert 0 < light_metrics["pool/noisy/busy_share"] < heavy_metrics["pool/plain/busy_share"]
+
+        # a call the engine refuses (a prompt past max_model_len) fails its own run, not the pool
+        too_long = [Prompt(PROBLEM, "q", tuple(range(1, 300)))]
+        with pytest.raises(RuntimeError, match="failed in a generate call"):
+            noisy.generate(too_long, GREEDY)
+        assert {s.policy for s in plain.generate(PROMPTS, GREEDY)} == {PolicyRef("policy", 3)}
 
         # a run that leaves takes its adapter with it; the other goes on
         noisy.kill()
@@ -119,7 +126,7 @@ def test_three_runs_share_a_pool_and_one_killed_leaves_the_others_unharmed(ray_c
     the first is SIGKILLed once it has trained a step (mid-run: it was to train 50). The other two finish every step, with
     no generator fault, and the killed run's adapter leaves the pool once it is not heard from."""
     name = f"test-{uuid.uuid4().hex[:6]}"
-    server = start_pool(pool_config(tiny_model_path, "generator.max_loras=3"), tiny_model_path, name, detach_after_s=10.0)
+    server = start_pool(pool_config(tiny_model_path, "generator.max_loras=3"), tiny_model_path, name, detach_after_s=15.0)
     drivers = {}
     try:
         for run in ("killed", "a", "b"):
@@ -138,7 +145,7 @@ def test_three_runs_share_a_pool_and_one_killed_leaves_the_others_unharmed(ray_c
             rows = [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
             steps = [r for r in rows if "train/reward_mean" in r]
             assert [r["step"] for r in steps] == [1, 2, 3]
-            assert all(r.get("faults/generator_restarts", 0) == 0 and r.get("faults/requests_reissued", 0) == 0 for r in steps)
+            assert all(r["faults/generator_restarts"] == 0 and r["faults/requests_reissued"] == 0 for r in steps)
             assert any(k.startswith("pool/") and k.endswith("/busy_share") for k in steps[-1])
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
@@ -147,6 +154,7 @@ def test_three_runs_share_a_pool_and_one_killed_leaves_the_others_unharmed(ray_c
                 break
             time.sleep(1)
         assert not any(run.endswith("killed") for run in status["runs"])
+        assert status["stats"]["faults/generator_restarts"] == 0 and status["stats"]["faults/requests_reissued"] == 0
         assert not any(a.startswith("killed-") for g in status["generators"] for a in g["adapters"])
     finally:
         for driver in drivers.values():

@@ -23,7 +23,7 @@ import numpy as np
 import ray
 
 from actors.generator import GeneratorPool, generator_actor
-from actors.pool import NAMESPACE, PoolClient, Tenancy, find_pool, pool_actor_name, pool_server_actor
+from actors.pool import HEARTBEAT_S, NAMESPACE, PoolClient, Tenancy, find_pool, pool_actor_name, pool_server_actor
 from actors.learner import LearnerGroup
 from actors.reward_models import RewardServices
 from actors.tools import ToolPool
@@ -66,7 +66,7 @@ def init_ray(config: Config) -> None:
         ray.init(address="auto", log_to_driver=True)
         return
     if config.generator.pool:  # a shared pool runs on a cluster that outlives its runs: join it
-        join_cluster()
+        join_cluster(log_to_driver=True)
         return
     dashboard = config.cluster.dashboard
     context = ray.init(num_cpus=config.run.num_cpus, include_dashboard=dashboard, dashboard_host="127.0.0.1", log_to_driver=True)
@@ -74,14 +74,14 @@ def init_ray(config: Config) -> None:
         logger.info("Ray dashboard: http://%s (turn it off with --no-dashboard)", context.dashboard_url)
 
 
-def join_cluster(config: Config | None = None, start: bool = False) -> None:
+def join_cluster(config: Config | None = None, start: bool = False, log_to_driver: bool = False) -> None:
     """Join the running Ray cluster (``RAY_ADDRESS``, else the one started on this machine);
     with ``start``, start one on this machine when none runs (``ray start --head``), which
     outlives this process: a pool must outlive the command that started it."""
     if ray.is_initialized():
         return
     try:
-        ray.init(address=os.environ.get("RAY_ADDRESS", "auto"), namespace=NAMESPACE, log_to_driver=False)
+        ray.init(address=os.environ.get("RAY_ADDRESS", "auto"), namespace=NAMESPACE, log_to_driver=log_to_driver)
         return
     except ConnectionError:
         if not start:
@@ -90,7 +90,7 @@ def join_cluster(config: Config | None = None, start: bool = False) -> None:
     cpus = (config.run.num_cpus if config is not None and config.run.num_cpus else None) or os.cpu_count() or 1
     logger.info("no Ray cluster runs here: starting one on this machine (`ray stop` stops it)")
     subprocess.run([ray_cli, "start", "--head", f"--num-cpus={cpus}", "--include-dashboard=false", "--disable-usage-stats"], check=True, capture_output=True)
-    ray.init(address="auto", namespace=NAMESPACE, log_to_driver=False)
+    ray.init(address="auto", namespace=NAMESPACE, log_to_driver=log_to_driver)
 
 
 def generator_env(config: Config) -> dict[str, str]:
@@ -168,8 +168,11 @@ def start_pool(config: Config, model_path: str, name: str, detach_after_s: float
         raise ConfigError(f"a shared pool serves LoRA adapters on one base model: model.train must be lora, not {config.model.train}")
     if config.generator.adapter_mode == "merged" or config.generator.engine != "vllm":
         raise ConfigError("a shared pool holds several adapters at once, which only vLLM does as LoRAs: set generator.engine=vllm and generator.adapter_mode=lora (or auto)")
+    if detach_after_s < 3 * HEARTBEAT_S:
+        raise ConfigError(f"a pool's detach_after_s ({detach_after_s:g}) must be at least {3 * HEARTBEAT_S:g} s: runs send a heartbeat every {HEARTBEAT_S:g} s")
+    # a pool's generators serve several runs: never asleep, and one run's update never interrupts the others' sequences
     g = dataclasses.replace(config.generator, adapter_mode="lora", pool=None, sleep_mode=False)
-    config = dataclasses.replace(config, generator=g)
+    config = dataclasses.replace(config, generator=g, rollout=dataclasses.replace(config.rollout, partial=False))
     streaming = engine_settings(config).serving == "stream"
     factory = functools.partial(_pool_generator, config, model_path)
     server = pool_server_actor().options(name=pool_actor_name(name), namespace=NAMESPACE, lifetime="detached")
