@@ -83,6 +83,9 @@ class Generator(generator.Generator):
         return ray.get(bucket)
 
 
+# calls in a row a shared pool's generator may fail before it is taken for broken and replaced
+ERRORS_IN_A_ROW = 3
+
 # a streaming generator's calls at once: each generate call holds a thread until its samples are
 # done (a multi-turn run has one call per due turn); a call past it waits in Ray's queue
 STREAM_CONCURRENCY = 1024
@@ -117,7 +120,6 @@ class Request:
     adapter: str | None
     samples: list[Sample] | None = None
     span: tuple[float, float] | None = None  # when its engine work started and finished (wall clock)
-    error: str | None = None  # a shared pool: the generator's call failed (what the run is told)
 
 
 @dataclasses.dataclass(eq=False)
@@ -147,6 +149,7 @@ class _Slot:
     dormant: bool = False  # started asleep and not woken since: no engine yet, nothing can be loaded
     calls: int = 0  # calls sent to its actor: the next one's number (``seq``), the order a streaming one runs them in
     loaded: dict[str, float] = dataclasses.field(default_factory=dict)  # when each adapter's newest load was sent to it
+    errors: int = 0  # calls in a row that raised (a shared pool's: the caller is told; past ERRORS_IN_A_ROW it is replaced)
 
     def number(self) -> int:
         self.calls += 1
@@ -425,13 +428,20 @@ class GeneratorPool:
                 else:
                     self._replace(call.rank, f"lost its result ({type(exc).__name__})", call)
                 return
-            except RayTaskError as exc:  # the generator raised: its caller's error, not the generator's fault
+            except RayTaskError as exc:  # the generator raised: its caller's error, or its engine is broken
                 if self.on_error is None:
                     raise
                 slot.mark, slot.up, self._down_since = time.monotonic(), True, None
-                self.on_error(call.request, call.expect, exc)
+                slot.errors += 1
+                stale = call.request is None and call.expect is not None and self._updates.get(call.expect.adapter, (None,))[0] is not call.update
+                if stale:  # an older load of the adapter (a newer one follows): nothing to tell its run
+                    logger.info("generator %d: an older load of %s failed: %s", call.rank, call.expect, exc)
+                else:
+                    self.on_error(call.request, call.expect, exc)
+                if slot.errors >= ERRORS_IN_A_ROW:  # several calls failed in a row: the engine, not the callers
+                    self._replace(call.rank, f"failed {slot.errors} calls in a row ({type(exc).__name__})")
                 return
-            slot.mark, slot.up, self._down_since = time.monotonic(), True, None
+            slot.mark, slot.up, self._down_since, slot.errors = time.monotonic(), True, None, 0
             served = value if call.request is None else (value[0][0].policy if value[0] else call.expect)
             if call.expect is not None and served != call.expect:
                 self._reload(call, served)

@@ -78,6 +78,7 @@ class Tenancy:
     lora_rank: int
     share: float = 1.0  # its weight in the fair share
     max_in_flight: int = 4  # its requests on the generators at once
+    needs_base: bool = False  # it asks for the base model beside its adapter (a Markovian baseline)
 
 
 @dataclasses.dataclass(eq=False)
@@ -108,9 +109,10 @@ class PoolServer:
     (a threaded actor), and one thread of its own collects results, checks the generators'
     deadlines, dispatches queued work and detaches runs not heard from."""
 
-    def __init__(self, name: str, model: str, lora_rank: int, max_loras: int, factory: Callable[[int, bool], object], num_generators: int,
+    def __init__(self, name: str, model: str, lora_rank: int, max_loras: int | None, factory: Callable[[int, bool], object], num_generators: int,
                  settings: GeneratorPoolSettings, streaming: bool, detach_after_s: float = 60.0, depth: int = 0):  # fmt: skip
         """``factory(rank, asleep)`` starts generator ``rank`` (and its replacements);
+        ``max_loras``: the runs its engines hold at once (None: no limit, adapters merged in per call);
         ``depth``: requests outstanding per generator (0: 2 for batch generators, so the next
         is queued while one runs, 8 streaming)."""
         self.name, self.model, self.lora_rank, self.max_loras = name, model, lora_rank, max_loras
@@ -152,12 +154,14 @@ class PoolServer:
             return f"pool {self.name!r} serves model {self.model}, and this run trains {tenancy.model}: a run must train the pool's base model"
         if tenancy.lora_rank > self.lora_rank:
             return f"pool {self.name!r} serves adapters up to LoRA rank {self.lora_rank}, and this run's lora.rank is {tenancy.lora_rank}"
+        if tenancy.needs_base and self.max_loras is None:
+            return f"pool {self.name!r} merges each run's adapter into the weights, so it cannot serve the base model this run asks for: attach it to a pool started with generator.adapter_mode=lora"
         if tenancy.share <= 0 or tenancy.max_in_flight < 1:
             return f"generator.share must be > 0 and generator.max_in_flight >= 1 (got {tenancy.share}, {tenancy.max_in_flight})"
         others = [r for r in self._runs.values() if r.tenancy.run != tenancy.run]
         if any(r.tenancy.adapter == tenancy.adapter for r in others):
             return f"pool {self.name!r} already serves adapter {tenancy.adapter!r} for another run: give this run another run.run_dir"
-        if len(others) + 1 > self.max_loras:
+        if self.max_loras is not None and len(others) + 1 > self.max_loras:
             return (f"pool {self.name!r} holds {self.max_loras} adapters (its generator.max_loras) and serves {len(others)} runs "
                     f"({', '.join(r.tenancy.adapter for r in others)}): this run needs one more; start the pool with a larger generator.max_loras")  # fmt: skip
         return None
@@ -315,6 +319,8 @@ class PoolServer:
         while self._failures:  # a generator raised in a run's call: that run is told (its next call raises)
             request, policy, exc = self._failures.popleft()
             message = str(exc).strip().splitlines()[-1][:500] if str(exc).strip() else type(exc).__name__
+            if request is None and policy is None:  # dropping a left run's adapter
+                logger.warning("pool %s: a generator failed to drop an adapter: %s", self.name, message)
             for state in self._runs.values():
                 if (request is not None and any(j.request is request for j in state.in_flight.values())) or (request is None and policy is not None and policy.adapter == state.tenancy.adapter):
                     what = "a generate call" if request is not None else f"loading {policy}"

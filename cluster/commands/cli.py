@@ -98,7 +98,8 @@ def _sweep(args: argparse.Namespace) -> int:
     codes = sweep(args.config, grid, out, args.pool, args.ray_jobs, list(args.overrides))
     for name, code in codes.items():
         print(f"{name}: exit code {code}")
-    return ExitCode.OK if all(code == 0 for code in codes.values()) else max(codes.values())
+    failed = [code for code in codes.values() if code != 0]
+    return ExitCode.OK if not failed else (failed[0] if failed[0] > 0 else ExitCode.FAULTS)  # a run killed by a signal: a negative code
 
 
 def _score(args: argparse.Namespace) -> int:

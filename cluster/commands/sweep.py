@@ -36,11 +36,12 @@ def parse_grid(items: list[str]) -> dict[str, list[str]]:
     for item in items:
         key, sep, values = item.partition("=")
         parts = [v.strip() for v in values.split(",")]
-        if not sep or not key.strip() or not all(parts):
+        key = key.strip()
+        if not sep or not key or not all(parts):
             raise ValueError(f"--grid {item!r}: write key=value1,value2 (a dotted config key and comma-separated values)")
         if key in grid:
             raise ValueError(f"--grid names {key} twice")
-        grid[key.strip()] = parts
+        grid[key] = parts
     return grid
 
 
@@ -64,6 +65,7 @@ def train_argv(config: str, run: SweepRun, out: Path, pool: str | None, extra: l
 def sweep(config: str, grid: dict[str, list[str]], out: Path, pool: str | None = None, ray_jobs: bool = False, extra: list[str] = ()) -> dict[str, int]:
     """Run the grid (see the module docstring); each run's exit code, by name."""
     runs = expand(grid)
+    config, out = str(Path(config).resolve()), out.resolve()  # a Ray job runs elsewhere: the paths must not depend on where
     out.mkdir(parents=True, exist_ok=True)
     started_pool = _ensure_pool(config, pool, len(runs), list(extra)) if pool else False
     try:
@@ -78,6 +80,8 @@ def sweep(config: str, grid: dict[str, list[str]], out: Path, pool: str | None =
         from cluster.commands.report import write_comparison
 
         print(write_comparison(finished, out))
+    else:
+        logger.warning("sweep: no run wrote metrics under %s (Ray jobs write on the node they ran on: compare them with `raylight report` there)", out)
     return codes
 
 
@@ -108,19 +112,28 @@ def _ensure_pool(config: str, name: str, runs: int, extra: list[str]) -> bool:
 def _local(config: str, runs: list[SweepRun], out: Path, pool: str | None, extra: list[str]) -> dict[str, int]:
     """Each run as a driver process here, all at once; their exit codes once all have ended."""
     raylight = [sys.executable, "-m", "cluster.commands.cli"]
-    processes = {}
-    for run in runs:
-        argv = raylight + train_argv(config, run, out, pool, extra)[1:]
-        log = open(out / f"{run.name}.log", "w")
-        processes[run.name] = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        logger.info("sweep: started %s (log %s)", run.name, log.name)
+    processes, logs = {}, []
     codes = {}
-    while len(codes) < len(processes):
-        for name, process in processes.items():
-            if name not in codes and process.poll() is not None:
-                codes[name] = process.returncode
-                logger.info("sweep: %s ended with exit code %d (%d of %d)", name, process.returncode, len(codes), len(processes))
-        time.sleep(1.0)
+    try:
+        for run in runs:
+            argv = raylight + train_argv(config, run, out, pool, extra)[1:]
+            logs.append(open(out / f"{run.name}.log", "w"))
+            processes[run.name] = subprocess.Popen(argv, stdout=logs[-1], stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+            logger.info("sweep: started %s (log %s)", run.name, logs[-1].name)
+        while len(codes) < len(processes):
+            for name, process in processes.items():
+                if name not in codes and process.poll() is not None:
+                    codes[name] = process.returncode
+                    logger.info("sweep: %s ended with exit code %d (%d of %d)", name, process.returncode, len(codes), len(processes))
+            time.sleep(1.0)
+    finally:  # interrupted: the runs stop with it (each checkpoints as a stopped run does)
+        for process in processes.values():
+            if process.poll() is None:
+                process.terminate()
+        for process in processes.values():
+            process.wait()
+        for log in logs:
+            log.close()
     return codes
 
 

@@ -162,21 +162,25 @@ def _pool_generator(config: Config, model_path: str, rank: int, asleep: bool):
 
 def start_pool(config: Config, model_path: str, name: str, detach_after_s: float = 60.0):
     """A shared generator pool named ``name``: a detached actor that outlives this process,
-    with ``config``'s generators serving its runs' adapters as LoRAs (``actors.pool``).
-    Returns its actor once every engine is up."""
+    with ``config``'s generators serving its runs' adapters (``actors.pool``): as LoRAs side
+    by side on GPUs (``generator.adapter_mode`` auto or lora, at most ``generator.max_loras``
+    runs), merged in per call on CPUs (auto or merged; no limit but host memory). Returns its
+    actor once every engine is up."""
     if config.model.train != "lora":
         raise ConfigError(f"a shared pool serves LoRA adapters on one base model: model.train must be lora, not {config.model.train}")
-    if config.generator.adapter_mode == "merged" or config.generator.engine != "vllm":
-        raise ConfigError("a shared pool holds several adapters at once, which only vLLM does as LoRAs: set generator.engine=vllm and generator.adapter_mode=lora (or auto)")
+    if config.generator.engine != "vllm":
+        raise ConfigError("a shared pool holds several adapters at once, which only the vLLM engine does: set generator.engine=vllm")
     if detach_after_s < 3 * HEARTBEAT_S:
         raise ConfigError(f"a pool's detach_after_s ({detach_after_s:g}) must be at least {3 * HEARTBEAT_S:g} s: runs send a heartbeat every {HEARTBEAT_S:g} s")
     # a pool's generators serve several runs: never asleep, and one run's update never interrupts the others' sequences
-    g = dataclasses.replace(config.generator, adapter_mode="lora", pool=None, sleep_mode=False)
+    g = dataclasses.replace(config.generator, pool=None, sleep_mode=False)
     config = dataclasses.replace(config, generator=g, rollout=dataclasses.replace(config.rollout, partial=False))
     streaming = engine_settings(config).serving == "stream"
     factory = functools.partial(_pool_generator, config, model_path)
     server = pool_server_actor().options(name=pool_actor_name(name), namespace=NAMESPACE, lifetime="detached")
-    server = server.remote(name, model_path, config.lora.rank, g.max_loras, factory, g.num_generators, g, streaming, detach_after_s)
+    mode = engine_settings(config).adapter_mode
+    lora = mode == "lora" or (mode == "auto" and g.num_gpus > 0)  # as each engine picks by its device
+    server = server.remote(name, model_path, config.lora.rank, g.max_loras if lora else None, factory, g.num_generators, g, streaming, detach_after_s)
     try:
         ray.get(server.status.remote(), timeout=g.startup_s + g.call_timeout_s)
     except BaseException:
@@ -191,7 +195,8 @@ def attach_pool(config: Config, model_path: str) -> PoolClient:
     g = config.generator
     run_dir = os.path.abspath(config.run.run_dir)
     adapter = f"{os.path.basename(run_dir)}-{hashlib.sha1(run_dir.encode()).hexdigest()[:6]}"
-    tenancy = Tenancy(run_dir, adapter, model_path, config.lora.rank, g.share, g.max_in_flight)
+    needs_base = config.markovian.enabled and config.markovian.baseline  # its frozen model writes beside the policy
+    tenancy = Tenancy(run_dir, adapter, model_path, config.lora.rank, g.share, g.max_in_flight, needs_base)
     return PoolClient(find_pool(g.pool), tenancy)
 
 
