@@ -182,6 +182,7 @@ class PoolServer:
                 state.charged = max(state.charged, self._level())  # an idle run banks no credit
             ids = []
             for prompts, sampling, adapter in requests:
+                adapter = BASE_POLICY.adapter if adapter == BASE_POLICY.adapter else state.tenancy.adapter  # a run's calls run on its own adapter
                 job = _Job(next(self._ids), Request(prompts, sampling, adapter), float(len(prompts) * sampling.n * sampling.max_tokens))
                 state.queue.append(job)
                 ids.append(job.id)

@@ -86,10 +86,26 @@ def test_runs_get_their_own_adapters_and_a_fair_share(ray_cluster, tiny_model_pa
         assert ids(theirs) != ids(mine)  # the noisy run's adapter changes the text
         if mode == "merged":  # swapped back in, the zero adapter gives its text again
             assert ids(plain.generate(PROMPTS, GREEDY)) == ids(mine)
-            third = PoolClient(server, tenancy(tiny_model_path, "third"))  # no limit but host memory
-            third.kill()
+            # no limit but host memory; shares 1 : 3 give about three calls to one
+            one = PoolClient(server, tenancy(tiny_model_path, "one", share=1.0, max_in_flight=8))
+            three = PoolClient(server, tenancy(tiny_model_path, "three", share=3.0, max_in_flight=8))
             plain.kill()
             noisy.kill()
+            for client in (one, three):
+                client.broadcast(ray.put(adapter_update(policy, 1, 0.0)), PolicyRef("policy", 1))
+            queued = {run: ray.get(server.submit.remote(run, client._token, [(PROMPTS, GREEDY, run)] * 8)) for run, client in (("one", one), ("three", three))}
+            starts = []
+            for run, client in (("one", one), ("three", three)):
+                waiting = list(queued[run])
+                while waiting:
+                    done = ray.get(server.collect.remote(run, client._token, waiting, 30.0))["done"]
+                    starts += [(span[0], run) for _, span in done.values()]
+                    waiting = [i for i in waiting if i not in done]
+            order = [run for _, run in sorted(starts)]
+            after = order[order.index("three") :][:10]
+            assert after.count("three") >= 7, order
+            one.kill()
+            three.kill()
             return
         with pytest.raises(PoolRefused, match="max_loras"):
             PoolClient(server, tenancy(tiny_model_path, "third"))

@@ -87,6 +87,31 @@ def test_a_call_joins_the_running_batch_and_returns_before_it(served):
     assert long_out["at"] > done
 
 
+def test_a_call_for_another_adapter_waits_where_adapters_cannot_share_a_batch(served):
+    """A shared pool's generator holding two adapters merged in per call (the CPU default:
+    they cannot share a batch): a call for the second adapter waits until the first adapter's
+    running sequences are done, then runs on its own weights, under its own name."""
+    generator, policy = served
+    seq = Numbered(generator)
+    other = dataclasses.replace(update(policy, 4, noise=0.5), policy=PolicyRef("other", 4))
+    generator.load_weights(other, seq=seq.take())
+    try:
+        assert not generator.engine.mixes_adapters and set(generator.adapters()) == {"default", "other"}
+        long, long_out = in_thread(lambda: generator.timed_generate(PROMPTS, LONG, "default", seq=seq.take()))
+        time.sleep(0.3)
+        short = dataclasses.replace(LONG, n=1, max_tokens=4, min_tokens=4)
+        samples, started, _ = generator.timed_generate(PROMPTS[:1], short, "other", seq=seq.take())
+        long.join()
+        first, first_started, first_finished = long_out["value"]
+        assert [s.policy for s in samples] == [PolicyRef("other", 4)] and {s.policy.adapter for s in first} == {"default"}
+        # it started once the first adapter's sequences were done (joining them, it would have
+        # started 0.3 s into a call of 6 x 160 tokens)
+        assert started - first_started > 0.8 * (first_finished - first_started) > 0.3
+    finally:
+        generator.drop_adapter("other", seq=seq.take())
+    assert set(generator.adapters()) == {"default"}
+
+
 def test_calls_run_in_the_order_the_pool_numbered_them(served, monkeypatch):
     """A generate call that arrives before the load numbered ahead of it waits for the load,
     also while the load's place is only held (its update still being fetched); a load that
