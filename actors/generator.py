@@ -83,6 +83,24 @@ class Generator(generator.Generator):
         return ray.get(bucket)
 
 
+# what a generator pool counts of the faults it absorbed (a run's metrics and checkpoint carry them)
+FAULT_STATS = ("faults/generator_restarts", "faults/requests_reissued", "faults/generator_seconds_lost", "faults/weight_reloads")
+
+
+def covered_seconds(intervals, since: float, until: float) -> float:
+    """Seconds of [since, until] that ``intervals`` ((key, start, end): a generator's engine
+    calls, by rank) cover, summed over keys; one key's intervals that overlap count once."""
+    spans = sorted((key, max(start, since), min(end, until)) for key, start, end in intervals if min(end, until) > max(start, since))
+    total, last = 0.0, None  # last: (key, end of the union so far)
+    for key, start, end in spans:
+        if last is not None and last[0] == key:
+            start = max(start, last[1])
+            end = max(end, last[1])
+        total += end - start
+        last = (key, end)
+    return total
+
+
 # calls in a row a shared pool's generator may fail before it is taken for broken and replaced
 ERRORS_IN_A_ROW = 3
 
@@ -184,7 +202,7 @@ class GeneratorPool:
         self._down_since: float | None = None  # when the last generator up was lost
         self.asleep = False  # the generators' memory is lent to colocated learners (sleep mode)
         self._last_failure = "none"
-        self.stats = dict.fromkeys(("faults/generator_restarts", "faults/requests_reissued", "faults/generator_seconds_lost", "faults/weight_reloads"), 0.0)
+        self.stats = dict.fromkeys(FAULT_STATS, 0.0)
         # (rank, engine start, engine end) of the latest finished chunks, wall clock
         self.intervals: collections.deque[tuple[int, float, float]] = collections.deque(maxlen=10_000)
 
@@ -239,15 +257,8 @@ class GeneratorPool:
         """Engine time of all generators inside [since, until], summed over generators; a
         generator's calls that overlap (streaming) count once."""
         with self._lock:
-            spans = sorted((rank, max(start, since), min(end, until)) for rank, start, end in self.intervals if min(end, until) > max(start, since))
-        total, last = 0.0, None  # last: (rank, end of the union so far)
-        for rank, start, end in spans:
-            if last is not None and last[0] == rank:
-                start = max(start, last[1])
-                end = max(end, last[1])
-            total += end - start
-            last = (rank, end)
-        return total
+            intervals = list(self.intervals)
+        return covered_seconds(intervals, since, until)
 
     def metrics(self, since: float, until: float) -> dict[str, float]:
         """Figures of the run's share of a shared pool (``actors.pool.PoolClient``); none here:
@@ -433,8 +444,7 @@ class GeneratorPool:
                     raise
                 slot.mark, slot.up, self._down_since = time.monotonic(), True, None
                 slot.errors += 1
-                stale = call.request is None and call.expect is not None and self._updates.get(call.expect.adapter, (None,))[0] is not call.update
-                if stale:  # an older load of the adapter (a newer one follows): nothing to tell its run
+                if call.request is None and self._superseded(call):  # an older load of the adapter (a newer one follows): nothing to tell its run
                     logger.info("generator %d: an older load of %s failed: %s", call.rank, call.expect, exc)
                 else:
                     self.on_error(call.request, call.expect, exc)
@@ -459,12 +469,15 @@ class GeneratorPool:
         recovery's broadcast finds the lost update's other loads so). The newest's is the
         run's to answer: ``WeightUpdateLost`` (the driver rebuilds the learners, whose restored
         policy is broadcast anew)."""
-        adapter = call.expect.adapter if call.expect is not None else None
-        newest = self._updates.get(adapter)
-        if newest is None or call.update != newest[0]:
+        if self._superseded(call):
             logger.info("generator %d: the load of an older policy (%s) failed, its update gone with its learner: the newest follows", call.rank, call.expect)
             return
-        raise WeightUpdateLost(f"generator {call.rank} could not fetch the weight update of {call.expect}: {exc}", adapter) from exc
+        raise WeightUpdateLost(f"generator {call.rank} could not fetch the weight update of {call.expect}: {exc}", call.expect.adapter) from exc
+
+    def _superseded(self, call: _Call) -> bool:
+        """Load ``call``'s update is no longer its adapter's newest (or its adapter is gone)."""
+        newest = self._updates.get(call.expect.adapter) if call.expect is not None else None
+        return newest is None or call.update != newest[0]
 
     def _reload(self, call: _Call, served: PolicyRef) -> None:
         """Generator ``call.rank`` serves ``served``, not the policy it was sent: send it the

@@ -49,7 +49,7 @@ from typing import Callable
 import ray
 from ray.exceptions import RayActorError
 
-from actors.generator import GeneratorPool, GeneratorPoolSettings, GeneratorsLost, Request, WeightUpdateLost
+from actors.generator import FAULT_STATS, GeneratorPool, GeneratorPoolSettings, GeneratorsLost, Request, WeightUpdateLost, covered_seconds
 from contracts import PolicyRef, Prompt, Sample, SamplingSettings
 from rollout.generator import BASE_POLICY
 
@@ -404,13 +404,8 @@ class PoolServer:
 
 
 def _union(spans, since: float, until: float) -> float:
-    """Seconds of [since, until] covered by ``spans`` (overlaps counted once)."""
-    total, reach = 0.0, since
-    for start, end in sorted((max(a, since), min(b, until)) for a, b in list(spans) if min(b, until) > max(a, since)):
-        if end > reach:
-            total += end - max(start, reach)
-            reach = end
-    return total
+    """Seconds of [since, until] covered by a run's engine ``spans`` (overlaps counted once)."""
+    return covered_seconds([(None, start, end) for start, end in list(spans)], since, until)
 
 
 def pool_server_actor():
@@ -436,7 +431,7 @@ class PoolClient:
         info = self._call(server.attach.remote(tenancy))
         self._size, self.streaming, self._token = info["generators"], info["streaming"], info["token"]
         self.asleep = False
-        self.stats = dict.fromkeys(("faults/generator_restarts", "faults/requests_reissued", "faults/generator_seconds_lost", "faults/weight_reloads"), 0.0)
+        self.stats = dict.fromkeys(FAULT_STATS, 0.0)
         self._local: str | None = None  # the adapter name the run's own policies carry
         self._pending: dict[int, Request] = {}
         self._lock = threading.Lock()

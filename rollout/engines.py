@@ -347,9 +347,7 @@ class VLLMEngine:
             adapter = update.policy.adapter
             self._held[adapter] = update  # an adapter update is never bucketed (learners.learner)
             if self._merged in (None, adapter) or scaled:
-                self._merged = None  # until the reload is whole: a failed one leaves no adapter merged
-                self._load_merged(update, scaled)  # the scaled weights go with the merged reload
-                self._merged = adapter
+                self._merge(adapter, update, scaled)  # the scaled weights go with the merged reload
         else:
             if update.kind == "full":
                 self._load_full(update)
@@ -438,6 +436,13 @@ class VLLMEngine:
         # cached prefixes were computed with the old weights
         self.llm.reset_prefix_cache()
 
+    def _merge(self, adapter: str, update: WeightUpdate, scaled: dict) -> None:
+        """``adapter``'s ``update`` merged into the served weights; until the reload is whole
+        no adapter counts as merged, so a failed one is never served as either."""
+        self._merged = None
+        self._load_merged(update, scaled)
+        self._merged = adapter
+
     def _load_merged(self, update: WeightUpdate, scaled: dict) -> None:
         """The adapter folded into the base weights (the scaled ones, under attention scales),
         plus the ``scaled`` weights the adapter does not touch."""
@@ -462,9 +467,7 @@ class VLLMEngine:
         if base and self._base_overwritten:
             raise BaseUnavailable("the base model cannot be served beside merged or full weights: set generator.adapter_mode=lora")
         if not base and adapter is not None and adapter != self._merged and adapter in self._held:
-            self._merged = None  # until the reload is whole: a failed one leaves no adapter merged
-            self._load_merged(self._held[adapter], {})  # merged mode: swap this call's adapter in
-            self._merged = adapter
+            self._merge(adapter, self._held[adapter], {})  # merged mode: swap this call's adapter in
         return None if base else self._lora_request(adapter)
 
     @staticmethod

@@ -214,7 +214,7 @@ class Generator:
         if adapter == BASE_POLICY.adapter:
             return BASE_POLICY
         policy = self.policy if adapter is None else self.policies.get(adapter)
-        if policy is None or (adapter is not None and policy.adapter != adapter):
+        if policy is None:
             raise ValueError(f"generator {self.rank} serves {sorted(self.policies) or [str(self.policy)]}, not adapter {adapter!r}")
         return policy
 

@@ -142,9 +142,15 @@ def engine_settings(config: Config) -> EngineSettings:
         return g
     if config.model.train != "lora":
         return dataclasses.replace(g, adapter_mode="merged")
-    if config.markovian.enabled and config.markovian.baseline:
+    if needs_base_model(config):
         return dataclasses.replace(g, adapter_mode="lora")
     return g
+
+
+def needs_base_model(config: Config) -> bool:
+    """The run asks its generators for the base model beside its adapter: its frozen model
+    writes beside the policy (the Markovian baseline), so the adapter must stay a LoRA."""
+    return config.markovian.enabled and config.markovian.baseline
 
 
 def start_generators(config: Config, model_path: str, placement: Placement | None = None) -> GeneratorPool:
@@ -175,11 +181,11 @@ def start_pool(config: Config, model_path: str, name: str, detach_after_s: float
     # a pool's generators serve several runs: never asleep, and one run's update never interrupts the others' sequences
     g = dataclasses.replace(config.generator, pool=None, sleep_mode=False)
     config = dataclasses.replace(config, generator=g, rollout=dataclasses.replace(config.rollout, partial=False))
-    streaming = engine_settings(config).serving == "stream"
+    engine = engine_settings(config)
+    streaming = engine.serving == "stream"
     factory = functools.partial(_pool_generator, config, model_path)
     server = pool_server_actor().options(name=pool_actor_name(name), namespace=NAMESPACE, lifetime="detached")
-    mode = engine_settings(config).adapter_mode
-    lora = mode == "lora" or (mode == "auto" and g.num_gpus > 0)  # as each engine picks by its device
+    lora = engine.adapter_mode == "lora" or (engine.adapter_mode == "auto" and g.num_gpus > 0)  # as each engine picks by its device
     server = server.remote(name, model_path, config.lora.rank, g.max_loras if lora else None, factory, g.num_generators, g, streaming, detach_after_s)
     try:
         ray.get(server.status.remote(), timeout=g.startup_s + g.call_timeout_s)
@@ -195,8 +201,7 @@ def attach_pool(config: Config, model_path: str) -> PoolClient:
     g = config.generator
     run_dir = os.path.abspath(config.run.run_dir)
     adapter = f"{os.path.basename(run_dir)}-{hashlib.sha1(run_dir.encode()).hexdigest()[:6]}"
-    needs_base = config.markovian.enabled and config.markovian.baseline  # its frozen model writes beside the policy
-    tenancy = Tenancy(run_dir, adapter, model_path, config.lora.rank, g.share, g.max_in_flight, needs_base)
+    tenancy = Tenancy(run_dir, adapter, model_path, config.lora.rank, g.share, g.max_in_flight, needs_base_model(config))
     return PoolClient(find_pool(g.pool), tenancy)
 
 
